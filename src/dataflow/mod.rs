@@ -1,0 +1,166 @@
+//! The fan-out dataflow: one timely graph, one small operator per file.
+//!
+//! ```text
+//!  admits ──broadcast──┐
+//!  granted ─by bucket──┴─ control ─┐
+//!  scans ───exchange by bucket ────┴─► scan ──► push ──► probe
+//! ```
+//! - [`scan`]: expands each bucket of user ids into its users (a bounded amount per
+//!   activation), tests every admitted campaign's audience against each user once, drops the
+//!   pairs the `granted` input names, and emits compact candidate batches per campaign.
+//! - [`push`]: claims candidates in the store, renders, batches and pushes them on the shared
+//!   tokio runtime, never blocking the worker; it holds each epoch until every push of that
+//!   epoch is acknowledged, so the probe behind it means "delivered".
+//! - [`deliver`]: the async work of one batch (claim → render → push → mark done).
+//!
+//! Times are epochs (`u64`): the driver feeds a fixed number of users per epoch and keeps only
+//! a few epochs open, which bounds memory (timely has no backpressure of its own).
+
+pub mod deliver;
+pub mod push;
+pub mod scan;
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::dataflow::operators::{Concat, Exchange as _, Input, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle, Scope};
+
+use crate::error::Error;
+use crate::metrics::{CampaignStats, Metrics};
+use crate::model::{Buckets, Target};
+use crate::providers::dispatch::Dispatcher;
+use crate::sources::UserSource;
+use crate::store::Ledger;
+
+/// A dataflow time: the epoch a record was fed in.
+pub type Time = u64;
+
+/// A request to scan one bucket for some targets (indices into [`Context::targets`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scan {
+    /// The bucket id.
+    pub bucket: u32,
+    /// The targets to test its users against.
+    pub targets: Vec<u32>,
+}
+
+/// Changes to what the scan operator knows: targets admitted, pairs already granted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// Target `i` is admitted: compile its audience.
+    Admit(u32),
+    /// `(target, user)` was granted before this engine existed: never deliver it.
+    Granted(u32, u32),
+}
+
+/// A user who passed a target's audience test: what the message needs of the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// User id.
+    pub id: u32,
+    /// Member level.
+    pub level: u8,
+    /// Loyalty points.
+    pub points: u64,
+}
+
+/// Candidates of one target from one stretch of a bucket, in id order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidates {
+    /// Index into [`Context::targets`].
+    pub target: u32,
+    /// The users.
+    pub users: Vec<Candidate>,
+}
+
+/// A target with what a run needs of it: its ledger and its counters.
+#[derive(Debug)]
+pub struct RunTarget {
+    /// Campaign and occurrence.
+    pub target: Target,
+    /// Its ledger in the store.
+    pub ledger: Ledger,
+    /// Its counters.
+    pub stats: CampaignStats,
+}
+
+/// Everything the operators share within a process.
+pub struct Context {
+    /// Where users come from.
+    pub source: UserSource,
+    /// Bucket size.
+    pub buckets: Buckets,
+    /// Every target of the run; records carry indices into this.
+    pub targets: Vec<RunTarget>,
+    /// The provider and its policy.
+    pub dispatcher: Dispatcher,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The runtime push tasks run on.
+    pub runtime: tokio::runtime::Handle,
+    /// Messages per provider batch.
+    pub batch_max_messages: usize,
+    /// Serialized bytes per provider batch.
+    pub batch_max_bytes: usize,
+    /// Messages handed to push tasks but not yet acknowledged, per worker, at most.
+    pub max_in_flight: usize,
+    /// The first fatal error any task hit; the driver stops when it is set.
+    pub fatal: Mutex<Option<Error>>,
+}
+
+impl Context {
+    /// Records `e` unless an earlier fatal error is already recorded.
+    pub fn fail(&self, e: Error) {
+        if let Ok(mut f) = self.fatal.lock() {
+            f.get_or_insert(e);
+        }
+    }
+
+    /// Whether a fatal error was recorded.
+    pub fn failed(&self) -> bool {
+        self.fatal.lock().map(|f| f.is_some()).unwrap_or(true)
+    }
+}
+
+/// The input handles and probe of one worker's fan-out dataflow.
+pub struct Handles {
+    /// Bucket scans.
+    pub scans: InputHandle<Time, timely::container::CapacityContainerBuilder<Vec<Scan>>>,
+    /// Admitted targets.
+    pub admits: InputHandle<Time, timely::container::CapacityContainerBuilder<Vec<u32>>>,
+    /// Pre-existing grants `(target, user)`.
+    pub granted: InputHandle<Time, timely::container::CapacityContainerBuilder<Vec<(u32, u32)>>>,
+    /// Passes time `t` once every push of epochs before `t` is acknowledged.
+    pub probe: ProbeHandle<Time>,
+}
+
+/// Builds the fan-out dataflow in `scope`.
+pub fn fan_out(scope: Scope<'_, Time>, ctx: Arc<Context>) -> Handles {
+    let mut scans = InputHandle::new();
+    let mut admits = InputHandle::new();
+    let mut granted = InputHandle::new();
+    let buckets = ctx.buckets;
+    let admitted = scope
+        .input_from(&mut admits)
+        .container::<Vec<u32>>()
+        .broadcast()
+        .container::<Vec<u32>>();
+    let granted_stream = scope
+        .input_from(&mut granted)
+        .container::<Vec<(u32, u32)>>()
+        .exchange(move |&(_, user)| u64::from(buckets.bucket_of(user)));
+    let control = admitted
+        .map(Control::Admit)
+        .concat(granted_stream.map(|(t, u)| Control::Granted(t, u)));
+    let scan_stream = scope.input_from(&mut scans).container::<Vec<Scan>>();
+    let candidates = scan::scan(scan_stream, control, ctx.clone());
+    let (probe, _) = push::push(candidates, ctx).probe();
+    Handles {
+        scans,
+        admits,
+        granted,
+        probe,
+    }
+}

@@ -1,0 +1,199 @@
+//! The scan operator: bucket scans in, per-campaign candidate batches out.
+//!
+//! Buckets arrive exchanged by bucket id, so each worker expands only its own buckets. Every
+//! user of a bucket is loaded once and tested against each campaign the scan names; pairs the
+//! `granted` input names (kept per campaign as a roaring bitmap, routed here by the same bucket
+//! function) are dropped and counted. A scan at time `t` waits until the control input is
+//! complete through `t`, so every admit and grant fed before it is known. At most
+//! [`USERS_PER_ACTIVATION`] users are expanded per activation; the operator then re-activates
+//! itself, so memory stays flat and other operators get their turn.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use roaring::RoaringBitmap;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::Stream;
+
+use super::{Candidate, Candidates, Context, Control, Scan, Time};
+use crate::audience::AudienceFilter;
+
+/// Users expanded per activation, at most (roughly: a stretch is finished once started).
+pub const USERS_PER_ACTIVATION: u64 = 1 << 15;
+/// Ids of a bucket expanded in one stretch.
+const IDS_PER_STRETCH: u64 = 1 << 13;
+/// What an empty stretch costs against the budget, so sparse buckets also yield.
+const EMPTY_STRETCH_COST: u64 = 256;
+
+/// An admitted target as the scan operator knows it.
+struct Admitted {
+    filter: AudienceFilter,
+    granted: RoaringBitmap,
+}
+
+/// Expands `scans` against the targets admitted on `control`.
+pub fn scan<'s>(
+    scans: Stream<'s, Time, Vec<Scan>>,
+    control: Stream<'s, Time, Vec<Control>>,
+    ctx: Arc<Context>,
+) -> Stream<'s, Time, Vec<Candidates>> {
+    let scope = scans.scope();
+    let by_bucket = Exchange::new(|s: &Scan| u64::from(s.bucket));
+    scans.binary_frontier::<_, CapacityContainerBuilder<Vec<Candidates>>, _, _, _, _>(
+        control,
+        by_bucket,
+        Pipeline,
+        "Scan",
+        move |_cap, info| {
+            let activator = scope.activator_for(info.address.clone());
+            let mut admitted: Vec<Option<Admitted>> = Vec::new();
+            admitted.resize_with(ctx.targets.len(), || None);
+            let mut controls: BTreeMap<Time, Vec<Control>> = BTreeMap::new();
+            let mut work: BTreeMap<Time, (Capability<Time>, VecDeque<Scan>)> = BTreeMap::new();
+            // The next id to expand in the front scan of the oldest time.
+            let mut cursor: u64 = 0;
+
+            move |(scan_in, _), (control_in, control_frontier), output| {
+                scan_in.for_each_stamp(|cap, data| {
+                    if let Some(cap) = cap.retain_least(0) {
+                        let queue = &mut work.entry(*cap.time()).or_insert_with(|| (cap, VecDeque::new())).1;
+                        for batch in data {
+                            queue.extend(batch.drain(..));
+                        }
+                    }
+                });
+                control_in.for_each_stamp(|cap, data| {
+                    if let Some(t) = cap.least() {
+                        let stash = controls.entry(*t).or_default();
+                        for batch in data {
+                            stash.append(batch);
+                        }
+                    }
+                });
+
+                let mut budget = USERS_PER_ACTIVATION;
+                while budget > 0 {
+                    let Some(mut entry) = work.first_entry() else { break };
+                    let time = *entry.key();
+                    if control_frontier.less_equal(&time) {
+                        break; // admits or grants for `time` may still arrive
+                    }
+                    while let Some(ready) = controls.first_entry() {
+                        if *ready.key() > time {
+                            break;
+                        }
+                        for c in ready.remove() {
+                            apply(&ctx, &mut admitted, c);
+                        }
+                    }
+                    let (cap, queue) = entry.get_mut();
+                    let Some(scan) = queue.front() else {
+                        entry.remove();
+                        continue;
+                    };
+                    let (lo, hi) = ctx.buckets.bucket_range(scan.bucket);
+                    let from = lo.max(cursor);
+                    let to = hi.min(from + IDS_PER_STRETCH);
+                    let (visited, found) = expand(&ctx, &admitted, scan, from, to);
+                    if !found.is_empty() {
+                        output.session(&*cap).give_iterator(found.into_iter());
+                    }
+                    budget = budget.saturating_sub(visited.max(EMPTY_STRETCH_COST));
+                    if to >= hi {
+                        queue.pop_front();
+                        cursor = 0;
+                        ctx.metrics.buckets.fetch_add(1, Relaxed);
+                    } else {
+                        cursor = to;
+                    }
+                    if queue.is_empty() {
+                        entry.remove();
+                    }
+                }
+                let ready = work
+                    .keys()
+                    .next()
+                    .is_some_and(|t| !control_frontier.less_equal(t));
+                if ready {
+                    activator.activate();
+                }
+            }
+        },
+    )
+}
+
+/// Applies one control record.
+fn apply(ctx: &Context, admitted: &mut [Option<Admitted>], c: Control) {
+    match c {
+        Control::Admit(t) => {
+            if let (Some(slot), Some(rt)) = (admitted.get_mut(t as usize), ctx.targets.get(t as usize)) {
+                let filter = AudienceFilter::compile(&rt.target.campaign.audience, ctx.source.tags());
+                let granted = slot.take().map(|a| a.granted).unwrap_or_default();
+                *slot = Some(Admitted { filter, granted });
+            }
+        }
+        Control::Granted(t, user) => {
+            if let Some(Some(a)) = admitted.get_mut(t as usize) {
+                a.granted.insert(user);
+            }
+        }
+    }
+}
+
+/// Expands ids `[from, to)` of `scan`'s bucket: one pass over the users, every named target
+/// tested against each. Returns the users visited and the candidates per target.
+fn expand(
+    ctx: &Context,
+    admitted: &[Option<Admitted>],
+    scan: &Scan,
+    from: u64,
+    to: u64,
+) -> (u64, Vec<Candidates>) {
+    let live: Vec<(u32, &Admitted)> = scan
+        .targets
+        .iter()
+        .filter_map(|&t| admitted.get(t as usize)?.as_ref().map(|a| (t, a)))
+        .filter(|(_, a)| !a.filter.is_impossible())
+        .collect();
+    if live.is_empty() {
+        return (0, Vec::new());
+    }
+    let mut found: Vec<Vec<Candidate>> = vec![Vec::new(); live.len()];
+    let mut granted = vec![0u64; live.len()];
+    let mut visited = 0u64;
+    ctx.source.for_each_in(from, to, |user| {
+        visited += 1;
+        for (k, (_, a)) in live.iter().enumerate() {
+            if a.filter.matches(&user) {
+                if a.granted.contains(user.id) {
+                    granted[k] += 1;
+                } else {
+                    found[k].push(Candidate {
+                        id: user.id,
+                        level: user.level,
+                        points: user.points,
+                    });
+                }
+            }
+        }
+    });
+    ctx.metrics.users_scanned.fetch_add(visited, Relaxed);
+    for (k, (t, _)) in live.iter().enumerate() {
+        if granted[k] > 0 {
+            ctx.targets[*t as usize]
+                .stats
+                .already_granted
+                .fetch_add(granted[k], Relaxed);
+        }
+    }
+    let out = live
+        .iter()
+        .zip(found)
+        .filter(|(_, users)| !users.is_empty())
+        .map(|((t, _), users)| Candidates { target: *t, users })
+        .collect();
+    (visited, out)
+}

@@ -1,0 +1,42 @@
+//! fanout: a campaign fan-out engine on timely/differential dataflow.
+//!
+//! A job (a TOML file, [`job`]) names campaigns, a user source, a store and a push provider.
+//! `fanout run` turns it into one timely dataflow ([`dataflow`]):
+//!
+//! ```text
+//!  campaigns + granted ──(broadcast / by bucket)──┐
+//!  bucket scans ────────(exchange by bucket id)───┴─► scan: expand bucket, persona filter,
+//!                                                     drop granted ─► push sink: claim in the
+//!                                                     store, render, batch, push on tokio,
+//!                                                     mark done, release the epoch
+//! ```
+//!
+//! # Layout
+//! - [`cli`]: flags only (clap), no I/O.
+//! - [`job`]: the job file (serde, unknown keys refused), validation, CLI overrides.
+//! - [`model`]: plain data (users, tags, buckets, campaigns, deliveries); the bucket math.
+//! - [`audience`]: persona matching. [`template`]: message templates.
+//! - [`sources`]: users from JSON Lines, CSV or a synthetic generator, by id range.
+//! - [`store`]: the grant ledger with its atomic claim (embedded file store).
+//! - [`providers`]: where messages go (`log:`, `mock:`), retries, rate limit, dead letters.
+//! - [`dataflow`]: the timely graph: one operator per file.
+//! - [`metrics`]: counters, latency histogram, the run summary, the progress bar.
+//! - [`run`]: `fanout run`/`plan`: wires a job to the dataflow and drives it.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod audience;
+pub mod cli;
+pub mod dataflow;
+pub mod error;
+pub mod gen;
+pub mod job;
+pub mod metrics;
+pub mod model;
+pub mod providers;
+pub mod run;
+pub mod sources;
+pub mod store;
+pub mod template;
+
+pub use error::{Error, Result};

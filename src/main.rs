@@ -1,0 +1,92 @@
+//! The `fanout` command: parse flags, load the job, run, turn the outcome into an exit code.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use fanout::cli::{Cli, Command, GenCommand};
+use fanout::error::{Error, Result};
+use fanout::run::{self, RunOptions};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match execute(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match &e {
+                Error::Runtime(inner) => eprintln!("fanout: {inner:#}"),
+                other => eprintln!("fanout: {other}"),
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let job = fanout::job::load(&args.job, &args.overrides())?;
+            let opts = RunOptions {
+                quiet: args.quiet,
+                skip_bad_lines: args.skip_bad_lines,
+            };
+            let summary = run::run(&job, &opts)?;
+            if let Some(path) = &args.summary {
+                let json = serde_json::to_string_pretty(&summary).map_err(anyhow::Error::from)?;
+                std::fs::write(path, json + "\n").map_err(|e| {
+                    Error::runtime(format!("cannot write summary {}: {e}", path.display()))
+                })?;
+            }
+            if !args.quiet {
+                eprint!("{}", run::report(&summary));
+            }
+            Ok(())
+        }
+        Command::Plan(args) => {
+            let job = fanout::job::load(&args.job, &args.overrides())?;
+            let opts = RunOptions {
+                quiet: args.quiet,
+                skip_bad_lines: args.skip_bad_lines,
+            };
+            let plan = run::plan::plan(&job, &opts)?;
+            if let Some(path) = &args.summary {
+                let json = serde_json::to_string_pretty(&plan).map_err(anyhow::Error::from)?;
+                std::fs::write(path, json + "\n").map_err(|e| {
+                    Error::runtime(format!("cannot write plan {}: {e}", path.display()))
+                })?;
+            }
+            print!("{}", run::plan::render(&plan));
+            Ok(())
+        }
+        Command::Gen(GenCommand::Users { count, seed, out }) => {
+            let n = fanout::gen::gen_users(count, seed, out.as_deref())?;
+            tracing::info!("wrote {n} users");
+            Ok(())
+        }
+        Command::Grants(args) => {
+            let store = fanout::store::Store::open_read_only(&args.store)?;
+            let key = match &args.occurrence {
+                Some(o) => format!("{}:{o}", args.campaign),
+                None => args.campaign.clone(),
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::runtime(format!("cannot start tokio: {e}")))?;
+            let ids = runtime.block_on(store.granted(&key))?;
+            let mut out = String::with_capacity(ids.len() * 8);
+            for id in ids {
+                out.push_str(&id.to_string());
+                out.push('\n');
+            }
+            print!("{out}");
+            Ok(())
+        }
+    }
+}

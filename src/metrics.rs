@@ -1,0 +1,227 @@
+//! Counters, the push-latency histogram, the run summary (SPEC `--summary`) and the progress bar.
+//!
+//! Counters are atomics shared by every worker and tokio task of a process; the histogram sits
+//! behind a mutex taken once per batch.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Per-target counters. `eligible = delivered + dead_lettered + unreachable` once drained.
+#[derive(Debug, Default)]
+pub struct CampaignStats {
+    /// Users this run claimed and set out to reach.
+    pub eligible: AtomicU64,
+    /// Messages the provider accepted.
+    pub delivered: AtomicU64,
+    /// Users in the audience who already had it (granted input, or the store's ledger).
+    pub already_granted: AtomicU64,
+    /// Messages that failed for good.
+    pub dead_lettered: AtomicU64,
+    /// Users the provider cannot address (no token).
+    pub unreachable: AtomicU64,
+}
+
+/// One campaign's line in the summary.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CampaignSummary {
+    /// Campaign id.
+    pub id: String,
+    /// The occurrence, for scheduled campaigns.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub occurrence: Option<String>,
+    /// Why nothing was sent, when the campaign was not run (e.g. outside its window).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub skipped: Option<String>,
+    /// See [`CampaignStats`].
+    pub eligible: u64,
+    /// See [`CampaignStats`].
+    pub delivered: u64,
+    /// See [`CampaignStats`].
+    pub already_granted: u64,
+    /// See [`CampaignStats`].
+    pub dead_lettered: u64,
+    /// See [`CampaignStats`].
+    pub unreachable: u64,
+}
+
+impl CampaignStats {
+    /// A snapshot for the summary.
+    pub fn summary(&self, id: &str, occurrence: Option<&str>) -> CampaignSummary {
+        CampaignSummary {
+            id: id.to_owned(),
+            occurrence: occurrence.map(str::to_owned),
+            skipped: None,
+            eligible: self.eligible.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+            already_granted: self.already_granted.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            unreachable: self.unreachable.load(Relaxed),
+        }
+    }
+}
+
+/// Push latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest.
+    pub max: f64,
+}
+
+/// The run summary (SPEC `--summary`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Summary {
+    /// One line per campaign (occurrence).
+    pub campaigns: Vec<CampaignSummary>,
+    /// Users read from the source and tested against the audiences.
+    pub users_scanned: u64,
+    /// Buckets scanned.
+    pub buckets: u64,
+    /// Batches handed to the provider.
+    pub batches: u64,
+    /// Input lines skipped with `--skip-bad-lines`.
+    pub skipped_lines: u64,
+    /// Wall time of the fan-out.
+    pub elapsed_s: f64,
+    /// Delivered messages per second of `elapsed_s`.
+    pub deliveries_per_s: f64,
+    /// Time one push took.
+    pub push_latency_ms: Latency,
+}
+
+/// Process-wide counters of one run.
+#[derive(Debug)]
+pub struct Metrics {
+    started: Instant,
+    /// Users scanned.
+    pub users_scanned: AtomicU64,
+    /// Buckets scanned.
+    pub buckets: AtomicU64,
+    /// Batches pushed.
+    pub batches: AtomicU64,
+    /// Messages delivered, all campaigns.
+    pub delivered: AtomicU64,
+    /// Retried attempts.
+    pub retries: AtomicU64,
+    latency_us: Mutex<Histogram<u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh counters; the clock starts now.
+    pub fn new() -> Self {
+        // 1 µs .. 1 hour at 3 significant digits.
+        let hist = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds"); // ok: constants
+        Metrics {
+            started: Instant::now(),
+            users_scanned: AtomicU64::new(0),
+            buckets: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            latency_us: Mutex::new(hist),
+        }
+    }
+
+    /// Records push latencies (one lock for the lot).
+    pub fn record_latencies(&self, latencies: impl Iterator<Item = Duration>) {
+        if let Ok(mut h) = self.latency_us.lock() {
+            for d in latencies {
+                h.saturating_record((d.as_micros() as u64).max(1));
+            }
+        }
+    }
+
+    /// Seconds since the run started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The summary, given the per-campaign lines.
+    pub fn summary(&self, campaigns: Vec<CampaignSummary>, skipped_lines: u64) -> Summary {
+        let elapsed = self.elapsed().as_secs_f64();
+        let delivered: u64 = campaigns.iter().map(|c| c.delivered).sum();
+        let latency = match self.latency_us.lock() {
+            Ok(h) if !h.is_empty() => Latency {
+                p50: h.value_at_quantile(0.5) as f64 / 1000.0,
+                p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+                max: h.max() as f64 / 1000.0,
+            },
+            _ => Latency::default(),
+        };
+        Summary {
+            campaigns,
+            users_scanned: self.users_scanned.load(Relaxed),
+            buckets: self.buckets.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            skipped_lines,
+            elapsed_s: elapsed,
+            deliveries_per_s: if elapsed > 0.0 {
+                delivered as f64 / elapsed
+            } else {
+                0.0
+            },
+            push_latency_ms: latency,
+        }
+    }
+}
+
+/// A progress bar on stderr, drawn from a thread while the run lasts; only when stderr is a
+/// terminal and not `--quiet`.
+pub struct Progress {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    /// Starts drawing the scan of `total_users` users, unless `quiet` or stderr is not a terminal.
+    pub fn start(metrics: Arc<Metrics>, total_users: u64, quiet: bool) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        if quiet || !std::io::stderr().is_terminal() {
+            return Progress { done, thread: None };
+        }
+        let flag = done.clone();
+        let thread = std::thread::spawn(move || {
+            let bar = indicatif::ProgressBar::new(total_users);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} users scanned, {msg} [{elapsed_precise}, ETA {eta}]",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            while !flag.load(Relaxed) {
+                bar.set_position(metrics.users_scanned.load(Relaxed));
+                let delivered = metrics.delivered.load(Relaxed);
+                let rate = delivered as f64 / metrics.elapsed().as_secs_f64().max(1e-3);
+                bar.set_message(format!("{delivered} delivered ({rate:.0}/s)"));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            bar.finish_and_clear();
+        });
+        Progress {
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and clears the bar.
+    pub fn finish(mut self) {
+        self.done.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

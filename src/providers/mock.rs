@@ -1,0 +1,164 @@
+//! `mock:latency=200ms,jitter=50ms,fail=0.01,permanent=0.001`: a simulated remote provider.
+//!
+//! Each message waits `latency ± jitter` holding one concurrency slot, then succeeds, fails
+//! retryably (probability `fail`) or fails for good (probability `permanent`). The draw is a
+//! hash of the message key and attempt, so a run is reproducible. For benchmarks only.
+
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::Semaphore;
+
+use super::{acquire, rate::RateLimiter, Message, Outcome};
+
+/// The `mock:` provider's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockProvider {
+    /// Mean time a push takes.
+    pub latency: Duration,
+    /// Uniform spread around `latency`.
+    pub jitter: Duration,
+    /// Probability of a retryable failure per attempt.
+    pub fail: f64,
+    /// Probability of a permanent failure per attempt.
+    pub permanent: f64,
+}
+
+impl MockProvider {
+    /// Parses `latency=…,jitter=…,fail=…,permanent=…` (every key optional).
+    pub fn parse(params: &str) -> Result<Self, String> {
+        let mut m = MockProvider {
+            latency: Duration::ZERO,
+            jitter: Duration::ZERO,
+            fail: 0.0,
+            permanent: 0.0,
+        };
+        for kv in params.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, got {kv:?}"))?;
+            let dur = |v: &str| humantime::parse_duration(v).map_err(|e| format!("{k}: {e}"));
+            let prob = |v: &str| match v.parse::<f64>() {
+                Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+                _ => Err(format!("{k}: expected a probability 0..1, got {v:?}")),
+            };
+            match k {
+                "latency" => m.latency = dur(v)?,
+                "jitter" => m.jitter = dur(v)?,
+                "fail" => m.fail = prob(v)?,
+                "permanent" => m.permanent = prob(v)?,
+                _ => return Err(format!("unknown mock parameter {k:?} (latency, jitter, fail, permanent)")),
+            }
+        }
+        if m.fail + m.permanent > 1.0 {
+            return Err("fail + permanent must not exceed 1".into());
+        }
+        Ok(m)
+    }
+
+    /// Simulates pushing the selected messages.
+    pub async fn send(
+        &self,
+        batch: &[Message],
+        which: &[usize],
+        attempt: u32,
+        slots: &Semaphore,
+        rate: Option<&RateLimiter>,
+    ) -> Vec<(Outcome, Duration)> {
+        if self.latency.is_zero() && self.jitter.is_zero() {
+            if let Some(rate) = rate {
+                rate.acquire(which.len()).await;
+            }
+            return which
+                .iter()
+                .map(|&i| (self.draw(&batch[i].delivery.key, attempt).1, Duration::ZERO))
+                .collect();
+        }
+        let mut pending: FuturesUnordered<_> = which
+            .iter()
+            .enumerate()
+            .map(|(slot, &i)| async move {
+                if let Some(rate) = rate {
+                    rate.acquire(1).await;
+                }
+                let _permit = acquire(slots, 1).await;
+                let (wait, outcome) = self.draw(&batch[i].delivery.key, attempt);
+                let started = tokio::time::Instant::now();
+                tokio::time::sleep(wait).await;
+                (slot, (outcome, started.elapsed()))
+            })
+            .collect();
+        let mut out = vec![(Outcome::Delivered, Duration::ZERO); which.len()];
+        while let Some((slot, outcome)) = pending.next().await {
+            out[slot] = outcome;
+        }
+        out
+    }
+
+    /// The latency and outcome of one attempt, from a hash of the key and attempt.
+    fn draw(&self, key: &str, attempt: u32) -> (Duration, Outcome) {
+        let h = splitmix(fnv1a(key.as_bytes()) ^ u64::from(attempt).wrapping_mul(0x9E37_79B9));
+        let u = (h >> 11) as f64 / (1u64 << 53) as f64;
+        let v = (splitmix(h) >> 11) as f64 / (1u64 << 53) as f64;
+        let spread = self.jitter.as_secs_f64() * (2.0 * v - 1.0);
+        let wait = Duration::from_secs_f64((self.latency.as_secs_f64() + spread).max(0.0));
+        let outcome = if u < self.permanent {
+            Outcome::Permanent("mock: permanent failure".into())
+        } else if u < self.permanent + self.fail {
+            Outcome::Retry {
+                error: "mock: transient failure".into(),
+                after: None,
+            }
+        } else {
+            Outcome::Delivered
+        };
+        (wait, outcome)
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_parameters() {
+        let m = MockProvider::parse("latency=200ms,jitter=50ms,fail=0.01,permanent=0.001").unwrap();
+        assert_eq!(m.latency, Duration::from_millis(200));
+        assert_eq!(m.jitter, Duration::from_millis(50));
+        assert_eq!((m.fail, m.permanent), (0.01, 0.001));
+        assert_eq!(MockProvider::parse("").unwrap().latency, Duration::ZERO);
+        assert!(MockProvider::parse("latency=fast").is_err());
+        assert!(MockProvider::parse("fail=2").is_err());
+        assert!(MockProvider::parse("colour=red").is_err());
+    }
+
+    #[test]
+    fn failure_rates_follow_the_parameters() {
+        let m = MockProvider::parse("fail=0.1,permanent=0.01,latency=10ms,jitter=5ms").unwrap();
+        let (mut retry, mut perm) = (0, 0);
+        for i in 0..100_000 {
+            let (wait, o) = m.draw(&format!("c:{i}"), 1);
+            assert!(wait >= Duration::from_millis(5) && wait <= Duration::from_millis(15));
+            match o {
+                Outcome::Retry { .. } => retry += 1,
+                Outcome::Permanent(_) => perm += 1,
+                _ => {}
+            }
+        }
+        assert!((9_000..11_000).contains(&retry), "{retry}");
+        assert!((700..1_300).contains(&perm), "{perm}");
+    }
+}

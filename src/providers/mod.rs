@@ -1,0 +1,124 @@
+//! Where messages go: push providers behind one enum, and the shared delivery policy.
+//!
+//! - [`log`]: `log:PATH` / `log:-`, delivery records as JSON Lines (the default).
+//! - [`mock`]: `mock:latency=…,jitter=…,fail=…,permanent=…`, a simulated provider for benchmarks.
+//! - [`rate`]: the token bucket behind `rate_per_s`.
+//! - [`dispatch`]: concurrency cap, retries with backoff, dead letters — shared by every provider.
+
+pub mod dead_letters;
+pub mod dispatch;
+pub mod log;
+pub mod mock;
+pub mod rate;
+
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::error::{Error, Result};
+use crate::model::Delivery;
+
+/// What became of one attempt to push one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The provider accepted it.
+    Delivered,
+    /// A transient failure: try again later (after `after`, if the provider said so).
+    Retry {
+        /// What went wrong.
+        error: String,
+        /// The provider's `Retry-After`, if any.
+        after: Option<Duration>,
+    },
+    /// It can never succeed (bad token, payload refused): dead-letter it.
+    Permanent(String),
+    /// The user cannot be addressed by this provider (no token): counted, not sent.
+    Unreachable,
+}
+
+/// A message ready to push: the delivery and its serialized record.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The delivery.
+    pub delivery: Delivery,
+    /// `delivery` as one line of JSON (no newline): what `log:` writes and `http` posts.
+    pub json: String,
+}
+
+impl Message {
+    /// Serializes `delivery` once, for sizing the batch and for the provider.
+    pub fn new(delivery: Delivery) -> Self {
+        // A Delivery holds only strings and integers: serializing it cannot fail.
+        let json = serde_json::to_string(&delivery).unwrap_or_default();
+        Message { delivery, json }
+    }
+}
+
+/// A configured push provider.
+#[derive(Debug)]
+pub enum Provider {
+    /// Writes delivery records to a file or stdout.
+    Log(log::LogProvider),
+    /// Simulates a remote provider's latency and failures.
+    Mock(mock::MockProvider),
+}
+
+impl Provider {
+    /// Builds the provider a `[provider] url` names.
+    pub fn from_url(url: &str) -> Result<Provider> {
+        let bad = |msg: String| Error::Usage(format!("provider.url \"{url}\": {msg}"));
+        if let Some(path) = url.strip_prefix("log:") {
+            log::LogProvider::open(path).map(Provider::Log)
+        } else if let Some(params) = url.strip_prefix("mock:") {
+            mock::MockProvider::parse(params).map(Provider::Mock).map_err(bad)
+        } else if url.starts_with("http://") || url.starts_with("https://") || url.starts_with("fcm:") {
+            Err(bad("the http and fcm providers are not built yet; use log: or mock:".into()))
+        } else {
+            Err(bad("expected log:PATH, log:-, mock:…, http(s)://… or fcm:…".into()))
+        }
+    }
+
+    /// Pushes `batch[i]` for every `i` in `which` (at most `slots`' capacity of them): one
+    /// outcome and push latency per index, in order. Each message in flight holds one permit of
+    /// `slots` and took one token of `rate`.
+    pub async fn send(
+        &self,
+        batch: &[Message],
+        which: &[usize],
+        attempt: u32,
+        slots: &Semaphore,
+        rate: Option<&rate::RateLimiter>,
+    ) -> Vec<(Outcome, Duration)> {
+        match self {
+            Provider::Log(p) => p.send(batch, which, slots, rate).await,
+            Provider::Mock(p) => p.send(batch, which, attempt, slots, rate).await,
+        }
+    }
+
+    /// Makes everything sent so far durable (the `log:` file is fsynced).
+    pub async fn flush(&self) -> Result<()> {
+        match self {
+            Provider::Log(p) => p.flush(),
+            Provider::Mock(_) => Ok(()),
+        }
+    }
+
+    /// The typical time one push takes, for `fanout plan`'s estimate.
+    pub fn typical_latency(&self) -> Duration {
+        match self {
+            Provider::Log(_) => Duration::from_micros(2),
+            Provider::Mock(p) => p.latency,
+        }
+    }
+
+    /// Whether the provider addresses devices by push token.
+    pub fn needs_token(&self) -> bool {
+        false
+    }
+}
+
+/// Acquires `n` permits of `slots` (callers pass `n` ≤ its capacity).
+pub(crate) async fn acquire(slots: &Semaphore, n: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    slots.acquire_many(n).await.ok()
+}

@@ -1,0 +1,262 @@
+//! `fanout run` and `fanout plan`: wire a job to the dataflow and drive it.
+//!
+//! Everything that can fail on bad input (job, users, granted pairs, provider URL) is checked
+//! before the store is opened or anything is pushed, so bad input never half-applies.
+
+pub mod driver;
+pub mod granted;
+pub mod plan;
+pub mod targets;
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+
+use crate::dataflow::{Context, RunTarget};
+use crate::error::{Error, Result};
+use crate::job::Job;
+use crate::metrics::{CampaignStats, CampaignSummary, Metrics, Progress, Summary};
+use crate::model::Buckets;
+use crate::providers::{dispatch::Dispatcher, Provider};
+use crate::sources::{LoadOptions, LoadReport, UserSource};
+use crate::store::Store;
+use driver::Feed;
+use targets::Admission;
+
+/// How a run behaves, beyond the job file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// No progress bar, no report.
+    pub quiet: bool,
+    /// Count and skip bad input lines instead of stopping.
+    pub skip_bad_lines: bool,
+}
+
+/// Users per epoch, at least; larger when many pushes may be in flight.
+const MIN_USERS_PER_EPOCH: u64 = 1 << 16;
+
+/// The inputs of a run, loaded and checked.
+pub struct Loaded {
+    /// The users.
+    pub source: UserSource,
+    /// What loading them found.
+    pub report: LoadReport,
+    /// Each campaign's admission, in job order.
+    pub admissions: Vec<Admission>,
+    /// Pre-existing grants by campaign id.
+    pub granted: Vec<(String, u32)>,
+}
+
+/// Loads and checks every input of `job`.
+pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
+    let load_opts = LoadOptions {
+        skip_bad_lines: opts.skip_bad_lines,
+    };
+    let (source, report) = UserSource::open(&job.inputs.users, &load_opts)?;
+    let granted = match &job.inputs.granted {
+        Some(path) => granted::load(path, opts.skip_bad_lines)?,
+        None => Vec::new(),
+    };
+    let admissions = job
+        .campaigns
+        .iter()
+        .map(|c| targets::admit(c, job.engine.now))
+        .collect();
+    Ok(Loaded {
+        source,
+        report,
+        admissions,
+        granted,
+    })
+}
+
+/// Runs `job` to completion and returns its summary.
+pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
+    let provider = Provider::from_url(&job.provider.url)?;
+    let loaded = load(job, opts)?;
+    let store = Store::open(&job.store)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("fanout-push")
+        .build()
+        .context("cannot start the tokio runtime")?;
+
+    let metrics = Arc::new(Metrics::new());
+    let mut run_targets = Vec::new();
+    let mut lines: Vec<Option<usize>> = Vec::new(); // summary line → run target index
+    let mut skipped: Vec<Option<String>> = Vec::new();
+    for admission in loaded.admissions {
+        match admission {
+            Admission::Run(target) => {
+                let ledger = runtime.block_on(store.ledger(&target.ledger_key()))?;
+                lines.push(Some(run_targets.len()));
+                skipped.push(None);
+                run_targets.push(RunTarget {
+                    target,
+                    ledger,
+                    stats: CampaignStats::default(),
+                });
+            }
+            Admission::Skip(why) => {
+                lines.push(None);
+                skipped.push(Some(why));
+            }
+        }
+    }
+    let granted: Vec<(u32, u32)> = loaded
+        .granted
+        .iter()
+        .flat_map(|(campaign, user)| {
+            run_targets
+                .iter()
+                .enumerate()
+                .filter(move |(_, rt)| rt.target.campaign.id == *campaign)
+                .map(move |(i, _)| (i as u32, *user))
+        })
+        .collect();
+
+    let buckets = Buckets::new(job.engine.bucket_size);
+    let concurrency = job.provider.concurrency.max(1);
+    let users_per_epoch = MIN_USERS_PER_EPOCH.max(4 * concurrency as u64);
+    let bucket_users = loaded.source.buckets(buckets).into_iter().map(|b| {
+        let (lo, hi) = buckets.bucket_range(b);
+        (b, loaded.source.count_in(lo, hi))
+    });
+    let feed = Arc::new(Feed {
+        targets: (0..run_targets.len() as u32).collect(),
+        granted,
+        epochs: if run_targets.is_empty() {
+            Vec::new()
+        } else {
+            driver::plan_epochs(bucket_users, users_per_epoch)
+        },
+    });
+    let total_users = loaded.source.len();
+
+    let dispatcher = Dispatcher::new(
+        provider,
+        concurrency,
+        job.provider.rate_per_s,
+        job.provider.max_attempts,
+        &job.provider.dead_letter,
+        metrics.clone(),
+    );
+    let ctx = Arc::new(Context {
+        source: loaded.source,
+        buckets,
+        targets: run_targets,
+        dispatcher,
+        metrics: metrics.clone(),
+        runtime: runtime.handle().clone(),
+        batch_max_messages: job.engine.batch_max_messages.max(1),
+        batch_max_bytes: job.engine.batch_max_bytes.max(1),
+        max_in_flight: concurrency + 2 * job.engine.batch_max_messages.max(1),
+        fatal: Mutex::new(None),
+    });
+
+    let progress = Progress::start(metrics.clone(), total_users, opts.quiet);
+    let result = execute(job.engine.workers, ctx.clone(), feed, store.clone(), runtime.handle().clone());
+    progress.finish();
+    result?;
+    if let Ok(mut fatal) = ctx.fatal.lock() {
+        if let Some(e) = fatal.take() {
+            return Err(e);
+        }
+    }
+    runtime.block_on(async {
+        ctx.dispatcher.flush().await?;
+        store.checkpoint().await
+    })?;
+
+    let campaigns = job
+        .campaigns
+        .iter()
+        .zip(lines.iter().zip(skipped))
+        .map(|(c, (line, why))| match line {
+            Some(i) => {
+                let rt = &ctx.targets[*i];
+                rt.stats.summary(&c.id, rt.target.occurrence.as_deref())
+            }
+            None => CampaignSummary {
+                id: c.id.clone(),
+                occurrence: None,
+                skipped: why,
+                eligible: 0,
+                delivered: 0,
+                already_granted: 0,
+                dead_lettered: 0,
+                unreachable: 0,
+            },
+        })
+        .collect();
+    Ok(metrics.summary(campaigns, loaded.report.skipped))
+}
+
+/// Runs the dataflow on `workers` threads of this process.
+fn execute(
+    workers: usize,
+    ctx: Arc<Context>,
+    feed: Arc<Feed>,
+    store: Store,
+    runtime: tokio::runtime::Handle,
+) -> Result<()> {
+    let communication = if workers <= 1 {
+        timely::CommunicationConfig::Thread
+    } else {
+        timely::CommunicationConfig::Process(workers)
+    };
+    let config = timely::Config {
+        communication,
+        worker: timely::WorkerConfig::default(),
+    };
+    let guards = timely::execute(config, move |worker| {
+        let (store, ctx2, runtime) = (store.clone(), ctx.clone(), runtime.clone());
+        let sync = move || {
+            let (store, ctx3) = (store.clone(), ctx2.clone());
+            runtime.spawn(async move {
+                if let Err(e) = store.sync().await {
+                    ctx3.fail(e);
+                }
+            });
+        };
+        driver::drive(worker, ctx.clone(), feed.clone(), sync);
+    })
+    .map_err(|e| Error::runtime(format!("cannot start timely workers: {e}")))?;
+    for result in guards.join() {
+        result.map_err(|e| Error::runtime(format!("a worker failed: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The short report printed on stderr after a run.
+pub fn report(summary: &Summary) -> String {
+    let mut out = String::new();
+    for c in &summary.campaigns {
+        let name = match &c.occurrence {
+            Some(o) => format!("{} @ {o}", c.id),
+            None => c.id.clone(),
+        };
+        match &c.skipped {
+            Some(why) => out.push_str(&format!("{name}: skipped, {why}\n")),
+            None => out.push_str(&format!(
+                "{name}: eligible {}, delivered {}, already granted {}, dead-lettered {}, unreachable {}\n",
+                c.eligible, c.delivered, c.already_granted, c.dead_lettered, c.unreachable
+            )),
+        }
+    }
+    out.push_str(&format!(
+        "{} users scanned in {} buckets, {} batches, {:.2} s, {:.0} deliveries/s, push latency p50 {:.1} ms p99 {:.1} ms\n",
+        summary.users_scanned,
+        summary.buckets,
+        summary.batches,
+        summary.elapsed_s,
+        summary.deliveries_per_s,
+        summary.push_latency_ms.p50,
+        summary.push_latency_ms.p99
+    ));
+    if summary.skipped_lines > 0 {
+        out.push_str(&format!("{} bad input lines skipped\n", summary.skipped_lines));
+    }
+    out
+}

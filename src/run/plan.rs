@@ -1,0 +1,144 @@
+//! `fanout plan`: what a run would do, without pushing anything.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::targets::Admission;
+use super::{load, RunOptions};
+use crate::audience::AudienceFilter;
+use crate::error::Result;
+use crate::job::Job;
+use crate::model::Buckets;
+use crate::providers::Provider;
+use crate::store::Store;
+
+/// One campaign's line of the plan.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PlanLine {
+    /// Campaign id.
+    pub id: String,
+    /// Occurrence, for scheduled campaigns.
+    pub occurrence: Option<String>,
+    /// Why it would send nothing.
+    pub skipped: Option<String>,
+    /// Users in the audience.
+    pub audience: u64,
+    /// Of those, already granted (granted input or store).
+    pub already_granted: u64,
+    /// Users a run would push to.
+    pub eligible: u64,
+    /// Provider batches that takes (at least).
+    pub batches: u64,
+}
+
+/// The plan of a job.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Plan {
+    /// Per campaign.
+    pub campaigns: Vec<PlanLine>,
+    /// Users in the source.
+    pub users: u64,
+    /// Buckets holding users.
+    pub buckets: u64,
+    /// Estimated seconds to push everything: eligible ÷ min(concurrency ÷ latency, rate).
+    pub eta_s: f64,
+}
+
+/// Computes the plan of `job`; opens the store read-only.
+pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
+    let provider = Provider::from_url(&job.provider.url)?;
+    let loaded = load(job, opts)?;
+    let store = Store::open_read_only(&job.store)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| crate::error::Error::runtime(format!("cannot start tokio: {e}")))?;
+    let buckets = Buckets::new(job.engine.bucket_size);
+    let source = &loaded.source;
+    let mut lines = Vec::new();
+    let mut total = 0u64;
+    for (campaign, admission) in job.campaigns.iter().zip(loaded.admissions) {
+        let target = match admission {
+            Admission::Skip(why) => {
+                lines.push(PlanLine {
+                    id: campaign.id.clone(),
+                    occurrence: None,
+                    skipped: Some(why),
+                    audience: 0,
+                    already_granted: 0,
+                    eligible: 0,
+                    batches: 0,
+                });
+                continue;
+            }
+            Admission::Run(t) => t,
+        };
+        let ledger = runtime.block_on(store.ledger(&target.ledger_key()))?;
+        let pre: HashSet<u32> = loaded
+            .granted
+            .iter()
+            .filter(|(c, _)| *c == campaign.id)
+            .map(|(_, u)| *u)
+            .collect();
+        let filter = AudienceFilter::compile(&campaign.audience, source.tags());
+        let (mut audience, mut granted) = (0u64, 0u64);
+        source.for_each_in(0, u64::MAX, |u| {
+            if filter.matches(&u) {
+                audience += 1;
+                if pre.contains(&u.id) || ledger.is_done(u.id) {
+                    granted += 1;
+                }
+            }
+        });
+        let eligible = audience - granted;
+        total += eligible;
+        lines.push(PlanLine {
+            id: campaign.id.clone(),
+            occurrence: target.occurrence.as_deref().map(str::to_owned),
+            skipped: None,
+            audience,
+            already_granted: granted,
+            eligible,
+            batches: eligible.div_ceil(job.engine.batch_max_messages.max(1) as u64),
+        });
+    }
+    let latency = provider.typical_latency().max(Duration::from_micros(1));
+    let mut per_s = job.provider.concurrency as f64 / latency.as_secs_f64();
+    if job.provider.rate_per_s > 0 {
+        per_s = per_s.min(job.provider.rate_per_s as f64);
+    }
+    Ok(Plan {
+        campaigns: lines,
+        users: source.len(),
+        buckets: source.buckets(buckets).len() as u64,
+        eta_s: total as f64 / per_s,
+    })
+}
+
+/// The plan as a table for people.
+pub fn render(plan: &Plan) -> String {
+    let mut out = format!(
+        "{:<32} {:>10} {:>10} {:>10} {:>8}\n",
+        "campaign", "audience", "granted", "eligible", "batches"
+    );
+    for l in &plan.campaigns {
+        let name = match &l.occurrence {
+            Some(o) => format!("{} @ {o}", l.id),
+            None => l.id.clone(),
+        };
+        match &l.skipped {
+            Some(why) => out.push_str(&format!("{name:<32} skipped: {why}\n")),
+            None => out.push_str(&format!(
+                "{name:<32} {:>10} {:>10} {:>10} {:>8}\n",
+                l.audience, l.already_granted, l.eligible, l.batches
+            )),
+        }
+    }
+    out.push_str(&format!(
+        "{} users in {} buckets; estimated push time {:.1} s\n",
+        plan.users, plan.buckets, plan.eta_s
+    ));
+    out
+}

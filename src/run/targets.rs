@@ -1,0 +1,50 @@
+//! Which campaign occurrences a run admits at `now`, and why the others are left out.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::model::{Campaign, CouponDelivery, Kind, Target};
+
+/// A campaign's fate in this run.
+#[derive(Debug)]
+pub enum Admission {
+    /// Fan it out as this target.
+    Run(Target),
+    /// Nothing to send now, for this reason.
+    Skip(String),
+}
+
+/// Decides what `campaign` sends at `now`.
+pub fn admit(campaign: &Arc<Campaign>, now: DateTime<Utc>) -> Admission {
+    if !campaign.is_live_at(now) {
+        return Admission::Skip(format!(
+            "outside its window {} .. {} at {}",
+            campaign.start.to_rfc3339_opts(SecondsFormat::Secs, true),
+            campaign.end.to_rfc3339_opts(SecondsFormat::Secs, true),
+            now.to_rfc3339_opts(SecondsFormat::Secs, true)
+        ));
+    }
+    match campaign.kind {
+        Kind::Promotion => Admission::Run(Target::new(campaign.clone(), None)),
+        Kind::Coupon => match campaign.coupon.as_ref().map(|c| c.delivery) {
+            Some(CouponDelivery::OnLogin) => {
+                Admission::Skip("on_login coupons are granted at login, not in a fan-out pass".into())
+            }
+            _ => Admission::Run(Target::new(campaign.clone(), None)),
+        },
+        Kind::HotProduct => match occurrence(campaign, now) {
+            Some(o) => Admission::Run(Target::new(campaign.clone(), Some(o))),
+            None => Admission::Skip("no schedule".into()),
+        },
+    }
+}
+
+/// The id of the schedule tick containing `now`: the tick's start, RFC 3339.
+pub fn occurrence(campaign: &Campaign, now: DateTime<Utc>) -> Option<String> {
+    let every = chrono::Duration::from_std(campaign.every?).ok()?;
+    let every_ms = every.num_milliseconds().max(1);
+    let since = (now - campaign.start).num_milliseconds().max(0);
+    let tick = campaign.start + chrono::Duration::milliseconds(since / every_ms * every_ms);
+    Some(tick.to_rfc3339_opts(SecondsFormat::Secs, true))
+}

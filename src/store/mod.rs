@@ -1,0 +1,486 @@
+//! The grant ledger: who has been sent (or granted) each campaign occurrence, with the atomic
+//! claim that decides who sends.
+//!
+//! A *ledger* belongs to one campaign occurrence (`spring-sale-2026`,
+//! `hot-1:2026-03-02T10:00:00+00:00`) and keeps three sets of user ids:
+//! - *claimed*: the test-and-set. [`Ledger::claim`] hands an id out at most once per store…
+//! - …except ids claimed but not *done* when the previous process died: they were in flight at
+//!   the crash, so the next process gets each of them once more and re-sends it under the same
+//!   idempotency key (SPEC "Delivery semantics").
+//! - *done*: delivered or dead-lettered, durable. *dead* ⊆ done: dead-lettered, kept apart so a
+//!   later run can re-drive them.
+//!
+//! [`Store`] opens ledgers by key from a store URL. Only the embedded store
+//! ([`file`](mod@file), `file:DIR`) exists so far; the async methods leave room for a Redis variant.
+
+pub mod file;
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// The store a job writes its grants to. Cloning is cheap (Arc inside).
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// The embedded store in a local directory (`file:DIR`).
+    File(Arc<file::FileStore>),
+}
+
+/// One ledger: a campaign occurrence's grants. Clone is cheap.
+#[derive(Clone, Debug)]
+pub enum Ledger {
+    /// A ledger of the embedded store.
+    File(Arc<file::FileLedger>),
+}
+
+/// Result of a claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claim {
+    /// Send these now, in input order.
+    pub claimed: Vec<u32>,
+    /// Already granted: done, or claimed earlier by this process (or twice in one batch).
+    pub already: Vec<u32>,
+}
+
+/// How many ids a ledger holds in each set (done ⊆ claimed, dead ⊆ done).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerCounts {
+    /// Ids ever claimed, including those done.
+    pub claimed: u64,
+    /// Ids delivered or dead-lettered.
+    pub done: u64,
+    /// Ids dead-lettered.
+    pub dead: u64,
+}
+
+/// Where a store URL points.
+enum Target<'a> {
+    Dir(&'a str),
+}
+
+/// Splits a store URL; refuses what this build cannot open.
+fn parse_url(url: &str) -> Result<Target<'_>> {
+    if let Some(rest) = url.strip_prefix("file:") {
+        // `file:///abs/dir` is accepted as the URL spelling of `file:/abs/dir`.
+        let dir = rest.strip_prefix("//").unwrap_or(rest);
+        if dir.is_empty() {
+            return Err(Error::Usage(format!(
+                "store URL `{url}` names no directory: expected file:DIR"
+            )));
+        }
+        return Ok(Target::Dir(dir));
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return Err(Error::Usage(format!(
+            "store URL `{url}`: Redis support is not built yet; use file:DIR"
+        )));
+    }
+    Err(Error::Usage(format!(
+        "unsupported store URL `{url}`: expected file:DIR or redis://host:port/db"
+    )))
+}
+
+/// Runs blocking store work (fsync, replay) off the async workers when inside a tokio runtime.
+async fn off_runtime<T, F>(work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle
+            .spawn_blocking(work)
+            .await
+            .map_err(|e| Error::runtime(format!("store task failed: {e}")))?,
+        Err(_) => work(),
+    }
+}
+
+impl Store {
+    /// Opens the store at `url` for writing, taking its exclusive lock.
+    ///
+    /// `url` is `file:DIR` (DIR relative to the current directory is fine; it is created if
+    /// missing). `redis://…` and `rediss://…` are refused with a usage error (not built yet),
+    /// as is any other scheme. A store held by another process is a runtime error.
+    pub fn open(url: &str) -> Result<Store> {
+        match parse_url(url)? {
+            Target::Dir(dir) => Ok(Store::File(Arc::new(file::FileStore::open(url, dir)?))),
+        }
+    }
+
+    /// Opens without taking the lock and never writes (for `fanout grants` and `fanout plan`
+    /// while a run may be active). A missing directory reads as an empty store; a ledger is
+    /// read when first asked for, then stays as it was (claims on it are refused).
+    pub fn open_read_only(url: &str) -> Result<Store> {
+        match parse_url(url)? {
+            Target::Dir(dir) => Ok(Store::File(Arc::new(file::FileStore::open_read_only(
+                url, dir,
+            )?))),
+        }
+    }
+
+    /// The ledger of `key` (a campaign occurrence); opened and replayed once, then cached.
+    pub async fn ledger(&self, key: &str) -> Result<Ledger> {
+        match self {
+            Store::File(store) => {
+                if let Some(ledger) = store.cached_ledger(key) {
+                    return Ok(Ledger::File(ledger));
+                }
+                let store = Arc::clone(store);
+                let key = key.to_owned();
+                off_runtime(move || store.ledger(&key).map(Ledger::File)).await
+            }
+        }
+    }
+
+    /// Makes every claim and mark so far durable against a machine crash (once per epoch).
+    pub async fn sync(&self) -> Result<()> {
+        match self {
+            Store::File(store) => {
+                let store = Arc::clone(store);
+                off_runtime(move || store.sync()).await
+            }
+        }
+    }
+
+    /// Folds every open ledger's log into its snapshot (at the end of a run).
+    pub async fn checkpoint(&self) -> Result<()> {
+        match self {
+            Store::File(store) => {
+                let store = Arc::clone(store);
+                off_runtime(move || store.checkpoint()).await
+            }
+        }
+    }
+
+    /// Every claimed id of `key`, sorted (what `fanout grants` prints). Empty if the ledger
+    /// doesn't exist.
+    pub async fn granted(&self, key: &str) -> Result<Vec<u32>> {
+        match self {
+            Store::File(store) => {
+                let store = Arc::clone(store);
+                let key = key.to_owned();
+                off_runtime(move || store.granted(&key)).await
+            }
+        }
+    }
+
+    /// The URL the store was opened with.
+    pub fn url(&self) -> &str {
+        match self {
+            Store::File(store) => store.url(),
+        }
+    }
+}
+
+impl Ledger {
+    /// Claims `ids`: each id is handed out (in `claimed`) at most once per store, except ids in
+    /// flight at the previous process's crash, which are handed out once more. Durable against
+    /// a process kill when this returns; against a machine crash after the next [`Store::sync`].
+    pub async fn claim(&self, ids: &[u32]) -> Result<Claim> {
+        match self {
+            Ledger::File(ledger) => ledger.claim(ids),
+        }
+    }
+
+    /// Records `ids` as delivered.
+    pub async fn mark_done(&self, ids: &[u32]) -> Result<()> {
+        match self {
+            Ledger::File(ledger) => ledger.mark_done(ids),
+        }
+    }
+
+    /// Records `ids` as dead-lettered; they also count as done.
+    pub async fn mark_dead(&self, ids: &[u32]) -> Result<()> {
+        match self {
+            Ledger::File(ledger) => ledger.mark_dead(ids),
+        }
+    }
+
+    /// Whether id is done (for the `plan` dry run and tests).
+    pub fn is_done(&self, id: u32) -> bool {
+        match self {
+            Ledger::File(ledger) => ledger.is_done(id),
+        }
+    }
+
+    /// How many ids the ledger holds in each set.
+    pub fn counts(&self) -> LedgerCounts {
+        match self {
+            Ledger::File(ledger) => ledger.counts(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+
+    fn url(dir: &Path) -> String {
+        format!("file:{}", dir.display())
+    }
+
+    async fn ledger(store: &Store, key: &str) -> Ledger {
+        store.ledger(key).await.expect("ledger")
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        let usage = |u: &str| match Store::open(u) {
+            Err(Error::Usage(msg)) => msg,
+            other => panic!("{u}: expected a usage error, got {other:?}"),
+        };
+        assert!(usage("redis://localhost:6379/0").contains("Redis support is not built yet"));
+        assert!(usage("rediss://h:1/0").contains("Redis support is not built yet"));
+        assert!(usage("s3://bucket").starts_with("unsupported store URL"));
+        assert!(usage("file:").contains("names no directory"));
+        assert!(usage(".fanout").starts_with("unsupported store URL"));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let triple = format!("file://{}", tmp.path().join("s").display());
+        let store = Store::open(&triple).expect("file:// URL");
+        assert_eq!(store.url(), triple);
+        assert!(tmp.path().join("s/LOCK").exists());
+    }
+
+    #[tokio::test]
+    async fn claims_once_including_duplicates_in_a_batch() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&url(tmp.path())).expect("open");
+        let l = ledger(&store, "spring-sale-2026").await;
+        let c = l.claim(&[7, 3, 7, 9, 3]).await.expect("claim");
+        assert_eq!(c.claimed, vec![7, 3, 9]);
+        assert_eq!(c.already, vec![7, 3]);
+        let c = l.claim(&[9, 1]).await.expect("claim");
+        assert_eq!((c.claimed, c.already), (vec![1], vec![9]));
+        // The cache hands back the same ledger.
+        let again = ledger(&store, "spring-sale-2026").await;
+        assert_eq!(again.claim(&[1]).await.expect("claim").already, vec![1]);
+        // Ledgers are independent.
+        let other = ledger(&store, "hot-1:2026-03-02T10:00:00+00:00").await;
+        assert_eq!(other.claim(&[1]).await.expect("claim").claimed, vec![1]);
+        assert_eq!(
+            store.granted("spring-sale-2026").await.expect("g"),
+            vec![1, 3, 7, 9]
+        );
+        assert!(store.granted("never-opened").await.expect("g").is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_claims_hand_each_id_out_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&url(tmp.path())).expect("open");
+        let l = ledger(&store, "k").await;
+        let tasks: Vec<_> = (1..=4u32)
+            .map(|stride| {
+                let l = l.clone();
+                tokio::spawn(async move {
+                    let ids: Vec<u32> = (0..10_000u32)
+                        .map(|i| (i * stride * 7919) % 10_000)
+                        .collect();
+                    let mut mine = Vec::new();
+                    for batch in ids.chunks(64) {
+                        mine.extend(l.claim(batch).await.expect("claim").claimed);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("task"));
+        }
+        all.sort_unstable();
+        let before = all.len();
+        all.dedup();
+        assert_eq!(before, all.len(), "an id was handed out twice");
+        assert_eq!(all, store.granted("k").await.expect("granted"));
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_done_and_hands_in_flight_ids_out_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(&url(tmp.path())).expect("open");
+            let l = ledger(&store, "k").await;
+            l.claim(&[1, 2, 3, 4]).await.expect("claim");
+            l.mark_done(&[1]).await.expect("done");
+            l.mark_dead(&[2]).await.expect("dead");
+            // Dropped without a checkpoint: a crash with 3 and 4 in flight.
+        }
+        let store = Store::open(&url(tmp.path())).expect("reopen");
+        let l = ledger(&store, "k").await;
+        assert!(l.is_done(1) && l.is_done(2) && !l.is_done(3));
+        assert_eq!(
+            l.counts(),
+            LedgerCounts {
+                claimed: 4,
+                done: 2,
+                dead: 1
+            }
+        );
+        let c = l.claim(&[1, 2, 3, 4, 5, 3]).await.expect("claim");
+        assert_eq!((c.claimed, c.already), (vec![3, 4, 5], vec![1, 2, 3]));
+        assert_eq!(
+            l.claim(&[3, 4, 5]).await.expect("claim").already,
+            vec![3, 4, 5]
+        );
+        l.mark_done(&[3]).await.expect("done");
+        drop((l, store));
+        // 4 and 5 were in flight at this second crash: out once more, 3 is done.
+        let store = Store::open(&url(tmp.path())).expect("reopen");
+        let l = ledger(&store, "k").await;
+        let c = l.claim(&[3, 4, 5]).await.expect("claim");
+        assert_eq!((c.claimed, c.already), (vec![4, 5], vec![3]));
+    }
+
+    #[tokio::test]
+    async fn checkpoint_then_more_records_reopens_to_the_same_sets() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let expect_sets = |l: &Ledger| {
+            (
+                l.counts(),
+                (0..12).filter(|&i| l.is_done(i)).collect::<Vec<u32>>(),
+            )
+        };
+        let (after_checkpoint, at_end) = {
+            let store = Store::open(&url(tmp.path())).expect("open");
+            let l = ledger(&store, "k").await;
+            l.claim(&[1, 2, 3, 4, 5]).await.expect("claim");
+            l.mark_done(&[1, 2]).await.expect("done");
+            l.mark_dead(&[3]).await.expect("dead");
+            store.sync().await.expect("sync");
+            store.checkpoint().await.expect("checkpoint");
+            let after_checkpoint = expect_sets(&l);
+            l.claim(&[10, 11]).await.expect("claim");
+            l.mark_done(&[4, 10]).await.expect("done");
+            store.sync().await.expect("sync");
+            (after_checkpoint, expect_sets(&l))
+        };
+        let store = Store::open(&url(tmp.path())).expect("reopen");
+        let l = ledger(&store, "k").await;
+        assert_eq!(expect_sets(&l), at_end);
+        assert_eq!(
+            store.granted("k").await.expect("g"),
+            vec![1, 2, 3, 4, 5, 10, 11]
+        );
+        store.checkpoint().await.expect("checkpoint");
+        drop((l, store));
+        let store = Store::open(&url(tmp.path())).expect("reopen");
+        let l = ledger(&store, "k").await;
+        assert_eq!(expect_sets(&l), at_end);
+        assert_ne!(after_checkpoint, at_end);
+        // 5 and 11 were never done: still in flight after the checkpoint, handed out once.
+        assert_eq!(
+            l.claim(&[5, 11, 4]).await.expect("claim").claimed,
+            vec![5, 11]
+        );
+    }
+
+    const CHILD_ENV: &str = "FANOUT_STORE_KILL9_DIR";
+    const BATCH: u32 = 100;
+
+    /// Child half of `kill_9_loses_no_claim`: claims batches until killed. Does nothing when run
+    /// as an ordinary test.
+    #[test]
+    fn kill9_child() {
+        let Ok(dir) = std::env::var(CHILD_ENV) else {
+            return;
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let store = Store::open(&format!("file:{dir}")).expect("child open");
+            let l = ledger(&store, "k").await;
+            for b in 0..1_000_000u32 {
+                let ids: Vec<u32> = (b * BATCH..(b + 1) * BATCH).collect();
+                assert_eq!(l.claim(&ids).await.expect("claim").claimed, ids);
+                println!("claimed {}", ids[ids.len() - 1]);
+                if b % 2 == 1 {
+                    l.mark_done(&ids).await.expect("done");
+                }
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn kill_9_loses_no_claim() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let test_name = concat!(module_path!(), "::kill9_child");
+        let test_name = test_name
+            .split_once("::")
+            .map_or(test_name, |(_, rest)| rest);
+        let mut child = Command::new(std::env::current_exe().expect("current exe"))
+            .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, tmp.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn child");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut reported = Vec::new();
+        while reported.len() < 300 {
+            let line = lines.next().expect("child ended early").expect("read");
+            if let Some(id) = line.strip_prefix("claimed ") {
+                reported.push(id.parse::<u32>().expect("id"));
+            }
+        }
+        child.kill().expect("SIGKILL");
+        // Lines the child wrote before it died count too.
+        for line in lines {
+            if let Some(id) = line.expect("read").strip_prefix("claimed ") {
+                reported.push(id.parse::<u32>().expect("id"));
+            }
+        }
+        let status = child.wait().expect("wait");
+        assert!(!status.success(), "child finished before the kill");
+
+        let store = Store::open(&url(tmp.path())).expect("reopen after kill");
+        let granted = store.granted("k").await.expect("granted");
+        let l = ledger(&store, "k").await;
+        let last = *reported.last().expect("reports");
+        for id in 0..=last {
+            assert!(granted.binary_search(&id).is_ok(), "claim of {id} was lost");
+        }
+        // Every reported id is either done or handed out once more, never twice.
+        let ids: Vec<u32> = (0..=last).collect();
+        let c = l.claim(&ids).await.expect("claim");
+        assert!(c.claimed.iter().all(|&id| !l.is_done(id)));
+        assert_eq!(c.claimed.len() + c.already.len(), ids.len());
+        assert!(l.claim(&ids).await.expect("claim").claimed.is_empty());
+        eprintln!("kill -9 after {} reported batches", reported.len());
+    }
+
+    /// `cargo test --release -- --ignored --nocapture claim_throughput`
+    #[tokio::test]
+    #[ignore]
+    async fn claim_throughput() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&url(tmp.path())).expect("open");
+        let l = ledger(&store, "k").await;
+        let n = 10_000_000u32;
+        let ids: Vec<u32> = (0..n).collect();
+        let start = std::time::Instant::now();
+        for batch in ids.chunks(BATCH as usize) {
+            l.claim(batch).await.expect("claim");
+        }
+        let claim = start.elapsed();
+        for batch in ids.chunks(BATCH as usize) {
+            l.mark_done(batch).await.expect("done");
+        }
+        let done = start.elapsed() - claim;
+        store.sync().await.expect("sync");
+        let t = std::time::Instant::now();
+        store.checkpoint().await.expect("checkpoint");
+        eprintln!(
+            "claim: {:.1} M ids/s ({:.2} µs per batch of {BATCH}); mark_done: {:.1} M ids/s; \
+             checkpoint of {n} ids: {:?}",
+            f64::from(n) / claim.as_secs_f64() / 1e6,
+            claim.as_secs_f64() * 1e6 / f64::from(n / BATCH),
+            f64::from(n) / done.as_secs_f64() / 1e6,
+            t.elapsed()
+        );
+    }
+}

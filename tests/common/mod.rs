@@ -1,0 +1,190 @@
+//! Helpers for the end-to-end tests: run the real `fanout` binary, read what it wrote, and
+//! compute the expected outcome naively, without any of fanout's code.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// A scratch directory for one test, with the job's files in it.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Scratch {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, content).expect("write scratch file");
+        p
+    }
+
+    /// Runs `fanout ARGS` with this directory as the working directory.
+    pub fn fanout(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run fanout")
+    }
+
+    /// Runs and asserts exit 0, returning stderr.
+    pub fn fanout_ok(&self, args: &[&str]) -> String {
+        let out = self.fanout(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "fanout {args:?} failed ({:?}):\n{stderr}",
+            out.status.code()
+        );
+        stderr
+    }
+}
+
+/// A user as the tests see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TUser {
+    pub id: u64,
+    pub level: u64,
+    pub points: u64,
+    pub tags: Vec<String>,
+}
+
+/// Reads users from JSON Lines the naive way: every non-blank line is an object; the last line
+/// of an id wins.
+pub fn naive_users_jsonl(text: &str) -> BTreeMap<u64, TUser> {
+    let mut users = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).expect("test input is valid");
+        let tags = v["tags"]
+            .as_array()
+            .map(|a| a.iter().map(|t| t.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default();
+        let u = TUser {
+            id: v["id"].as_u64().unwrap(),
+            level: v["level"].as_u64().unwrap(),
+            points: v["points"].as_u64().unwrap(),
+            tags,
+        };
+        users.insert(u.id, u);
+    }
+    users
+}
+
+/// A persona, as a test states it.
+#[derive(Debug, Clone, Default)]
+pub struct Persona {
+    pub min_level: Option<u64>,
+    pub max_level: Option<u64>,
+    pub min_points: Option<u64>,
+    pub max_points: Option<u64>,
+    pub tags_any: Vec<String>,
+    pub tags_all: Vec<String>,
+}
+
+impl Persona {
+    pub fn matches(&self, u: &TUser) -> bool {
+        self.min_level.is_none_or(|m| u.level >= m)
+            && self.max_level.is_none_or(|m| u.level <= m)
+            && self.min_points.is_none_or(|m| u.points >= m)
+            && self.max_points.is_none_or(|m| u.points <= m)
+            && (self.tags_any.is_empty() || self.tags_any.iter().any(|t| u.tags.contains(t)))
+            && self.tags_all.iter().all(|t| u.tags.contains(t))
+    }
+}
+
+/// One line of a `log:` delivery file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rec {
+    pub campaign: String,
+    pub user: u64,
+    pub key: String,
+    pub title: String,
+    pub body: String,
+}
+
+/// Reads a delivery log (missing file = no deliveries).
+pub fn read_deliveries(path: &Path) -> Vec<Rec> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("delivery line is JSON");
+            Rec {
+                campaign: v["campaign"].as_str().unwrap().to_owned(),
+                user: v["user"].as_u64().unwrap(),
+                key: v["key"].as_str().unwrap().to_owned(),
+                title: v["title"].as_str().unwrap().to_owned(),
+                body: v["body"].as_str().unwrap().to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// The (campaign, user) pairs of deliveries, asserting none repeats.
+pub fn pairs_once(recs: &[Rec]) -> BTreeSet<(String, u64)> {
+    let mut seen = BTreeSet::new();
+    for r in recs {
+        assert!(
+            seen.insert((r.campaign.clone(), r.user)),
+            "delivered twice: {} to {}",
+            r.campaign,
+            r.user
+        );
+    }
+    seen
+}
+
+/// Reads a summary file and checks eligible = delivered + dead_lettered + unreachable.
+pub fn read_summary(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("summary written");
+    let v: Value = serde_json::from_str(&text).expect("summary is JSON");
+    for c in v["campaigns"].as_array().expect("campaigns") {
+        let n = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k} in {c}"));
+        assert_eq!(
+            n("eligible"),
+            n("delivered") + n("dead_lettered") + n("unreachable"),
+            "invariant broken in {c}"
+        );
+    }
+    v
+}
+
+/// The summary line of `campaign`.
+pub fn campaign_line<'a>(summary: &'a Value, campaign: &str) -> &'a Value {
+    summary["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == campaign)
+        .unwrap_or_else(|| panic!("no summary line for {campaign}"))
+}
+
+/// A pseudo-random sequence for building test inputs (not fanout's generator).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
