@@ -31,7 +31,11 @@ impl AudienceFilter {
                 None => impossible = true,
             }
         }
-        let mut any: Vec<u32> = audience.tags_any.iter().filter_map(|t| tags.get(t)).collect();
+        let mut any: Vec<u32> = audience
+            .tags_any
+            .iter()
+            .filter_map(|t| tags.get(t))
+            .collect();
         if !audience.tags_any.is_empty() && any.is_empty() {
             impossible = true;
         }

@@ -240,11 +240,11 @@ mod tests {
 
     #[test]
     fn renders_user_and_campaign_values() {
-        let t = Template::parse("Hi {user.id} (L{user.level}, {user.points} pts): {goods.name} @ {campaign.id}").unwrap();
-        assert_eq!(
-            render(&t, 42),
-            "Hi 42 (L3, 1200 pts): Trail shoes @ spring"
-        );
+        let t = Template::parse(
+            "Hi {user.id} (L{user.level}, {user.points} pts): {goods.name} @ {campaign.id}",
+        )
+        .unwrap();
+        assert_eq!(render(&t, 42), "Hi 42 (L3, 1200 pts): Trail shoes @ spring");
         assert!(t.is_per_user());
         let bound = t.bind(&vals);
         assert_eq!(render(&bound, 42), render(&t, 42));
@@ -263,7 +263,13 @@ mod tests {
             Template::parse("Hi {user.nmae}"),
             Err(TemplateError::Unknown("user.nmae".into()))
         );
-        assert!(matches!(Template::parse("Hi {user.id"), Err(TemplateError::Unclosed(3))));
-        assert!(matches!(Template::parse("Hi }"), Err(TemplateError::Stray(3))));
+        assert!(matches!(
+            Template::parse("Hi {user.id"),
+            Err(TemplateError::Unclosed(3))
+        ));
+        assert!(matches!(
+            Template::parse("Hi }"),
+            Err(TemplateError::Stray(3))
+        ));
     }
 }

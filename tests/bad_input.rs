@@ -34,7 +34,11 @@ fn expect_bad(name: &str, job: &str, users: &[u8], needles: &[&str]) {
     s.write("job.toml", job);
     let out = s.fanout(&["run", "job.toml", "--quiet"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{name}: exit code, stderr:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{name}: exit code, stderr:\n{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{name}: panicked:\n{stderr}");
     for n in needles {
         assert!(stderr.contains(n), "{name}: {n:?} not in:\n{stderr}");
@@ -57,14 +61,42 @@ fn users_with(bad: &[u8]) -> Vec<u8> {
 fn bad_user_lines_name_file_line_and_field() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("missing id", br#"{"level": 1, "points": 1}"#.to_vec(), "id"),
-        ("zero id", br#"{"id": 0, "level": 1, "points": 1}"#.to_vec(), "id"),
-        ("too-large id", br#"{"id": 4294967296, "level": 1, "points": 1}"#.to_vec(), "id"),
-        ("level over 255", br#"{"id": 5, "level": 256, "points": 1}"#.to_vec(), "level"),
-        ("negative points", br#"{"id": 5, "level": 1, "points": -4}"#.to_vec(), "points"),
-        ("string level", br#"{"id": 5, "level": "high", "points": 1}"#.to_vec(), "level"),
-        ("tags not a list", br#"{"id": 5, "level": 1, "points": 1, "tags": "sports"}"#.to_vec(), "tags"),
+        (
+            "zero id",
+            br#"{"id": 0, "level": 1, "points": 1}"#.to_vec(),
+            "id",
+        ),
+        (
+            "too-large id",
+            br#"{"id": 4294967296, "level": 1, "points": 1}"#.to_vec(),
+            "id",
+        ),
+        (
+            "level over 255",
+            br#"{"id": 5, "level": 256, "points": 1}"#.to_vec(),
+            "level",
+        ),
+        (
+            "negative points",
+            br#"{"id": 5, "level": 1, "points": -4}"#.to_vec(),
+            "points",
+        ),
+        (
+            "string level",
+            br#"{"id": 5, "level": "high", "points": 1}"#.to_vec(),
+            "level",
+        ),
+        (
+            "tags not a list",
+            br#"{"id": 5, "level": 1, "points": 1, "tags": "sports"}"#.to_vec(),
+            "tags",
+        ),
         ("not json", b"id=5 level=1".to_vec(), "users.jsonl:3"),
-        ("invalid utf-8", b"{\"id\": 5, \"level\": 1, \"points\": 1, \"tags\": [\"\xff\xfe\"]}".to_vec(), "UTF-8"),
+        (
+            "invalid utf-8",
+            b"{\"id\": 5, \"level\": 1, \"points\": 1, \"tags\": [\"\xff\xfe\"]}".to_vec(),
+            "UTF-8",
+        ),
     ];
     for (name, bad, field) in cases {
         expect_bad(name, GOOD_JOB, &users_with(&bad), &["users.jsonl:3", field]);
@@ -76,7 +108,12 @@ fn a_20_mb_line_is_refused_without_reading_it_whole() {
     let mut bad = b"{\"id\": 5, \"level\": 1, \"points\": 1, \"tags\": [\"".to_vec();
     bad.extend(std::iter::repeat_n(b'x', 20 * 1024 * 1024));
     bad.extend_from_slice(b"\"]}");
-    expect_bad("20 MB line", GOOD_JOB, &users_with(&bad), &["users.jsonl:3", "MiB"]);
+    expect_bad(
+        "20 MB line",
+        GOOD_JOB,
+        &users_with(&bad),
+        &["users.jsonl:3", "MiB"],
+    );
 }
 
 #[test]
@@ -85,7 +122,10 @@ fn bad_job_files_name_line_and_field() {
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
         (
             "unknown key",
-            GOOD_JOB.replace("kind = \"promotion\"", "kind = \"promotion\"\ncolour = \"red\""),
+            GOOD_JOB.replace(
+                "kind = \"promotion\"",
+                "kind = \"promotion\"\ncolour = \"red\"",
+            ),
             vec!["job.toml:16", "colour"],
         ),
         (
@@ -112,11 +152,23 @@ fn skip_bad_lines_counts_and_delivers_the_rest() {
         users_with(br#"{"id": 5, "level": 999, "points": 1}"#),
     );
     s.write("job.toml", GOOD_JOB);
-    let stderr = s.fanout_ok(&["run", "job.toml", "--skip-bad-lines", "--summary", "summary.json"]);
-    assert!(stderr.contains("users.jsonl:3"), "the skipped line is reported:\n{stderr}");
+    let stderr = s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "--skip-bad-lines",
+        "--summary",
+        "summary.json",
+    ]);
+    assert!(
+        stderr.contains("users.jsonl:3"),
+        "the skipped line is reported:\n{stderr}"
+    );
     let summary = read_summary(&s.path("summary.json"));
     assert_eq!(summary["skipped_lines"], 1);
-    let users: Vec<u64> = read_deliveries(&s.path("deliveries.jsonl")).iter().map(|r| r.user).collect();
+    let users: Vec<u64> = read_deliveries(&s.path("deliveries.jsonl"))
+        .iter()
+        .map(|r| r.user)
+        .collect();
     assert_eq!(users.len(), 3);
     for id in [1, 2, 9] {
         assert!(users.contains(&id));

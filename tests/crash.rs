@@ -63,16 +63,35 @@ fn sigkill_then_rerun_loses_nothing() {
     // Kill once a good part, but not all, is out.
     let started = Instant::now();
     while lines_in(&deliveries) < 30_000 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the run never got going");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before the kill");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the run never got going"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before the kill"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
     let at_kill = lines_in(&deliveries);
-    assert!((at_kill as u64) < USERS, "killed too late to prove anything");
+    assert!(
+        (at_kill as u64) < USERS,
+        "killed too late to prove anything"
+    );
 
-    s.fanout_ok(&["run", "job.toml", "-w", "2", "--rate-per-s", "0", "--quiet", "--summary", "summary.json"]);
+    s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "-w",
+        "2",
+        "--rate-per-s",
+        "0",
+        "--quiet",
+        "--summary",
+        "summary.json",
+    ]);
     let summary = read_summary(&s.path("summary.json"));
 
     let recs = read_deliveries(&deliveries);

@@ -58,7 +58,10 @@ fn users(seed: u64, n: usize) -> Vec<TUser> {
     for i in 0..n {
         let id = match i % 97 {
             0 => 4_294_967_295 - r.below(3),
-            1 if i > 10 => out.get(r.below(i as u64) as usize).map(|u: &TUser| u.id).unwrap_or(1),
+            1 if i > 10 => out
+                .get(r.below(i as u64) as usize)
+                .map(|u: &TUser| u.id)
+                .unwrap_or(1),
             _ => 1 + r.below(60_000),
         };
         let tags = vocab
@@ -99,7 +102,14 @@ fn to_jsonl(users: &[TUser]) -> String {
 fn to_csv(users: &[TUser]) -> String {
     let mut s = String::from("id,level,points,tags,token\r\n");
     for (i, u) in users.iter().enumerate() {
-        s.push_str(&format!("{},{},{},{},t-{}", u.id, u.level, u.points, u.tags.join(";"), u.id));
+        s.push_str(&format!(
+            "{},{},{},{},t-{}",
+            u.id,
+            u.level,
+            u.points,
+            u.tags.join(";"),
+            u.id
+        ));
         s.push_str(if i % 2 == 0 { "\r\n" } else { "\n" });
     }
     s
@@ -137,15 +147,30 @@ fn run_and_compare(users_file: &str, content: &str, naive: &BTreeMap<u64, TUser>
         let s = Scratch::new();
         s.write(users_file, content);
         s.write("job.toml", job(users_file, ""));
-        s.fanout_ok(&["run", "job.toml", "-w", workers, "--summary", "summary.json", "--quiet"]);
+        s.fanout_ok(&[
+            "run",
+            "job.toml",
+            "-w",
+            workers,
+            "--summary",
+            "summary.json",
+            "--quiet",
+        ]);
         let recs = read_deliveries(&s.path("deliveries.jsonl"));
         let got = pairs_once(&recs);
-        assert_eq!(got, want, "deliveries at -w {workers} differ from the naive filter");
+        assert_eq!(
+            got, want,
+            "deliveries at -w {workers} differ from the naive filter"
+        );
         check_bodies(&recs, naive);
         let summary = read_summary(&s.path("summary.json"));
         for (id, _, _) in campaigns() {
             let n = want.iter().filter(|(c, _)| c == id).count() as u64;
-            assert_eq!(campaign_line(&summary, id)["delivered"], n, "{id} at -w {workers}");
+            assert_eq!(
+                campaign_line(&summary, id)["delivered"],
+                n,
+                "{id} at -w {workers}"
+            );
         }
         let expired = campaign_line(&summary, "expired");
         assert_eq!(expired["delivered"], 0);
@@ -171,7 +196,16 @@ fn synthetic_deliveries_equal_the_naive_filter_over_the_generated_file() {
     // `gen users` writes the very users `synthetic:N:SEED` generates; the expectation is a
     // naive filter over that file.
     let s = Scratch::new();
-    s.fanout_ok(&["gen", "users", "--count", "20000", "--seed", "7", "--out", "gen.jsonl"]);
+    s.fanout_ok(&[
+        "gen",
+        "users",
+        "--count",
+        "20000",
+        "--seed",
+        "7",
+        "--out",
+        "gen.jsonl",
+    ]);
     let text = std::fs::read_to_string(s.path("gen.jsonl")).unwrap();
     let naive = naive_users_jsonl(&text);
     assert_eq!(naive.len(), 20_000);
@@ -179,7 +213,15 @@ fn synthetic_deliveries_equal_the_naive_filter_over_the_generated_file() {
     for workers in ["1", "2", "4"] {
         let s = Scratch::new();
         s.write("job.toml", job("synthetic:20000:7", ""));
-        s.fanout_ok(&["run", "job.toml", "-w", workers, "--summary", "summary.json", "--quiet"]);
+        s.fanout_ok(&[
+            "run",
+            "job.toml",
+            "-w",
+            workers,
+            "--summary",
+            "summary.json",
+            "--quiet",
+        ]);
         let recs = read_deliveries(&s.path("deliveries.jsonl"));
         assert_eq!(pairs_once(&recs), want, "synthetic at -w {workers}");
         check_bodies(&recs, &naive);
@@ -194,14 +236,34 @@ fn a_second_run_delivers_nothing_new() {
     let s = Scratch::new();
     s.write("users.jsonl", to_jsonl(&us));
     s.write("job.toml", job("users.jsonl", ""));
-    s.fanout_ok(&["run", "job.toml", "-w", "2", "--summary", "first.json", "--quiet"]);
+    s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "-w",
+        "2",
+        "--summary",
+        "first.json",
+        "--quiet",
+    ]);
     let first = read_summary(&s.path("first.json"));
     let after_first = read_deliveries(&s.path("deliveries.jsonl")).len();
     assert_eq!(after_first, expected(&naive).len());
 
-    s.fanout_ok(&["run", "job.toml", "-w", "2", "--summary", "second.json", "--quiet"]);
+    s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "-w",
+        "2",
+        "--summary",
+        "second.json",
+        "--quiet",
+    ]);
     let second = read_summary(&s.path("second.json"));
-    assert_eq!(read_deliveries(&s.path("deliveries.jsonl")).len(), after_first, "nothing new");
+    assert_eq!(
+        read_deliveries(&s.path("deliveries.jsonl")).len(),
+        after_first,
+        "nothing new"
+    );
     for (id, _, _) in campaigns() {
         let (a, b) = (campaign_line(&first, id), campaign_line(&second, id));
         assert_eq!(b["delivered"], 0);
@@ -226,16 +288,31 @@ fn granted_input_pairs_are_never_delivered() {
             pre.insert(("all".to_string(), u.id));
         }
     }
-    granted.push_str("{\"campaign\": \"all\", \"user\": 99999999}\n{\"campaign\": \"nope\", \"user\": 1}\n");
+    granted.push_str(
+        "{\"campaign\": \"all\", \"user\": 99999999}\n{\"campaign\": \"nope\", \"user\": 1}\n",
+    );
     s.write("granted.jsonl", granted);
-    s.write("job.toml", job("users.jsonl", "").replace("[engine]", "[engine]\n").replace(
-        "[inputs]\n",
-        "[inputs]\ngranted = \"granted.jsonl\"\n",
-    ));
-    s.fanout_ok(&["run", "job.toml", "-w", "2", "--summary", "summary.json", "--quiet"]);
+    s.write(
+        "job.toml",
+        job("users.jsonl", "")
+            .replace("[engine]", "[engine]\n")
+            .replace("[inputs]\n", "[inputs]\ngranted = \"granted.jsonl\"\n"),
+    );
+    s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "-w",
+        "2",
+        "--summary",
+        "summary.json",
+        "--quiet",
+    ]);
     let got = pairs_once(&read_deliveries(&s.path("deliveries.jsonl")));
     let want: BTreeSet<_> = expected(&naive).difference(&pre).cloned().collect();
     assert_eq!(got, want);
     let summary = read_summary(&s.path("summary.json"));
-    assert_eq!(campaign_line(&summary, "all")["already_granted"], pre.len() as u64);
+    assert_eq!(
+        campaign_line(&summary, "all")["already_granted"],
+        pre.len() as u64
+    );
 }

@@ -21,7 +21,9 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
     rt.stats
         .already_granted
         .fetch_add(claim.already.len() as u64, Relaxed);
-    rt.stats.eligible.fetch_add(claim.claimed.len() as u64, Relaxed);
+    rt.stats
+        .eligible
+        .fetch_add(claim.claimed.len() as u64, Relaxed);
 
     let needs_token = ctx.dispatcher.provider().needs_token();
     let messages: Vec<Message> = claim
@@ -30,7 +32,11 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
         .filter_map(|id| users.binary_search_by_key(id, |c| c.id).ok())
         .map(|i| {
             let c = &users[i];
-            let token = if needs_token { ctx.source.token(c.id) } else { None };
+            let token = if needs_token {
+                ctx.source.token(c.id)
+            } else {
+                None
+            };
             let vars = UserVars {
                 id: c.id,
                 level: c.level,
@@ -70,7 +76,11 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
 
 /// Cuts `messages` into batches of at most `max_messages` messages and `max_bytes` serialized
 /// bytes; a single message over `max_bytes` goes alone.
-pub fn split_batches(messages: Vec<Message>, max_messages: usize, max_bytes: usize) -> Vec<Vec<Message>> {
+pub fn split_batches(
+    messages: Vec<Message>,
+    max_messages: usize,
+    max_bytes: usize,
+) -> Vec<Vec<Message>> {
     let mut batches = Vec::new();
     let mut current: Vec<Message> = Vec::new();
     let mut bytes = 0usize;
@@ -108,7 +118,9 @@ mod tests {
 
     #[test]
     fn batches_respect_both_caps_and_keep_order() {
-        let msgs: Vec<Message> = (1..=25).map(|u| msg(u, if u == 7 { 5000 } else { 10 })).collect();
+        let msgs: Vec<Message> = (1..=25)
+            .map(|u| msg(u, if u == 7 { 5000 } else { 10 }))
+            .collect();
         let sizes: Vec<usize> = msgs.iter().map(|m| m.json.len()).collect();
         let max_bytes = 400;
         let batches = split_batches(msgs, 4, max_bytes);
@@ -120,7 +132,9 @@ mod tests {
             assert!(total <= max_bytes || b.len() == 1, "batch of {total} bytes");
         }
         // The oversize message went alone.
-        assert!(batches.iter().any(|b| b.len() == 1 && b[0].delivery.user == 7));
+        assert!(batches
+            .iter()
+            .any(|b| b.len() == 1 && b[0].delivery.user == 7));
         assert!(sizes[6] > max_bytes);
     }
 }

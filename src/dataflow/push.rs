@@ -70,77 +70,89 @@ impl Drop for AckOnDrop {
 }
 
 /// Pushes `candidates`; the output carries no data, only the epochs' progress.
-pub fn push<'s>(candidates: Stream<'s, Time, Vec<Candidates>>, ctx: Arc<Context>) -> Stream<'s, Time, Vec<()>> {
+pub fn push<'s>(
+    candidates: Stream<'s, Time, Vec<Candidates>>,
+    ctx: Arc<Context>,
+) -> Stream<'s, Time, Vec<()>> {
     let scope = candidates.scope();
-    candidates.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "Push", move |_cap, info| {
-        let waker = Arc::new(Waker {
-            activator: scope.worker().sync_activator_for(info.address.to_vec()),
-            pending: AtomicBool::new(false),
-        });
-        let (ack_tx, ack_rx) = mpsc::channel::<Ack>();
-        let mut queue: VecDeque<(Time, Candidates)> = VecDeque::new();
-        let mut epochs: BTreeMap<Time, Epoch> = BTreeMap::new();
-        let mut in_flight = 0usize;
-
-        move |(input, frontier), _output| {
-            waker.pending.store(false, Ordering::Release);
-            while let Ok(ack) = ack_rx.try_recv() {
-                in_flight -= ack.messages;
-                if let Some(e) = epochs.get_mut(&ack.time) {
-                    e.tasks -= 1;
-                }
-            }
-            input.for_each_stamp(|cap, data| {
-                if let Some(cap) = cap.retain_least(0) {
-                    let time = *cap.time();
-                    let epoch = epochs.entry(time).or_insert(Epoch {
-                        _cap: cap,
-                        queued: 0,
-                        tasks: 0,
-                    });
-                    for batch in data {
-                        epoch.queued += batch.len();
-                        queue.extend(batch.drain(..).map(|c| (time, c)));
-                    }
-                }
+    candidates.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+        Pipeline,
+        "Push",
+        move |_cap, info| {
+            let waker = Arc::new(Waker {
+                activator: scope.worker().sync_activator_for(info.address.to_vec()),
+                pending: AtomicBool::new(false),
             });
+            let (ack_tx, ack_rx) = mpsc::channel::<Ack>();
+            let mut queue: VecDeque<(Time, Candidates)> = VecDeque::new();
+            let mut epochs: BTreeMap<Time, Epoch> = BTreeMap::new();
+            let mut in_flight = 0usize;
 
-            while in_flight < ctx.max_in_flight && !ctx.failed() {
-                let Some((time, front)) = queue.front_mut() else { break };
-                let time = *time;
-                let users = if front.users.len() <= ctx.batch_max_messages {
-                    let target = front.target;
-                    let users = std::mem::take(&mut front.users);
-                    queue.pop_front();
-                    if let Some(e) = epochs.get_mut(&time) {
-                        e.queued -= 1;
+            move |(input, frontier), _output| {
+                waker.pending.store(false, Ordering::Release);
+                while let Ok(ack) = ack_rx.try_recv() {
+                    in_flight -= ack.messages;
+                    if let Some(e) = epochs.get_mut(&ack.time) {
+                        e.tasks -= 1;
                     }
-                    (target, users)
-                } else {
-                    (front.target, front.users.drain(..ctx.batch_max_messages).collect())
-                };
-                let (target, users) = users;
-                in_flight += users.len();
-                if let Some(e) = epochs.get_mut(&time) {
-                    e.tasks += 1;
                 }
-                let ack = AckOnDrop {
-                    tx: ack_tx.clone(),
-                    waker: waker.clone(),
-                    time,
-                    messages: users.len(),
-                };
-                let ctx2 = ctx.clone();
-                ctx.runtime.spawn(async move {
-                    let _ack = ack;
-                    if let Err(e) = deliver::deliver(&ctx2, target, users).await {
-                        ctx2.fail(e);
+                input.for_each_stamp(|cap, data| {
+                    if let Some(cap) = cap.retain_least(0) {
+                        let time = *cap.time();
+                        let epoch = epochs.entry(time).or_insert(Epoch {
+                            _cap: cap,
+                            queued: 0,
+                            tasks: 0,
+                        });
+                        for batch in data {
+                            epoch.queued += batch.len();
+                            queue.extend(batch.drain(..).map(|c| (time, c)));
+                        }
                     }
                 });
-            }
 
-            // An epoch is released once its input is complete and all its work acknowledged.
-            epochs.retain(|time, e| e.queued > 0 || e.tasks > 0 || frontier.less_equal(time));
-        }
-    })
+                while in_flight < ctx.max_in_flight && !ctx.failed() {
+                    let Some((time, front)) = queue.front_mut() else {
+                        break;
+                    };
+                    let time = *time;
+                    let users = if front.users.len() <= ctx.batch_max_messages {
+                        let target = front.target;
+                        let users = std::mem::take(&mut front.users);
+                        queue.pop_front();
+                        if let Some(e) = epochs.get_mut(&time) {
+                            e.queued -= 1;
+                        }
+                        (target, users)
+                    } else {
+                        (
+                            front.target,
+                            front.users.drain(..ctx.batch_max_messages).collect(),
+                        )
+                    };
+                    let (target, users) = users;
+                    in_flight += users.len();
+                    if let Some(e) = epochs.get_mut(&time) {
+                        e.tasks += 1;
+                    }
+                    let ack = AckOnDrop {
+                        tx: ack_tx.clone(),
+                        waker: waker.clone(),
+                        time,
+                        messages: users.len(),
+                    };
+                    let ctx2 = ctx.clone();
+                    ctx.runtime.spawn(async move {
+                        let _ack = ack;
+                        if let Err(e) = deliver::deliver(&ctx2, target, users).await {
+                            ctx2.fail(e);
+                        }
+                    });
+                }
+
+                // An epoch is released once its input is complete and all its work acknowledged.
+                epochs.retain(|time, e| e.queued > 0 || e.tasks > 0 || frontier.less_equal(time));
+            }
+        },
+    )
 }

@@ -28,9 +28,12 @@ const IDS_PER_STRETCH: u64 = 1 << 13;
 /// What an empty stretch costs against the budget, so sparse buckets also yield.
 const EMPTY_STRETCH_COST: u64 = 256;
 
-/// An admitted target as the scan operator knows it.
-struct Admitted {
-    filter: AudienceFilter,
+/// What the scan operator knows of a target.
+#[derive(Default)]
+struct Known {
+    /// Its audience, once admitted.
+    filter: Option<AudienceFilter>,
+    /// Users granted it before fanout existed.
     granted: RoaringBitmap,
 }
 
@@ -49,8 +52,8 @@ pub fn scan<'s>(
         "Scan",
         move |_cap, info| {
             let activator = scope.activator_for(info.address.clone());
-            let mut admitted: Vec<Option<Admitted>> = Vec::new();
-            admitted.resize_with(ctx.targets.len(), || None);
+            let mut known: Vec<Known> = Vec::new();
+            known.resize_with(ctx.targets.len(), Known::default);
             let mut controls: BTreeMap<Time, Vec<Control>> = BTreeMap::new();
             let mut work: BTreeMap<Time, (Capability<Time>, VecDeque<Scan>)> = BTreeMap::new();
             // The next id to expand in the front scan of the oldest time.
@@ -59,7 +62,10 @@ pub fn scan<'s>(
             move |(scan_in, _), (control_in, control_frontier), output| {
                 scan_in.for_each_stamp(|cap, data| {
                     if let Some(cap) = cap.retain_least(0) {
-                        let queue = &mut work.entry(*cap.time()).or_insert_with(|| (cap, VecDeque::new())).1;
+                        let queue = &mut work
+                            .entry(*cap.time())
+                            .or_insert_with(|| (cap, VecDeque::new()))
+                            .1;
                         for batch in data {
                             queue.extend(batch.drain(..));
                         }
@@ -76,7 +82,9 @@ pub fn scan<'s>(
 
                 let mut budget = USERS_PER_ACTIVATION;
                 while budget > 0 {
-                    let Some(mut entry) = work.first_entry() else { break };
+                    let Some(mut entry) = work.first_entry() else {
+                        break;
+                    };
                     let time = *entry.key();
                     if control_frontier.less_equal(&time) {
                         break; // admits or grants for `time` may still arrive
@@ -86,7 +94,7 @@ pub fn scan<'s>(
                             break;
                         }
                         for c in ready.remove() {
-                            apply(&ctx, &mut admitted, c);
+                            apply(&ctx, &mut known, c);
                         }
                     }
                     let (cap, queue) = entry.get_mut();
@@ -97,7 +105,7 @@ pub fn scan<'s>(
                     let (lo, hi) = ctx.buckets.bucket_range(scan.bucket);
                     let from = lo.max(cursor);
                     let to = hi.min(from + IDS_PER_STRETCH);
-                    let (visited, found) = expand(&ctx, &admitted, scan, from, to);
+                    let (visited, found) = expand(&ctx, &known, scan, from, to);
                     if !found.is_empty() {
                         output.session(&*cap).give_iterator(found.into_iter());
                     }
@@ -125,19 +133,20 @@ pub fn scan<'s>(
     )
 }
 
-/// Applies one control record.
-fn apply(ctx: &Context, admitted: &mut [Option<Admitted>], c: Control) {
+/// Applies one control record. A grant may arrive before its target's admit: both are kept.
+fn apply(ctx: &Context, known: &mut [Known], c: Control) {
     match c {
         Control::Admit(t) => {
-            if let (Some(slot), Some(rt)) = (admitted.get_mut(t as usize), ctx.targets.get(t as usize)) {
-                let filter = AudienceFilter::compile(&rt.target.campaign.audience, ctx.source.tags());
-                let granted = slot.take().map(|a| a.granted).unwrap_or_default();
-                *slot = Some(Admitted { filter, granted });
+            if let (Some(k), Some(rt)) = (known.get_mut(t as usize), ctx.targets.get(t as usize)) {
+                k.filter = Some(AudienceFilter::compile(
+                    &rt.target.campaign.audience,
+                    ctx.source.tags(),
+                ));
             }
         }
         Control::Granted(t, user) => {
-            if let Some(Some(a)) = admitted.get_mut(t as usize) {
-                a.granted.insert(user);
+            if let Some(k) = known.get_mut(t as usize) {
+                k.granted.insert(user);
             }
         }
     }
@@ -147,16 +156,19 @@ fn apply(ctx: &Context, admitted: &mut [Option<Admitted>], c: Control) {
 /// tested against each. Returns the users visited and the candidates per target.
 fn expand(
     ctx: &Context,
-    admitted: &[Option<Admitted>],
+    known: &[Known],
     scan: &Scan,
     from: u64,
     to: u64,
 ) -> (u64, Vec<Candidates>) {
-    let live: Vec<(u32, &Admitted)> = scan
+    let live: Vec<(u32, &AudienceFilter, &RoaringBitmap)> = scan
         .targets
         .iter()
-        .filter_map(|&t| admitted.get(t as usize)?.as_ref().map(|a| (t, a)))
-        .filter(|(_, a)| !a.filter.is_impossible())
+        .filter_map(|&t| {
+            let k = known.get(t as usize)?;
+            Some((t, k.filter.as_ref()?, &k.granted))
+        })
+        .filter(|(_, filter, _)| !filter.is_impossible())
         .collect();
     if live.is_empty() {
         return (0, Vec::new());
@@ -166,9 +178,9 @@ fn expand(
     let mut visited = 0u64;
     ctx.source.for_each_in(from, to, |user| {
         visited += 1;
-        for (k, (_, a)) in live.iter().enumerate() {
-            if a.filter.matches(&user) {
-                if a.granted.contains(user.id) {
+        for (k, (_, filter, pre)) in live.iter().enumerate() {
+            if filter.matches(&user) {
+                if pre.contains(user.id) {
                     granted[k] += 1;
                 } else {
                     found[k].push(Candidate {
@@ -181,7 +193,7 @@ fn expand(
         }
     });
     ctx.metrics.users_scanned.fetch_add(visited, Relaxed);
-    for (k, (t, _)) in live.iter().enumerate() {
+    for (k, (t, _, _)) in live.iter().enumerate() {
         if granted[k] > 0 {
             ctx.targets[*t as usize]
                 .stats
@@ -193,7 +205,7 @@ fn expand(
         .iter()
         .zip(found)
         .filter(|(_, users)| !users.is_empty())
-        .map(|((t, _), users)| Candidates { target: *t, users })
+        .map(|((t, _, _), users)| Candidates { target: *t, users })
         .collect();
     (visited, out)
 }

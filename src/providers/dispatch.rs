@@ -188,11 +188,23 @@ mod tests {
     async fn retries_until_delivered_or_dead() {
         let dir = tempfile::tempdir().unwrap();
         let dead_path = dir.path().join("dead.jsonl");
-        let provider = Provider::Mock(super::super::mock::MockProvider::parse("fail=0.3,permanent=0.05").unwrap());
-        let d = Dispatcher::new(provider, 7, 0, 3, dead_path.to_str().unwrap(), Arc::new(Metrics::new()));
+        let provider = Provider::Mock(
+            super::super::mock::MockProvider::parse("fail=0.3,permanent=0.05").unwrap(),
+        );
+        let d = Dispatcher::new(
+            provider,
+            7,
+            0,
+            3,
+            dead_path.to_str().unwrap(),
+            Arc::new(Metrics::new()),
+        );
         let msgs = batch(2000);
         let fates = d.deliver(&msgs).await.unwrap();
-        let dead = fates.iter().filter(|f| matches!(f, Fate::Dead { .. })).count();
+        let dead = fates
+            .iter()
+            .filter(|f| matches!(f, Fate::Dead { .. }))
+            .count();
         let delivered = fates.iter().filter(|f| **f == Fate::Delivered).count();
         assert_eq!(dead + delivered, 2000);
         // Dead: permanent on some attempt, or retryable three times in a row.

@@ -47,7 +47,11 @@ impl MockProvider {
                 "jitter" => m.jitter = dur(v)?,
                 "fail" => m.fail = prob(v)?,
                 "permanent" => m.permanent = prob(v)?,
-                _ => return Err(format!("unknown mock parameter {k:?} (latency, jitter, fail, permanent)")),
+                _ => {
+                    return Err(format!(
+                        "unknown mock parameter {k:?} (latency, jitter, fail, permanent)"
+                    ))
+                }
             }
         }
         if m.fail + m.permanent > 1.0 {

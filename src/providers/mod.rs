@@ -70,11 +70,20 @@ impl Provider {
         if let Some(path) = url.strip_prefix("log:") {
             log::LogProvider::open(path).map(Provider::Log)
         } else if let Some(params) = url.strip_prefix("mock:") {
-            mock::MockProvider::parse(params).map(Provider::Mock).map_err(bad)
-        } else if url.starts_with("http://") || url.starts_with("https://") || url.starts_with("fcm:") {
-            Err(bad("the http and fcm providers are not built yet; use log: or mock:".into()))
+            mock::MockProvider::parse(params)
+                .map(Provider::Mock)
+                .map_err(bad)
+        } else if url.starts_with("http://")
+            || url.starts_with("https://")
+            || url.starts_with("fcm:")
+        {
+            Err(bad(
+                "the http and fcm providers are not built yet; use log: or mock:".into(),
+            ))
         } else {
-            Err(bad("expected log:PATH, log:-, mock:…, http(s)://… or fcm:…".into()))
+            Err(bad(
+                "expected log:PATH, log:-, mock:…, http(s)://… or fcm:…".into(),
+            ))
         }
     }
 
@@ -118,7 +127,10 @@ impl Provider {
 }
 
 /// Acquires `n` permits of `slots` (callers pass `n` ≤ its capacity).
-pub(crate) async fn acquire(slots: &Semaphore, n: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+pub(crate) async fn acquire(
+    slots: &Semaphore,
+    n: usize,
+) -> Option<tokio::sync::SemaphorePermit<'_>> {
     let n = u32::try_from(n).unwrap_or(u32::MAX);
     slots.acquire_many(n).await.ok()
 }

@@ -23,7 +23,10 @@ pub struct Feed {
 }
 
 /// Cuts `buckets` (with their user counts) into epochs of about `users_per_epoch` users.
-pub fn plan_epochs(buckets: impl IntoIterator<Item = (u32, u64)>, users_per_epoch: u64) -> Vec<Vec<u32>> {
+pub fn plan_epochs(
+    buckets: impl IntoIterator<Item = (u32, u64)>,
+    users_per_epoch: u64,
+) -> Vec<Vec<u32>> {
     let mut epochs = Vec::new();
     let mut current = Vec::new();
     let mut users = 0;

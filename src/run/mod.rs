@@ -53,6 +53,17 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
         skip_bad_lines: opts.skip_bad_lines,
     };
     let (source, report) = UserSource::open(&job.inputs.users, &load_opts)?;
+    if !opts.quiet {
+        for e in &report.first_errors {
+            eprintln!("fanout: skipped {e}");
+        }
+        if report.skipped > report.first_errors.len() as u64 {
+            eprintln!(
+                "fanout: … and {} more bad lines skipped",
+                report.skipped - report.first_errors.len() as u64
+            );
+        }
+    }
     let granted = match &job.inputs.granted {
         Some(path) => granted::load(path, opts.skip_bad_lines)?,
         None => Vec::new(),
@@ -156,7 +167,13 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     });
 
     let progress = Progress::start(metrics.clone(), total_users, opts.quiet);
-    let result = execute(job.engine.workers, ctx.clone(), feed, store.clone(), runtime.handle().clone());
+    let result = execute(
+        job.engine.workers,
+        ctx.clone(),
+        feed,
+        store.clone(),
+        runtime.handle().clone(),
+    );
     progress.finish();
     result?;
     if let Ok(mut fatal) = ctx.fatal.lock() {
@@ -256,7 +273,10 @@ pub fn report(summary: &Summary) -> String {
         summary.push_latency_ms.p99
     ));
     if summary.skipped_lines > 0 {
-        out.push_str(&format!("{} bad input lines skipped\n", summary.skipped_lines));
+        out.push_str(&format!(
+            "{} bad input lines skipped\n",
+            summary.skipped_lines
+        ));
     }
     out
 }

@@ -28,9 +28,9 @@ pub fn admit(campaign: &Arc<Campaign>, now: DateTime<Utc>) -> Admission {
     match campaign.kind {
         Kind::Promotion => Admission::Run(Target::new(campaign.clone(), None)),
         Kind::Coupon => match campaign.coupon.as_ref().map(|c| c.delivery) {
-            Some(CouponDelivery::OnLogin) => {
-                Admission::Skip("on_login coupons are granted at login, not in a fan-out pass".into())
-            }
+            Some(CouponDelivery::OnLogin) => Admission::Skip(
+                "on_login coupons are granted at login, not in a fan-out pass".into(),
+            ),
             _ => Admission::Run(Target::new(campaign.clone(), None)),
         },
         Kind::HotProduct => match occurrence(campaign, now) {

@@ -452,35 +452,4 @@ mod tests {
         assert!(l.claim(&ids).await.expect("claim").claimed.is_empty());
         eprintln!("kill -9 after {} reported batches", reported.len());
     }
-
-    /// `cargo test --release -- --ignored --nocapture claim_throughput`
-    #[tokio::test]
-    #[ignore]
-    async fn claim_throughput() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&url(tmp.path())).expect("open");
-        let l = ledger(&store, "k").await;
-        let n = 10_000_000u32;
-        let ids: Vec<u32> = (0..n).collect();
-        let start = std::time::Instant::now();
-        for batch in ids.chunks(BATCH as usize) {
-            l.claim(batch).await.expect("claim");
-        }
-        let claim = start.elapsed();
-        for batch in ids.chunks(BATCH as usize) {
-            l.mark_done(batch).await.expect("done");
-        }
-        let done = start.elapsed() - claim;
-        store.sync().await.expect("sync");
-        let t = std::time::Instant::now();
-        store.checkpoint().await.expect("checkpoint");
-        eprintln!(
-            "claim: {:.1} M ids/s ({:.2} µs per batch of {BATCH}); mark_done: {:.1} M ids/s; \
-             checkpoint of {n} ids: {:?}",
-            f64::from(n) / claim.as_secs_f64() / 1e6,
-            claim.as_secs_f64() * 1e6 / f64::from(n / BATCH),
-            f64::from(n) / done.as_secs_f64() / 1e6,
-            t.elapsed()
-        );
-    }
 }
