@@ -15,7 +15,8 @@
 //! - [`cli`]: flags only (clap), no I/O.
 //! - [`job`]: the job file (serde, unknown keys refused), validation, CLI overrides.
 //! - [`model`]: plain data (users, tags, buckets, campaigns, deliveries); the bucket math.
-//! - [`audience`]: persona matching. [`template`]: message templates.
+//! - [`audience`]: persona matching. [`template`]: message templates. [`render`]: a
+//!   target's message straight into its JSON delivery record (the per-user hot path).
 //! - [`sources`]: users from JSON Lines, CSV or a synthetic generator, by id range.
 //! - [`store`]: the grant ledger with its atomic claim (embedded file store).
 //! - [`providers`]: where messages go (`log:`, `mock:`), retries, rate limit, dead letters.
@@ -34,6 +35,7 @@ pub mod job;
 pub mod metrics;
 pub mod model;
 pub mod providers;
+pub mod render;
 pub mod run;
 pub mod sources;
 pub mod store;

@@ -136,12 +136,25 @@ impl Metrics {
         }
     }
 
-    /// Records push latencies (one lock for the lot).
+    /// Records push latencies (one lock for the lot; runs of equal values recorded at once).
     pub fn record_latencies(&self, latencies: impl Iterator<Item = Duration>) {
-        if let Ok(mut h) = self.latency_us.lock() {
-            for d in latencies {
-                h.saturating_record((d.as_micros() as u64).max(1));
-            }
+        let Ok(mut h) = self.latency_us.lock() else {
+            return;
+        };
+        let mut run: Option<(u64, u64)> = None;
+        for d in latencies {
+            let us = (d.as_micros() as u64).max(1);
+            run = match run {
+                Some((v, n)) if v == us => Some((v, n + 1)),
+                Some((v, n)) => {
+                    let _ = h.record_n(v, n);
+                    Some((us, 1))
+                }
+                None => Some((us, 1)),
+            };
+        }
+        if let Some((v, n)) = run {
+            let _ = h.record_n(v, n);
         }
     }
 

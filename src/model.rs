@@ -285,12 +285,28 @@ impl Target {
         }
     }
 
+    /// What every idempotency key of this target starts with: `campaign:` or
+    /// `campaign:occurrence:`.
+    pub fn key_prefix(&self) -> String {
+        match &self.occurrence {
+            Some(o) => format!("{}:{}:", self.campaign.id, o),
+            None => format!("{}:", self.campaign.id),
+        }
+    }
+
     /// The idempotency key of this target's message to `user`: unique per occurrence and user.
     pub fn delivery_key(&self, user: UserId) -> String {
-        match &self.occurrence {
-            Some(o) => format!("{}:{}:{}", self.campaign.id, o, user),
-            None => format!("{}:{}", self.campaign.id, user),
-        }
+        format!("{}{user}", self.key_prefix())
+    }
+
+    /// The title template with every campaign value filled in.
+    pub fn title(&self) -> &Template {
+        &self.title
+    }
+
+    /// The body template with every campaign value filled in.
+    pub fn body(&self) -> &Template {
+        &self.body
     }
 }
 

@@ -65,6 +65,15 @@ enum Part {
     Var(Var),
 }
 
+/// One piece of a parsed template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// Literal text.
+    Text(&'a str),
+    /// A placeholder.
+    Var(Var),
+}
+
 /// A parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
@@ -162,6 +171,14 @@ impl Template {
         self.parts
             .iter()
             .any(|p| matches!(p, Part::Var(v) if v.is_per_user()))
+    }
+
+    /// The template as literal text and placeholders, in order.
+    pub fn pieces(&self) -> impl Iterator<Item = Piece<'_>> + '_ {
+        self.parts.iter().map(|p| match p {
+            Part::Text(t) => Piece::Text(t),
+            Part::Var(v) => Piece::Var(*v),
+        })
     }
 
     /// The placeholders used, in order.

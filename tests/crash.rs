@@ -109,7 +109,9 @@ fn sigkill_then_rerun_loses_nothing() {
     }
     // Only what was in flight at the kill may repeat: at most the messages the workers may
     // have handed to push tasks at once.
-    let in_flight_bound = WORKERS * (CONCURRENCY + 2 * BATCH);
+    // (A push task claims up to 32 batches at once; each worker keeps up to
+    // concurrency + 2 tasks of users handed out.)
+    let in_flight_bound = WORKERS * (CONCURRENCY + 2 * 32 * BATCH);
     assert!(
         twice.len() as u64 <= in_flight_bound,
         "{} users delivered twice, more than could be in flight ({in_flight_bound})",

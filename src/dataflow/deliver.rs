@@ -7,13 +7,17 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use futures::future::try_join_all;
+
 use super::{Candidate, Context};
 use crate::error::Result;
 use crate::providers::dispatch::Fate;
 use crate::providers::Message;
 use crate::template::UserVars;
 
-/// Claims, renders and pushes `users` (in id order) of target `target`.
+/// Claims, renders and pushes `users` (in id order) of target `target`: one claim and one
+/// ledger update for the lot; its provider batches go out concurrently (the dispatcher's slots
+/// bound how many messages are in flight).
 pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Result<()> {
     let rt = &ctx.targets[target as usize];
     let ids: Vec<u32> = users.iter().map(|c| c.id).collect();
@@ -24,6 +28,9 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
     rt.stats
         .eligible
         .fetch_add(claim.claimed.len() as u64, Relaxed);
+    if claim.claimed.is_empty() {
+        return Ok(());
+    }
 
     let needs_token = ctx.dispatcher.provider().needs_token();
     let messages: Vec<Message> = claim
@@ -32,45 +39,48 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
         .filter_map(|id| users.binary_search_by_key(id, |c| c.id).ok())
         .map(|i| {
             let c = &users[i];
-            let token = if needs_token {
-                ctx.source.token(c.id)
-            } else {
-                None
-            };
-            let vars = UserVars {
-                id: c.id,
-                level: c.level,
-                points: c.points,
-            };
-            Message::new(rt.target.render(vars, token))
+            Message {
+                user: c.id,
+                json: rt.renderer.render(UserVars {
+                    id: c.id,
+                    level: c.level,
+                    points: c.points,
+                }),
+                token: if needs_token {
+                    ctx.source.token(c.id)
+                } else {
+                    None
+                },
+            }
         })
         .collect();
 
-    for batch in split_batches(messages, ctx.batch_max_messages, ctx.batch_max_bytes) {
-        ctx.metrics.batches.fetch_add(1, Relaxed);
-        let fates = ctx.dispatcher.deliver(&batch).await?;
-        let (mut done, mut dead) = (Vec::new(), Vec::new());
-        let (mut delivered, mut unreachable) = (0u64, 0u64);
-        for (m, fate) in batch.iter().zip(&fates) {
-            match fate {
-                Fate::Delivered => {
-                    delivered += 1;
-                    done.push(m.delivery.user);
-                }
-                Fate::Unreachable => {
-                    unreachable += 1;
-                    done.push(m.delivery.user);
-                }
-                Fate::Dead { .. } => dead.push(m.delivery.user),
+    let batches = split_batches(messages, ctx.batch_max_messages, ctx.batch_max_bytes);
+    ctx.metrics.batches.fetch_add(batches.len() as u64, Relaxed);
+    let fates = try_join_all(batches.iter().map(|b| ctx.dispatcher.deliver(b))).await?;
+    let (mut done, mut dead) = (Vec::new(), Vec::new());
+    let (mut delivered, mut unreachable) = (0u64, 0u64);
+    for (m, fate) in batches.iter().flatten().zip(fates.iter().flatten()) {
+        match fate {
+            Fate::Delivered => {
+                delivered += 1;
+                done.push(m.user);
             }
+            Fate::Unreachable => {
+                unreachable += 1;
+                done.push(m.user);
+            }
+            Fate::Dead { .. } => dead.push(m.user),
         }
-        rt.ledger.mark_done(&done).await?;
-        rt.ledger.mark_dead(&dead).await?;
-        rt.stats.delivered.fetch_add(delivered, Relaxed);
-        rt.stats.unreachable.fetch_add(unreachable, Relaxed);
-        rt.stats.dead_lettered.fetch_add(dead.len() as u64, Relaxed);
-        ctx.metrics.delivered.fetch_add(delivered, Relaxed);
     }
+    rt.ledger.mark_done(&done).await?;
+    if !dead.is_empty() {
+        rt.ledger.mark_dead(&dead).await?;
+    }
+    rt.stats.delivered.fetch_add(delivered, Relaxed);
+    rt.stats.unreachable.fetch_add(unreachable, Relaxed);
+    rt.stats.dead_lettered.fetch_add(dead.len() as u64, Relaxed);
+    ctx.metrics.delivered.fetch_add(delivered, Relaxed);
     Ok(())
 }
 
@@ -105,7 +115,7 @@ mod tests {
     use crate::model::Delivery;
 
     fn msg(user: u32, body_len: usize) -> Message {
-        Message::new(Delivery {
+        Message::from_delivery(&Delivery {
             campaign: "c".into(),
             occurrence: None,
             user,
@@ -124,7 +134,7 @@ mod tests {
         let sizes: Vec<usize> = msgs.iter().map(|m| m.json.len()).collect();
         let max_bytes = 400;
         let batches = split_batches(msgs, 4, max_bytes);
-        let flat: Vec<u32> = batches.iter().flatten().map(|m| m.delivery.user).collect();
+        let flat: Vec<u32> = batches.iter().flatten().map(|m| m.user).collect();
         assert_eq!(flat, (1..=25).collect::<Vec<_>>());
         for b in &batches {
             assert!(!b.is_empty() && b.len() <= 4);
@@ -132,9 +142,7 @@ mod tests {
             assert!(total <= max_bytes || b.len() == 1, "batch of {total} bytes");
         }
         // The oversize message went alone.
-        assert!(batches
-            .iter()
-            .any(|b| b.len() == 1 && b[0].delivery.user == 7));
+        assert!(batches.iter().any(|b| b.len() == 1 && b[0].user == 7));
         assert!(sizes[6] > max_bytes);
     }
 }

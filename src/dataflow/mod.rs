@@ -31,6 +31,7 @@ use crate::error::Error;
 use crate::metrics::{CampaignStats, Metrics};
 use crate::model::{Buckets, Target};
 use crate::providers::dispatch::Dispatcher;
+use crate::render::Renderer;
 use crate::sources::UserSource;
 use crate::store::Ledger;
 
@@ -84,6 +85,8 @@ pub struct RunTarget {
     pub ledger: Ledger,
     /// Its counters.
     pub stats: CampaignStats,
+    /// Renders its messages.
+    pub renderer: Renderer,
 }
 
 /// Everything the operators share within a process.
@@ -102,6 +105,8 @@ pub struct Context {
     pub runtime: tokio::runtime::Handle,
     /// Messages per provider batch.
     pub batch_max_messages: usize,
+    /// Users per push task: claimed together, pushed as concurrent provider batches.
+    pub task_users: usize,
     /// Serialized bytes per provider batch.
     pub batch_max_bytes: usize,
     /// Messages handed to push tasks but not yet acknowledged, per worker, at most.

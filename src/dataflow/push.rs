@@ -1,7 +1,7 @@
 //! The push operator: the bridge from a timely worker to async I/O.
 //!
-//! It never awaits. It stashes candidate batches, cuts them into provider batches and spawns
-//! one task per batch on the shared tokio runtime while fewer than `max_in_flight` messages are
+//! It never awaits. It stashes candidate batches, cuts them into tasks of at most
+//! `task_users` users and spawns each on the shared tokio runtime while fewer than `max_in_flight` messages are
 //! out. Tasks report back over a channel and wake the operator through a `SyncActivator`
 //! (guarded by a flag, so a burst of acks wakes it once). Each epoch's capability is held until
 //! every batch of that epoch is acknowledged: the probe downstream means "delivered".
@@ -116,7 +116,7 @@ pub fn push<'s>(
                         break;
                     };
                     let time = *time;
-                    let users = if front.users.len() <= ctx.batch_max_messages {
+                    let users = if front.users.len() <= ctx.task_users {
                         let target = front.target;
                         let users = std::mem::take(&mut front.users);
                         queue.pop_front();

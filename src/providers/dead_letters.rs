@@ -4,19 +4,9 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::Mutex;
 
-use anyhow::Context;
-use serde::Serialize;
-
+use super::Message;
 use crate::error::{Error, Result};
-use crate::model::Delivery;
-
-#[derive(Serialize)]
-struct DeadLetter<'a> {
-    #[serde(flatten)]
-    delivery: &'a Delivery,
-    error: &'a str,
-    attempts: u32,
-}
+use anyhow::Context;
 
 /// Appends dead letters to a file, created on the first one.
 #[derive(Debug)]
@@ -34,20 +24,15 @@ impl DeadLetters {
         }
     }
 
-    /// Appends one record per `(delivery, error, attempts)`, in one write.
-    pub fn write(&self, letters: &[(&Delivery, &str, u32)]) -> Result<()> {
+    /// Appends one record per `(message, error, attempts)`, in one write.
+    pub fn write(&self, letters: &[(&Message, &str, u32)]) -> Result<()> {
         if letters.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::new();
-        for &(delivery, error, attempts) in letters {
-            let rec = DeadLetter {
-                delivery,
-                error,
-                attempts,
-            };
-            serde_json::to_writer(&mut buf, &rec).context("cannot serialize a dead letter")?;
-            buf.push(b'\n');
+        let mut buf = String::new();
+        for &(message, error, attempts) in letters {
+            buf.push_str(&message.dead_letter(error, attempts));
+            buf.push('\n');
         }
         let mut file = self
             .file
@@ -62,7 +47,7 @@ impl DeadLetters {
             *file = Some(f);
         }
         if let Some(f) = file.as_mut() {
-            f.write_all(&buf)
+            f.write_all(buf.as_bytes())
                 .with_context(|| format!("cannot write dead-letter file {}", self.path))?;
         }
         Ok(())

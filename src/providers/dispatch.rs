@@ -132,7 +132,7 @@ impl Dispatcher {
             .iter()
             .zip(&fates)
             .filter_map(|(m, f)| match f {
-                Fate::Dead { error, attempts } => Some((&m.delivery, error.as_str(), *attempts)),
+                Fate::Dead { error, attempts } => Some((m, error.as_str(), *attempts)),
                 _ => None,
             })
             .collect();
@@ -163,7 +163,7 @@ mod tests {
     fn batch(n: u32) -> Vec<Message> {
         (1..=n)
             .map(|user| {
-                Message::new(Delivery {
+                Message::from_delivery(&Delivery {
                     campaign: "c".into(),
                     occurrence: None,
                     user,

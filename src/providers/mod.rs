@@ -36,21 +36,35 @@ pub enum Outcome {
     Unreachable,
 }
 
-/// A message ready to push: the delivery and its serialized record.
-#[derive(Debug, Clone)]
+/// A message ready to push: its delivery record, rendered once (see [`crate::render`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
-    /// The delivery.
-    pub delivery: Delivery,
-    /// `delivery` as one line of JSON (no newline): what `log:` writes and `http` posts.
+    /// The recipient.
+    pub user: u32,
+    /// The [`Delivery`] record as one line of JSON (no newline): what `log:` writes, what
+    /// `http` posts, what batches are sized by.
     pub json: String,
+    /// The recipient's push token, for providers that address devices.
+    pub token: Option<String>,
 }
 
 impl Message {
-    /// Serializes `delivery` once, for sizing the batch and for the provider.
-    pub fn new(delivery: Delivery) -> Self {
+    /// The message of a delivery.
+    pub fn from_delivery(delivery: &Delivery) -> Self {
         // A Delivery holds only strings and integers: serializing it cannot fail.
-        let json = serde_json::to_string(&delivery).unwrap_or_default();
-        Message { delivery, json }
+        let json = serde_json::to_string(delivery).unwrap_or_default();
+        Message {
+            user: delivery.user,
+            json,
+            token: delivery.token.clone(),
+        }
+    }
+
+    /// The delivery record plus `"error"` and `"attempts"`: a dead letter (SPEC).
+    pub fn dead_letter(&self, error: &str, attempts: u32) -> String {
+        let error = serde_json::to_string(error).unwrap_or_else(|_| "\"\"".into());
+        let head = self.json.strip_suffix('}').unwrap_or(&self.json);
+        format!("{head},\"error\":{error},\"attempts\":{attempts}}}")
     }
 }
 

@@ -18,6 +18,7 @@ use crate::job::Job;
 use crate::metrics::{CampaignStats, CampaignSummary, Metrics, Progress, Summary};
 use crate::model::Buckets;
 use crate::providers::{dispatch::Dispatcher, Provider};
+use crate::render::Renderer;
 use crate::sources::{LoadOptions, LoadReport, UserSource};
 use crate::store::Store;
 use driver::Feed;
@@ -34,6 +35,10 @@ pub struct RunOptions {
 
 /// Users per epoch, at least; larger when many pushes may be in flight.
 const MIN_USERS_PER_EPOCH: u64 = 1 << 16;
+/// Provider batches per push task: one claim and one ledger write serve them all.
+const TASK_BATCHES: usize = 32;
+/// Users per push task, at most.
+const MAX_TASK_USERS: usize = 4096;
 
 /// The inputs of a run, loaded and checked.
 pub struct Loaded {
@@ -104,6 +109,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
                 lines.push(Some(run_targets.len()));
                 skipped.push(None);
                 run_targets.push(RunTarget {
+                    renderer: Renderer::new(&target),
                     target,
                     ledger,
                     stats: CampaignStats::default(),
@@ -145,6 +151,8 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     });
     let total_users = loaded.source.len();
 
+    let batch = job.engine.batch_max_messages.max(1);
+    let task_users = (batch * TASK_BATCHES).min(MAX_TASK_USERS).max(batch);
     let dispatcher = Dispatcher::new(
         provider,
         concurrency,
@@ -161,8 +169,9 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         metrics: metrics.clone(),
         runtime: runtime.handle().clone(),
         batch_max_messages: job.engine.batch_max_messages.max(1),
+        task_users,
         batch_max_bytes: job.engine.batch_max_bytes.max(1),
-        max_in_flight: concurrency + 2 * job.engine.batch_max_messages.max(1),
+        max_in_flight: concurrency + 2 * task_users,
         fatal: Mutex::new(None),
     });
 
