@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+
+use crate::providers::Latency as PushLatency;
 use serde::Serialize;
 
 /// Per-target counters. `eligible = delivered + dead_lettered + unreachable` once drained.
@@ -136,25 +138,21 @@ impl Metrics {
         }
     }
 
-    /// Records push latencies (one lock for the lot; runs of equal values recorded at once).
-    pub fn record_latencies(&self, latencies: impl Iterator<Item = Duration>) {
+    /// Records the push latencies of one provider call of `n` messages (one lock for the lot).
+    pub fn record_latency(&self, latency: &PushLatency, n: usize) {
         let Ok(mut h) = self.latency_us.lock() else {
             return;
         };
-        let mut run: Option<(u64, u64)> = None;
-        for d in latencies {
-            let us = (d.as_micros() as u64).max(1);
-            run = match run {
-                Some((v, n)) if v == us => Some((v, n + 1)),
-                Some((v, n)) => {
-                    let _ = h.record_n(v, n);
-                    Some((us, 1))
+        let us = |d: &Duration| (d.as_micros() as u64).max(1);
+        match latency {
+            PushLatency::All(d) => {
+                let _ = h.record_n(us(d), n as u64);
+            }
+            PushLatency::Each(each) => {
+                for d in each {
+                    let _ = h.record(us(d));
                 }
-                None => Some((us, 1)),
-            };
-        }
-        if let Some((v, n)) = run {
-            let _ = h.record_n(v, n);
+            }
         }
     }
 

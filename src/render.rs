@@ -35,12 +35,12 @@ impl JsonTemplate {
         JsonTemplate { pieces }
     }
 
-    fn render(&self, u: UserVars, out: &mut String) {
+    fn render(&self, u: UserVars, id: &str, out: &mut String) {
         let mut num = itoa::Buffer::new();
         for p in &self.pieces {
             match p {
                 JsonPiece::Escaped(s) => out.push_str(s),
-                JsonPiece::Var(Var::UserId) => out.push_str(num.format(u.id)),
+                JsonPiece::Var(Var::UserId) => out.push_str(id),
                 JsonPiece::Var(Var::UserLevel) => out.push_str(num.format(u.level)),
                 JsonPiece::Var(Var::UserPoints) => out.push_str(num.format(u.points)),
                 // A bound template holds only per-user placeholders.
@@ -87,17 +87,18 @@ impl Renderer {
     /// The delivery record of `user`, as one line of JSON (no newline).
     pub fn render(&self, u: UserVars) -> String {
         let mut num = itoa::Buffer::new();
+        // The id is formatted once and copied wherever it appears.
         let id = num.format(u.id);
         let mut out = String::with_capacity(self.head.len() + self.key_prefix.len() + 128);
         out.push_str(&self.head);
         out.push_str(id);
         out.push_str(",\"title\":\"");
-        self.title.render(u, &mut out);
+        self.title.render(u, id, &mut out);
         out.push_str("\",\"body\":\"");
-        self.body.render(u, &mut out);
+        self.body.render(u, id, &mut out);
         out.push_str("\",\"key\":\"");
         out.push_str(&self.key_prefix);
-        out.push_str(num.format(u.id));
+        out.push_str(id);
         out.push_str("\"}");
         out
     }

@@ -5,13 +5,13 @@
 //! crash in between leaves the user claimed but not done, and the next run re-sends exactly
 //! those, with the same idempotency key.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 
 use futures::future::try_join_all;
 
 use super::{Candidate, Context};
 use crate::error::Result;
-use crate::providers::dispatch::Fate;
 use crate::providers::Message;
 use crate::template::UserVars;
 
@@ -33,46 +33,60 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
     }
 
     let needs_token = ctx.dispatcher.provider().needs_token();
-    let messages: Vec<Message> = claim
-        .claimed
-        .iter()
-        .filter_map(|id| users.binary_search_by_key(id, |c| c.id).ok())
-        .map(|i| {
-            let c = &users[i];
-            Message {
-                user: c.id,
-                json: rt.renderer.render(UserVars {
-                    id: c.id,
-                    level: c.level,
-                    points: c.points,
-                }),
-                token: if needs_token {
-                    ctx.source.token(c.id)
-                } else {
-                    None
-                },
-            }
-        })
-        .collect();
+    let message = |c: &Candidate| Message {
+        user: c.id,
+        json: rt.renderer.render(UserVars {
+            id: c.id,
+            level: c.level,
+            points: c.points,
+        }),
+        token: if needs_token {
+            ctx.source.token(c.id)
+        } else {
+            None
+        },
+    };
+    let messages: Vec<Message> = if claim.claimed.len() == users.len() {
+        users.iter().map(message).collect()
+    } else {
+        claim
+            .claimed
+            .iter()
+            .filter_map(|id| users.binary_search_by_key(id, |c| c.id).ok())
+            .map(|i| message(&users[i]))
+            .collect()
+    };
 
-    let batches = split_batches(messages, ctx.batch_max_messages, ctx.batch_max_bytes);
+    let batches = batch_bounds(&messages, ctx.batch_max_messages, ctx.batch_max_bytes);
     ctx.metrics.batches.fetch_add(batches.len() as u64, Relaxed);
-    let fates = try_join_all(batches.iter().map(|b| ctx.dispatcher.deliver(b))).await?;
-    let (mut done, mut dead) = (Vec::new(), Vec::new());
-    let (mut delivered, mut unreachable) = (0u64, 0u64);
-    for (m, fate) in batches.iter().flatten().zip(fates.iter().flatten()) {
-        match fate {
-            Fate::Delivered => {
-                delivered += 1;
-                done.push(m.user);
-            }
-            Fate::Unreachable => {
-                unreachable += 1;
-                done.push(m.user);
-            }
-            Fate::Dead { .. } => dead.push(m.user),
+    let reports = try_join_all(
+        batches
+            .iter()
+            .map(|range| ctx.dispatcher.deliver(&messages[range.clone()])),
+    )
+    .await?;
+    // Everything not reported was delivered.
+    let mut dead = Vec::new();
+    let mut unreachable = 0u64;
+    let mut failed = vec![false; messages.len()];
+    for (range, report) in batches.iter().zip(&reports) {
+        for d in &report.dead {
+            failed[range.start + d.index] = true;
+            dead.push(messages[range.start + d.index].user);
         }
+        unreachable += report.unreachable.len() as u64;
     }
+    let done: Vec<u32> = if dead.is_empty() {
+        messages.iter().map(|m| m.user).collect()
+    } else {
+        messages
+            .iter()
+            .zip(&failed)
+            .filter(|(_, f)| !**f)
+            .map(|(m, _)| m.user)
+            .collect()
+    };
+    let delivered = done.len() as u64 - unreachable;
     rt.ledger.mark_done(&done).await?;
     if !dead.is_empty() {
         rt.ledger.mark_dead(&dead).await?;
@@ -85,28 +99,26 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
 }
 
 /// Cuts `messages` into batches of at most `max_messages` messages and `max_bytes` serialized
-/// bytes; a single message over `max_bytes` goes alone.
-pub fn split_batches(
-    messages: Vec<Message>,
+/// bytes, in order; a single message over `max_bytes` goes alone.
+pub fn batch_bounds(
+    messages: &[Message],
     max_messages: usize,
     max_bytes: usize,
-) -> Vec<Vec<Message>> {
-    let mut batches = Vec::new();
-    let mut current: Vec<Message> = Vec::new();
-    let mut bytes = 0usize;
-    for m in messages {
+) -> Vec<Range<usize>> {
+    let mut bounds = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, m) in messages.iter().enumerate() {
         let size = m.json.len();
-        if !current.is_empty() && (current.len() >= max_messages || bytes + size > max_bytes) {
-            batches.push(std::mem::take(&mut current));
-            bytes = 0;
+        if i > start && (i - start >= max_messages || bytes + size > max_bytes) {
+            bounds.push(start..i);
+            (start, bytes) = (i, 0);
         }
         bytes += size;
-        current.push(m);
     }
-    if !current.is_empty() {
-        batches.push(current);
+    if start < messages.len() {
+        bounds.push(start..messages.len());
     }
-    batches
+    bounds
 }
 
 #[cfg(test)]
@@ -133,8 +145,11 @@ mod tests {
             .collect();
         let sizes: Vec<usize> = msgs.iter().map(|m| m.json.len()).collect();
         let max_bytes = 400;
-        let batches = split_batches(msgs, 4, max_bytes);
-        let flat: Vec<u32> = batches.iter().flatten().map(|m| m.user).collect();
+        let batches: Vec<&[Message]> = batch_bounds(&msgs, 4, max_bytes)
+            .into_iter()
+            .map(|r| &msgs[r])
+            .collect();
+        let flat: Vec<u32> = batches.iter().copied().flatten().map(|m| m.user).collect();
         assert_eq!(flat, (1..=25).collect::<Vec<_>>());
         for b in &batches {
             assert!(!b.is_empty() && b.len() <= 4);

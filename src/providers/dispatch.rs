@@ -19,20 +19,24 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// No retry waits longer than this (unless the provider's `Retry-After` says so).
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 
-/// What finally became of one message.
+/// A message that failed for good: written to the dead letters.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fate {
-    /// Accepted by the provider.
-    Delivered,
-    /// Failed for good after `attempts` attempts; written to the dead letters.
-    Dead {
-        /// The last error.
-        error: String,
-        /// Attempts made.
-        attempts: u32,
-    },
-    /// Not addressable by this provider.
-    Unreachable,
+pub struct Dead {
+    /// Its position in the batch.
+    pub index: usize,
+    /// The last error.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+/// What became of a batch. Every message not listed was delivered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Failed for good, in batch order.
+    pub dead: Vec<Dead>,
+    /// Positions of messages the provider cannot address (no token), in batch order.
+    pub unreachable: Vec<usize>,
 }
 
 /// A provider with the delivery policy around it. One per process, shared by every worker.
@@ -75,69 +79,63 @@ impl Dispatcher {
         &self.provider
     }
 
-    /// Pushes every message of `batch` until it is delivered or dead; returns each one's fate,
-    /// in order. Dead letters are written before this returns.
-    pub async fn deliver(&self, batch: &[Message]) -> Result<Vec<Fate>> {
-        let mut fates: Vec<Option<Fate>> = vec![None; batch.len()];
+    /// Pushes every message of `batch` until it is delivered or dead, and reports the ones
+    /// that were not delivered. Dead letters are written before this returns.
+    pub async fn deliver(&self, batch: &[Message]) -> Result<Report> {
+        let mut report = Report::default();
         let mut which: Vec<usize> = (0..batch.len()).collect();
         let mut attempt = 1;
         while !which.is_empty() {
-            let mut outcomes = Vec::with_capacity(which.len());
+            let mut retry = Vec::new();
+            let mut wait = Duration::ZERO;
             for chunk in which.chunks(self.capacity) {
                 let sent = self
                     .provider
                     .send(batch, chunk, attempt, &self.slots, self.rate.as_ref())
                     .await;
-                outcomes.extend(sent);
-            }
-            self.metrics
-                .record_latencies(outcomes.iter().map(|(_, latency)| *latency));
-            let mut retry = Vec::new();
-            let mut wait = Duration::ZERO;
-            for (&i, (outcome, _)) in which.iter().zip(outcomes) {
-                fates[i] = match outcome {
-                    Outcome::Delivered => Some(Fate::Delivered),
-                    Outcome::Unreachable => Some(Fate::Unreachable),
-                    Outcome::Permanent(error) => Some(Fate::Dead {
-                        error,
-                        attempts: attempt,
-                    }),
-                    Outcome::Retry { error, .. } if attempt >= self.max_attempts => {
-                        Some(Fate::Dead {
+                self.metrics.record_latency(&sent.latency, chunk.len());
+                for (k, outcome) in sent.failed {
+                    let Some(&index) = chunk.get(k) else { continue };
+                    match outcome {
+                        Outcome::Unreachable => report.unreachable.push(index),
+                        Outcome::Permanent(error) => report.dead.push(Dead {
+                            index,
                             error,
                             attempts: attempt,
-                        })
+                        }),
+                        Outcome::Retry { error, .. } if attempt >= self.max_attempts => {
+                            report.dead.push(Dead {
+                                index,
+                                error,
+                                attempts: attempt,
+                            })
+                        }
+                        Outcome::Retry { after, .. } => {
+                            retry.push(index);
+                            wait = wait.max(after.unwrap_or_default());
+                        }
                     }
-                    Outcome::Retry { after, .. } => {
-                        retry.push(i);
-                        wait = wait.max(after.unwrap_or_default());
-                        None
-                    }
-                };
+                }
             }
             if !retry.is_empty() {
                 self.metrics
                     .retries
                     .fetch_add(retry.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(wait.max(backoff(attempt))).await;
+                retry.sort_unstable();
             }
             which = retry;
             attempt += 1;
         }
-        let fates: Vec<Fate> = fates
-            .into_iter()
-            .map(|f| f.unwrap_or(Fate::Unreachable))
-            .collect();
-        let letters: Vec<_> = batch
+        report.dead.sort_unstable_by_key(|d| d.index);
+        report.unreachable.sort_unstable();
+        let letters: Vec<_> = report
+            .dead
             .iter()
-            .zip(&fates)
-            .filter_map(|(m, f)| match f {
-                Fate::Dead { error, attempts } => Some((m, error.as_str(), *attempts)),
-                _ => None,
-            })
+            .map(|d| (&batch[d.index], d.error.as_str(), d.attempts))
             .collect();
         self.dead.write(&letters)?;
-        Ok(fates)
+        Ok(report)
     }
 
     /// Makes the provider's output and the dead letters durable.
@@ -200,21 +198,27 @@ mod tests {
             Arc::new(Metrics::new()),
         );
         let msgs = batch(2000);
-        let fates = d.deliver(&msgs).await.unwrap();
-        let dead = fates
-            .iter()
-            .filter(|f| matches!(f, Fate::Dead { .. }))
-            .count();
-        let delivered = fates.iter().filter(|f| **f == Fate::Delivered).count();
-        assert_eq!(dead + delivered, 2000);
+        let report = d.deliver(&msgs).await.unwrap();
+        let dead = report.dead.len();
+        assert!(report.unreachable.is_empty());
+        assert!(report.dead.windows(2).all(|w| w[0].index < w[1].index));
         // Dead: permanent on some attempt, or retryable three times in a row.
         assert!(dead > 50 && dead < 300, "{dead}");
         let lines = std::fs::read_to_string(&dead_path).unwrap();
         assert_eq!(lines.lines().count(), dead);
+        let mut lettered: Vec<u64> = Vec::new();
         for line in lines.lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            lettered.push(v["user"].as_u64().unwrap());
             assert!(v["error"].is_string() && v["attempts"].as_u64().unwrap() <= 3);
             assert!(v["key"].as_str().unwrap().starts_with("c:"));
         }
+        lettered.sort_unstable();
+        let reported: Vec<u64> = report
+            .dead
+            .iter()
+            .map(|d| u64::from(msgs[d.index].user))
+            .collect();
+        assert_eq!(lettered, reported);
     }
 }

@@ -6,12 +6,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use tokio::sync::Semaphore;
 
-use super::{acquire, rate::RateLimiter, Message, Outcome};
+use super::{acquire, rate::RateLimiter, Latency, Message, Outcome, Sent};
 use crate::error::{Error, Result};
 
 /// Where the records go.
@@ -56,7 +56,7 @@ impl LogProvider {
         which: &[usize],
         slots: &Semaphore,
         rate: Option<&RateLimiter>,
-    ) -> Vec<(Outcome, Duration)> {
+    ) -> Sent {
         if let Some(rate) = rate {
             rate.acquire(which.len()).await;
         }
@@ -77,14 +77,20 @@ impl LogProvider {
             },
             Err(_) => Err(std::io::Error::other("delivery log lock poisoned")),
         };
-        let outcome = match written {
-            Ok(()) => Outcome::Delivered,
-            Err(e) => Outcome::Retry {
-                error: format!("write {}: {e}", self.path),
-                after: None,
-            },
+        let failed = match written {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                let outcome = Outcome::Retry {
+                    error: format!("write {}: {e}", self.path),
+                    after: None,
+                };
+                (0..which.len()).map(|k| (k, outcome.clone())).collect()
+            }
         };
-        vec![(outcome, started.elapsed()); which.len()]
+        Sent {
+            failed,
+            latency: Latency::All(started.elapsed()),
+        }
     }
 
     /// Fsyncs the file.

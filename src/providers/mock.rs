@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Semaphore;
 
-use super::{acquire, rate::RateLimiter, Message, Outcome};
+use super::{acquire, rate::RateLimiter, Latency, Message, Outcome, Sent};
 
 /// The `mock:` provider's parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,24 +68,29 @@ impl MockProvider {
         attempt: u32,
         slots: &Semaphore,
         rate: Option<&RateLimiter>,
-    ) -> Vec<(Outcome, Duration)> {
+    ) -> Sent {
         if self.latency.is_zero() && self.jitter.is_zero() {
             if let Some(rate) = rate {
                 rate.acquire(which.len()).await;
             }
             let never_fails = self.fail == 0.0 && self.permanent == 0.0;
-            return which
-                .iter()
-                .map(|&i| match never_fails {
-                    true => (Outcome::Delivered, Duration::ZERO),
-                    false => (self.draw(&batch[i].json, attempt).1, Duration::ZERO),
-                })
-                .collect();
+            let failed = match never_fails {
+                true => Vec::new(),
+                false => which
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, &i)| Some((k, self.draw(&batch[i].json, attempt).1?)))
+                    .collect(),
+            };
+            return Sent {
+                failed,
+                latency: Latency::All(Duration::ZERO),
+            };
         }
         let mut pending: FuturesUnordered<_> = which
             .iter()
             .enumerate()
-            .map(|(slot, &i)| async move {
+            .map(|(k, &i)| async move {
                 if let Some(rate) = rate {
                     rate.acquire(1).await;
                 }
@@ -93,18 +98,24 @@ impl MockProvider {
                 let (wait, outcome) = self.draw(&batch[i].json, attempt);
                 let started = tokio::time::Instant::now();
                 tokio::time::sleep(wait).await;
-                (slot, (outcome, started.elapsed()))
+                (k, outcome, started.elapsed())
             })
             .collect();
-        let mut out = vec![(Outcome::Delivered, Duration::ZERO); which.len()];
-        while let Some((slot, outcome)) = pending.next().await {
-            out[slot] = outcome;
+        let mut sent = Sent::default();
+        let mut latencies = vec![Duration::ZERO; which.len()];
+        while let Some((k, outcome, latency)) = pending.next().await {
+            latencies[k] = latency;
+            if let Some(o) = outcome {
+                sent.failed.push((k, o));
+            }
         }
-        out
+        sent.latency = Latency::Each(latencies);
+        sent
     }
 
-    /// The latency and outcome of one attempt, from a hash of the message and attempt.
-    fn draw(&self, message: &str, attempt: u32) -> (Duration, Outcome) {
+    /// The latency and outcome (`None`: delivered) of one attempt, from a hash of the message
+    /// and attempt.
+    fn draw(&self, message: &str, attempt: u32) -> (Duration, Option<Outcome>) {
         let h =
             splitmix(hash_bytes(message.as_bytes()) ^ u64::from(attempt).wrapping_mul(0x9E37_79B9));
         let u = (h >> 11) as f64 / (1u64 << 53) as f64;
@@ -112,14 +123,14 @@ impl MockProvider {
         let spread = self.jitter.as_secs_f64() * (2.0 * v - 1.0);
         let wait = Duration::from_secs_f64((self.latency.as_secs_f64() + spread).max(0.0));
         let outcome = if u < self.permanent {
-            Outcome::Permanent("mock: permanent failure".into())
+            Some(Outcome::Permanent("mock: permanent failure".into()))
         } else if u < self.permanent + self.fail {
-            Outcome::Retry {
+            Some(Outcome::Retry {
                 error: "mock: transient failure".into(),
                 after: None,
-            }
+            })
         } else {
-            Outcome::Delivered
+            None
         };
         (wait, outcome)
     }
@@ -165,8 +176,8 @@ mod tests {
             let (wait, o) = m.draw(&format!("c:{i}"), 1);
             assert!(wait >= Duration::from_millis(5) && wait <= Duration::from_millis(15));
             match o {
-                Outcome::Retry { .. } => retry += 1,
-                Outcome::Permanent(_) => perm += 1,
+                Some(Outcome::Retry { .. }) => retry += 1,
+                Some(Outcome::Permanent(_)) => perm += 1,
                 _ => {}
             }
         }

@@ -18,11 +18,9 @@ use tokio::sync::Semaphore;
 use crate::error::{Error, Result};
 use crate::model::Delivery;
 
-/// What became of one attempt to push one message.
+/// Why one attempt to push one message did not deliver it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The provider accepted it.
-    Delivered,
     /// A transient failure: try again later (after `after`, if the provider said so).
     Retry {
         /// What went wrong.
@@ -34,6 +32,31 @@ pub enum Outcome {
     Permanent(String),
     /// The user cannot be addressed by this provider (no token): counted, not sent.
     Unreachable,
+}
+
+/// What one provider call did with the messages it was given. Everything not listed in
+/// `failed` was delivered: the common case costs nothing per message.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sent {
+    /// `(position in the call's list, outcome)` of each message not delivered.
+    pub failed: Vec<(usize, Outcome)>,
+    /// How long the pushes took.
+    pub latency: Latency,
+}
+
+/// Push latencies of one provider call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Latency {
+    /// Each message's own, in order.
+    Each(Vec<Duration>),
+    /// The same for every message (one write, one request).
+    All(Duration),
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency::All(Duration::ZERO)
+    }
 }
 
 /// A message ready to push: its delivery record, rendered once (see [`crate::render`]).
@@ -101,9 +124,8 @@ impl Provider {
         }
     }
 
-    /// Pushes `batch[i]` for every `i` in `which` (at most `slots`' capacity of them): one
-    /// outcome and push latency per index, in order. Each message in flight holds one permit of
-    /// `slots` and took one token of `rate`.
+    /// Pushes `batch[i]` for every `i` in `which` (at most `slots`' capacity of them). Each
+    /// message in flight holds one permit of `slots` and took one token of `rate`.
     pub async fn send(
         &self,
         batch: &[Message],
@@ -111,7 +133,7 @@ impl Provider {
         attempt: u32,
         slots: &Semaphore,
         rate: Option<&rate::RateLimiter>,
-    ) -> Vec<(Outcome, Duration)> {
+    ) -> Sent {
         match self {
             Provider::Log(p) => p.send(batch, which, slots, rate).await,
             Provider::Mock(p) => p.send(batch, which, attempt, slots, rate).await,

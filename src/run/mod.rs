@@ -34,7 +34,7 @@ pub struct RunOptions {
 }
 
 /// Users per epoch, at least; larger when many pushes may be in flight.
-const MIN_USERS_PER_EPOCH: u64 = 1 << 16;
+const MIN_USERS_PER_EPOCH: u64 = 1 << 18;
 /// Provider batches per push task: one claim and one ledger write serve them all.
 const TASK_BATCHES: usize = 32;
 /// Users per push task, at most.

@@ -439,6 +439,15 @@ impl fmt::Debug for FileLedger {
     }
 }
 
+/// `ids` as a bitmap, if they are strictly ascending (no repeats).
+fn ascending_bitmap(ids: &[u32]) -> Option<RoaringBitmap> {
+    if ids.windows(2).all(|w| w[0] < w[1]) {
+        RoaringBitmap::from_sorted_iter(ids.iter().copied()).ok()
+    } else {
+        None
+    }
+}
+
 struct State {
     sets: Sets,
     /// Claimed but not done when the ledger was opened: in flight at a crash, handed out once.
@@ -522,6 +531,9 @@ impl FileLedger {
     pub fn claim(&self, ids: &[u32]) -> Result<Claim> {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
+        if let Some(batch) = ascending_bitmap(ids) {
+            return self.claim_sorted(st, ids, batch);
+        }
         let mut out = Claim {
             claimed: Vec::with_capacity(ids.len()),
             already: Vec::new(),
@@ -571,6 +583,9 @@ impl FileLedger {
     fn mark(&self, kind: Kind, ids: &[u32]) -> Result<()> {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
+        if let Some(batch) = ascending_bitmap(ids) {
+            return self.mark_sorted(st, kind, ids, batch);
+        }
         let target = if kind == Kind::Dead {
             &st.sets.dead
         } else {
@@ -590,6 +605,69 @@ impl FileLedger {
             st.sets.apply(kind, id);
             st.pending.remove(id);
         }
+        Ok(())
+    }
+
+    /// [`Self::claim`] for strictly ascending ids, as set operations on whole containers
+    /// (the engine's batches are id-ordered): the same outcome as the per-id rules.
+    fn claim_sorted(&self, st: &mut State, ids: &[u32], batch: RoaringBitmap) -> Result<Claim> {
+        let done = &batch & &st.sets.done;
+        let open = batch - &done;
+        let fresh = &open - &st.sets.claimed;
+        if fresh.len() == ids.len() as u64 {
+            // The common case, a first run: every id is new.
+            self.append(st, Kind::Claim, ids)?;
+            st.sets.claimed |= &fresh;
+            return Ok(Claim {
+                claimed: ids.to_vec(),
+                already: Vec::new(),
+            });
+        }
+        let claimed_before = open - &fresh;
+        let resend = &claimed_before & &st.pending;
+        let taken = claimed_before - &resend;
+        if !fresh.is_empty() {
+            let ids: Vec<u32> = fresh.iter().collect();
+            // Written first: memory never claims more than the log holds.
+            self.append(st, Kind::Claim, &ids)?;
+            st.sets.claimed |= &fresh;
+        }
+        st.pending -= &resend;
+        Ok(Claim {
+            claimed: (fresh | resend).iter().collect(),
+            already: (done | taken).iter().collect(),
+        })
+    }
+
+    /// [`Self::mark`] for strictly ascending ids, as set operations.
+    fn mark_sorted(
+        &self,
+        st: &mut State,
+        kind: Kind,
+        ids: &[u32],
+        batch: RoaringBitmap,
+    ) -> Result<()> {
+        let target = if kind == Kind::Dead {
+            &st.sets.dead
+        } else {
+            &st.sets.done
+        };
+        let new = batch - target;
+        if new.is_empty() {
+            return Ok(());
+        }
+        if new.len() == ids.len() as u64 {
+            self.append(st, kind, ids)?;
+        } else {
+            let ids: Vec<u32> = new.iter().collect();
+            self.append(st, kind, &ids)?;
+        }
+        st.sets.claimed |= &new;
+        st.sets.done |= &new;
+        if kind == Kind::Dead {
+            st.sets.dead |= &new;
+        }
+        st.pending -= &new;
         Ok(())
     }
 

@@ -452,4 +452,65 @@ mod tests {
         assert!(l.claim(&ids).await.expect("claim").claimed.is_empty());
         eprintln!("kill -9 after {} reported batches", reported.len());
     }
+
+    /// The set-operation path (ascending batches) and the per-id path (any order) follow the
+    /// same rules: both checked against a naive model over random operations and crashes.
+    #[tokio::test]
+    async fn claims_follow_the_naive_model_in_any_batch_order() {
+        use std::collections::BTreeSet;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let (mut claimed, mut done) = (BTreeSet::new(), BTreeSet::new());
+        for _crash in 0..4 {
+            let store = Store::open(&url(tmp.path())).expect("open");
+            let l = ledger(&store, "model").await;
+            let mut pending = claimed
+                .difference(&done)
+                .copied()
+                .collect::<BTreeSet<u32>>();
+            for _ in 0..200 {
+                let start = next(3000) as u32;
+                let mut ids: Vec<u32> = (0..next(300) as u32)
+                    .map(|i| start + i * (1 + next(3) as u32))
+                    .collect();
+                if next(3) == 0 {
+                    ids.reverse();
+                    ids.extend(ids.clone().iter().take(5));
+                }
+                match next(4) {
+                    0 | 1 => {
+                        let c = l.claim(&ids).await.expect("claim");
+                        let (mut want_claimed, mut want_already) = (Vec::new(), Vec::new());
+                        for &id in &ids {
+                            if done.contains(&id) {
+                                want_already.push(id);
+                            } else if claimed.insert(id) || pending.remove(&id) {
+                                want_claimed.push(id);
+                            } else {
+                                want_already.push(id);
+                            }
+                        }
+                        assert_eq!(c.claimed, want_claimed);
+                        assert_eq!(c.already, want_already);
+                    }
+                    _ => {
+                        l.mark_done(&ids).await.expect("done");
+                        for id in ids {
+                            claimed.insert(id);
+                            done.insert(id);
+                            pending.remove(&id);
+                        }
+                    }
+                }
+            }
+            assert_eq!(l.counts().claimed, claimed.len() as u64);
+            assert_eq!(l.counts().done, done.len() as u64);
+        }
+    }
 }
