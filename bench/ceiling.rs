@@ -41,13 +41,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let renderer = Renderer::new(&target);
         let filter = AudienceFilter::compile(&campaign.audience, source.tags());
         let mut claimed = RoaringBitmap::new();
+        // One buffer reused for every message: the cheapest way to render.
+        let mut json = String::with_capacity(renderer.typical_len());
         source.for_each_in(0, u64::MAX, |u| {
             if filter.matches(&u) && claimed.insert(u.id) {
-                let json = renderer.render(UserVars {
-                    id: u.id,
-                    level: u.level,
-                    points: u.points,
-                });
+                json.clear();
+                renderer.render_into(
+                    UserVars {
+                        id: u.id,
+                        level: u.level,
+                        points: u.points,
+                    },
+                    &mut json,
+                );
                 bytes += json.len() as u64;
                 delivered += 1;
             }

@@ -35,6 +35,17 @@ impl JsonTemplate {
         JsonTemplate { pieces }
     }
 
+    /// Bytes of literal text.
+    fn literal_len(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                JsonPiece::Escaped(s) => s.len(),
+                JsonPiece::Var(_) => 0,
+            })
+            .sum()
+    }
+
     fn render(&self, u: UserVars, id: &str, out: &mut String) {
         let mut num = itoa::Buffer::new();
         for p in &self.pieces {
@@ -84,23 +95,38 @@ impl Renderer {
         }
     }
 
+    /// About how long one record is, for sizing buffers.
+    pub fn typical_len(&self) -> usize {
+        // Literals, plus room for the numbers and the fixed keys.
+        self.head.len()
+            + self.key_prefix.len()
+            + self.title.literal_len()
+            + self.body.literal_len()
+            + 80
+    }
+
     /// The delivery record of `user`, as one line of JSON (no newline).
     pub fn render(&self, u: UserVars) -> String {
+        let mut out = String::with_capacity(self.head.len() + self.key_prefix.len() + 128);
+        self.render_into(u, &mut out);
+        out
+    }
+
+    /// Appends the delivery record of `user` to `out`.
+    pub fn render_into(&self, u: UserVars, out: &mut String) {
         let mut num = itoa::Buffer::new();
         // The id is formatted once and copied wherever it appears.
         let id = num.format(u.id);
-        let mut out = String::with_capacity(self.head.len() + self.key_prefix.len() + 128);
         out.push_str(&self.head);
         out.push_str(id);
         out.push_str(",\"title\":\"");
-        self.title.render(u, id, &mut out);
+        self.title.render(u, id, out);
         out.push_str("\",\"body\":\"");
-        self.body.render(u, id, &mut out);
+        self.body.render(u, id, out);
         out.push_str("\",\"key\":\"");
         out.push_str(&self.key_prefix);
         out.push_str(id);
         out.push_str("\"}");
-        out
     }
 }
 

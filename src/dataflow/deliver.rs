@@ -8,10 +8,11 @@
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 
-use futures::future::try_join_all;
+use futures::stream::{self, StreamExt};
 
-use super::{Candidate, Context};
+use super::{Candidate, Context, RunTarget};
 use crate::error::Result;
+use crate::providers::dispatch::Report;
 use crate::providers::Message;
 use crate::template::UserVars;
 
@@ -32,60 +33,85 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
         return Ok(());
     }
 
-    let needs_token = ctx.dispatcher.provider().needs_token();
-    let message = |c: &Candidate| Message {
-        user: c.id,
-        json: rt.renderer.render(UserVars {
-            id: c.id,
-            level: c.level,
-            points: c.points,
-        }),
-        token: if needs_token {
-            ctx.source.token(c.id)
-        } else {
-            None
-        },
-    };
-    let messages: Vec<Message> = if claim.claimed.len() == users.len() {
-        users.iter().map(message).collect()
+    // Render every claimed user's record into one buffer the task owns: no allocation per
+    // message.
+    let chosen: Vec<&Candidate> = if claim.claimed.len() == users.len() {
+        users.iter().collect()
     } else {
         claim
             .claimed
             .iter()
             .filter_map(|id| users.binary_search_by_key(id, |c| c.id).ok())
-            .map(|i| message(&users[i]))
+            .map(|i| &users[i])
             .collect()
     };
+    let mut records = String::with_capacity(chosen.len() * rt.renderer.typical_len());
+    let mut ends = Vec::with_capacity(chosen.len());
+    for c in &chosen {
+        rt.renderer.render_into(
+            UserVars {
+                id: c.id,
+                level: c.level,
+                points: c.points,
+            },
+            &mut records,
+        );
+        ends.push(records.len());
+    }
+    let tokens: Vec<Option<String>> = match ctx.dispatcher.provider().needs_token() {
+        true => chosen.iter().map(|c| ctx.source.token(c.id)).collect(),
+        false => Vec::new(),
+    };
+    let messages: Vec<Message<'_>> = chosen
+        .iter()
+        .enumerate()
+        .map(|(k, c)| Message {
+            user: c.id,
+            json: &records[if k == 0 { 0 } else { ends[k - 1] }..ends[k]],
+            token: tokens.get(k).and_then(|t| t.as_deref()),
+        })
+        .collect();
 
     let batches = batch_bounds(&messages, ctx.batch_max_messages, ctx.batch_max_bytes);
     ctx.metrics.batches.fetch_add(batches.len() as u64, Relaxed);
-    let reports = try_join_all(
-        batches
-            .iter()
-            .map(|range| ctx.dispatcher.deliver(&messages[range.clone()])),
-    )
-    .await?;
-    // Everything not reported was delivered.
-    let mut dead = Vec::new();
+    // Batches go out together; as they come back, whatever has finished is marked done at
+    // once, so a crash re-sends only batches still in flight.
+    let mut finished = stream::iter(batches.iter().cloned())
+        .map(|range| async {
+            let report = ctx.dispatcher.deliver(&messages[range.clone()]).await;
+            report.map(|r| (range, r))
+        })
+        .buffer_unordered(batches.len().max(1))
+        .ready_chunks(batches.len().max(1));
+    while let Some(results) = finished.next().await {
+        let mut results = results.into_iter().collect::<Result<Vec<_>>>()?;
+        results.sort_unstable_by_key(|(range, _)| range.start);
+        record(rt, ctx, &messages, &results).await?;
+    }
+    Ok(())
+}
+
+/// Marks finished batches done (or dead) in the ledger and counts them.
+async fn record(
+    rt: &RunTarget,
+    ctx: &Context,
+    messages: &[Message<'_>],
+    finished: &[(Range<usize>, Report)],
+) -> Result<()> {
+    let (mut done, mut dead) = (Vec::new(), Vec::new());
     let mut unreachable = 0u64;
-    let mut failed = vec![false; messages.len()];
-    for (range, report) in batches.iter().zip(&reports) {
-        for d in &report.dead {
-            failed[range.start + d.index] = true;
-            dead.push(messages[range.start + d.index].user);
+    for (range, report) in finished {
+        let mut failed = report.dead.iter().map(|d| range.start + d.index).peekable();
+        for i in range.clone() {
+            if failed.peek() == Some(&i) {
+                failed.next();
+                dead.push(messages[i].user);
+            } else {
+                done.push(messages[i].user);
+            }
         }
         unreachable += report.unreachable.len() as u64;
     }
-    let done: Vec<u32> = if dead.is_empty() {
-        messages.iter().map(|m| m.user).collect()
-    } else {
-        messages
-            .iter()
-            .zip(&failed)
-            .filter(|(_, f)| !**f)
-            .map(|(m, _)| m.user)
-            .collect()
-    };
     let delivered = done.len() as u64 - unreachable;
     rt.ledger.mark_done(&done).await?;
     if !dead.is_empty() {
@@ -126,8 +152,8 @@ mod tests {
     use super::*;
     use crate::model::Delivery;
 
-    fn msg(user: u32, body_len: usize) -> Message {
-        Message::from_delivery(&Delivery {
+    fn record(user: u32, body_len: usize) -> String {
+        serde_json::to_string(&Delivery {
             campaign: "c".into(),
             occurrence: None,
             user,
@@ -136,16 +162,26 @@ mod tests {
             key: format!("c:{user}"),
             token: None,
         })
+        .unwrap()
     }
 
     #[test]
     fn batches_respect_both_caps_and_keep_order() {
-        let msgs: Vec<Message> = (1..=25)
-            .map(|u| msg(u, if u == 7 { 5000 } else { 10 }))
+        let records: Vec<String> = (1..=25)
+            .map(|u| record(u, if u == 7 { 5000 } else { 10 }))
+            .collect();
+        let msgs: Vec<Message<'_>> = records
+            .iter()
+            .zip(1..)
+            .map(|(json, user)| Message {
+                user,
+                json,
+                token: None,
+            })
             .collect();
         let sizes: Vec<usize> = msgs.iter().map(|m| m.json.len()).collect();
         let max_bytes = 400;
-        let batches: Vec<&[Message]> = batch_bounds(&msgs, 4, max_bytes)
+        let batches: Vec<&[Message<'_>]> = batch_bounds(&msgs, 4, max_bytes)
             .into_iter()
             .map(|r| &msgs[r])
             .collect();

@@ -25,7 +25,7 @@ impl DeadLetters {
     }
 
     /// Appends one record per `(message, error, attempts)`, in one write.
-    pub fn write(&self, letters: &[(&Message, &str, u32)]) -> Result<()> {
+    pub fn write(&self, letters: &[(&Message<'_>, &str, u32)]) -> Result<()> {
         if letters.is_empty() {
             return Ok(());
         }

@@ -81,7 +81,7 @@ impl Dispatcher {
 
     /// Pushes every message of `batch` until it is delivered or dead, and reports the ones
     /// that were not delivered. Dead letters are written before this returns.
-    pub async fn deliver(&self, batch: &[Message]) -> Result<Report> {
+    pub async fn deliver(&self, batch: &[Message<'_>]) -> Result<Report> {
         let mut report = Report::default();
         let mut which: Vec<usize> = (0..batch.len()).collect();
         let mut attempt = 1;
@@ -158,10 +158,10 @@ mod tests {
     use super::*;
     use crate::model::Delivery;
 
-    fn batch(n: u32) -> Vec<Message> {
+    fn records(n: u32) -> Vec<(u32, String)> {
         (1..=n)
             .map(|user| {
-                Message::from_delivery(&Delivery {
+                let d = Delivery {
                     campaign: "c".into(),
                     occurrence: None,
                     user,
@@ -169,7 +169,19 @@ mod tests {
                     body: "b".into(),
                     key: format!("c:{user}"),
                     token: None,
-                })
+                };
+                (user, serde_json::to_string(&d).unwrap())
+            })
+            .collect()
+    }
+
+    fn messages(records: &[(u32, String)]) -> Vec<Message<'_>> {
+        records
+            .iter()
+            .map(|(user, json)| Message {
+                user: *user,
+                json,
+                token: None,
             })
             .collect()
     }
@@ -197,7 +209,8 @@ mod tests {
             dead_path.to_str().unwrap(),
             Arc::new(Metrics::new()),
         );
-        let msgs = batch(2000);
+        let recs = records(2000);
+        let msgs = messages(&recs);
         let report = d.deliver(&msgs).await.unwrap();
         let dead = report.dead.len();
         assert!(report.unreachable.is_empty());

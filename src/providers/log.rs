@@ -52,7 +52,7 @@ impl LogProvider {
     /// Writes the selected messages as one append.
     pub async fn send(
         &self,
-        batch: &[Message],
+        batch: &[Message<'_>],
         which: &[usize],
         slots: &Semaphore,
         rate: Option<&RateLimiter>,

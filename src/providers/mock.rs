@@ -63,7 +63,7 @@ impl MockProvider {
     /// Simulates pushing the selected messages.
     pub async fn send(
         &self,
-        batch: &[Message],
+        batch: &[Message<'_>],
         which: &[usize],
         attempt: u32,
         slots: &Semaphore,
@@ -79,7 +79,7 @@ impl MockProvider {
                 false => which
                     .iter()
                     .enumerate()
-                    .filter_map(|(k, &i)| Some((k, self.draw(&batch[i].json, attempt).1?)))
+                    .filter_map(|(k, &i)| Some((k, self.draw(batch[i].json, attempt).1?)))
                     .collect(),
             };
             return Sent {
@@ -95,7 +95,7 @@ impl MockProvider {
                     rate.acquire(1).await;
                 }
                 let _permit = acquire(slots, 1).await;
-                let (wait, outcome) = self.draw(&batch[i].json, attempt);
+                let (wait, outcome) = self.draw(batch[i].json, attempt);
                 let started = tokio::time::Instant::now();
                 tokio::time::sleep(wait).await;
                 (k, outcome, started.elapsed())

@@ -16,7 +16,6 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
-use crate::model::Delivery;
 
 /// Why one attempt to push one message did not deliver it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,34 +58,24 @@ impl Default for Latency {
     }
 }
 
-/// A message ready to push: its delivery record, rendered once (see [`crate::render`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
+/// A message ready to push: a view of its delivery record, rendered once (see
+/// [`crate::render`]) into a buffer its push task owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
     /// The recipient.
     pub user: u32,
-    /// The [`Delivery`] record as one line of JSON (no newline): what `log:` writes, what
+    /// The [`crate::model::Delivery`] record as one line of JSON (no newline): what `log:` writes, what
     /// `http` posts, what batches are sized by.
-    pub json: String,
+    pub json: &'a str,
     /// The recipient's push token, for providers that address devices.
-    pub token: Option<String>,
+    pub token: Option<&'a str>,
 }
 
-impl Message {
-    /// The message of a delivery.
-    pub fn from_delivery(delivery: &Delivery) -> Self {
-        // A Delivery holds only strings and integers: serializing it cannot fail.
-        let json = serde_json::to_string(delivery).unwrap_or_default();
-        Message {
-            user: delivery.user,
-            json,
-            token: delivery.token.clone(),
-        }
-    }
-
+impl Message<'_> {
     /// The delivery record plus `"error"` and `"attempts"`: a dead letter (SPEC).
     pub fn dead_letter(&self, error: &str, attempts: u32) -> String {
         let error = serde_json::to_string(error).unwrap_or_else(|_| "\"\"".into());
-        let head = self.json.strip_suffix('}').unwrap_or(&self.json);
+        let head = self.json.strip_suffix('}').unwrap_or(self.json);
         format!("{head},\"error\":{error},\"attempts\":{attempts}}}")
     }
 }
@@ -128,7 +117,7 @@ impl Provider {
     /// message in flight holds one permit of `slots` and took one token of `rate`.
     pub async fn send(
         &self,
-        batch: &[Message],
+        batch: &[Message<'_>],
         which: &[usize],
         attempt: u32,
         slots: &Semaphore,

@@ -39,6 +39,10 @@ const MIN_USERS_PER_EPOCH: u64 = 1 << 18;
 const TASK_BATCHES: usize = 32;
 /// Users per push task, at most.
 const MAX_TASK_USERS: usize = 4096;
+/// Push tasks a worker may have handed out beyond `concurrency` messages: enough that the
+/// tokio threads never wait for a worker to wake up and spawn more (measured: 2 → 16 tasks
+/// took 10M users from 0.80 s to 0.62 s).
+const TASKS_AHEAD: usize = 16;
 
 /// The inputs of a run, loaded and checked.
 pub struct Loaded {
@@ -171,7 +175,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         batch_max_messages: job.engine.batch_max_messages.max(1),
         task_users,
         batch_max_bytes: job.engine.batch_max_bytes.max(1),
-        max_in_flight: concurrency + 2 * task_users,
+        max_in_flight: concurrency + TASKS_AHEAD * task_users,
         fatal: Mutex::new(None),
     });
 
