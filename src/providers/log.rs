@@ -33,8 +33,6 @@ impl LogProvider {
     pub fn open(path: &str) -> Result<Self> {
         let sink = if path == "-" {
             Sink::Stdout
-        } else if path.is_empty() {
-            return Err(Error::Usage("provider.url: log: needs a path or -".into()));
         } else {
             let file = OpenOptions::new()
                 .create(true)

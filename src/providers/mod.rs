@@ -89,15 +89,28 @@ pub enum Provider {
     Mock(mock::MockProvider),
 }
 
-impl Provider {
-    /// Builds the provider a `[provider] url` names.
-    pub fn from_url(url: &str) -> Result<Provider> {
+/// A provider as the job names it: parsed and checked, nothing opened yet (so `plan` and a
+/// run that stops on bad input touch no output).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderSpec {
+    /// `log:PATH` or `log:-`.
+    Log(String),
+    /// `mock:…`.
+    Mock(mock::MockProvider),
+}
+
+impl ProviderSpec {
+    /// Parses a `[provider] url`.
+    pub fn parse(url: &str) -> Result<ProviderSpec> {
         let bad = |msg: String| Error::Usage(format!("provider.url \"{url}\": {msg}"));
         if let Some(path) = url.strip_prefix("log:") {
-            log::LogProvider::open(path).map(Provider::Log)
+            if path.is_empty() {
+                return Err(bad("log: needs a path, or - for stdout".into()));
+            }
+            Ok(ProviderSpec::Log(path.to_owned()))
         } else if let Some(params) = url.strip_prefix("mock:") {
             mock::MockProvider::parse(params)
-                .map(Provider::Mock)
+                .map(ProviderSpec::Mock)
                 .map_err(bad)
         } else if url.starts_with("http://")
             || url.starts_with("https://")
@@ -113,6 +126,24 @@ impl Provider {
         }
     }
 
+    /// Opens the provider (creates the `log:` file).
+    pub fn open(self) -> Result<Provider> {
+        match self {
+            ProviderSpec::Log(path) => log::LogProvider::open(&path).map(Provider::Log),
+            ProviderSpec::Mock(m) => Ok(Provider::Mock(m)),
+        }
+    }
+
+    /// The typical time one push takes, for `fanout plan`'s estimate.
+    pub fn typical_latency(&self) -> Duration {
+        match self {
+            ProviderSpec::Log(_) => Duration::from_micros(2),
+            ProviderSpec::Mock(p) => p.latency,
+        }
+    }
+}
+
+impl Provider {
     /// Pushes `batch[i]` for every `i` in `which` (at most `slots`' capacity of them). Each
     /// message in flight holds one permit of `slots` and took one token of `rate`.
     pub async fn send(
@@ -134,14 +165,6 @@ impl Provider {
         match self {
             Provider::Log(p) => p.flush(),
             Provider::Mock(_) => Ok(()),
-        }
-    }
-
-    /// The typical time one push takes, for `fanout plan`'s estimate.
-    pub fn typical_latency(&self) -> Duration {
-        match self {
-            Provider::Log(_) => Duration::from_micros(2),
-            Provider::Mock(p) => p.latency,
         }
     }
 

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::metrics::{CampaignStats, CampaignSummary, Metrics, Progress, Summary};
 use crate::model::Buckets;
-use crate::providers::{dispatch::Dispatcher, Provider};
+use crate::providers::{dispatch::Dispatcher, ProviderSpec};
 use crate::render::Renderer;
 use crate::sources::{LoadOptions, LoadReport, UserSource};
 use crate::store::Store;
@@ -92,9 +92,10 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
 
 /// Runs `job` to completion and returns its summary.
 pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
-    let provider = Provider::from_url(&job.provider.url)?;
+    let provider = ProviderSpec::parse(&job.provider.url)?;
     let loaded = load(job, opts)?;
     let store = Store::open(&job.store)?;
+    let provider = provider.open()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

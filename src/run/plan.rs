@@ -11,7 +11,7 @@ use crate::audience::AudienceFilter;
 use crate::error::Result;
 use crate::job::Job;
 use crate::model::Buckets;
-use crate::providers::Provider;
+use crate::providers::ProviderSpec;
 use crate::store::Store;
 
 /// One campaign's line of the plan.
@@ -48,7 +48,7 @@ pub struct Plan {
 
 /// Computes the plan of `job`; opens the store read-only.
 pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
-    let provider = Provider::from_url(&job.provider.url)?;
+    let provider = ProviderSpec::parse(&job.provider.url)?;
     let loaded = load(job, opts)?;
     let store = Store::open_read_only(&job.store)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
