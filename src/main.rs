@@ -1,6 +1,7 @@
 //! The `fanout` command: parse flags, load the job, run, turn the outcome into an exit code.
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,6 +16,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match execute(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -105,6 +105,9 @@ pub struct Metrics {
     started: Instant,
     /// Users scanned.
     pub users_scanned: AtomicU64,
+    /// (user, campaign) pairs finished with: not in the audience, already granted, delivered,
+    /// dead-lettered or unreachable. The progress bar's position.
+    pub pairs_settled: AtomicU64,
     /// Buckets scanned.
     pub buckets: AtomicU64,
     /// Batches pushed.
@@ -130,6 +133,7 @@ impl Metrics {
         Metrics {
             started: Instant::now(),
             users_scanned: AtomicU64::new(0),
+            pairs_settled: AtomicU64::new(0),
             buckets: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -198,23 +202,24 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Starts drawing the scan of `total_users` users, unless `quiet` or stderr is not a terminal.
-    pub fn start(metrics: Arc<Metrics>, total_users: u64, quiet: bool) -> Self {
+    /// Starts drawing progress through `total_pairs` (user, campaign) pairs, unless `quiet` or
+    /// stderr is not a terminal.
+    pub fn start(metrics: Arc<Metrics>, total_pairs: u64, quiet: bool) -> Self {
         let done = Arc::new(AtomicBool::new(false));
         if quiet || !std::io::stderr().is_terminal() {
             return Progress { done, thread: None };
         }
         let flag = done.clone();
         let thread = std::thread::spawn(move || {
-            let bar = indicatif::ProgressBar::new(total_users);
+            let bar = indicatif::ProgressBar::new(total_pairs);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} users scanned, {msg} [{elapsed_precise}, ETA {eta}]",
+                    "{bar:40} {pos}/{len} user×campaign pairs, {msg} [{elapsed_precise}, ETA {eta}]",
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             while !flag.load(Relaxed) {
-                bar.set_position(metrics.users_scanned.load(Relaxed));
+                bar.set_position(metrics.pairs_settled.load(Relaxed));
                 let delivered = metrics.delivered.load(Relaxed);
                 let rate = delivered as f64 / metrics.elapsed().as_secs_f64().max(1e-3);
                 bar.set_message(format!("{delivered} delivered ({rate:.0}/s)"));

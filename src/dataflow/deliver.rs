@@ -121,6 +121,9 @@ async fn record(
     rt.stats.unreachable.fetch_add(unreachable, Relaxed);
     rt.stats.dead_lettered.fetch_add(dead.len() as u64, Relaxed);
     ctx.metrics.delivered.fetch_add(delivered, Relaxed);
+    ctx.metrics
+        .pairs_settled
+        .fetch_add((done.len() + dead.len()) as u64, Relaxed);
     Ok(())
 }
 

@@ -193,6 +193,10 @@ fn expand(
         }
     });
     ctx.metrics.users_scanned.fetch_add(visited, Relaxed);
+    let candidates: u64 = found.iter().map(|f| f.len() as u64).sum();
+    ctx.metrics
+        .pairs_settled
+        .fetch_add(visited * live.len() as u64 - candidates, Relaxed);
     for (k, (t, _, _)) in live.iter().enumerate() {
         if granted[k] > 0 {
             ctx.targets[*t as usize]

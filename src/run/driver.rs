@@ -83,6 +83,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
             // process loses nothing already written).
             let completed = epoch.saturating_sub(OPEN_EPOCHS);
             if completed > synced {
+                tracing::debug!(epoch = completed, "epochs delivered; syncing the store");
                 store_sync();
                 synced = completed;
             }

@@ -154,7 +154,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
             driver::plan_epochs(bucket_users, users_per_epoch)
         },
     });
-    let total_users = loaded.source.len();
+    let total_pairs = loaded.source.len() * run_targets.len() as u64;
 
     let batch = job.engine.batch_max_messages.max(1);
     let task_users = (batch * TASK_BATCHES).min(MAX_TASK_USERS).max(batch);
@@ -180,7 +180,14 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         fatal: Mutex::new(None),
     });
 
-    let progress = Progress::start(metrics.clone(), total_users, opts.quiet);
+    tracing::info!(
+        users = ctx.source.len(),
+        targets = ctx.targets.len(),
+        epochs = feed.epochs.len(),
+        workers = job.engine.workers,
+        "fan-out starting"
+    );
+    let progress = Progress::start(metrics.clone(), total_pairs, opts.quiet);
     let result = execute(
         job.engine.workers,
         ctx.clone(),
@@ -199,6 +206,10 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         ctx.dispatcher.flush().await?;
         store.checkpoint().await
     })?;
+    tracing::info!(
+        elapsed_s = metrics.elapsed().as_secs_f64(),
+        "fan-out drained, store checkpointed"
+    );
 
     let campaigns = job
         .campaigns
