@@ -140,6 +140,20 @@ fn check_bodies(recs: &[Rec], users: &BTreeMap<u64, TUser>) {
     }
 }
 
+/// Runs job.toml at `workers` workers with a summary; returns the deliveries.
+fn run_job(s: &Scratch, workers: &str) -> Vec<Rec> {
+    s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "-w",
+        workers,
+        "--summary",
+        "summary.json",
+        "--quiet",
+    ]);
+    read_deliveries(&s.path("deliveries.jsonl"))
+}
+
 fn run_and_compare(users_file: &str, content: &str, naive: &BTreeMap<u64, TUser>) {
     let want = expected(naive);
     assert!(want.len() > 100, "the test input should select many users");
@@ -147,16 +161,7 @@ fn run_and_compare(users_file: &str, content: &str, naive: &BTreeMap<u64, TUser>
         let s = Scratch::new();
         s.write(users_file, content);
         s.write("job.toml", job(users_file, ""));
-        s.fanout_ok(&[
-            "run",
-            "job.toml",
-            "-w",
-            workers,
-            "--summary",
-            "summary.json",
-            "--quiet",
-        ]);
-        let recs = read_deliveries(&s.path("deliveries.jsonl"));
+        let recs = run_job(&s, workers);
         let got = pairs_once(&recs);
         assert_eq!(
             got, want,
@@ -213,16 +218,7 @@ fn synthetic_deliveries_equal_the_naive_filter_over_the_generated_file() {
     for workers in ["1", "2", "4"] {
         let s = Scratch::new();
         s.write("job.toml", job("synthetic:20000:7", ""));
-        s.fanout_ok(&[
-            "run",
-            "job.toml",
-            "-w",
-            workers,
-            "--summary",
-            "summary.json",
-            "--quiet",
-        ]);
-        let recs = read_deliveries(&s.path("deliveries.jsonl"));
+        let recs = run_job(&s, workers);
         assert_eq!(pairs_once(&recs), want, "synthetic at -w {workers}");
         check_bodies(&recs, &naive);
         read_summary(&s.path("summary.json"));

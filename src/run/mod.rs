@@ -271,14 +271,19 @@ fn execute(
     Ok(())
 }
 
+/// How a campaign occurrence is named for people: `id` or `id @ occurrence`.
+pub fn display_name(id: &str, occurrence: Option<&str>) -> String {
+    match occurrence {
+        Some(o) => format!("{id} @ {o}"),
+        None => id.to_owned(),
+    }
+}
+
 /// The short report printed on stderr after a run.
 pub fn report(summary: &Summary) -> String {
     let mut out = String::new();
     for c in &summary.campaigns {
-        let name = match &c.occurrence {
-            Some(o) => format!("{} @ {o}", c.id),
-            None => c.id.clone(),
-        };
+        let name = display_name(&c.id, c.occurrence.as_deref());
         match &c.skipped {
             Some(why) => out.push_str(&format!("{name}: skipped, {why}\n")),
             None => out.push_str(&format!(

@@ -124,10 +124,7 @@ pub fn render(plan: &Plan) -> String {
         "campaign", "audience", "granted", "eligible", "batches"
     );
     for l in &plan.campaigns {
-        let name = match &l.occurrence {
-            Some(o) => format!("{} @ {o}", l.id),
-            None => l.id.clone(),
-        };
+        let name = super::display_name(&l.id, l.occurrence.as_deref());
         match &l.skipped {
             Some(why) => out.push_str(&format!("{name:<32} skipped: {why}\n")),
             None => out.push_str(&format!(
