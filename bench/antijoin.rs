@@ -38,7 +38,7 @@ fn main() {
     let guards = timely::execute(config, move |worker| {
         let seen = seen.clone();
         let probe = ProbeHandle::new();
-        let (mut pairs, mut granted) = worker.dataflow::<u64, _, _>(|scope| {
+        let (mut pairs, granted) = worker.dataflow::<u64, _, _>(|scope| {
             let (pairs_in, pairs) = scope.new_collection::<(u32, u32), isize>();
             let (granted_in, granted) = scope.new_collection::<(u32, u32), isize>();
             pairs

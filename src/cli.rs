@@ -107,6 +107,9 @@ pub struct RunArgs {
     /// Where dead letters go.
     #[arg(long)]
     pub dead_letter: Option<String>,
+    /// Login events fed to the dataflow per epoch.
+    #[arg(long)]
+    pub logins_per_epoch: Option<usize>,
     /// Write the run summary as JSON here.
     #[arg(long)]
     pub summary: Option<PathBuf>,
@@ -136,6 +139,7 @@ impl RunArgs {
             rate_per_s: self.rate_per_s,
             max_attempts: self.max_attempts,
             dead_letter: self.dead_letter.clone(),
+            logins_per_epoch: self.logins_per_epoch,
         }
     }
 }

@@ -91,6 +91,10 @@ pub struct Summary {
     pub batches: u64,
     /// Input lines skipped with `--skip-bad-lines`.
     pub skipped_lines: u64,
+    /// Login events processed (users the source knows).
+    pub logins: u64,
+    /// Login events of unknown users, counted and ignored.
+    pub logins_unknown_user: u64,
     /// Wall time of the fan-out.
     pub elapsed_s: f64,
     /// Delivered messages per second of `elapsed_s`.
@@ -116,6 +120,10 @@ pub struct Metrics {
     pub delivered: AtomicU64,
     /// Retried attempts.
     pub retries: AtomicU64,
+    /// Login events of known users.
+    pub logins: AtomicU64,
+    /// Login events of users the source does not know (ignored).
+    pub logins_unknown: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
 }
 
@@ -138,6 +146,8 @@ impl Metrics {
             batches: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            logins: AtomicU64::new(0),
+            logins_unknown: AtomicU64::new(0),
             latency_us: Mutex::new(hist),
         }
     }
@@ -183,6 +193,8 @@ impl Metrics {
             buckets: self.buckets.load(Relaxed),
             batches: self.batches.load(Relaxed),
             skipped_lines,
+            logins: self.logins.load(Relaxed),
+            logins_unknown_user: self.logins_unknown.load(Relaxed),
             elapsed_s: elapsed,
             deliveries_per_s: if elapsed > 0.0 {
                 delivered as f64 / elapsed

@@ -17,12 +17,15 @@
 //! a few epochs open, which bounds memory (timely has no backpressure of its own).
 
 pub mod deliver;
+pub mod login;
 pub mod push;
 pub mod scan;
 
 use std::sync::{Arc, Mutex};
 
+use differential_dataflow::input::{Input as _, InputSession};
 use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Concat, Exchange as _, Input, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle, Scope};
@@ -32,6 +35,7 @@ use crate::metrics::{CampaignStats, Metrics};
 use crate::model::{Buckets, Target};
 use crate::providers::dispatch::Dispatcher;
 use crate::render::Renderer;
+use crate::sources::logins::Login;
 use crate::sources::UserSource;
 use crate::store::Ledger;
 
@@ -52,8 +56,9 @@ pub struct Scan {
 pub enum Control {
     /// Target `i` is admitted: compile its audience.
     Admit(u32),
-    /// `(target, user)` was granted before this engine existed: never deliver it.
-    Granted(u32, u32),
+    /// `(target, user)` was granted before this engine existed (`+1`), or that grant is
+    /// withdrawn (`-1`).
+    Granted(u32, u32, isize),
 }
 
 /// A user who passed a target's audience test: what the message needs of the user.
@@ -132,40 +137,52 @@ impl Context {
 /// The input handles and probe of one worker's fan-out dataflow.
 pub struct Handles {
     /// Bucket scans.
-    pub scans: InputHandle<Time, timely::container::CapacityContainerBuilder<Vec<Scan>>>,
-    /// Admitted targets.
-    pub admits: InputHandle<Time, timely::container::CapacityContainerBuilder<Vec<u32>>>,
-    /// Pre-existing grants `(target, user)`.
-    pub granted: InputHandle<Time, timely::container::CapacityContainerBuilder<Vec<(u32, u32)>>>,
+    pub scans: InputHandle<Time, CapacityContainerBuilder<Vec<Scan>>>,
+    /// Admitted targets (fan-out campaigns and lazy coupons alike).
+    pub admits: InputHandle<Time, CapacityContainerBuilder<Vec<u32>>>,
+    /// Pre-existing grants `(target, user)`, a differential collection.
+    pub granted: InputSession<Time, (u32, u32), isize>,
+    /// Login events.
+    pub logins: InputHandle<Time, CapacityContainerBuilder<Vec<Login>>>,
     /// Passes time `t` once every push of epochs before `t` is acknowledged.
     pub probe: ProbeHandle<Time>,
 }
 
-/// Builds the fan-out dataflow in `scope`.
+/// Builds the fan-out dataflow in `scope`: bucket scans for fan-out campaigns, logins for lazy
+/// coupons, one push operator for both.
 pub fn fan_out(scope: Scope<'_, Time>, ctx: Arc<Context>) -> Handles {
     let mut scans = InputHandle::new();
     let mut admits = InputHandle::new();
-    let mut granted = InputHandle::new();
+    let mut logins = InputHandle::new();
+    let (granted, granted_pairs) = scope.new_collection::<(u32, u32), isize>();
     let buckets = ctx.buckets;
     let admitted = scope
         .input_from(&mut admits)
         .container::<Vec<u32>>()
         .broadcast()
         .container::<Vec<u32>>();
-    let granted_stream = scope
-        .input_from(&mut granted)
-        .container::<Vec<(u32, u32)>>()
-        .exchange(move |&(_, user)| u64::from(buckets.bucket_of(user)));
+    let granted_by_bucket = granted_pairs
+        .inner
+        .clone()
+        .exchange(move |((_, user), _, _)| u64::from(buckets.bucket_of(*user)))
+        .map(|((t, u), _, diff)| Control::Granted(t, u, diff));
     let control = admitted
+        .clone()
         .map(Control::Admit)
-        .concat(granted_stream.map(|(t, u)| Control::Granted(t, u)));
+        .concat(granted_by_bucket);
     let scan_stream = scope.input_from(&mut scans).container::<Vec<Scan>>();
-    let candidates = scan::scan(scan_stream, control, ctx.clone());
-    let (probe, _) = push::push(candidates, ctx).probe();
+    let scanned = scan::scan(scan_stream, control, ctx.clone());
+
+    let login_stream = scope.input_from(&mut logins).container::<Vec<Login>>();
+    let matched = login::match_logins(login_stream, admitted, ctx.clone());
+    let at_login = login::candidates(login::grants_at_login(matched, granted_pairs), ctx.clone());
+
+    let (probe, _) = push::push(scanned.concat(at_login), ctx).probe();
     Handles {
         scans,
         admits,
         granted,
+        logins,
         probe,
     }
 }

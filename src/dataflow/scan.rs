@@ -144,9 +144,13 @@ fn apply(ctx: &Context, known: &mut [Known], c: Control) {
                 ));
             }
         }
-        Control::Granted(t, user) => {
+        Control::Granted(t, user, diff) => {
             if let Some(k) = known.get_mut(t as usize) {
-                k.granted.insert(user);
+                if diff > 0 {
+                    k.granted.insert(user);
+                } else {
+                    k.granted.remove(user);
+                }
             }
         }
     }

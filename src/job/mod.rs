@@ -66,6 +66,8 @@ pub struct Overrides {
     pub max_attempts: Option<u32>,
     /// `--dead-letter`: where undeliverable messages go.
     pub dead_letter: Option<String>,
+    /// `--logins-per-epoch`: login events fed to the dataflow per epoch.
+    pub logins_per_epoch: Option<usize>,
 }
 
 /// A validated job: inputs, engine settings, store, provider and campaigns.
@@ -110,6 +112,8 @@ pub struct Engine {
     /// Worker threads, 1..=1024: `--workers`, else `[engine] workers` (an extension of the
     /// SPEC's table, so a job file can pin its parallelism), else 1.
     pub workers: usize,
+    /// Login events fed to the dataflow per epoch, ≥ 1 (an extension; default 65536).
+    pub logins_per_epoch: usize,
 }
 
 /// `[provider]`.
@@ -157,6 +161,7 @@ struct RawEngine {
     batch_max_bytes: Option<Spanned<usize>>,
     now: Option<Spanned<toml::Value>>,
     workers: Option<Spanned<usize>>,
+    logins_per_epoch: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -286,6 +291,14 @@ fn engine(doc: &Doc, raw: RawEngine, o: &Overrides) -> Result<Engine> {
             ("engine.workers", "--workers"),
             1,
             (|v| (1..=MAX_WORKERS).contains(&v), "must be 1..=1024"),
+        )?,
+        logins_per_epoch: setting(
+            doc,
+            raw.logins_per_epoch,
+            o.logins_per_epoch,
+            ("engine.logins_per_epoch", "--logins-per-epoch"),
+            1 << 16,
+            (at_least_1, "must be at least 1"),
         )?,
     })
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use timely::worker::Worker;
 
 use crate::dataflow::{self, Context, Handles, Scan, Time};
+use crate::sources::logins::Login;
 
 /// How many epochs may be open (fed but not yet delivered) at once.
 const OPEN_EPOCHS: u64 = 3;
@@ -14,12 +15,16 @@ const PARK: Duration = Duration::from_millis(50);
 
 /// The work of one run, cut into epochs; worker 0 feeds it.
 pub struct Feed {
-    /// Targets to admit at time 0.
-    pub targets: Vec<u32>,
+    /// Targets to admit at time 0 (fan-out campaigns and lazy coupons).
+    pub admit: Vec<u32>,
+    /// The fan-out targets every bucket is scanned for.
+    pub scan_targets: Vec<u32>,
     /// Pre-existing grants `(target, user)`, fed at time 0.
     pub granted: Vec<(u32, u32)>,
     /// Bucket ids per epoch, epoch 1 onwards.
     pub epochs: Vec<Vec<u32>>,
+    /// Login events per epoch, epoch 1 onwards, alongside the buckets.
+    pub login_epochs: Vec<Vec<Login>>,
 }
 
 /// Cuts `buckets` (with their user counts) into epochs of about `users_per_epoch` users.
@@ -50,27 +55,34 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
         mut scans,
         mut admits,
         mut granted,
+        mut logins,
         probe,
     } = worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone()));
 
     if worker.index() == 0 {
-        for &t in &feed.targets {
+        for &t in &feed.admit {
             admits.send(t);
         }
         for &pair in &feed.granted {
-            granted.send(pair);
+            granted.insert(pair);
         }
         let mut epoch: Time = 1;
         let mut synced: Time = 0;
-        for buckets in &feed.epochs {
+        let epochs = feed.epochs.len().max(feed.login_epochs.len());
+        for e in 0..epochs {
             scans.advance_to(epoch);
             admits.advance_to(epoch);
             granted.advance_to(epoch);
-            for &bucket in buckets {
+            granted.flush();
+            logins.advance_to(epoch);
+            for &bucket in feed.epochs.get(e).into_iter().flatten() {
                 scans.send(Scan {
                     bucket,
-                    targets: feed.targets.clone(),
+                    targets: feed.scan_targets.clone(),
                 });
+            }
+            for &login in feed.login_epochs.get(e).into_iter().flatten() {
+                logins.send(login);
             }
             epoch += 1;
             while probe.less_than(&epoch.saturating_sub(OPEN_EPOCHS)) && !ctx.failed() {
@@ -89,7 +101,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
             }
         }
     }
-    drop((scans, admits, granted));
+    drop((scans, admits, granted, logins));
     while !probe.done() && !ctx.failed() {
         worker.step_or_park(Some(PARK));
     }

@@ -4,7 +4,6 @@
 //! before the store is opened or anything is pushed, so bad input never half-applies.
 
 pub mod driver;
-pub mod granted;
 pub mod plan;
 pub mod targets;
 
@@ -19,6 +18,7 @@ use crate::metrics::{CampaignStats, CampaignSummary, Metrics, Progress, Summary}
 use crate::model::Buckets;
 use crate::providers::{dispatch::Dispatcher, ProviderSpec};
 use crate::render::Renderer;
+use crate::sources::logins::Login;
 use crate::sources::{LoadOptions, LoadReport, UserSource};
 use crate::store::Store;
 use driver::Feed;
@@ -54,6 +54,8 @@ pub struct Loaded {
     pub admissions: Vec<Admission>,
     /// Pre-existing grants by campaign id.
     pub granted: Vec<(String, u32)>,
+    /// Login events, in input order.
+    pub logins: Vec<Login>,
 }
 
 /// Loads and checks every input of `job`.
@@ -74,9 +76,16 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
         }
     }
     let granted = match &job.inputs.granted {
-        Some(path) => granted::load(path, opts.skip_bad_lines)?,
+        Some(path) => crate::sources::granted::load(path, opts.skip_bad_lines)?,
         None => Vec::new(),
     };
+    let (logins, skipped_logins) = match &job.inputs.logins {
+        Some(path) => crate::sources::logins::load(path, opts.skip_bad_lines)?,
+        None => (Vec::new(), 0),
+    };
+    if skipped_logins > 0 && !opts.quiet {
+        eprintln!("fanout: {skipped_logins} bad login lines skipped");
+    }
     let admissions = job
         .campaigns
         .iter()
@@ -87,6 +96,7 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
         report,
         admissions,
         granted,
+        logins,
     })
 }
 
@@ -107,24 +117,29 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     let mut run_targets = Vec::new();
     let mut lines: Vec<Option<usize>> = Vec::new(); // summary line → run target index
     let mut skipped: Vec<Option<String>> = Vec::new();
+    let mut scan_targets = Vec::new();
     for admission in loaded.admissions {
-        match admission {
-            Admission::Run(target) => {
-                let ledger = runtime.block_on(store.ledger(&target.ledger_key()))?;
-                lines.push(Some(run_targets.len()));
-                skipped.push(None);
-                run_targets.push(RunTarget {
-                    renderer: Renderer::new(&target),
-                    target,
-                    ledger,
-                    stats: CampaignStats::default(),
-                });
-            }
+        let (target, at_login) = match admission {
+            Admission::Run(target) => (target, false),
+            Admission::AtLogin(target) => (target, true),
             Admission::Skip(why) => {
                 lines.push(None);
                 skipped.push(Some(why));
+                continue;
             }
+        };
+        if !at_login {
+            scan_targets.push(run_targets.len() as u32);
         }
+        let ledger = runtime.block_on(store.ledger(&target.ledger_key()))?;
+        lines.push(Some(run_targets.len()));
+        skipped.push(None);
+        run_targets.push(RunTarget {
+            renderer: Renderer::new(&target),
+            target,
+            ledger,
+            stats: CampaignStats::default(),
+        });
     }
     let granted: Vec<(u32, u32)> = loaded
         .granted
@@ -145,16 +160,28 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         let (lo, hi) = buckets.bucket_range(b);
         (b, loaded.source.count_in(lo, hi))
     });
+    let lazy_targets = run_targets.len() - scan_targets.len();
+    let total_pairs = loaded.source.len() * scan_targets.len() as u64
+        + loaded.logins.len() as u64 * lazy_targets as u64;
     let feed = Arc::new(Feed {
-        targets: (0..run_targets.len() as u32).collect(),
-        granted,
-        epochs: if run_targets.is_empty() {
+        admit: (0..run_targets.len() as u32).collect(),
+        epochs: if scan_targets.is_empty() {
             Vec::new()
         } else {
             driver::plan_epochs(bucket_users, users_per_epoch)
         },
+        scan_targets,
+        granted,
+        login_epochs: if lazy_targets == 0 {
+            Vec::new()
+        } else {
+            loaded
+                .logins
+                .chunks(job.engine.logins_per_epoch.max(1))
+                .map(<[Login]>::to_vec)
+                .collect()
+        },
     });
-    let total_pairs = loaded.source.len() * run_targets.len() as u64;
 
     let batch = job.engine.batch_max_messages.max(1);
     let task_users = (batch * TASK_BATCHES).min(MAX_TASK_USERS).max(batch);

@@ -23,6 +23,8 @@ pub struct PlanLine {
     pub occurrence: Option<String>,
     /// Why it would send nothing.
     pub skipped: Option<String>,
+    /// A lazy coupon: `eligible` users get it at their next login inside its window.
+    pub at_login: bool,
     /// Users in the audience.
     pub audience: u64,
     /// Of those, already granted (granted input or store).
@@ -42,6 +44,8 @@ pub struct Plan {
     pub users: u64,
     /// Buckets holding users.
     pub buckets: u64,
+    /// Lazy coupons waiting for logins.
+    pub active_lazy_coupons: u64,
     /// Estimated seconds to push everything: eligible ÷ min(concurrency ÷ latency, rate).
     pub eta_s: f64,
 }
@@ -60,12 +64,13 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
     let mut lines = Vec::new();
     let mut total = 0u64;
     for (campaign, admission) in job.campaigns.iter().zip(loaded.admissions) {
-        let target = match admission {
+        let (target, at_login) = match admission {
             Admission::Skip(why) => {
                 lines.push(PlanLine {
                     id: campaign.id.clone(),
                     occurrence: None,
                     skipped: Some(why),
+                    at_login: false,
                     audience: 0,
                     already_granted: 0,
                     eligible: 0,
@@ -73,7 +78,8 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
                 });
                 continue;
             }
-            Admission::Run(t) => t,
+            Admission::Run(t) => (t, false),
+            Admission::AtLogin(t) => (t, true),
         };
         let ledger = runtime.block_on(store.ledger(&target.ledger_key()))?;
         let pre: HashSet<u32> = loaded
@@ -93,11 +99,14 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             }
         });
         let eligible = audience - granted;
-        total += eligible;
+        if !at_login {
+            total += eligible;
+        }
         lines.push(PlanLine {
             id: campaign.id.clone(),
             occurrence: target.occurrence.as_deref().map(str::to_owned),
             skipped: None,
+            at_login,
             audience,
             already_granted: granted,
             eligible,
@@ -109,7 +118,9 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
     if job.provider.rate_per_s > 0 {
         per_s = per_s.min(job.provider.rate_per_s as f64);
     }
+    let active_lazy_coupons = lines.iter().filter(|l| l.at_login).count() as u64;
     Ok(Plan {
+        active_lazy_coupons,
         campaigns: lines,
         users: source.len(),
         buckets: source.buckets(buckets).len() as u64,
@@ -128,14 +139,18 @@ pub fn render(plan: &Plan) -> String {
         match &l.skipped {
             Some(why) => out.push_str(&format!("{name:<32} skipped: {why}\n")),
             None => out.push_str(&format!(
-                "{name:<32} {:>10} {:>10} {:>10} {:>8}\n",
-                l.audience, l.already_granted, l.eligible, l.batches
+                "{name:<32} {:>10} {:>10} {:>10} {:>8}{}\n",
+                l.audience,
+                l.already_granted,
+                l.eligible,
+                l.batches,
+                if l.at_login { "  (at next login)" } else { "" }
             )),
         }
     }
     out.push_str(&format!(
-        "{} users in {} buckets; estimated push time {:.1} s\n",
-        plan.users, plan.buckets, plan.eta_s
+        "{} users in {} buckets; {} lazy coupons active; estimated push time {:.1} s\n",
+        plan.users, plan.buckets, plan.active_lazy_coupons, plan.eta_s
     ));
     out
 }

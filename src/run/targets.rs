@@ -11,12 +11,19 @@ use crate::model::{Campaign, CouponDelivery, Kind, Target};
 pub enum Admission {
     /// Fan it out as this target.
     Run(Target),
+    /// A lazy coupon: grant it at each matching login inside its window.
+    AtLogin(Target),
     /// Nothing to send now, for this reason.
     Skip(String),
 }
 
 /// Decides what `campaign` sends at `now`.
 pub fn admit(campaign: &Arc<Campaign>, now: DateTime<Utc>) -> Admission {
+    let lazy = campaign.coupon.as_ref().map(|c| c.delivery) == Some(CouponDelivery::OnLogin);
+    if lazy {
+        // Logins count by their own time, so a lazy coupon is active whatever `now` is.
+        return Admission::AtLogin(Target::new(campaign.clone(), None));
+    }
     if !campaign.is_live_at(now) {
         return Admission::Skip(format!(
             "outside its window {} .. {} at {}",
@@ -26,13 +33,7 @@ pub fn admit(campaign: &Arc<Campaign>, now: DateTime<Utc>) -> Admission {
         ));
     }
     match campaign.kind {
-        Kind::Promotion => Admission::Run(Target::new(campaign.clone(), None)),
-        Kind::Coupon => match campaign.coupon.as_ref().map(|c| c.delivery) {
-            Some(CouponDelivery::OnLogin) => Admission::Skip(
-                "on_login coupons are granted at login, not in a fan-out pass".into(),
-            ),
-            _ => Admission::Run(Target::new(campaign.clone(), None)),
-        },
+        Kind::Promotion | Kind::Coupon => Admission::Run(Target::new(campaign.clone(), None)),
         Kind::HotProduct => match occurrence(campaign, now) {
             Some(o) => Admission::Run(Target::new(campaign.clone(), Some(o))),
             None => Admission::Skip("no schedule".into()),

@@ -9,8 +9,10 @@
 
 mod csv;
 mod file;
+pub mod granted;
 mod jsonl;
 pub mod lines;
+pub mod logins;
 mod record;
 pub mod synthetic;
 pub mod table;

@@ -148,6 +148,7 @@ fn file_values_then_overrides_win() {
         rate_per_s: Some(14),
         max_attempts: Some(15),
         dead_letter: Some("d".into()),
+        logins_per_epoch: Some(16),
     };
     let job = parse("job.toml", FULL, &o).unwrap();
     let i = &job.inputs;
@@ -165,6 +166,7 @@ fn file_values_then_overrides_win() {
         ),
         (11, 12, 13, 4)
     );
+    assert_eq!(e.logins_per_epoch, 16);
     assert_eq!(e.now.to_rfc3339(), "2026-03-02T00:00:00+00:00");
     assert_eq!(job.store, "redis://x:6379/0");
     let p = &job.provider;
