@@ -1,0 +1,245 @@
+//! The bytes on disk (laid out in [the module docs](super)): log records and their replay,
+//! snapshots, and the file names ledger keys map to.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read};
+use std::path::Path;
+
+use anyhow::Context;
+use roaring::RoaringBitmap;
+
+use super::io_error;
+use crate::error::{Error, Result};
+
+/// First bytes of a snapshot; the digit is the format version.
+const SNAP_MAGIC: &[u8; 8] = b"FANOUTS1";
+/// Magic, body length, crc.
+const SNAP_HEADER: usize = 8 + 8 + 4;
+/// Length and crc in front of every log record.
+pub(super) const RECORD_HEADER: usize = 8;
+/// Longest escaped key; keeps `<key>.snap.tmp` under the usual 255-byte name limit.
+const MAX_STEM: usize = 200;
+
+/// What a log record says about its ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Claim = 1,
+    Done = 2,
+    Dead = 3,
+}
+
+impl Kind {
+    fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            1 => Some(Kind::Claim),
+            2 => Some(Kind::Done),
+            3 => Some(Kind::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// The durable sets of one ledger (done ⊆ claimed, dead ⊆ done).
+#[derive(Default, Debug, PartialEq)]
+pub(super) struct Sets {
+    pub(super) claimed: RoaringBitmap,
+    pub(super) done: RoaringBitmap,
+    pub(super) dead: RoaringBitmap,
+}
+
+impl Sets {
+    /// Applies one record (replay) or one mark.
+    pub(super) fn apply(&mut self, kind: Kind, id: u32) {
+        self.claimed.insert(id);
+        if kind != Kind::Claim {
+            self.done.insert(id);
+        }
+        if kind == Kind::Dead {
+            self.dead.insert(id);
+        }
+    }
+
+    pub(super) fn encode(&self) -> Result<Vec<u8>> {
+        let maps = [&self.claimed, &self.done, &self.dead];
+        let body_len: usize = maps.iter().map(|m| 8 + m.serialized_size()).sum();
+        let mut out = Vec::with_capacity(SNAP_HEADER + body_len);
+        out.extend_from_slice(SNAP_MAGIC);
+        out.extend_from_slice(&(body_len as u64).to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        for map in maps {
+            out.extend_from_slice(&(map.serialized_size() as u64).to_le_bytes());
+            map.serialize_into(&mut out)
+                .context("cannot serialize a ledger snapshot")?;
+        }
+        let crc = crc32fast::hash(&out[SNAP_HEADER..]);
+        out[16..20].copy_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    }
+
+    fn decode(bytes: &[u8]) -> std::result::Result<Sets, String> {
+        if bytes.len() < SNAP_HEADER || &bytes[..8] != SNAP_MAGIC {
+            return Err("not a fanout ledger snapshot (bad header)".into());
+        }
+        let body = &bytes[SNAP_HEADER..];
+        if u64_at(bytes, 8) != body.len() as u64 {
+            return Err("truncated (length mismatch)".into());
+        }
+        if u32_at(bytes, 16) != crc32fast::hash(body) {
+            return Err("checksum mismatch".into());
+        }
+        let mut rest = body;
+        let mut maps = Vec::with_capacity(3);
+        for _ in 0..3 {
+            if rest.len() < 8 {
+                return Err("truncated bitmap".into());
+            }
+            let len = usize::try_from(u64_at(rest, 0)).unwrap_or(usize::MAX);
+            rest = &rest[8..];
+            if len > rest.len() {
+                return Err("truncated bitmap".into());
+            }
+            let map = RoaringBitmap::deserialize_from(&rest[..len]).map_err(|e| e.to_string())?;
+            maps.push(map);
+            rest = &rest[len..];
+        }
+        if !rest.is_empty() {
+            return Err("trailing bytes after the bitmaps".into());
+        }
+        let dead = maps.pop().unwrap_or_default();
+        let done = maps.pop().unwrap_or_default();
+        let claimed = maps.pop().unwrap_or_default();
+        Ok(Sets {
+            claimed,
+            done,
+            dead,
+        })
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut word = [0; 4];
+    word.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(word)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut word = [0; 8];
+    word.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(word)
+}
+
+/// Fills `buf` with one log record of `kind` for `ids`.
+pub(super) fn encode_record(
+    buf: &mut Vec<u8>,
+    kind: Kind,
+    ids: impl ExactSizeIterator<Item = u32>,
+) {
+    buf.clear();
+    buf.reserve(RECORD_HEADER + 1 + 4 * ids.len());
+    buf.extend_from_slice(&[0; RECORD_HEADER]);
+    buf.push(kind as u8);
+    for id in ids {
+        buf.extend_from_slice(&id.to_le_bytes());
+    }
+    let len = (buf.len() - RECORD_HEADER) as u32;
+    let crc = crc32fast::hash(&buf[RECORD_HEADER..]);
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Replays the log at `path` into `sets`; returns (bytes of whole good records, file length).
+fn replay(path: &Path, sets: &mut Sets) -> Result<(u64, u64)> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(io_error(e, "cannot open", path)),
+    };
+    let file_len = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut good = 0u64;
+    let mut header = [0u8; RECORD_HEADER];
+    let mut payload = Vec::new();
+    loop {
+        if !read_full(&mut reader, &mut header, path)? {
+            break;
+        }
+        let len = u32_at(&header, 0) as u64;
+        let sane = len >= 1 && (len - 1).is_multiple_of(4);
+        if !sane || good + RECORD_HEADER as u64 + len > file_len {
+            break;
+        }
+        payload.resize(len as usize, 0);
+        if !read_full(&mut reader, &mut payload, path)? {
+            break;
+        }
+        let Some(kind) = Kind::from_byte(payload[0]) else {
+            break;
+        };
+        if crc32fast::hash(&payload) != u32_at(&header, 4) {
+            break;
+        }
+        for id in payload[1..].chunks_exact(4) {
+            sets.apply(kind, u32_at(id, 0));
+        }
+        good += RECORD_HEADER as u64 + len;
+    }
+    Ok((good, file_len))
+}
+
+/// Fills `buf`; false when the file ends first.
+fn read_full(reader: &mut impl Read, buf: &mut [u8], path: &Path) -> Result<bool> {
+    match reader.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(io_error(e, "cannot read", path)),
+    }
+}
+
+/// Loads a ledger's sets: the log is read before the snapshot, so a reader racing a writer's
+/// checkpoint sees either the old snapshot with the old log or the new snapshot (which holds
+/// everything the old log did). Returns the sets, the good log length and the log's length.
+pub(super) fn load(snap_path: &Path, log_path: &Path) -> Result<(Sets, u64, u64)> {
+    let mut from_log = Sets::default();
+    let (good, file_len) = replay(log_path, &mut from_log)?;
+    let mut sets = load_snapshot(snap_path)?;
+    sets.claimed |= from_log.claimed;
+    sets.done |= from_log.done;
+    sets.dead |= from_log.dead;
+    Ok((sets, good, file_len))
+}
+
+/// Loads the snapshot at `path`, if any.
+fn load_snapshot(path: &Path) -> Result<Sets> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Sets::default()),
+        Err(e) => return Err(io_error(e, "cannot read", path)),
+    };
+    Sets::decode(&bytes).map_err(|why| {
+        Error::runtime(format!(
+            "ledger snapshot {} is corrupt: {why}",
+            path.display()
+        ))
+    })
+}
+
+/// The file name stem of a ledger key: reversible, safe on every file system.
+pub(super) fn file_stem(key: &str) -> Result<String> {
+    let mut stem = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            stem.push(char::from(b));
+        } else {
+            stem.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if stem.is_empty() || stem.len() > MAX_STEM {
+        return Err(Error::Usage(format!(
+            "ledger key `{key}` must be 1 to {MAX_STEM} bytes once escaped"
+        )));
+    }
+    Ok(stem)
+}

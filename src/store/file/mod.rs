@@ -1,0 +1,185 @@
+//! The embedded store (`file:DIR`): one append-only log and one snapshot per ledger.
+//!
+//! ```text
+//! DIR/LOCK                      exclusive lock (flock) while a writer has the store open
+//! DIR/ledgers/<key>.log         records [len u32 LE][crc32 u32 LE][kind u8, ids u32 LE…]
+//! DIR/ledgers/<key>.snap        "FANOUTS1", body len u64 LE, crc32 u32 LE, body:
+//!                               claimed, done, dead as (len u64 LE, roaring bitmap)
+//! ```
+//! `<key>` is the ledger key with every byte outside `[A-Za-z0-9_-]` written `%XX`.
+//!
+//! Each record is written with one `write` on an append-mode file, so a claim survives a
+//! process kill the moment [`FileLedger::claim`] returns; [`FileStore::sync`] adds machine-crash
+//! durability. Opening loads the snapshot and replays the log over it; a torn or corrupt tail is
+//! cut off. Every record is a set union, so replaying a log over a newer snapshot (a crash
+//! inside a checkpoint) changes nothing.
+
+mod format;
+mod ledger;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use anyhow::{anyhow, Context};
+
+use crate::error::{Error, Result};
+use format::{file_stem, load};
+pub use ledger::FileLedger;
+
+/// A ledger whose log is bigger than this is checkpointed when opened.
+const AUTO_CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// A runtime error for a failed I/O call on `path`.
+fn io_error(e: io::Error, what: &str, path: &Path) -> Error {
+    Error::Runtime(anyhow!(e).context(format!("{what} {}", path.display())))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves the sets consistent (each step is one insert).
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An embedded store: a directory of ledgers, locked against other writers.
+pub struct FileStore {
+    url: String,
+    ledgers_dir: PathBuf,
+    /// The held `LOCK` file; `None` when read-only.
+    lock: Option<Arc<File>>,
+    open: Mutex<HashMap<String, Arc<FileLedger>>>,
+    /// A ledger whose log is longer than this when opened is checkpointed right away.
+    auto_checkpoint_bytes: u64,
+}
+
+impl fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileStore")
+            .field("url", &self.url)
+            .field("read_only", &self.lock.is_none())
+            .finish()
+    }
+}
+
+impl FileStore {
+    /// Opens (creating if missing) the store in `dir` for writing and takes its lock.
+    pub fn open(url: &str, dir: &str) -> Result<FileStore> {
+        let dir = Path::new(dir);
+        let ledgers_dir = dir.join("ledgers");
+        fs::create_dir_all(&ledgers_dir)
+            .with_context(|| format!("cannot create store directory {}", ledgers_dir.display()))?;
+        let lock_path = dir.join("LOCK");
+        let lock_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Error::runtime(format!(
+                    "store {url} is in use by another fanout process"
+                )))
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_error(e, "cannot lock", &lock_path)),
+        }
+        // The pid only helps a person find the holder; the flock is what excludes.
+        lock_file
+            .set_len(0)
+            .and_then(|()| writeln!(&lock_file, "{}", std::process::id()))
+            .with_context(|| format!("cannot write {}", lock_path.display()))?;
+        Ok(FileStore {
+            url: url.to_owned(),
+            ledgers_dir,
+            lock: Some(Arc::new(lock_file)),
+            open: Mutex::new(HashMap::new()),
+            auto_checkpoint_bytes: AUTO_CHECKPOINT_BYTES,
+        })
+    }
+
+    /// Opens the store in `dir` without the lock; nothing is ever written. Each ledger is read
+    /// once, when first asked for: it is a snapshot of that moment, not a live view.
+    pub fn open_read_only(url: &str, dir: &str) -> Result<FileStore> {
+        let dir = Path::new(dir);
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::runtime(format!(
+                "store {url}: {} is not a directory",
+                dir.display()
+            )));
+        }
+        Ok(FileStore {
+            url: url.to_owned(),
+            ledgers_dir: dir.join("ledgers"),
+            lock: None,
+            open: Mutex::new(HashMap::new()),
+            auto_checkpoint_bytes: AUTO_CHECKPOINT_BYTES,
+        })
+    }
+
+    /// The URL the store was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The ledger of `key` if it is already open.
+    pub fn cached_ledger(&self, key: &str) -> Option<Arc<FileLedger>> {
+        lock(&self.open).get(key).cloned()
+    }
+
+    /// The ledger of `key`, opened and replayed on first use.
+    pub fn ledger(&self, key: &str) -> Result<Arc<FileLedger>> {
+        // Held across the open so no ledger is ever opened twice (two appenders, two pendings).
+        let mut open = lock(&self.open);
+        if let Some(ledger) = open.get(key) {
+            return Ok(Arc::clone(ledger));
+        }
+        let ledger = Arc::new(FileLedger::open(
+            key,
+            &self.ledgers_dir,
+            self.lock.clone(),
+            self.auto_checkpoint_bytes,
+        )?);
+        open.insert(key.to_owned(), Arc::clone(&ledger));
+        Ok(ledger)
+    }
+
+    fn open_ledgers(&self) -> Vec<Arc<FileLedger>> {
+        lock(&self.open).values().cloned().collect()
+    }
+
+    /// Fsyncs the log of every ledger written since the last sync.
+    pub fn sync(&self) -> Result<()> {
+        for ledger in self.open_ledgers() {
+            ledger.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Folds every open ledger's log into its snapshot.
+    pub fn checkpoint(&self) -> Result<()> {
+        for ledger in self.open_ledgers() {
+            ledger.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Every claimed id of `key`, sorted; empty if the ledger doesn't exist.
+    pub fn granted(&self, key: &str) -> Result<Vec<u32>> {
+        if let Some(ledger) = lock(&self.open).get(key) {
+            return Ok(lock(&ledger.state).sets.claimed.iter().collect());
+        }
+        // Not open here: read the files as they are, without opening (or creating) the ledger.
+        let stem = file_stem(key)?;
+        let (sets, _, _) = load(
+            &self.ledgers_dir.join(format!("{stem}.snap")),
+            &self.ledgers_dir.join(format!("{stem}.log")),
+        )?;
+        Ok(sets.claimed.iter().collect())
+    }
+}

@@ -1,0 +1,262 @@
+//! Tests of the on-disk behaviour: escaping, torn tails, snapshots, the lock, read-only opens.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::format::{file_stem, RECORD_HEADER};
+use super::*;
+use crate::store::LedgerCounts;
+
+fn open(dir: &Path) -> FileStore {
+    let url = format!("file:{}", dir.display());
+    FileStore::open(&url, &dir.to_string_lossy()).expect("open store")
+}
+
+fn log_of(dir: &Path, key: &str) -> PathBuf {
+    dir.join("ledgers")
+        .join(format!("{}.log", file_stem(key).expect("stem")))
+}
+
+fn snap_of(dir: &Path, key: &str) -> PathBuf {
+    log_of(dir, key).with_extension("snap")
+}
+
+fn sets_of(ledger: &FileLedger) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let st = lock(&ledger.state);
+    (
+        st.sets.claimed.iter().collect(),
+        st.sets.done.iter().collect(),
+        st.sets.dead.iter().collect(),
+    )
+}
+
+fn unescape(stem: &str) -> String {
+    let bytes = stem.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("hex");
+            out.push(u8::from_str_radix(hex, 16).expect("hex"));
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).expect("utf8")
+}
+
+#[test]
+fn keys_escape_reversibly_to_safe_names() {
+    let keys = [
+        "spring-sale-2026",
+        "hot-1:2026-03-02T10:00:00+00:00",
+        "a%3Ab",
+        "a:b",
+        "../etc/passwd",
+        "ünï code",
+    ];
+    let mut stems = std::collections::HashSet::new();
+    for key in keys {
+        let stem = file_stem(key).expect("stem");
+        assert!(stem
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-%".contains(&b)));
+        assert_eq!(unescape(&stem), key);
+        assert!(stems.insert(stem));
+    }
+    assert_eq!(
+        file_stem("spring-sale-2026").expect("stem"),
+        "spring-sale-2026"
+    );
+    assert!(matches!(file_stem(""), Err(Error::Usage(_))));
+    assert!(matches!(file_stem(&"x".repeat(201)), Err(Error::Usage(_))));
+}
+
+#[test]
+fn torn_tail_is_cut_and_earlier_records_survive() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(tmp.path());
+        let ledger = store.ledger("k").expect("ledger");
+        ledger.claim(&[1, 2, 3]).expect("claim");
+        ledger.mark_done(&[1]).expect("done");
+        ledger.claim(&[4, 5]).expect("claim");
+    }
+    let log = log_of(tmp.path(), "k");
+    let full = fs::read(&log).expect("read log");
+    let last_record = RECORD_HEADER + 1 + 2 * 4;
+    let cut = full.len() - last_record / 2;
+    let mut garbage = full.clone();
+    garbage.extend_from_slice(&[0xFF, 0x00, 0x00, 0x00, 7, 7]);
+    let mut bad_crc = full.clone();
+    let n = bad_crc.len();
+    bad_crc[n - 1] ^= 0x55;
+    let cases = [
+        (garbage, full.len(), vec![1, 2, 3, 4, 5]),
+        (
+            full[..cut].to_vec(),
+            full.len() - last_record,
+            vec![1, 2, 3],
+        ),
+        (bad_crc, full.len() - last_record, vec![1, 2, 3]),
+    ];
+    for (bytes, good_len, claimed) in cases {
+        fs::write(&log, &bytes).expect("write log");
+        let store = open(tmp.path());
+        let ledger = store.ledger("k").expect("ledger");
+        assert_eq!(fs::metadata(&log).expect("stat").len(), good_len as u64);
+        assert_eq!(sets_of(&ledger), (claimed.clone(), vec![1], vec![]));
+        // Appends after the cut are readable on the next open.
+        ledger.claim(&[9]).expect("claim");
+        drop((ledger, store));
+        let store = open(tmp.path());
+        let (claimed_now, _, _) = sets_of(&store.ledger("k").expect("ledger"));
+        assert!(claimed_now.contains(&9));
+        drop(store);
+        fs::write(&log, &full).expect("restore log");
+    }
+}
+
+#[test]
+fn replaying_an_old_log_over_a_new_snapshot_changes_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let ledger = store.ledger("k").expect("ledger");
+    ledger.claim(&[10, 20, 30]).expect("claim");
+    ledger.mark_dead(&[20]).expect("dead");
+    let before = sets_of(&ledger);
+    let old_log = fs::read(log_of(tmp.path(), "k")).expect("read log");
+    store.checkpoint().expect("checkpoint");
+    assert_eq!(
+        fs::metadata(log_of(tmp.path(), "k")).expect("stat").len(),
+        0
+    );
+    drop((ledger, store));
+    // A crash between the snapshot's rename and the log's truncation.
+    fs::write(log_of(tmp.path(), "k"), old_log).expect("write log");
+    let store = open(tmp.path());
+    assert_eq!(sets_of(&store.ledger("k").expect("ledger")), before);
+}
+
+#[test]
+fn corrupt_snapshot_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    store
+        .ledger("k")
+        .expect("ledger")
+        .claim(&[1])
+        .expect("claim");
+    store.checkpoint().expect("checkpoint");
+    drop(store);
+    let snap = snap_of(tmp.path(), "k");
+    let mut bytes = fs::read(&snap).expect("read snap");
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    fs::write(&snap, bytes).expect("write snap");
+    let err = open(tmp.path()).ledger("k").expect_err("corrupt");
+    assert!(err.to_string().contains("corrupt"), "{err}");
+}
+
+#[test]
+fn lock_excludes_a_second_writer_until_every_handle_is_dropped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_string_lossy().into_owned();
+    let first = FileStore::open("file:x", &dir).expect("first open");
+    let err = FileStore::open("file:x", &dir).expect_err("second open");
+    assert_eq!(
+        err.to_string(),
+        "store file:x is in use by another fanout process"
+    );
+    assert!(matches!(err, Error::Runtime(_)));
+    // A reader needs no lock.
+    FileStore::open_read_only("file:x", &dir).expect("read-only open");
+    let ledger = first.ledger("k").expect("ledger");
+    drop(first);
+    assert!(
+        FileStore::open("file:x", &dir).is_err(),
+        "a ledger keeps the lock"
+    );
+    drop(ledger);
+    FileStore::open("file:x", &dir).expect("reopen after drop");
+}
+
+#[test]
+fn a_million_sequential_claims_make_a_small_snapshot() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let ledger = store.ledger("big").expect("ledger");
+    let ids: Vec<u32> = (0..1_000_000).collect();
+    for batch in ids.chunks(1000) {
+        assert_eq!(ledger.claim(batch).expect("claim").claimed.len(), 1000);
+    }
+    ledger.mark_done(&ids[..500_000]).expect("done");
+    store.checkpoint().expect("checkpoint");
+    let size = fs::metadata(snap_of(tmp.path(), "big"))
+        .expect("stat")
+        .len();
+    assert!(size < 1 << 20, "snapshot is {size} bytes");
+    drop((ledger, store));
+    let store = open(tmp.path());
+    let ledger = store.ledger("big").expect("ledger");
+    assert_eq!(
+        ledger.counts(),
+        LedgerCounts {
+            claimed: 1_000_000,
+            done: 500_000,
+            dead: 0
+        }
+    );
+}
+
+#[test]
+fn a_long_log_is_checkpointed_on_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(tmp.path());
+        let ledger = store.ledger("k").expect("ledger");
+        for id in 0..100 {
+            ledger.claim(&[id]).expect("claim");
+        }
+    }
+    let mut store = open(tmp.path());
+    store.auto_checkpoint_bytes = 100;
+    let ledger = store.ledger("k").expect("ledger");
+    assert_eq!(
+        fs::metadata(log_of(tmp.path(), "k")).expect("stat").len(),
+        0
+    );
+    assert!(snap_of(tmp.path(), "k").exists());
+    assert_eq!(ledger.counts().claimed, 100);
+}
+
+#[test]
+fn read_only_store_reads_without_writing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let missing = tmp.path().join("nothing-here");
+    let ro = FileStore::open_read_only("file:n", &missing.to_string_lossy()).expect("ro");
+    assert!(ro.granted("k").expect("granted").is_empty());
+    let empty = ro.ledger("k").expect("ledger");
+    assert!(!empty.is_done(1));
+    assert!(empty.claim(&[1]).is_err());
+    assert!(!missing.exists(), "read-only open created files");
+
+    let writer = open(tmp.path());
+    let ledger = writer.ledger("k").expect("ledger");
+    ledger.claim(&[5, 3, 4]).expect("claim");
+    ledger.mark_done(&[3]).expect("done");
+    // A torn tail is ignored by a reader and left for the writer to repair.
+    let log = log_of(tmp.path(), "k");
+    let mut bytes = fs::read(&log).expect("read log");
+    bytes.extend_from_slice(&[1, 2, 3]);
+    fs::write(&log, &bytes).expect("write log");
+    let ro = FileStore::open_read_only("file:w", &tmp.path().to_string_lossy()).expect("ro");
+    assert_eq!(ro.granted("k").expect("granted"), vec![3, 4, 5]);
+    assert!(ro.ledger("k").expect("ledger").is_done(3));
+    assert_eq!(fs::read(&log).expect("read log"), bytes);
+    ro.sync().expect("sync");
+    ro.checkpoint().expect("checkpoint");
+    assert!(!snap_of(tmp.path(), "k").exists());
+}

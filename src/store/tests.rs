@@ -1,0 +1,302 @@
+//! Tests of the store through its public API, including a kill -9 of a writing process.
+
+use super::*;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn url(dir: &Path) -> String {
+    format!("file:{}", dir.display())
+}
+
+async fn ledger(store: &Store, key: &str) -> Ledger {
+    store.ledger(key).await.expect("ledger")
+}
+
+#[test]
+fn urls_are_checked() {
+    let usage = |u: &str| match Store::open(u) {
+        Err(Error::Usage(msg)) => msg,
+        other => panic!("{u}: expected a usage error, got {other:?}"),
+    };
+    assert!(usage("redis://localhost:6379/0").contains("Redis support is not built yet"));
+    assert!(usage("rediss://h:1/0").contains("Redis support is not built yet"));
+    assert!(usage("s3://bucket").starts_with("unsupported store URL"));
+    assert!(usage("file:").contains("names no directory"));
+    assert!(usage(".fanout").starts_with("unsupported store URL"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let triple = format!("file://{}", tmp.path().join("s").display());
+    let store = Store::open(&triple).expect("file:// URL");
+    assert_eq!(store.url(), triple);
+    assert!(tmp.path().join("s/LOCK").exists());
+}
+
+#[tokio::test]
+async fn claims_once_including_duplicates_in_a_batch() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&url(tmp.path())).expect("open");
+    let l = ledger(&store, "spring-sale-2026").await;
+    let c = l.claim(&[7, 3, 7, 9, 3]).await.expect("claim");
+    assert_eq!(c.claimed, vec![7, 3, 9]);
+    assert_eq!(c.already, vec![7, 3]);
+    let c = l.claim(&[9, 1]).await.expect("claim");
+    assert_eq!((c.claimed, c.already), (vec![1], vec![9]));
+    // The cache hands back the same ledger.
+    let again = ledger(&store, "spring-sale-2026").await;
+    assert_eq!(again.claim(&[1]).await.expect("claim").already, vec![1]);
+    // Ledgers are independent.
+    let other = ledger(&store, "hot-1:2026-03-02T10:00:00+00:00").await;
+    assert_eq!(other.claim(&[1]).await.expect("claim").claimed, vec![1]);
+    assert_eq!(
+        store.granted("spring-sale-2026").await.expect("g"),
+        vec![1, 3, 7, 9]
+    );
+    assert!(store.granted("never-opened").await.expect("g").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_hand_each_id_out_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&url(tmp.path())).expect("open");
+    let l = ledger(&store, "k").await;
+    let tasks: Vec<_> = (1..=4u32)
+        .map(|stride| {
+            let l = l.clone();
+            tokio::spawn(async move {
+                let ids: Vec<u32> = (0..10_000u32)
+                    .map(|i| (i * stride * 7919) % 10_000)
+                    .collect();
+                let mut mine = Vec::new();
+                for batch in ids.chunks(64) {
+                    mine.extend(l.claim(batch).await.expect("claim").claimed);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all.sort_unstable();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(before, all.len(), "an id was handed out twice");
+    assert_eq!(all, store.granted("k").await.expect("granted"));
+}
+
+#[tokio::test]
+async fn reopen_keeps_done_and_hands_in_flight_ids_out_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(&url(tmp.path())).expect("open");
+        let l = ledger(&store, "k").await;
+        l.claim(&[1, 2, 3, 4]).await.expect("claim");
+        l.mark_done(&[1]).await.expect("done");
+        l.mark_dead(&[2]).await.expect("dead");
+        // Dropped without a checkpoint: a crash with 3 and 4 in flight.
+    }
+    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let l = ledger(&store, "k").await;
+    assert!(l.is_done(1) && l.is_done(2) && !l.is_done(3));
+    assert_eq!(
+        l.counts(),
+        LedgerCounts {
+            claimed: 4,
+            done: 2,
+            dead: 1
+        }
+    );
+    let c = l.claim(&[1, 2, 3, 4, 5, 3]).await.expect("claim");
+    assert_eq!((c.claimed, c.already), (vec![3, 4, 5], vec![1, 2, 3]));
+    assert_eq!(
+        l.claim(&[3, 4, 5]).await.expect("claim").already,
+        vec![3, 4, 5]
+    );
+    l.mark_done(&[3]).await.expect("done");
+    drop((l, store));
+    // 4 and 5 were in flight at this second crash: out once more, 3 is done.
+    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let l = ledger(&store, "k").await;
+    let c = l.claim(&[3, 4, 5]).await.expect("claim");
+    assert_eq!((c.claimed, c.already), (vec![4, 5], vec![3]));
+}
+
+#[tokio::test]
+async fn checkpoint_then_more_records_reopens_to_the_same_sets() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let expect_sets = |l: &Ledger| {
+        (
+            l.counts(),
+            (0..12).filter(|&i| l.is_done(i)).collect::<Vec<u32>>(),
+        )
+    };
+    let (after_checkpoint, at_end) = {
+        let store = Store::open(&url(tmp.path())).expect("open");
+        let l = ledger(&store, "k").await;
+        l.claim(&[1, 2, 3, 4, 5]).await.expect("claim");
+        l.mark_done(&[1, 2]).await.expect("done");
+        l.mark_dead(&[3]).await.expect("dead");
+        store.sync().await.expect("sync");
+        store.checkpoint().await.expect("checkpoint");
+        let after_checkpoint = expect_sets(&l);
+        l.claim(&[10, 11]).await.expect("claim");
+        l.mark_done(&[4, 10]).await.expect("done");
+        store.sync().await.expect("sync");
+        (after_checkpoint, expect_sets(&l))
+    };
+    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let l = ledger(&store, "k").await;
+    assert_eq!(expect_sets(&l), at_end);
+    assert_eq!(
+        store.granted("k").await.expect("g"),
+        vec![1, 2, 3, 4, 5, 10, 11]
+    );
+    store.checkpoint().await.expect("checkpoint");
+    drop((l, store));
+    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let l = ledger(&store, "k").await;
+    assert_eq!(expect_sets(&l), at_end);
+    assert_ne!(after_checkpoint, at_end);
+    // 5 and 11 were never done: still in flight after the checkpoint, handed out once.
+    assert_eq!(
+        l.claim(&[5, 11, 4]).await.expect("claim").claimed,
+        vec![5, 11]
+    );
+}
+
+const CHILD_ENV: &str = "FANOUT_STORE_KILL9_DIR";
+const BATCH: u32 = 100;
+
+/// Child half of `kill_9_loses_no_claim`: claims batches until killed. Does nothing when run
+/// as an ordinary test.
+#[test]
+fn kill9_child() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let store = Store::open(&format!("file:{dir}")).expect("child open");
+        let l = ledger(&store, "k").await;
+        for b in 0..1_000_000u32 {
+            let ids: Vec<u32> = (b * BATCH..(b + 1) * BATCH).collect();
+            assert_eq!(l.claim(&ids).await.expect("claim").claimed, ids);
+            println!("claimed {}", ids[ids.len() - 1]);
+            if b % 2 == 1 {
+                l.mark_done(&ids).await.expect("done");
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn kill_9_loses_no_claim() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let test_name = concat!(module_path!(), "::kill9_child");
+    let test_name = test_name
+        .split_once("::")
+        .map_or(test_name, |(_, rest)| rest);
+    let mut child = Command::new(std::env::current_exe().expect("current exe"))
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut reported = Vec::new();
+    while reported.len() < 300 {
+        let line = lines.next().expect("child ended early").expect("read");
+        if let Some(id) = line.strip_prefix("claimed ") {
+            reported.push(id.parse::<u32>().expect("id"));
+        }
+    }
+    child.kill().expect("SIGKILL");
+    // Lines the child wrote before it died count too.
+    for line in lines {
+        if let Some(id) = line.expect("read").strip_prefix("claimed ") {
+            reported.push(id.parse::<u32>().expect("id"));
+        }
+    }
+    let status = child.wait().expect("wait");
+    assert!(!status.success(), "child finished before the kill");
+
+    let store = Store::open(&url(tmp.path())).expect("reopen after kill");
+    let granted = store.granted("k").await.expect("granted");
+    let l = ledger(&store, "k").await;
+    let last = *reported.last().expect("reports");
+    for id in 0..=last {
+        assert!(granted.binary_search(&id).is_ok(), "claim of {id} was lost");
+    }
+    // Every reported id is either done or handed out once more, never twice.
+    let ids: Vec<u32> = (0..=last).collect();
+    let c = l.claim(&ids).await.expect("claim");
+    assert!(c.claimed.iter().all(|&id| !l.is_done(id)));
+    assert_eq!(c.claimed.len() + c.already.len(), ids.len());
+    assert!(l.claim(&ids).await.expect("claim").claimed.is_empty());
+    eprintln!("kill -9 after {} reported batches", reported.len());
+}
+
+/// The set-operation path (ascending batches) and the per-id path (any order) follow the
+/// same rules: both checked against a naive model over random operations and crashes.
+#[tokio::test]
+async fn claims_follow_the_naive_model_in_any_batch_order() {
+    use std::collections::BTreeSet;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let (mut claimed, mut done) = (BTreeSet::new(), BTreeSet::new());
+    for _crash in 0..4 {
+        let store = Store::open(&url(tmp.path())).expect("open");
+        let l = ledger(&store, "model").await;
+        let mut pending = claimed
+            .difference(&done)
+            .copied()
+            .collect::<BTreeSet<u32>>();
+        for _ in 0..200 {
+            let start = next(3000) as u32;
+            let mut ids: Vec<u32> = (0..next(300) as u32)
+                .map(|i| start + i * (1 + next(3) as u32))
+                .collect();
+            if next(3) == 0 {
+                ids.reverse();
+                ids.extend(ids.clone().iter().take(5));
+            }
+            match next(4) {
+                0 | 1 => {
+                    let c = l.claim(&ids).await.expect("claim");
+                    let (mut want_claimed, mut want_already) = (Vec::new(), Vec::new());
+                    for &id in &ids {
+                        if done.contains(&id) {
+                            want_already.push(id);
+                        } else if claimed.insert(id) || pending.remove(&id) {
+                            want_claimed.push(id);
+                        } else {
+                            want_already.push(id);
+                        }
+                    }
+                    assert_eq!(c.claimed, want_claimed);
+                    assert_eq!(c.already, want_already);
+                }
+                _ => {
+                    l.mark_done(&ids).await.expect("done");
+                    for id in ids {
+                        claimed.insert(id);
+                        done.insert(id);
+                        pending.remove(&id);
+                    }
+                }
+            }
+        }
+        assert_eq!(l.counts().claimed, claimed.len() as u64);
+        assert_eq!(l.counts().done, done.len() as u64);
+    }
+}

@@ -1,0 +1,197 @@
+//! A second, naive reading of a job file: what every campaign should deliver, computed with
+//! plain loops over the inputs and none of fanout's code.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use toml::Value;
+
+use crate::common::{Persona, TUser};
+
+/// One campaign as the naive reading sees it.
+#[derive(Debug, Clone)]
+pub struct NCampaign {
+    pub id: String,
+    pub kind: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub persona: Persona,
+    pub on_login: bool,
+    pub every_s: Option<i64>,
+    pub goods_name: Option<String>,
+}
+
+fn time(v: &Value) -> DateTime<Utc> {
+    let s = v
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| v.to_string());
+    DateTime::parse_from_rfc3339(&s)
+        .expect("test job times are RFC 3339")
+        .with_timezone(&Utc)
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().map(|t| t.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+fn every_seconds(s: &str) -> i64 {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap());
+    let n: i64 = n.parse().unwrap();
+    n * match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        other => panic!("unit {other} not understood by the naive reader"),
+    }
+}
+
+/// The campaigns of a job file's text, and its `[engine] now`.
+pub fn campaigns(job: &str) -> (Vec<NCampaign>, Option<DateTime<Utc>>) {
+    let doc: Value = toml::from_str(job).expect("test job is TOML");
+    let now = doc.get("engine").and_then(|e| e.get("now")).map(time);
+    let list = doc
+        .get("campaign")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let campaigns = list
+        .iter()
+        .map(|c| {
+            let a = c.get("audience");
+            let num = |k: &str| {
+                a.and_then(|a| a.get(k))
+                    .and_then(Value::as_integer)
+                    .map(|v| v as u64)
+            };
+            NCampaign {
+                id: c["id"].as_str().unwrap().to_owned(),
+                kind: c["kind"].as_str().unwrap().to_owned(),
+                start: time(&c["start"]),
+                end: time(&c["end"]),
+                persona: Persona {
+                    min_level: num("min_level"),
+                    max_level: num("max_level"),
+                    min_points: num("min_points"),
+                    max_points: num("max_points"),
+                    tags_any: strings(a.and_then(|a| a.get("tags_any"))),
+                    tags_all: strings(a.and_then(|a| a.get("tags_all"))),
+                },
+                on_login: c
+                    .get("coupon")
+                    .and_then(|k| k.get("delivery"))
+                    .and_then(Value::as_str)
+                    == Some("on_login"),
+                every_s: c
+                    .get("schedule")
+                    .and_then(|s| s.get("every"))
+                    .and_then(Value::as_str)
+                    .map(every_seconds),
+                goods_name: c
+                    .get("goods")
+                    .and_then(|g| g.get("name"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            }
+        })
+        .collect();
+    (campaigns, now)
+}
+
+/// The occurrence a scheduled campaign fires for at `now`: its tick's start.
+pub fn tick(c: &NCampaign, now: DateTime<Utc>) -> String {
+    let every = c.every_s.unwrap();
+    let since = (now - c.start).num_seconds();
+    let start = c.start + chrono::Duration::seconds(since / every * every);
+    start.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// A login: user id and time.
+pub type NLogin = (u64, DateTime<Utc>);
+
+/// What should be delivered: (campaign, occurrence, user).
+pub fn expected(
+    job: &str,
+    users: &BTreeMap<u64, TUser>,
+    logins: &[NLogin],
+    granted: &BTreeSet<(String, u64)>,
+    now: Option<DateTime<Utc>>,
+) -> BTreeSet<(String, Option<String>, u64)> {
+    let (campaigns, job_now) = campaigns(job);
+    let now = now.or(job_now).expect("a clock");
+    let mut want = BTreeSet::new();
+    for c in &campaigns {
+        let pre = |u: u64| granted.contains(&(c.id.clone(), u));
+        if c.on_login {
+            for &(user, ts) in logins {
+                if let Some(u) = users.get(&user) {
+                    if c.start <= ts && ts < c.end && c.persona.matches(u) && !pre(user) {
+                        want.insert((c.id.clone(), None, user));
+                    }
+                }
+            }
+        } else if c.start <= now && now < c.end {
+            let occurrence = (c.kind == "hot_product").then(|| tick(c, now));
+            for u in users.values() {
+                let granted_before = occurrence.is_none() && pre(u.id);
+                if c.persona.matches(u) && !granted_before {
+                    want.insert((c.id.clone(), occurrence.clone(), u.id));
+                }
+            }
+        }
+    }
+    want
+}
+
+/// Reads login events the naive way.
+pub fn logins_jsonl(text: &str) -> Vec<NLogin> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["user"].as_u64().unwrap(),
+                time(&Value::String(v["ts"].as_str().unwrap().into())),
+            )
+        })
+        .collect()
+}
+
+/// Reads granted pairs the naive way.
+pub fn granted_jsonl(text: &str) -> BTreeSet<(String, u64)> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["campaign"].as_str().unwrap().to_owned(),
+                v["user"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Deliveries as (campaign, occurrence, user), asserting none repeats.
+pub fn delivered(path: &std::path::Path) -> BTreeSet<(String, Option<String>, u64)> {
+    let mut seen = BTreeSet::new();
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let rec = (
+            v["campaign"].as_str().unwrap().to_owned(),
+            v["occurrence"].as_str().map(str::to_owned),
+            v["user"].as_u64().unwrap(),
+        );
+        let key = match &rec.1 {
+            Some(o) => format!("{}:{o}:{}", rec.0, rec.2),
+            None => format!("{}:{}", rec.0, rec.2),
+        };
+        assert_eq!(v["key"], key, "idempotency key of {l}");
+        assert!(seen.insert(rec), "delivered twice: {l}");
+    }
+    seen
+}
