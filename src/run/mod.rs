@@ -148,7 +148,11 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
             run_targets
                 .iter()
                 .enumerate()
-                .filter(move |(_, rt)| rt.target.campaign.id == *campaign)
+                // SPEC: granted pairs are for promotions and coupons; a hot product's every
+                // occurrence is its own delivery.
+                .filter(move |(_, rt)| {
+                    rt.target.campaign.id == *campaign && rt.target.occurrence.is_none()
+                })
                 .map(move |(i, _)| (i as u32, *user))
         })
         .collect();
