@@ -216,3 +216,36 @@ fn overrides_beat_the_job_file() {
         assert!(c["skipped"].as_str().unwrap().contains("window"));
     }
 }
+
+#[test]
+fn the_same_content_under_another_id_is_rejected_with_exit_3() {
+    let s = Scratch::new();
+    let users = repo("inputs/users.jsonl");
+    let job = std::fs::read_to_string(repo("dataflows/promotion-all-users.toml")).unwrap();
+    s.write("a.toml", &job);
+    s.fanout_ok(&["run", "a.toml", "--users", &users, "--quiet"]);
+    let first = read_deliveries(&s.path("deliveries.jsonl")).len();
+    assert!(first > 0);
+
+    // The same campaign content under a new id, in another job, against the same store.
+    s.write(
+        "b.toml",
+        job.replace("id = \"spring-sale-2026\"", "id = \"spring-sale-copy\""),
+    );
+    let out = s.fanout(&["run", "b.toml", "--users", &users, "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("spring-sale-copy") && stderr.contains("spring-sale-2026"),
+        "{stderr}"
+    );
+    assert_eq!(
+        read_deliveries(&s.path("deliveries.jsonl")).len(),
+        first,
+        "nothing more sent"
+    );
+
+    // The same id resumes (and finds everything delivered).
+    s.fanout_ok(&["run", "a.toml", "--users", &users, "--quiet"]);
+    assert_eq!(read_deliveries(&s.path("deliveries.jsonl")).len(), first);
+}

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 
 use crate::dataflow::{Context, RunTarget};
 use crate::error::{Error, Result};
-use crate::job::Job;
+use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignStats, CampaignSummary, Metrics, Progress, Summary};
 use crate::model::Buckets;
 use crate::providers::{dispatch::Dispatcher, ProviderSpec};
@@ -141,6 +141,17 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
             stats: CampaignStats::default(),
         });
     }
+    // The repeated-campaign guard, before anything is pushed.
+    let admissions: Vec<(String, String)> = run_targets
+        .iter()
+        .map(|rt| {
+            (
+                content_hash(&rt.target.campaign),
+                rt.target.campaign.id.clone(),
+            )
+        })
+        .collect();
+    runtime.block_on(store.admit(&admissions))?;
     let granted: Vec<(u32, u32)> = loaded
         .granted
         .iter()

@@ -95,6 +95,9 @@ where
     }
 }
 
+/// How long an admitted campaign's content blocks the same content under another id.
+pub const ADMISSION_TTL_S: u64 = 30 * 60;
+
 impl Store {
     /// Opens the store at `url` for writing, taking its exclusive lock.
     ///
@@ -116,6 +119,20 @@ impl Store {
                 url, dir,
             )?))),
         }
+    }
+
+    /// The repeated-campaign guard: admits every `(content hash, campaign id)` of a job, unless
+    /// a content was admitted under another id in the last 30 minutes (or twice in this job):
+    /// then nothing is admitted and the error names both ids (exit 3). The same id resumes.
+    pub async fn admit(&self, campaigns: &[(String, String)]) -> Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let verdict = match self {
+            Store::File(store) => store.admit(campaigns, now, ADMISSION_TTL_S)?,
+        };
+        verdict.map_err(|(id, earlier)| Error::Duplicate { id, earlier })
     }
 
     /// The ledger of `key` (a campaign occurrence); opened and replayed once, then cached.

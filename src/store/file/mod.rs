@@ -14,6 +14,7 @@
 //! cut off. Every record is a set union, so replaying a log over a newer snapshot (a crash
 //! inside a checkpoint) changes nothing.
 
+mod admitted;
 mod format;
 mod ledger;
 #[cfg(test)]
@@ -120,6 +121,23 @@ impl FileStore {
             open: Mutex::new(HashMap::new()),
             auto_checkpoint_bytes: AUTO_CHECKPOINT_BYTES,
         })
+    }
+
+    /// The repeated-campaign guard; see [`crate::store::Store::admit`].
+    pub fn admit(
+        &self,
+        campaigns: &[(String, String)],
+        now: u64,
+        ttl_s: u64,
+    ) -> Result<std::result::Result<(), (String, String)>> {
+        if self.lock.is_none() {
+            return Err(Error::runtime(format!(
+                "store {} is open read-only",
+                self.url
+            )));
+        }
+        let dir = self.ledgers_dir.parent().unwrap_or(Path::new("."));
+        admitted::admit(dir, campaigns, now, ttl_s)
     }
 
     /// The URL the store was opened with.
