@@ -2,15 +2,23 @@
 //! the same per-user work as `fanout run` — generate or read the user, test the audience,
 //! claim a bit, render the message — with no dataflow, no store file and no provider.
 //!
+//! With lazy coupons and logins in the job, the loop is over logins instead (see
+//! [`login_loop`]).
+//!
 //! `cargo bench --bench ceiling -- JOB.toml [--users SPEC]` prints one JSON object.
 
 use std::time::Instant;
 
 use fanout::audience::AudienceFilter;
-use fanout::job::{self, Overrides};
+use std::sync::Arc;
+
+use fanout::job::{self, Job, Overrides};
 use fanout::model::Target;
+use fanout::model::{Campaign, CouponDelivery};
 use fanout::render::Renderer;
+use fanout::sources::logins;
 use fanout::sources::{LoadOptions, UserSource};
+use fanout::store::Store;
 use fanout::template::UserVars;
 use roaring::RoaringBitmap;
 
@@ -33,6 +41,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let job = job::load(std::path::Path::new(&path), &overrides)?;
     let (source, _) = UserSource::open(&job.inputs.users, &LoadOptions::default())?;
+    let lazy: Vec<_> = job
+        .campaigns
+        .iter()
+        .filter(|c| c.coupon.as_ref().map(|k| k.delivery) == Some(CouponDelivery::OnLogin))
+        .cloned()
+        .collect();
+    match (&job.inputs.logins, lazy.is_empty()) {
+        (Some(logins), false) => login_loop(&job, &source, &lazy, logins),
+        _ => fan_out_loop(&job, &source),
+    }
+}
+
+/// Fan-out: every user of the source against every campaign.
+fn fan_out_loop(job: &Job, source: &UserSource) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let mut delivered = 0u64;
     let mut bytes = 0u64;
@@ -64,6 +86,61 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{{\"users\": {}, \"delivered\": {delivered}, \"bytes\": {bytes}, \"elapsed_s\": {elapsed:.4}, \"users_per_s\": {:.0}}}",
         source.len(),
         source.len() as f64 / elapsed
+    );
+    Ok(())
+}
+
+/// Lazy coupons: every login against every coupon — window, audience, the grant ledger (read
+/// from the job's store beforehand, as bitmaps), claim a bit, render.
+fn login_loop(
+    job: &Job,
+    source: &UserSource,
+    coupons: &[Arc<Campaign>],
+    logins_path: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let (logins, _) = logins::load(logins_path, false)?;
+    let store = Store::open_read_only(&job.store)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let mut state = Vec::new();
+    for c in coupons {
+        let target = Target::new(c.clone(), None);
+        let granted: RoaringBitmap = runtime
+            .block_on(store.granted(&target.ledger_key()))?
+            .into_iter()
+            .collect();
+        let filter = AudienceFilter::compile(&c.audience, source.tags());
+        let window = (c.start.timestamp_millis(), c.end.timestamp_millis());
+        state.push((Renderer::new(&target), filter, window, granted));
+    }
+    let started = Instant::now();
+    let mut grants = 0u64;
+    let mut json = String::new();
+    for login in &logins {
+        source.for_each_in(u64::from(login.user), u64::from(login.user) + 1, |u| {
+            for (renderer, filter, (start, end), granted) in state.iter_mut() {
+                if (*start..*end).contains(&login.ts_ms)
+                    && filter.matches(&u)
+                    && granted.insert(u.id)
+                {
+                    json.clear();
+                    renderer.render_into(
+                        UserVars {
+                            id: u.id,
+                            level: u.level,
+                            points: u.points,
+                        },
+                        &mut json,
+                    );
+                    grants += 1;
+                }
+            }
+        });
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "{{\"events\": {}, \"grants\": {grants}, \"elapsed_s\": {elapsed:.4}, \"events_per_s\": {:.0}}}",
+        logins.len(),
+        logins.len() as f64 / elapsed
     );
     Ok(())
 }
