@@ -23,8 +23,10 @@ pub struct Feed {
     pub granted: Vec<(u32, u32)>,
     /// Bucket ids per epoch, epoch 1 onwards.
     pub epochs: Vec<Vec<u32>>,
-    /// Login events per epoch, epoch 1 onwards, alongside the buckets.
-    pub login_epochs: Vec<Vec<Login>>,
+    /// Login events, fed `logins_per_epoch` an epoch from epoch 1 on, alongside the buckets.
+    pub logins: Vec<Login>,
+    /// Login events per epoch (≥ 1).
+    pub logins_per_epoch: usize,
 }
 
 /// Cuts `buckets` (with their user counts) into epochs of about `users_per_epoch` users.
@@ -68,7 +70,8 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
         }
         let mut epoch: Time = 1;
         let mut synced: Time = 0;
-        let epochs = feed.epochs.len().max(feed.login_epochs.len());
+        let mut login_epochs = feed.logins.chunks(feed.logins_per_epoch.max(1));
+        let epochs = feed.epochs.len().max(login_epochs.len());
         for e in 0..epochs {
             scans.advance_to(epoch);
             admits.advance_to(epoch);
@@ -81,7 +84,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
                     targets: feed.scan_targets.clone(),
                 });
             }
-            for &login in feed.login_epochs.get(e).into_iter().flatten() {
+            for &login in login_epochs.next().into_iter().flatten() {
                 logins.send(login);
             }
             epoch += 1;

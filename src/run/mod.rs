@@ -187,14 +187,11 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         },
         scan_targets,
         granted,
-        login_epochs: if lazy_targets == 0 {
+        logins_per_epoch: job.engine.logins_per_epoch.max(1),
+        logins: if lazy_targets == 0 {
             Vec::new()
         } else {
-            loaded
-                .logins
-                .chunks(job.engine.logins_per_epoch.max(1))
-                .map(<[Login]>::to_vec)
-                .collect()
+            loaded.logins
         },
     });
 
