@@ -249,3 +249,80 @@ fn the_same_content_under_another_id_is_rejected_with_exit_3() {
     s.fanout_ok(&["run", "a.toml", "--users", &users, "--quiet"]);
     assert_eq!(read_deliveries(&s.path("deliveries.jsonl")).len(), first);
 }
+
+#[test]
+fn plan_covers_lazy_coupons_and_hot_products() {
+    let s = Scratch::new();
+    let users = repo("inputs/users.jsonl");
+    let all = sample_users();
+    // Lazy coupons: active, and the audience that would get one at its next login.
+    let job = repo("dataflows/coupon-on-login.toml");
+    let granted = repo("inputs/granted.jsonl");
+    let logins = repo("inputs/logins.jsonl");
+    s.fanout_ok(&[
+        "plan",
+        &job,
+        "--users",
+        &users,
+        "--granted",
+        &granted,
+        "--logins",
+        &logins,
+        "--summary",
+        "lazy.json",
+    ]);
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("lazy.json")).unwrap()).unwrap();
+    assert_eq!(plan["active_lazy_coupons"], 2);
+    let moms = Persona {
+        tags_all: vec!["mom".into()],
+        ..Persona::default()
+    };
+    let line = plan["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "mom-week-c200")
+        .unwrap();
+    assert_eq!(line["at_login"], true);
+    let audience: BTreeSet<u64> = all
+        .iter()
+        .filter(|u| moms.matches(u))
+        .map(|u| u.id)
+        .collect();
+    assert_eq!(line["audience"], audience.len() as u64);
+    let pre = granted_for("mom-week-c200");
+    assert_eq!(line["eligible"], audience.difference(&pre).count() as u64);
+
+    // Hot products: the occurrence of `now`, and its audience.
+    let job = repo("dataflows/hot-products.toml");
+    s.fanout_ok(&[
+        "plan",
+        &job,
+        "--users",
+        &users,
+        "--now",
+        "2026-03-02T13:45:00Z",
+        "--summary",
+        "hot.json",
+    ]);
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("hot.json")).unwrap()).unwrap();
+    let line = plan["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "smart-watch")
+        .unwrap();
+    assert_eq!(line["occurrence"], "2026-03-02T12:00:00Z");
+    let watch = Persona {
+        min_level: Some(2),
+        tags_any: vec!["tech".into()],
+        ..Persona::default()
+    };
+    assert_eq!(
+        line["audience"],
+        all.iter().filter(|u| watch.matches(u)).count() as u64
+    );
+    assert!(!s.path("deliveries.jsonl").exists());
+}
