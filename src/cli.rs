@@ -77,7 +77,7 @@ pub struct RunArgs {
     /// The store: file:DIR.
     #[arg(long)]
     pub store: Option<String>,
-    /// The provider: log:PATH, log:-, mock:….
+    /// The provider: log:PATH, log:-, mock:…, http(s)://…, fcm:project=ID[,endpoint=URL].
     #[arg(long)]
     pub provider: Option<String>,
     /// Pushes in flight at once.
@@ -119,6 +119,10 @@ pub struct RunArgs {
     /// Count and report bad input lines instead of stopping at the first.
     #[arg(long)]
     pub skip_bad_lines: bool,
+    /// Send the dead-lettered users of each campaign once more (after fixing tokens or the
+    /// provider): they become claimable again at the start of the run.
+    #[arg(long)]
+    pub retry_dead_letters: bool,
 }
 
 impl RunArgs {

@@ -19,7 +19,8 @@
 //!   target's message straight into its JSON delivery record (the per-user hot path).
 //! - [`sources`]: users from JSON Lines, CSV or a synthetic generator, by id range.
 //! - [`store`]: the grant ledger with its atomic claim (embedded file store).
-//! - [`providers`]: where messages go (`log:`, `mock:`), retries, rate limit, dead letters.
+//! - [`providers`]: where messages go (`log:`, `mock:`, `http(s)://`, `fcm:`), retries, rate
+//!   limit, dead letters.
 //! - [`dataflow`]: the timely graph: one operator per file.
 //! - [`metrics`]: counters, latency histogram, the run summary, the progress bar.
 //! - [`run`]: `fanout run`/`plan`: wires a job to the dataflow and drives it.

@@ -37,6 +37,7 @@ fn execute(cli: Cli) -> Result<()> {
             let opts = RunOptions {
                 quiet: args.quiet,
                 skip_bad_lines: args.skip_bad_lines,
+                retry_dead_letters: args.retry_dead_letters,
             };
             let summary = run::run(&job, &opts)?;
             if let Some(path) = &args.summary {
@@ -55,6 +56,7 @@ fn execute(cli: Cli) -> Result<()> {
             let opts = RunOptions {
                 quiet: args.quiet,
                 skip_bad_lines: args.skip_bad_lines,
+                ..RunOptions::default()
             };
             let plan = run::plan::plan(&job, &opts)?;
             if let Some(path) = &args.summary {

@@ -95,6 +95,10 @@ pub struct Summary {
     pub logins: u64,
     /// Login events of unknown users, counted and ignored.
     pub logins_unknown_user: u64,
+    /// Dead letters whose push token the provider called invalid or unregistered (FCM
+    /// `UNREGISTERED`, `INVALID_ARGUMENT`): tokens to clean out of the user data.
+    #[serde(default)]
+    pub invalid_tokens: u64,
     /// Wall time of the fan-out.
     pub elapsed_s: f64,
     /// Delivered messages per second of `elapsed_s`.
@@ -124,6 +128,8 @@ pub struct Metrics {
     pub logins: AtomicU64,
     /// Login events of users the source does not know (ignored).
     pub logins_unknown: AtomicU64,
+    /// Messages dead-lettered for an invalid or unregistered push token.
+    pub invalid_tokens: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
 }
 
@@ -148,6 +154,7 @@ impl Metrics {
             retries: AtomicU64::new(0),
             logins: AtomicU64::new(0),
             logins_unknown: AtomicU64::new(0),
+            invalid_tokens: AtomicU64::new(0),
             latency_us: Mutex::new(hist),
         }
     }
@@ -195,6 +202,7 @@ impl Metrics {
             skipped_lines,
             logins: self.logins.load(Relaxed),
             logins_unknown_user: self.logins_unknown.load(Relaxed),
+            invalid_tokens: self.invalid_tokens.load(Relaxed),
             elapsed_s: elapsed,
             deliveries_per_s: if elapsed > 0.0 {
                 delivered as f64 / elapsed

@@ -84,9 +84,18 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
         .buffer_unordered(batches.len().max(1))
         .ready_chunks(batches.len().max(1));
     while let Some(results) = finished.next().await {
-        let mut results = results.into_iter().collect::<Result<Vec<_>>>()?;
-        results.sort_unstable_by_key(|(range, _)| range.start);
-        record(rt, ctx, &messages, &results).await?;
+        // Batches that finished are recorded even when another failed (a halted provider):
+        // what was delivered is done, so a re-run does not send it again.
+        let mut failure = None;
+        let mut done: Vec<_> = results
+            .into_iter()
+            .filter_map(|r| r.map_err(|e| failure.get_or_insert(e)).ok())
+            .collect();
+        done.sort_unstable_by_key(|(range, _)| range.start);
+        record(rt, ctx, &messages, &done).await?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
     }
     Ok(())
 }

@@ -1,23 +1,34 @@
 //! The delivery policy every provider shares: at most `concurrency` messages in flight, the
 //! `rate_per_s` token bucket, up to `max_attempts` attempts with exponential backoff and full
-//! jitter (a retry waits holding no slot), and dead letters for what fails for good.
+//! jitter (a retry waits holding no slot, at least as long as the provider's `Retry-After`),
+//! and dead letters for what fails for good.
+//!
+//! A provider refusing *our* credentials ([`Outcome::Unauthorized`], HTTP 401/403) is not a
+//! fact about the user: such a message is never dead-lettered. It is retried, and once
+//! [`UNAUTHORIZED_IN_A_ROW`] answers in a row (no delivery in between) say so — or a message
+//! runs out of attempts on one — the dispatcher halts: every `deliver` in progress or to come
+//! returns the same error, the push tasks fail, and the run stops with exit 1. Whatever was
+//! not delivered stays not done in the store, so a re-run sends it.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use super::dead_letters::DeadLetters;
 use super::rate::RateLimiter;
 use super::{Message, Outcome, Provider};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
 /// First retry waits up to this long; each further one doubles it.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// No retry waits longer than this (unless the provider's `Retry-After` says so).
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Credential refusals in a row that stop the run.
+pub const UNAUTHORIZED_IN_A_ROW: u32 = 3;
 
 /// A message that failed for good: written to the dead letters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +60,12 @@ pub struct Dispatcher {
     max_attempts: u32,
     dead: DeadLetters,
     metrics: Arc<Metrics>,
+    /// Credential refusals since the last delivery.
+    unauthorized: AtomicU32,
+    /// Why the dispatcher halted, once it has.
+    halted: OnceLock<String>,
+    /// Flips to `true` when it halts, waking every `deliver` in progress.
+    halt: watch::Sender<bool>,
 }
 
 impl Dispatcher {
@@ -71,6 +88,9 @@ impl Dispatcher {
             max_attempts: max_attempts.max(1),
             dead: DeadLetters::new(dead_letter),
             metrics,
+            unauthorized: AtomicU32::new(0),
+            halted: OnceLock::new(),
+            halt: watch::Sender::new(false),
         }
     }
 
@@ -80,48 +100,67 @@ impl Dispatcher {
     }
 
     /// Pushes every message of `batch` until it is delivered or dead, and reports the ones
-    /// that were not delivered. Dead letters are written before this returns.
+    /// that were not delivered. Dead letters are written before this returns. Fails, writing
+    /// nothing, once the dispatcher has halted (see the module docs).
     pub async fn deliver(&self, batch: &[Message<'_>]) -> Result<Report> {
+        let mut halt = self.halt.subscribe();
         let mut report = Report::default();
+        let mut invalid_tokens = 0u64;
         let mut which: Vec<usize> = (0..batch.len()).collect();
         let mut attempt = 1;
         while !which.is_empty() {
+            self.check_halted()?;
             let mut retry = Vec::new();
             let mut wait = Duration::ZERO;
             for chunk in which.chunks(self.capacity) {
-                let sent = self
-                    .provider
-                    .send(batch, chunk, attempt, &self.slots, self.rate.as_ref())
-                    .await;
+                let send =
+                    self.provider
+                        .send(batch, chunk, attempt, &self.slots, self.rate.as_ref());
+                let sent = tokio::select! {
+                    sent = send => sent,
+                    _ = halt.wait_for(|halted| *halted) => return Err(self.halt_error()),
+                };
                 self.metrics.record_latency(&sent.latency, chunk.len());
+                if sent.failed.len() < chunk.len() {
+                    self.unauthorized.store(0, Relaxed);
+                }
                 for (k, outcome) in sent.failed {
                     let Some(&index) = chunk.get(k) else { continue };
+                    let dead = |error| Dead {
+                        index,
+                        error,
+                        attempts: attempt,
+                    };
                     match outcome {
                         Outcome::Unreachable => report.unreachable.push(index),
-                        Outcome::Permanent(error) => report.dead.push(Dead {
-                            index,
-                            error,
-                            attempts: attempt,
-                        }),
+                        Outcome::Permanent(error) => report.dead.push(dead(error)),
+                        Outcome::InvalidToken(error) => {
+                            invalid_tokens += 1;
+                            report.dead.push(dead(error));
+                        }
                         Outcome::Retry { error, .. } if attempt >= self.max_attempts => {
-                            report.dead.push(Dead {
-                                index,
-                                error,
-                                attempts: attempt,
-                            })
+                            report.dead.push(dead(error))
                         }
                         Outcome::Retry { after, .. } => {
                             retry.push(index);
                             wait = wait.max(after.unwrap_or_default());
                         }
+                        Outcome::Unauthorized(error) => {
+                            let in_a_row = self.unauthorized.fetch_add(1, Relaxed) + 1;
+                            if in_a_row >= UNAUTHORIZED_IN_A_ROW || attempt >= self.max_attempts {
+                                return Err(self.stop(&error, in_a_row));
+                            }
+                            retry.push(index);
+                        }
                     }
                 }
             }
             if !retry.is_empty() {
-                self.metrics
-                    .retries
-                    .fetch_add(retry.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                tokio::time::sleep(wait.max(backoff(attempt))).await;
+                self.metrics.retries.fetch_add(retry.len() as u64, Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(retry_wait(attempt, wait)) => {}
+                    _ = halt.wait_for(|halted| *halted) => return Err(self.halt_error()),
+                }
                 retry.sort_unstable();
             }
             which = retry;
@@ -135,7 +174,40 @@ impl Dispatcher {
             .map(|d| (&batch[d.index], d.error.as_str(), d.attempts))
             .collect();
         self.dead.write(&letters)?;
+        self.metrics
+            .invalid_tokens
+            .fetch_add(invalid_tokens, Relaxed);
         Ok(report)
+    }
+
+    /// Halts the dispatcher (once) for a credential refusal; returns the error to report.
+    /// `error` names the provider already.
+    fn stop(&self, error: &str, in_a_row: u32) -> Error {
+        let why = format!(
+            "{error} ({in_a_row} in a row): the provider refuses our credentials, not the \
+             users. Stopped without dead-lettering anyone; fix the credentials and run again: \
+             every user not delivered yet is sent then"
+        );
+        if self.halted.set(why).is_ok() {
+            tracing::info!(provider = %self.provider.name(), "credentials refused; stopping");
+        }
+        self.halt.send_replace(true);
+        self.halt_error()
+    }
+
+    fn check_halted(&self) -> Result<()> {
+        match self.halted.get() {
+            Some(_) => Err(self.halt_error()),
+            None => Ok(()),
+        }
+    }
+
+    fn halt_error(&self) -> Error {
+        Error::runtime(
+            self.halted
+                .get()
+                .map_or("the provider stopped the run", String::as_str),
+        )
     }
 
     /// Makes the provider's output and the dead letters durable.
@@ -143,6 +215,12 @@ impl Dispatcher {
         self.provider.flush().await?;
         self.dead.flush()
     }
+}
+
+/// How long to wait before attempt `attempt + 1`: the backoff, but never less than the
+/// provider asked for (`after`, already capped by [`super::remote::MAX_RETRY_AFTER`]).
+fn retry_wait(attempt: u32, after: Duration) -> Duration {
+    after.max(backoff(attempt))
 }
 
 /// Full jitter: a uniform wait in `[0, min(cap, base · 2^(attempt-1))]`.
@@ -192,6 +270,19 @@ mod tests {
             assert!(backoff(attempt) <= BACKOFF_CAP);
         }
         assert!(backoff(1) <= BACKOFF_BASE);
+    }
+
+    #[test]
+    fn retry_after_is_a_floor() {
+        for attempt in 1..20 {
+            assert!(retry_wait(attempt, Duration::from_secs(30)) >= Duration::from_secs(30));
+            assert!(retry_wait(attempt, Duration::ZERO) <= BACKOFF_CAP);
+        }
+        // The backoff still applies when the provider asks for less.
+        let waits: Vec<_> = (0..200)
+            .map(|_| retry_wait(8, Duration::from_millis(1)))
+            .collect();
+        assert!(waits.iter().any(|w| *w > Duration::from_secs(1)));
     }
 
     #[tokio::test(start_paused = true)]

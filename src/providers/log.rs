@@ -47,6 +47,11 @@ impl LogProvider {
         })
     }
 
+    /// The path as the job names it (`-` for stdout).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// Writes the selected messages as one append.
     pub async fn send(
         &self,

@@ -2,14 +2,21 @@
 //!
 //! - [`log`]: `log:PATH` / `log:-`, delivery records as JSON Lines (the default).
 //! - [`mock`]: `mock:latency=…,jitter=…,fail=…,permanent=…`, a simulated provider for benchmarks.
+//! - [`http`]: `http://…` / `https://…`, one POST of the delivery record per message.
+//! - [`fcm`]: `fcm:project=ID[,endpoint=URL]`, Firebase Cloud Messaging HTTP v1.
+//! - [`remote`]: what `http` and `fcm` share: the pooled client, timeouts, `Retry-After`.
 //! - [`rate`]: the token bucket behind `rate_per_s`.
-//! - [`dispatch`]: concurrency cap, retries with backoff, dead letters — shared by every provider.
+//! - [`dispatch`]: concurrency cap, retries with backoff, dead letters, the stop on rejected
+//!   credentials — shared by every provider.
 
 pub mod dead_letters;
 pub mod dispatch;
+pub mod fcm;
+pub mod http;
 pub mod log;
 pub mod mock;
 pub mod rate;
+pub mod remote;
 
 use std::time::Duration;
 
@@ -27,8 +34,14 @@ pub enum Outcome {
         /// The provider's `Retry-After`, if any.
         after: Option<Duration>,
     },
-    /// It can never succeed (bad token, payload refused): dead-letter it.
+    /// It can never succeed (payload refused): dead-letter it.
     Permanent(String),
+    /// The provider says the user's push token is invalid or no longer registered: permanent
+    /// (dead-lettered) and counted in the summary's `invalid_tokens`.
+    InvalidToken(String),
+    /// The provider refused *our* credentials (401/403): not the user's fault, so never a dead
+    /// letter. Several in a row stop the run (see [`dispatch`]).
+    Unauthorized(String),
     /// The user cannot be addressed by this provider (no token): counted, not sent.
     Unreachable,
 }
@@ -87,6 +100,10 @@ pub enum Provider {
     Log(log::LogProvider),
     /// Simulates a remote provider's latency and failures.
     Mock(mock::MockProvider),
+    /// POSTs each delivery record to a URL.
+    Http(http::HttpProvider),
+    /// Sends each message through FCM HTTP v1.
+    Fcm(fcm::FcmProvider),
 }
 
 /// A provider as the job names it: parsed and checked, nothing opened yet (so `plan` and a
@@ -97,6 +114,10 @@ pub enum ProviderSpec {
     Log(String),
     /// `mock:…`.
     Mock(mock::MockProvider),
+    /// `http://…` or `https://…`.
+    Http(http::HttpSpec),
+    /// `fcm:project=ID[,endpoint=URL]`.
+    Fcm(fcm::FcmSpec),
 }
 
 impl ProviderSpec {
@@ -112,13 +133,14 @@ impl ProviderSpec {
             mock::MockProvider::parse(params)
                 .map(ProviderSpec::Mock)
                 .map_err(bad)
-        } else if url.starts_with("http://")
-            || url.starts_with("https://")
-            || url.starts_with("fcm:")
-        {
-            Err(bad(
-                "the http and fcm providers are not built yet; use log: or mock:".into(),
-            ))
+        } else if url.starts_with("http://") || url.starts_with("https://") {
+            http::HttpSpec::parse(url)
+                .map(ProviderSpec::Http)
+                .map_err(bad)
+        } else if let Some(params) = url.strip_prefix("fcm:") {
+            fcm::FcmSpec::parse(params)
+                .map(ProviderSpec::Fcm)
+                .map_err(bad)
         } else {
             Err(bad(
                 "expected log:PATH, log:-, mock:…, http(s)://… or fcm:…".into(),
@@ -126,11 +148,21 @@ impl ProviderSpec {
         }
     }
 
-    /// Opens the provider (creates the `log:` file).
+    /// Opens the provider: creates the `log:` file; for `http` and `fcm`, reads the
+    /// environment (timeouts, `FANOUT_FCM_TOKEN`) and builds the connection pool. Pushes
+    /// nothing.
     pub fn open(self) -> Result<Provider> {
         match self {
             ProviderSpec::Log(path) => log::LogProvider::open(&path).map(Provider::Log),
             ProviderSpec::Mock(m) => Ok(Provider::Mock(m)),
+            ProviderSpec::Http(spec) => {
+                let timeouts = remote::Timeouts::from_env()?;
+                http::HttpProvider::open(spec, &timeouts).map(Provider::Http)
+            }
+            ProviderSpec::Fcm(spec) => {
+                let timeouts = remote::Timeouts::from_env()?;
+                fcm::FcmProvider::open(spec, &timeouts).map(Provider::Fcm)
+            }
         }
     }
 
@@ -139,6 +171,9 @@ impl ProviderSpec {
         match self {
             ProviderSpec::Log(_) => Duration::from_micros(2),
             ProviderSpec::Mock(p) => p.latency,
+            // Typical round trips of a webhook and of FCM; a guess until a run measures it.
+            ProviderSpec::Http(_) => Duration::from_millis(50),
+            ProviderSpec::Fcm(_) => Duration::from_millis(100),
         }
     }
 }
@@ -157,6 +192,8 @@ impl Provider {
         match self {
             Provider::Log(p) => p.send(batch, which, slots, rate).await,
             Provider::Mock(p) => p.send(batch, which, attempt, slots, rate).await,
+            Provider::Http(p) => p.send(batch, which, slots, rate).await,
+            Provider::Fcm(p) => p.send(batch, which, slots, rate).await,
         }
     }
 
@@ -164,13 +201,24 @@ impl Provider {
     pub async fn flush(&self) -> Result<()> {
         match self {
             Provider::Log(p) => p.flush(),
-            Provider::Mock(_) => Ok(()),
+            Provider::Mock(_) | Provider::Http(_) | Provider::Fcm(_) => Ok(()),
         }
     }
 
-    /// Whether the provider addresses devices by push token.
+    /// Whether the provider addresses devices by push token (the engine then looks each
+    /// user's token up; users without one are unreachable).
     pub fn needs_token(&self) -> bool {
-        false
+        matches!(self, Provider::Fcm(_))
+    }
+
+    /// How errors name the provider: never with a credential in it.
+    pub fn name(&self) -> String {
+        match self {
+            Provider::Log(p) => format!("log provider {}", p.path()),
+            Provider::Mock(_) => "mock provider".into(),
+            Provider::Http(p) => p.name().to_owned(),
+            Provider::Fcm(p) => p.name().to_owned(),
+        }
     }
 }
 

@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Count and skip bad input lines instead of stopping.
     pub skip_bad_lines: bool,
+    /// Make each target's dead-lettered users claimable again before fanning out.
+    pub retry_dead_letters: bool,
 }
 
 /// Users per epoch, at least; larger when many pushes may be in flight.
@@ -104,8 +106,10 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
 pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     let provider = ProviderSpec::parse(&job.provider.url)?;
     let loaded = load(job, opts)?;
-    let store = Store::open(&job.store)?;
+    // Before the store, so a missing credential or a bad timeout (usage errors, exit 2) leaves
+    // the store untouched.
     let provider = provider.open()?;
+    let store = Store::open(&job.store)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -152,6 +156,13 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         })
         .collect();
     runtime.block_on(store.admit(&admissions))?;
+    if opts.retry_dead_letters {
+        for rt in &run_targets {
+            let revived = runtime.block_on(rt.ledger.revive_dead())?;
+            let name = display_name(&rt.target.campaign.id, rt.target.occurrence.as_deref());
+            tracing::info!(campaign = %name, revived, "dead letters made claimable again");
+        }
+    }
     let granted: Vec<(u32, u32)> = loaded
         .granted
         .iter()

@@ -213,6 +213,17 @@ impl Ledger {
         }
     }
 
+    /// Makes every dead-lettered id claimable again, so this run re-drives it
+    /// (`--retry-dead-letters`); returns how many. Durable when it returns.
+    pub async fn revive_dead(&self) -> Result<u64> {
+        match self {
+            Ledger::File(ledger) => {
+                let ledger = Arc::clone(ledger);
+                off_runtime(move || ledger.revive_dead()).await
+            }
+        }
+    }
+
     /// Whether id is done (for the `plan` dry run and tests).
     pub fn is_done(&self, id: u32) -> bool {
         match self {

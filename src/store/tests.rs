@@ -165,6 +165,54 @@ async fn checkpoint_then_more_records_reopens_to_the_same_sets() {
     );
 }
 
+#[tokio::test]
+async fn revived_dead_letters_are_handed_out_once_more() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(&url(tmp.path())).expect("open");
+        let l = ledger(&store, "k").await;
+        assert_eq!(l.revive_dead().await.expect("revive"), 0);
+        l.claim(&[1, 2, 3, 4, 5]).await.expect("claim");
+        l.mark_done(&[1]).await.expect("done");
+        l.mark_dead(&[2, 3]).await.expect("dead");
+        assert_eq!(l.revive_dead().await.expect("revive"), 2);
+        let counts = LedgerCounts {
+            claimed: 5,
+            done: 1,
+            dead: 0,
+        };
+        assert_eq!(l.counts(), counts);
+        // 4 and 5 are still out with this process; 2 and 3 go out once more.
+        let c = l.claim(&[1, 2, 3, 4, 5]).await.expect("claim");
+        assert_eq!((c.claimed, c.already), (vec![2, 3], vec![1, 4, 5]));
+        assert_eq!(l.claim(&[2, 3]).await.expect("claim").already, vec![2, 3]);
+        l.mark_done(&[2]).await.expect("done");
+        l.mark_dead(&[3]).await.expect("dead again");
+    }
+    // The revival and what followed it survive a reopen (no checkpoint in between).
+    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let l = ledger(&store, "k").await;
+    assert_eq!(
+        l.counts(),
+        LedgerCounts {
+            claimed: 5,
+            done: 3,
+            dead: 1
+        }
+    );
+    assert!(l.is_done(2) && l.is_done(3));
+    assert_eq!(l.revive_dead().await.expect("revive"), 1);
+    drop((l, store));
+    // Revived but not yet sent when the process ended: still out once more.
+    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let l = ledger(&store, "k").await;
+    let c = l.claim(&[1, 2, 3]).await.expect("claim");
+    assert_eq!((c.claimed, c.already), (vec![3], vec![1, 2]));
+    drop((l, store));
+    let ro = Store::open_read_only(&url(tmp.path())).expect("read-only");
+    assert!(ledger(&ro, "k").await.revive_dead().await.is_err());
+}
+
 const CHILD_ENV: &str = "FANOUT_STORE_KILL9_DIR";
 const BATCH: u32 = 100;
 

@@ -329,13 +329,49 @@ impl FileLedger {
     /// reopens to the same sets: old snap + log, new snap + log, or new snap + empty log.
     pub(super) fn checkpoint(&self) -> Result<()> {
         let mut guard = lock(&self.state);
+        if guard.log_len == 0 {
+            return Ok(());
+        }
+        self.write_snapshot(&mut guard)
+    }
+
+    /// Makes every dead-lettered id claimable again (`--retry-dead-letters`): each leaves
+    /// *dead* and *done* and is handed out once more by [`Self::claim`], as if it had been in
+    /// flight at a crash. Returns how many were revived.
+    ///
+    /// The log only ever adds ids, so the removal is written as a new snapshot (with the log
+    /// emptied): a crash before the snapshot's rename leaves the ids dead, one after it leaves
+    /// them revived (a crash between the rename and the log's truncation leaves them dead, as
+    /// the old log replays over the new snapshot); either way nothing is sent twice.
+    pub fn revive_dead(&self) -> Result<u64> {
+        let mut guard = lock(&self.state);
         let st = &mut *guard;
+        if st.log.is_none() {
+            return Err(Error::runtime(format!(
+                "ledger {} is open read-only",
+                self.key
+            )));
+        }
+        let dead = std::mem::take(&mut st.sets.dead);
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        st.sets.done -= &dead;
+        if let Err(e) = self.write_snapshot(st) {
+            st.sets.done |= &dead;
+            st.sets.dead = dead;
+            return Err(e);
+        }
+        let revived = dead.len();
+        st.pending |= dead;
+        Ok(revived)
+    }
+
+    /// Writes the sets as the snapshot and empties the log (the state lock is held).
+    fn write_snapshot(&self, st: &mut State) -> Result<()> {
         let Some(log) = st.log.as_mut() else {
             return Ok(());
         };
-        if st.log_len == 0 {
-            return Ok(());
-        }
         let bytes = st.sets.encode()?;
         let tmp = self.snap_path.with_extension("snap.tmp");
         let write_tmp = || -> io::Result<()> {

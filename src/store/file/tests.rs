@@ -260,3 +260,29 @@ fn read_only_store_reads_without_writing() {
     ro.checkpoint().expect("checkpoint");
     assert!(!snap_of(tmp.path(), "k").exists());
 }
+
+#[test]
+fn a_revival_torn_before_the_log_is_emptied_leaves_the_ids_dead() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let ledger = store.ledger("k").expect("ledger");
+    ledger.claim(&[1, 2, 3]).expect("claim");
+    ledger.mark_done(&[1]).expect("done");
+    ledger.mark_dead(&[2]).expect("dead");
+    let old_log = fs::read(log_of(tmp.path(), "k")).expect("read log");
+    assert_eq!(ledger.revive_dead().expect("revive"), 1);
+    assert_eq!(
+        fs::metadata(log_of(tmp.path(), "k")).expect("stat").len(),
+        0
+    );
+    assert_eq!(sets_of(&ledger), (vec![1, 2, 3], vec![1], vec![]));
+    drop((ledger, store));
+    // A crash between the new snapshot's rename and the log's truncation: the old log replays
+    // over it and 2 is dead again — the revival did not happen, nothing is sent twice.
+    fs::write(log_of(tmp.path(), "k"), &old_log).expect("write log");
+    let store = open(tmp.path());
+    assert_eq!(
+        sets_of(&store.ledger("k").expect("ledger")),
+        (vec![1, 2, 3], vec![1, 2], vec![2])
+    );
+}
