@@ -364,3 +364,34 @@ fn rate_per_s_holds_at_the_server() {
         "{busiest} requests in one second at rate_per_s = 1000"
     );
 }
+
+/// A failure while several epochs are open (600k users: three epochs) ends the run: the
+/// workers drop the dataflow instead of waiting for epochs that will never complete.
+#[test]
+fn a_fatal_error_with_epochs_open_ends_the_run_instead_of_hanging() {
+    let _serial = serial();
+    let server = TestServer::start(key_of, |_, _, _| Reply::status(401, r#"{"error":"no"}"#));
+    let s = Scratch::new();
+    s.write("job.toml", job(&server.url("/hook"), 600_000, 20, 5, 0));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["run", "job.toml", "-w", "2", "--quiet"])
+        .env("FANOUT_HTTP_TIMEOUT", TIMEOUT)
+        .current_dir(s.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // A liveness guard, not a timing: a hung run never exits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            panic!("the run hung after its fatal error");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(1));
+}

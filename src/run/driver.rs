@@ -92,7 +92,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
                 worker.step_or_park(Some(PARK));
             }
             if ctx.failed() {
-                return;
+                break;
             }
             // Make the ledger of every epoch that completed durable (power loss; a killed
             // process loses nothing already written).
@@ -107,6 +107,13 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
     drop((scans, admits, granted, logins));
     while !probe.done() && !ctx.failed() {
         worker.step_or_park(Some(PARK));
+    }
+    if ctx.failed() {
+        // The run is over: epochs held by unfinished pushes will never complete, and timely
+        // steps a worker until its dataflows do. Drop them (every worker sees the failure).
+        for dataflow in worker.installed_dataflows() {
+            worker.drop_dataflow(dataflow);
+        }
     }
 }
 
