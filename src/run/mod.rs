@@ -104,14 +104,14 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
 pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     let provider = ProviderSpec::parse(&job.provider.url)?;
     let loaded = load(job, opts)?;
-    let store = Store::open(&job.store)?;
-    let provider = provider.open()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("fanout-push")
         .build()
         .context("cannot start the tokio runtime")?;
+    let store = runtime.block_on(Store::connect(&job.store))?;
+    let provider = provider.open()?;
 
     let metrics = Arc::new(Metrics::new());
     let mut run_targets = Vec::new();
