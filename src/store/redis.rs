@@ -6,16 +6,16 @@
 //!                                       is the atomic test-and-set)
 //! fanout:done:{ledger}:{id >> 24}       bitmap: delivered or dead-lettered
 //! fanout:dead:{ledger}:{id >> 24}       bitmap: dead-lettered
-//! fanout:inflight:{ledger}:{run}        set: ids this run claimed and has not marked done
+//! fanout:inflight:{ledger}:{run}:{id >> 24}  bitmap: ids this run claimed, not yet done
 //! fanout:run:{run}                      string, EX 5 s, refreshed every second: the run lives
 //! fanout:admitted:{content hash}        string (campaign id), SET NX EX 1800: the guard
 //! ```
-//! A claim is one script call per batch: SETBIT each id and record the newly claimed ones in
-//! the run's in-flight set, atomically. Marking done sets the done bits and removes the ids
-//! from that set. A run that dies leaves its in-flight set behind and its `run` key expires:
-//! the next run to open the ledger adopts the set (atomically, so two runs cannot both adopt
-//! it) and hands those ids out once more — the messages that were in flight at the crash. A
-//! claim answers ids in the caller's own in-flight set as claimed, which also makes a retried
+//! A claim is one script call per batch and chunk: SETBIT each id and record the newly claimed
+//! ones in the run's in-flight bitmap, atomically. Marking done sets the done bits and removes the ids
+//! from that bitmap. A run that dies leaves its in-flight bitmaps behind and its `run` key expires:
+//! the next run to open the ledger adopts them (atomically, so two runs cannot both adopt
+//! one) and hands those ids out once more — the messages that were in flight at the crash. A
+//! claim answers ids in the caller's own in-flight bitmap as claimed, which also makes a retried
 //! claim (its first reply lost in a restart) give the same answer.
 //!
 //! Every call retries with backoff while the server is unreachable (a restart), and gives up
@@ -40,54 +40,69 @@ pub const RETRY_BUDGET: Duration = Duration::from_secs(30);
 pub const LEASE: Duration = Duration::from_secs(5);
 /// Ids per bitmap key: 2^24 bits, 2 MiB at most.
 const CHUNK_BITS: u32 = 24;
+const CHUNK_MASK: u32 = (1 << CHUNK_BITS) - 1;
 
-/// SETBIT each id; record the newly claimed ones in the run's in-flight set. An id already in
-/// that set is this run's (adopted from a dead run, or claimed by a call whose reply was lost
-/// and is now retried): it is answered as claimed again. Returns 0 (claimed) or 1 (taken).
+/// Claims offsets in one chunk: SETBIT each in the granted bitmap (KEYS[1]); a newly set one
+/// is recorded in the run's in-flight bitmap (KEYS[2]); one already in that bitmap is this
+/// run's (adopted from a dead run, or claimed by a call whose reply was lost and is retried)
+/// and is answered as claimed again. Returns 0 (claimed) or 1 (taken) per offset.
 const CLAIM: &str = r"
 local out = {}
-for i = 3, #ARGV do
-  local id = tonumber(ARGV[i])
-  local old = redis.call('SETBIT', ARGV[1] .. math.floor(id / 16777216), id % 16777216, 1)
+for i = 1, #ARGV do
+  local old = redis.call('SETBIT', KEYS[1], ARGV[i], 1)
   if old == 0 then
-    redis.call('SADD', ARGV[2], ARGV[i])
-  elseif redis.call('SISMEMBER', ARGV[2], ARGV[i]) == 1 then
+    redis.call('SETBIT', KEYS[2], ARGV[i], 1)
+  elseif redis.call('GETBIT', KEYS[2], ARGV[i]) == 1 then
     old = 0
   end
-  out[#out + 1] = old
+  out[i] = old
 end
 return out
 ";
 
-/// Marks ids done (and dead, if a dead prefix is given) and drops them from the in-flight set.
+/// Marks offsets of one chunk done (KEYS[1]) and, when KEYS[2] is given, dead; clears them in
+/// the run's in-flight bitmap (KEYS[3]).
 const MARK: &str = r"
-for i = 4, #ARGV do
-  local id = tonumber(ARGV[i])
-  local chunk, bit = math.floor(id / 16777216), id % 16777216
-  redis.call('SETBIT', ARGV[1] .. chunk, bit, 1)
-  if ARGV[2] ~= '' then redis.call('SETBIT', ARGV[2] .. chunk, bit, 1) end
-  redis.call('SREM', ARGV[3], ARGV[i])
+for i = 1, #ARGV do
+  redis.call('SETBIT', KEYS[1], ARGV[i], 1)
+  if KEYS[2] ~= '' then redis.call('SETBIT', KEYS[2], ARGV[i], 1) end
+  redis.call('SETBIT', KEYS[3], ARGV[i], 0)
 end
+if redis.call('BITCOUNT', KEYS[3]) == 0 then redis.call('DEL', KEYS[3]) end
 return 0
 ";
 
-/// Adopts a dead run's in-flight set (KEYS[1]) into ours (KEYS[2]) unless its run key
-/// (KEYS[3]) still lives: the ids not yet done (done prefix in ARGV[1]) join our in-flight set,
-/// so our claims hand them out again. Returns how many.
+/// Adopts a dead run's in-flight bitmap of one chunk (KEYS[1]) into ours (KEYS[2]) unless its
+/// lease (KEYS[3]) still lives: every offset not yet done (KEYS[4]) joins our in-flight
+/// bitmap, so our claims hand it out again. Returns how many.
 const ADOPT: &str = r"
-if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
-local ids = redis.call('SMEMBERS', KEYS[1])
-local out = {}
-for _, m in ipairs(ids) do
-  local id = tonumber(m)
-  if redis.call('GETBIT', ARGV[1] .. math.floor(id / 16777216), id % 16777216) == 0 then
-    redis.call('SADD', KEYS[2], m)
-    out[#out + 1] = m
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local n = 0
+local pos = redis.call('BITPOS', KEYS[1], 1)
+while pos >= 0 do
+  if redis.call('GETBIT', KEYS[4], pos) == 0 then
+    redis.call('SETBIT', KEYS[2], pos, 1)
+    n = n + 1
   end
+  redis.call('SETBIT', KEYS[1], pos, 0)
+  pos = redis.call('BITPOS', KEYS[1], 1, math.floor(pos / 8))
 end
 redis.call('DEL', KEYS[1])
-return #out
+return n
 ";
+
+/// `ids` cut into runs of one chunk each: (chunk, offsets).
+fn by_chunk(ids: &[u32]) -> Vec<(u32, Vec<u32>)> {
+    let mut out: Vec<(u32, Vec<u32>)> = Vec::new();
+    for &id in ids {
+        let chunk = id >> CHUNK_BITS;
+        match out.last_mut() {
+            Some((c, offsets)) if *c == chunk => offsets.push(id & CHUNK_MASK),
+            _ => out.push((chunk, vec![id & CHUNK_MASK])),
+        }
+    }
+    out
+}
 
 /// A URL fit to print: without its password.
 pub fn shown(url: &str) -> String {
@@ -265,7 +280,7 @@ impl RedisStore {
             granted: format!("fanout:granted:{key}:"),
             done: format!("fanout:done:{key}:"),
             dead: format!("fanout:dead:{key}:"),
-            inflight: format!("fanout:inflight:{key}:{}", self.run),
+            inflight: format!("fanout:inflight:{key}:{}:", self.run),
             read_only: self.read_only,
         };
         if !self.read_only {
@@ -315,18 +330,24 @@ impl RedisStore {
         .await?;
         let script = Script::new(ADOPT);
         let mut adopted = 0;
-        for orphan in keys.into_iter().filter(|k| *k != ledger.inflight) {
-            let Some(run) = orphan.rsplit(':').next() else {
+        for orphan in keys
+            .into_iter()
+            .filter(|k| !k.starts_with(&ledger.inflight))
+        {
+            // fanout:inflight:{ledger}:{run}:{chunk}
+            let mut tail = orphan.rsplitn(3, ':');
+            let (Some(chunk), Some(run)) = (tail.next(), tail.next()) else {
                 continue;
             };
             let lease = format!("fanout:run:{run}");
+            let (mine, done) = (
+                format!("{}{chunk}", ledger.inflight),
+                format!("{}{chunk}", ledger.done),
+            );
             let ids: u64 = retrying(&self.url, "adopt in-flight ids", || {
                 let mut con = self.con.clone();
                 let mut call = script.prepare_invoke();
-                call.key(&orphan)
-                    .key(&ledger.inflight)
-                    .key(&lease)
-                    .arg(&ledger.done);
+                call.key(&orphan).key(&mine).key(&lease).key(&done);
                 async move { call.invoke_async(&mut con).await }
             })
             .await?;
@@ -415,16 +436,30 @@ impl RedisLedger {
     /// The atomic claim; see [`super::Ledger::claim`].
     pub async fn claim(&self, ids: &[u32]) -> Result<Claim> {
         self.refuse_read_only()?;
+        let groups = by_chunk(ids);
         let script = Script::new(CLAIM);
-        let old: Vec<u8> = retrying(&self.url, "claim", || {
+        // One script call per chunk (a batch of ids is almost always one chunk); invoking a
+        // script loads it on the server when missing.
+        let old: Vec<Vec<u8>> = retrying(&self.url, "claim", || {
             let mut con = self.con.clone();
-            let mut call = script.prepare_invoke();
-            call.arg(&self.granted).arg(&self.inflight).arg(ids);
-            async move { call.invoke_async(&mut con).await }
+            let (groups, script) = (&groups, &script);
+            async move {
+                let mut old = Vec::with_capacity(groups.len());
+                for (chunk, offsets) in groups {
+                    let bits: Vec<u8> = script
+                        .key(format!("{}{chunk}", self.granted))
+                        .key(format!("{}{chunk}", self.inflight))
+                        .arg(offsets)
+                        .invoke_async(&mut con)
+                        .await?;
+                    old.push(bits);
+                }
+                Ok(old)
+            }
         })
         .await?;
         let mut out = Claim::default();
-        for (&id, &bit) in ids.iter().zip(&old) {
+        for (&id, &bit) in ids.iter().zip(old.iter().flatten()) {
             if bit == 0 {
                 out.claimed.push(id);
             } else {
@@ -439,16 +474,28 @@ impl RedisLedger {
         if ids.is_empty() {
             return Ok(());
         }
+        let groups = by_chunk(ids);
         let script = Script::new(MARK);
-        let dead_prefix = if dead { self.dead.as_str() } else { "" };
         retrying(&self.url, "mark done", || {
             let mut con = self.con.clone();
-            let mut call = script.prepare_invoke();
-            call.arg(&self.done)
-                .arg(dead_prefix)
-                .arg(&self.inflight)
-                .arg(ids);
-            async move { call.invoke_async::<i64>(&mut con).await }
+            let (groups, script) = (&groups, &script);
+            async move {
+                for (chunk, offsets) in groups {
+                    let dead_key = if dead {
+                        format!("{}{chunk}", self.dead)
+                    } else {
+                        String::new()
+                    };
+                    script
+                        .key(format!("{}{chunk}", self.done))
+                        .key(dead_key)
+                        .key(format!("{}{chunk}", self.inflight))
+                        .arg(offsets)
+                        .invoke_async::<i64>(&mut con)
+                        .await?;
+                }
+                Ok(())
+            }
         })
         .await?;
         Ok(())

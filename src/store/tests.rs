@@ -29,7 +29,10 @@ fn urls_are_checked() {
     };
     assert!(usage("redis://localhost:6379/0").contains("Store::connect"));
     assert!(usage("rediss://user:secret@h:1/0").contains("TLS"));
-    assert!(!usage("rediss://user:secret@h:1/0").contains("secret"), "a password was printed");
+    assert!(
+        !usage("rediss://user:secret@h:1/0").contains("secret"),
+        "a password was printed"
+    );
     assert!(usage("s3://bucket").starts_with("unsupported store URL"));
     assert!(usage("file:").contains("names no directory"));
     assert!(usage(".fanout").starts_with("unsupported store URL"));
