@@ -99,8 +99,10 @@ fn login_loop(
     logins_path: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let (logins, _) = logins::load(logins_path, false)?;
-    let store = Store::open_read_only(&job.store)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let store = runtime.block_on(Store::connect_read_only(&job.store))?;
     let mut state = Vec::new();
     for c in coupons {
         let target = Target::new(c.clone(), None);

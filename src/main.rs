@@ -74,7 +74,6 @@ fn execute(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Grants(args) => {
-            let store = fanout::store::Store::open_read_only(&args.store)?;
             let key = match &args.occurrence {
                 Some(o) => format!("{}:{o}", args.campaign),
                 None => args.campaign.clone(),
@@ -83,7 +82,10 @@ fn execute(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()
                 .map_err(|e| Error::runtime(format!("cannot start tokio: {e}")))?;
-            let ids = runtime.block_on(store.granted(&key))?;
+            let ids = runtime.block_on(async {
+                let store = fanout::store::Store::connect_read_only(&args.store).await?;
+                store.granted(&key).await
+            })?;
             let mut out = String::with_capacity(ids.len() * 8);
             for id in ids {
                 out.push_str(&id.to_string());

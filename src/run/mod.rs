@@ -106,16 +106,16 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
 pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     let provider = ProviderSpec::parse(&job.provider.url)?;
     let loaded = load(job, opts)?;
-    // Before the store, so a missing credential or a bad timeout (usage errors, exit 2) leaves
-    // the store untouched.
-    let provider = provider.open()?;
-    let store = Store::open(&job.store)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("fanout-push")
         .build()
         .context("cannot start the tokio runtime")?;
+    // Before the store, so a missing credential or a bad timeout (usage errors, exit 2) leaves
+    // the store untouched.
+    let provider = provider.open()?;
+    let store = runtime.block_on(Store::connect(&job.store))?;
 
     let metrics = Arc::new(Metrics::new());
     let mut run_targets = Vec::new();

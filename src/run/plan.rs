@@ -54,11 +54,11 @@ pub struct Plan {
 pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
     let provider = ProviderSpec::parse(&job.provider.url)?;
     let loaded = load(job, opts)?;
-    let store = Store::open_read_only(&job.store)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| crate::error::Error::runtime(format!("cannot start tokio: {e}")))?;
+    let store = runtime.block_on(Store::connect_read_only(&job.store))?;
     let buckets = Buckets::new(job.engine.bucket_size);
     let source = &loaded.source;
     let mut lines = Vec::new();
@@ -89,15 +89,16 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             .map(|(_, u)| *u)
             .collect();
         let filter = AudienceFilter::compile(&campaign.audience, source.tags());
-        let (mut audience, mut granted) = (0u64, 0u64);
+        let mut members = Vec::new();
         source.for_each_in(0, u64::MAX, |u| {
             if filter.matches(&u) {
-                audience += 1;
-                if pre.contains(&u.id) || ledger.is_done(u.id) {
-                    granted += 1;
-                }
+                members.push(u.id);
             }
         });
+        let audience = members.len() as u64;
+        members.retain(|id| !pre.contains(id));
+        let granted =
+            (audience - members.len() as u64) + runtime.block_on(ledger.count_done(&members))?;
         let eligible = audience - granted;
         if !at_login {
             total += eligible;

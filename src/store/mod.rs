@@ -10,10 +10,12 @@
 //! - *done*: delivered or dead-lettered, durable. *dead* ⊆ done: dead-lettered, kept apart so a
 //!   later run can re-drive them.
 //!
-//! [`Store`] opens ledgers by key from a store URL. Only the embedded store
-//! ([`file`](mod@file), `file:DIR`) exists so far; the async methods leave room for a Redis variant.
+//! [`Store`] opens ledgers by key from a store URL: the embedded store ([`file`](mod@file),
+//! `file:DIR`, one process at a time) or the shared one ([`redis`](mod@redis), `redis://…`,
+//! any number of processes and machines).
 
 pub mod file;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -24,6 +26,8 @@ use crate::error::{Error, Result};
 pub enum Store {
     /// The embedded store in a local directory (`file:DIR`).
     File(Arc<file::FileStore>),
+    /// The shared store on a Redis server.
+    Redis(Arc<redis::RedisStore>),
 }
 
 /// One ledger: a campaign occurrence's grants. Clone is cheap.
@@ -31,6 +35,8 @@ pub enum Store {
 pub enum Ledger {
     /// A ledger of the embedded store.
     File(Arc<file::FileLedger>),
+    /// A ledger on Redis.
+    Redis(Arc<redis::RedisLedger>),
 }
 
 /// Result of a claim.
@@ -56,6 +62,7 @@ pub struct LedgerCounts {
 /// Where a store URL points.
 enum Target<'a> {
     Dir(&'a str),
+    Redis,
 }
 
 /// Splits a store URL; refuses what this build cannot open.
@@ -70,9 +77,13 @@ fn parse_url(url: &str) -> Result<Target<'_>> {
         }
         return Ok(Target::Dir(dir));
     }
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
+    if url.starts_with("redis://") {
+        return Ok(Target::Redis);
+    }
+    if url.starts_with("rediss://") {
         return Err(Error::Usage(format!(
-            "store URL `{url}`: Redis support is not built yet; use file:DIR"
+            "store URL `{}`: TLS to Redis is not built yet; use redis://",
+            redis::shown(url)
         )));
     }
     Err(Error::Usage(format!(
@@ -107,6 +118,31 @@ impl Store {
     pub fn open(url: &str) -> Result<Store> {
         match parse_url(url)? {
             Target::Dir(dir) => Ok(Store::File(Arc::new(file::FileStore::open(url, dir)?))),
+            Target::Redis => Err(Error::Usage(format!(
+                "store URL `{}`: a Redis store is opened with Store::connect",
+                redis::shown(url)
+            ))),
+        }
+    }
+
+    /// Opens the store at any `url`: `file:DIR` as [`Store::open`] does, `redis://…` by
+    /// connecting (retrying for a while if the server is not up yet).
+    pub async fn connect(url: &str) -> Result<Store> {
+        match parse_url(url)? {
+            Target::Dir(_) => Store::open(url),
+            Target::Redis => Ok(Store::Redis(Arc::new(
+                redis::RedisStore::open(url, false).await?,
+            ))),
+        }
+    }
+
+    /// [`Store::connect`] for reading only (`fanout grants`, `fanout plan`).
+    pub async fn connect_read_only(url: &str) -> Result<Store> {
+        match parse_url(url)? {
+            Target::Dir(_) => Store::open_read_only(url),
+            Target::Redis => Ok(Store::Redis(Arc::new(
+                redis::RedisStore::open(url, true).await?,
+            ))),
         }
     }
 
@@ -118,6 +154,10 @@ impl Store {
             Target::Dir(dir) => Ok(Store::File(Arc::new(file::FileStore::open_read_only(
                 url, dir,
             )?))),
+            Target::Redis => Err(Error::Usage(format!(
+                "store URL `{}`: a Redis store is opened with Store::connect_read_only",
+                redis::shown(url)
+            ))),
         }
     }
 
@@ -131,6 +171,7 @@ impl Store {
             .unwrap_or(0);
         let verdict = match self {
             Store::File(store) => store.admit(campaigns, now, ADMISSION_TTL_S)?,
+            Store::Redis(store) => store.admit(campaigns, ADMISSION_TTL_S).await?,
         };
         verdict.map_err(|(id, earlier)| Error::Duplicate { id, earlier })
     }
@@ -146,6 +187,7 @@ impl Store {
                 let key = key.to_owned();
                 off_runtime(move || store.ledger(&key).map(Ledger::File)).await
             }
+            Store::Redis(store) => store.ledger(key).await.map(Ledger::Redis),
         }
     }
 
@@ -156,6 +198,8 @@ impl Store {
                 let store = Arc::clone(store);
                 off_runtime(move || store.sync()).await
             }
+            // The server's own persistence (appendonly, fsync policy) decides.
+            Store::Redis(_) => Ok(()),
         }
     }
 
@@ -166,6 +210,7 @@ impl Store {
                 let store = Arc::clone(store);
                 off_runtime(move || store.checkpoint()).await
             }
+            Store::Redis(store) => store.close().await,
         }
     }
 
@@ -178,6 +223,7 @@ impl Store {
                 let key = key.to_owned();
                 off_runtime(move || store.granted(&key)).await
             }
+            Store::Redis(store) => store.granted(key).await,
         }
     }
 
@@ -185,6 +231,7 @@ impl Store {
     pub fn url(&self) -> &str {
         match self {
             Store::File(store) => store.url(),
+            Store::Redis(store) => store.url(),
         }
     }
 }
@@ -196,6 +243,7 @@ impl Ledger {
     pub async fn claim(&self, ids: &[u32]) -> Result<Claim> {
         match self {
             Ledger::File(ledger) => ledger.claim(ids),
+            Ledger::Redis(ledger) => ledger.claim(ids).await,
         }
     }
 
@@ -203,6 +251,7 @@ impl Ledger {
     pub async fn mark_done(&self, ids: &[u32]) -> Result<()> {
         match self {
             Ledger::File(ledger) => ledger.mark_done(ids),
+            Ledger::Redis(ledger) => ledger.mark_done(ids).await,
         }
     }
 
@@ -210,6 +259,7 @@ impl Ledger {
     pub async fn mark_dead(&self, ids: &[u32]) -> Result<()> {
         match self {
             Ledger::File(ledger) => ledger.mark_dead(ids),
+            Ledger::Redis(ledger) => ledger.mark_dead(ids).await,
         }
     }
 
@@ -221,20 +271,28 @@ impl Ledger {
                 let ledger = Arc::clone(ledger);
                 off_runtime(move || ledger.revive_dead()).await
             }
+            Ledger::Redis(ledger) => ledger.revive_dead().await,
         }
     }
 
-    /// Whether id is done (for the `plan` dry run and tests).
-    pub fn is_done(&self, id: u32) -> bool {
+    /// How many of `ids` are done (for `fanout plan`).
+    pub async fn count_done(&self, ids: &[u32]) -> Result<u64> {
         match self {
-            Ledger::File(ledger) => ledger.is_done(id),
+            Ledger::File(ledger) => Ok(ids.iter().filter(|&&id| ledger.is_done(id)).count() as u64),
+            Ledger::Redis(ledger) => ledger.count_done(ids).await,
         }
+    }
+
+    /// Whether `id` is done.
+    pub async fn is_done(&self, id: u32) -> Result<bool> {
+        Ok(self.count_done(&[id]).await? == 1)
     }
 
     /// How many ids the ledger holds in each set.
-    pub fn counts(&self) -> LedgerCounts {
+    pub async fn counts(&self) -> Result<LedgerCounts> {
         match self {
-            Ledger::File(ledger) => ledger.counts(),
+            Ledger::File(ledger) => Ok(ledger.counts()),
+            Ledger::Redis(ledger) => ledger.counts().await,
         }
     }
 }

@@ -1,0 +1,606 @@
+//! The shared store (`redis://[user:pass@]host:port/db`): the ledger as bitmaps on a Redis
+//! server, so several processes and machines share one "at most once".
+//!
+//! ```text
+//! fanout:granted:{ledger}:{id >> 24}    bitmap, bit id & 0xFFFFFF: claimed (SETBIT's old bit
+//!                                       is the atomic test-and-set)
+//! fanout:done:{ledger}:{id >> 24}       bitmap: delivered or dead-lettered
+//! fanout:dead:{ledger}:{id >> 24}       bitmap: dead-lettered
+//! fanout:inflight:{ledger}:{run}:{id >> 24}  bitmap: ids this run claimed, not yet done
+//! fanout:run:{run}                      string, EX 5 s, refreshed every second: the run lives
+//! fanout:admitted:{content hash}        string (campaign id), SET NX EX 1800: the guard
+//! ```
+//! A claim is one script call per batch and chunk: SETBIT each id and record the newly claimed
+//! ones in the run's in-flight bitmap, atomically. Marking done sets the done bits and removes the ids
+//! from that bitmap. A run that dies leaves its in-flight bitmaps behind and its `run` key expires:
+//! the next run to open the ledger adopts them (atomically, so two runs cannot both adopt
+//! one) and hands those ids out once more — the messages that were in flight at the crash. A
+//! claim answers ids in the caller's own in-flight bitmap as claimed, which also makes a retried
+//! claim (its first reply lost in a restart) give the same answer.
+//!
+//! Every call retries with backoff while the server is unreachable (a restart), and gives up
+//! with a runtime error after [`RETRY_BUDGET`]. The password (from the URL or
+//! `FANOUT_REDIS_PASSWORD`) is never printed: URLs are shown without it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, Script};
+use roaring::RoaringBitmap;
+
+use super::{Claim, LedgerCounts};
+use crate::error::{Error, Result};
+
+/// How long a call keeps retrying an unreachable server before the run gives up.
+pub const RETRY_BUDGET: Duration = Duration::from_secs(30);
+/// How long a run's liveness key lasts without a refresh.
+pub const LEASE: Duration = Duration::from_secs(5);
+/// Ids per bitmap key: 2^24 bits, 2 MiB at most.
+const CHUNK_BITS: u32 = 24;
+const CHUNK_MASK: u32 = (1 << CHUNK_BITS) - 1;
+
+/// Claims offsets in one chunk: SETBIT each in the granted bitmap (KEYS[1]); a newly set one
+/// is recorded in the run's in-flight bitmap (KEYS[2]); one already in that bitmap is this
+/// run's (adopted from a dead run, or claimed by a call whose reply was lost and is retried)
+/// and is answered as claimed again. Returns 0 (claimed) or 1 (taken) per offset.
+const CLAIM: &str = r"
+local out = {}
+for i = 1, #ARGV do
+  local old = redis.call('SETBIT', KEYS[1], ARGV[i], 1)
+  if old == 0 then
+    redis.call('SETBIT', KEYS[2], ARGV[i], 1)
+  elseif redis.call('GETBIT', KEYS[2], ARGV[i]) == 1 then
+    old = 0
+  end
+  out[i] = old
+end
+return out
+";
+
+/// Marks offsets of one chunk done (KEYS[1]) and, when KEYS[2] is given, dead; clears them in
+/// the run's in-flight bitmap (KEYS[3]).
+const MARK: &str = r"
+for i = 1, #ARGV do
+  redis.call('SETBIT', KEYS[1], ARGV[i], 1)
+  if KEYS[2] ~= '' then redis.call('SETBIT', KEYS[2], ARGV[i], 1) end
+  redis.call('SETBIT', KEYS[3], ARGV[i], 0)
+end
+if redis.call('BITCOUNT', KEYS[3]) == 0 then redis.call('DEL', KEYS[3]) end
+return 0
+";
+
+/// Adopts a dead run's in-flight bitmap of one chunk (KEYS[1]) into ours (KEYS[2]) unless its
+/// lease (KEYS[3]) still lives: every offset not yet done (KEYS[4]) joins our in-flight
+/// bitmap, so our claims hand it out again. Returns how many.
+const ADOPT: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local n = 0
+local pos = redis.call('BITPOS', KEYS[1], 1)
+while pos >= 0 do
+  if redis.call('GETBIT', KEYS[4], pos) == 0 then
+    redis.call('SETBIT', KEYS[2], pos, 1)
+    n = n + 1
+  end
+  redis.call('SETBIT', KEYS[1], pos, 0)
+  pos = redis.call('BITPOS', KEYS[1], 1, math.floor(pos / 8))
+end
+redis.call('DEL', KEYS[1])
+return n
+";
+
+/// Revives the dead offsets of one chunk: clears each in the dead (KEYS[1]), done (KEYS[2])
+/// and granted (KEYS[3]) bitmaps, so the next claim hands it out. Returns how many.
+const REVIVE: &str = r"
+local n = 0
+local pos = redis.call('BITPOS', KEYS[1], 1)
+while pos >= 0 do
+  redis.call('SETBIT', KEYS[2], pos, 0)
+  redis.call('SETBIT', KEYS[3], pos, 0)
+  redis.call('SETBIT', KEYS[1], pos, 0)
+  n = n + 1
+  pos = redis.call('BITPOS', KEYS[1], 1, math.floor(pos / 8))
+end
+redis.call('DEL', KEYS[1])
+return n
+";
+
+/// `ids` cut into runs of one chunk each: (chunk, offsets).
+fn by_chunk(ids: &[u32]) -> Vec<(u32, Vec<u32>)> {
+    let mut out: Vec<(u32, Vec<u32>)> = Vec::new();
+    for &id in ids {
+        let chunk = id >> CHUNK_BITS;
+        match out.last_mut() {
+            Some((c, offsets)) if *c == chunk => offsets.push(id & CHUNK_MASK),
+            _ => out.push((chunk, vec![id & CHUNK_MASK])),
+        }
+    }
+    out
+}
+
+/// A URL fit to print: without its password.
+pub fn shown(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A Redis store, shared by every worker and task of a process.
+pub struct RedisStore {
+    url: String,
+    con: ConnectionManager,
+    run: String,
+    read_only: bool,
+    ledgers: Mutex<HashMap<String, Arc<RedisLedger>>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.url)
+            .field("run", &self.run)
+            .finish()
+    }
+}
+
+/// One ledger on Redis.
+#[derive(Debug)]
+pub struct RedisLedger {
+    url: String,
+    con: ConnectionManager,
+    granted: String,
+    done: String,
+    dead: String,
+    inflight: String,
+    read_only: bool,
+}
+
+/// Retries `op` with backoff while it fails, for up to [`RETRY_BUDGET`].
+async fn retrying<T, F, Fut>(url: &str, what: &str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    let started = Instant::now();
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() < RETRY_BUDGET && retryable(&e) => {
+                tracing::warn!(store = %url, error = %e, "redis {what} failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                return Err(Error::runtime(format!(
+                    "store {url}: {what} failed{}: {e}",
+                    if retryable(&e) { " for 30 s" } else { "" }
+                )))
+            }
+        }
+    }
+}
+
+fn retryable(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+        )
+}
+
+impl RedisStore {
+    /// Connects to `url` (`FANOUT_REDIS_PASSWORD` supplies a password the URL lacks).
+    pub async fn open(url: &str, read_only: bool) -> Result<RedisStore> {
+        let show = shown(url);
+        let mut info = url
+            .into_connection_info()
+            .map_err(|e| Error::Usage(format!("store URL {show}: {e}")))?;
+        if let (None, Ok(pw)) = (
+            info.redis_settings().password(),
+            std::env::var("FANOUT_REDIS_PASSWORD"),
+        ) {
+            let settings = info.redis_settings().clone().set_password(pw);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info)
+            .map_err(|e| Error::Usage(format!("store URL {show}: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let con = retrying(&show, "connect", || {
+            client.get_connection_manager_with_config(config.clone())
+        })
+        .await?;
+        let run = format!("{:016x}", rand::random::<u64>());
+        let store = RedisStore {
+            url: show,
+            con,
+            run,
+            read_only,
+            ledgers: Mutex::new(HashMap::new()),
+        };
+        if !read_only {
+            store.heartbeat().await?;
+            let (con, key) = (store.con.clone(), store.run_key());
+            tokio::spawn(async move {
+                let mut con = con;
+                loop {
+                    tokio::time::sleep(LEASE / 5).await;
+                    let refreshed: redis::RedisResult<()> = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(1)
+                        .arg("PX")
+                        .arg(LEASE.as_millis() as u64)
+                        .query_async(&mut con)
+                        .await;
+                    if let Err(e) = refreshed {
+                        tracing::warn!(error = %e, "cannot refresh the run's lease in redis");
+                    }
+                }
+            });
+        }
+        Ok(store)
+    }
+
+    fn run_key(&self) -> String {
+        format!("fanout:run:{}", self.run)
+    }
+
+    async fn heartbeat(&self) -> Result<()> {
+        let key = self.run_key();
+        retrying(&self.url, "SET run lease", || {
+            let mut con = self.con.clone();
+            let key = key.clone();
+            async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(LEASE.as_millis() as u64)
+                    .query_async::<()>(&mut con)
+                    .await
+            }
+        })
+        .await
+    }
+
+    /// The URL, without its password.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The ledger of `key`, adopting in-flight ids of dead runs on first open.
+    pub async fn ledger(&self, key: &str) -> Result<Arc<RedisLedger>> {
+        if let Some(l) = self
+            .ledgers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+        {
+            return Ok(l.clone());
+        }
+        let ledger = RedisLedger {
+            url: self.url.clone(),
+            con: self.con.clone(),
+            granted: format!("fanout:granted:{key}:"),
+            done: format!("fanout:done:{key}:"),
+            dead: format!("fanout:dead:{key}:"),
+            inflight: format!("fanout:inflight:{key}:{}:", self.run),
+            read_only: self.read_only,
+        };
+        if !self.read_only {
+            let adopted = self.adopt_orphans(key, &ledger).await?;
+            if adopted > 0 {
+                tracing::info!(
+                    ledger = key,
+                    ids = adopted,
+                    "re-sending what a dead run had in flight"
+                );
+            }
+        }
+        let ledger = Arc::new(ledger);
+        self.ledgers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.to_owned(), ledger.clone());
+        Ok(ledger)
+    }
+
+    /// Adopts the in-flight sets of runs whose lease expired; returns how many ids.
+    async fn adopt_orphans(&self, key: &str, ledger: &RedisLedger) -> Result<u64> {
+        let pattern = format!("fanout:inflight:{key}:*");
+        let keys: Vec<String> = retrying(&self.url, "SCAN in-flight sets", || {
+            let mut con = self.con.clone();
+            let pattern = pattern.clone();
+            async move {
+                let mut found = Vec::new();
+                let mut cursor = 0u64;
+                loop {
+                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut con)
+                        .await?;
+                    found.extend(batch);
+                    if next == 0 {
+                        return Ok(found);
+                    }
+                    cursor = next;
+                }
+            }
+        })
+        .await?;
+        let script = Script::new(ADOPT);
+        let mut adopted = 0;
+        for orphan in keys
+            .into_iter()
+            .filter(|k| !k.starts_with(&ledger.inflight))
+        {
+            // fanout:inflight:{ledger}:{run}:{chunk}
+            let mut tail = orphan.rsplitn(3, ':');
+            let (Some(chunk), Some(run)) = (tail.next(), tail.next()) else {
+                continue;
+            };
+            let lease = format!("fanout:run:{run}");
+            let (mine, done) = (
+                format!("{}{chunk}", ledger.inflight),
+                format!("{}{chunk}", ledger.done),
+            );
+            let ids: u64 = retrying(&self.url, "adopt in-flight ids", || {
+                let mut con = self.con.clone();
+                let mut call = script.prepare_invoke();
+                call.key(&orphan).key(&mine).key(&lease).key(&done);
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?;
+            adopted += ids;
+        }
+        Ok(adopted)
+    }
+
+    /// The repeated-campaign guard (see [`super::Store::admit`]).
+    pub async fn admit(
+        &self,
+        campaigns: &[(String, String)],
+        ttl_s: u64,
+    ) -> Result<std::result::Result<(), (String, String)>> {
+        let mut seen: Vec<(&str, &str)> = Vec::new();
+        for (hash, id) in campaigns {
+            let key = format!("fanout:admitted:{hash}");
+            let holder: Option<String> = retrying(&self.url, "GET admitted", || {
+                let mut con = self.con.clone();
+                let key = key.clone();
+                async move { redis::cmd("GET").arg(key).query_async(&mut con).await }
+            })
+            .await?;
+            let earlier = holder.as_deref().filter(|h| h != id).or_else(|| {
+                seen.iter()
+                    .find(|(h, i)| h == hash && i != id)
+                    .map(|(_, i)| *i)
+            });
+            if let Some(earlier) = earlier {
+                return Ok(Err((id.clone(), earlier.to_owned())));
+            }
+            seen.push((hash, id));
+        }
+        for (hash, id) in campaigns {
+            let key = format!("fanout:admitted:{hash}");
+            retrying(&self.url, "SET admitted", || {
+                let mut con = self.con.clone();
+                let (key, id) = (key.clone(), id.clone());
+                async move {
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(id)
+                        .arg("EX")
+                        .arg(ttl_s)
+                        .query_async::<()>(&mut con)
+                        .await
+                }
+            })
+            .await?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Every claimed id of ledger `key`, sorted.
+    pub async fn granted(&self, key: &str) -> Result<Vec<u32>> {
+        let ledger = self.ledger(key).await?;
+        Ok(ledger.bits(&ledger.granted).await?.iter().collect())
+    }
+
+    /// Ends the run: drops its lease (its in-flight sets are empty after a clean drain).
+    pub async fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let key = self.run_key();
+        retrying(&self.url, "DEL run lease", || {
+            let mut con = self.con.clone();
+            let key = key.clone();
+            async move { redis::cmd("DEL").arg(key).query_async::<()>(&mut con).await }
+        })
+        .await
+    }
+}
+
+impl RedisLedger {
+    fn refuse_read_only(&self) -> Result<()> {
+        match self.read_only {
+            true => Err(Error::runtime(format!(
+                "store {} is open read-only",
+                self.url
+            ))),
+            false => Ok(()),
+        }
+    }
+
+    /// The atomic claim; see [`super::Ledger::claim`].
+    pub async fn claim(&self, ids: &[u32]) -> Result<Claim> {
+        self.refuse_read_only()?;
+        let groups = by_chunk(ids);
+        let script = Script::new(CLAIM);
+        // One script call per chunk (a batch of ids is almost always one chunk); invoking a
+        // script loads it on the server when missing.
+        let old: Vec<Vec<u8>> = retrying(&self.url, "claim", || {
+            let mut con = self.con.clone();
+            let (groups, script) = (&groups, &script);
+            async move {
+                let mut old = Vec::with_capacity(groups.len());
+                for (chunk, offsets) in groups {
+                    let bits: Vec<u8> = script
+                        .key(format!("{}{chunk}", self.granted))
+                        .key(format!("{}{chunk}", self.inflight))
+                        .arg(offsets)
+                        .invoke_async(&mut con)
+                        .await?;
+                    old.push(bits);
+                }
+                Ok(old)
+            }
+        })
+        .await?;
+        let mut out = Claim::default();
+        for (&id, &bit) in ids.iter().zip(old.iter().flatten()) {
+            if bit == 0 {
+                out.claimed.push(id);
+            } else {
+                out.already.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn mark(&self, ids: &[u32], dead: bool) -> Result<()> {
+        self.refuse_read_only()?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let groups = by_chunk(ids);
+        let script = Script::new(MARK);
+        retrying(&self.url, "mark done", || {
+            let mut con = self.con.clone();
+            let (groups, script) = (&groups, &script);
+            async move {
+                for (chunk, offsets) in groups {
+                    let dead_key = if dead {
+                        format!("{}{chunk}", self.dead)
+                    } else {
+                        String::new()
+                    };
+                    script
+                        .key(format!("{}{chunk}", self.done))
+                        .key(dead_key)
+                        .key(format!("{}{chunk}", self.inflight))
+                        .arg(offsets)
+                        .invoke_async::<i64>(&mut con)
+                        .await?;
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Records `ids` as delivered.
+    pub async fn mark_done(&self, ids: &[u32]) -> Result<()> {
+        self.mark(ids, false).await
+    }
+
+    /// Records `ids` as dead-lettered (and done).
+    pub async fn mark_dead(&self, ids: &[u32]) -> Result<()> {
+        self.mark(ids, true).await
+    }
+
+    /// Makes every dead-lettered id claimable again (`--retry-dead-letters`); returns how many.
+    pub async fn revive_dead(&self) -> Result<u64> {
+        self.refuse_read_only()?;
+        let script = Script::new(REVIVE);
+        let mut revived = 0;
+        for chunk in 0u32..(1 << (32 - CHUNK_BITS)) {
+            let keys = [
+                format!("{}{chunk}", self.dead),
+                format!("{}{chunk}", self.done),
+                format!("{}{chunk}", self.granted),
+            ];
+            let n: u64 = retrying(&self.url, "revive dead letters", || {
+                let mut con = self.con.clone();
+                let mut call = script.prepare_invoke();
+                call.key(&keys[0]).key(&keys[1]).key(&keys[2]);
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?;
+            revived += n;
+        }
+        Ok(revived)
+    }
+
+    /// How many of `ids` are done (pipelined GETBITs).
+    pub async fn count_done(&self, ids: &[u32]) -> Result<u64> {
+        let mut done = 0;
+        for chunk in ids.chunks(10_000) {
+            let bits: Vec<u8> = retrying(&self.url, "GETBIT done", || {
+                let mut con = self.con.clone();
+                let mut pipe = redis::pipe();
+                for &id in chunk {
+                    pipe.cmd("GETBIT")
+                        .arg(format!("{}{}", self.done, id >> CHUNK_BITS))
+                        .arg(id & 0xFF_FFFF);
+                }
+                async move { pipe.query_async(&mut con).await }
+            })
+            .await?;
+            done += bits.iter().filter(|&&b| b == 1).count() as u64;
+        }
+        Ok(done)
+    }
+
+    /// The set of ids whose bit is set in the bitmaps under `prefix`.
+    async fn bits(&self, prefix: &str) -> Result<RoaringBitmap> {
+        let mut out = RoaringBitmap::new();
+        for chunk in 0u32..(1 << (32 - CHUNK_BITS)) {
+            let key = format!("{prefix}{chunk}");
+            let bytes: Option<Vec<u8>> = retrying(&self.url, "GET ledger", || {
+                let mut con = self.con.clone();
+                let key = key.clone();
+                async move { redis::cmd("GET").arg(key).query_async(&mut con).await }
+            })
+            .await?;
+            let Some(bytes) = bytes else { continue };
+            let base = chunk << CHUNK_BITS;
+            for (i, byte) in bytes.iter().enumerate().filter(|(_, b)| **b != 0) {
+                for bit in 0..8 {
+                    // Redis numbers bits from the most significant bit of each byte.
+                    if byte & (0x80 >> bit) != 0 {
+                        out.insert(base + (i as u32) * 8 + bit);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many ids each set holds.
+    pub async fn counts(&self) -> Result<LedgerCounts> {
+        Ok(LedgerCounts {
+            claimed: self.bits(&self.granted).await?.len(),
+            done: self.bits(&self.done).await?.len(),
+            dead: self.bits(&self.dead).await?.len(),
+        })
+    }
+}
