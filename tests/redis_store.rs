@@ -42,20 +42,7 @@ fn every_sample_dataflow_on_redis_equals_the_naive_set() {
         s.write("job.toml", &job);
         let store = redis.url(db as u8);
         s.fanout_ok(&["run", "job.toml", "-w", "2", "--store", &store, "--quiet"]);
-        let doc: toml::Value = toml::from_str(&job).unwrap();
-        let input = |k: &str| {
-            doc["inputs"]
-                .get(k)
-                .and_then(toml::Value::as_str)
-                .map(|p| read(&s.path(p)))
-        };
-        let logins = input("logins")
-            .map(|t| logins_jsonl(&t))
-            .unwrap_or_default();
-        let granted = input("granted")
-            .map(|t| granted_jsonl(&t))
-            .unwrap_or_default();
-        let want = expected(&job, &users, &logins, &granted, None);
+        let want = expected_in(&job, s.dir.path(), &users);
         assert_eq!(
             delivered(&s.path("deliveries.jsonl")),
             want,

@@ -52,20 +52,7 @@ fn every_sample_dataflow_runs_and_delivers_the_naive_set() {
                 "--summary",
                 "summary.json",
             ]);
-            let doc: toml::Value = toml::from_str(&job).unwrap();
-            let input = |k: &str| {
-                doc["inputs"]
-                    .get(k)
-                    .and_then(toml::Value::as_str)
-                    .map(|p| read(&s.path(p)))
-            };
-            let logins = input("logins")
-                .map(|t| logins_jsonl(&t))
-                .unwrap_or_default();
-            let granted = input("granted")
-                .map(|t| granted_jsonl(&t))
-                .unwrap_or_default();
-            let want = expected(&job, &users, &logins, &granted, None);
+            let want = expected_in(&job, s.dir.path(), &users);
             assert!(!want.is_empty(), "{name} should deliver something");
             assert_eq!(
                 delivered(&s.path("deliveries.jsonl")),

@@ -147,6 +147,29 @@ pub fn expected(
     want
 }
 
+/// What `job` should deliver with its logins and granted inputs read from `dir` (where the
+/// job ran) and `now` from the job.
+pub fn expected_in(
+    job: &str,
+    dir: &std::path::Path,
+    users: &BTreeMap<u64, TUser>,
+) -> BTreeSet<(String, Option<String>, u64)> {
+    let doc: Value = toml::from_str(job).expect("test job is TOML");
+    let input = |k: &str| {
+        doc["inputs"]
+            .get(k)
+            .and_then(Value::as_str)
+            .map(|p| std::fs::read_to_string(dir.join(p)).unwrap_or_default())
+    };
+    let logins = input("logins")
+        .map(|t| logins_jsonl(&t))
+        .unwrap_or_default();
+    let granted = input("granted")
+        .map(|t| granted_jsonl(&t))
+        .unwrap_or_default();
+    expected(job, users, &logins, &granted, None)
+}
+
 /// Reads login events the naive way.
 pub fn logins_jsonl(text: &str) -> Vec<NLogin> {
     text.lines()
