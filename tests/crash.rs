@@ -4,8 +4,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -56,25 +54,8 @@ fn sigkill_then_rerun_loses_nothing() {
     // Kill twice, each time once a good part, but not all, is out; then let a run finish.
     let mut at_kill = 0;
     for threshold in [30_000, 80_000] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
-            .args(["run", "job.toml", "-w", &WORKERS.to_string(), "--quiet"])
-            .current_dir(s.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start fanout");
-        let started = Instant::now();
-        while lines_in(&deliveries) < threshold {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the run never got going"
-            );
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the run ended before the kill"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut child = s.start(&["run", "job.toml", "-w", &WORKERS.to_string(), "--quiet"]);
+        s.wait_for_lines("deliveries.jsonl", threshold, &mut child);
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
         at_kill = lines_in(&deliveries);

@@ -8,7 +8,7 @@ mod redis_server;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use naive::*;
@@ -173,21 +173,8 @@ fn a_redis_restart_mid_run_loses_and_duplicates_nothing() {
     let s = Scratch::new();
     s.write("job.toml", rated_job(20_000));
     let store = redis.url(0);
-    let child = Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .args(["run", "job.toml", "-w", "2", "--store", &store, "--quiet"])
-        .current_dir(s.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while lines_in(&s.path("deliveries.jsonl")) < 10_000 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the run never got going"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = s.start(&["run", "job.toml", "-w", "2", "--store", &store, "--quiet"]);
+    s.wait_for_lines("deliveries.jsonl", 10_000, &mut child);
     redis.restart_after(Duration::from_millis(1500));
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -206,21 +193,8 @@ fn a_killed_run_is_finished_by_the_next_one() {
     let s = Scratch::new();
     s.write("job.toml", rated_job(20_000));
     let store = redis.url(0);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .args(["run", "job.toml", "-w", "2", "--store", &store, "--quiet"])
-        .current_dir(s.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while lines_in(&s.path("deliveries.jsonl")) < 10_000 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the run never got going"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = s.start(&["run", "job.toml", "-w", "2", "--store", &store, "--quiet"]);
+    s.wait_for_lines("deliveries.jsonl", 10_000, &mut child);
     child.kill().unwrap();
     child.wait().unwrap();
     // The dead run's lease must expire before its in-flight claims are handed out again.

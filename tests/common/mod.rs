@@ -39,6 +39,39 @@ impl Scratch {
             .expect("run fanout")
     }
 
+    /// Starts `fanout ARGS` in this directory without waiting (stderr piped).
+    pub fn start(&self, args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start fanout")
+    }
+
+    /// Waits until `file` here holds at least `lines` lines, while `child` keeps running.
+    pub fn wait_for_lines(&self, file: &str, lines: usize, child: &mut std::process::Child) {
+        let started = std::time::Instant::now();
+        loop {
+            let n = std::fs::read(self.path(file))
+                .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+                .unwrap_or(0);
+            if n >= lines {
+                return;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the run never got going"
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before {lines} lines"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Runs and asserts exit 0, returning stderr.
     pub fn fanout_ok(&self, args: &[&str]) -> String {
         let out = self.fanout(args);
