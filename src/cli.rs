@@ -20,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// One pass: admit the job's campaigns, fan out, drain, exit.
     Run(RunArgs),
+    /// Long-running: campaigns and logins as Redis streams, schedules, /metrics and /healthz.
+    Serve(ServeArgs),
     /// Dry run: audience sizes, buckets, batches and an ETA; pushes nothing.
     Plan(RunArgs),
     /// Generate inputs.
@@ -60,6 +62,21 @@ pub struct GrantsArgs {
     pub occurrence: Option<String>,
 }
 
+/// `fanout serve JOB.toml [overrides] [--listen ADDR]`
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The job and its overrides, as for `run`.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Where GET /metrics (Prometheus text) and GET /healthz are served.
+    #[arg(long, default_value = "127.0.0.1:9898")]
+    pub listen: std::net::SocketAddr,
+    /// This process's consumer name in the Redis consumer group `fanout`; a restarted
+    /// process with the same name takes back the entries it had not finished.
+    #[arg(long, default_value = "fanout-serve")]
+    pub consumer: String,
+}
+
 /// `fanout run|plan JOB.toml [overrides]`
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -71,6 +88,9 @@ pub struct RunArgs {
     /// Login events (coupon on_login only).
     #[arg(long)]
     pub logins: Option<String>,
+    /// Campaigns submitted to `serve`: redis://… (its fanout:campaigns stream).
+    #[arg(long)]
+    pub campaigns: Option<String>,
     /// Pairs granted before fanout existed.
     #[arg(long)]
     pub granted: Option<String>,
@@ -131,6 +151,7 @@ impl RunArgs {
         Overrides {
             users: self.users.clone(),
             logins: self.logins.clone(),
+            campaigns: self.campaigns.clone(),
             granted: self.granted.clone(),
             store: self.store.clone(),
             provider: self.provider.clone(),

@@ -24,6 +24,8 @@
 //! - [`dataflow`]: the timely graph: one operator per file.
 //! - [`metrics`]: counters, latency histogram, the run summary, the progress bar.
 //! - [`run`]: `fanout run`/`plan`: wires a job to the dataflow and drives it.
+//! - [`serve`]: `fanout serve`: the same dataflow, generation after generation, fed by Redis
+//!   streams ([`streams`]) and schedules, with /metrics and /healthz.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -38,8 +40,10 @@ pub mod model;
 pub mod providers;
 pub mod render;
 pub mod run;
+pub mod serve;
 pub mod sources;
 pub mod store;
+pub mod streams;
 pub mod template;
 
 pub use error::{Error, Result};

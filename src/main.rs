@@ -51,6 +51,19 @@ fn execute(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Serve(args) => {
+            let job = fanout::job::load(&args.run.job, &args.run.overrides())?;
+            let opts = fanout::serve::ServeOptions {
+                listen: args.listen,
+                consumer: args.consumer,
+                run: RunOptions {
+                    quiet: args.run.quiet,
+                    skip_bad_lines: args.run.skip_bad_lines,
+                    retry_dead_letters: args.run.retry_dead_letters,
+                },
+            };
+            fanout::serve::serve(&job, &opts)
+        }
         Command::Plan(args) => {
             let job = fanout::job::load(&args.job, &args.overrides())?;
             let opts = RunOptions {

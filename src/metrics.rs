@@ -130,6 +130,14 @@ pub struct Metrics {
     pub logins_unknown: AtomicU64,
     /// Messages dead-lettered for an invalid or unregistered push token.
     pub invalid_tokens: AtomicU64,
+    /// Users claimed in the store (each is then delivered, dead-lettered or unreachable).
+    pub claimed: AtomicU64,
+    /// Users found already granted when claimed.
+    pub already_granted: AtomicU64,
+    /// Messages dead-lettered, all campaigns.
+    pub dead_lettered: AtomicU64,
+    /// Messages for users without a push token, all campaigns.
+    pub unreachable: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
 }
 
@@ -155,6 +163,10 @@ impl Metrics {
             logins: AtomicU64::new(0),
             logins_unknown: AtomicU64::new(0),
             invalid_tokens: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            already_granted: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            unreachable: AtomicU64::new(0),
             latency_us: Mutex::new(hist),
         }
     }
@@ -175,6 +187,20 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// The push-latency histogram as cumulative counts at each of `bounds` (seconds), with the
+    /// total count and the sum of all latencies in seconds (Prometheus' histogram shape).
+    pub fn latency_cumulative(&self, bounds: &[f64]) -> (Vec<u64>, u64, f64) {
+        let Ok(h) = self.latency_us.lock() else {
+            return (vec![0; bounds.len()], 0, 0.0);
+        };
+        let counts = bounds
+            .iter()
+            .map(|b| h.count_between(0, (b * 1e6) as u64))
+            .collect();
+        let sum_s = h.mean() * h.len() as f64 / 1e6;
+        (counts, h.len(), sum_s)
     }
 
     /// Seconds since the run started.

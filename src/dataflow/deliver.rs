@@ -29,6 +29,12 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
     rt.stats
         .eligible
         .fetch_add(claim.claimed.len() as u64, Relaxed);
+    ctx.metrics
+        .claimed
+        .fetch_add(claim.claimed.len() as u64, Relaxed);
+    ctx.metrics
+        .already_granted
+        .fetch_add(claim.already.len() as u64, Relaxed);
     if claim.claimed.is_empty() {
         return Ok(());
     }
@@ -130,6 +136,10 @@ async fn record(
     rt.stats.unreachable.fetch_add(unreachable, Relaxed);
     rt.stats.dead_lettered.fetch_add(dead.len() as u64, Relaxed);
     ctx.metrics.delivered.fetch_add(delivered, Relaxed);
+    ctx.metrics.unreachable.fetch_add(unreachable, Relaxed);
+    ctx.metrics
+        .dead_lettered
+        .fetch_add(dead.len() as u64, Relaxed);
     ctx.metrics
         .pairs_settled
         .fetch_add((done.len() + dead.len()) as u64, Relaxed);

@@ -103,7 +103,7 @@ pub struct Context {
     /// Every target of the run; records carry indices into this.
     pub targets: Vec<RunTarget>,
     /// The provider and its policy.
-    pub dispatcher: Dispatcher,
+    pub dispatcher: Arc<Dispatcher>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// The runtime push tasks run on.

@@ -42,6 +42,8 @@ pub struct Overrides {
     pub users: Option<String>,
     /// `--logins`: login events.
     pub logins: Option<String>,
+    /// `--campaigns`: the stream of campaigns submitted to `serve`.
+    pub campaigns: Option<String>,
     /// `--granted`: pairs granted before fanout existed.
     pub granted: Option<String>,
     /// `--store`: the store URL.
@@ -94,6 +96,9 @@ pub struct Inputs {
     pub users: String,
     /// Login events, for `on_login` coupons.
     pub logins: Option<String>,
+    /// Where `serve` reads submitted campaigns: a `redis://…` server's `fanout:campaigns`
+    /// stream (an extension of the SPEC's table).
+    pub campaigns: Option<String>,
     /// Pairs already granted before this engine existed.
     pub granted: Option<String>,
 }
@@ -150,6 +155,7 @@ struct RawJob {
 struct RawInputs {
     users: Option<Spanned<String>>,
     logins: Option<Spanned<String>>,
+    campaigns: Option<Spanned<String>>,
     granted: Option<Spanned<String>>,
 }
 
@@ -231,9 +237,9 @@ pub fn parse(label: &str, text: &str, overrides: &Overrides) -> Result<Job> {
 fn inputs(doc: &Doc, raw: Option<Spanned<RawInputs>>, o: &Overrides) -> Result<Inputs> {
     let line = raw.as_ref().map(|r| doc.line(r.span().start));
     let raw = raw.map(Spanned::into_inner);
-    let (users, logins, granted) = match raw {
-        Some(r) => (r.users, r.logins, r.granted),
-        None => (None, None, None),
+    let (users, logins, campaigns, granted) = match raw {
+        Some(r) => (r.users, r.logins, r.campaigns, r.granted),
+        None => (None, None, None, None),
     };
     let users =
         text_setting(doc, users, &o.users, "inputs.users", "--users")?.ok_or_else(|| {
@@ -247,6 +253,13 @@ fn inputs(doc: &Doc, raw: Option<Spanned<RawInputs>>, o: &Overrides) -> Result<I
     Ok(Inputs {
         users,
         logins: text_setting(doc, logins, &o.logins, "inputs.logins", "--logins")?,
+        campaigns: text_setting(
+            doc,
+            campaigns,
+            &o.campaigns,
+            "inputs.campaigns",
+            "--campaigns",
+        )?,
         granted: text_setting(doc, granted, &o.granted, "inputs.granted", "--granted")?,
     })
 }

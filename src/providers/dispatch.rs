@@ -94,6 +94,11 @@ impl Dispatcher {
         }
     }
 
+    /// Messages being pushed right now (slots taken).
+    pub fn in_flight(&self) -> usize {
+        self.capacity.saturating_sub(self.slots.available_permits())
+    }
+
     /// The provider.
     pub fn provider(&self) -> &Provider {
         &self.provider

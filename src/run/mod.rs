@@ -82,6 +82,8 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
         None => Vec::new(),
     };
     let (logins, skipped_logins) = match &job.inputs.logins {
+        // A stream is read once the runtime runs (crate::streams).
+        Some(url) if is_redis(url) => (Vec::new(), 0),
         Some(path) => crate::sources::logins::load(path, opts.skip_bad_lines)?,
         None => (Vec::new(), 0),
     };
@@ -163,21 +165,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
             tracing::info!(campaign = %name, revived, "dead letters made claimable again");
         }
     }
-    let granted: Vec<(u32, u32)> = loaded
-        .granted
-        .iter()
-        .flat_map(|(campaign, user)| {
-            run_targets
-                .iter()
-                .enumerate()
-                // SPEC: granted pairs are for promotions and coupons; a hot product's every
-                // occurrence is its own delivery.
-                .filter(move |(_, rt)| {
-                    rt.target.campaign.id == *campaign && rt.target.occurrence.is_none()
-                })
-                .map(move |(i, _)| (i as u32, *user))
-        })
-        .collect();
+    let granted = granted_pairs(&loaded.granted, &run_targets);
 
     let buckets = Buckets::new(job.engine.bucket_size);
     let concurrency = job.provider.concurrency.max(1);
@@ -208,14 +196,14 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
 
     let batch = job.engine.batch_max_messages.max(1);
     let task_users = (batch * TASK_BATCHES).min(MAX_TASK_USERS).max(batch);
-    let dispatcher = Dispatcher::new(
+    let dispatcher = Arc::new(Dispatcher::new(
         provider,
         concurrency,
         job.provider.rate_per_s,
         job.provider.max_attempts,
         &job.provider.dead_letter,
         metrics.clone(),
-    );
+    ));
     let ctx = Arc::new(Context {
         source: loaded.source,
         buckets,
@@ -319,6 +307,28 @@ fn execute(
         result.map_err(|e| Error::runtime(format!("a worker failed: {e}")))?;
     }
     Ok(())
+}
+
+/// Pre-existing grants `(campaign id, user)` as `(target index, user)` pairs. SPEC: granted
+/// pairs are for promotions and coupons; a hot product's every occurrence is its own delivery.
+pub fn granted_pairs(granted: &[(String, u32)], targets: &[RunTarget]) -> Vec<(u32, u32)> {
+    granted
+        .iter()
+        .flat_map(|(campaign, user)| {
+            targets
+                .iter()
+                .enumerate()
+                .filter(move |(_, rt)| {
+                    rt.target.campaign.id == *campaign && rt.target.occurrence.is_none()
+                })
+                .map(move |(i, _)| (i as u32, *user))
+        })
+        .collect()
+}
+
+/// Whether an input names a Redis server rather than a file.
+pub fn is_redis(input: &str) -> bool {
+    input.starts_with("redis://") || input.starts_with("rediss://")
 }
 
 /// How a campaign occurrence is named for people: `id` or `id @ occurrence`.

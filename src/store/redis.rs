@@ -161,7 +161,7 @@ pub struct RedisLedger {
 }
 
 /// Retries `op` with backoff while it fails, for up to [`RETRY_BUDGET`].
-async fn retrying<T, F, Fut>(url: &str, what: &str, mut op: F) -> Result<T>
+pub(crate) async fn retrying<T, F, Fut>(url: &str, what: &str, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = redis::RedisResult<T>>,
@@ -197,31 +197,38 @@ fn retryable(e: &redis::RedisError) -> bool {
         )
 }
 
+/// A connection manager for `url` (`FANOUT_REDIS_PASSWORD` supplies a password the URL
+/// lacks), retried for a while if the server is not up yet. It reconnects by itself later.
+pub async fn connect(url: &str) -> Result<ConnectionManager> {
+    let show = shown(url);
+    let mut info = url
+        .into_connection_info()
+        .map_err(|e| Error::Usage(format!("redis URL {show}: {e}")))?;
+    if let (None, Ok(pw)) = (
+        info.redis_settings().password(),
+        std::env::var("FANOUT_REDIS_PASSWORD"),
+    ) {
+        let settings = info.redis_settings().clone().set_password(pw);
+        info = info.set_redis_settings(settings);
+    }
+    let client =
+        redis::Client::open(info).map_err(|e| Error::Usage(format!("redis URL {show}: {e}")))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    retrying(&show, "connect", || {
+        client.get_connection_manager_with_config(config.clone())
+    })
+    .await
+}
+
 impl RedisStore {
     /// Connects to `url` (`FANOUT_REDIS_PASSWORD` supplies a password the URL lacks).
     pub async fn open(url: &str, read_only: bool) -> Result<RedisStore> {
         let show = shown(url);
-        let mut info = url
-            .into_connection_info()
-            .map_err(|e| Error::Usage(format!("store URL {show}: {e}")))?;
-        if let (None, Ok(pw)) = (
-            info.redis_settings().password(),
-            std::env::var("FANOUT_REDIS_PASSWORD"),
-        ) {
-            let settings = info.redis_settings().clone().set_password(pw);
-            info = info.set_redis_settings(settings);
-        }
-        let client = redis::Client::open(info)
-            .map_err(|e| Error::Usage(format!("store URL {show}: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let con = retrying(&show, "connect", || {
-            client.get_connection_manager_with_config(config.clone())
-        })
-        .await?;
+        let con = connect(url).await?;
         let run = format!("{:016x}", rand::random::<u64>());
         let store = RedisStore {
             url: show,

@@ -1,0 +1,211 @@
+//! `GET /metrics` (Prometheus text format) and `GET /healthz` on `--listen`.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::providers::dispatch::Dispatcher;
+
+/// Upper bounds (seconds) of the push-latency histogram's buckets.
+const LATENCY_BOUNDS_S: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Counters of `serve` itself, beside the engine's [`Metrics`].
+#[derive(Debug, Default)]
+pub struct ServeCounters {
+    /// Login entries that could not be read as a login (logged, acknowledged, skipped).
+    pub logins_bad: AtomicU64,
+    /// Campaigns admitted from the job file and the stream.
+    pub campaigns_admitted: AtomicU64,
+    /// Submitted campaigns refused: bad TOML or a duplicate of a recent one.
+    pub campaigns_rejected: AtomicU64,
+    /// Generations run (a generation ends when campaigns or schedules change).
+    pub generations: AtomicU64,
+}
+
+/// What `/metrics` reports.
+pub struct Exposition {
+    /// The engine's counters and latency histogram.
+    pub metrics: Arc<Metrics>,
+    /// The dispatcher, for pushes in flight.
+    pub dispatcher: Arc<Dispatcher>,
+    /// `serve`'s own counters.
+    pub counters: Arc<ServeCounters>,
+}
+
+impl Exposition {
+    /// The Prometheus text exposition of every counter.
+    pub fn render(&self) -> String {
+        let m = &self.metrics;
+        let c = &self.counters;
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        counter(
+            "fanout_deliveries_total",
+            "Messages delivered.",
+            m.delivered.load(Relaxed),
+        );
+        counter(
+            "fanout_claims_total",
+            "Users claimed in the store.",
+            m.claimed.load(Relaxed),
+        );
+        counter(
+            "fanout_already_granted_total",
+            "Users found already granted when claimed.",
+            m.already_granted.load(Relaxed),
+        );
+        counter(
+            "fanout_dead_lettered_total",
+            "Messages dead-lettered (failures past retries or permanent).",
+            m.dead_lettered.load(Relaxed),
+        );
+        counter(
+            "fanout_unreachable_total",
+            "Messages for users without a push token.",
+            m.unreachable.load(Relaxed),
+        );
+        counter(
+            "fanout_retries_total",
+            "Push attempts retried.",
+            m.retries.load(Relaxed),
+        );
+        counter(
+            "fanout_users_scanned_total",
+            "Users scanned by fan-outs.",
+            m.users_scanned.load(Relaxed),
+        );
+        counter(
+            "fanout_batches_total",
+            "Batches handed to the provider.",
+            m.batches.load(Relaxed),
+        );
+        counter(
+            "fanout_logins_total",
+            "Login events of known users.",
+            m.logins.load(Relaxed),
+        );
+        counter(
+            "fanout_logins_unknown_user_total",
+            "Login events of unknown users.",
+            m.logins_unknown.load(Relaxed),
+        );
+        counter(
+            "fanout_logins_bad_total",
+            "Login stream entries that were not a login.",
+            c.logins_bad.load(Relaxed),
+        );
+        counter(
+            "fanout_campaigns_admitted_total",
+            "Campaigns admitted.",
+            c.campaigns_admitted.load(Relaxed),
+        );
+        counter(
+            "fanout_campaigns_rejected_total",
+            "Submitted campaigns refused.",
+            c.campaigns_rejected.load(Relaxed),
+        );
+        counter(
+            "fanout_generations_total",
+            "Dataflow generations run.",
+            c.generations.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fanout_in_flight Pushes in flight.\n# TYPE fanout_in_flight gauge\nfanout_in_flight {}",
+            self.dispatcher.in_flight()
+        );
+        let (cumulative, count, sum) = m.latency_cumulative(&LATENCY_BOUNDS_S);
+        let name = "fanout_push_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time one push took.\n# TYPE {name} histogram"
+        );
+        for (bound, n) in LATENCY_BOUNDS_S.iter().zip(cumulative) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {count}");
+        out
+    }
+}
+
+/// Binds `addr` (a taken port is a runtime error, exit 1).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::runtime(format!("cannot listen on {addr}: {e}")))
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the runtime stops.
+pub async fn serve(listener: TcpListener, exposition: Arc<Exposition>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let exposition = exposition.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| respond(exposition.clone(), req));
+            // A client that hangs up mid-request ends here, as it should.
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn respond(
+    exposition: Arc<Exposition>,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            exposition.render(),
+        ),
+        ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        ("GET", _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
+    }
+    Ok(response)
+}

@@ -1,0 +1,131 @@
+//! Campaigns submitted to `serve` on the `fanout:campaigns` stream, and the ones that outlive
+//! their admission kept on the same Redis server: active lazy coupons in `fanout:coupons`
+//! (SPEC: coupon id → campaign JSON) and scheduled hot products in `fanout:hot_products`
+//! (campaign id → campaign JSON, an extension). The JSON is `{"campaign": ID, "job": TOML}`.
+//!
+//! A submitted promotion or pushed coupon is acknowledged once its fan-out is done; a lazy
+//! coupon or hot product once it is kept in its hash, from which every later `serve` reads it.
+
+use std::sync::Arc;
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::job::parse_campaign;
+use crate::model::{Campaign, CouponDelivery, Kind};
+use crate::store::redis::{connect, retrying, shown};
+use crate::streams::{Entry, CAMPAIGNS};
+
+/// Active lazy coupons (SPEC).
+pub const COUPONS: &str = "fanout:coupons";
+/// Scheduled hot products.
+pub const HOT_PRODUCTS: &str = "fanout:hot_products";
+
+/// A campaign as kept in a hash.
+#[derive(Debug, Serialize, Deserialize)]
+struct Kept {
+    campaign: String,
+    job: String,
+}
+
+/// A campaign read from the stream, not yet admitted.
+#[derive(Debug)]
+pub struct Submitted {
+    /// The stream entry to acknowledge.
+    pub entry: String,
+    /// The campaign, or why the entry is not one.
+    pub campaign: std::result::Result<Arc<Campaign>, String>,
+    /// Its TOML text.
+    pub job: String,
+}
+
+/// Reads a stream entry as a campaign.
+pub fn submitted(entry: &Entry) -> Submitted {
+    let label = format!("{CAMPAIGNS} entry {}", entry.id);
+    let job = entry.get("job").unwrap_or_default().to_owned();
+    let campaign = if job.is_empty() {
+        Err(format!("{label}: field job: missing or empty"))
+    } else {
+        parse_campaign(&label, &job)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    };
+    Submitted {
+        entry: entry.id.clone(),
+        campaign,
+        job,
+    }
+}
+
+/// Where a campaign that outlives its admission is kept, and under which field.
+pub fn kept_as(c: &Campaign) -> Option<(&'static str, String)> {
+    match (&c.kind, &c.coupon) {
+        (Kind::Coupon, Some(coupon)) if coupon.delivery == CouponDelivery::OnLogin => {
+            Some((COUPONS, coupon.coupon_id.clone()))
+        }
+        (Kind::HotProduct, _) => Some((HOT_PRODUCTS, c.id.clone())),
+        _ => None,
+    }
+}
+
+/// The hashes of kept campaigns on one Redis server.
+pub struct Registry {
+    con: ConnectionManager,
+    url: String,
+}
+
+impl Registry {
+    /// Connects to `url`.
+    pub async fn open(url: &str) -> Result<Registry> {
+        Ok(Registry {
+            con: connect(url).await?,
+            url: shown(url),
+        })
+    }
+
+    /// Keeps `job` (the TOML of campaign `c`) if it outlives its admission; returns whether.
+    pub async fn keep(&self, c: &Campaign, job: &str) -> Result<bool> {
+        let Some((hash, field)) = kept_as(c) else {
+            return Ok(false);
+        };
+        let value = serde_json::to_string(&Kept {
+            campaign: c.id.clone(),
+            job: job.to_owned(),
+        })
+        .map_err(anyhow::Error::from)?;
+        retrying(&self.url, "HSET", || {
+            let (mut con, field, value) = (self.con.clone(), field.clone(), value.clone());
+            async move { con.hset::<_, _, _, ()>(hash, field, value).await }
+        })
+        .await?;
+        Ok(true)
+    }
+
+    /// Every kept campaign; one that no longer parses is logged and left out.
+    pub async fn load(&self) -> Result<Vec<(Arc<Campaign>, String)>> {
+        let mut out = Vec::new();
+        for hash in [COUPONS, HOT_PRODUCTS] {
+            let all: Vec<(String, String)> = retrying(&self.url, "HGETALL", || {
+                let mut con = self.con.clone();
+                async move { con.hgetall(hash).await }
+            })
+            .await?;
+            for (field, value) in all {
+                let parsed = serde_json::from_str::<Kept>(&value)
+                    .map_err(|e| e.to_string())
+                    .and_then(|k| {
+                        parse_campaign(&format!("{hash} field {field}"), &k.job)
+                            .map(|c| (Arc::new(c), k.job))
+                            .map_err(|e| e.to_string())
+                    });
+                match parsed {
+                    Ok(c) => out.push(c),
+                    Err(e) => tracing::warn!(hash, field, error = %e, "kept campaign left out"),
+                }
+            }
+        }
+        Ok(out)
+    }
+}

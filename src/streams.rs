@@ -1,0 +1,259 @@
+//! Redis streams as inputs (SPEC "Redis layout"): login events on `fanout:logins` and campaigns
+//! submitted to `serve` on `fanout:campaigns`, both read through the consumer group `fanout`.
+//!
+//! An entry is acknowledged (`XACK`) only once what it asked for is durable, so a process
+//! killed at any moment leaves its unfinished entries pending in the group. On start a reader
+//! takes those back: its own (same consumer name) by reading its pending list from id 0, and
+//! those of a consumer that has been silent for [`RECLAIM_IDLE`] with `XAUTOCLAIM`. Taking an
+//! entry twice is harmless: the store's claim decides who is sent what.
+//!
+//! Each reader has its own connection: `XREADGROUP … BLOCK` holds the connection it runs on.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
+};
+use redis::AsyncCommands;
+
+use crate::error::{Error, Result};
+use crate::sources::logins::{parse_login, Login};
+use crate::store::redis::{connect, retrying, shown};
+
+/// The consumer group every fanout process reads through.
+pub const GROUP: &str = "fanout";
+/// Login events: fields `user`, `ts`.
+pub const LOGINS: &str = "fanout:logins";
+/// Campaigns submitted to `serve`: field `job`, the TOML of one `[[campaign]]`.
+pub const CAMPAIGNS: &str = "fanout:campaigns";
+/// A consumer silent this long is presumed dead; its pending entries are taken over.
+pub const RECLAIM_IDLE: Duration = Duration::from_secs(60);
+/// Entries asked for per read.
+const PAGE: usize = 1000;
+
+/// One entry of a stream: its id and fields (values as text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The entry id, `ms-seq`.
+    pub id: String,
+    /// Field → value, in the order Redis gave them.
+    pub fields: Vec<(String, String)>,
+}
+
+impl Entry {
+    /// The value of `field`, if present.
+    pub fn get(&self, field: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == field)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn from_redis(e: StreamId) -> Entry {
+        let mut fields: Vec<(String, String)> = e
+            .map
+            .iter()
+            .map(|(k, v)| {
+                let text = redis::from_redis_value_ref::<String>(v).unwrap_or_default();
+                (k.clone(), text)
+            })
+            .collect();
+        fields.sort();
+        Entry { id: e.id, fields }
+    }
+}
+
+/// A reader of one stream as one consumer of the group `fanout`.
+pub struct StreamReader {
+    con: ConnectionManager,
+    url: String,
+    key: String,
+    consumer: String,
+}
+
+impl std::fmt::Debug for StreamReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReader")
+            .field("url", &self.url)
+            .field("key", &self.key)
+            .field("consumer", &self.consumer)
+            .finish()
+    }
+}
+
+impl StreamReader {
+    /// Connects to the Redis at `url` and joins the group on stream `key` as `consumer`,
+    /// creating the stream and the group if missing (the group starts at the stream's first
+    /// entry, so events added before the first reader started are read too).
+    pub async fn open(url: &str, key: &str, consumer: &str) -> Result<StreamReader> {
+        let con = connect(url).await?;
+        let reader = StreamReader {
+            con,
+            url: shown(url),
+            key: key.to_owned(),
+            consumer: consumer.to_owned(),
+        };
+        let created: redis::RedisResult<()> = reader
+            .con
+            .clone()
+            .xgroup_create_mkstream(&reader.key, GROUP, "0")
+            .await;
+        match created {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => {
+                return Err(Error::runtime(format!(
+                    "redis {}: cannot create the consumer group {GROUP} on {key}: {e}",
+                    reader.url
+                )))
+            }
+        }
+        Ok(reader)
+    }
+
+    /// The entries this consumer was given but never acknowledged (it crashed or was
+    /// stopped), then those of consumers silent for [`RECLAIM_IDLE`], taken over.
+    pub async fn reclaim(&self) -> Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut after = "0".to_owned();
+        loop {
+            let page = self.pending_after(&after).await?;
+            match page.last() {
+                Some(last) => after = last.id.clone(),
+                None => break,
+            }
+            out.extend(page);
+        }
+        let mut start = "0-0".to_owned();
+        loop {
+            let (con, key, consumer, from) = (
+                self.con.clone(),
+                self.key.clone(),
+                self.consumer.clone(),
+                start.clone(),
+            );
+            let reply: StreamAutoClaimReply = retrying(&self.url, "XAUTOCLAIM", || {
+                let (mut con, key, consumer, from) =
+                    (con.clone(), key.clone(), consumer.clone(), from.clone());
+                async move {
+                    con.xautoclaim_options(
+                        key,
+                        GROUP,
+                        consumer,
+                        RECLAIM_IDLE.as_millis() as u64,
+                        from,
+                        StreamAutoClaimOptions::default().count(PAGE),
+                    )
+                    .await
+                }
+            })
+            .await?;
+            out.extend(reply.claimed.into_iter().map(Entry::from_redis));
+            if reply.next_stream_id == "0-0" {
+                break;
+            }
+            start = reply.next_stream_id;
+        }
+        Ok(out)
+    }
+
+    /// New entries, at most `count`, waiting up to `block` for the first one.
+    pub async fn read(&self, count: usize, block: Duration) -> Result<Vec<Entry>> {
+        let mut con = self.con.clone();
+        let opts = StreamReadOptions::default()
+            .group(GROUP, &self.consumer)
+            .count(count.max(1))
+            .block(block.as_millis() as usize);
+        // Not retried here: the caller loops, and a failed read gave out nothing.
+        let reply: Option<StreamReadReply> = con
+            .xread_options(&[&self.key], &[">"], &opts)
+            .await
+            .map_err(|e| {
+            Error::runtime(format!("redis {}: XREADGROUP {}: {e}", self.url, self.key))
+        })?;
+        Ok(flatten(reply))
+    }
+
+    /// This consumer's pending entries after id `after` (a page).
+    async fn pending_after(&self, after: &str) -> Result<Vec<Entry>> {
+        let reply: Option<StreamReadReply> = retrying(&self.url, "XREADGROUP", || {
+            let (mut con, key, after) = (self.con.clone(), self.key.clone(), after.to_owned());
+            let consumer = self.consumer.clone();
+            async move {
+                let opts = StreamReadOptions::default()
+                    .group(GROUP, consumer)
+                    .count(PAGE);
+                con.xread_options(&[key], &[after], &opts).await
+            }
+        })
+        .await?;
+        Ok(flatten(reply))
+    }
+
+    /// Acknowledges `ids`: their work is durable and they are never handed out again.
+    pub async fn ack(&self, ids: &[String]) -> Result<()> {
+        for chunk in ids.chunks(PAGE) {
+            retrying(&self.url, "XACK", || {
+                let (mut con, key) = (self.con.clone(), self.key.clone());
+                async move { con.xack::<_, _, _, u64>(key, GROUP, chunk).await }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+fn flatten(reply: Option<StreamReadReply>) -> Vec<Entry> {
+    reply
+        .into_iter()
+        .flat_map(|r| r.keys)
+        .flat_map(|k| k.ids)
+        .map(Entry::from_redis)
+        .collect()
+}
+
+/// A login entry as a [`Login`]; the error names the entry and field.
+pub fn login_of(entry: &Entry) -> std::result::Result<Login, String> {
+    let user = entry.get("user").unwrap_or_default();
+    let ts = entry.get("ts").unwrap_or_default();
+    let json = serde_json::json!({
+        "user": user.trim().parse::<u64>().map(serde_json::Value::from).unwrap_or(serde_json::Value::String(user.to_owned())),
+        "ts": ts,
+    });
+    parse_login(&json.to_string())
+        .map_err(|(field, msg)| format!("{LOGINS} entry {} field {field}: {msg}", entry.id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&str, &str)]) -> Entry {
+        Entry {
+            id: "1-0".into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn login_entries_parse_and_name_bad_fields() {
+        let l = login_of(&entry(&[
+            ("user", "42"),
+            ("ts", "2026-03-02T10:00:00+08:00"),
+        ]))
+        .unwrap();
+        assert_eq!(l.user, 42);
+        let ts = chrono::DateTime::parse_from_rfc3339("2026-03-02T02:00:00Z").unwrap();
+        assert_eq!(l.ts_ms, ts.timestamp_millis());
+        let e = login_of(&entry(&[("user", "x"), ("ts", "2026-03-02T10:00:00Z")])).unwrap_err();
+        assert!(e.contains("field user"), "{e}");
+        let e = login_of(&entry(&[("user", "7"), ("ts", "yesterday")])).unwrap_err();
+        assert!(e.contains("field ts"), "{e}");
+        let e = login_of(&entry(&[("user", "0"), ("ts", "2026-03-02T10:00:00Z")])).unwrap_err();
+        assert!(e.contains("field user"), "{e}");
+    }
+}
