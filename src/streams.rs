@@ -17,7 +17,7 @@ use redis::streams::{
 };
 use redis::AsyncCommands;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, InputError, Result};
 use crate::sources::logins::{parse_login, Login};
 use crate::store::redis::{connect, retrying, shown};
 
@@ -155,16 +155,25 @@ impl StreamReader {
             }
             start = reply.next_stream_id;
         }
+        // A pending entry deleted from the stream (XDEL, trimming) comes back without fields:
+        // there is nothing left to do for it.
+        let (gone, out): (Vec<Entry>, Vec<Entry>) =
+            out.into_iter().partition(|e| e.fields.is_empty());
+        let gone: Vec<String> = gone.into_iter().map(|e| e.id).collect();
+        self.ack(&gone).await?;
         Ok(out)
     }
 
     /// New entries, at most `count`, waiting up to `block` for the first one.
     pub async fn read(&self, count: usize, block: Duration) -> Result<Vec<Entry>> {
         let mut con = self.con.clone();
-        let opts = StreamReadOptions::default()
+        let mut opts = StreamReadOptions::default()
             .group(GROUP, &self.consumer)
-            .count(count.max(1))
-            .block(block.as_millis() as usize);
+            .count(count.max(1));
+        // BLOCK 0 would wait forever: zero means do not wait.
+        if !block.is_zero() {
+            opts = opts.block(block.as_millis() as usize);
+        }
         // Not retried here: the caller loops, and a failed read gave out nothing.
         let reply: Option<StreamReadReply> = con
             .xread_options(&[&self.key], &[">"], &opts)
@@ -204,6 +213,40 @@ impl StreamReader {
     }
 }
 
+/// Every login on the stream at `url` for `fanout run`: first the entries left pending by an
+/// earlier run of `consumer`, then all new ones. A bad entry stops the read (bad input, exit
+/// 2, naming the entry and field) unless `skip_bad`: then it is counted and acknowledged with
+/// the rest. Returns the reader (to acknowledge with), the logins, every entry id, the count
+/// of skipped entries.
+pub async fn read_all_logins(
+    url: &str,
+    consumer: &str,
+    skip_bad: bool,
+) -> Result<(StreamReader, Vec<Login>, Vec<String>, u64)> {
+    let reader = StreamReader::open(url, LOGINS, consumer).await?;
+    let mut entries = reader.reclaim().await?;
+    loop {
+        let page = reader.read(PAGE, Duration::ZERO).await?;
+        if page.is_empty() {
+            break;
+        }
+        entries.extend(page);
+    }
+    let (mut logins, mut ids, mut skipped) = (Vec::new(), Vec::new(), 0);
+    for entry in entries {
+        match login_of(&entry) {
+            Ok(login) => logins.push(login),
+            Err(why) if skip_bad => {
+                tracing::warn!(error = %why, "login entry skipped");
+                skipped += 1;
+            }
+            Err(why) => return Err(Error::BadInput(why)),
+        }
+        ids.push(entry.id);
+    }
+    Ok((reader, logins, ids, skipped))
+}
+
 fn flatten(reply: Option<StreamReadReply>) -> Vec<Entry> {
     reply
         .into_iter()
@@ -214,15 +257,16 @@ fn flatten(reply: Option<StreamReadReply>) -> Vec<Entry> {
 }
 
 /// A login entry as a [`Login`]; the error names the entry and field.
-pub fn login_of(entry: &Entry) -> std::result::Result<Login, String> {
+pub fn login_of(entry: &Entry) -> std::result::Result<Login, InputError> {
     let user = entry.get("user").unwrap_or_default();
     let ts = entry.get("ts").unwrap_or_default();
     let json = serde_json::json!({
         "user": user.trim().parse::<u64>().map(serde_json::Value::from).unwrap_or(serde_json::Value::String(user.to_owned())),
         "ts": ts,
     });
-    parse_login(&json.to_string())
-        .map_err(|(field, msg)| format!("{LOGINS} entry {} field {field}: {msg}", entry.id))
+    parse_login(&json.to_string()).map_err(|(field, msg)| {
+        InputError::new(format!("{LOGINS} entry {}", entry.id), None, field, msg)
+    })
 }
 
 #[cfg(test)]
@@ -249,11 +293,14 @@ mod tests {
         assert_eq!(l.user, 42);
         let ts = chrono::DateTime::parse_from_rfc3339("2026-03-02T02:00:00Z").unwrap();
         assert_eq!(l.ts_ms, ts.timestamp_millis());
-        let e = login_of(&entry(&[("user", "x"), ("ts", "2026-03-02T10:00:00Z")])).unwrap_err();
-        assert!(e.contains("field user"), "{e}");
-        let e = login_of(&entry(&[("user", "7"), ("ts", "yesterday")])).unwrap_err();
-        assert!(e.contains("field ts"), "{e}");
-        let e = login_of(&entry(&[("user", "0"), ("ts", "2026-03-02T10:00:00Z")])).unwrap_err();
-        assert!(e.contains("field user"), "{e}");
+        let bad = |fields: &[(&str, &str)]| login_of(&entry(fields)).unwrap_err().to_string();
+        let e = bad(&[("user", "x"), ("ts", "2026-03-02T10:00:00Z")]);
+        assert!(e.starts_with("fanout:logins entry 1-0: user: "), "{e}");
+        let e = bad(&[("user", "7"), ("ts", "yesterday")]);
+        assert!(e.starts_with("fanout:logins entry 1-0: ts: "), "{e}");
+        let e = bad(&[("user", "0"), ("ts", "2026-03-02T10:00:00Z")]);
+        assert!(e.contains(": user: "), "{e}");
+        let e = bad(&[("ts", "2026-03-02T10:00:00Z")]);
+        assert!(e.contains(": user: "), "{e}");
     }
 }

@@ -396,3 +396,49 @@ fn a_hot_product_fires_on_every_tick_of_its_schedule() {
         );
     }
 }
+
+#[test]
+fn run_reads_the_login_stream_once_and_acknowledges_it() {
+    let redis = RedisServer::start();
+    let s = scratch_with_inputs();
+    let job = std::fs::read_to_string(repo("dataflows/coupon-on-login.toml")).unwrap();
+    s.write("job.toml", &job);
+    let users = naive_users_jsonl(&std::fs::read_to_string(s.path("inputs/users.jsonl")).unwrap());
+    let granted = granted_jsonl(&std::fs::read_to_string(s.path("inputs/granted.jsonl")).unwrap());
+    let ids: Vec<u64> = users.keys().copied().collect();
+    let mut rng = Lcg(3);
+    let (a, b) = (logins(&mut rng, &ids, 80), logins(&mut rng, &ids, 80));
+    let url = redis.url(0);
+    let run = [
+        "run", "job.toml", "--logins", &url, "--store", &url, "--quiet",
+    ];
+
+    // A bad entry: exit 2 naming it and its field, nothing sent, nothing acknowledged.
+    xadd_logins(&redis, &a);
+    let bad = redis.cli(&["XADD", "fanout:logins", "*", "user", "42", "ts", "soon"]);
+    let out = s.fanout(&run);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("fanout:logins entry {bad}: ts:")),
+        "{err}"
+    );
+    assert!(read_deliveries(&s.path("deliveries.jsonl")).is_empty());
+    redis.cli(&["XDEL", "fanout:logins", &bad]);
+
+    s.fanout_ok(&run);
+    assert_eq!(
+        delivered(&s.path("deliveries.jsonl")),
+        expected(&job, &users, &a, &granted, None)
+    );
+    assert_eq!(pending(&redis, "fanout:logins"), 0);
+    // The next run reads only what was added since, and grants only what is new.
+    xadd_logins(&redis, &b);
+    s.fanout_ok(&run);
+    let all: Vec<NLogin> = [a, b].concat();
+    assert_eq!(
+        delivered(&s.path("deliveries.jsonl")),
+        expected(&job, &users, &all, &granted, None)
+    );
+    assert_eq!(pending(&redis, "fanout:logins"), 0);
+}

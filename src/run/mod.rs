@@ -118,6 +118,21 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     // the store untouched.
     let provider = provider.open()?;
     let store = runtime.block_on(Store::connect(&job.store))?;
+    // Logins on a Redis stream: every entry there now, acknowledged once the run is durable.
+    let mut loaded = loaded;
+    let login_stream = match &job.inputs.logins {
+        Some(url) if is_redis(url) => {
+            let (reader, logins, ids, skipped) = runtime.block_on(
+                crate::streams::read_all_logins(url, "fanout-run", opts.skip_bad_lines),
+            )?;
+            if skipped > 0 && !opts.quiet {
+                eprintln!("fanout: {skipped} bad login entries skipped");
+            }
+            loaded.logins = logins;
+            Some((reader, ids))
+        }
+        _ => None,
+    };
 
     let metrics = Arc::new(Metrics::new());
     let mut run_targets = Vec::new();
@@ -242,7 +257,11 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     }
     runtime.block_on(async {
         ctx.dispatcher.flush().await?;
-        store.checkpoint().await
+        store.checkpoint().await?;
+        match &login_stream {
+            Some((reader, ids)) => reader.ack(ids).await,
+            None => Ok(()),
+        }
     })?;
     tracing::info!(
         elapsed_s = metrics.elapsed().as_secs_f64(),

@@ -136,6 +136,7 @@ fn file_values_then_overrides_win() {
     let o = Overrides {
         users: Some("u".into()),
         logins: Some("l".into()),
+        campaigns: Some("redis://c:6379/0".into()),
         granted: Some("g".into()),
         store: Some("redis://x:6379/0".into()),
         provider: Some("log:-".into()),
@@ -156,6 +157,7 @@ fn file_values_then_overrides_win() {
         (i.users.as_str(), i.logins.as_deref(), i.granted.as_deref()),
         ("u", Some("l"), Some("g"))
     );
+    assert_eq!(i.campaigns.as_deref(), Some("redis://c:6379/0"));
     let e = &job.engine;
     assert_eq!(
         (
