@@ -107,6 +107,11 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
                 break;
             }
             let next_scan = buckets.next();
+            // Checked before taking a batch, so a steady flow of logins cannot keep a
+            // generation from ending, and no batch is taken that would not be fed.
+            if next_scan.is_none() && (generation.should_end)() {
+                break;
+            }
             let batch = match generation.logins.lock() {
                 Ok(mut rx) => match rx.try_recv() {
                     Ok(b) => Some(b),
@@ -115,9 +120,6 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
                 Err(_) => None,
             };
             if next_scan.is_none() && batch.is_none() {
-                if (generation.should_end)() {
-                    break;
-                }
                 worker.step_or_park(Some(IDLE));
                 release(&mut acks, false);
                 continue;
