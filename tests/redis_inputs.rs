@@ -271,7 +271,7 @@ fn hand_written_hashes_load_as_written_and_only_asked_buckets_are_fetched() {
         bucket_size: 10,
         ..LoadOptions::default()
     };
-    let keep = |b: u32| b % 2 == 0;
+    let keep = |b: u32| b.is_multiple_of(2);
     let (src, _) = UserSource::open_buckets(&url, &opts, &keep).unwrap();
     let kept: Vec<&User> = want.iter().filter(|u| keep(u.id / 10)).collect();
     assert_eq!(src.len(), kept.len() as u64);

@@ -160,6 +160,7 @@ async fn load_async(
     opts: &LoadOptions,
     keep: &(dyn Fn(u32) -> bool + Sync),
 ) -> Result<(UserTable, LoadReport)> {
+    let started = Instant::now();
     let con = connect(url).await?;
     let max_id = read_max_id(url, &con).await?;
     let buckets = Buckets::new(opts.bucket_size);
@@ -194,7 +195,7 @@ async fn load_async(
     while let Some((ids, values)) = replies.try_next().await? {
         for (value, id) in values.into_iter().zip(ids) {
             let id = id as u32; // at most max_id
-            let Some(fields) = hash_fields(value).transpose() else {
+            let Some(fields) = hash_fields(&value).transpose() else {
                 continue; // no such user
             };
             report.lines += 1;
@@ -215,6 +216,14 @@ async fn load_async(
     }
     let table = table.finish();
     report.users = table.len() as u64;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        users = report.users,
+        skipped = report.skipped,
+        "loaded users from {} in {secs:.2} s ({:.0} users/s)",
+        shown(url),
+        report.users as f64 / secs.max(1e-9)
+    );
     Ok((table, report))
 }
 
@@ -246,60 +255,79 @@ async fn read_max_id(url: &str, con: &ConnectionManager) -> Result<u32> {
     })
 }
 
-/// The field/value pairs of an `HGETALL` reply; `Ok(None)` for a missing hash.
-fn hash_fields(value: Value) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, Bad> {
-    let bytes = |v: Value| match v {
-        Value::BulkString(b) => Ok(b),
-        Value::SimpleString(s) => Ok(s.into_bytes()),
-        Value::Int(n) => Ok(n.to_string().into_bytes()),
-        other => Err(Bad::line(format!("unexpected reply {other:?}"))),
-    };
-    let pairs: Vec<(Value, Value)> = match value {
-        Value::Nil => return Ok(None),
-        Value::Map(pairs) => pairs,
-        Value::Array(flat) => {
-            let mut it = flat.into_iter();
-            let mut pairs = Vec::new();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                pairs.push((k, v));
+/// The fields fanout reads of one user's hash, borrowed from the reply.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Fields<'a> {
+    level: Option<&'a [u8]>,
+    points: Option<&'a [u8]>,
+    tags: Option<&'a [u8]>,
+    token: Option<&'a [u8]>,
+}
+
+impl<'a> Fields<'a> {
+    /// Takes field `k` if fanout knows it; a later one wins.
+    fn put(&mut self, k: &[u8], v: &'a [u8]) {
+        match k {
+            b"level" => self.level = Some(v),
+            b"points" => self.points = Some(v),
+            b"tags" => self.tags = Some(v),
+            b"token" => self.token = Some(v),
+            _ => {}
+        }
+    }
+}
+
+/// The fields of an `HGETALL` reply (either protocol); `Ok(None)` for a missing hash. Fields
+/// fanout does not know are ignored.
+fn hash_fields(value: &Value) -> Result<Option<Fields<'_>>, Bad> {
+    fn bytes(v: &Value) -> Result<&[u8], Bad> {
+        match v {
+            Value::BulkString(b) => Ok(b),
+            Value::SimpleString(s) => Ok(s.as_bytes()),
+            other => Err(Bad::line(format!("unexpected reply {other:?}"))),
+        }
+    }
+    let mut f = Fields::default();
+    let empty = match value {
+        Value::Nil => true,
+        Value::Map(pairs) => {
+            for (k, v) in pairs {
+                f.put(bytes(k)?, bytes(v)?);
             }
-            pairs
+            pairs.is_empty()
+        }
+        Value::Array(flat) => {
+            for kv in flat.chunks_exact(2) {
+                f.put(bytes(&kv[0])?, bytes(&kv[1])?);
+            }
+            flat.is_empty()
         }
         Value::ServerError(e) => return Err(Bad::line(format!("cannot read as a hash: {e}"))),
         other => return Err(Bad::line(format!("unexpected reply {other:?}"))),
     };
-    if pairs.is_empty() {
-        return Ok(None);
-    }
-    pairs
-        .into_iter()
-        .map(|(k, v)| Ok((bytes(k)?, bytes(v)?)))
-        .collect::<Result<Vec<_>, Bad>>()
-        .map(Some)
+    Ok((!empty).then_some(f))
 }
 
-/// User `id` from its hash's fields; other fields are ignored.
-fn parse_user(id: u32, fields: &[(Vec<u8>, Vec<u8>)]) -> Result<User, Bad> {
-    let field = |name: &str| -> Result<Option<&str>, Bad> {
-        match fields.iter().rev().find(|(k, _)| k == name.as_bytes()) {
-            None => Ok(None),
-            Some((_, v)) => std::str::from_utf8(v)
-                .map(Some)
-                .map_err(|_| Bad::field(name, "not valid UTF-8")),
-        }
-    };
-    let number = |name: &str, expected: &str| -> Result<(Option<u64>, String), Bad> {
-        let text = field(name)?.ok_or_else(|| Bad::missing(name, expected))?;
-        Ok((
-            text.trim().parse::<u64>().ok(),
-            format!("{:?}", shorten(text)),
-        ))
-    };
-    let (level, got) = number("level", LEVEL)?;
-    let level = check_level(level, || got)?;
-    let (points, got) = number("points", POINTS)?;
-    let points = check_points(points, || got)?;
-    let tags = field("tags")?
+/// User `id` from its hash's fields.
+fn parse_user(id: u32, f: &Fields<'_>) -> Result<User, Bad> {
+    fn text<'a>(name: &str, v: Option<&'a [u8]>) -> Result<Option<&'a str>, Bad> {
+        v.map(|b| std::str::from_utf8(b).map_err(|_| Bad::field(name, "not valid UTF-8")))
+            .transpose()
+    }
+    fn number<'a>(
+        name: &str,
+        expected: &str,
+        v: Option<&'a [u8]>,
+    ) -> Result<(Option<u64>, &'a str), Bad> {
+        let t = text(name, v)?.ok_or_else(|| Bad::missing(name, expected))?;
+        Ok((t.trim().parse::<u64>().ok(), t))
+    }
+    let got = |t: &str| format!("{:?}", shorten(t));
+    let (level, t) = number("level", LEVEL, f.level)?;
+    let level = check_level(level, || got(t))?;
+    let (points, t) = number("points", POINTS, f.points)?;
+    let points = check_points(points, || got(t))?;
+    let tags = text("tags", f.tags)?
         .map(|t| {
             t.split(';')
                 .map(str::trim)
@@ -308,7 +336,9 @@ fn parse_user(id: u32, fields: &[(Vec<u8>, Vec<u8>)]) -> Result<User, Bad> {
                 .collect()
         })
         .unwrap_or_default();
-    let token = field("token")?.filter(|t| !t.is_empty()).map(str::to_owned);
+    let token = text("token", f.token)?
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
     Ok(User {
         id,
         level,
@@ -376,23 +406,33 @@ async fn write_async(
 mod tests {
     use super::*;
 
-    fn pairs(kv: &[(&str, &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        kv.iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
-            .collect()
+    /// An `HGETALL` reply (RESP2: a flat array) of these fields.
+    fn reply(kv: &[(&str, &[u8])]) -> Value {
+        let b = |s: &[u8]| Value::BulkString(s.to_vec());
+        Value::Array(
+            kv.iter()
+                .flat_map(|(k, v)| [b(k.as_bytes()), b(v)])
+                .collect(),
+        )
+    }
+
+    fn parse(id: u32, kv: &[(&str, &[u8])]) -> Result<User, Bad> {
+        let value = reply(kv);
+        parse_user(id, &hash_fields(&value)?.expect("not empty"))
     }
 
     #[test]
     fn a_full_hash_parses() {
-        let u = parse_user(
+        let u = parse(
             7,
-            &pairs(&[
+            &[
                 ("level", b"3"),
                 ("points", b" 1200 "),
                 ("tags", b"sports; mom;;"),
                 ("token", b"t-7"),
                 ("other", b"ignored"),
-            ]),
+                ("level", b"3"),
+            ],
         )
         .unwrap();
         assert_eq!(
@@ -405,10 +445,7 @@ mod tests {
                 token: Some("t-7".into()),
             }
         );
-        let bare = parse_user(
-            8,
-            &pairs(&[("level", b"0"), ("points", b"0"), ("token", b"")]),
-        );
+        let bare = parse(8, &[("level", b"0"), ("points", b"0"), ("token", b"")]);
         assert_eq!(bare.unwrap().token, None);
     }
 
@@ -416,32 +453,36 @@ mod tests {
     fn bad_fields_name_the_field() {
         for (kv, field, msg) in [
             (
-                pairs(&[("level", b"300"), ("points", b"1")]),
+                vec![("level", &b"300"[..]), ("points", &b"1"[..])],
                 "level",
                 "expected an integer 0..=255, got \"300\"",
             ),
             (
-                pairs(&[("level", b"x"), ("points", b"1")]),
+                vec![("level", &b"x"[..]), ("points", &b"1"[..])],
                 "level",
                 "expected an integer 0..=255, got \"x\"",
             ),
             (
-                pairs(&[("level", b"1")]),
+                vec![("level", &b"1"[..])],
                 "points",
                 "missing; expected a non-negative integer (at most 18446744073709551615)",
             ),
             (
-                pairs(&[("level", b"1"), ("points", b"-1")]),
+                vec![("level", &b"1"[..]), ("points", &b"-1"[..])],
                 "points",
                 "expected a non-negative integer (at most 18446744073709551615), got \"-1\"",
             ),
             (
-                pairs(&[("level", b"1"), ("points", b"1"), ("token", b"\xff")]),
+                vec![
+                    ("level", &b"1"[..]),
+                    ("points", &b"1"[..]),
+                    ("token", &b"\xff"[..]),
+                ],
                 "token",
                 "not valid UTF-8",
             ),
         ] {
-            let bad = parse_user(42, &kv).unwrap_err();
+            let bad = parse(42, &kv).unwrap_err();
             assert_eq!((bad.field.as_str(), bad.msg.as_str()), (field, msg));
         }
         let e = bad_at(
@@ -458,12 +499,25 @@ mod tests {
     #[test]
     fn replies_in_both_protocols_read_as_fields() {
         let b = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        let flat = Value::Array(vec![b("level"), b("1"), b("points"), b("2")]);
+        let flat = Value::Array(vec![
+            b("level"),
+            b("1"),
+            b("x"),
+            b("y"),
+            b("points"),
+            b("2"),
+        ]);
         let map = Value::Map(vec![(b("level"), b("1")), (b("points"), b("2"))]);
-        let want = Some(pairs(&[("level", b"1"), ("points", b"2")]));
-        assert_eq!(hash_fields(flat).unwrap(), want);
-        assert_eq!(hash_fields(map).unwrap(), want);
-        assert_eq!(hash_fields(Value::Array(vec![])).unwrap(), None);
-        assert_eq!(hash_fields(Value::Nil).unwrap(), None);
+        let want = Some(Fields {
+            level: Some(b"1"),
+            points: Some(b"2"),
+            ..Fields::default()
+        });
+        assert_eq!(hash_fields(&flat).unwrap(), want);
+        assert_eq!(hash_fields(&map).unwrap(), want);
+        assert_eq!(hash_fields(&Value::Array(vec![])).unwrap(), None);
+        assert_eq!(hash_fields(&Value::Nil).unwrap(), None);
+        let wrong = hash_fields(&Value::Array(vec![Value::Int(1), b("1")])).unwrap_err();
+        assert!(wrong.msg.starts_with("unexpected reply"), "{}", wrong.msg);
     }
 }
