@@ -42,7 +42,8 @@ pub enum GenCommand {
         /// Generator seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Output file (.jsonl or .csv); stdout when omitted or `-`.
+        /// Output: a .jsonl or .csv file, or redis://[user:pass@]host:port/db (hashes
+        /// fanout:user:{id} and fanout:users:max_id); stdout when omitted or `-`.
         #[arg(long)]
         out: Option<String>,
     },

@@ -1,19 +1,26 @@
-//! `fanout gen users`: writes synthetic users to a file, for benchmarks and examples.
+//! `fanout gen users`: writes synthetic users to a file or a Redis server, for benchmarks and
+//! examples.
 //!
-//! The file holds exactly what `synthetic:N:SEED` would compute, so a run over the file and a
-//! run over the synthetic source must agree.
+//! The output holds exactly what `synthetic:N:SEED` would compute, so a run over it and a run
+//! over the synthetic source must agree.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 
 use crate::error::{Error, Result};
-use crate::sources::synthetic::{attrs, tag_names};
+use crate::sources::redis_users;
+use crate::sources::synthetic::{attrs, synthetic_user, tag_names};
 
 /// Writes synthetic users `1..=count` (exactly `synthetic_user(seed, id)`) to `out` as JSON
-/// Lines, or as CSV when `out` ends in `.csv`; `None` or `"-"` writes to stdout. Returns how
-/// many users were written.
+/// Lines, or as CSV when `out` ends in `.csv`, or as hashes (and `fanout:users:max_id`) when
+/// `out` is `redis://…`; `None` or `"-"` writes to stdout. Returns how many users were
+/// written.
 pub fn gen_users(count: u32, seed: u64, out: Option<&str>) -> Result<u64> {
     match out {
+        Some(url) if redis_users::is_redis(url) => {
+            let users = (1..=count).map(move |id| synthetic_user(seed, id));
+            redis_users::write(url, count, users)
+        }
         None | Some("-") => write_users(io::stdout().lock(), count, seed, false)
             .map_err(|e| Error::runtime(format!("cannot write users to stdout: {e}"))),
         Some(path) => {
@@ -63,7 +70,6 @@ fn write_users(out: impl Write, count: u32, seed: u64, csv: bool) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::synthetic::synthetic_user;
     use crate::sources::{LoadOptions, UserSource};
 
     #[test]

@@ -64,6 +64,7 @@ pub struct Loaded {
 pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
     let load_opts = LoadOptions {
         skip_bad_lines: opts.skip_bad_lines,
+        bucket_size: job.engine.bucket_size,
     };
     let (source, report) = UserSource::open(&job.inputs.users, &load_opts)?;
     if !opts.quiet {

@@ -7,11 +7,8 @@ use super::csv::Header;
 use super::lines::LineReader;
 use super::record::Bad;
 use super::table::{TableBuilder, UserTable};
-use super::{jsonl, LoadOptions, LoadReport};
+use super::{jsonl, LoadOptions, LoadReport, KEPT_ERRORS};
 use crate::error::{Error, InputError, Result};
-
-/// How many skipped lines' errors a [`LoadReport`] keeps.
-const KEPT_ERRORS: usize = 10;
 
 /// A user file's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +101,7 @@ mod tests {
     fn load_str(format: Format, text: &[u8], skip: bool) -> Result<(UserTable, LoadReport)> {
         let opts = LoadOptions {
             skip_bad_lines: skip,
+            ..LoadOptions::default()
         };
         read("users.x", text, format, &opts)
     }

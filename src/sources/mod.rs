@@ -2,9 +2,10 @@
 //!
 //! - a JSON Lines (`jsonl.rs`) or CSV (`csv.rs`) file, read once with the bounded line reader
 //!   ([`lines`]) into an id-ordered columnar [`table::UserTable`];
-//! - [`synthetic`] users `1..=N`, computed from their id, held by nobody.
+//! - [`synthetic`] users `1..=N`, computed from their id, held by nobody;
+//! - hashes on a Redis server ([`redis_users`]), fetched bucket by bucket into the same table.
 //!
-//! Both answer the same questions by id range ([`UserSource::count_in`],
+//! All answer the same questions by id range ([`UserSource::count_in`],
 //! [`UserSource::for_each_in`]), which is how the dataflow scans one bucket of users at a time.
 
 mod csv;
@@ -14,6 +15,7 @@ mod jsonl;
 pub mod lines;
 pub mod logins;
 mod record;
+pub mod redis_users;
 pub mod synthetic;
 pub mod table;
 
@@ -26,11 +28,26 @@ use file::Format;
 use synthetic::Synthetic;
 use table::UserTable;
 
-/// How to load a user file.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How many skipped lines' errors a [`LoadReport`] keeps.
+pub(crate) const KEPT_ERRORS: usize = 10;
+
+/// How to load users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Skip a bad line (counting it) instead of stopping at the first one.
     pub skip_bad_lines: bool,
+    /// Ids per bucket (the job's `bucket_size`): users on Redis are fetched one pipeline per
+    /// bucket.
+    pub bucket_size: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            skip_bad_lines: false,
+            bucket_size: 1000,
+        }
+    }
 }
 
 /// What loading a source found.
@@ -56,14 +73,36 @@ pub enum UserSource {
 }
 
 /// What `open` accepts, for error messages.
-const SPECS: &str =
-    "expected synthetic:N, synthetic:N:SEED, or a .jsonl, .json, .ndjson or .csv file";
+const SPECS: &str = "expected synthetic:N, synthetic:N:SEED, redis://[user:pass@]host:port/db, \
+                     or a .jsonl, .json, .ndjson or .csv file";
 
 impl UserSource {
     /// Opens the source `spec` names: `synthetic:N` or `synthetic:N:SEED` (users `1..=N`,
     /// seed 0 by default), or a path ending in `.jsonl`, `.json`, `.ndjson` (JSON Lines) or
-    /// `.csv`. Anything else is a usage error; a bad file is [`Error::BadInput`].
+    /// `.csv`, or `redis://[user:pass@]host:port/db` ([`redis_users`]). Anything else is a
+    /// usage error; a bad file or hash is [`Error::BadInput`].
     pub fn open(spec: &str, opts: &LoadOptions) -> Result<(UserSource, LoadReport)> {
+        UserSource::open_buckets(spec, opts, &|_| true)
+    }
+
+    /// [`UserSource::open`] for the users of some buckets (of `opts.bucket_size` ids): from
+    /// Redis only the buckets `keep` accepts are fetched, so each process of a cluster loads
+    /// its own share. A file or synthetic source holds every user whatever `keep` says.
+    pub fn open_buckets(
+        spec: &str,
+        opts: &LoadOptions,
+        keep: &(dyn Fn(u32) -> bool + Sync),
+    ) -> Result<(UserSource, LoadReport)> {
+        if redis_users::is_redis(spec) {
+            if spec.starts_with("rediss://") {
+                return Err(Error::Usage(format!(
+                    "users {}: rediss:// (TLS) is not supported yet",
+                    crate::store::redis::shown(spec)
+                )));
+            }
+            let (table, report) = redis_users::load(spec, opts, keep)?;
+            return Ok((UserSource::Table(Arc::new(table)), report));
+        }
         if let Some(rest) = spec.strip_prefix("synthetic:") {
             let s = parse_synthetic(spec, rest)?;
             let report = LoadReport {
@@ -208,7 +247,7 @@ mod tests {
     #[test]
     fn unknown_specs_are_usage_errors() {
         for spec in [
-            "redis://localhost:6379/0",
+            "rediss://localhost:6379/0",
             "users.txt",
             "users",
             "",

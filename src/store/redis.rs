@@ -186,7 +186,25 @@ where
     }
 }
 
-fn retryable(e: &redis::RedisError) -> bool {
+/// A client for `url`, with the password from `FANOUT_REDIS_PASSWORD` when the URL has none.
+/// The error starts with the URL as [`shown`] (no password).
+pub fn client(url: &str) -> std::result::Result<redis::Client, String> {
+    let show = shown(url);
+    let mut info = url
+        .into_connection_info()
+        .map_err(|e| format!("{show}: {e}"))?;
+    if let (None, Ok(pw)) = (
+        info.redis_settings().password(),
+        std::env::var("FANOUT_REDIS_PASSWORD"),
+    ) {
+        let settings = info.redis_settings().clone().set_password(pw);
+        info = info.set_redis_settings(settings);
+    }
+    redis::Client::open(info).map_err(|e| format!("{show}: {e}"))
+}
+
+/// Whether a failed call may succeed if tried again (the server restarting or unreachable).
+pub fn retryable(e: &redis::RedisError) -> bool {
     e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
@@ -201,18 +219,7 @@ fn retryable(e: &redis::RedisError) -> bool {
 /// lacks), retried for a while if the server is not up yet. It reconnects by itself later.
 pub async fn connect(url: &str) -> Result<ConnectionManager> {
     let show = shown(url);
-    let mut info = url
-        .into_connection_info()
-        .map_err(|e| Error::Usage(format!("redis URL {show}: {e}")))?;
-    if let (None, Ok(pw)) = (
-        info.redis_settings().password(),
-        std::env::var("FANOUT_REDIS_PASSWORD"),
-    ) {
-        let settings = info.redis_settings().clone().set_password(pw);
-        info = info.set_redis_settings(settings);
-    }
-    let client =
-        redis::Client::open(info).map_err(|e| Error::Usage(format!("redis URL {show}: {e}")))?;
+    let client = client(url).map_err(|e| Error::Usage(format!("redis URL {e}")))?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(10)))
