@@ -33,13 +33,25 @@ fn main() -> ExitCode {
 fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
+            let cluster = args.cluster()?;
             let job = fanout::job::load(&args.job, &args.overrides())?;
             let opts = RunOptions {
                 quiet: args.quiet,
                 skip_bad_lines: args.skip_bad_lines,
                 retry_dead_letters: args.retry_dead_letters,
+                cluster,
             };
             let summary = run::run(&job, &opts)?;
+            if opts.cluster.process != 0 {
+                // Process 0 writes the summary and the report for the whole cluster.
+                if !args.quiet {
+                    eprintln!(
+                        "fanout: process {} of {} done; the summary is process 0's",
+                        opts.cluster.process, opts.cluster.processes
+                    );
+                }
+                return Ok(());
+            }
             if let Some(path) = &args.summary {
                 let json = serde_json::to_string_pretty(&summary).map_err(anyhow::Error::from)?;
                 std::fs::write(path, json + "\n").map_err(|e| {
@@ -52,6 +64,11 @@ fn execute(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Plan(args) => {
+            if args.cluster()?.is_cluster() {
+                return Err(Error::Usage(
+                    "plan reads every user in one process: run it without --processes".into(),
+                ));
+            }
             let job = fanout::job::load(&args.job, &args.overrides())?;
             let opts = RunOptions {
                 quiet: args.quiet,

@@ -17,6 +17,7 @@
 //! a few epochs open, which bounds memory (timely has no backpressure of its own).
 
 pub mod deliver;
+pub mod gather;
 pub mod login;
 pub mod push;
 pub mod scan;
@@ -164,7 +165,7 @@ pub fn fan_out(scope: Scope<'_, Time>, ctx: Arc<Context>) -> Handles {
     let granted_by_bucket = granted_pairs
         .inner
         .clone()
-        .exchange(move |((_, user), _, _)| u64::from(buckets.bucket_of(*user)))
+        .exchange(move |((_, user), _, _)| buckets.exchange_key(*user))
         .map(|((t, u), _, diff)| Control::Granted(t, u, diff));
     let control = admitted
         .clone()

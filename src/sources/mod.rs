@@ -20,7 +20,7 @@ pub mod table;
 use std::sync::Arc;
 
 use crate::error::{Error, InputError, Result};
-use crate::model::{Buckets, TagDict, User, UserRef};
+use crate::model::{Buckets, Route, TagDict, User, UserRef};
 
 use file::Format;
 use synthetic::Synthetic;
@@ -31,6 +31,9 @@ use table::UserTable;
 pub struct LoadOptions {
     /// Skip a bad line (counting it) instead of stopping at the first one.
     pub skip_bad_lines: bool,
+    /// Keep only the users of these buckets (one process of a cluster); `None`: every user.
+    /// A file is still read whole, line by line; the others' users are parsed and dropped.
+    pub keep: Option<Route>,
 }
 
 /// What loading a source found.

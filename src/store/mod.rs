@@ -91,6 +91,14 @@ fn parse_url(url: &str) -> Result<Target<'_>> {
     )))
 }
 
+/// The directory of an embedded store's URL (`file:DIR`); `None` for any other URL.
+pub fn file_dir(url: &str) -> Option<&str> {
+    match parse_url(url) {
+        Ok(Target::Dir(dir)) => Some(dir),
+        _ => None,
+    }
+}
+
 /// Runs blocking store work (fsync, replay) off the async workers when inside a tokio runtime.
 async fn off_runtime<T, F>(work: F) -> Result<T>
 where
