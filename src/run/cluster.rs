@@ -82,6 +82,7 @@ impl Cluster {
                 })?;
                 parse_hostfile(&path.display().to_string(), &text, n)?
             }
+            None if n == 1 => Vec::new(), // no cluster, no network
             None => (0..n)
                 .map(|p| {
                     match u16::try_from(p)
