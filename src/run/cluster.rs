@@ -110,6 +110,11 @@ impl Cluster {
         self.processes > 1
     }
 
+    /// `(process, processes)` in a cluster, `None` for a single process (for the store).
+    pub fn member(&self) -> Option<(usize, usize)> {
+        self.is_cluster().then_some((self.process, self.processes))
+    }
+
     /// The buckets this process owns, given `workers` per process; `None` for a single
     /// process (it owns every bucket).
     pub fn route(&self, buckets: Buckets, workers: usize) -> Option<Route> {

@@ -123,7 +123,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     // Before the store, so a missing credential or a bad timeout (usage errors, exit 2) leaves
     // the store untouched.
     let provider = provider.open()?;
-    let store = runtime.block_on(Store::connect(&store_url))?;
+    let store = runtime.block_on(Store::connect_as(&store_url, opts.cluster.member()))?;
 
     let metrics = Arc::new(Metrics::new());
     let mut run_targets = Vec::new();
