@@ -99,10 +99,16 @@ fn execute(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()
                 .map_err(|e| Error::runtime(format!("cannot start tokio: {e}")))?;
-            let ids = runtime.block_on(async {
-                let store = fanout::store::Store::connect_read_only(&args.store).await?;
-                store.granted(&key).await
-            })?;
+            // A store a cluster split by process: every process's part.
+            let mut ids = Vec::new();
+            for url in fanout::run::cluster::store_parts(&args.store)? {
+                ids.extend(runtime.block_on(async {
+                    let store = fanout::store::Store::connect_read_only(&url).await?;
+                    store.granted(&key).await
+                })?);
+            }
+            ids.sort_unstable();
+            ids.dedup();
             let mut out = String::with_capacity(ids.len() * 8);
             for id in ids {
                 out.push_str(&id.to_string());

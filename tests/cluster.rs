@@ -237,6 +237,20 @@ fn two_processes_deliver_the_naive_set_once_and_both_do_work() {
     assert_eq!(summary["logins_unknown_user"], unknown);
     assert_eq!(summary["logins"], logins.len() as u64 - unknown);
 
+    // `fanout grants` reads every process's part of the store.
+    let out = s.fanout(&["grants", "--store", "file:store", "--campaign", "welcome"]);
+    let printed: Vec<u64> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let granted: Vec<u64> = want
+        .iter()
+        .filter(|w| w.0 == "welcome")
+        .map(|w| w.2)
+        .collect();
+    assert_eq!(printed, granted);
+
     // Run again: nothing new anywhere.
     run_cluster(&s, &[]);
     let again = delivered(&s.path("deliveries-0.jsonl")).len()

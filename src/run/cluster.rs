@@ -216,6 +216,34 @@ impl Cluster {
     }
 }
 
+/// The stores to read for `url`: `file:DIR/process-I` for every process of a cluster that
+/// split `file:DIR` (see [`Cluster::store_url`]), else `url` itself.
+pub fn store_parts(url: &str) -> Result<Vec<String>> {
+    let Some(dir) = crate::store::file_dir(url) else {
+        return Ok(vec![url.to_owned()]);
+    };
+    let marker = Path::new(dir).join(MARKER);
+    match std::fs::read_to_string(&marker) {
+        Ok(text) => {
+            let n: usize = text.trim().parse().map_err(|_| {
+                Error::Usage(format!(
+                    "store {url}: {} is not a process count",
+                    marker.display()
+                ))
+            })?;
+            Ok((0..n)
+                .map(|i| {
+                    format!(
+                        "file:{}",
+                        Path::new(dir).join(format!("process-{i}")).display()
+                    )
+                })
+                .collect())
+        }
+        Err(_) => Ok(vec![url.to_owned()]),
+    }
+}
+
 /// Writes `DIR/PROCESSES` atomically (every process of a new cluster may write it at once).
 fn write_marker(dir: &Path, marker: &Path, processes: usize, process: usize) -> Result<()> {
     std::fs::create_dir_all(dir)
