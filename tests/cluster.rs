@@ -434,6 +434,17 @@ fn bad_cluster_flags_and_lonely_processes_are_clear_errors() {
     let out = s.fanout(&["run", "job.toml", "--processes", "2", "--quiet"]);
     assert_eq!(out.status.code(), Some(2));
 
+    // Processes given different jobs refuse to run them (exit 2), having sent nothing.
+    free_hostfile(&s);
+    let mut p1 = start(&s, 1, &["--bucket-size", "77"]);
+    let mut p0 = start(&s, 0, &[]);
+    for (i, p) in [(0, &mut p0), (1, &mut p1)] {
+        let (status, err) = exit_of(p);
+        assert_eq!(status.code(), Some(2), "process {i}: {err}");
+        assert!(err.contains("runs another job than process"), "{err}");
+        assert!(read_deliveries(&s.path(&format!("deliveries-{i}.jsonl"))).is_empty());
+    }
+
     // A process whose peers never come gives up after --peer-wait, exit 1.
     free_hostfile(&s);
     let out = s.fanout(

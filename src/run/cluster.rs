@@ -16,6 +16,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::job::Job;
+use crate::metrics::Tally;
 use crate::model::{Buckets, Route};
 
 /// How long a process waits for its peers by default.
@@ -201,6 +203,17 @@ impl Cluster {
         Ok(format!("file:{}", sub.display()))
     }
 
+    /// The error when process `other` runs another job than this one (exit 2).
+    pub fn disagreement(&self, other: usize) -> Error {
+        Error::Usage(format!(
+            "process {other} of the cluster runs another job than process {}: every process \
+             needs the same job file, inputs, -w and overrides, and the same clock (pass the \
+             same --now to all when a campaign window or schedule tick may pass between \
+             their starts)",
+            self.process
+        ))
+    }
+
     /// A worker failure in words: in a cluster it is most often a peer that stopped.
     pub fn worker_failure(&self, e: &str) -> Error {
         if self.is_cluster() {
@@ -214,6 +227,39 @@ impl Cluster {
             Error::runtime(format!("a worker failed: {e}"))
         }
     }
+}
+
+/// What one process of a cluster shares with its timely workers.
+pub struct Shared {
+    /// [`fingerprint`] of the job as this process sees it.
+    pub fingerprint: u32,
+    /// On process 0, the other processes' counters at the end of the run.
+    pub tallies: std::sync::Mutex<Vec<Tally>>,
+}
+
+/// A checksum of what the processes of a cluster must agree on: inputs, bucketing, workers,
+/// batching, and each run target (`targets`, in order: id, content, occurrence, kind of
+/// run), so records naming targets by index mean the same everywhere.
+pub fn fingerprint(job: &Job, targets: impl Iterator<Item = String>) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    let e = &job.engine;
+    h.update(
+        format!(
+            "{:?}|{}|{}|{}|{}|{}",
+            job.inputs,
+            e.bucket_size,
+            e.workers,
+            e.batch_max_messages,
+            e.batch_max_bytes,
+            e.logins_per_epoch
+        )
+        .as_bytes(),
+    );
+    for t in targets {
+        h.update(b"\n");
+        h.update(t.as_bytes());
+    }
+    h.finalize()
 }
 
 /// The stores to read for `url`: `file:DIR/process-I` for every process of a cluster that

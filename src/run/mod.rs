@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use crate::dataflow::{self, Context, RunTarget};
 use crate::error::{Error, Result};
 use crate::job::{content_hash, Job};
-use crate::metrics::{CampaignStats, CampaignSummary, Metrics, Progress, Summary, Tally};
+use crate::metrics::{CampaignStats, CampaignSummary, Metrics, Progress, Summary};
 use crate::model::Buckets;
 use crate::providers::{dispatch::Dispatcher, ProviderSpec};
 use crate::render::Renderer;
@@ -164,6 +164,19 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         })
         .collect();
     runtime.block_on(store.admit(&admissions))?;
+    // What the processes of a cluster must agree on (checked before anything is sent).
+    let fingerprint = cluster::fingerprint(
+        job,
+        run_targets.iter().enumerate().map(|(i, rt)| {
+            format!(
+                "{}|{}|{:?}|{}",
+                rt.target.campaign.id,
+                content_hash(&rt.target.campaign),
+                rt.target.occurrence,
+                scan_targets.contains(&(i as u32))
+            )
+        }),
+    );
     if opts.retry_dead_letters {
         for rt in &run_targets {
             let revived = runtime.block_on(rt.ledger.revive_dead())?;
@@ -260,7 +273,10 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         "fan-out starting"
     );
     let progress = Progress::start(metrics.clone(), total_pairs, opts.quiet);
-    let gathered = Arc::new(Mutex::new(Vec::new()));
+    let shared = Arc::new(cluster::Shared {
+        fingerprint,
+        tallies: Mutex::new(Vec::new()),
+    });
     let result = execute(
         &opts.cluster,
         workers,
@@ -268,7 +284,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         feed,
         store.clone(),
         runtime.handle().clone(),
-        gathered.clone(),
+        shared.clone(),
     );
     progress.finish();
     result?;
@@ -286,7 +302,8 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         "fan-out drained, store checkpointed"
     );
     // Process 0 of a cluster reports for every process.
-    for tally in gathered
+    for tally in shared
+        .tallies
         .lock()
         .map(|mut g| std::mem::take(&mut *g))
         .unwrap_or_default()
@@ -319,7 +336,8 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
 }
 
 /// Runs the dataflow on `workers` threads of this process (one process of `cluster`). The
-/// tallies other processes send at the end land in `gathered` (on process 0).
+/// processes first check that they agree on `shared.fingerprint`; the tallies the other
+/// processes send at the end land in `shared.tallies` (on process 0).
 fn execute(
     cluster: &cluster::Cluster,
     workers: usize,
@@ -327,7 +345,7 @@ fn execute(
     feed: Arc<Feed>,
     store: Store,
     runtime: tokio::runtime::Handle,
-    gathered: Arc<Mutex<Vec<Tally>>>,
+    shared: Arc<cluster::Shared>,
 ) -> Result<()> {
     let config = cluster.config(workers);
     let (me, failure) = (cluster.clone(), cluster.clone());
@@ -358,12 +376,21 @@ fn execute(
                     }
                 });
             };
-            driver::drive(worker, ctx.clone(), feed.clone(), sync);
+            if me.is_cluster() {
+                let fp = shared.fingerprint;
+                let all = dataflow::gather::everyone(worker, syncs.then_some((me.process, fp)));
+                if let Some((other, _)) = all.iter().find(|(_, f)| *f != fp) {
+                    ctx.fail(me.disagreement(*other));
+                }
+            }
+            if !ctx.failed() {
+                driver::drive(worker, ctx.clone(), feed.clone(), sync);
+            }
             if me.is_cluster() && !ctx.failed() {
                 let mine = (syncs && me.process != 0)
                     .then(|| ctx.metrics.tally(ctx.targets.iter().map(|rt| &rt.stats)));
                 let got = dataflow::gather::gather(worker, mine);
-                if let Ok(mut g) = gathered.lock() {
+                if let Ok(mut g) = shared.tallies.lock() {
                     g.extend(got);
                 }
             }
