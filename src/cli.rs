@@ -131,6 +131,20 @@ pub struct RunArgs {
     /// Login events fed to the dataflow per epoch.
     #[arg(long)]
     pub logins_per_epoch: Option<usize>,
+    /// Run one process of a timely cluster of this many processes (every process gets the
+    /// same job file and inputs).
+    #[arg(long)]
+    pub processes: Option<usize>,
+    /// This process's index in the cluster, 0..processes. Process 0 writes the summary.
+    #[arg(long)]
+    pub process: Option<usize>,
+    /// The cluster's addresses: one host:port a line, in process order (default
+    /// 127.0.0.1:2101, 2102, …).
+    #[arg(long)]
+    pub hostfile: Option<PathBuf>,
+    /// How long a process waits for its peers to connect, e.g. 60s (the default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub peer_wait: Option<std::time::Duration>,
     /// Write the run summary as JSON here.
     #[arg(long)]
     pub summary: Option<PathBuf>,
@@ -147,6 +161,16 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// Which process of which cluster the flags describe.
+    pub fn cluster(&self) -> crate::Result<crate::run::cluster::Cluster> {
+        crate::run::cluster::Cluster::from_flags(
+            self.processes,
+            self.process,
+            self.hostfile.as_deref(),
+            self.peer_wait,
+        )
+    }
+
     /// The values that override the job file.
     pub fn overrides(&self) -> Overrides {
         Overrides {

@@ -23,7 +23,8 @@
 //!   limit, dead letters.
 //! - [`dataflow`]: the timely graph: one operator per file.
 //! - [`metrics`]: counters, latency histogram, the run summary, the progress bar.
-//! - [`run`]: `fanout run`/`plan`: wires a job to the dataflow and drives it.
+//! - [`run`]: `fanout run`/`plan`: wires a job to the dataflow and drives it; `run::cluster`:
+//!   one job as several processes of a timely cluster.
 //! - [`serve`]: `fanout serve`: the same dataflow, generation after generation, fed by Redis
 //!   streams ([`streams`]) and schedules, with /metrics and /healthz.
 #![forbid(unsafe_code)]

@@ -33,13 +33,25 @@ fn main() -> ExitCode {
 fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
+            let cluster = args.cluster()?;
             let job = fanout::job::load(&args.job, &args.overrides())?;
             let opts = RunOptions {
                 quiet: args.quiet,
                 skip_bad_lines: args.skip_bad_lines,
                 retry_dead_letters: args.retry_dead_letters,
+                cluster,
             };
             let summary = run::run(&job, &opts)?;
+            if opts.cluster.process != 0 {
+                // Process 0 writes the summary and the report for the whole cluster.
+                if !args.quiet {
+                    eprintln!(
+                        "fanout: process {} of {} done; the summary is process 0's",
+                        opts.cluster.process, opts.cluster.processes
+                    );
+                }
+                return Ok(());
+            }
             if let Some(path) = &args.summary {
                 let json = serde_json::to_string_pretty(&summary).map_err(anyhow::Error::from)?;
                 std::fs::write(path, json + "\n").map_err(|e| {
@@ -52,6 +64,11 @@ fn execute(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
+            if args.run.cluster()?.is_cluster() {
+                return Err(Error::Usage(
+                    "serve runs as one process (several may share a Redis store and streams): run it without --processes".into(),
+                ));
+            }
             let job = fanout::job::load(&args.run.job, &args.run.overrides())?;
             let opts = fanout::serve::ServeOptions {
                 listen: args.listen,
@@ -60,11 +77,17 @@ fn execute(cli: Cli) -> Result<()> {
                     quiet: args.run.quiet,
                     skip_bad_lines: args.run.skip_bad_lines,
                     retry_dead_letters: args.run.retry_dead_letters,
+                    ..RunOptions::default()
                 },
             };
             fanout::serve::serve(&job, &opts)
         }
         Command::Plan(args) => {
+            if args.cluster()?.is_cluster() {
+                return Err(Error::Usage(
+                    "plan reads every user in one process: run it without --processes".into(),
+                ));
+            }
             let job = fanout::job::load(&args.job, &args.overrides())?;
             let opts = RunOptions {
                 quiet: args.quiet,
@@ -95,10 +118,16 @@ fn execute(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()
                 .map_err(|e| Error::runtime(format!("cannot start tokio: {e}")))?;
-            let ids = runtime.block_on(async {
-                let store = fanout::store::Store::connect_read_only(&args.store).await?;
-                store.granted(&key).await
-            })?;
+            // A store a cluster split by process: every process's part.
+            let mut ids = Vec::new();
+            for url in fanout::run::cluster::store_parts(&args.store)? {
+                ids.extend(runtime.block_on(async {
+                    let store = fanout::store::Store::connect_read_only(&url).await?;
+                    store.granted(&key).await
+                })?);
+            }
+            ids.sort_unstable();
+            ids.dedup();
             let mut out = String::with_capacity(ids.len() * 8);
             for id in ids {
                 out.push_str(&id.to_string());

@@ -28,6 +28,51 @@ pub struct CampaignStats {
     pub unreachable: AtomicU64,
 }
 
+impl CampaignStats {
+    /// The counters as `[eligible, delivered, already_granted, dead_lettered, unreachable]`.
+    pub fn counts(&self) -> [u64; 5] {
+        [
+            self.eligible.load(Relaxed),
+            self.delivered.load(Relaxed),
+            self.already_granted.load(Relaxed),
+            self.dead_lettered.load(Relaxed),
+            self.unreachable.load(Relaxed),
+        ]
+    }
+
+    /// Adds another process's [`CampaignStats::counts`].
+    pub fn add(&self, c: &[u64; 5]) {
+        self.eligible.fetch_add(c[0], Relaxed);
+        self.delivered.fetch_add(c[1], Relaxed);
+        self.already_granted.fetch_add(c[2], Relaxed);
+        self.dead_lettered.fetch_add(c[3], Relaxed);
+        self.unreachable.fetch_add(c[4], Relaxed);
+    }
+}
+
+/// One process's counters at the end of a run, sent to process 0 of a cluster for the summary.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Tally {
+    /// Per run target, in order: [`CampaignStats::counts`].
+    pub campaigns: Vec<[u64; 5]>,
+    /// Users scanned.
+    pub users_scanned: u64,
+    /// Buckets scanned.
+    pub buckets: u64,
+    /// Batches pushed.
+    pub batches: u64,
+    /// Messages delivered.
+    pub delivered: u64,
+    /// Login events of known users.
+    pub logins: u64,
+    /// Login events of unknown users.
+    pub logins_unknown: u64,
+    /// Invalid push tokens.
+    pub invalid_tokens: u64,
+    /// The push-latency histogram as (µs, count) pairs.
+    pub latency_us: Vec<(u64, u64)>,
+}
+
 /// One campaign's line in the summary.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct CampaignSummary {
@@ -201,6 +246,48 @@ impl Metrics {
             .collect();
         let sum_s = h.mean() * h.len() as f64 / 1e6;
         (counts, h.len(), sum_s)
+    }
+
+    /// This process's counters, with `campaigns`' (one per run target, in order).
+    pub fn tally<'a>(&self, campaigns: impl IntoIterator<Item = &'a CampaignStats>) -> Tally {
+        let latency_us = match self.latency_us.lock() {
+            Ok(h) => h
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        Tally {
+            campaigns: campaigns.into_iter().map(CampaignStats::counts).collect(),
+            users_scanned: self.users_scanned.load(Relaxed),
+            buckets: self.buckets.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+            logins: self.logins.load(Relaxed),
+            logins_unknown: self.logins_unknown.load(Relaxed),
+            invalid_tokens: self.invalid_tokens.load(Relaxed),
+            latency_us,
+        }
+    }
+
+    /// Adds another process's tally; its campaign counters go to `campaigns` (the same run
+    /// targets, in the same order).
+    pub fn absorb<'a>(&self, t: &Tally, campaigns: impl IntoIterator<Item = &'a CampaignStats>) {
+        for (stats, counts) in campaigns.into_iter().zip(&t.campaigns) {
+            stats.add(counts);
+        }
+        self.users_scanned.fetch_add(t.users_scanned, Relaxed);
+        self.buckets.fetch_add(t.buckets, Relaxed);
+        self.batches.fetch_add(t.batches, Relaxed);
+        self.delivered.fetch_add(t.delivered, Relaxed);
+        self.logins.fetch_add(t.logins, Relaxed);
+        self.logins_unknown.fetch_add(t.logins_unknown, Relaxed);
+        self.invalid_tokens.fetch_add(t.invalid_tokens, Relaxed);
+        if let Ok(mut h) = self.latency_us.lock() {
+            for &(us, n) in &t.latency_us {
+                let _ = h.record_n(us.max(1), n);
+            }
+        }
     }
 
     /// Seconds since the run started.

@@ -125,6 +125,55 @@ impl Buckets {
     pub fn worker_of(b: u32, peers: usize) -> usize {
         (b as usize) % peers.max(1)
     }
+
+    /// The key every timely exchange of buckets (and of per-user records, by their bucket)
+    /// routes with: timely sends key `k` to worker `k % peers`, which is [`Buckets::worker_of`].
+    #[inline]
+    pub fn exchange_key(&self, id: UserId) -> u64 {
+        u64::from(self.bucket_of(id))
+    }
+}
+
+/// Which buckets one process (or worker) owns: those [`Buckets::worker_of`] routes to its
+/// workers `first .. first + count` of `peers`. Loading keeps only these users, and every
+/// exchange sends a bucket's records there, so the two agree by construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The bucket size.
+    pub buckets: Buckets,
+    /// Workers in the whole cluster.
+    pub peers: usize,
+    /// The first worker (global index) of the owner.
+    pub first: usize,
+    /// How many consecutive workers the owner has.
+    pub count: usize,
+}
+
+impl Route {
+    /// The buckets of process `process` of a cluster of `processes` × `workers` workers
+    /// (timely numbers process `p`'s workers `p * workers ..`).
+    pub fn process(buckets: Buckets, processes: usize, process: usize, workers: usize) -> Self {
+        let workers = workers.max(1);
+        Route {
+            buckets,
+            peers: processes.max(1) * workers,
+            first: process * workers,
+            count: workers,
+        }
+    }
+
+    /// Whether bucket `b` is owned here.
+    #[inline]
+    pub fn keeps_bucket(&self, b: u32) -> bool {
+        let w = Buckets::worker_of(b, self.peers);
+        w >= self.first && w < self.first + self.count
+    }
+
+    /// Whether user `id` (its bucket) is owned here.
+    #[inline]
+    pub fn keeps(&self, id: UserId) -> bool {
+        self.keeps_bucket(self.buckets.bucket_of(id))
+    }
 }
 
 /// What kind of campaign this is (SPEC "The four scenarios").

@@ -1,7 +1,7 @@
 //! Lazy coupons: each login grants every valid, not-yet-granted coupon whose audience matches.
 //!
 //! ```text
-//!  logins ─exchange by user─┐
+//!  logins ─exchange by bucket┐
 //!  admits ──broadcast───────┴─► match: user looked up once, tested against every active
 //!                                coupon (window by the event's ts, audience) ─► (coupon, user)
 //!      ─► antijoin(granted) ─► consolidate ─► positive updates become candidates ─► push
@@ -39,11 +39,13 @@ pub fn match_logins<'s>(
     admits: Stream<'s, Time, Vec<u32>>,
     ctx: Arc<Context>,
 ) -> VecCollection<'s, Time, (u32, u32), isize> {
-    let by_user = Exchange::new(|l: &Login| u64::from(l.user));
+    // To the worker holding the user's bucket: in a cluster only that process loaded the user.
+    let buckets = ctx.buckets;
+    let by_bucket = Exchange::new(move |l: &Login| buckets.exchange_key(l.user));
     logins
         .binary_frontier::<_, CapacityContainerBuilder<Vec<PairUpdate>>, _, _, _, _>(
             admits,
-            by_user,
+            by_bucket,
             Pipeline,
             "MatchLogins",
             move |_cap, _info| {
@@ -150,10 +152,15 @@ pub fn candidates<'s>(
     grants: VecCollection<'s, Time, (u32, u32), isize>,
     ctx: Arc<Context>,
 ) -> Stream<'s, Time, Vec<Candidates>> {
+    // The antijoin left each pair on the worker its hash chose; the user's record (and the
+    // push of its bucket) is on the worker of its bucket.
+    let buckets = ctx.buckets;
+    let by_bucket =
+        Exchange::new(move |((_, user), _, _): &PairUpdate| buckets.exchange_key(*user));
     grants
         .inner
         .unary::<CapacityContainerBuilder<Vec<Candidates>>, _, _, _>(
-            Pipeline,
+            by_bucket,
             "LoginGrants",
             move |_cap, _info| {
                 move |input, output| {

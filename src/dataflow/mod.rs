@@ -17,6 +17,7 @@
 //! a few epochs open, which bounds memory (timely has no backpressure of its own).
 
 pub mod deliver;
+pub mod gather;
 pub mod login;
 pub mod push;
 pub mod scan;
@@ -49,6 +50,15 @@ pub struct Scan {
     pub bucket: u32,
     /// The targets to test its users against.
     pub targets: Vec<u32>,
+}
+
+impl Scan {
+    /// What scans are exchanged by: the bucket id. Timely sends key `k` to worker
+    /// `k % peers`, i.e. [`Buckets::worker_of`], which is what loading ([`crate::model::Route`])
+    /// assumes.
+    pub fn exchange_key(&self) -> u64 {
+        u64::from(self.bucket)
+    }
 }
 
 /// Changes to what the scan operator knows: targets admitted, pairs already granted.
@@ -164,7 +174,7 @@ pub fn fan_out(scope: Scope<'_, Time>, ctx: Arc<Context>) -> Handles {
     let granted_by_bucket = granted_pairs
         .inner
         .clone()
-        .exchange(move |((_, user), _, _)| u64::from(buckets.bucket_of(*user)))
+        .exchange(move |((_, user), _, _)| buckets.exchange_key(*user))
         .map(|((t, u), _, diff)| Control::Granted(t, u, diff));
     let control = admitted
         .clone()
@@ -184,5 +194,79 @@ pub fn fan_out(scope: Scope<'_, Time>, ctx: Arc<Context>) -> Handles {
         granted,
         logins,
         probe,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Route;
+    use timely::dataflow::channels::pact::Exchange as Pact;
+    use timely::dataflow::operators::Operator;
+
+    /// What timely's exchange delivers to a worker is what [`Route`] loads there: 4 workers
+    /// standing for 2 processes × 2 workers (process `p` has workers `2p, 2p + 1`).
+    #[test]
+    fn exchanges_deliver_each_bucket_and_user_where_the_loader_keeps_it() {
+        let buckets = Buckets::new(7);
+        let misrouted = timely::execute(timely::Config::process(4), move |worker| {
+            let (index, peers) = (worker.index(), worker.peers());
+            let route = Route::process(buckets, 2, index / 2, 2);
+            let bad = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+            let (mut scans, mut users) = (InputHandle::new(), InputHandle::new());
+            worker.dataflow::<u64, _, _>(|scope| {
+                let (bad1, bad2) = (bad.clone(), bad.clone());
+                scope.input_from(&mut scans).container::<Vec<Scan>>().sink(
+                    Pact::new(Scan::exchange_key),
+                    "Scans",
+                    move |(i, _)| {
+                        i.for_each_stamp(|_, data| {
+                            for s in data.flatten() {
+                                let here = Buckets::worker_of(s.bucket, peers) == index;
+                                if !route.keeps_bucket(s.bucket) || !here {
+                                    bad1.borrow_mut().push(u64::from(s.bucket));
+                                }
+                            }
+                        })
+                    },
+                );
+                scope.input_from(&mut users).container::<Vec<u32>>().sink(
+                    Pact::new(move |id: &u32| buckets.exchange_key(*id)),
+                    "Users",
+                    move |(i, _)| {
+                        i.for_each_stamp(|_, data| {
+                            for id in data.flatten() {
+                                if !route.keeps(*id) {
+                                    bad2.borrow_mut().push(u64::from(*id));
+                                }
+                            }
+                        })
+                    },
+                );
+            });
+            if index == 0 {
+                for bucket in 0..200 {
+                    scans.send(Scan {
+                        bucket,
+                        targets: Vec::new(),
+                    });
+                }
+                for id in (1..5000).step_by(3).chain([u32::MAX]) {
+                    users.send(id);
+                }
+            }
+            drop((scans, users));
+            while worker.step() {}
+            bad.take()
+        })
+        .unwrap()
+        .join();
+        for (w, r) in misrouted.into_iter().enumerate() {
+            assert_eq!(
+                r.unwrap(),
+                Vec::<u64>::new(),
+                "worker {w} got records it does not own"
+            );
+        }
     }
 }

@@ -44,7 +44,7 @@ pub fn scan<'s>(
     ctx: Arc<Context>,
 ) -> Stream<'s, Time, Vec<Candidates>> {
     let scope = scans.scope();
-    let by_bucket = Exchange::new(|s: &Scan| u64::from(s.bucket));
+    let by_bucket = Exchange::new(Scan::exchange_key);
     scans.binary_frontier::<_, CapacityContainerBuilder<Vec<Candidates>>, _, _, _, _>(
         control,
         by_bucket,

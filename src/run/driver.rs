@@ -6,6 +6,7 @@ use std::time::Duration;
 use timely::worker::Worker;
 
 use crate::dataflow::{self, Context, Handles, Scan, Time};
+use crate::model::Buckets;
 use crate::sources::logins::Login;
 
 /// How many epochs may be open (fed but not yet delivered) at once.
@@ -13,7 +14,9 @@ const OPEN_EPOCHS: u64 = 3;
 /// A parked worker wakes at least this often to notice a fatal error elsewhere.
 const PARK: Duration = Duration::from_millis(50);
 
-/// The work of one run, cut into epochs; worker 0 feeds it.
+/// The work of one run. Worker 0 (of the whole cluster) feeds the admits, the granted pairs
+/// and the logins; every worker feeds the scans of the buckets it owns
+/// ([`Buckets::worker_of`]), in epochs of its own.
 pub struct Feed {
     /// Targets to admit at time 0 (fan-out campaigns and lazy coupons).
     pub admit: Vec<u32>,
@@ -21,8 +24,10 @@ pub struct Feed {
     pub scan_targets: Vec<u32>,
     /// Pre-existing grants `(target, user)`, fed at time 0.
     pub granted: Vec<(u32, u32)>,
-    /// Bucket ids per epoch, epoch 1 onwards.
-    pub epochs: Vec<Vec<u32>>,
+    /// This process's buckets with their user counts, ascending (empty: nothing to scan).
+    pub buckets: Vec<(u32, u64)>,
+    /// Users a worker feeds per epoch, about.
+    pub users_per_epoch: u64,
     /// Login events, fed `logins_per_epoch` an epoch from epoch 1 on, alongside the buckets.
     pub logins: Vec<Login>,
     /// Login events per epoch (≥ 1).
@@ -52,6 +57,8 @@ pub fn plan_epochs(
 }
 
 /// Runs one worker of the fan-out to completion (or until a fatal error anywhere).
+/// `store_sync` is called as this worker's epochs complete (a no-op on all but one worker of
+/// a process is the caller's choice).
 pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync: impl Fn()) {
     let Handles {
         mut scans,
@@ -61,24 +68,35 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
         probe,
     } = worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone()));
 
-    if worker.index() == 0 {
+    let (index, peers) = (worker.index(), worker.peers());
+    let own = plan_epochs(
+        feed.buckets
+            .iter()
+            .copied()
+            .filter(|&(b, _)| Buckets::worker_of(b, peers) == index),
+        feed.users_per_epoch,
+    );
+    let logins_here: &[Login] = if index == 0 { &feed.logins } else { &[] };
+    if index == 0 {
         for &t in &feed.admit {
             admits.send(t);
         }
         for &pair in &feed.granted {
             granted.insert(pair);
         }
+    }
+    {
         let mut epoch: Time = 1;
         let mut synced: Time = 0;
-        let mut login_epochs = feed.logins.chunks(feed.logins_per_epoch.max(1));
-        let epochs = feed.epochs.len().max(login_epochs.len());
+        let mut login_epochs = logins_here.chunks(feed.logins_per_epoch.max(1));
+        let epochs = own.len().max(login_epochs.len());
         for e in 0..epochs {
             scans.advance_to(epoch);
             admits.advance_to(epoch);
             granted.advance_to(epoch);
             granted.flush();
             logins.advance_to(epoch);
-            for &bucket in feed.epochs.get(e).into_iter().flatten() {
+            for &bucket in own.get(e).into_iter().flatten() {
                 scans.send(Scan {
                     bucket,
                     targets: feed.scan_targets.clone(),

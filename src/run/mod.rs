@@ -3,6 +3,7 @@
 //! Everything that can fail on bad input (job, users, granted pairs, provider URL) is checked
 //! before the store is opened or anything is pushed, so bad input never half-applies.
 
+pub mod cluster;
 pub mod driver;
 pub mod plan;
 pub mod targets;
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 
-use crate::dataflow::{Context, RunTarget};
+use crate::dataflow::{self, Context, RunTarget};
 use crate::error::{Error, Result};
 use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignStats, CampaignSummary, Metrics, Progress, Summary};
@@ -33,6 +34,8 @@ pub struct RunOptions {
     pub skip_bad_lines: bool,
     /// Make each target's dead-lettered users claimable again before fanning out.
     pub retry_dead_letters: bool,
+    /// Which process of which cluster this is (default: a single process).
+    pub cluster: cluster::Cluster,
 }
 
 /// Users per epoch, at least; larger when many pushes may be in flight.
@@ -65,6 +68,9 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
     let load_opts = LoadOptions {
         skip_bad_lines: opts.skip_bad_lines,
         bucket_size: job.engine.bucket_size,
+        keep: opts
+            .cluster
+            .route(Buckets::new(job.engine.bucket_size), job.engine.workers),
     };
     let (source, report) = UserSource::open(&job.inputs.users, &load_opts)?;
     if !opts.quiet {
@@ -108,6 +114,8 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
 /// Runs `job` to completion and returns its summary.
 pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     let provider = ProviderSpec::parse(&job.provider.url)?;
+    // A store split by another process count is refused before anything is read.
+    let store_url = opts.cluster.store_url(&job.store)?;
     let loaded = load(job, opts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -118,11 +126,12 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     // Before the store, so a missing credential or a bad timeout (usage errors, exit 2) leaves
     // the store untouched.
     let provider = provider.open()?;
-    let store = runtime.block_on(Store::connect(&job.store))?;
+    let store = runtime.block_on(Store::connect_as(&store_url, opts.cluster.member()))?;
     // Logins on a Redis stream: every entry there now, acknowledged once the run is durable.
     let mut loaded = loaded;
     let login_stream = match &job.inputs.logins {
-        Some(url) if is_redis(url) => {
+        // In a cluster, process 0 feeds the logins: it alone reads (and acknowledges) them.
+        Some(url) if is_redis(url) && opts.cluster.process == 0 => {
             let (reader, logins, ids, skipped) = runtime.block_on(
                 crate::streams::read_all_logins(url, "fanout-run", opts.skip_bad_lines),
             )?;
@@ -174,6 +183,19 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         })
         .collect();
     runtime.block_on(store.admit(&admissions))?;
+    // What the processes of a cluster must agree on (checked before anything is sent).
+    let fingerprint = cluster::fingerprint(
+        job,
+        run_targets.iter().enumerate().map(|(i, rt)| {
+            format!(
+                "{}|{}|{:?}|{}",
+                rt.target.campaign.id,
+                content_hash(&rt.target.campaign),
+                rt.target.occurrence,
+                scan_targets.contains(&(i as u32))
+            )
+        }),
+    );
     if opts.retry_dead_letters {
         for rt in &run_targets {
             let revived = runtime.block_on(rt.ledger.revive_dead())?;
@@ -185,21 +207,34 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
 
     let buckets = Buckets::new(job.engine.bucket_size);
     let concurrency = job.provider.concurrency.max(1);
-    let users_per_epoch = MIN_USERS_PER_EPOCH.max(4 * concurrency as u64);
-    let bucket_users = loaded.source.buckets(buckets).into_iter().map(|b| {
-        let (lo, hi) = buckets.bucket_range(b);
-        (b, loaded.source.count_in(lo, hi))
-    });
+    let workers = job.engine.workers.max(1);
+    // Per worker: each feeds its own buckets, so a process holds about this many users' work.
+    let users_per_epoch = (MIN_USERS_PER_EPOCH.max(4 * concurrency as u64) / workers as u64)
+        .max(MIN_USERS_PER_EPOCH / 4);
+    let route = opts.cluster.route(buckets, workers);
+    let bucket_users: Vec<(u32, u64)> = if scan_targets.is_empty() {
+        Vec::new()
+    } else {
+        loaded
+            .source
+            .buckets(buckets)
+            .into_iter()
+            .filter(|&b| route.is_none_or(|r| r.keeps_bucket(b)))
+            .map(|b| {
+                let (lo, hi) = buckets.bucket_range(b);
+                (b, loaded.source.count_in(lo, hi))
+            })
+            .collect()
+    };
     let lazy_targets = run_targets.len() - scan_targets.len();
-    let total_pairs = loaded.source.len() * scan_targets.len() as u64
-        + loaded.logins.len() as u64 * lazy_targets as u64;
+    // This process's share (the progress bar is per process).
+    let own_users: u64 = bucket_users.iter().map(|b| b.1).sum();
+    let total_pairs = own_users * scan_targets.len() as u64
+        + loaded.logins.len() as u64 * lazy_targets as u64 / opts.cluster.processes as u64;
     let feed = Arc::new(Feed {
         admit: (0..run_targets.len() as u32).collect(),
-        epochs: if scan_targets.is_empty() {
-            Vec::new()
-        } else {
-            driver::plan_epochs(bucket_users, users_per_epoch)
-        },
+        buckets: bucket_users,
+        users_per_epoch,
         scan_targets,
         granted,
         logins_per_epoch: job.engine.logins_per_epoch.max(1),
@@ -237,17 +272,24 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     tracing::info!(
         users = ctx.source.len(),
         targets = ctx.targets.len(),
-        epochs = feed.epochs.len(),
+        buckets = feed.buckets.len(),
+        process = opts.cluster.process,
         workers = job.engine.workers,
         "fan-out starting"
     );
     let progress = Progress::start(metrics.clone(), total_pairs, opts.quiet);
+    let shared = Arc::new(cluster::Shared {
+        fingerprint,
+        tallies: Mutex::new(Vec::new()),
+    });
     let result = execute(
-        job.engine.workers,
+        &opts.cluster,
+        workers,
         ctx.clone(),
         feed,
         store.clone(),
         runtime.handle().clone(),
+        shared.clone(),
     );
     progress.finish();
     result?;
@@ -268,6 +310,15 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
         elapsed_s = metrics.elapsed().as_secs_f64(),
         "fan-out drained, store checkpointed"
     );
+    // Process 0 of a cluster reports for every process.
+    for tally in shared
+        .tallies
+        .lock()
+        .map(|mut g| std::mem::take(&mut *g))
+        .unwrap_or_default()
+    {
+        metrics.absorb(&tally, ctx.targets.iter().map(|rt| &rt.stats));
+    }
 
     let campaigns = job
         .campaigns
@@ -293,40 +344,73 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     Ok(metrics.summary(campaigns, loaded.report.skipped))
 }
 
-/// Runs the dataflow on `workers` threads of this process.
+/// Runs the dataflow on `workers` threads of this process (one process of `cluster`). The
+/// processes first check that they agree on `shared.fingerprint`; the tallies the other
+/// processes send at the end land in `shared.tallies` (on process 0).
 fn execute(
+    cluster: &cluster::Cluster,
     workers: usize,
     ctx: Arc<Context>,
     feed: Arc<Feed>,
     store: Store,
     runtime: tokio::runtime::Handle,
+    shared: Arc<cluster::Shared>,
 ) -> Result<()> {
-    let communication = if workers <= 1 {
-        timely::CommunicationConfig::Thread
-    } else {
-        timely::CommunicationConfig::Process(workers)
+    let config = cluster.config(workers);
+    let (me, failure) = (cluster.clone(), cluster.clone());
+    let failed = {
+        let ctx = ctx.clone();
+        move || ctx.failed()
     };
-    let config = timely::Config {
-        communication,
-        worker: timely::WorkerConfig::default(),
-    };
-    let guards = timely::execute(config, move |worker| {
-        let (store, ctx2, runtime) = (store.clone(), ctx.clone(), runtime.clone());
-        let sync = move || {
-            let (store, ctx3) = (store.clone(), ctx2.clone());
-            runtime.spawn(async move {
-                if let Err(e) = store.sync().await {
-                    ctx3.fail(e);
-                }
-            });
+    cluster::launch(cluster, workers, failed, move |events| {
+        let events = Mutex::new(events);
+        let tell = move |e| {
+            if let Ok(tx) = events.lock() {
+                let _ = tx.send(e);
+            }
         };
-        driver::drive(worker, ctx.clone(), feed.clone(), sync);
+        let guards = timely::execute(config, move |worker| {
+            tell(cluster::Event::Started);
+            // One worker of each process makes that process's store durable.
+            let syncs = worker.index() % workers == 0;
+            let (store, ctx2, runtime) = (store.clone(), ctx.clone(), runtime.clone());
+            let sync = move || {
+                if !syncs {
+                    return;
+                }
+                let (store, ctx3) = (store.clone(), ctx2.clone());
+                runtime.spawn(async move {
+                    if let Err(e) = store.sync().await {
+                        ctx3.fail(e);
+                    }
+                });
+            };
+            if me.is_cluster() {
+                let fp = shared.fingerprint;
+                let all = dataflow::gather::everyone(worker, syncs.then_some((me.process, fp)));
+                if let Some((other, _)) = all.iter().find(|(_, f)| *f != fp) {
+                    ctx.fail(me.disagreement(*other));
+                }
+            }
+            if !ctx.failed() {
+                driver::drive(worker, ctx.clone(), feed.clone(), sync);
+            }
+            if me.is_cluster() && !ctx.failed() {
+                let mine = (syncs && me.process != 0)
+                    .then(|| ctx.metrics.tally(ctx.targets.iter().map(|rt| &rt.stats)));
+                let got = dataflow::gather::gather(worker, mine);
+                if let Ok(mut g) = shared.tallies.lock() {
+                    g.extend(got);
+                }
+            }
+            tell(cluster::Event::Finished);
+        })
+        .map_err(|e| Error::runtime(format!("cannot start timely workers: {e}")))?;
+        for result in guards.join() {
+            result.map_err(|e| failure.worker_failure(&e))?;
+        }
+        Ok(())
     })
-    .map_err(|e| Error::runtime(format!("cannot start timely workers: {e}")))?;
-    for result in guards.join() {
-        result.map_err(|e| Error::runtime(format!("a worker failed: {e}")))?;
-    }
-    Ok(())
 }
 
 /// Pre-existing grants `(campaign id, user)` as `(target index, user)` pairs. SPEC: granted

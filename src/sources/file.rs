@@ -72,7 +72,8 @@ pub(crate) fn read(
             },
         };
         match parsed {
-            Ok(user) => table.push(&user)?,
+            Ok(user) if opts.keep.is_none_or(|r| r.keeps(user.id)) => table.push(&user)?,
+            Ok(_) => {} // another process's bucket
             Err(bad) => {
                 let e = bad.at(path, no);
                 // Without a header no CSV line can be read, so that one is never skipped.
@@ -242,5 +243,45 @@ mod tests {
         assert_eq!(all(&j), all(&c));
         assert_eq!(all(&j)[2].tags, ["мама", "运动"]);
         assert_eq!(j.tags().len(), 3);
+    }
+
+    #[test]
+    fn each_process_keeps_exactly_its_buckets_and_together_every_user() {
+        use crate::model::{Buckets, Route};
+        let text: String = (1..=500u32)
+            .rev()
+            .map(|id| {
+                format!(
+                    "{{\"id\":{},\"level\":1,\"points\":2}}\n",
+                    id * 7919 % 100_003
+                )
+            })
+            .collect();
+        let (whole, _) = load_str(Format::JsonLines, text.as_bytes(), false).unwrap();
+        let buckets = Buckets::new(10);
+        let (processes, workers) = (3, 2);
+        let mut union = Vec::new();
+        for p in 0..processes {
+            let route = Route::process(buckets, processes, p, workers);
+            let opts = LoadOptions {
+                skip_bad_lines: false,
+                keep: Some(route),
+                ..LoadOptions::default()
+            };
+            let (part, report) =
+                read("users.x", text.as_bytes(), Format::JsonLines, &opts).unwrap();
+            assert_eq!(report.users, part.len() as u64);
+            for &id in part.ids() {
+                let owner = Buckets::worker_of(buckets.bucket_of(id), processes * workers);
+                assert_eq!(owner / workers, p, "user {id} loaded by the wrong process");
+            }
+            union.extend_from_slice(part.ids());
+        }
+        union.sort_unstable();
+        assert_eq!(
+            union,
+            whole.ids(),
+            "every user loaded by exactly one process"
+        );
     }
 }

@@ -22,7 +22,7 @@ pub mod table;
 use std::sync::Arc;
 
 use crate::error::{Error, InputError, Result};
-use crate::model::{Buckets, TagDict, User, UserRef};
+use crate::model::{Buckets, Route, TagDict, User, UserRef};
 
 use file::Format;
 use synthetic::Synthetic;
@@ -37,8 +37,12 @@ pub struct LoadOptions {
     /// Skip a bad line (counting it) instead of stopping at the first one.
     pub skip_bad_lines: bool,
     /// Ids per bucket (the job's `bucket_size`): users on Redis are fetched one pipeline per
-    /// bucket.
+    /// bucket, and `keep` speaks of these buckets.
     pub bucket_size: u32,
+    /// Keep only the users of these buckets (one process of a cluster); `None`: every user.
+    /// A file is still read whole, line by line; the others' users are parsed and dropped.
+    /// From Redis only the kept buckets are fetched.
+    pub keep: Option<Route>,
 }
 
 impl Default for LoadOptions {
@@ -46,6 +50,7 @@ impl Default for LoadOptions {
         LoadOptions {
             skip_bad_lines: false,
             bucket_size: 1000,
+            keep: None,
         }
     }
 }
@@ -82,12 +87,15 @@ impl UserSource {
     /// `.csv`, or `redis://[user:pass@]host:port/db` ([`redis_users`]). Anything else is a
     /// usage error; a bad file or hash is [`Error::BadInput`].
     pub fn open(spec: &str, opts: &LoadOptions) -> Result<(UserSource, LoadReport)> {
-        UserSource::open_buckets(spec, opts, &|_| true)
+        let route = opts.keep;
+        UserSource::open_buckets(spec, opts, &move |b| {
+            route.is_none_or(|r| r.keeps_bucket(b))
+        })
     }
 
     /// [`UserSource::open`] for the users of some buckets (of `opts.bucket_size` ids): from
-    /// Redis only the buckets `keep` accepts are fetched, so each process of a cluster loads
-    /// its own share. A file or synthetic source holds every user whatever `keep` says.
+    /// Redis only the buckets `keep` accepts are fetched. A file keeps what `opts.keep` says;
+    /// a synthetic source computes any user on demand.
     pub fn open_buckets(
         spec: &str,
         opts: &LoadOptions,

@@ -91,6 +91,14 @@ fn parse_url(url: &str) -> Result<Target<'_>> {
     )))
 }
 
+/// The directory of an embedded store's URL (`file:DIR`); `None` for any other URL.
+pub fn file_dir(url: &str) -> Option<&str> {
+    match parse_url(url) {
+        Ok(Target::Dir(dir)) => Some(dir),
+        _ => None,
+    }
+}
+
 /// Runs blocking store work (fsync, replay) off the async workers when inside a tokio runtime.
 async fn off_runtime<T, F>(work: F) -> Result<T>
 where
@@ -128,10 +136,18 @@ impl Store {
     /// Opens the store at any `url`: `file:DIR` as [`Store::open`] does, `redis://…` by
     /// connecting (retrying for a while if the server is not up yet).
     pub async fn connect(url: &str) -> Result<Store> {
+        Store::connect_as(url, None).await
+    }
+
+    /// [`Store::connect`] for process `I` of a cluster of `N` (`member = Some((I, N))`): on
+    /// Redis, a run of a cluster process re-sends only what a dead run of the same process
+    /// (same `I`, same `N`) had in flight — the users of its own buckets. `None` is
+    /// [`Store::connect`].
+    pub async fn connect_as(url: &str, member: Option<(usize, usize)>) -> Result<Store> {
         match parse_url(url)? {
             Target::Dir(_) => Store::open(url),
             Target::Redis => Ok(Store::Redis(Arc::new(
-                redis::RedisStore::open(url, false).await?,
+                redis::RedisStore::open_as(url, false, member).await?,
             ))),
         }
     }

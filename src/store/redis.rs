@@ -72,6 +72,11 @@ if redis.call('BITCOUNT', KEYS[3]) == 0 then redis.call('DEL', KEYS[3]) end
 return 0
 ";
 
+/// The run-id suffix of process `i` of a cluster of `n`.
+fn member_tag((i, n): (usize, usize)) -> String {
+    format!("-p{i}of{n}")
+}
+
 /// Adopts a dead run's in-flight bitmap of one chunk (KEYS[1]) into ours (KEYS[2]) unless its
 /// lease (KEYS[3]) still lives: every offset not yet done (KEYS[4]) joins our in-flight
 /// bitmap, so our claims hand it out again. Returns how many.
@@ -234,9 +239,25 @@ pub async fn connect(url: &str) -> Result<ConnectionManager> {
 impl RedisStore {
     /// Connects to `url` (`FANOUT_REDIS_PASSWORD` supplies a password the URL lacks).
     pub async fn open(url: &str, read_only: bool) -> Result<RedisStore> {
+        Self::open_as(url, read_only, None).await
+    }
+
+    /// [`RedisStore::open`] for process `I` of a cluster of `N` (`member = Some((I, N))`).
+    /// Its run id carries `-pIofN`, and it adopts only the in-flight sets of dead runs with the
+    /// same tag: those hold users of the buckets it owns. A single process (`None`) owns every
+    /// bucket and adopts every dead run's set.
+    pub async fn open_as(
+        url: &str,
+        read_only: bool,
+        member: Option<(usize, usize)>,
+    ) -> Result<RedisStore> {
         let show = shown(url);
         let con = connect(url).await?;
-        let run = format!("{:016x}", rand::random::<u64>());
+        let run = format!(
+            "{:016x}{}",
+            rand::random::<u64>(),
+            member.map(member_tag).unwrap_or_default()
+        );
         let store = RedisStore {
             url: show,
             con,
@@ -265,6 +286,15 @@ impl RedisStore {
             });
         }
         Ok(store)
+    }
+
+    /// Whether this run adopts the in-flight set of dead run `run` (see
+    /// [`RedisStore::open_as`]).
+    fn adopts(&self, run: &str) -> bool {
+        match self.run.find("-p") {
+            None => true,
+            Some(at) => run.ends_with(&self.run[at..]),
+        }
     }
 
     fn run_key(&self) -> String {
@@ -369,6 +399,9 @@ impl RedisStore {
             let (Some(chunk), Some(run)) = (tail.next(), tail.next()) else {
                 continue;
             };
+            if !self.adopts(run) {
+                continue; // another cluster process's buckets
+            }
             let lease = format!("fanout:run:{run}");
             let (mine, done) = (
                 format!("{}{chunk}", ledger.inflight),
