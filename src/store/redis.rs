@@ -32,6 +32,9 @@ use redis::{IntoConnectionInfo, Script};
 use roaring::RoaringBitmap;
 
 use super::{Claim, LedgerCounts};
+use scripts::{Segments, ADOPT, CLAIM_SCRIPT, DROP_EMPTY, MARK_SCRIPT, REVIVE};
+
+mod scripts;
 use crate::error::{Error, Result};
 
 /// How long a call keeps retrying an unreachable server before the run gives up.
@@ -41,71 +44,6 @@ pub const LEASE: Duration = Duration::from_secs(5);
 /// Ids per bitmap key: 2^24 bits, 2 MiB at most.
 const CHUNK_BITS: u32 = 24;
 const CHUNK_MASK: u32 = (1 << CHUNK_BITS) - 1;
-
-/// Claims offsets in one chunk: SETBIT each in the granted bitmap (KEYS[1]); a newly set one
-/// is recorded in the run's in-flight bitmap (KEYS[2]); one already in that bitmap is this
-/// run's (adopted from a dead run, or claimed by a call whose reply was lost and is retried)
-/// and is answered as claimed again. Returns 0 (claimed) or 1 (taken) per offset.
-const CLAIM: &str = r"
-local out = {}
-for i = 1, #ARGV do
-  local old = redis.call('SETBIT', KEYS[1], ARGV[i], 1)
-  if old == 0 then
-    redis.call('SETBIT', KEYS[2], ARGV[i], 1)
-  elseif redis.call('GETBIT', KEYS[2], ARGV[i]) == 1 then
-    old = 0
-  end
-  out[i] = old
-end
-return out
-";
-
-/// Marks offsets of one chunk done (KEYS[1]) and, when KEYS[2] is given, dead; clears them in
-/// the run's in-flight bitmap (KEYS[3]).
-const MARK: &str = r"
-for i = 1, #ARGV do
-  redis.call('SETBIT', KEYS[1], ARGV[i], 1)
-  if KEYS[2] ~= '' then redis.call('SETBIT', KEYS[2], ARGV[i], 1) end
-  redis.call('SETBIT', KEYS[3], ARGV[i], 0)
-end
-if redis.call('BITCOUNT', KEYS[3]) == 0 then redis.call('DEL', KEYS[3]) end
-return 0
-";
-
-/// Adopts a dead run's in-flight bitmap of one chunk (KEYS[1]) into ours (KEYS[2]) unless its
-/// lease (KEYS[3]) still lives: every offset not yet done (KEYS[4]) joins our in-flight
-/// bitmap, so our claims hand it out again. Returns how many.
-const ADOPT: &str = r"
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local n = 0
-local pos = redis.call('BITPOS', KEYS[1], 1)
-while pos >= 0 do
-  if redis.call('GETBIT', KEYS[4], pos) == 0 then
-    redis.call('SETBIT', KEYS[2], pos, 1)
-    n = n + 1
-  end
-  redis.call('SETBIT', KEYS[1], pos, 0)
-  pos = redis.call('BITPOS', KEYS[1], 1, math.floor(pos / 8))
-end
-redis.call('DEL', KEYS[1])
-return n
-";
-
-/// Revives the dead offsets of one chunk: clears each in the dead (KEYS[1]), done (KEYS[2])
-/// and granted (KEYS[3]) bitmaps, so the next claim hands it out. Returns how many.
-const REVIVE: &str = r"
-local n = 0
-local pos = redis.call('BITPOS', KEYS[1], 1)
-while pos >= 0 do
-  redis.call('SETBIT', KEYS[2], pos, 0)
-  redis.call('SETBIT', KEYS[3], pos, 0)
-  redis.call('SETBIT', KEYS[1], pos, 0)
-  n = n + 1
-  pos = redis.call('BITPOS', KEYS[1], 1, math.floor(pos / 8))
-end
-redis.call('DEL', KEYS[1])
-return n
-";
 
 /// `ids` cut into runs of one chunk each: (chunk, offsets).
 fn by_chunk(ids: &[u32]) -> Vec<(u32, Vec<u32>)> {
@@ -317,12 +255,10 @@ impl RedisStore {
         Ok(ledger)
     }
 
-    /// Adopts the in-flight sets of runs whose lease expired; returns how many ids.
-    async fn adopt_orphans(&self, key: &str, ledger: &RedisLedger) -> Result<u64> {
-        let pattern = format!("fanout:inflight:{key}:*");
-        let keys: Vec<String> = retrying(&self.url, "SCAN in-flight sets", || {
+    /// Every key matching `pattern` (SCAN, so the server never blocks on it).
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
+        retrying(&self.url, "SCAN in-flight sets", || {
             let mut con = self.con.clone();
-            let pattern = pattern.clone();
             async move {
                 let mut found = Vec::new();
                 let mut cursor = 0u64;
@@ -330,7 +266,7 @@ impl RedisStore {
                     let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
-                        .arg(&pattern)
+                        .arg(pattern)
                         .arg("COUNT")
                         .arg(1000)
                         .query_async(&mut con)
@@ -343,7 +279,12 @@ impl RedisStore {
                 }
             }
         })
-        .await?;
+        .await
+    }
+
+    /// Adopts the in-flight sets of runs whose lease expired; returns how many ids.
+    async fn adopt_orphans(&self, key: &str, ledger: &RedisLedger) -> Result<u64> {
+        let keys = self.scan(&format!("fanout:inflight:{key}:*")).await?;
         let script = Script::new(ADOPT);
         let mut adopted = 0;
         for orphan in keys
@@ -423,10 +364,23 @@ impl RedisStore {
         Ok(ledger.bits(&ledger.granted).await?.iter().collect())
     }
 
-    /// Ends the run: drops its lease (its in-flight sets are empty after a clean drain).
+    /// Ends the run: deletes its emptied in-flight bitmaps (empty after a clean drain; one
+    /// still holding ids is left for the next run to adopt) and drops its lease.
     pub async fn close(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
+        }
+        let pattern = format!("fanout:inflight:*:{}:*", self.run);
+        let keys = self.scan(&pattern).await?;
+        let script = Script::new(DROP_EMPTY);
+        for key in &keys {
+            retrying(&self.url, "drop empty in-flight set", || {
+                let mut con = self.con.clone();
+                let mut call = script.prepare_invoke();
+                call.key(key);
+                async move { call.invoke_async::<i64>(&mut con).await }
+            })
+            .await?;
         }
         let key = self.run_key();
         retrying(&self.url, "DEL run lease", || {
@@ -452,31 +406,46 @@ impl RedisLedger {
     /// The atomic claim; see [`super::Ledger::claim`].
     pub async fn claim(&self, ids: &[u32]) -> Result<Claim> {
         self.refuse_read_only()?;
-        let groups = by_chunk(ids);
-        let script = Script::new(CLAIM);
+        let groups: Vec<(u32, Vec<u32>, Segments)> = by_chunk(ids)
+            .into_iter()
+            .map(|(chunk, offsets)| {
+                let segments = Segments::new(&offsets);
+                (chunk, offsets, segments)
+            })
+            .collect();
         // One script call per chunk (a batch of ids is almost always one chunk); invoking a
         // script loads it on the server when missing.
-        let old: Vec<Vec<u8>> = retrying(&self.url, "claim", || {
+        let replies: Vec<Vec<u8>> = retrying(&self.url, "claim", || {
             let mut con = self.con.clone();
-            let (groups, script) = (&groups, &script);
+            let groups = &groups;
             async move {
-                let mut old = Vec::with_capacity(groups.len());
-                for (chunk, offsets) in groups {
-                    let bits: Vec<u8> = script
-                        .key(format!("{}{chunk}", self.granted))
-                        .key(format!("{}{chunk}", self.inflight))
-                        .arg(offsets)
-                        .invoke_async(&mut con)
-                        .await?;
-                    old.push(bits);
+                let mut replies = Vec::with_capacity(groups.len());
+                for (chunk, _, segments) in groups {
+                    let mut call = CLAIM_SCRIPT.prepare_invoke();
+                    call.key(format!("{}{chunk}", self.granted))
+                        .key(format!("{}{chunk}", self.inflight));
+                    segments.args(&mut call);
+                    replies.push(call.invoke_async(&mut con).await?);
                 }
-                Ok(old)
+                Ok(replies)
             }
         })
         .await?;
+        let mut claimed = Vec::with_capacity(ids.len());
+        for ((_, offsets, segments), reply) in groups.iter().zip(&replies) {
+            let bits = segments.claimed(offsets, reply).ok_or_else(|| {
+                Error::runtime(format!(
+                    "store {}: the claim script answered {} bytes for {} segments",
+                    self.url,
+                    reply.len(),
+                    segments.len()
+                ))
+            })?;
+            claimed.extend(bits);
+        }
         let mut out = Claim::default();
-        for (&id, &bit) in ids.iter().zip(old.iter().flatten()) {
-            if bit == 0 {
+        for (&id, yes) in ids.iter().zip(claimed) {
+            if yes {
                 out.claimed.push(id);
             } else {
                 out.already.push(id);
@@ -490,25 +459,26 @@ impl RedisLedger {
         if ids.is_empty() {
             return Ok(());
         }
-        let groups = by_chunk(ids);
-        let script = Script::new(MARK);
+        let groups: Vec<(u32, Segments)> = by_chunk(ids)
+            .into_iter()
+            .map(|(chunk, offsets)| (chunk, Segments::new(&offsets)))
+            .collect();
         retrying(&self.url, "mark done", || {
             let mut con = self.con.clone();
-            let (groups, script) = (&groups, &script);
+            let groups = &groups;
             async move {
-                for (chunk, offsets) in groups {
+                for (chunk, segments) in groups {
                     let dead_key = if dead {
                         format!("{}{chunk}", self.dead)
                     } else {
                         String::new()
                     };
-                    script
-                        .key(format!("{}{chunk}", self.done))
+                    let mut call = MARK_SCRIPT.prepare_invoke();
+                    call.key(format!("{}{chunk}", self.done))
                         .key(dead_key)
-                        .key(format!("{}{chunk}", self.inflight))
-                        .arg(offsets)
-                        .invoke_async::<i64>(&mut con)
-                        .await?;
+                        .key(format!("{}{chunk}", self.inflight));
+                    segments.args(&mut call);
+                    call.invoke_async::<i64>(&mut con).await?;
                 }
                 Ok(())
             }
