@@ -346,5 +346,61 @@ async fn ledger_claims_and_marks_on_redis_equal_a_naive_set() {
     let again = other.ledger("mixed").await.unwrap();
     let all: Vec<u32> = claimed.iter().copied().collect();
     let got = again.claim(&all).await.unwrap();
-    assert!(got.claimed.is_empty(), "{} claimed twice", got.claimed.len());
+    assert!(
+        got.claimed.is_empty(),
+        "{} claimed twice",
+        got.claimed.len()
+    );
+}
+
+#[test]
+fn the_store_over_tls_trusts_the_ca_it_is_given_and_equals_the_naive_set() {
+    let redis = RedisServer::start_tls();
+    let users = naive_users_jsonl(&read(&repo("inputs/users.jsonl")));
+    let job = read(&repo("dataflows/promotion-all-users.toml"));
+    let s = Scratch::new();
+    std::fs::create_dir(s.path("inputs")).unwrap();
+    for f in ["users.jsonl", "logins.jsonl", "granted.jsonl"] {
+        std::fs::copy(repo("inputs").join(f), s.path("inputs").join(f)).unwrap();
+    }
+    s.write("job.toml", &job);
+    let store = redis.url(0);
+    assert!(store.starts_with("rediss://"));
+    let run = |ca: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
+        cmd.args(["run", "job.toml", "--store", &store, "--quiet"])
+            .current_dir(s.dir.path())
+            .env_remove("FANOUT_REDIS_CA");
+        if let Some(ca) = ca {
+            cmd.env("FANOUT_REDIS_CA", ca);
+        }
+        cmd.output().unwrap()
+    };
+    // The system's roots do not hold the test's CA: refused at once, nothing sent.
+    let out = run(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert!(delivered(&s.path("deliveries.jsonl")).is_empty());
+    // A CA file that is not one is a usage error naming it.
+    s.write("not-a-ca.pem", "hello");
+    let out = run(Some(&s.path("not-a-ca.pem")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not-a-ca.pem"), "{stderr}");
+    // With it, the run equals the naive set, and the ledger lives on the TLS server.
+    let out = run(Some(&redis.ca()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = expected_in(&job, s.dir.path(), &users);
+    assert_eq!(delivered(&s.path("deliveries.jsonl")), want);
+    let granted: u64 = redis
+        .cli(&["KEYS", "fanout:granted:*"])
+        .lines()
+        .map(|key| redis.cli(&["BITCOUNT", key]).parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(granted, want.len() as u64);
 }

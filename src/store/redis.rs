@@ -68,6 +68,39 @@ pub fn shown(url: &str) -> String {
     }
 }
 
+/// The environment variable naming a PEM file of CA certificates that `rediss://` servers are
+/// verified against instead of the system's roots (for a self-signed or private CA).
+pub const CA_ENV: &str = "FANOUT_REDIS_CA";
+
+/// A client for `info`: TLS for `rediss://`, verified against [`CA_ENV`]'s certificates when
+/// it is set, else the system's roots.
+fn client(url: &str, info: redis::ConnectionInfo) -> Result<redis::Client> {
+    let show = shown(url);
+    let bad_url = |e: redis::RedisError| Error::Usage(format!("store URL {show}: {e}"));
+    let ca = std::env::var_os(CA_ENV).filter(|v| !v.is_empty());
+    match ca {
+        Some(path) if url.starts_with("rediss://") => {
+            let path = std::path::PathBuf::from(path);
+            let pem = std::fs::read(&path).map_err(|e| {
+                Error::Usage(format!("{CA_ENV}={}: cannot read: {e}", path.display()))
+            })?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(Error::Usage(format!(
+                    "{CA_ENV}={}: no PEM certificate in it",
+                    path.display()
+                )));
+            }
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            redis::Client::build_with_tls(info, certs)
+                .map_err(|e| Error::Usage(format!("{CA_ENV}={}: {e}", path.display())))
+        }
+        _ => redis::Client::open(info).map_err(bad_url),
+    }
+}
+
 /// A Redis store, shared by every worker and task of a process.
 pub struct RedisStore {
     url: String,
@@ -125,7 +158,7 @@ where
 }
 
 fn retryable(e: &redis::RedisError) -> bool {
-    e.is_io_error()
+    (e.is_io_error() && !refused_certificate(e))
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
@@ -133,6 +166,13 @@ fn retryable(e: &redis::RedisError) -> bool {
             e.kind(),
             redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
         )
+}
+
+/// Whether `e` is a TLS handshake that failed on the certificate (an unknown issuer, a wrong
+/// name): no retry fixes that.
+fn refused_certificate(e: &redis::RedisError) -> bool {
+    let text = e.to_string();
+    text.contains("certificate") || text.contains("Certificate")
 }
 
 impl RedisStore {
@@ -149,8 +189,7 @@ impl RedisStore {
             let settings = info.redis_settings().clone().set_password(pw);
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info)
-            .map_err(|e| Error::Usage(format!("store URL {show}: {e}")))?;
+        let client = client(url, info)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(10)))
