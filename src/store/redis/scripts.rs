@@ -90,6 +90,15 @@ if redis.call('BITCOUNT', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) return 1
 return 0
 ";
 
+/// Rewrites each key (bitmaps) at its exact size, atomically (a copy of at most 2 MiB).
+pub const COMPACT: &str = r"
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v then redis.call('SET', KEYS[i], v) end
+end
+return 0
+";
+
 /// Adopts a dead run's in-flight bitmap of one chunk (KEYS[1]) into ours (KEYS[2]) unless its
 /// lease (KEYS[3]) still lives: every offset not yet done (KEYS[4]) joins our in-flight
 /// bitmap, so our claims hand it out again. Returns how many.
