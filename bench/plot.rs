@@ -82,9 +82,12 @@ fn latency(summary: &Summary, path: &str, title: &str) -> Result<()> {
     let h = &summary.push_latency_histogram;
     let total: u64 = h.count.iter().sum::<u64>().max(1);
     let first = h.count.iter().position(|&c| c > 0).unwrap_or(0);
-    let shown = first..h.count.len().max(first + 1);
+    // A segmented range a..b has a segment for each of a..=b.
+    let shown = first..h.count.len().saturating_sub(1).max(first);
     let label = |i: usize| {
-        let ms = h.upper_ms.get(i).copied().unwrap_or(0.0);
+        let Some(&ms) = h.upper_ms.get(i) else {
+            return String::new();
+        };
         match ms {
             _ if ms < 1.0 => format!("{:.0}µs", ms * 1000.0),
             _ if ms < 10.0 => format!("{ms:.1}ms"),
@@ -105,7 +108,7 @@ fn latency(summary: &Summary, path: &str, title: &str) -> Result<()> {
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(shown.clone().into_segmented(), 0.0..100.0)?;
+        .build_cartesian_2d(shown.into_segmented(), 0.0..100.0)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -120,7 +123,7 @@ fn latency(summary: &Summary, path: &str, title: &str) -> Result<()> {
         Histogram::vertical(&chart)
             .style(BLUE.filled())
             .margin(2)
-            .data(shown.map(|i| (i, h.count[i] as f64 * 100.0 / total as f64))),
+            .data((first..h.count.len()).map(|i| (i, h.count[i] as f64 * 100.0 / total as f64))),
     )?;
     root.present()?;
     Ok(())
