@@ -23,6 +23,11 @@ fn main() -> Result<()> {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    if args.is_empty() {
+        // `cargo test --all-targets` runs every bench target without arguments.
+        eprintln!("plot: nothing to draw (usage: plot SUMMARY.json FONT.ttf OUT_PREFIX TITLE)");
+        return Ok(());
+    }
     let [summary, font, prefix, title] = args.as_slice() else {
         return Err("usage: plot SUMMARY.json FONT.ttf OUT_PREFIX TITLE".into());
     };
