@@ -1,7 +1,7 @@
 //! Counters, the push-latency histogram, the run summary (SPEC `--summary`) and the progress bar.
 //!
-//! Counters are atomics shared by every worker and tokio task of a process; the histogram sits
-//! behind a mutex taken once per batch.
+//! Counters are atomics shared by every worker and tokio task of a process; the histogram and
+//! the timeline's samples sit behind a mutex taken once per provider call.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -123,6 +123,109 @@ pub struct Latency {
     pub max: f64,
 }
 
+/// Deliveries per interval of the run (the summary's `timeline`): `delivered[i]` messages were
+/// delivered between `i` and `i + 1` intervals after the run started. The delivered counter
+/// is sampled whenever a provider call returns, so a batch counts in the interval of the
+/// next call after it. Timelines of processes started together merge by adding element-wise.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Timeline {
+    /// Length of one interval.
+    pub interval_ms: u64,
+    /// Deliveries in each interval.
+    pub delivered: Vec<u64>,
+}
+
+/// The push-latency distribution (the summary's `push_latency_histogram`): `count[i]` pushes
+/// took more than `upper_ms[i - 1]` and at most `upper_ms[i]`, where `upper_ms[i]` is
+/// 2^(i/8) µs (eight buckets per doubling, ~9% wide), up to the slowest push. Histograms
+/// merge by adding counts element-wise: the bounds are the same in every summary.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct LatencyHistogram {
+    /// Upper bound of each bucket, milliseconds: 2^(i/8) / 1000.
+    pub upper_ms: Vec<f64>,
+    /// Pushes in each bucket.
+    pub count: Vec<u64>,
+}
+
+/// Buckets per doubling of [`LatencyHistogram`].
+const BUCKETS_PER_DOUBLING: f64 = 8.0;
+
+/// The upper bound of latency bucket `i`, µs.
+fn bucket_upper_us(i: usize) -> f64 {
+    (i as f64 / BUCKETS_PER_DOUBLING).exp2()
+}
+
+/// The first latency bucket whose upper bound is at or above `us`.
+fn latency_bucket(us: u64) -> usize {
+    let i = (BUCKETS_PER_DOUBLING * (us.max(1) as f64).log2()).ceil() as usize;
+    // Rounding in log2 may land one off at a bound; the bound itself decides.
+    match i {
+        0 => 0,
+        _ if bucket_upper_us(i - 1) >= us as f64 => i - 1,
+        _ if bucket_upper_us(i) < us as f64 => i + 1,
+        _ => i,
+    }
+}
+
+/// The interval of the summary's [`Timeline`].
+pub const TIMELINE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What provider calls record: push latencies, and the delivered counter sampled per interval.
+#[derive(Debug)]
+struct Recorded {
+    latency_us: Histogram<u64>,
+    /// The delivered counter at the last sample in each interval; `None` before any.
+    delivered_at: Vec<Option<u64>>,
+}
+
+impl Recorded {
+    fn sample(&mut self, elapsed: Duration, delivered: u64) {
+        let i = (elapsed.as_millis() / TIMELINE_INTERVAL.as_millis()) as usize;
+        if self.delivered_at.len() <= i {
+            self.delivered_at.resize(i + 1, None);
+        }
+        self.delivered_at[i] = Some(delivered);
+    }
+
+    /// Deliveries per interval: the differences of the samples (an interval without one
+    /// delivered nothing new).
+    fn timeline(&self) -> Timeline {
+        let mut last = 0;
+        let delivered = self
+            .delivered_at
+            .iter()
+            .map(|at| {
+                let now = at.unwrap_or(last).max(last);
+                let n = now - last;
+                last = now;
+                n
+            })
+            .collect();
+        Timeline {
+            interval_ms: TIMELINE_INTERVAL.as_millis() as u64,
+            delivered,
+        }
+    }
+
+    fn histogram(&self) -> LatencyHistogram {
+        let mut count: Vec<u64> = Vec::new();
+        for v in self.latency_us.iter_recorded() {
+            let us = v.value_iterated_to().max(1);
+            let i = latency_bucket(us);
+            if count.len() <= i {
+                count.resize(i + 1, 0);
+            }
+            count[i] += v.count_at_value();
+        }
+        LatencyHistogram {
+            upper_ms: (0..count.len())
+                .map(|i| bucket_upper_us(i) / 1000.0)
+                .collect(),
+            count,
+        }
+    }
+}
+
 /// The run summary (SPEC `--summary`).
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Summary {
@@ -150,6 +253,12 @@ pub struct Summary {
     pub deliveries_per_s: f64,
     /// Time one push took.
     pub push_latency_ms: Latency,
+    /// Its distribution.
+    #[serde(default)]
+    pub push_latency_histogram: LatencyHistogram,
+    /// Deliveries over time.
+    #[serde(default)]
+    pub timeline: Timeline,
 }
 
 /// Process-wide counters of one run.
@@ -183,7 +292,7 @@ pub struct Metrics {
     pub dead_lettered: AtomicU64,
     /// Messages for users without a push token, all campaigns.
     pub unreachable: AtomicU64,
-    latency_us: Mutex<Histogram<u64>>,
+    recorded: Mutex<Recorded>,
 }
 
 impl Default for Metrics {
@@ -212,15 +321,21 @@ impl Metrics {
             already_granted: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             unreachable: AtomicU64::new(0),
-            latency_us: Mutex::new(hist),
+            recorded: Mutex::new(Recorded {
+                latency_us: hist,
+                delivered_at: Vec::new(),
+            }),
         }
     }
 
-    /// Records the push latencies of one provider call of `n` messages (one lock for the lot).
+    /// Records the push latencies of one provider call of `n` messages (one lock for the lot)
+    /// and samples the delivered counter for the timeline.
     pub fn record_latency(&self, latency: &PushLatency, n: usize) {
-        let Ok(mut h) = self.latency_us.lock() else {
+        let Ok(mut r) = self.recorded.lock() else {
             return;
         };
+        r.sample(self.elapsed(), self.delivered.load(Relaxed));
+        let h = &mut r.latency_us;
         let us = |d: &Duration| (d.as_micros() as u64).max(1);
         match latency {
             PushLatency::All(d) => {
@@ -237,9 +352,10 @@ impl Metrics {
     /// The push-latency histogram as cumulative counts at each of `bounds` (seconds), with the
     /// total count and the sum of all latencies in seconds (Prometheus' histogram shape).
     pub fn latency_cumulative(&self, bounds: &[f64]) -> (Vec<u64>, u64, f64) {
-        let Ok(h) = self.latency_us.lock() else {
+        let Ok(r) = self.recorded.lock() else {
             return (vec![0; bounds.len()], 0, 0.0);
         };
+        let h = &r.latency_us;
         let counts = bounds
             .iter()
             .map(|b| h.count_between(0, (b * 1e6) as u64))
@@ -250,8 +366,9 @@ impl Metrics {
 
     /// This process's counters, with `campaigns`' (one per run target, in order).
     pub fn tally<'a>(&self, campaigns: impl IntoIterator<Item = &'a CampaignStats>) -> Tally {
-        let latency_us = match self.latency_us.lock() {
-            Ok(h) => h
+        let latency_us = match self.recorded.lock() {
+            Ok(r) => r
+                .latency_us
                 .iter_recorded()
                 .map(|v| (v.value_iterated_to(), v.count_at_value()))
                 .collect(),
@@ -283,9 +400,9 @@ impl Metrics {
         self.logins.fetch_add(t.logins, Relaxed);
         self.logins_unknown.fetch_add(t.logins_unknown, Relaxed);
         self.invalid_tokens.fetch_add(t.invalid_tokens, Relaxed);
-        if let Ok(mut h) = self.latency_us.lock() {
+        if let Ok(mut r) = self.recorded.lock() {
             for &(us, n) in &t.latency_us {
-                let _ = h.record_n(us.max(1), n);
+                let _ = r.latency_us.record_n(us.max(1), n);
             }
         }
     }
@@ -299,13 +416,21 @@ impl Metrics {
     pub fn summary(&self, campaigns: Vec<CampaignSummary>, skipped_lines: u64) -> Summary {
         let elapsed = self.elapsed().as_secs_f64();
         let delivered: u64 = campaigns.iter().map(|c| c.delivered).sum();
-        let latency = match self.latency_us.lock() {
-            Ok(h) if !h.is_empty() => Latency {
-                p50: h.value_at_quantile(0.5) as f64 / 1000.0,
-                p99: h.value_at_quantile(0.99) as f64 / 1000.0,
-                max: h.max() as f64 / 1000.0,
-            },
-            _ => Latency::default(),
+        let (latency, histogram, timeline) = match self.recorded.lock() {
+            Ok(mut r) => {
+                r.sample(self.elapsed(), delivered);
+                let h = &r.latency_us;
+                let latency = match h.is_empty() {
+                    true => Latency::default(),
+                    false => Latency {
+                        p50: h.value_at_quantile(0.5) as f64 / 1000.0,
+                        p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+                        max: h.max() as f64 / 1000.0,
+                    },
+                };
+                (latency, r.histogram(), r.timeline())
+            }
+            Err(_) => Default::default(),
         };
         Summary {
             campaigns,
@@ -323,6 +448,8 @@ impl Metrics {
                 0.0
             },
             push_latency_ms: latency,
+            push_latency_histogram: histogram,
+            timeline,
         }
     }
 }
@@ -372,5 +499,71 @@ impl Progress {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recorded() -> Recorded {
+        Recorded {
+            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap(),
+            delivered_at: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_timeline_counts_what_was_delivered_in_each_interval() {
+        let mut r = recorded();
+        let ms = Duration::from_millis;
+        // (time, delivered counter then): three samples in interval 0, none in 1 and 3.
+        let samples = [
+            (10, 5),
+            (50, 40),
+            (99, 100),
+            (230, 250),
+            (450, 260),
+            (460, 300),
+        ];
+        for (t, n) in samples {
+            r.sample(ms(t), n);
+        }
+        let t = r.timeline();
+        assert_eq!(t.interval_ms, 100);
+        // Naive: the last sample of each interval minus the last one before it.
+        let mut want = vec![0u64; 5];
+        let mut before = 0;
+        for i in 0..5u64 {
+            if let Some(&(_, n)) = samples.iter().rev().find(|(t, _)| t / 100 == i) {
+                want[i as usize] = n - before;
+                before = n;
+            }
+        }
+        assert_eq!(t.delivered, want);
+        assert_eq!(t.delivered.iter().sum::<u64>(), 300);
+    }
+
+    #[test]
+    fn the_latency_histogram_puts_each_push_under_the_first_bound_at_or_above_it() {
+        let mut r = recorded();
+        let values = [1u64, 2, 3, 3, 700, 1024, 1500, 90_000, 5_000_001];
+        for v in values {
+            r.latency_us.record(v).unwrap();
+        }
+        let h = r.histogram();
+        let mut want = vec![0u64; h.count.len()];
+        for v in values {
+            // Naive: walk the bounds 2^(i/8) µs up from 1 µs.
+            let i = (0..400)
+                .find(|&i| 2f64.powf(i as f64 / 8.0) >= v as f64)
+                .unwrap();
+            want[i] += 1;
+        }
+        assert_eq!(h.count, want);
+        assert_eq!(h.upper_ms[0], 0.001);
+        assert_eq!(h.upper_ms[80], 1.024);
+        assert_eq!(h.count.iter().sum::<u64>(), values.len() as u64);
+        assert_eq!(h.upper_ms.len(), h.count.len());
     }
 }

@@ -267,3 +267,140 @@ fn dead_letters_on_redis_are_marked_and_can_be_redriven() {
         dead
     );
 }
+
+/// Batches as the engine's tasks make them (runs of consecutive ids) and as it never does
+/// (unsorted, duplicated, sparse across chunks), for the ledger tests below.
+fn mixed_batches() -> Vec<Vec<u32>> {
+    let mut rng = Lcg(7);
+    let mut batches = Vec::new();
+    for b in 0..60u32 {
+        let batch: Vec<u32> = match b % 4 {
+            0 => {
+                let start = 1 + rng.below(200_000) as u32;
+                (start..start + 1 + rng.below(3000) as u32).collect()
+            }
+            1 => (0..500).map(|_| 1 + rng.below(5_000) as u32).collect(),
+            2 => (0..300).map(|_| rng.next() as u32 | 1).collect(),
+            _ => {
+                let mut v: Vec<u32> = (0..2000).map(|_| 1 + rng.below(300_000) as u32).collect();
+                v.sort_unstable();
+                v
+            }
+        };
+        batches.push(batch);
+    }
+    batches
+}
+
+fn bitcount(redis: &RedisServer, set: &str, ledger: &str) -> u64 {
+    (0..256)
+        .map(|chunk| {
+            let n = redis.cli(&["BITCOUNT", &format!("fanout:{set}:{ledger}:{chunk}")]);
+            n.parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_claims_and_marks_on_redis_equal_a_naive_set() {
+    use fanout::store::Store;
+    use std::collections::HashSet;
+    let redis = RedisServer::start();
+    let store = Store::connect(&redis.url(0)).await.unwrap();
+    let ledger = store.ledger("mixed").await.unwrap();
+    let (mut claimed, mut dead) = (HashSet::new(), HashSet::new());
+    for (i, batch) in mixed_batches().iter().enumerate() {
+        let got = ledger.claim(batch).await.unwrap();
+        let (mut want, mut taken) = (Vec::new(), Vec::new());
+        for &id in batch {
+            if claimed.insert(id) {
+                want.push(id);
+            } else {
+                taken.push(id);
+            }
+        }
+        assert_eq!(got.claimed, want, "batch {i}: claimed");
+        assert_eq!(got.already, taken, "batch {i}: already");
+        // Every third batch fails for good; the rest are delivered.
+        if i % 3 == 2 {
+            ledger.mark_dead(&got.claimed).await.unwrap();
+            dead.extend(got.claimed);
+        } else {
+            ledger.mark_done(&got.claimed).await.unwrap();
+        }
+    }
+    let n = claimed.len() as u64;
+    assert_eq!(bitcount(&redis, "granted", "mixed"), n);
+    assert_eq!(bitcount(&redis, "done", "mixed"), n);
+    assert_eq!(bitcount(&redis, "dead", "mixed"), dead.len() as u64);
+    let sample: Vec<u32> = claimed.iter().copied().take(50).collect();
+    assert_eq!(ledger.count_done(&sample).await.unwrap(), 50);
+    store.checkpoint().await.unwrap();
+    assert_eq!(
+        redis.cli(&["KEYS", "fanout:inflight:*"]),
+        "",
+        "emptied in-flight sets left behind"
+    );
+    // Another run finds every one of them taken.
+    let other = Store::connect(&redis.url(0)).await.unwrap();
+    let again = other.ledger("mixed").await.unwrap();
+    let all: Vec<u32> = claimed.iter().copied().collect();
+    let got = again.claim(&all).await.unwrap();
+    assert!(
+        got.claimed.is_empty(),
+        "{} claimed twice",
+        got.claimed.len()
+    );
+}
+
+#[test]
+fn the_store_over_tls_trusts_the_ca_it_is_given_and_equals_the_naive_set() {
+    let redis = RedisServer::start_tls();
+    let users = naive_users_jsonl(&read(&repo("inputs/users.jsonl")));
+    let job = read(&repo("dataflows/promotion-all-users.toml"));
+    let s = Scratch::new();
+    std::fs::create_dir(s.path("inputs")).unwrap();
+    for f in ["users.jsonl", "logins.jsonl", "granted.jsonl"] {
+        std::fs::copy(repo("inputs").join(f), s.path("inputs").join(f)).unwrap();
+    }
+    s.write("job.toml", &job);
+    let store = redis.url(0);
+    assert!(store.starts_with("rediss://"));
+    let run = |ca: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanout"));
+        cmd.args(["run", "job.toml", "--store", &store, "--quiet"])
+            .current_dir(s.dir.path())
+            .env_remove("FANOUT_REDIS_CA");
+        if let Some(ca) = ca {
+            cmd.env("FANOUT_REDIS_CA", ca);
+        }
+        cmd.output().unwrap()
+    };
+    // The system's roots do not hold the test's CA: refused at once, nothing sent.
+    let out = run(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert!(delivered(&s.path("deliveries.jsonl")).is_empty());
+    // A CA file that is not one is a usage error naming it.
+    s.write("not-a-ca.pem", "hello");
+    let out = run(Some(&s.path("not-a-ca.pem")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not-a-ca.pem"), "{stderr}");
+    // With it, the run equals the naive set, and the ledger lives on the TLS server.
+    let out = run(Some(&redis.ca()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = expected_in(&job, s.dir.path(), &users);
+    assert_eq!(delivered(&s.path("deliveries.jsonl")), want);
+    let granted: u64 = redis
+        .cli(&["KEYS", "fanout:granted:*"])
+        .lines()
+        .map(|key| redis.cli(&["BITCOUNT", key]).parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(granted, want.len() as u64);
+}

@@ -102,12 +102,6 @@ impl UserSource {
         keep: &(dyn Fn(u32) -> bool + Sync),
     ) -> Result<(UserSource, LoadReport)> {
         if redis_users::is_redis(spec) {
-            if spec.starts_with("rediss://") {
-                return Err(Error::Usage(format!(
-                    "users {}: rediss:// (TLS) is not supported yet",
-                    crate::store::redis::shown(spec)
-                )));
-            }
             let (table, report) = redis_users::load(spec, opts, keep)?;
             return Ok((UserSource::Table(Arc::new(table)), report));
         }
@@ -254,13 +248,7 @@ mod tests {
 
     #[test]
     fn unknown_specs_are_usage_errors() {
-        for spec in [
-            "rediss://localhost:6379/0",
-            "users.txt",
-            "users",
-            "",
-            "http://x/u.jsonl",
-        ] {
+        for spec in ["users.txt", "users", "", "http://x/u.jsonl"] {
             let e = open(spec).unwrap_err();
             assert!(matches!(e, Error::Usage(_)), "{spec}: {e}");
             assert_eq!(e.exit_code(), 2);

@@ -88,7 +88,7 @@ where
 
 /// A connection to `url`, retried while the server is unreachable.
 async fn connect(url: &str) -> Result<ConnectionManager> {
-    let client = client(url).map_err(|e| Error::Usage(format!("users URL {e}")))?;
+    let client = client(url)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(10)))

@@ -77,14 +77,8 @@ fn parse_url(url: &str) -> Result<Target<'_>> {
         }
         return Ok(Target::Dir(dir));
     }
-    if url.starts_with("redis://") {
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
         return Ok(Target::Redis);
-    }
-    if url.starts_with("rediss://") {
-        return Err(Error::Usage(format!(
-            "store URL `{}`: TLS to Redis is not built yet; use redis://",
-            redis::shown(url)
-        )));
     }
     Err(Error::Usage(format!(
         "unsupported store URL `{url}`: expected file:DIR or redis://host:port/db"
@@ -121,8 +115,8 @@ impl Store {
     /// Opens the store at `url` for writing, taking its exclusive lock.
     ///
     /// `url` is `file:DIR` (DIR relative to the current directory is fine; it is created if
-    /// missing). `redis://…` and `rediss://…` are refused with a usage error (not built yet),
-    /// as is any other scheme. A store held by another process is a runtime error.
+    /// missing). `redis://…` and `rediss://…` are refused with a usage error pointing to
+    /// [`Store::connect`], as is any other scheme. A store held by another process is a runtime error.
     pub fn open(url: &str) -> Result<Store> {
         match parse_url(url)? {
             Target::Dir(dir) => Ok(Store::File(Arc::new(file::FileStore::open(url, dir)?))),
@@ -133,8 +127,8 @@ impl Store {
         }
     }
 
-    /// Opens the store at any `url`: `file:DIR` as [`Store::open`] does, `redis://…` by
-    /// connecting (retrying for a while if the server is not up yet).
+    /// Opens the store at any `url`: `file:DIR` as [`Store::open`] does, `redis://…` or
+    /// `rediss://…` (TLS; `FANOUT_REDIS_CA` names a PEM file of CAs to trust) by connecting (retrying for a while if the server is not up yet).
     pub async fn connect(url: &str) -> Result<Store> {
         Store::connect_as(url, None).await
     }

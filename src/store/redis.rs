@@ -22,7 +22,7 @@
 //! with a runtime error after [`RETRY_BUDGET`]. The password (from the URL or
 //! `FANOUT_REDIS_PASSWORD`) is never printed: URLs are shown without it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -32,6 +32,9 @@ use redis::{IntoConnectionInfo, Script};
 use roaring::RoaringBitmap;
 
 use super::{Claim, LedgerCounts};
+use scripts::{Segments, ADOPT, CLAIM_SCRIPT, COMPACT, DROP_EMPTY, MARK_SCRIPT, REVIVE};
+
+mod scripts;
 use crate::error::{Error, Result};
 
 /// How long a call keeps retrying an unreachable server before the run gives up.
@@ -42,75 +45,10 @@ pub const LEASE: Duration = Duration::from_secs(5);
 const CHUNK_BITS: u32 = 24;
 const CHUNK_MASK: u32 = (1 << CHUNK_BITS) - 1;
 
-/// Claims offsets in one chunk: SETBIT each in the granted bitmap (KEYS[1]); a newly set one
-/// is recorded in the run's in-flight bitmap (KEYS[2]); one already in that bitmap is this
-/// run's (adopted from a dead run, or claimed by a call whose reply was lost and is retried)
-/// and is answered as claimed again. Returns 0 (claimed) or 1 (taken) per offset.
-const CLAIM: &str = r"
-local out = {}
-for i = 1, #ARGV do
-  local old = redis.call('SETBIT', KEYS[1], ARGV[i], 1)
-  if old == 0 then
-    redis.call('SETBIT', KEYS[2], ARGV[i], 1)
-  elseif redis.call('GETBIT', KEYS[2], ARGV[i]) == 1 then
-    old = 0
-  end
-  out[i] = old
-end
-return out
-";
-
-/// Marks offsets of one chunk done (KEYS[1]) and, when KEYS[2] is given, dead; clears them in
-/// the run's in-flight bitmap (KEYS[3]).
-const MARK: &str = r"
-for i = 1, #ARGV do
-  redis.call('SETBIT', KEYS[1], ARGV[i], 1)
-  if KEYS[2] ~= '' then redis.call('SETBIT', KEYS[2], ARGV[i], 1) end
-  redis.call('SETBIT', KEYS[3], ARGV[i], 0)
-end
-if redis.call('BITCOUNT', KEYS[3]) == 0 then redis.call('DEL', KEYS[3]) end
-return 0
-";
-
 /// The run-id suffix of process `i` of a cluster of `n`.
 fn member_tag((i, n): (usize, usize)) -> String {
     format!("-p{i}of{n}")
 }
-
-/// Adopts a dead run's in-flight bitmap of one chunk (KEYS[1]) into ours (KEYS[2]) unless its
-/// lease (KEYS[3]) still lives: every offset not yet done (KEYS[4]) joins our in-flight
-/// bitmap, so our claims hand it out again. Returns how many.
-const ADOPT: &str = r"
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local n = 0
-local pos = redis.call('BITPOS', KEYS[1], 1)
-while pos >= 0 do
-  if redis.call('GETBIT', KEYS[4], pos) == 0 then
-    redis.call('SETBIT', KEYS[2], pos, 1)
-    n = n + 1
-  end
-  redis.call('SETBIT', KEYS[1], pos, 0)
-  pos = redis.call('BITPOS', KEYS[1], 1, math.floor(pos / 8))
-end
-redis.call('DEL', KEYS[1])
-return n
-";
-
-/// Revives the dead offsets of one chunk: clears each in the dead (KEYS[1]), done (KEYS[2])
-/// and granted (KEYS[3]) bitmaps, so the next claim hands it out. Returns how many.
-const REVIVE: &str = r"
-local n = 0
-local pos = redis.call('BITPOS', KEYS[1], 1)
-while pos >= 0 do
-  redis.call('SETBIT', KEYS[2], pos, 0)
-  redis.call('SETBIT', KEYS[3], pos, 0)
-  redis.call('SETBIT', KEYS[1], pos, 0)
-  n = n + 1
-  pos = redis.call('BITPOS', KEYS[1], 1, math.floor(pos / 8))
-end
-redis.call('DEL', KEYS[1])
-return n
-";
 
 /// `ids` cut into runs of one chunk each: (chunk, offsets).
 fn by_chunk(ids: &[u32]) -> Vec<(u32, Vec<u32>)> {
@@ -134,6 +72,10 @@ pub fn shown(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// The environment variable naming a PEM file of CA certificates that `rediss://` servers are
+/// verified against instead of the system's roots (for a self-signed or private CA).
+pub const CA_ENV: &str = "FANOUT_REDIS_CA";
 
 /// A Redis store, shared by every worker and task of a process.
 pub struct RedisStore {
@@ -163,6 +105,8 @@ pub struct RedisLedger {
     dead: String,
     inflight: String,
     read_only: bool,
+    /// The chunks this process claimed or marked in, to compact at the end of the run.
+    chunks: Mutex<BTreeSet<u32>>,
 }
 
 /// Retries `op` with backoff while it fails, for up to [`RETRY_BUDGET`].
@@ -191,13 +135,13 @@ where
     }
 }
 
-/// A client for `url`, with the password from `FANOUT_REDIS_PASSWORD` when the URL has none.
-/// The error starts with the URL as [`shown`] (no password).
-pub fn client(url: &str) -> std::result::Result<redis::Client, String> {
+/// A client for `url`: the password from `FANOUT_REDIS_PASSWORD` when the URL has none; TLS
+/// for `rediss://`, verified against [`CA_ENV`]'s certificates when it is set, else the
+/// system's roots. Errors are usage errors (exit 2) naming the URL as [`shown`].
+pub fn client(url: &str) -> Result<redis::Client> {
     let show = shown(url);
-    let mut info = url
-        .into_connection_info()
-        .map_err(|e| format!("{show}: {e}"))?;
+    let bad_url = |e: redis::RedisError| Error::Usage(format!("redis URL {show}: {e}"));
+    let mut info = url.into_connection_info().map_err(bad_url)?;
     if let (None, Ok(pw)) = (
         info.redis_settings().password(),
         std::env::var("FANOUT_REDIS_PASSWORD"),
@@ -205,12 +149,33 @@ pub fn client(url: &str) -> std::result::Result<redis::Client, String> {
         let settings = info.redis_settings().clone().set_password(pw);
         info = info.set_redis_settings(settings);
     }
-    redis::Client::open(info).map_err(|e| format!("{show}: {e}"))
+    let ca = std::env::var_os(CA_ENV).filter(|v| !v.is_empty());
+    match ca {
+        Some(path) if url.starts_with("rediss://") => {
+            let path = std::path::PathBuf::from(path);
+            let pem = std::fs::read(&path).map_err(|e| {
+                Error::Usage(format!("{CA_ENV}={}: cannot read: {e}", path.display()))
+            })?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(Error::Usage(format!(
+                    "{CA_ENV}={}: no PEM certificate in it",
+                    path.display()
+                )));
+            }
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            redis::Client::build_with_tls(info, certs)
+                .map_err(|e| Error::Usage(format!("{CA_ENV}={}: {e}", path.display())))
+        }
+        _ => redis::Client::open(info).map_err(bad_url),
+    }
 }
 
 /// Whether a failed call may succeed if tried again (the server restarting or unreachable).
 pub fn retryable(e: &redis::RedisError) -> bool {
-    e.is_io_error()
+    (e.is_io_error() && !refused_certificate(e))
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
@@ -220,11 +185,11 @@ pub fn retryable(e: &redis::RedisError) -> bool {
         )
 }
 
-/// A connection manager for `url` (`FANOUT_REDIS_PASSWORD` supplies a password the URL
-/// lacks), retried for a while if the server is not up yet. It reconnects by itself later.
+/// A connection manager for `url` (see [`client`]), retried for a while if the server is
+/// not up yet. It reconnects by itself later.
 pub async fn connect(url: &str) -> Result<ConnectionManager> {
     let show = shown(url);
-    let client = client(url).map_err(|e| Error::Usage(format!("redis URL {e}")))?;
+    let client = client(url)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(10)))
@@ -234,6 +199,13 @@ pub async fn connect(url: &str) -> Result<ConnectionManager> {
         client.get_connection_manager_with_config(config.clone())
     })
     .await
+}
+
+/// Whether `e` is a TLS handshake that failed on the certificate (an unknown issuer, a wrong
+/// name): no retry fixes that.
+fn refused_certificate(e: &redis::RedisError) -> bool {
+    let text = e.to_string();
+    text.contains("certificate") || text.contains("Certificate")
 }
 
 impl RedisStore {
@@ -342,6 +314,7 @@ impl RedisStore {
             dead: format!("fanout:dead:{key}:"),
             inflight: format!("fanout:inflight:{key}:{}:", self.run),
             read_only: self.read_only,
+            chunks: Mutex::new(BTreeSet::new()),
         };
         if !self.read_only {
             let adopted = self.adopt_orphans(key, &ledger).await?;
@@ -361,12 +334,10 @@ impl RedisStore {
         Ok(ledger)
     }
 
-    /// Adopts the in-flight sets of runs whose lease expired; returns how many ids.
-    async fn adopt_orphans(&self, key: &str, ledger: &RedisLedger) -> Result<u64> {
-        let pattern = format!("fanout:inflight:{key}:*");
-        let keys: Vec<String> = retrying(&self.url, "SCAN in-flight sets", || {
+    /// Every key matching `pattern` (SCAN, so the server never blocks on it).
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
+        retrying(&self.url, "SCAN in-flight sets", || {
             let mut con = self.con.clone();
-            let pattern = pattern.clone();
             async move {
                 let mut found = Vec::new();
                 let mut cursor = 0u64;
@@ -374,7 +345,7 @@ impl RedisStore {
                     let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
-                        .arg(&pattern)
+                        .arg(pattern)
                         .arg("COUNT")
                         .arg(1000)
                         .query_async(&mut con)
@@ -387,7 +358,12 @@ impl RedisStore {
                 }
             }
         })
-        .await?;
+        .await
+    }
+
+    /// Adopts the in-flight sets of runs whose lease expired; returns how many ids.
+    async fn adopt_orphans(&self, key: &str, ledger: &RedisLedger) -> Result<u64> {
+        let keys = self.scan(&format!("fanout:inflight:{key}:*")).await?;
         let script = Script::new(ADOPT);
         let mut adopted = 0;
         for orphan in keys
@@ -470,10 +446,33 @@ impl RedisStore {
         Ok(ledger.bits(&ledger.granted).await?.iter().collect())
     }
 
-    /// Ends the run: drops its lease (its in-flight sets are empty after a clean drain).
+    /// Ends the run: deletes its emptied in-flight bitmaps (empty after a clean drain; one
+    /// still holding ids is left for the next run to adopt) and drops its lease.
     pub async fn close(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
+        }
+        let ledgers: Vec<Arc<RedisLedger>> = self
+            .ledgers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for ledger in ledgers {
+            ledger.compact().await?;
+        }
+        let pattern = format!("fanout:inflight:*:{}:*", self.run);
+        let keys = self.scan(&pattern).await?;
+        let script = Script::new(DROP_EMPTY);
+        for key in &keys {
+            retrying(&self.url, "drop empty in-flight set", || {
+                let mut con = self.con.clone();
+                let mut call = script.prepare_invoke();
+                call.key(key);
+                async move { call.invoke_async::<i64>(&mut con).await }
+            })
+            .await?;
         }
         let key = self.run_key();
         retrying(&self.url, "DEL run lease", || {
@@ -496,34 +495,81 @@ impl RedisLedger {
         }
     }
 
+    /// Notes the chunks of `ids` as touched by this process.
+    fn touch(&self, ids: &[u32]) {
+        let mut chunks = self.chunks.lock().unwrap_or_else(PoisonError::into_inner);
+        chunks.extend(ids.iter().map(|id| id >> CHUNK_BITS));
+    }
+
+    /// Rewrites the bitmaps of the chunks this process touched at their exact size: Redis
+    /// grows a string it extends by up to 1 MiB ahead, so a 10M-user bitmap built batch by
+    /// batch holds ~1.8 MiB for its 1.25 MB of bits.
+    async fn compact(&self) -> Result<()> {
+        let chunks: Vec<u32> = self
+            .chunks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect();
+        let script = Script::new(COMPACT);
+        for chunk in chunks {
+            let keys = [&self.granted, &self.done, &self.dead].map(|set| format!("{set}{chunk}"));
+            retrying(&self.url, "compact the ledger", || {
+                let mut con = self.con.clone();
+                let mut call = script.prepare_invoke();
+                call.key(&keys[0]).key(&keys[1]).key(&keys[2]);
+                async move { call.invoke_async::<i64>(&mut con).await }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     /// The atomic claim; see [`super::Ledger::claim`].
     pub async fn claim(&self, ids: &[u32]) -> Result<Claim> {
         self.refuse_read_only()?;
-        let groups = by_chunk(ids);
-        let script = Script::new(CLAIM);
+        self.touch(ids);
+        let groups: Vec<(u32, Vec<u32>, Segments)> = by_chunk(ids)
+            .into_iter()
+            .map(|(chunk, offsets)| {
+                let segments = Segments::new(&offsets);
+                (chunk, offsets, segments)
+            })
+            .collect();
         // One script call per chunk (a batch of ids is almost always one chunk); invoking a
         // script loads it on the server when missing.
-        let old: Vec<Vec<u8>> = retrying(&self.url, "claim", || {
+        let replies: Vec<Vec<u8>> = retrying(&self.url, "claim", || {
             let mut con = self.con.clone();
-            let (groups, script) = (&groups, &script);
+            let groups = &groups;
             async move {
-                let mut old = Vec::with_capacity(groups.len());
-                for (chunk, offsets) in groups {
-                    let bits: Vec<u8> = script
-                        .key(format!("{}{chunk}", self.granted))
-                        .key(format!("{}{chunk}", self.inflight))
-                        .arg(offsets)
-                        .invoke_async(&mut con)
-                        .await?;
-                    old.push(bits);
+                let mut replies = Vec::with_capacity(groups.len());
+                for (chunk, _, segments) in groups {
+                    let mut call = CLAIM_SCRIPT.prepare_invoke();
+                    call.key(format!("{}{chunk}", self.granted))
+                        .key(format!("{}{chunk}", self.inflight));
+                    segments.args(&mut call);
+                    replies.push(call.invoke_async(&mut con).await?);
                 }
-                Ok(old)
+                Ok(replies)
             }
         })
         .await?;
+        let mut claimed = Vec::with_capacity(ids.len());
+        for ((_, offsets, segments), reply) in groups.iter().zip(&replies) {
+            let bits = segments.claimed(offsets, reply).ok_or_else(|| {
+                Error::runtime(format!(
+                    "store {}: the claim script answered {} bytes for {} segments",
+                    self.url,
+                    reply.len(),
+                    segments.len()
+                ))
+            })?;
+            claimed.extend(bits);
+        }
         let mut out = Claim::default();
-        for (&id, &bit) in ids.iter().zip(old.iter().flatten()) {
-            if bit == 0 {
+        for (&id, yes) in ids.iter().zip(claimed) {
+            if yes {
                 out.claimed.push(id);
             } else {
                 out.already.push(id);
@@ -537,25 +583,27 @@ impl RedisLedger {
         if ids.is_empty() {
             return Ok(());
         }
-        let groups = by_chunk(ids);
-        let script = Script::new(MARK);
+        self.touch(ids);
+        let groups: Vec<(u32, Segments)> = by_chunk(ids)
+            .into_iter()
+            .map(|(chunk, offsets)| (chunk, Segments::new(&offsets)))
+            .collect();
         retrying(&self.url, "mark done", || {
             let mut con = self.con.clone();
-            let (groups, script) = (&groups, &script);
+            let groups = &groups;
             async move {
-                for (chunk, offsets) in groups {
+                for (chunk, segments) in groups {
                     let dead_key = if dead {
                         format!("{}{chunk}", self.dead)
                     } else {
                         String::new()
                     };
-                    script
-                        .key(format!("{}{chunk}", self.done))
+                    let mut call = MARK_SCRIPT.prepare_invoke();
+                    call.key(format!("{}{chunk}", self.done))
                         .key(dead_key)
-                        .key(format!("{}{chunk}", self.inflight))
-                        .arg(offsets)
-                        .invoke_async::<i64>(&mut con)
-                        .await?;
+                        .key(format!("{}{chunk}", self.inflight));
+                    segments.args(&mut call);
+                    call.invoke_async::<i64>(&mut con).await?;
                 }
                 Ok(())
             }
