@@ -4,15 +4,15 @@
 //! ```text
 //! fanout:granted:{ledger}:{id >> 24}    bitmap, bit id & 0xFFFFFF: claimed (SETBIT's old bit
 //!                                       is the atomic test-and-set)
-//! fanout:done:{ledger}:{id >> 24}       bitmap: delivered or dead-lettered
 //! fanout:dead:{ledger}:{id >> 24}       bitmap: dead-lettered
 //! fanout:inflight:{ledger}:{run}:{id >> 24}  bitmap: ids this run claimed, not yet done
 //! fanout:run:{run}                      string, EX 5 s, refreshed every second: the run lives
 //! fanout:admitted:{content hash}        string (campaign id), SET NX EX 1800: the guard
 //! ```
 //! A claim is one script call per batch and chunk: SETBIT each id and record the newly claimed
-//! ones in the run's in-flight bitmap, atomically. Marking done sets the done bits and removes the ids
-//! from that bitmap. A run that dies leaves its in-flight bitmaps behind and its `run` key expires:
+//! ones in the run's in-flight bitmap, atomically. Marking done removes the ids from that
+//! bitmap (and sets dead letters' bits): *done* is "claimed and in no in-flight bitmap", so the
+//! ledger of a finished campaign is one bit a user. A run that dies leaves its in-flight bitmaps behind and its `run` key expires:
 //! the next run to open the ledger adopts them (atomically, so two runs cannot both adopt
 //! one) and hands those ids out once more — the messages that were in flight at the crash. A
 //! claim answers ids in the caller's own in-flight bitmap as claimed, which also makes a retried
@@ -101,8 +101,9 @@ pub struct RedisLedger {
     url: String,
     con: ConnectionManager,
     granted: String,
-    done: String,
     dead: String,
+    /// `fanout:inflight:{ledger}:`: every run's in-flight bitmaps of this ledger start so.
+    inflight_all: String,
     inflight: String,
     read_only: bool,
     /// The chunks this process claimed or marked in, to compact at the end of the run.
@@ -183,6 +184,33 @@ pub fn retryable(e: &redis::RedisError) -> bool {
             e.kind(),
             redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
         )
+}
+
+/// Every key matching `pattern` (SCAN, so the server never blocks on it).
+async fn scan(con: &ConnectionManager, url: &str, pattern: &str) -> Result<Vec<String>> {
+    retrying(url, "SCAN in-flight sets", || {
+        let mut con = con.clone();
+        async move {
+            let mut found = Vec::new();
+            let mut cursor = 0u64;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut con)
+                    .await?;
+                found.extend(batch);
+                if next == 0 {
+                    return Ok(found);
+                }
+                cursor = next;
+            }
+        }
+    })
+    .await
 }
 
 /// A connection manager for `url` (see [`client`]), retried for a while if the server is
@@ -310,7 +338,7 @@ impl RedisStore {
             url: self.url.clone(),
             con: self.con.clone(),
             granted: format!("fanout:granted:{key}:"),
-            done: format!("fanout:done:{key}:"),
+            inflight_all: format!("fanout:inflight:{key}:"),
             dead: format!("fanout:dead:{key}:"),
             inflight: format!("fanout:inflight:{key}:{}:", self.run),
             read_only: self.read_only,
@@ -334,36 +362,9 @@ impl RedisStore {
         Ok(ledger)
     }
 
-    /// Every key matching `pattern` (SCAN, so the server never blocks on it).
-    async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
-        retrying(&self.url, "SCAN in-flight sets", || {
-            let mut con = self.con.clone();
-            async move {
-                let mut found = Vec::new();
-                let mut cursor = 0u64;
-                loop {
-                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut con)
-                        .await?;
-                    found.extend(batch);
-                    if next == 0 {
-                        return Ok(found);
-                    }
-                    cursor = next;
-                }
-            }
-        })
-        .await
-    }
-
     /// Adopts the in-flight sets of runs whose lease expired; returns how many ids.
     async fn adopt_orphans(&self, key: &str, ledger: &RedisLedger) -> Result<u64> {
-        let keys = self.scan(&format!("fanout:inflight:{key}:*")).await?;
+        let keys = scan(&self.con, &self.url, &format!("fanout:inflight:{key}:*")).await?;
         let script = Script::new(ADOPT);
         let mut adopted = 0;
         for orphan in keys
@@ -379,14 +380,11 @@ impl RedisStore {
                 continue; // another cluster process's buckets
             }
             let lease = format!("fanout:run:{run}");
-            let (mine, done) = (
-                format!("{}{chunk}", ledger.inflight),
-                format!("{}{chunk}", ledger.done),
-            );
+            let mine = format!("{}{chunk}", ledger.inflight);
             let ids: u64 = retrying(&self.url, "adopt in-flight ids", || {
                 let mut con = self.con.clone();
                 let mut call = script.prepare_invoke();
-                call.key(&orphan).key(&mine).key(&lease).key(&done);
+                call.key(&orphan).key(&mine).key(&lease);
                 async move { call.invoke_async(&mut con).await }
             })
             .await?;
@@ -463,7 +461,7 @@ impl RedisStore {
             ledger.compact().await?;
         }
         let pattern = format!("fanout:inflight:*:{}:*", self.run);
-        let keys = self.scan(&pattern).await?;
+        let keys = scan(&self.con, &self.url, &pattern).await?;
         let script = Script::new(DROP_EMPTY);
         for key in &keys {
             retrying(&self.url, "drop empty in-flight set", || {
@@ -514,11 +512,11 @@ impl RedisLedger {
             .collect();
         let script = Script::new(COMPACT);
         for chunk in chunks {
-            let keys = [&self.granted, &self.done, &self.dead].map(|set| format!("{set}{chunk}"));
+            let keys = [&self.granted, &self.dead].map(|set| format!("{set}{chunk}"));
             retrying(&self.url, "compact the ledger", || {
                 let mut con = self.con.clone();
                 let mut call = script.prepare_invoke();
-                call.key(&keys[0]).key(&keys[1]).key(&keys[2]);
+                call.key(&keys[0]).key(&keys[1]);
                 async move { call.invoke_async::<i64>(&mut con).await }
             })
             .await?;
@@ -599,9 +597,7 @@ impl RedisLedger {
                         String::new()
                     };
                     let mut call = MARK_SCRIPT.prepare_invoke();
-                    call.key(format!("{}{chunk}", self.done))
-                        .key(dead_key)
-                        .key(format!("{}{chunk}", self.inflight));
+                    call.key(dead_key).key(format!("{}{chunk}", self.inflight));
                     segments.args(&mut call);
                     call.invoke_async::<i64>(&mut con).await?;
                 }
@@ -630,13 +626,12 @@ impl RedisLedger {
         for chunk in 0u32..(1 << (32 - CHUNK_BITS)) {
             let keys = [
                 format!("{}{chunk}", self.dead),
-                format!("{}{chunk}", self.done),
                 format!("{}{chunk}", self.granted),
             ];
             let n: u64 = retrying(&self.url, "revive dead letters", || {
                 let mut con = self.con.clone();
                 let mut call = script.prepare_invoke();
-                call.key(&keys[0]).key(&keys[1]).key(&keys[2]);
+                call.key(&keys[0]).key(&keys[1]);
                 async move { call.invoke_async(&mut con).await }
             })
             .await?;
@@ -645,45 +640,68 @@ impl RedisLedger {
         Ok(revived)
     }
 
-    /// How many of `ids` are done (pipelined GETBITs).
+    /// How many of `ids` are done: claimed (pipelined GETBITs) and in no run's in-flight
+    /// bitmap.
     pub async fn count_done(&self, ids: &[u32]) -> Result<u64> {
+        let in_flight = self.in_flight().await?;
         let mut done = 0;
         for chunk in ids.chunks(10_000) {
-            let bits: Vec<u8> = retrying(&self.url, "GETBIT done", || {
+            let bits: Vec<u8> = retrying(&self.url, "GETBIT granted", || {
                 let mut con = self.con.clone();
                 let mut pipe = redis::pipe();
                 for &id in chunk {
                     pipe.cmd("GETBIT")
-                        .arg(format!("{}{}", self.done, id >> CHUNK_BITS))
+                        .arg(format!("{}{}", self.granted, id >> CHUNK_BITS))
                         .arg(id & 0xFF_FFFF);
                 }
                 async move { pipe.query_async(&mut con).await }
             })
             .await?;
-            done += bits.iter().filter(|&&b| b == 1).count() as u64;
+            done += chunk
+                .iter()
+                .zip(&bits)
+                .filter(|(id, &b)| b == 1 && !in_flight.contains(**id))
+                .count() as u64;
         }
         Ok(done)
+    }
+
+    /// Every id in some run's in-flight bitmap of this ledger (claimed, not done).
+    async fn in_flight(&self) -> Result<RoaringBitmap> {
+        let mut out = RoaringBitmap::new();
+        for key in scan(&self.con, &self.url, &format!("{}*", self.inflight_all)).await? {
+            let Some(chunk) = key.rsplit(':').next().and_then(|c| c.parse::<u32>().ok()) else {
+                continue;
+            };
+            out |= self.bits_of(&key, chunk).await?;
+        }
+        Ok(out)
     }
 
     /// The set of ids whose bit is set in the bitmaps under `prefix`.
     async fn bits(&self, prefix: &str) -> Result<RoaringBitmap> {
         let mut out = RoaringBitmap::new();
         for chunk in 0u32..(1 << (32 - CHUNK_BITS)) {
-            let key = format!("{prefix}{chunk}");
-            let bytes: Option<Vec<u8>> = retrying(&self.url, "GET ledger", || {
-                let mut con = self.con.clone();
-                let key = key.clone();
-                async move { redis::cmd("GET").arg(key).query_async(&mut con).await }
-            })
-            .await?;
-            let Some(bytes) = bytes else { continue };
-            let base = chunk << CHUNK_BITS;
-            for (i, byte) in bytes.iter().enumerate().filter(|(_, b)| **b != 0) {
-                for bit in 0..8 {
-                    // Redis numbers bits from the most significant bit of each byte.
-                    if byte & (0x80 >> bit) != 0 {
-                        out.insert(base + (i as u32) * 8 + bit);
-                    }
+            out |= self.bits_of(&format!("{prefix}{chunk}"), chunk).await?;
+        }
+        Ok(out)
+    }
+
+    /// The ids whose bit is set in bitmap `key` of chunk `chunk`.
+    async fn bits_of(&self, key: &str, chunk: u32) -> Result<RoaringBitmap> {
+        let mut out = RoaringBitmap::new();
+        let bytes: Option<Vec<u8>> = retrying(&self.url, "GET ledger", || {
+            let mut con = self.con.clone();
+            async move { redis::cmd("GET").arg(key).query_async(&mut con).await }
+        })
+        .await?;
+        let Some(bytes) = bytes else { return Ok(out) };
+        let base = chunk << CHUNK_BITS;
+        for (i, byte) in bytes.iter().enumerate().filter(|(_, b)| **b != 0) {
+            for bit in 0..8 {
+                // Redis numbers bits from the most significant bit of each byte.
+                if byte & (0x80 >> bit) != 0 {
+                    out.insert(base + (i as u32) * 8 + bit);
                 }
             }
         }
@@ -692,9 +710,11 @@ impl RedisLedger {
 
     /// How many ids each set holds.
     pub async fn counts(&self) -> Result<LedgerCounts> {
+        let claimed = self.bits(&self.granted).await?;
+        let in_flight = self.in_flight().await?;
         Ok(LedgerCounts {
-            claimed: self.bits(&self.granted).await?.len(),
-            done: self.bits(&self.done).await?.len(),
+            claimed: claimed.len(),
+            done: (claimed - in_flight).len(),
             dead: self.bits(&self.dead).await?.len(),
         })
     }

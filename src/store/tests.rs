@@ -17,6 +17,23 @@ fn url(dir: &Path) -> String {
     format!("file:{}", dir.display())
 }
 
+/// Opens the store in `dir`, waiting a moment while its lock is still held: a test that spawns
+/// a child process (`kill_9_loses_no_claim`) gives the child a copy of every descriptor open at
+/// that instant — a just-dropped store's lock among them — until the child execs. Another
+/// process's lock is still refused, after 5 s.
+fn open(dir: &Path) -> Store {
+    let started = std::time::Instant::now();
+    loop {
+        match Store::open(&url(dir)) {
+            Ok(store) => return store,
+            Err(e) if e.to_string().contains("in use") && started.elapsed().as_secs() < 5 => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("open {}: {e}", dir.display()),
+        }
+    }
+}
+
 async fn ledger(store: &Store, key: &str) -> Ledger {
     store.ledger(key).await.expect("ledger")
 }
@@ -46,7 +63,7 @@ fn urls_are_checked() {
 #[tokio::test]
 async fn claims_once_including_duplicates_in_a_batch() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&url(tmp.path())).expect("open");
+    let store = open(tmp.path());
     let l = ledger(&store, "spring-sale-2026").await;
     let c = l.claim(&[7, 3, 7, 9, 3]).await.expect("claim");
     assert_eq!(c.claimed, vec![7, 3, 9]);
@@ -69,7 +86,7 @@ async fn claims_once_including_duplicates_in_a_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_claims_hand_each_id_out_once() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&url(tmp.path())).expect("open");
+    let store = open(tmp.path());
     let l = ledger(&store, "k").await;
     let tasks: Vec<_> = (1..=4u32)
         .map(|stride| {
@@ -101,14 +118,14 @@ async fn concurrent_claims_hand_each_id_out_once() {
 async fn reopen_keeps_done_and_hands_in_flight_ids_out_once() {
     let tmp = tempfile::tempdir().expect("tempdir");
     {
-        let store = Store::open(&url(tmp.path())).expect("open");
+        let store = open(tmp.path());
         let l = ledger(&store, "k").await;
         l.claim(&[1, 2, 3, 4]).await.expect("claim");
         l.mark_done(&[1]).await.expect("done");
         l.mark_dead(&[2]).await.expect("dead");
         // Dropped without a checkpoint: a crash with 3 and 4 in flight.
     }
-    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let store = open(tmp.path());
     let l = ledger(&store, "k").await;
     assert!(file(&l).is_done(1) && file(&l).is_done(2) && !file(&l).is_done(3));
     assert_eq!(
@@ -128,7 +145,7 @@ async fn reopen_keeps_done_and_hands_in_flight_ids_out_once() {
     l.mark_done(&[3]).await.expect("done");
     drop((l, store));
     // 4 and 5 were in flight at this second crash: out once more, 3 is done.
-    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let store = open(tmp.path());
     let l = ledger(&store, "k").await;
     let c = l.claim(&[3, 4, 5]).await.expect("claim");
     assert_eq!((c.claimed, c.already), (vec![4, 5], vec![3]));
@@ -146,7 +163,7 @@ async fn checkpoint_then_more_records_reopens_to_the_same_sets() {
         )
     };
     let (after_checkpoint, at_end) = {
-        let store = Store::open(&url(tmp.path())).expect("open");
+        let store = open(tmp.path());
         let l = ledger(&store, "k").await;
         l.claim(&[1, 2, 3, 4, 5]).await.expect("claim");
         l.mark_done(&[1, 2]).await.expect("done");
@@ -159,7 +176,7 @@ async fn checkpoint_then_more_records_reopens_to_the_same_sets() {
         store.sync().await.expect("sync");
         (after_checkpoint, expect_sets(&l))
     };
-    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let store = open(tmp.path());
     let l = ledger(&store, "k").await;
     assert_eq!(expect_sets(&l), at_end);
     assert_eq!(
@@ -168,7 +185,7 @@ async fn checkpoint_then_more_records_reopens_to_the_same_sets() {
     );
     store.checkpoint().await.expect("checkpoint");
     drop((l, store));
-    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let store = open(tmp.path());
     let l = ledger(&store, "k").await;
     assert_eq!(expect_sets(&l), at_end);
     assert_ne!(after_checkpoint, at_end);
@@ -183,7 +200,7 @@ async fn checkpoint_then_more_records_reopens_to_the_same_sets() {
 async fn revived_dead_letters_are_handed_out_once_more() {
     let tmp = tempfile::tempdir().expect("tempdir");
     {
-        let store = Store::open(&url(tmp.path())).expect("open");
+        let store = open(tmp.path());
         let l = ledger(&store, "k").await;
         assert_eq!(l.revive_dead().await.expect("revive"), 0);
         l.claim(&[1, 2, 3, 4, 5]).await.expect("claim");
@@ -204,7 +221,7 @@ async fn revived_dead_letters_are_handed_out_once_more() {
         l.mark_dead(&[3]).await.expect("dead again");
     }
     // The revival and what followed it survive a reopen (no checkpoint in between).
-    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let store = open(tmp.path());
     let l = ledger(&store, "k").await;
     assert_eq!(
         file(&l).counts(),
@@ -218,7 +235,7 @@ async fn revived_dead_letters_are_handed_out_once_more() {
     assert_eq!(l.revive_dead().await.expect("revive"), 1);
     drop((l, store));
     // Revived but not yet sent when the process ended: still out once more.
-    let store = Store::open(&url(tmp.path())).expect("reopen");
+    let store = open(tmp.path());
     let l = ledger(&store, "k").await;
     let c = l.claim(&[1, 2, 3]).await.expect("claim");
     assert_eq!((c.claimed, c.already), (vec![3], vec![1, 2]));
@@ -286,7 +303,7 @@ async fn kill_9_loses_no_claim() {
     let status = child.wait().expect("wait");
     assert!(!status.success(), "child finished before the kill");
 
-    let store = Store::open(&url(tmp.path())).expect("reopen after kill");
+    let store = open(tmp.path());
     let granted = store.granted("k").await.expect("granted");
     let l = ledger(&store, "k").await;
     let last = *reported.last().expect("reports");
@@ -317,7 +334,7 @@ async fn claims_follow_the_naive_model_in_any_batch_order() {
     };
     let (mut claimed, mut done) = (BTreeSet::new(), BTreeSet::new());
     for _crash in 0..4 {
-        let store = Store::open(&url(tmp.path())).expect("open");
+        let store = open(tmp.path());
         let l = ledger(&store, "model").await;
         let mut pending = claimed
             .difference(&done)

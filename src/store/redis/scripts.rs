@@ -61,25 +61,24 @@ end
 return table.concat(out)
 ";
 
-/// Marks one chunk's segments done (KEYS[1]) and, when KEYS[2] is given, dead; clears them in
-/// the run's in-flight bitmap (KEYS[3]). An emptied in-flight bitmap is deleted at the end of
-/// the run ([`DROP_EMPTY`]), not here: counting its bits on every call would cost more than
+/// Marks one chunk's segments done: clears them in the run's in-flight bitmap (KEYS[2]) and,
+/// when KEYS[1] is given, sets them in the dead bitmap. Done is "claimed and in no in-flight
+/// bitmap", so no bitmap of its own is kept. An emptied in-flight bitmap is deleted at the end
+/// of the run ([`DROP_EMPTY`]), not here: counting its bits on every call would cost more than
 /// the marking.
 const MARK: &str = r"
 for s = 1, #ARGV, 2 do
   local first, want = tonumber(ARGV[s]), ARGV[s + 1]
   local n = #want
-  local w, d, f = bytes(want, n), load(1, first, n), load(3, first, n)
+  local w, f = bytes(want, n), load(2, first, n)
   local x = nil
-  if KEYS[2] ~= '' then x = load(2, first, n) end
+  if KEYS[1] ~= '' then x = load(1, first, n) end
   for j = 1, n do
-    d[j] = bit.bor(d[j], w[j])
     f[j] = bit.band(f[j], bit.bnot(w[j]))
     if x then x[j] = bit.bor(x[j], w[j]) end
   end
-  redis.call('SETRANGE', KEYS[1], first, text(d))
-  redis.call('SETRANGE', KEYS[3], first, text(f))
-  if x then redis.call('SETRANGE', KEYS[2], first, text(x)) end
+  redis.call('SETRANGE', KEYS[2], first, text(f))
+  if x then redis.call('SETRANGE', KEYS[1], first, text(x)) end
 end
 return 0
 ";
@@ -100,32 +99,23 @@ return 0
 ";
 
 /// Adopts a dead run's in-flight bitmap of one chunk (KEYS[1]) into ours (KEYS[2]) unless its
-/// lease (KEYS[3]) still lives: every offset not yet done (KEYS[4]) joins our in-flight
-/// bitmap, so our claims hand it out again. Returns how many.
+/// lease (KEYS[3]) still lives: an id in it was claimed and never marked done (marking clears
+/// it), so it joins our in-flight bitmap and our claims hand it out again. Returns how many.
 pub const ADOPT: &str = r"
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local n = 0
-local pos = redis.call('BITPOS', KEYS[1], 1)
-while pos >= 0 do
-  if redis.call('GETBIT', KEYS[4], pos) == 0 then
-    redis.call('SETBIT', KEYS[2], pos, 1)
-    n = n + 1
-  end
-  redis.call('SETBIT', KEYS[1], pos, 0)
-  pos = redis.call('BITPOS', KEYS[1], 1, math.floor(pos / 8))
-end
+local n = redis.call('BITCOUNT', KEYS[1])
+redis.call('BITOP', 'OR', KEYS[2], KEYS[2], KEYS[1])
 redis.call('DEL', KEYS[1])
 return n
 ";
 
-/// Revives the dead offsets of one chunk: clears each in the dead (KEYS[1]), done (KEYS[2])
-/// and granted (KEYS[3]) bitmaps, so the next claim hands it out. Returns how many.
+/// Revives the dead offsets of one chunk: clears each in the dead (KEYS[1]) and granted
+/// (KEYS[2]) bitmaps, so the next claim hands it out. Returns how many.
 pub const REVIVE: &str = r"
 local n = 0
 local pos = redis.call('BITPOS', KEYS[1], 1)
 while pos >= 0 do
   redis.call('SETBIT', KEYS[2], pos, 0)
-  redis.call('SETBIT', KEYS[3], pos, 0)
   redis.call('SETBIT', KEYS[1], pos, 0)
   n = n + 1
   pos = redis.call('BITPOS', KEYS[1], 1, math.floor(pos / 8))
