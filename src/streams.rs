@@ -19,7 +19,7 @@ use redis::AsyncCommands;
 
 use crate::error::{Error, InputError, Result};
 use crate::sources::logins::{parse_login, Login};
-use crate::store::redis::{connect, retrying, shown};
+use crate::store::redis::{connect, retrying_as, shown};
 
 /// The consumer group every fanout process reads through.
 pub const GROUP: &str = "fanout";
@@ -133,7 +133,7 @@ impl StreamReader {
                 self.consumer.clone(),
                 start.clone(),
             );
-            let reply: StreamAutoClaimReply = retrying(&self.url, "XAUTOCLAIM", || {
+            let reply: StreamAutoClaimReply = retrying_as("redis", &self.url, "XAUTOCLAIM", || {
                 let (mut con, key, consumer, from) =
                     (con.clone(), key.clone(), consumer.clone(), from.clone());
                 async move {
@@ -186,7 +186,7 @@ impl StreamReader {
 
     /// This consumer's pending entries after id `after` (a page).
     async fn pending_after(&self, after: &str) -> Result<Vec<Entry>> {
-        let reply: Option<StreamReadReply> = retrying(&self.url, "XREADGROUP", || {
+        let reply: Option<StreamReadReply> = retrying_as("redis", &self.url, "XREADGROUP", || {
             let (mut con, key, after) = (self.con.clone(), self.key.clone(), after.to_owned());
             let consumer = self.consumer.clone();
             async move {
@@ -203,7 +203,7 @@ impl StreamReader {
     /// Acknowledges `ids`: their work is durable and they are never handed out again.
     pub async fn ack(&self, ids: &[String]) -> Result<()> {
         for chunk in ids.chunks(PAGE) {
-            retrying(&self.url, "XACK", || {
+            retrying_as("redis", &self.url, "XACK", || {
                 let (mut con, key) = (self.con.clone(), self.key.clone());
                 async move { con.xack::<_, _, _, u64>(key, GROUP, chunk).await }
             })

@@ -117,12 +117,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     // A store split by another process count is refused before anything is read.
     let store_url = opts.cluster.store_url(&job.store)?;
     let loaded = load(job, opts)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("fanout-push")
-        .build()
-        .context("cannot start the tokio runtime")?;
+    let runtime = push_runtime()?;
     // Before the store, so a missing credential or a bad timeout (usage errors, exit 2) leaves
     // the store untouched.
     let provider = provider.open()?;
@@ -411,6 +406,16 @@ fn execute(
         }
         Ok(())
     })
+}
+
+/// The tokio runtime pushes run on: two threads (the timely workers are the others).
+pub fn push_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("fanout-push")
+        .build()
+        .context("cannot start the tokio runtime")?)
 }
 
 /// Pre-existing grants `(campaign id, user)` as `(target index, user)` pairs. SPEC: granted

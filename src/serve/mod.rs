@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
@@ -94,12 +93,7 @@ pub fn serve(job: &Job, opts: &ServeOptions) -> Result<()> {
         )));
     }
     let loaded = run::load(job, &opts.run)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("fanout-push")
-        .build()
-        .context("cannot start the tokio runtime")?;
+    let runtime = run::push_runtime()?;
     let provider = provider.open()?;
     let store = runtime.block_on(Store::connect(&job.store))?;
     let metrics = Arc::new(Metrics::new());

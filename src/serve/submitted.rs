@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::job::parse_campaign;
 use crate::model::{Campaign, CouponDelivery, Kind};
-use crate::store::redis::{connect, retrying, shown};
+use crate::store::redis::{connect, retrying_as, shown};
 use crate::streams::{Entry, CAMPAIGNS};
 
 /// Active lazy coupons (SPEC).
@@ -95,7 +95,7 @@ impl Registry {
             job: job.to_owned(),
         })
         .map_err(anyhow::Error::from)?;
-        retrying(&self.url, "HSET", || {
+        retrying_as("redis", &self.url, "HSET", || {
             let (mut con, field, value) = (self.con.clone(), field.clone(), value.clone());
             async move { con.hset::<_, _, _, ()>(hash, field, value).await }
         })
@@ -107,7 +107,7 @@ impl Registry {
     pub async fn load(&self) -> Result<Vec<(Arc<Campaign>, String)>> {
         let mut out = Vec::new();
         for hash in [COUPONS, HOT_PRODUCTS] {
-            let all: Vec<(String, String)> = retrying(&self.url, "HGETALL", || {
+            let all: Vec<(String, String)> = retrying_as("redis", &self.url, "HGETALL", || {
                 let mut con = self.con.clone();
                 async move { con.hgetall(hash).await }
             })

@@ -27,7 +27,7 @@ use super::table::{TableBuilder, UserTable};
 use super::{LoadOptions, LoadReport, KEPT_ERRORS};
 use crate::error::{Error, InputError, Result};
 use crate::model::{Buckets, User};
-use crate::store::redis::{client, retryable, shown, RETRY_BUDGET};
+use crate::store::redis::{client, retrying_as, shown};
 
 /// The key holding the highest user id.
 pub const MAX_ID_KEY: &str = "fanout:users:max_id";
@@ -100,35 +100,13 @@ async fn connect(url: &str) -> Result<ConnectionManager> {
     .await
 }
 
-/// Retries `op` with backoff while the server is unreachable, for up to [`RETRY_BUDGET`].
-async fn retrying<T, F, Fut>(url: &str, what: &str, mut op: F) -> Result<T>
+/// Retries `op` while the server is unreachable (see the store's `retrying_as`).
+async fn retrying<T, F, Fut>(url: &str, what: &str, op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = redis::RedisResult<T>>,
 {
-    let started = Instant::now();
-    let mut wait = Duration::from_millis(50);
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if retryable(&e) && started.elapsed() < RETRY_BUDGET => {
-                tracing::warn!(users = %shown(url), error = %e, "redis {what} failed; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => {
-                let budget = if retryable(&e) {
-                    format!(" for {} s", RETRY_BUDGET.as_secs())
-                } else {
-                    String::new()
-                };
-                return Err(Error::runtime(format!(
-                    "users {}: {what} failed{budget}: {e}",
-                    shown(url)
-                )));
-            }
-        }
-    }
+    retrying_as("users", &shown(url), what, op).await
 }
 
 /// Sends `pipe` (its per-command errors come back as [`Value::ServerError`]), retrying.

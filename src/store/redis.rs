@@ -111,7 +111,22 @@ pub struct RedisLedger {
 }
 
 /// Retries `op` with backoff while it fails, for up to [`RETRY_BUDGET`].
-pub(crate) async fn retrying<T, F, Fut>(url: &str, what: &str, mut op: F) -> Result<T>
+pub(crate) async fn retrying<T, F, Fut>(url: &str, what: &str, op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    retrying_as("store", url, what, op).await
+}
+
+/// [`retrying`] for any use of a Redis server: errors read `{role} {url}: {what} failed…`
+/// (`url` as [`shown`]: no password).
+pub(crate) async fn retrying_as<T, F, Fut>(
+    role: &str,
+    url: &str,
+    what: &str,
+    mut op: F,
+) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = redis::RedisResult<T>>,
@@ -122,15 +137,18 @@ where
         match op().await {
             Ok(v) => return Ok(v),
             Err(e) if started.elapsed() < RETRY_BUDGET && retryable(&e) => {
-                tracing::warn!(store = %url, error = %e, "redis {what} failed; retrying");
+                tracing::warn!(role, url, error = %e, "redis {what} failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
+                let budget = match retryable(&e) {
+                    true => format!(" for {} s", RETRY_BUDGET.as_secs()),
+                    false => String::new(),
+                };
                 return Err(Error::runtime(format!(
-                    "store {url}: {what} failed{}: {e}",
-                    if retryable(&e) { " for 30 s" } else { "" }
-                )))
+                    "{role} {url}: {what} failed{budget}: {e}"
+                )));
             }
         }
     }
