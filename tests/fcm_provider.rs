@@ -388,9 +388,12 @@ fn fcm_refusing_our_credentials_stops_the_run_and_a_rerun_delivers_everyone() {
         !s.path("dead.jsonl").exists(),
         "something was dead-lettered"
     );
+    // It stops long before trying everyone: the pushes already in flight when the third
+    // refusal is counted still go out, and how many that is depends on scheduling (up to ~120
+    // seen on a loaded machine with 20 in flight), so the bound is a share of the users.
     let refused = server.hits().len();
     assert!(
-        (3..=80).contains(&refused),
+        (3..USERS as usize / 4).contains(&refused),
         "{refused} requests before stopping"
     );
 
