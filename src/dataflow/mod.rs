@@ -158,6 +158,22 @@ pub struct Handles {
     pub probe: ProbeHandle<Time>,
 }
 
+impl Handles {
+    /// Moves every input to epoch `t` (and flushes the granted pairs fed so far).
+    pub fn advance_to(&mut self, t: Time) {
+        self.scans.advance_to(t);
+        self.admits.advance_to(t);
+        self.granted.advance_to(t);
+        self.granted.flush();
+        self.logins.advance_to(t);
+    }
+
+    /// Closes every input; what is left is the probe.
+    pub fn close(self) -> ProbeHandle<Time> {
+        self.probe
+    }
+}
+
 /// Builds the fan-out dataflow in `scope`: bucket scans for fan-out campaigns, logins for lazy
 /// coupons, one push operator for both.
 pub fn fan_out(scope: Scope<'_, Time>, ctx: Arc<Context>) -> Handles {

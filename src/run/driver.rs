@@ -5,14 +5,16 @@ use std::time::Duration;
 
 use timely::worker::Worker;
 
-use crate::dataflow::{self, Context, Handles, Scan, Time};
+use timely::dataflow::ProbeHandle;
+
+use crate::dataflow::{self, Context, Scan, Time};
 use crate::model::Buckets;
 use crate::sources::logins::Login;
 
 /// How many epochs may be open (fed but not yet delivered) at once.
-const OPEN_EPOCHS: u64 = 3;
+pub const OPEN_EPOCHS: Time = 3;
 /// A parked worker wakes at least this often to notice a fatal error elsewhere.
-const PARK: Duration = Duration::from_millis(50);
+pub const PARK: Duration = Duration::from_millis(50);
 
 /// The work of one run. Worker 0 (of the whole cluster) feeds the admits, the granted pairs
 /// and the logins; every worker feeds the scans of the buckets it owns
@@ -60,14 +62,7 @@ pub fn plan_epochs(
 /// `store_sync` is called as this worker's epochs complete (a no-op on all but one worker of
 /// a process is the caller's choice).
 pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync: impl Fn()) {
-    let Handles {
-        mut scans,
-        mut admits,
-        mut granted,
-        mut logins,
-        probe,
-    } = worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone()));
-
+    let mut inputs = worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone()));
     let (index, peers) = (worker.index(), worker.peers());
     let own = plan_epochs(
         feed.buckets
@@ -79,10 +74,10 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
     let logins_here: &[Login] = if index == 0 { &feed.logins } else { &[] };
     if index == 0 {
         for &t in &feed.admit {
-            admits.send(t);
+            inputs.admits.send(t);
         }
         for &pair in &feed.granted {
-            granted.insert(pair);
+            inputs.granted.insert(pair);
         }
     }
     {
@@ -91,24 +86,18 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
         let mut login_epochs = logins_here.chunks(feed.logins_per_epoch.max(1));
         let epochs = own.len().max(login_epochs.len());
         for e in 0..epochs {
-            scans.advance_to(epoch);
-            admits.advance_to(epoch);
-            granted.advance_to(epoch);
-            granted.flush();
-            logins.advance_to(epoch);
+            inputs.advance_to(epoch);
             for &bucket in own.get(e).into_iter().flatten() {
-                scans.send(Scan {
+                inputs.scans.send(Scan {
                     bucket,
                     targets: feed.scan_targets.clone(),
                 });
             }
             for &login in login_epochs.next().into_iter().flatten() {
-                logins.send(login);
+                inputs.logins.send(login);
             }
             epoch += 1;
-            while probe.less_than(&epoch.saturating_sub(OPEN_EPOCHS)) && !ctx.failed() {
-                worker.step_or_park(Some(PARK));
-            }
+            wait_for_open_epochs(worker, &inputs.probe, &ctx, epoch);
             if ctx.failed() {
                 break;
             }
@@ -122,17 +111,37 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
             }
         }
     }
-    drop((scans, admits, granted, logins));
+    drain(worker, inputs.close(), &ctx);
+}
+
+/// Steps `worker` while fewer than [`OPEN_EPOCHS`] epochs before `next` (the epoch to be fed
+/// next) are done, or until a fatal error.
+pub fn wait_for_open_epochs(
+    worker: &mut Worker,
+    probe: &ProbeHandle<Time>,
+    ctx: &Context,
+    next: Time,
+) {
+    while probe.less_than(&next.saturating_sub(OPEN_EPOCHS)) && !ctx.failed() {
+        worker.step_or_park(Some(PARK));
+    }
+}
+
+/// Steps `worker` until every epoch fed is done (the inputs are closed); returns false on a
+/// fatal error instead, after dropping the dataflows: epochs held by unfinished pushes will
+/// never complete, and timely steps a worker until its dataflows do (every worker sees the
+/// failure).
+pub fn drain(worker: &mut Worker, probe: ProbeHandle<Time>, ctx: &Context) -> bool {
     while !probe.done() && !ctx.failed() {
         worker.step_or_park(Some(PARK));
     }
-    if ctx.failed() {
-        // The run is over: epochs held by unfinished pushes will never complete, and timely
-        // steps a worker until its dataflows do. Drop them (every worker sees the failure).
-        for dataflow in worker.installed_dataflows() {
-            worker.drop_dataflow(dataflow);
-        }
+    if !ctx.failed() {
+        return true;
     }
+    for dataflow in worker.installed_dataflows() {
+        worker.drop_dataflow(dataflow);
+    }
+    false
 }
 
 #[cfg(test)]

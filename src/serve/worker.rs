@@ -6,22 +6,16 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use differential_dataflow::input::InputSession;
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::InputHandle;
 use timely::worker::Worker;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::Receiver;
 
-use crate::dataflow::{self, Context, Handles, Scan, Time};
+use crate::dataflow::{self, Context, Scan, Time};
+use crate::run::driver::{drain, wait_for_open_epochs};
 use crate::sources::logins::Login;
 
-/// Epochs that may be open (fed, not yet delivered) at once.
-const OPEN_EPOCHS: Time = 3;
 /// How long worker 0 idles between looks at the login channel and the stop flags.
 const IDLE: Duration = Duration::from_millis(10);
-/// A parked worker wakes at least this often.
-const PARK: Duration = Duration::from_millis(50);
 
 /// Login events read from the stream, with the entry ids to acknowledge once they are done.
 #[derive(Debug, Default)]
@@ -63,44 +57,33 @@ pub struct Fed {
 
 /// Runs one worker of a generation until it ends and drains (or a fatal error anywhere).
 pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>) -> Fed {
-    let Handles {
-        mut scans,
-        mut admits,
-        mut granted,
-        mut logins,
-        probe,
-    } = worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone()));
+    let mut inputs = worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone()));
+    let probe = inputs.probe.clone();
     let mut fed = Fed::default();
     let mut acks: VecDeque<(Time, Vec<String>)> = VecDeque::new();
-    // Acknowledges, oldest first, every epoch the probe has passed.
+    // Acknowledges, oldest first, every epoch the probe has passed (all of them once drained).
     let release = |acks: &mut VecDeque<(Time, Vec<String>)>, all: bool| {
-        let mut ids = Vec::new();
-        let mut any = false;
-        while let Some((t, _)) = acks.front() {
-            if !all && probe.less_than(&(t + 1)) {
-                break;
-            }
-            if let Some((_, batch)) = acks.pop_front() {
-                ids.extend(batch);
-                any = true;
-            }
-        }
-        if any {
+        let done = acks
+            .iter()
+            .take_while(|(t, _)| all || !probe.less_than(&(t + 1)))
+            .count();
+        if done > 0 {
+            let ids = acks.drain(..done).flat_map(|(_, ids)| ids).collect();
             (generation.on_durable)(ids);
         }
     };
 
     if worker.index() == 0 {
         for &t in &generation.admit {
-            admits.send(t);
+            inputs.admits.send(t);
         }
         for &pair in &generation.granted {
-            granted.insert(pair);
+            inputs.granted.insert(pair);
         }
         // Inputs always stand at the epoch to be fed next, so every fed epoch can complete
         // without waiting for the next batch to arrive.
         let mut epoch: Time = 1;
-        advance(&mut scans, &mut admits, &mut granted, &mut logins, epoch);
+        inputs.advance_to(epoch);
         let mut buckets = generation.epochs.iter().peekable();
         loop {
             if (generation.shutting_down)() || ctx.failed() {
@@ -125,7 +108,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
                 continue;
             }
             for &bucket in next_scan.into_iter().flatten() {
-                scans.send(Scan {
+                inputs.scans.send(Scan {
                     bucket,
                     targets: generation.scan_targets.clone(),
                 });
@@ -135,46 +118,22 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
             let mut ids = Vec::new();
             if let Some(b) = batch {
                 for login in b.logins {
-                    logins.send(login);
+                    inputs.logins.send(login);
                 }
                 ids = b.ids;
             }
             acks.push_back((epoch, ids));
             epoch += 1;
-            advance(&mut scans, &mut admits, &mut granted, &mut logins, epoch);
-            while probe.less_than(&epoch.saturating_sub(OPEN_EPOCHS)) && !ctx.failed() {
-                worker.step_or_park(Some(PARK));
-            }
+            inputs.advance_to(epoch);
+            wait_for_open_epochs(worker, &probe, &ctx, epoch);
             release(&mut acks, false);
         }
         fed.scans_complete = buckets.peek().is_none();
     }
-    drop((scans, admits, granted, logins));
-    while !probe.done() && !ctx.failed() {
-        worker.step_or_park(Some(PARK));
-    }
-    if ctx.failed() {
-        for dataflow in worker.installed_dataflows() {
-            worker.drop_dataflow(dataflow);
-        }
-        fed.scans_complete = false;
-    } else {
+    if drain(worker, inputs.close(), &ctx) {
         release(&mut acks, true);
+    } else {
+        fed.scans_complete = false;
     }
     fed
-}
-
-/// Moves every input of the dataflow to `epoch`.
-fn advance(
-    scans: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Scan>>>,
-    admits: &mut InputHandle<Time, CapacityContainerBuilder<Vec<u32>>>,
-    granted: &mut InputSession<Time, (u32, u32), isize>,
-    logins: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Login>>>,
-    epoch: Time,
-) {
-    scans.advance_to(epoch);
-    admits.advance_to(epoch);
-    granted.advance_to(epoch);
-    granted.flush();
-    logins.advance_to(epoch);
 }
