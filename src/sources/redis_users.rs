@@ -12,7 +12,7 @@
 //! buckets the caller asks for are fetched: a process of a cluster loads its own share.
 //! [`write`] is the other direction, for `fanout gen users --out redis://…`.
 //!
-//! Every call retries while the server is unreachable, for [`RETRY_BUDGET`], then fails
+//! Every call retries while the server is unreachable, for [`RETRY_BUDGET`](crate::store::redis::RETRY_BUDGET), then fails
 //! (exit 1). The password (URL or `FANOUT_REDIS_PASSWORD`) is never printed.
 
 use std::future::Future;

@@ -1,0 +1,172 @@
+//! Connections to a Redis server, shared by the store, the Redis user source and the
+//! streams: the client (password, TLS), a reconnecting connection manager, and the retry loop
+//! every call goes through while the server restarts.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::IntoConnectionInfo;
+
+use crate::error::{Error, Result};
+
+/// How long a call keeps retrying an unreachable server before the run gives up.
+pub const RETRY_BUDGET: Duration = Duration::from_secs(30);
+
+/// A URL fit to print: without its password.
+pub fn shown(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The environment variable naming a PEM file of CA certificates that `rediss://` servers are
+/// verified against instead of the system's roots (for a self-signed or private CA).
+pub const CA_ENV: &str = "FANOUT_REDIS_CA";
+
+/// Retries `op` with backoff while it fails, for up to [`RETRY_BUDGET`].
+pub(crate) async fn retrying<T, F, Fut>(url: &str, what: &str, op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    retrying_as("store", url, what, op).await
+}
+
+/// [`retrying`] for any use of a Redis server: errors read `{role} {url}: {what} failed…`
+/// (`url` as [`shown`]: no password).
+pub(crate) async fn retrying_as<T, F, Fut>(
+    role: &str,
+    url: &str,
+    what: &str,
+    mut op: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    let started = Instant::now();
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() < RETRY_BUDGET && retryable(&e) => {
+                tracing::warn!(role, url, error = %e, "redis {what} failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                let budget = match retryable(&e) {
+                    true => format!(" for {} s", RETRY_BUDGET.as_secs()),
+                    false => String::new(),
+                };
+                return Err(Error::runtime(format!(
+                    "{role} {url}: {what} failed{budget}: {e}"
+                )));
+            }
+        }
+    }
+}
+
+/// A client for `url`: the password from `FANOUT_REDIS_PASSWORD` when the URL has none; TLS
+/// for `rediss://`, verified against [`CA_ENV`]'s certificates when it is set, else the
+/// system's roots. Errors are usage errors (exit 2) naming the URL as [`shown`].
+pub fn client(url: &str) -> Result<redis::Client> {
+    let show = shown(url);
+    let bad_url = |e: redis::RedisError| Error::Usage(format!("redis URL {show}: {e}"));
+    let mut info = url.into_connection_info().map_err(bad_url)?;
+    if let (None, Ok(pw)) = (
+        info.redis_settings().password(),
+        std::env::var("FANOUT_REDIS_PASSWORD"),
+    ) {
+        let settings = info.redis_settings().clone().set_password(pw);
+        info = info.set_redis_settings(settings);
+    }
+    let ca = std::env::var_os(CA_ENV).filter(|v| !v.is_empty());
+    match ca {
+        Some(path) if url.starts_with("rediss://") => {
+            let path = std::path::PathBuf::from(path);
+            let pem = std::fs::read(&path).map_err(|e| {
+                Error::Usage(format!("{CA_ENV}={}: cannot read: {e}", path.display()))
+            })?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(Error::Usage(format!(
+                    "{CA_ENV}={}: no PEM certificate in it",
+                    path.display()
+                )));
+            }
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            redis::Client::build_with_tls(info, certs)
+                .map_err(|e| Error::Usage(format!("{CA_ENV}={}: {e}", path.display())))
+        }
+        _ => redis::Client::open(info).map_err(bad_url),
+    }
+}
+
+/// Whether a failed call may succeed if tried again (the server restarting or unreachable).
+fn retryable(e: &redis::RedisError) -> bool {
+    (e.is_io_error() && !refused_certificate(e))
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+        )
+}
+
+/// Every key matching `pattern` (SCAN, so the server never blocks on it).
+pub(super) async fn scan(con: &ConnectionManager, url: &str, pattern: &str) -> Result<Vec<String>> {
+    retrying(url, "SCAN in-flight sets", || {
+        let mut con = con.clone();
+        async move {
+            let mut found = Vec::new();
+            let mut cursor = 0u64;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut con)
+                    .await?;
+                found.extend(batch);
+                if next == 0 {
+                    return Ok(found);
+                }
+                cursor = next;
+            }
+        }
+    })
+    .await
+}
+
+/// A connection manager for `url` (see [`client`]), retried for a while if the server is
+/// not up yet. It reconnects by itself later.
+pub async fn connect(url: &str) -> Result<ConnectionManager> {
+    let show = shown(url);
+    let client = client(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    retrying(&show, "connect", || {
+        client.get_connection_manager_with_config(config.clone())
+    })
+    .await
+}
+
+/// Whether `e` is a TLS handshake that failed on the certificate (an unknown issuer, a wrong
+/// name): no retry fixes that.
+fn refused_certificate(e: &redis::RedisError) -> bool {
+    let text = e.to_string();
+    text.contains("certificate") || text.contains("Certificate")
+}
