@@ -18,7 +18,7 @@ use redis::streams::{
 use redis::AsyncCommands;
 
 use crate::error::{Error, InputError, Result};
-use crate::sources::logins::{parse_login, Login};
+use crate::sources::logins::{login_from, Login};
 use crate::store::redis::{connect, retrying_as, shown};
 
 /// The consumer group every fanout process reads through.
@@ -258,13 +258,14 @@ fn flatten(reply: Option<StreamReadReply>) -> Vec<Entry> {
 
 /// A login entry as a [`Login`]; the error names the entry and field.
 pub fn login_of(entry: &Entry) -> std::result::Result<Login, InputError> {
-    let user = entry.get("user").unwrap_or_default();
-    let ts = entry.get("ts").unwrap_or_default();
-    let json = serde_json::json!({
-        "user": user.trim().parse::<u64>().map(serde_json::Value::from).unwrap_or(serde_json::Value::String(user.to_owned())),
-        "ts": ts,
+    use serde_json::Value;
+    // Stream fields are text: a user id that reads as a number is one.
+    let user = entry.get("user").map(|u| match u.trim().parse::<u64>() {
+        Ok(n) => Value::from(n),
+        Err(_) => Value::String(u.to_owned()),
     });
-    parse_login(&json.to_string()).map_err(|(field, msg)| {
+    let ts = entry.get("ts").map(|t| Value::String(t.to_owned()));
+    login_from(user, ts).map_err(|(field, msg)| {
         InputError::new(format!("{LOGINS} entry {}", entry.id), None, field, msg)
     })
 }

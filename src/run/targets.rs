@@ -43,9 +43,21 @@ pub fn admit(campaign: &Arc<Campaign>, now: DateTime<Utc>) -> Admission {
 
 /// The id of the schedule tick containing `now`: the tick's start, RFC 3339.
 pub fn occurrence(campaign: &Campaign, now: DateTime<Utc>) -> Option<String> {
+    let (tick, _) = ticks_around(campaign, now)?;
+    Some(tick.to_rfc3339_opts(SecondsFormat::Secs, true))
+}
+
+/// When the schedule ticks next after `now` (`None` without a schedule).
+pub fn next_tick(campaign: &Campaign, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    ticks_around(campaign, now).map(|(_, next)| next)
+}
+
+/// The start of the tick containing `now` (the first tick before the campaign starts), and
+/// the start of the one after it.
+fn ticks_around(campaign: &Campaign, now: DateTime<Utc>) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     let every = chrono::Duration::from_std(campaign.every?).ok()?;
     let every_ms = every.num_milliseconds().max(1);
     let since = (now - campaign.start).num_milliseconds().max(0);
     let tick = campaign.start + chrono::Duration::milliseconds(since / every_ms * every_ms);
-    Some(tick.to_rfc3339_opts(SecondsFormat::Secs, true))
+    Some((tick, tick + chrono::Duration::milliseconds(every_ms)))
 }

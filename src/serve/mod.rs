@@ -463,11 +463,7 @@ fn next_change(active: &[Active], now: DateTime<Utc>) -> DateTime<Utc> {
         if c.start > now {
             next = next.min(c.start);
         } else if c.kind == Kind::HotProduct && c.is_live_at(now) {
-            if let Some(every) = c.every.and_then(|e| chrono::Duration::from_std(e).ok()) {
-                let every_ms = every.num_milliseconds().max(1);
-                let since = (now - c.start).num_milliseconds();
-                let tick =
-                    c.start + chrono::Duration::milliseconds((since / every_ms + 1) * every_ms);
+            if let Some(tick) = targets::next_tick(c, now) {
                 next = next.min(tick);
             }
         }

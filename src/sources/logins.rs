@@ -25,6 +25,16 @@ struct Raw {
 pub fn parse_login(line: &str) -> Result<Login, (String, String)> {
     let raw: Raw = serde_json::from_str(line)
         .map_err(|e| (String::new(), format!("expected a JSON object: {e}")))?;
+    login_from(raw.user, raw.ts)
+}
+
+/// Checks a login's two fields (JSON values, as a line or a stream entry gives them); errors
+/// name the field.
+pub fn login_from(
+    user: Option<serde_json::Value>,
+    ts: Option<serde_json::Value>,
+) -> Result<Login, (String, String)> {
+    let raw = Raw { user, ts };
     let user = match raw.user.as_ref().and_then(serde_json::Value::as_u64) {
         Some(u) if (1..=u64::from(u32::MAX)).contains(&u) => u as u32,
         Some(u) => {
