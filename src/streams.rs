@@ -87,7 +87,7 @@ impl StreamReader {
     /// creating the stream and the group if missing (the group starts at the stream's first
     /// entry, so events added before the first reader started are read too).
     pub async fn open(url: &str, key: &str, consumer: &str) -> Result<StreamReader> {
-        let con = connect(url).await?;
+        let con = connect("redis", url).await?;
         let reader = StreamReader {
             con,
             url: shown(url),

@@ -80,7 +80,7 @@ impl Registry {
     /// Connects to `url`.
     pub async fn open(url: &str) -> Result<Registry> {
         Ok(Registry {
-            con: connect(url).await?,
+            con: connect("redis", url).await?,
             url: shown(url),
         })
     }

@@ -7,7 +7,7 @@ use super::csv::Header;
 use super::lines::LineReader;
 use super::record::Bad;
 use super::table::{TableBuilder, UserTable};
-use super::{jsonl, LoadOptions, LoadReport, KEPT_ERRORS};
+use super::{jsonl, LoadOptions, LoadReport};
 use crate::error::{Error, InputError, Result};
 
 /// A user file's format.
@@ -81,10 +81,7 @@ pub(crate) fn read(
                 if !opts.skip_bad_lines || fatal {
                     return Err(e.into());
                 }
-                report.skipped += 1;
-                if report.first_errors.len() < KEPT_ERRORS {
-                    report.first_errors.push(e);
-                }
+                report.skip(e);
             }
         }
     }

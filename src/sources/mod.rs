@@ -29,7 +29,7 @@ use synthetic::Synthetic;
 use table::UserTable;
 
 /// How many skipped lines' errors a [`LoadReport`] keeps.
-pub(crate) const KEPT_ERRORS: usize = 10;
+const KEPT_ERRORS: usize = 10;
 
 /// How to load users.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +66,16 @@ pub struct LoadReport {
     pub skipped: u64,
     /// The errors of the first skipped lines, at most 10.
     pub first_errors: Vec<InputError>,
+}
+
+impl LoadReport {
+    /// Counts a skipped bad line (or user), keeping the first errors.
+    pub fn skip(&mut self, e: InputError) {
+        self.skipped += 1;
+        if self.first_errors.len() < KEPT_ERRORS {
+            self.first_errors.push(e);
+        }
+    }
 }
 
 /// Where the users come from. Cheap to clone: every worker holds one.

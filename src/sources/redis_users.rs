@@ -16,18 +16,18 @@
 //! (exit 1). The password (URL or `FANOUT_REDIS_PASSWORD`) is never printed.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::{stream, StreamExt, TryStreamExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{Pipeline, Value};
 
 use super::record::{check_level, check_points, shorten, Bad, LEVEL, POINTS};
 use super::table::{TableBuilder, UserTable};
-use super::{LoadOptions, LoadReport, KEPT_ERRORS};
+use super::{LoadOptions, LoadReport};
 use crate::error::{Error, InputError, Result};
 use crate::model::{Buckets, User};
-use crate::store::redis::{client, retrying_as, shown};
+use crate::store::redis::{connect, retrying_as, shown};
 
 /// The key holding the highest user id.
 pub const MAX_ID_KEY: &str = "fanout:users:max_id";
@@ -86,20 +86,6 @@ where
     })
 }
 
-/// A connection to `url`, retried while the server is unreachable.
-async fn connect(url: &str) -> Result<ConnectionManager> {
-    let client = client(url)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(10)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    retrying(url, "connect", || {
-        client.get_connection_manager_with_config(config.clone())
-    })
-    .await
-}
-
 /// Retries `op` while the server is unreachable (see the store's `retrying_as`).
 async fn retrying<T, F, Fut>(url: &str, what: &str, op: F) -> Result<T>
 where
@@ -139,7 +125,7 @@ async fn load_async(
     keep: &(dyn Fn(u32) -> bool + Sync),
 ) -> Result<(UserTable, LoadReport)> {
     let started = Instant::now();
-    let con = connect(url).await?;
+    let con = connect("users", url).await?;
     let max_id = read_max_id(url, &con).await?;
     let buckets = Buckets::new(opts.bucket_size);
     let last_bucket = buckets.bucket_of(max_id);
@@ -184,10 +170,7 @@ async fn load_async(
                     if !opts.skip_bad_lines {
                         return Err(e.into());
                     }
-                    report.skipped += 1;
-                    if report.first_errors.len() < KEPT_ERRORS {
-                        report.first_errors.push(e);
-                    }
+                    report.skip(e);
                 }
             }
         }
@@ -331,7 +314,7 @@ async fn write_async(
     max_id: u32,
     users: impl Iterator<Item = User> + Send,
 ) -> Result<u64> {
-    let con = connect(url).await?;
+    let con = connect("users", url).await?;
     let mut users = users.peekable();
     let chunks = std::iter::from_fn(|| {
         users.peek()?;

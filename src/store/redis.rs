@@ -114,7 +114,7 @@ impl RedisStore {
         member: Option<(usize, usize)>,
     ) -> Result<RedisStore> {
         let show = shown(url);
-        let con = connect(url).await?;
+        let con = connect("store", url).await?;
         let run = format!(
             "{:016x}{}",
             rand::random::<u64>(),

@@ -149,8 +149,9 @@ pub(super) async fn scan(con: &ConnectionManager, url: &str, pattern: &str) -> R
 }
 
 /// A connection manager for `url` (see [`client`]), retried for a while if the server is
-/// not up yet. It reconnects by itself later.
-pub async fn connect(url: &str) -> Result<ConnectionManager> {
+/// not up yet; `role` names the use in errors (see [`retrying_as`]). It reconnects by itself
+/// later.
+pub async fn connect(role: &str, url: &str) -> Result<ConnectionManager> {
     let show = shown(url);
     let client = client(url)?;
     let config = ConnectionManagerConfig::new()
@@ -158,7 +159,7 @@ pub async fn connect(url: &str) -> Result<ConnectionManager> {
         .set_response_timeout(Some(Duration::from_secs(10)))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(1));
-    retrying(&show, "connect", || {
+    retrying_as(role, &show, "connect", || {
         client.get_connection_manager_with_config(config.clone())
     })
     .await
