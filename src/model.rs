@@ -118,55 +118,84 @@ impl Buckets {
             self.bucket_of(max_id) + 1
         }
     }
+}
 
-    /// The worker (of `peers`) that owns bucket `b`: every exchange of buckets and of
-    /// per-user records routes with this one function, so a bucket and its users meet.
-    #[inline]
-    pub fn worker_of(b: u32, peers: usize) -> usize {
-        (b as usize) % peers.max(1)
+/// Where buckets live in a cluster of `processes` × `workers` worker threads. Bucket `b`
+/// belongs to process `b % processes` — whatever the worker count, so a re-run with another
+/// `-w` finds each bucket's share of the ledger and its in-flight users on the same process —
+/// and, within that process, to its worker `(b / processes) % workers`. Every exchange of
+/// buckets and of per-user records (by their bucket) routes with [`Placement::exchange_key`],
+/// so a bucket and its users always meet on one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// The bucket size.
+    pub buckets: Buckets,
+    /// Processes in the cluster (1: a single process).
+    pub processes: usize,
+    /// Worker threads per process (timely gives every process the same number).
+    pub workers: usize,
+}
+
+impl Placement {
+    /// `processes` × `workers` (each at least 1) over `buckets`.
+    pub fn new(buckets: Buckets, processes: usize, workers: usize) -> Self {
+        Placement {
+            buckets,
+            processes: processes.max(1),
+            workers: workers.max(1),
+        }
     }
 
-    /// The key every timely exchange of buckets (and of per-user records, by their bucket)
-    /// routes with: timely sends key `k` to worker `k % peers`, which is [`Buckets::worker_of`].
+    /// The process that owns bucket `b`.
+    #[inline]
+    pub fn process_of(&self, b: u32) -> usize {
+        (b as usize) % self.processes
+    }
+
+    /// The worker (timely's global index: process `p` has workers `p * workers ..`) that
+    /// owns bucket `b`.
+    #[inline]
+    pub fn worker_of(&self, b: u32) -> usize {
+        let b = b as usize;
+        (b % self.processes) * self.workers + (b / self.processes) % self.workers
+    }
+
+    /// The key every timely exchange of per-user records routes with: timely sends key `k`
+    /// to worker `k % peers`, and this key is already the owner's index (< peers).
     #[inline]
     pub fn exchange_key(&self, id: UserId) -> u64 {
-        u64::from(self.bucket_of(id))
+        self.worker_of(self.buckets.bucket_of(id)) as u64
     }
 }
 
-/// Which buckets one process (or worker) owns: those [`Buckets::worker_of`] routes to its
-/// workers `first .. first + count` of `peers`. Loading keeps only these users, and every
-/// exchange sends a bucket's records there, so the two agree by construction.
+/// Which users one process of a cluster owns: those of the buckets [`Placement`] gives it.
+/// Loading keeps only these users, adoption of a dead run's in-flight users takes only these,
+/// and every exchange sends a bucket's records to one of this process's workers, so all three
+/// agree by construction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
     /// The bucket size.
     pub buckets: Buckets,
-    /// Workers in the whole cluster.
-    pub peers: usize,
-    /// The first worker (global index) of the owner.
-    pub first: usize,
-    /// How many consecutive workers the owner has.
-    pub count: usize,
+    /// Processes in the cluster.
+    pub processes: usize,
+    /// This process's index.
+    pub process: usize,
 }
 
 impl Route {
-    /// The buckets of process `process` of a cluster of `processes` × `workers` workers
-    /// (timely numbers process `p`'s workers `p * workers ..`).
-    pub fn process(buckets: Buckets, processes: usize, process: usize, workers: usize) -> Self {
-        let workers = workers.max(1);
+    /// The buckets of process `process` of a cluster of `processes`.
+    pub fn process(buckets: Buckets, processes: usize, process: usize) -> Self {
         Route {
             buckets,
-            peers: processes.max(1) * workers,
-            first: process * workers,
-            count: workers,
+            processes: processes.max(1),
+            process,
         }
     }
 
     /// Whether bucket `b` is owned here.
     #[inline]
     pub fn keeps_bucket(&self, b: u32) -> bool {
-        let w = Buckets::worker_of(b, self.peers);
-        w >= self.first && w < self.first + self.count
+        Placement::new(self.buckets, self.processes, 1).process_of(b) == self.process
     }
 
     /// Whether user `id` (its bucket) is owned here.

@@ -40,8 +40,8 @@ pub fn match_logins<'s>(
     ctx: Arc<Context>,
 ) -> VecCollection<'s, Time, (u32, u32), isize> {
     // To the worker holding the user's bucket: in a cluster only that process loaded the user.
-    let buckets = ctx.buckets;
-    let by_bucket = Exchange::new(move |l: &Login| buckets.exchange_key(l.user));
+    let placement = ctx.placement;
+    let by_bucket = Exchange::new(move |l: &Login| placement.exchange_key(l.user));
     logins
         .binary_frontier::<_, CapacityContainerBuilder<Vec<PairUpdate>>, _, _, _, _>(
             admits,
@@ -154,9 +154,9 @@ pub fn candidates<'s>(
 ) -> Stream<'s, Time, Vec<Candidates>> {
     // The antijoin left each pair on the worker its hash chose; the user's record (and the
     // push of its bucket) is on the worker of its bucket.
-    let buckets = ctx.buckets;
+    let placement = ctx.placement;
     let by_bucket =
-        Exchange::new(move |((_, user), _, _): &PairUpdate| buckets.exchange_key(*user));
+        Exchange::new(move |((_, user), _, _): &PairUpdate| placement.exchange_key(*user));
     grants
         .inner
         .unary::<CapacityContainerBuilder<Vec<Candidates>>, _, _, _>(

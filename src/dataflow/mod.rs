@@ -33,7 +33,7 @@ use timely::dataflow::{InputHandle, ProbeHandle, Scope};
 
 use crate::error::Error;
 use crate::metrics::{CampaignStats, Metrics};
-use crate::model::{Buckets, Target};
+use crate::model::{Placement, Target};
 use crate::providers::dispatch::Dispatcher;
 use crate::render::Renderer;
 use crate::sources::logins::Login;
@@ -53,11 +53,10 @@ pub struct Scan {
 }
 
 impl Scan {
-    /// What scans are exchanged by: the bucket id. Timely sends key `k` to worker
-    /// `k % peers`, i.e. [`Buckets::worker_of`], which is what loading ([`crate::model::Route`])
-    /// assumes.
-    pub fn exchange_key(&self) -> u64 {
-        u64::from(self.bucket)
+    /// What scans are exchanged by: the owner of the bucket ([`Placement::worker_of`]), which
+    /// is what loading ([`crate::model::Route`]) assumes.
+    pub fn exchange_key(&self, placement: &Placement) -> u64 {
+        placement.worker_of(self.bucket) as u64
     }
 }
 
@@ -108,8 +107,8 @@ pub struct RunTarget {
 pub struct Context {
     /// Where users come from.
     pub source: UserSource,
-    /// Bucket size.
-    pub buckets: Buckets,
+    /// Bucket size, and which worker owns each bucket.
+    pub placement: Placement,
     /// Every target of the run; records carry indices into this.
     pub targets: Vec<RunTarget>,
     /// The provider and its policy.
@@ -181,7 +180,7 @@ pub fn fan_out(scope: Scope<'_, Time>, ctx: Arc<Context>) -> Handles {
     let mut admits = InputHandle::new();
     let mut logins = InputHandle::new();
     let (granted, granted_pairs) = scope.new_collection::<(u32, u32), isize>();
-    let buckets = ctx.buckets;
+    let placement = ctx.placement;
     let admitted = scope
         .input_from(&mut admits)
         .container::<Vec<u32>>()
@@ -190,7 +189,7 @@ pub fn fan_out(scope: Scope<'_, Time>, ctx: Arc<Context>) -> Handles {
     let granted_by_bucket = granted_pairs
         .inner
         .clone()
-        .exchange(move |((_, user), _, _)| buckets.exchange_key(*user))
+        .exchange(move |((_, user), _, _)| placement.exchange_key(*user))
         .map(|((t, u), _, diff)| Control::Granted(t, u, diff));
     let control = admitted
         .clone()
@@ -216,29 +215,39 @@ pub fn fan_out(scope: Scope<'_, Time>, ctx: Arc<Context>) -> Handles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Route;
+    use crate::model::{Buckets, Route};
     use timely::dataflow::channels::pact::Exchange as Pact;
     use timely::dataflow::operators::Operator;
 
     /// What timely's exchange delivers to a worker is what [`Route`] loads there: 4 workers
-    /// standing for 2 processes × 2 workers (process `p` has workers `2p, 2p + 1`).
+    /// standing for 2 processes × 2 workers (process `p` has workers `2p, 2p + 1`); and the
+    /// same buckets stay with the same process at 2 × 1 workers.
     #[test]
     fn exchanges_deliver_each_bucket_and_user_where_the_loader_keeps_it() {
         let buckets = Buckets::new(7);
+        let placement = Placement::new(buckets, 2, 2);
+        for b in 0..1000 {
+            let one_worker_each = Placement::new(buckets, 2, 1);
+            assert_eq!(
+                placement.worker_of(b) / 2,
+                one_worker_each.worker_of(b),
+                "bucket {b} moved to another process with another worker count"
+            );
+        }
         let misrouted = timely::execute(timely::Config::process(4), move |worker| {
-            let (index, peers) = (worker.index(), worker.peers());
-            let route = Route::process(buckets, 2, index / 2, 2);
+            let index = worker.index();
+            let route = Route::process(buckets, 2, index / 2);
             let bad = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
             let (mut scans, mut users) = (InputHandle::new(), InputHandle::new());
             worker.dataflow::<u64, _, _>(|scope| {
                 let (bad1, bad2) = (bad.clone(), bad.clone());
                 scope.input_from(&mut scans).container::<Vec<Scan>>().sink(
-                    Pact::new(Scan::exchange_key),
+                    Pact::new(move |s: &Scan| s.exchange_key(&placement)),
                     "Scans",
                     move |(i, _)| {
                         i.for_each_stamp(|_, data| {
                             for s in data.flatten() {
-                                let here = Buckets::worker_of(s.bucket, peers) == index;
+                                let here = placement.worker_of(s.bucket) == index;
                                 if !route.keeps_bucket(s.bucket) || !here {
                                     bad1.borrow_mut().push(u64::from(s.bucket));
                                 }
@@ -247,7 +256,7 @@ mod tests {
                     },
                 );
                 scope.input_from(&mut users).container::<Vec<u32>>().sink(
-                    Pact::new(move |id: &u32| buckets.exchange_key(*id)),
+                    Pact::new(move |id: &u32| placement.exchange_key(*id)),
                     "Users",
                     move |(i, _)| {
                         i.for_each_stamp(|_, data| {

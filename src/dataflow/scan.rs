@@ -44,7 +44,8 @@ pub fn scan<'s>(
     ctx: Arc<Context>,
 ) -> Stream<'s, Time, Vec<Candidates>> {
     let scope = scans.scope();
-    let by_bucket = Exchange::new(Scan::exchange_key);
+    let placement = ctx.placement;
+    let by_bucket = Exchange::new(move |s: &Scan| s.exchange_key(&placement));
     scans.binary_frontier::<_, CapacityContainerBuilder<Vec<Candidates>>, _, _, _, _>(
         control,
         by_bucket,
@@ -102,7 +103,7 @@ pub fn scan<'s>(
                         entry.remove();
                         continue;
                     };
-                    let (lo, hi) = ctx.buckets.bucket_range(scan.bucket);
+                    let (lo, hi) = ctx.placement.buckets.bucket_range(scan.bucket);
                     let from = lo.max(cursor);
                     let to = hi.min(from + IDS_PER_STRETCH);
                     let (visited, found) = expand(&ctx, &known, scan, from, to);

@@ -1,12 +1,12 @@
 //! One job across several processes: a timely cluster (`--processes N --process I
 //! --hostfile F`).
 //!
-//! Every process reads the same job file. Process `I` of `N`, with `w` workers each, owns the
-//! buckets [`Buckets::worker_of`] routes to its workers `I*w .. I*w + w` ([`Route`]): it loads
-//! only their users, feeds only their scans, and (with the embedded store) keeps their ledger
-//! in its own subdirectory `DIR/process-I`. `DIR/PROCESSES` records `N`, so a re-run with
-//! another count — whose buckets would map to other processes — is refused. The Redis store is
-//! shared as it is by concurrent runs.
+//! Every process reads the same job file. Process `I` of `N` owns the buckets `b` with
+//! `b % N == I` ([`Route`], [`Placement`]), whatever the worker count: it loads only their
+//! users, feeds only their scans, and (with the embedded store) keeps their ledger in its own
+//! subdirectory `DIR/process-I`. `DIR/PROCESSES` records `N`, so a re-run with another process
+//! count — whose buckets would map to other processes — is refused; a re-run with another `-w`
+//! is not (its buckets stay put). The Redis store is shared as it is by concurrent runs.
 //!
 //! A process that starts before its peers waits for them at most [`Cluster::wait`], then stops
 //! with exit 1 instead of hanging ([`launch`]).
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::metrics::Tally;
-use crate::model::{Buckets, Route};
+use crate::model::{Buckets, Placement, Route};
 
 /// How long a process waits for its peers by default.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
@@ -117,11 +117,15 @@ impl Cluster {
         self.is_cluster().then_some((self.process, self.processes))
     }
 
-    /// The buckets this process owns, given `workers` per process; `None` for a single
-    /// process (it owns every bucket).
-    pub fn route(&self, buckets: Buckets, workers: usize) -> Option<Route> {
+    /// The buckets this process owns; `None` for a single process (it owns every bucket).
+    pub fn route(&self, buckets: Buckets) -> Option<Route> {
         self.is_cluster()
-            .then(|| Route::process(buckets, self.processes, self.process, workers))
+            .then(|| Route::process(buckets, self.processes, self.process))
+    }
+
+    /// Which worker of the cluster owns each bucket, with `workers` per process.
+    pub fn placement(&self, buckets: Buckets, workers: usize) -> Placement {
+        Placement::new(buckets, self.processes, workers)
     }
 
     /// The timely configuration of this process with `workers` worker threads.

@@ -8,7 +8,6 @@ use timely::worker::Worker;
 use timely::dataflow::ProbeHandle;
 
 use crate::dataflow::{self, Context, Scan, Time};
-use crate::model::Buckets;
 use crate::sources::logins::Login;
 
 /// How many epochs may be open (fed but not yet delivered) at once.
@@ -18,7 +17,7 @@ pub const PARK: Duration = Duration::from_millis(50);
 
 /// The work of one run. Worker 0 (of the whole cluster) feeds the admits, the granted pairs
 /// and the logins; every worker feeds the scans of the buckets it owns
-/// ([`Buckets::worker_of`]), in epochs of its own.
+/// ([`crate::model::Placement::worker_of`]), in epochs of its own.
 pub struct Feed {
     /// Targets to admit at time 0 (fan-out campaigns and lazy coupons).
     pub admit: Vec<u32>,
@@ -63,12 +62,12 @@ pub fn plan_epochs(
 /// a process is the caller's choice).
 pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync: impl Fn()) {
     let mut inputs = worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone()));
-    let (index, peers) = (worker.index(), worker.peers());
+    let index = worker.index();
     let own = plan_epochs(
         feed.buckets
             .iter()
             .copied()
-            .filter(|&(b, _)| Buckets::worker_of(b, peers) == index),
+            .filter(|&(b, _)| ctx.placement.worker_of(b) == index),
         feed.users_per_epoch,
     );
     let logins_here: &[Login] = if index == 0 { &feed.logins } else { &[] };

@@ -68,9 +68,7 @@ pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
     let load_opts = LoadOptions {
         skip_bad_lines: opts.skip_bad_lines,
         bucket_size: job.engine.bucket_size,
-        keep: opts
-            .cluster
-            .route(Buckets::new(job.engine.bucket_size), job.engine.workers),
+        keep: opts.cluster.route(Buckets::new(job.engine.bucket_size)),
     };
     let (source, report) = UserSource::open(&job.inputs.users, &load_opts)?;
     if !opts.quiet {
@@ -206,7 +204,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     // Per worker: each feeds its own buckets, so a process holds about this many users' work.
     let users_per_epoch = (MIN_USERS_PER_EPOCH.max(4 * concurrency as u64) / workers as u64)
         .max(MIN_USERS_PER_EPOCH / 4);
-    let route = opts.cluster.route(buckets, workers);
+    let route = opts.cluster.route(buckets);
     let bucket_users: Vec<(u32, u64)> = if scan_targets.is_empty() {
         Vec::new()
     } else {
@@ -252,7 +250,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     ));
     let ctx = Arc::new(Context {
         source: loaded.source,
-        buckets,
+        placement: opts.cluster.placement(buckets, workers),
         targets: run_targets,
         dispatcher,
         metrics: metrics.clone(),

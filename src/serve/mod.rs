@@ -32,7 +32,7 @@ use crate::dataflow::{Context, RunTarget};
 use crate::error::{Error, Result};
 use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignStats, Metrics};
-use crate::model::{Buckets, Campaign, Kind};
+use crate::model::{Buckets, Campaign, Kind, Placement};
 use crate::providers::{dispatch::Dispatcher, ProviderSpec};
 use crate::render::Renderer;
 use crate::run::targets::{self, Admission};
@@ -264,7 +264,7 @@ pub fn serve(job: &Job, opts: &ServeOptions) -> Result<()> {
         };
         let ctx = Arc::new(Context {
             source: loaded.source.clone(),
-            buckets,
+            placement: Placement::new(buckets, 1, job.engine.workers),
             targets: run_targets,
             dispatcher: dispatcher.clone(),
             metrics: metrics.clone(),

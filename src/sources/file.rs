@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn each_process_keeps_exactly_its_buckets_and_together_every_user() {
-        use crate::model::{Buckets, Route};
+        use crate::model::{Buckets, Placement, Route};
         let text: String = (1..=500u32)
             .rev()
             .map(|id| {
@@ -259,7 +259,7 @@ mod tests {
         let (processes, workers) = (3, 2);
         let mut union = Vec::new();
         for p in 0..processes {
-            let route = Route::process(buckets, processes, p, workers);
+            let route = Route::process(buckets, processes, p);
             let opts = LoadOptions {
                 skip_bad_lines: false,
                 keep: Some(route),
@@ -269,7 +269,8 @@ mod tests {
                 read("users.x", text.as_bytes(), Format::JsonLines, &opts).unwrap();
             assert_eq!(report.users, part.len() as u64);
             for &id in part.ids() {
-                let owner = Buckets::worker_of(buckets.bucket_of(id), processes * workers);
+                let owner =
+                    Placement::new(buckets, processes, workers).worker_of(buckets.bucket_of(id));
                 assert_eq!(owner / workers, p, "user {id} loaded by the wrong process");
             }
             union.extend_from_slice(part.ids());
