@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::providers::Latency as PushLatency;
 use serde::Serialize;
 
 /// Per-target counters. `eligible = delivered + dead_lettered + unreachable` once drained.
@@ -328,25 +327,15 @@ impl Metrics {
         }
     }
 
-    /// Records the push latencies of one provider call of `n` messages (one lock for the lot)
+    /// Records `n` pushes that took `latency` each (one lock for the lot)
     /// and samples the delivered counter for the timeline.
-    pub fn record_latency(&self, latency: &PushLatency, n: usize) {
+    pub fn record_latency(&self, latency: Duration, n: usize) {
         let Ok(mut r) = self.recorded.lock() else {
             return;
         };
         r.sample(self.elapsed(), self.delivered.load(Relaxed));
         let h = &mut r.latency_us;
-        let us = |d: &Duration| (d.as_micros() as u64).max(1);
-        match latency {
-            PushLatency::All(d) => {
-                let _ = h.record_n(us(d), n as u64);
-            }
-            PushLatency::Each(each) => {
-                for d in each {
-                    let _ = h.record(us(d));
-                }
-            }
-        }
+        let _ = h.record_n((latency.as_micros() as u64).max(1), n as u64);
     }
 
     /// The push-latency histogram as cumulative counts at each of `bounds` (seconds), with the

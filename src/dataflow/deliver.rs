@@ -1,18 +1,22 @@
 //! The async work of one batch: claim in the store, render, push, record.
 //!
 //! Order matters for "nothing lost, nothing twice": the claim is written before any push, and
-//! a message is marked done only after the provider accepted it (or it was dead-lettered). A
-//! crash in between leaves the user claimed but not done, and the next run re-sends exactly
-//! those, with the same idempotency key.
+//! a message is marked done only after the provider accepted it (or it was dead-lettered) —
+//! as soon as it was, not when its batch-mates were. A crash in between leaves the user claimed
+//! but not done, and the next run re-sends exactly those, with the same idempotency key; a
+//! message keeps its concurrency slot until it is recorded, so those are at most
+//! `concurrency` messages.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Mutex, PoisonError};
 
 use futures::stream::{self, StreamExt};
+use tokio::sync::Notify;
 
 use super::{Candidate, Context, RunTarget};
 use crate::error::Result;
-use crate::providers::dispatch::Report;
+use crate::providers::dispatch::{Fate, Settled};
 use crate::providers::Message;
 use crate::template::UserVars;
 
@@ -80,53 +84,125 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
 
     let batches = batch_bounds(&messages, ctx.batch_max_messages, ctx.batch_max_bytes);
     ctx.metrics.batches.fetch_add(batches.len() as u64, Relaxed);
-    // Batches go out together; as they come back, whatever has finished is marked done at
-    // once, so a crash re-sends only batches still in flight.
-    let mut finished = stream::iter(batches.iter().cloned())
-        .map(|range| async {
-            let report = ctx.dispatcher.deliver(&messages[range.clone()]).await;
-            report.map(|r| (range, r))
-        })
-        .buffer_unordered(batches.len().max(1))
-        .ready_chunks(batches.len().max(1));
-    while let Some(results) = finished.next().await {
-        // Batches that finished are recorded even when another failed (a halted provider):
-        // what was delivered is done, so a re-run does not send it again.
-        let mut failure = None;
-        let mut done: Vec<_> = results
-            .into_iter()
-            .filter_map(|r| r.map_err(|e| failure.get_or_insert(e)).ok())
-            .collect();
-        done.sort_unstable_by_key(|(range, _)| range.start);
-        record(rt, ctx, &messages, &done).await?;
-        if let Some(e) = failure {
-            return Err(e);
+    // Batches go out together. Each message's fate is recorded in the store as soon as it is
+    // known — whatever has settled since the last write goes in the next one — and only then
+    // does it give back its concurrency slot.
+    let settled = Settlements::default();
+    let messages = &messages;
+    let sends = async {
+        let outcome = stream::iter(batches.iter().cloned())
+            .map(|range| {
+                let settled = &settled;
+                let settle = move |s: Settled| settled.add(range.start, s);
+                async move {
+                    ctx.dispatcher
+                        .deliver(&messages[range.clone()], &settle)
+                        .await
+                }
+            })
+            .buffer_unordered(batches.len().max(1))
+            .fold(Ok(()), |first, r| async move { first.and(r) })
+            .await;
+        settled.finish();
+        outcome
+    };
+    let records = async {
+        loop {
+            let (finished, fates) = settled.take().await;
+            record(rt, ctx, messages, &fates).await?;
+            if finished {
+                return Ok(());
+            }
         }
-    }
-    Ok(())
+    };
+    // A failed record (the store lost its lease, a disk error) stops the sends at once; a
+    // failed send (a halted provider) still lets what settled before it be recorded.
+    let (sent, recorded): (Result<()>, Result<()>) = futures::future::join(
+        async {
+            tokio::select! {
+                sent = sends => sent,
+                _ = settled.failed.notified() => Ok(()),
+            }
+        },
+        async {
+            let r = records.await;
+            if r.is_err() {
+                settled.failed.notify_one();
+            }
+            r
+        },
+    )
+    .await;
+    recorded.and(sent)
 }
 
-/// Marks finished batches done (or dead) in the ledger and counts them.
+/// The fates settled and not yet recorded, shared by a task's sends and its recorder.
+#[derive(Default)]
+struct Settlements {
+    state: Mutex<(bool, Vec<(usize, Settled)>)>,
+    ready: Notify,
+    failed: Notify,
+}
+
+impl Settlements {
+    /// Adds the fates of a batch starting at message `offset`.
+    fn add(&self, offset: usize, s: Settled) {
+        lock(&self.state).1.push((offset, s));
+        self.ready.notify_one();
+    }
+
+    /// Says that no fate is to come.
+    fn finish(&self) {
+        lock(&self.state).0 = true;
+        self.ready.notify_one();
+    }
+
+    /// Waits for fates (or the end) and takes every one so far: (ended, fates).
+    async fn take(&self) -> (bool, Vec<(usize, Settled)>) {
+        loop {
+            {
+                let mut state = lock(&self.state);
+                if state.0 || !state.1.is_empty() {
+                    return (state.0, std::mem::take(&mut state.1));
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Records settled fates in the ledger and counts them; their slots go back after.
 async fn record(
     rt: &RunTarget,
     ctx: &Context,
     messages: &[Message<'_>],
-    finished: &[(Range<usize>, Report)],
+    settled: &[(usize, Settled)],
 ) -> Result<()> {
+    if settled.is_empty() {
+        return Ok(());
+    }
     let (mut done, mut dead) = (Vec::new(), Vec::new());
     let mut unreachable = 0u64;
-    for (range, report) in finished {
-        let mut failed = report.dead.iter().map(|d| range.start + d.index).peekable();
-        for i in range.clone() {
-            if failed.peek() == Some(&i) {
-                failed.next();
-                dead.push(messages[i].user);
-            } else {
-                done.push(messages[i].user);
+    for (offset, s) in settled {
+        for (i, fate) in &s.fates {
+            let user = messages[offset + i].user;
+            match fate {
+                Fate::Delivered => done.push(user),
+                Fate::Unreachable => {
+                    unreachable += 1;
+                    done.push(user);
+                }
+                Fate::Dead => dead.push(user),
             }
         }
-        unreachable += report.unreachable.len() as u64;
     }
+    // Id order: the stores apply sorted ids as whole-set operations.
+    done.sort_unstable();
+    dead.sort_unstable();
     let delivered = done.len() as u64 - unreachable;
     rt.ledger.mark_done(&done).await?;
     if !dead.is_empty() {

@@ -14,11 +14,10 @@ use std::time::SystemTime;
 use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use reqwest::{RequestBuilder, Response, Url};
 use serde::Deserialize;
-use tokio::sync::Semaphore;
 
 use super::rate::RateLimiter;
 use super::remote::{self, Timeouts};
-use super::{Message, Outcome, Sent};
+use super::{Attempt, Message, Outcome};
 use crate::error::Result;
 
 /// A webhook URL, parsed and checked.
@@ -90,18 +89,10 @@ impl HttpProvider {
     }
 
     /// POSTs each selected message, concurrently, one slot and one rate token each.
-    pub async fn send(
-        &self,
-        batch: &[Message<'_>],
-        which: &[usize],
-        slots: &Semaphore,
-        rate: Option<&RateLimiter>,
-    ) -> Sent {
-        remote::send_each(
-            which,
-            slots,
+    pub async fn send_one(&self, m: &Message<'_>, rate: Option<&RateLimiter>) -> Attempt {
+        remote::attempt(
+            self.request(m),
             rate,
-            |i| self.request(&batch[i]),
             |request: RequestBuilder| async move { self.outcome(request.send().await).await },
         )
         .await

@@ -1,15 +1,12 @@
 //! `mock:latency=200ms,jitter=50ms,fail=0.01,permanent=0.001`: a simulated remote provider.
 //!
-//! Each message waits `latency ± jitter` holding one concurrency slot, then succeeds, fails
+//! Each message waits `latency ± jitter` (holding its concurrency slot), then succeeds, fails
 //! retryably (probability `fail`) or fails for good (probability `permanent`). The draw is a
 //! hash of the message key and attempt, so a run is reproducible. For benchmarks only.
 
 use std::time::Duration;
 
-use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::Semaphore;
-
-use super::{acquire, rate::RateLimiter, Latency, Message, Outcome, Sent};
+use super::{rate::RateLimiter, Attempt, Message, Outcome};
 
 /// The `mock:` provider's parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,57 +57,48 @@ impl MockProvider {
         Ok(m)
     }
 
-    /// Simulates pushing the selected messages.
-    pub async fn send(
+    /// Whether every push answers at once (no latency, no jitter): then a list of messages
+    /// is one call ([`MockProvider::send_all`]).
+    pub fn is_instant(&self) -> bool {
+        self.latency.is_zero() && self.jitter.is_zero()
+    }
+
+    /// Simulates pushing the selected messages at once (no latency is simulated).
+    pub async fn send_all(
         &self,
         batch: &[Message<'_>],
         which: &[usize],
         attempt: u32,
-        slots: &Semaphore,
         rate: Option<&RateLimiter>,
-    ) -> Sent {
-        if self.latency.is_zero() && self.jitter.is_zero() {
-            if let Some(rate) = rate {
-                rate.acquire(which.len()).await;
-            }
-            let never_fails = self.fail == 0.0 && self.permanent == 0.0;
-            let failed = match never_fails {
-                true => Vec::new(),
-                false => which
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(k, &i)| Some((k, self.draw(batch[i].json, attempt).1?)))
-                    .collect(),
-            };
-            return Sent {
-                failed,
-                latency: Latency::All(Duration::ZERO),
-            };
+    ) -> (Vec<(usize, Outcome)>, Duration) {
+        if let Some(rate) = rate {
+            rate.acquire(which.len()).await;
         }
-        let mut pending: FuturesUnordered<_> = which
+        if self.fail == 0.0 && self.permanent == 0.0 {
+            return (Vec::new(), Duration::ZERO);
+        }
+        let failed = which
             .iter()
             .enumerate()
-            .map(|(k, &i)| async move {
-                if let Some(rate) = rate {
-                    rate.acquire(1).await;
-                }
-                let _permit = acquire(slots, 1).await;
-                let (wait, outcome) = self.draw(batch[i].json, attempt);
-                let started = tokio::time::Instant::now();
-                tokio::time::sleep(wait).await;
-                (k, outcome, started.elapsed())
-            })
+            .filter_map(|(k, &i)| Some((k, self.draw(batch[i].json, attempt).1?)))
             .collect();
-        let mut sent = Sent::default();
-        let mut latencies = vec![Duration::ZERO; which.len()];
-        while let Some((k, outcome, latency)) = pending.next().await {
-            latencies[k] = latency;
-            if let Some(o) = outcome {
-                sent.failed.push((k, o));
-            }
+        (failed, Duration::ZERO)
+    }
+
+    /// Simulates pushing one message: waits its drawn latency, then answers.
+    pub async fn send_one(
+        &self,
+        message: &Message<'_>,
+        attempt: u32,
+        rate: Option<&RateLimiter>,
+    ) -> Attempt {
+        if let Some(rate) = rate {
+            rate.acquire(1).await;
         }
-        sent.latency = Latency::Each(latencies);
-        sent
+        let (wait, outcome) = self.draw(message.json, attempt);
+        let started = tokio::time::Instant::now();
+        tokio::time::sleep(wait).await;
+        (outcome, started.elapsed())
     }
 
     /// The latency and outcome (`None`: delivered) of one attempt, from a hash of the message

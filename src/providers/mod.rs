@@ -20,8 +20,6 @@ pub mod remote;
 
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-
 use crate::error::{Error, Result};
 
 /// Why one attempt to push one message did not deliver it.
@@ -46,30 +44,9 @@ pub enum Outcome {
     Unreachable,
 }
 
-/// What one provider call did with the messages it was given. Everything not listed in
-/// `failed` was delivered: the common case costs nothing per message.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Sent {
-    /// `(position in the call's list, outcome)` of each message not delivered.
-    pub failed: Vec<(usize, Outcome)>,
-    /// How long the pushes took.
-    pub latency: Latency,
-}
-
-/// Push latencies of one provider call.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Latency {
-    /// Each message's own, in order.
-    Each(Vec<Duration>),
-    /// The same for every message (one write, one request).
-    All(Duration),
-}
-
-impl Default for Latency {
-    fn default() -> Self {
-        Latency::All(Duration::ZERO)
-    }
-}
+/// What one attempt at one message came to: `None` delivered, else why not; and how long
+/// the push itself took (from the rate token to the answer).
+pub type Attempt = (Option<Outcome>, Duration);
 
 /// A message ready to push: a view of its delivery record, rendered once (see
 /// [`crate::render`]) into a buffer its push task owns.
@@ -179,21 +156,59 @@ impl ProviderSpec {
 }
 
 impl Provider {
-    /// Pushes `batch[i]` for every `i` in `which` (at most `slots`' capacity of them). Each
-    /// message in flight holds one permit of `slots` and took one token of `rate`.
-    pub async fn send(
+    /// Whether each message is its own request (`http`, `fcm`, `mock:` with a latency), pushed
+    /// with [`Provider::send_one`]; otherwise a whole list goes in one write
+    /// ([`Provider::send_all`]).
+    pub fn sends_each(&self) -> bool {
+        match self {
+            Provider::Log(_) => false,
+            Provider::Mock(p) => !p.is_instant(),
+            Provider::Http(_) | Provider::Fcm(_) => true,
+        }
+    }
+
+    /// Pushes one message (attempt `attempt`), taking one token of `rate` right before it
+    /// goes. Only I/O: the dispatcher holds the message's concurrency slot.
+    pub async fn send_one(
+        &self,
+        message: &Message<'_>,
+        attempt: u32,
+        rate: Option<&rate::RateLimiter>,
+    ) -> Attempt {
+        match self {
+            Provider::Mock(p) => p.send_one(message, attempt, rate).await,
+            Provider::Http(p) => p.send_one(message, rate).await,
+            Provider::Fcm(p) => p.send_one(message, rate).await,
+            Provider::Log(p) => {
+                let (failed, latency) = p.send_all(std::slice::from_ref(message), &[0], rate).await;
+                (failed.into_iter().next().map(|(_, o)| o), latency)
+            }
+        }
+    }
+
+    /// Pushes `batch[i]` for every `i` in `which` as one write, taking `which.len()` tokens of
+    /// `rate`; returns `(position in which, outcome)` of each message not delivered, and how
+    /// long the write took.
+    pub async fn send_all(
         &self,
         batch: &[Message<'_>],
         which: &[usize],
         attempt: u32,
-        slots: &Semaphore,
         rate: Option<&rate::RateLimiter>,
-    ) -> Sent {
+    ) -> (Vec<(usize, Outcome)>, Duration) {
         match self {
-            Provider::Log(p) => p.send(batch, which, slots, rate).await,
-            Provider::Mock(p) => p.send(batch, which, attempt, slots, rate).await,
-            Provider::Http(p) => p.send(batch, which, slots, rate).await,
-            Provider::Fcm(p) => p.send(batch, which, slots, rate).await,
+            Provider::Log(p) => p.send_all(batch, which, rate).await,
+            Provider::Mock(p) => p.send_all(batch, which, attempt, rate).await,
+            Provider::Http(_) | Provider::Fcm(_) => {
+                let mut failed = Vec::new();
+                let mut longest = Duration::ZERO;
+                for (k, &i) in which.iter().enumerate() {
+                    let (outcome, latency) = self.send_one(&batch[i], attempt, rate).await;
+                    longest = longest.max(latency);
+                    failed.extend(outcome.map(|o| (k, o)));
+                }
+                (failed, longest)
+            }
         }
     }
 
@@ -220,13 +235,4 @@ impl Provider {
             Provider::Fcm(p) => p.name().to_owned(),
         }
     }
-}
-
-/// Acquires `n` permits of `slots` (callers pass `n` ≤ its capacity).
-pub(crate) async fn acquire(
-    slots: &Semaphore,
-    n: usize,
-) -> Option<tokio::sync::SemaphorePermit<'_>> {
-    let n = u32::try_from(n).unwrap_or(u32::MAX);
-    slots.acquire_many(n).await.ok()
 }

@@ -5,12 +5,10 @@
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
-use tokio::sync::Semaphore;
 
-use super::{acquire, rate::RateLimiter, Latency, Outcome, Sent};
+use super::{rate::RateLimiter, Attempt, Outcome};
 use crate::error::{Error, Result};
 
 /// The longest `Retry-After` obeyed: a bogus far-future date must not park a run for days.
@@ -76,48 +74,28 @@ pub fn client(timeouts: &Timeouts) -> Result<reqwest::Client> {
         .map_err(|e| Error::runtime(format!("cannot build the HTTP client: {}", chain(&e))))
 }
 
-/// Sends `which` one request each, concurrently. `prepare` builds a message's request without
-/// I/O, or says why it is not sent at all (no token, too big); `send` performs it. Each
-/// request holds one concurrency slot and then takes one token of `rate` right before it
-/// goes, so the rate holds at the wire however long requests wait for a slot.
-pub async fn send_each<R, P, S, F>(
-    which: &[usize],
-    slots: &Semaphore,
+/// One attempt at one message: `request` is the message's request built without I/O, or why
+/// it is not sent at all (no token, too big: no rate token is taken then); otherwise one token
+/// of `rate` is taken right before `send` performs it, so the rate holds at the wire.
+pub async fn attempt<R, S, F>(
+    request: std::result::Result<R, Outcome>,
     rate: Option<&RateLimiter>,
-    prepare: P,
     send: S,
-) -> Sent
+) -> Attempt
 where
-    P: Fn(usize) -> std::result::Result<R, Outcome>,
-    S: Fn(R) -> F,
+    S: FnOnce(R) -> F,
     F: Future<Output = Option<Outcome>>,
 {
-    let mut sent = Sent::default();
-    let send = &send;
-    let mut pending = FuturesUnordered::new();
-    for (k, &i) in which.iter().enumerate() {
-        match prepare(i) {
-            Err(outcome) => sent.failed.push((k, outcome)),
-            Ok(request) => pending.push(async move {
-                let _permit = acquire(slots, 1).await;
-                if let Some(rate) = rate {
-                    rate.acquire(1).await;
-                }
-                let started = Instant::now();
-                let outcome = send(request).await;
-                (k, outcome, started.elapsed())
-            }),
-        }
+    let request = match request {
+        Ok(r) => r,
+        Err(outcome) => return (Some(outcome), Duration::ZERO),
+    };
+    if let Some(rate) = rate {
+        rate.acquire(1).await;
     }
-    let mut latencies = Vec::with_capacity(pending.len());
-    while let Some((k, outcome, latency)) = pending.next().await {
-        latencies.push(latency);
-        if let Some(o) = outcome {
-            sent.failed.push((k, o));
-        }
-    }
-    sent.latency = Latency::Each(latencies);
-    sent
+    let started = Instant::now();
+    let outcome = send(request).await;
+    (outcome, started.elapsed())
 }
 
 /// The wait a response's `Retry-After` asks for — delay-seconds or an HTTP-date, relative to

@@ -16,11 +16,10 @@ use std::time::SystemTime;
 
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{RequestBuilder, Response, Url};
-use tokio::sync::Semaphore;
 
 use super::rate::RateLimiter;
 use super::remote::{self, Timeouts};
-use super::{Message, Outcome, Sent};
+use super::{Attempt, Message, Outcome};
 use crate::error::{Error, Result};
 use message::{request_body, Unsendable, MAX_PAYLOAD_BYTES};
 
@@ -132,18 +131,10 @@ impl FcmProvider {
 
     /// Sends each selected message that has a token and fits, concurrently, one slot and one
     /// rate token each.
-    pub async fn send(
-        &self,
-        batch: &[Message<'_>],
-        which: &[usize],
-        slots: &Semaphore,
-        rate: Option<&RateLimiter>,
-    ) -> Sent {
-        remote::send_each(
-            which,
-            slots,
+    pub async fn send_one(&self, m: &Message<'_>, rate: Option<&RateLimiter>) -> Attempt {
+        remote::attempt(
+            self.request(m),
             rate,
-            |i| self.request(&batch[i]),
             |request: RequestBuilder| async move {
                 let outcome = self.outcome(request.send().await).await;
                 outcome.map(|o| self.redact(o))
