@@ -191,6 +191,8 @@ impl Dispatcher {
                 .iter()
                 .map(|&i| async move {
                     let slot = self.slots.clone().acquire_owned().await.ok();
+                    // A halt while waiting for the slot sends nothing more.
+                    self.check_halted()?;
                     self.check_guard()?;
                     let (outcome, latency) = self
                         .provider
@@ -215,6 +217,7 @@ impl Dispatcher {
             for chunk in which.chunks(self.capacity) {
                 let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
                 let slots = self.slots.clone().acquire_many_owned(n).await.ok();
+                self.check_halted()?;
                 self.check_guard()?;
                 let (failed, latency) = self
                     .provider
