@@ -104,9 +104,10 @@ impl Registry {
         Ok(true)
     }
 
-    /// Every kept campaign; one that no longer parses is logged and left out.
+    /// Every kept campaign; one that no longer parses is logged and left out. A campaign kept
+    /// twice (under its coupon id by an older `serve`, and under its campaign id) is loaded once.
     pub async fn load(&self) -> Result<Vec<(Arc<Campaign>, String)>> {
-        let mut out = Vec::new();
+        let mut out: Vec<(Arc<Campaign>, String)> = Vec::new();
         for hash in [COUPONS, HOT_PRODUCTS] {
             let all: Vec<(String, String)> = retrying_as("redis", &self.url, "HGETALL", || {
                 let mut con = self.con.clone();
@@ -122,6 +123,7 @@ impl Registry {
                             .map_err(|e| e.to_string())
                     });
                 match parsed {
+                    Ok((c, _)) if out.iter().any(|(kept, _)| kept.id == c.id) => {}
                     Ok(c) => out.push(c),
                     Err(e) => tracing::warn!(hash, field, error = %e, "kept campaign left out"),
                 }
