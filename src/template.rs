@@ -249,9 +249,11 @@ impl Template {
         for part in &self.parts {
             let pieces = match part {
                 // The title's own user placeholders stay, to be rendered per user.
-                Part::Var(Var::CampaignTitle) => title_template(campaign)
-                    .bind(&|v| campaign_value_in_title(campaign, v))
-                    .parts,
+                Part::Var(Var::CampaignTitle) => {
+                    title_template(campaign)
+                        .bind(&|v| campaign_value_in_title(campaign, v))
+                        .parts
+                }
                 Part::Var(v) if !v.is_per_user() => vec![Part::Text(campaign(*v))],
                 p => vec![p.clone()],
             };

@@ -517,9 +517,9 @@ fn bad_cluster_flags_and_lonely_processes_are_clear_errors() {
     loop {
         let _reserved = free_hostfile(&s);
         out = s.fanout(
-        &cluster_args(1, &["--peer-wait", "1s"])
-            .iter()
-            .map(String::as_str)
+            &cluster_args(1, &["--peer-wait", "1s"])
+                .iter()
+                .map(String::as_str)
                 .collect::<Vec<_>>(),
         );
         attempts += 1;

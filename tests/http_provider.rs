@@ -336,7 +336,10 @@ fn refused_credentials_stop_the_run_and_a_rerun_delivers_everyone() {
         .count();
     assert_eq!(refused, UNAUTHORIZED_IN_A_ROW, "the stop rule's refusals");
     let bound = 2 * CONCURRENCY as usize + UNAUTHORIZED_IN_A_ROW;
-    eprintln!("{} requests before the stop (at most {bound}); fanout said:\n{err}", hits.len());
+    eprintln!(
+        "{} requests before the stop (at most {bound}); fanout said:\n{err}",
+        hits.len()
+    );
     assert!(
         hits.len() <= bound,
         "{} requests before stopping: more than {CONCURRENCY} in flight, the \

@@ -15,8 +15,8 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
-use common::*;
 use common::ports;
+use common::*;
 use naive::*;
 use redis_server::RedisServer;
 
@@ -373,7 +373,10 @@ fn campaigns_submitted_on_the_stream_are_admitted_kept_and_acknowledged() {
         Some(now),
     );
     for id in ["lazy-c9", "lazy-c9-mom"] {
-        assert!(want_coupon.iter().any(|(c, _, _)| c == id), "{id} grants nobody");
+        assert!(
+            want_coupon.iter().any(|(c, _, _)| c == id),
+            "{id} grants nobody"
+        );
     }
     let (mut serve, _, _reserved) = start_serve(&s, &args);
     xadd_logins(&redis, &events);
@@ -419,7 +422,10 @@ fn a_hot_product_fires_on_every_tick_of_its_schedule() {
         for line in whole.lines() {
             let d: serde_json::Value = serde_json::from_str(line).unwrap();
             let tick = d["occurrence"].as_str().expect("an occurrence").to_owned();
-            by_tick.entry(tick).or_default().insert(d["user"].as_u64().unwrap());
+            by_tick
+                .entry(tick)
+                .or_default()
+                .insert(d["user"].as_u64().unwrap());
         }
         by_tick
     };

@@ -149,7 +149,10 @@ mod tests {
 
     #[test]
     fn lazy_coupons_sharing_a_coupon_id_are_kept_under_their_campaign_ids() {
-        let (a, b) = (lazy_coupon("lazy-a", "sports"), lazy_coupon("lazy-b", "mom"));
+        let (a, b) = (
+            lazy_coupon("lazy-a", "sports"),
+            lazy_coupon("lazy-b", "mom"),
+        );
         assert_eq!(kept_as(&a), Some((COUPONS, "lazy-a".to_owned())));
         assert_eq!(kept_as(&b), Some((COUPONS, "lazy-b".to_owned())));
     }

@@ -89,4 +89,3 @@ pub fn says_address_in_use(stderr: &str) -> bool {
     let s = stderr.to_ascii_lowercase();
     s.contains("address already in use") || s.contains("address in use")
 }
-

@@ -6,6 +6,9 @@
 //! made for the test (the `openssl` command line tool).
 #![allow(dead_code)]
 
+// Its own copy, for test binaries that use this module without `common`; two copies in one
+// binary still never hand out one port twice (the reservation is a file lock, not a static).
+#[allow(clippy::duplicate_mod)]
 #[path = "../common/ports.rs"]
 mod ports;
 
@@ -79,7 +82,10 @@ impl RedisServer {
                 Err(Launch::Exited(log)) => why.push(format!("port {}: {log}", server.port)),
             }
         }
-        panic!("redis-server did not start on {START_ATTEMPTS} ports:\n{}", why.join("\n"));
+        panic!(
+            "redis-server did not start on {START_ATTEMPTS} ports:\n{}",
+            why.join("\n")
+        );
     }
 
     /// A CA (ca.crt) and a server certificate for 127.0.0.1 and localhost it signed.
@@ -188,7 +194,11 @@ impl RedisServer {
                 let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
                 return Err(Launch::Exited(log));
             }
-            if self.cli(&["INFO", "server"]).lines().any(|l| l.trim() == me) {
+            if self
+                .cli(&["INFO", "server"])
+                .lines()
+                .any(|l| l.trim() == me)
+            {
                 self.child = Some(child);
                 return Ok(());
             }

@@ -113,7 +113,10 @@ mod tests {
             admit(d, &[pair("h2", "e")], 1009 + 1800, 1800).unwrap(),
             Err(("e".to_owned(), "a".to_owned()))
         );
-        assert_eq!(admit(d, &[pair("h2", "e")], 1010 + 1800, 1800).unwrap(), Ok(()));
+        assert_eq!(
+            admit(d, &[pair("h2", "e")], 1010 + 1800, 1800).unwrap(),
+            Ok(())
+        );
     }
 
     #[test]

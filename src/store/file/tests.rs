@@ -326,7 +326,11 @@ fn a_corrupt_record_mid_log_refuses_the_open_and_keeps_the_file() {
         assert!(msg.contains(&log.display().to_string()), "{msg}");
         assert!(msg.contains(&format!("offset {middle}")), "{msg}");
         drop(store);
-        assert_eq!(fs::read(&log).expect("read log"), bytes, "the log was changed");
+        assert_eq!(
+            fs::read(&log).expect("read log"),
+            bytes,
+            "the log was changed"
+        );
         // `fanout grants` reads without opening: the same refusal.
         let ro = FileStore::open_read_only("file:r", &tmp.path().to_string_lossy()).expect("ro");
         let msg = format!("{:#}", ro.granted("k").expect_err("corrupt log read"));
