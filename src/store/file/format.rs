@@ -158,10 +158,12 @@ fn replay(path: &Path, sets: &mut Sets) -> Result<(u64, u64)> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
         Err(e) => return Err(io_error(e, "cannot open", path)),
     };
-    let file_len = file
-        .metadata()
-        .with_context(|| format!("cannot stat {}", path.display()))?
-        .len();
+    let stamp = Stamp::of(
+        &file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", path.display()))?,
+    );
+    let file_len = stamp.len;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut good = 0u64;
     let mut header = [0u8; RECORD_HEADER];
@@ -174,7 +176,7 @@ fn replay(path: &Path, sets: &mut Sets) -> Result<(u64, u64)> {
         let extent = good + RECORD_HEADER as u64 + len;
         let sane = len >= 1 && (len - 1).is_multiple_of(4);
         if !sane || extent > file_len {
-            check_torn_tail(path, good, extent, file_len, "bad length")?;
+            check_torn_tail(path, &stamp, good, extent, "bad length")?;
             break;
         }
         payload.resize(len as usize, 0);
@@ -183,11 +185,11 @@ fn replay(path: &Path, sets: &mut Sets) -> Result<(u64, u64)> {
             break;
         }
         let Some(kind) = Kind::from_byte(payload[0]) else {
-            check_torn_tail(path, good, extent, file_len, "bad record kind")?;
+            check_torn_tail(path, &stamp, good, extent, "bad record kind")?;
             break;
         };
         if crc32fast::hash(&payload) != u32_at(&header, 4) {
-            check_torn_tail(path, good, extent, file_len, "checksum mismatch")?;
+            check_torn_tail(path, &stamp, good, extent, "checksum mismatch")?;
             break;
         }
         for id in payload[1..].chunks_exact(4) {
@@ -198,11 +200,42 @@ fn replay(path: &Path, sets: &mut Sets) -> Result<(u64, u64)> {
     Ok((good, file_len))
 }
 
+/// A log's length and modification time when its replay began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Stamp {
+    pub(super) len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Stamp {
+    pub(super) fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
+}
+
 /// Ok when the bad record at `bad` (claiming to end at `extent`) is a torn tail, else the
 /// corruption error naming `path` and `bad`.
-fn check_torn_tail(path: &Path, bad: u64, extent: u64, file_len: u64, why: &str) -> Result<()> {
-    if is_torn_tail(path, bad, extent, file_len)? {
+///
+/// A reader without the store's lock (`fanout grants`) can race a writer's checkpoint, which
+/// empties the log and appends again: the bytes under its offset then belong to other records.
+/// So a log that changed since `stamp` is not called corrupt; the replay ends there, as the new
+/// snapshot (read after the log) holds everything the old log did.
+pub(super) fn check_torn_tail(
+    path: &Path,
+    stamp: &Stamp,
+    bad: u64,
+    extent: u64,
+    why: &str,
+) -> Result<()> {
+    if is_torn_tail(path, bad, extent, stamp.len)? {
         return Ok(());
+    }
+    match fs::metadata(path) {
+        Ok(now) if Stamp::of(&now) == *stamp => {}
+        _ => return Ok(()),
     }
     Err(Error::runtime(format!(
         "ledger log {} is corrupt at byte offset {bad} ({why}), with records after it that \

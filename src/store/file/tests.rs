@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::format::{file_stem, RECORD_HEADER};
+use super::format::{check_torn_tail, file_stem, Stamp, RECORD_HEADER};
 use super::*;
 use crate::store::LedgerCounts;
 
@@ -336,6 +336,23 @@ fn a_corrupt_record_mid_log_refuses_the_open_and_keeps_the_file() {
         let msg = format!("{:#}", ro.granted("k").expect_err("corrupt log read"));
         assert!(msg.contains(&format!("offset {middle}")), "{msg}");
     }
+}
+
+#[test]
+fn a_log_that_changed_while_read_is_not_called_corrupt() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (full, middle) = three_record_log(tmp.path());
+    let log = log_of(tmp.path(), "k");
+    let mut bytes = full.clone();
+    bytes[middle + RECORD_HEADER + 1] ^= 0x40;
+    fs::write(&log, &bytes).expect("write log");
+    let stamp = Stamp::of(&fs::metadata(&log).expect("stat"));
+    let extent = (middle + RECORD_HEADER + 13) as u64;
+    assert!(check_torn_tail(&log, &stamp, middle as u64, extent, "test").is_err());
+    // A writer's checkpoint emptied the log and appended again while a reader read it.
+    bytes.truncate(bytes.len() - 1);
+    fs::write(&log, &bytes).expect("write log");
+    assert!(check_torn_tail(&log, &stamp, middle as u64, extent, "test").is_ok());
 }
 
 #[test]
