@@ -57,31 +57,44 @@ fn seed() -> u64 {
 /// Reserves a free loopback port outside the ephemeral range.
 pub fn reserve() -> Port {
     let high = ephemeral_low();
-    assert!(
-        high > LOW + 1000,
-        "the ephemeral port range starts at {high}: no room below it for test servers"
-    );
-    let span = u64::from(high - LOW);
     let dir = lock_dir();
+    if high <= LOW + 1000 {
+        // No room below the ephemeral range on this machine: take the kernel's pick, still
+        // reserved against the other tests; the callers' retries cover the rest.
+        for _ in 0..100 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("bind a loopback port")
+                .port();
+            if let Some(reserved) = try_reserve(&dir, port) {
+                return reserved;
+            }
+        }
+        panic!("no free loopback port");
+    }
+    let span = u64::from(high - LOW);
     let start = seed() % span;
     for k in 0..span {
         let port = LOW + ((start + k) % span) as u16;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(format!("{port}.lock")))
-            .expect("open a port lock file");
-        if file.try_lock().is_err() {
-            continue;
+        if let Some(reserved) = try_reserve(&dir, port) {
+            return reserved;
         }
-        // Someone outside these tests may listen there already.
-        if TcpListener::bind(("127.0.0.1", port)).is_err() {
-            continue;
-        }
-        return Port { port, _lock: file };
     }
     panic!("no free loopback port in {LOW}..{high}");
+}
+
+/// `port`, if no other test holds it and nothing listens on it.
+fn try_reserve(dir: &std::path::Path, port: u16) -> Option<Port> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{port}.lock")))
+        .expect("open a port lock file");
+    file.try_lock().ok()?;
+    // Someone outside these tests may listen there already.
+    TcpListener::bind(("127.0.0.1", port)).ok()?;
+    Some(Port { port, _lock: file })
 }
 
 /// Whether a process's error output says its port was taken (retry on another port).

@@ -251,6 +251,15 @@ impl RedisServer {
         }
     }
 
+    /// Kills the server for good; its port stays reserved while `self` lives, so a check that
+    /// nothing listens there is not answered by another test's server.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
     pub fn dir(&self) -> PathBuf {
         self.dir.path().to_owned()
     }
