@@ -394,7 +394,16 @@ pub fn campaign_value(c: &Campaign, occurrence: Option<&str>, v: Var) -> String 
     let goods = c.goods.as_ref();
     match v {
         Var::CampaignId => c.id.clone(),
-        Var::CampaignTitle => c.title.source().to_owned(),
+        // The title is a template of its own: as template source with this campaign's values
+        // filled in and its `user.*` placeholders left for the user it is rendered for.
+        Var::CampaignTitle => c
+            .title
+            .bind(&|v| match v {
+                // Refused by the job's validation; no recursion if a campaign is built by hand.
+                Var::CampaignTitle => String::new(),
+                v => campaign_value(c, occurrence, v),
+            })
+            .to_source(),
         Var::Occurrence => occurrence.unwrap_or_default().to_owned(),
         Var::CouponId => coupon.map(|k| k.coupon_id.clone()).unwrap_or_default(),
         Var::CouponAmount => coupon.map(|k| k.amount.to_string()).unwrap_or_default(),

@@ -140,12 +140,16 @@ mod tests {
     use crate::model::{Audience, Campaign, Goods, Kind};
 
     fn target(body: &str, occurrence: Option<&str>) -> Target {
+        target_titled("\"{goods.name}\" — 热卖", body, occurrence)
+    }
+
+    fn target_titled(title: &str, body: &str, occurrence: Option<&str>) -> Target {
         let c = Campaign {
             id: "hot-1".into(),
             kind: Kind::HotProduct,
             start: Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap(),
             end: Utc.with_ymd_and_hms(2026, 3, 8, 0, 0, 0).unwrap(),
-            title: Template::parse("\"{goods.name}\" — 热卖").unwrap(),
+            title: Template::parse(title).unwrap(),
             body: Template::parse(body).unwrap(),
             audience: Audience::default(),
             coupon: None,
@@ -173,5 +177,26 @@ mod tests {
                 assert_eq!(r.render(u), want);
             }
         }
+    }
+
+    #[test]
+    fn campaign_title_in_the_body_is_the_title_rendered_for_that_user() {
+        let occurrence = Some("2026-03-02T09:00:00Z");
+        let t = target_titled(
+            "Hi {user.id}: {goods.name} {{new}} at {occurrence}",
+            "{campaign.title} / L{user.level}",
+            occurrence,
+        );
+        let r = Renderer::new(&t);
+        let u = UserVars {
+            id: 42,
+            level: 7,
+            points: 0,
+        };
+        let d = t.render(u, None);
+        let title = "Hi 42: Trail \\ shoes \u{1} {new} at 2026-03-02T09:00:00Z";
+        assert_eq!(d.title, title);
+        assert_eq!(d.body, format!("{title} / L7"));
+        assert_eq!(r.render(u), serde_json::to_string(&d).unwrap());
     }
 }

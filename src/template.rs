@@ -17,7 +17,10 @@ pub enum Var {
     UserPoints,
     /// `{campaign.id}`
     CampaignId,
-    /// `{campaign.title}`
+    /// `{campaign.title}`: the title as rendered for the same user and occurrence. The title is a
+    /// template itself, so its value (from the `campaign` closure of [`Template::bind`] and
+    /// [`Template::render_into`]) is template *source*: campaign values filled in, `user.*`
+    /// placeholders left (see [`Template::to_source`]), rendered per user where it is inserted.
     CampaignTitle,
     /// `{occurrence}`: the schedule tick, for hot products.
     Occurrence,
@@ -166,6 +169,33 @@ impl Template {
         &self.source
     }
 
+    /// The template written back as source that parses to the same template: literal braces
+    /// doubled, placeholders by name.
+    pub fn to_source(&self) -> String {
+        let mut out = String::with_capacity(self.source.len());
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => {
+                    for c in t.chars() {
+                        match c {
+                            '{' => out.push_str("{{"),
+                            '}' => out.push_str("}}"),
+                            c => out.push(c),
+                        }
+                    }
+                }
+                Part::Var(v) => {
+                    let name = Var::NAMES
+                        .iter()
+                        .find(|(_, n)| n == v)
+                        .map_or("", |(name, _)| name);
+                    let _ = write!(out, "{{{name}}}");
+                }
+            }
+        }
+        out
+    }
+
     /// Whether rendering depends on the user (otherwise render once per campaign).
     pub fn is_per_user(&self) -> bool {
         self.parts
@@ -203,6 +233,10 @@ impl Template {
                 Part::Var(Var::UserPoints) => {
                     let _ = write!(out, "{}", user.points);
                 }
+                Part::Var(Var::CampaignTitle) => {
+                    let title = title_template(campaign);
+                    title.render_into(out, user, &|v| campaign_value_in_title(campaign, v));
+                }
                 Part::Var(v) => out.push_str(&campaign(*v)),
             }
         }
@@ -213,19 +247,46 @@ impl Template {
     pub fn bind(&self, campaign: &dyn Fn(Var) -> String) -> Template {
         let mut parts: Vec<Part> = Vec::new();
         for part in &self.parts {
-            let piece = match part {
-                Part::Var(v) if !v.is_per_user() => Part::Text(campaign(*v)),
-                p => p.clone(),
+            let pieces = match part {
+                // The title's own user placeholders stay, to be rendered per user.
+                Part::Var(Var::CampaignTitle) => {
+                    title_template(campaign)
+                        .bind(&|v| campaign_value_in_title(campaign, v))
+                        .parts
+                }
+                Part::Var(v) if !v.is_per_user() => vec![Part::Text(campaign(*v))],
+                p => vec![p.clone()],
             };
-            match (parts.last_mut(), piece) {
-                (Some(Part::Text(prev)), Part::Text(t)) => prev.push_str(&t),
-                (_, p) => parts.push(p),
+            for piece in pieces {
+                match (parts.last_mut(), piece) {
+                    (Some(Part::Text(prev)), Part::Text(t)) => prev.push_str(&t),
+                    (_, p) => parts.push(p),
+                }
             }
         }
         Template {
             source: self.source.clone(),
             parts,
         }
+    }
+}
+
+/// The template `campaign` gives as the value of `{campaign.title}`; a value that does not
+/// parse is taken as literal text.
+fn title_template(campaign: &dyn Fn(Var) -> String) -> Template {
+    let source = campaign(Var::CampaignTitle);
+    Template::parse(&source).unwrap_or_else(|_| Template {
+        parts: vec![Part::Text(source.clone())],
+        source,
+    })
+}
+
+/// A campaign value inside the title: the title cannot contain itself (the job refuses it),
+/// and a closure that says otherwise must not recurse forever.
+fn campaign_value_in_title(campaign: &dyn Fn(Var) -> String, v: Var) -> String {
+    match v {
+        Var::CampaignTitle => String::new(),
+        v => campaign(v),
     }
 }
 
@@ -265,6 +326,29 @@ mod tests {
         assert!(t.is_per_user());
         let bound = t.bind(&vals);
         assert_eq!(render(&bound, 42), render(&t, 42));
+    }
+
+    #[test]
+    fn campaign_title_renders_per_user() {
+        let title = Template::parse("Hi {user.id}, {{new}} {goods.name}").unwrap();
+        assert_eq!(Template::parse(&title.to_source()).unwrap(), title);
+        let with_title = |v: Var| match v {
+            Var::CampaignTitle => title.bind(&vals).to_source(),
+            v => vals(v),
+        };
+        let body = Template::parse("{campaign.title}! L{user.level}").unwrap();
+        let mut s = String::new();
+        let user = UserVars {
+            id: 42,
+            level: 3,
+            points: 0,
+        };
+        body.render_into(&mut s, user, &with_title);
+        assert_eq!(s, "Hi 42, {new} Trail shoes! L3");
+        let bound = body.bind(&with_title);
+        let mut t = String::new();
+        bound.render_into(&mut t, user, &|_| String::new());
+        assert_eq!(t, s);
     }
 
     #[test]

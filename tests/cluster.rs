@@ -7,29 +7,92 @@ mod naive;
 mod redis_server;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
+use common::ports;
 use common::*;
 use naive::*;
 use redis_server::RedisServer;
 
-/// Two loopback addresses no one listens on (bound to port 0, then released).
-fn free_hostfile(s: &Scratch) {
-    let ports: Vec<u16> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
+/// Two loopback addresses no one listens on, reserved (see `common::ports`) while the
+/// returned ports live.
+fn free_hostfile(s: &Scratch) -> Vec<ports::Port> {
+    let reserved: Vec<ports::Port> = (0..2).map(|_| ports::reserve()).collect();
     s.write(
         "hosts.txt",
         format!(
             "# the test cluster\n127.0.0.1:{}\n127.0.0.1:{}\n",
-            ports[0], ports[1]
+            reserved[0].port, reserved[1].port
         ),
     );
+    reserved
+}
+
+/// What [`cluster_until`] saw.
+enum Outcome {
+    /// Both still run and the condition holds: processes 0 and 1, and their ports' reservation.
+    Running(Child, Child, Vec<ports::Port>),
+    /// Both exited by themselves: (status, stderr) of processes 0 and 1.
+    Exited([(ExitStatus, String); 2]),
+}
+
+/// Starts processes 1 and 0 on a fresh hostfile (each with its extra flags) and watches them
+/// until both exit or, while both run, `enough` holds. A process that exits because its port
+/// was taken by another program (reserved ports make that rare, not impossible) costs a retry
+/// on fresh ports: the other is killed, and nothing was sent, as no cluster had formed.
+fn cluster_until(
+    s: &Scratch,
+    extra0: &[&str],
+    extra1: &[&str],
+    enough: impl Fn() -> bool,
+) -> Outcome {
+    'attempt: for _ in 0..5 {
+        let reserved = free_hostfile(s);
+        let p1 = start(s, 1, extra1);
+        let mut kids = [start(s, 0, extra0), p1];
+        let mut exits: [Option<(ExitStatus, String)>; 2] = [None, None];
+        let started = Instant::now();
+        loop {
+            for (kid, exit) in kids.iter_mut().zip(exits.iter_mut()) {
+                if exit.is_none() && kid.try_wait().unwrap().is_some() {
+                    *exit = Some(exit_of(kid));
+                }
+            }
+            if exits
+                .iter()
+                .flatten()
+                .any(|(_, err)| ports::says_address_in_use(err))
+            {
+                for kid in &mut kids {
+                    kid.kill().ok();
+                    kid.wait().ok();
+                }
+                continue 'attempt;
+            }
+            if let [Some(e0), Some(e1)] = &exits {
+                return Outcome::Exited([e0.clone(), e1.clone()]);
+            }
+            if exits.iter().all(Option::is_none) && enough() {
+                let [p0, p1] = kids;
+                return Outcome::Running(p0, p1, reserved);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "a cluster process hangs"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("the cluster lost its ports 5 times");
+}
+
+/// Runs both processes to completion on fresh ports: (status, stderr) of processes 0 and 1.
+fn run_both(s: &Scratch, extra0: &[&str], extra1: &[&str]) -> [(ExitStatus, String); 2] {
+    match cluster_until(s, extra0, extra1, || false) {
+        Outcome::Exited(exits) => exits,
+        Outcome::Running(..) => unreachable!("never enough"),
+    }
 }
 
 /// `fanout run job.toml` as process `i` of 2, with its own delivery log `deliveries-i.jsonl`.
@@ -88,11 +151,7 @@ fn run_cluster(s: &Scratch, extra0: &[&str]) {
 
 /// [`run_cluster`] with `extra1` for process 1.
 fn run_cluster_with(s: &Scratch, extra0: &[&str], extra1: &[&str]) {
-    free_hostfile(s);
-    let mut p1 = start(s, 1, extra1);
-    let mut p0 = start(s, 0, extra0);
-    for (i, p) in [(0, &mut p0), (1, &mut p1)] {
-        let (status, err) = exit_of(p);
+    for (i, (status, err)) in run_both(s, extra0, extra1).iter().enumerate() {
         assert!(status.success(), "process {i} failed ({status}):\n{err}");
     }
 }
@@ -321,10 +380,16 @@ fn on_redis_a_killed_process_is_finished_by_a_rerun_and_any_count_shares_the_led
 fn kill_and_rerun(extra: &[&str]) -> Scratch {
     let s = Scratch::new();
     s.write("job.toml", slow_job());
-    free_hostfile(&s);
-    let mut p1 = start(&s, 1, extra);
-    let mut p0 = start(&s, 0, extra);
-    s.wait_for_lines("deliveries-1.jsonl", 15_000, &mut p1);
+    let lines = |f: &str| {
+        std::fs::read(s.path(f))
+            .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+            .unwrap_or(0)
+    };
+    let (mut p0, mut p1, _reserved) =
+        match cluster_until(&s, extra, extra, || lines("deliveries-1.jsonl") >= 15_000) {
+            Outcome::Running(p0, p1, reserved) => (p0, p1, reserved),
+            Outcome::Exited(exits) => panic!("the run ended before 15000 lines: {exits:?}"),
+        };
     p1.kill().expect("SIGKILL");
     p1.wait().unwrap();
     // The survivor notices its peer is gone and stops with exit 1, saying so.
@@ -405,7 +470,8 @@ fn a_file_store_refuses_another_process_count() {
     inputs(&s);
     s.write("job.toml", job(100));
     s.fanout_ok(&["run", "job.toml", "--quiet"]);
-    free_hostfile(&s);
+    // Refused before any port is bound.
+    let _reserved = free_hostfile(&s);
     let out = s.fanout(
         &cluster_args(0, &[])
             .iter()
@@ -435,24 +501,32 @@ fn bad_cluster_flags_and_lonely_processes_are_clear_errors() {
     assert_eq!(out.status.code(), Some(2));
 
     // Processes given different jobs refuse to run them (exit 2), having sent nothing.
-    free_hostfile(&s);
-    let mut p1 = start(&s, 1, &["--bucket-size", "77"]);
-    let mut p0 = start(&s, 0, &[]);
-    for (i, p) in [(0, &mut p0), (1, &mut p1)] {
-        let (status, err) = exit_of(p);
+    for (i, (status, err)) in run_both(&s, &[], &["--bucket-size", "77"])
+        .iter()
+        .enumerate()
+    {
         assert_eq!(status.code(), Some(2), "process {i}: {err}");
         assert!(err.contains("runs another job than process"), "{err}");
         assert!(read_deliveries(&s.path(&format!("deliveries-{i}.jsonl"))).is_empty());
     }
 
-    // A process whose peers never come gives up after --peer-wait, exit 1.
-    free_hostfile(&s);
-    let out = s.fanout(
-        &cluster_args(1, &["--peer-wait", "1s"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    // A process whose peers never come gives up after --peer-wait, exit 1 (its port lost to
+    // another program would say so instead: then try fresh ones).
+    let mut out;
+    let mut attempts = 0;
+    loop {
+        let _reserved = free_hostfile(&s);
+        out = s.fanout(
+            &cluster_args(1, &["--peer-wait", "1s"])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        attempts += 1;
+        if attempts == 5 || !ports::says_address_in_use(&String::from_utf8_lossy(&out.stderr)) {
+            break;
+        }
+    }
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("waited 1 s for its peers"), "{err}");

@@ -1,12 +1,16 @@
 //! The `http://…` provider end to end: the real `fanout` binary against a real HTTP server on
 //! loopback that injects faults by key — retryable (503, 429 with `Retry-After` in seconds and
-//! as a date, dropped connections, responses past the client's timeout) and permanent (404).
+//! as a date, dropped connections, answers that never come) and permanent (404).
+//!
+//! Nothing here depends on how fast the machine is: the checks count requests and answers
+//! (the rate check compares the count with the whole run's span, which a slow machine only
+//! lengthens), and a timeout is provoked by an answer that never comes.
 
 mod common;
 mod http_server;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,9 +19,10 @@ use http_server::{
     dead_letters, fanout, fault_bucket, serial, stderr, Answer, Reply, Req, RetryAfter, TestServer,
 };
 
-/// The client's request timeout in these tests; slow answers take longer.
+/// The client's request timeout in these tests (held answers never come, whatever it is).
 const TIMEOUT: &str = "2s";
-const SLOW: Duration = Duration::from_secs(3);
+/// Credential refusals in a row that stop a run (the dispatcher's rule).
+const UNAUTHORIZED_IN_A_ROW: usize = 3;
 
 fn job(url: &str, users: u64, concurrency: u64, max_attempts: u32, rate_per_s: u64) -> String {
     format!(
@@ -68,8 +73,8 @@ enum Fault {
     TooManyDate,
     /// The connection is closed without an answer, once.
     Dropped,
-    /// The answer comes after the client's timeout, once.
-    Slow,
+    /// No answer ever comes (the client's timeout fires), once.
+    Held,
     None,
 }
 
@@ -81,7 +86,7 @@ fn fault(key: &str) -> Fault {
         42..=61 => Fault::TooManySecs,
         62..=71 => Fault::TooManyDate,
         72..=86 => Fault::Dropped,
-        87..=99 => Fault::Slow,
+        87..=99 => Fault::Held,
         _ => Fault::None,
     }
 }
@@ -136,7 +141,7 @@ fn every_key_is_delivered_exactly_once_or_dead_lettered_and_dead_letters_can_be_
                     Reply::status(429, "{}").after(RetryAfter::DateIn(Duration::from_secs(1)))
                 }
                 (Fault::Dropped, 1) => Reply::Drop,
-                (Fault::Slow, 1) => Reply::Slow(SLOW),
+                (Fault::Held, 1) => Reply::Hold,
                 _ => Reply::status(200, r#"{"ok":true}"#),
             }
         })
@@ -268,25 +273,40 @@ fn every_key_is_delivered_exactly_once_or_dead_lettered_and_dead_letters_can_be_
     assert_eq!(ok.keys().cloned().collect::<BTreeSet<_>>(), all_keys);
 }
 
+/// The stop is bounded by counting, not timing: one message per provider batch (so each answer
+/// is counted as it comes), and the server answers the first three requests with 401 and never
+/// answers the rest. At most `CONCURRENCY` requests are ever unanswered at once, and only the
+/// three answers free a slot before the stop: at most `CONCURRENCY + 3` requests before it.
+/// When it stops, the dispatcher abandons the held requests, and each slot so freed may still
+/// be taken once by a send that was waiting for it (the dispatcher polls a send and the halt in
+/// either order; up to 5 such were seen in 60 runs under load): `CONCURRENCY` more at most.
 #[test]
 fn refused_credentials_stop_the_run_and_a_rerun_delivers_everyone() {
     let _serial = serial();
     const USERS: u64 = 2000;
     const CONCURRENCY: u64 = 20;
     let fixed = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
     let server = {
-        let fixed = fixed.clone();
-        TestServer::start(key_of, move |_, _, _| match fixed.load(Ordering::SeqCst) {
-            true => Reply::ok(),
-            false => Reply::status(401, r#"{"error":"bad api key"}"#),
+        let (fixed, answered) = (fixed.clone(), answered.clone());
+        TestServer::start(key_of, move |_, _, _| {
+            if fixed.load(Ordering::SeqCst) {
+                Reply::ok()
+            } else if answered.fetch_add(1, Ordering::SeqCst) < UNAUTHORIZED_IN_A_ROW {
+                Reply::status(401, r#"{"error":"bad api key"}"#)
+            } else {
+                Reply::Hold
+            }
         })
     };
     let s = Scratch::new();
     s.write(
         "job.toml",
-        job(&server.url("/hook"), USERS, CONCURRENCY, 5, 0),
+        job(&server.url("/hook"), USERS, CONCURRENCY, 5, 0)
+            .replace("batch_max_messages = 50", "batch_max_messages = 1"),
     );
-    let env = [("FANOUT_HTTP_TIMEOUT", TIMEOUT)];
+    // Far longer than the run: a held request must not time out and come back as a retry.
+    let env = [("FANOUT_HTTP_TIMEOUT", "300s")];
     let args = [
         "run",
         "job.toml",
@@ -309,11 +329,22 @@ fn refused_credentials_stop_the_run_and_a_rerun_delivers_everyone() {
         "something was dead-lettered"
     );
     assert!(!s.path("summary.json").exists());
-    let refused = server.hits().len();
-    eprintln!("{refused} requests refused before the stop; fanout said:\n{err}");
+    let hits = server.hits();
+    let refused = hits
+        .iter()
+        .filter(|h| h.answer == Answer::Status(401))
+        .count();
+    assert_eq!(refused, UNAUTHORIZED_IN_A_ROW, "the stop rule's refusals");
+    let bound = 2 * CONCURRENCY as usize + UNAUTHORIZED_IN_A_ROW;
+    eprintln!(
+        "{} requests before the stop (at most {bound}); fanout said:\n{err}",
+        hits.len()
+    );
     assert!(
-        (3..=4 * CONCURRENCY as usize).contains(&refused),
-        "{refused} requests before stopping"
+        hits.len() <= bound,
+        "{} requests before stopping: more than {CONCURRENCY} in flight, the \
+         {UNAUTHORIZED_IN_A_ROW} refusals, and {CONCURRENCY} slots taken once more at the stop",
+        hits.len()
     );
 
     fixed.store(true, Ordering::SeqCst);
@@ -333,9 +364,10 @@ fn refused_credentials_stop_the_run_and_a_rerun_delivers_everyone() {
 fn rate_per_s_holds_at_the_server() {
     let _serial = serial();
     const USERS: u64 = 3000;
+    const RATE: u64 = 1000;
     let server = TestServer::start(key_of, |_, _, _| Reply::ok());
     let s = Scratch::new();
-    s.write("job.toml", job(&server.url("/hook"), USERS, 200, 5, 1000));
+    s.write("job.toml", job(&server.url("/hook"), USERS, 200, 5, RATE));
     let out = fanout(
         s.dir.path(),
         &[
@@ -357,11 +389,16 @@ fn rate_per_s_holds_at_the_server() {
     let hits = server.hits();
     assert_eq!(hits.len() as u64, USERS);
     assert!(hits.iter().all(|h| h.answer == Answer::Status(200)));
-    let busiest = server.busiest_second();
-    eprintln!("busiest second: {busiest} requests");
+    // Over the whole run, by the server's own arrival times: a slow machine only stretches the
+    // span. The limiter lets one burst (a twentieth of a second's worth) go at once; the slack
+    // covers the first request arriving late (connection set-up), which shortens the span.
+    let (requests, span) = server.arrivals();
+    let burst = RATE / 20;
+    let allowed = RATE as f64 * span.as_secs_f64() * 1.05 + burst as f64 + 1.0;
+    eprintln!("{requests} requests in {span:?}: at most {allowed:.0} allowed");
     assert!(
-        busiest <= 1100,
-        "{busiest} requests in one second at rate_per_s = 1000"
+        requests as f64 <= allowed,
+        "{requests} requests in {span:?} at rate_per_s = {RATE}"
     );
 }
 

@@ -390,7 +390,7 @@ fn a_bad_field_stops_the_run_naming_key_and_field_and_nothing_is_delivered() {
 
 #[test]
 fn a_missing_max_id_or_server_or_password_is_a_clear_error() {
-    let redis = RedisServer::start();
+    let mut redis = RedisServer::start();
     let (s, _) = sample("promotion-all-users");
 
     // No fanout:users:max_id: bad input (exit 2) naming the key.
@@ -440,9 +440,9 @@ fn a_missing_max_id_or_server_or_password_is_a_clear_error() {
     assert!(!stderr.contains("wrong-pw"), "{stderr}");
     assert!(stderr.contains("users redis://…@127.0.0.1"), "{stderr}");
 
-    // Nothing listening: exit 1 after the bounded retry.
+    // Nothing listening: exit 1 after the bounded retry. The port stays reserved meanwhile.
     let port = redis.port;
-    drop(redis);
+    redis.stop();
     let out = s.fanout(&[
         "run",
         "job.toml",

@@ -15,6 +15,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use common::ports;
 use common::*;
 use naive::*;
 use redis_server::RedisServer;
@@ -23,12 +24,54 @@ fn repo(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `fanout serve ARGS --listen 127.0.0.1:PORT` on a reserved port, once it answers /healthz;
+/// returns it, the port and the reservation (hold it while the process runs). A port lost to
+/// another program (the process exits saying the address is in use) costs a retry on a fresh
+/// one, not the test.
+fn start_serve(s: &Scratch, args: &[&str]) -> (Child, u16, ports::Port) {
+    for _ in 0..10 {
+        let reserved = ports::reserve();
+        let port = reserved.port;
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = args.to_vec();
+        all.extend(["--listen", &listen]);
+        let mut child = s.start(&all);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    e.read_to_string(&mut err).ok();
+                }
+                assert!(
+                    ports::says_address_in_use(&err),
+                    "serve exited before listening ({status:?}):\n{err}"
+                );
+                break;
+            }
+            if try_get(port, "/healthz").is_some_and(|b| b.trim() == "ok") {
+                return (child, port, reserved);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "serve never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("serve lost its port 10 times");
+}
+
+/// One GET of `path`; `None` when nothing answered.
+fn try_get(port: u16, path: &str) -> Option<String> {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    if c.read_to_string(&mut out).is_err() || out.is_empty() {
+        return None;
+    }
+    assert!(out.starts_with("HTTP/1.0 200"), "{path}: {out}");
+    Some(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
 }
 
 /// A scratch directory holding the sample inputs.
@@ -45,13 +88,8 @@ fn scratch_with_inputs() -> Scratch {
 fn get(port: u16, path: &str) -> String {
     let started = Instant::now();
     loop {
-        if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) {
-            write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-            let mut out = String::new();
-            if c.read_to_string(&mut out).is_ok() && !out.is_empty() {
-                assert!(out.starts_with("HTTP/1.0 200"), "{path}: {out}");
-                return out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-            }
+        if let Some(body) = try_get(port, path) {
+            return body;
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
@@ -184,16 +222,12 @@ fn logins_are_granted_exactly_once_while_serving_and_across_a_kill() {
 
     let streams = redis.url(0);
     let store = redis.url(1);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let args = [
-        "serve", "job.toml", "--logins", &streams, "--store", &store, "--listen", &listen,
-        "--quiet",
+        "serve", "job.toml", "--logins", &streams, "--store", &store, "--quiet",
     ];
     // Logins before the first start, then while it runs.
     xadd_logins(&redis, &a);
-    let mut first = s.start(&args);
-    assert_eq!(get(port, "/healthz").trim(), "ok");
+    let (mut first, port, _reserved) = start_serve(&s, &args);
     xadd_logins(&redis, &b);
     s.wait_for_lines("deliveries.jsonl", want_ab.len(), &mut first);
     wait_until("every login acknowledged", &mut first, || {
@@ -210,7 +244,7 @@ fn logins_are_granted_exactly_once_while_serving_and_across_a_kill() {
 
     // Logins while it is down, then a restart.
     xadd_logins(&redis, &c);
-    let mut second = s.start(&args);
+    let (mut second, port, _reserved) = start_serve(&s, &args);
     s.wait_for_lines("deliveries.jsonl", want_all.len(), &mut second);
     wait_until("every login acknowledged", &mut second, || {
         pending(&redis, "fanout:logins") == 0
@@ -261,8 +295,6 @@ fn campaigns_submitted_on_the_stream_are_admitted_kept_and_acknowledged() {
     let users = naive_users_jsonl(&std::fs::read_to_string(s.path("inputs/users.jsonl")).unwrap());
     let ids: Vec<u64> = users.keys().copied().collect();
     let url = redis.url(0);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let args = [
         "serve",
         "job.toml",
@@ -272,8 +304,6 @@ fn campaigns_submitted_on_the_stream_are_admitted_kept_and_acknowledged() {
         &url,
         "--store",
         &url,
-        "--listen",
-        &listen,
         "--quiet",
     ];
     let promo = promotion("promo-l3", 3, "Hi {user.id}");
@@ -281,12 +311,16 @@ fn campaigns_submitted_on_the_stream_are_admitted_kept_and_acknowledged() {
         start = \"2026-01-01T00:00:00Z\"\nend = \"2026-12-01T00:00:00Z\"\ntitle = \"Gift\"\n\
         body = \"{coupon.id}\"\n[campaign.audience]\ntags_any = [\"sports\"]\n\
         [campaign.coupon]\ncoupon_id = \"C-9\"\namount = 5\ndelivery = \"on_login\"\n";
+    // Another lazy coupon with the same coupon id: kept beside the first (SPEC keys
+    // fanout:coupons by campaign id), and granted after the restart too.
+    let coupon_b = coupon
+        .replace("lazy-c9", "lazy-c9-mom")
+        .replace("\"sports\"", "\"mom\"");
     let now = Utc::now();
     let want_promo = expected(&base_job(&promo), &users, &[], &BTreeSet::new(), Some(now));
     assert!(!want_promo.is_empty());
 
-    let mut serve = s.start(&args);
-    get(port, "/healthz");
+    let (mut serve, port, _reserved) = start_serve(&s, &args);
     redis.cli(&["XADD", "fanout:campaigns", "*", "job", &promo]);
     // Not TOML of a campaign; and the same content as promo-l3 under another id.
     redis.cli(&[
@@ -304,6 +338,7 @@ fn campaigns_submitted_on_the_stream_are_admitted_kept_and_acknowledged() {
         &promotion("promo-copy", 3, "Hi {user.id}"),
     ]);
     redis.cli(&["XADD", "fanout:campaigns", "*", "job", coupon]);
+    redis.cli(&["XADD", "fanout:campaigns", "*", "job", &coupon_b]);
     s.wait_for_lines("deliveries.jsonl", want_promo.len(), &mut serve);
     wait_until("both refusals counted", &mut serve, || {
         metric(port, "fanout_campaigns_rejected_total") == 2
@@ -311,7 +346,10 @@ fn campaigns_submitted_on_the_stream_are_admitted_kept_and_acknowledged() {
     wait_until("every campaign entry acknowledged", &mut serve, || {
         pending(&redis, "fanout:campaigns") == 0
     });
-    assert_eq!(redis.cli(&["HEXISTS", "fanout:coupons", "C-9"]), "1");
+    for id in ["lazy-c9", "lazy-c9-mom"] {
+        assert_eq!(redis.cli(&["HEXISTS", "fanout:coupons", id]), "1", "{id}");
+    }
+    assert_eq!(redis.cli(&["HLEN", "fanout:coupons"]), "2");
     assert_eq!(delivered(&s.path("deliveries.jsonl")), want_promo);
     terminate(serve);
 
@@ -328,14 +366,19 @@ fn campaigns_submitted_on_the_stream_are_admitted_kept_and_acknowledged() {
         })
         .collect();
     let want_coupon = expected(
-        &base_job(coupon),
+        &base_job(&format!("{coupon}{coupon_b}")),
         &users,
         &events,
         &BTreeSet::new(),
         Some(now),
     );
-    assert!(!want_coupon.is_empty());
-    let mut serve = s.start(&args);
+    for id in ["lazy-c9", "lazy-c9-mom"] {
+        assert!(
+            want_coupon.iter().any(|(c, _, _)| c == id),
+            "{id} grants nobody"
+        );
+    }
+    let (mut serve, _, _reserved) = start_serve(&s, &args);
     xadd_logins(&redis, &events);
     let mut want_all = want_promo.clone();
     want_all.extend(want_coupon);
@@ -365,13 +408,43 @@ fn a_hot_product_fires_on_every_tick_of_its_schedule() {
         .map(|(_, _, u)| u)
         .collect();
     assert!(!audience.is_empty());
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let store = redis.url(0);
-    let mut serve = s.start(&[
-        "serve", "job.toml", "--store", &store, "--listen", &listen, "--quiet",
-    ]);
-    s.wait_for_lines("deliveries.jsonl", 3 * audience.len(), &mut serve);
+    let (mut serve, _, _reserved) =
+        start_serve(&s, &["serve", "job.toml", "--store", &store, "--quiet"]);
+    // Ticks are wall-clock seconds, and a busy machine may cut one short (a generation ends at
+    // the next tick) or run late: so wait, with a generous deadline, for what the ticks did,
+    // two occurrences delivered to the whole audience, not for a count of lines.
+    let by_tick = |s: &Scratch| {
+        let text = std::fs::read_to_string(s.path("deliveries.jsonl")).unwrap_or_default();
+        let mut by_tick: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+        // Whole lines only: the last one may be being written.
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        for line in whole.lines() {
+            let d: serde_json::Value = serde_json::from_str(line).unwrap();
+            let tick = d["occurrence"].as_str().expect("an occurrence").to_owned();
+            by_tick
+                .entry(tick)
+                .or_default()
+                .insert(d["user"].as_u64().unwrap());
+        }
+        by_tick
+    };
+    let complete = |t: &BTreeMap<String, BTreeSet<u64>>| {
+        t.values().filter(|u| u.is_superset(&audience)).count()
+    };
+    let started = Instant::now();
+    while complete(&by_tick(&s)) < 2 {
+        assert!(
+            serve.try_wait().unwrap().is_none(),
+            "serve exited before two complete ticks"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "never two complete ticks: {:?}",
+            by_tick(&s)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     terminate(serve);
     // `delivered` asserts each (occurrence, user) at most once and the idempotency keys.
     let mut by_tick: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();

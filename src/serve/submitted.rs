@@ -1,6 +1,6 @@
 //! Campaigns submitted to `serve` on the `fanout:campaigns` stream, and the ones that outlive
 //! their admission kept on the same Redis server: active lazy coupons in `fanout:coupons`
-//! (SPEC: coupon id → campaign JSON) and scheduled hot products in `fanout:hot_products`
+//! (SPEC: campaign id → campaign JSON) and scheduled hot products in `fanout:hot_products`
 //! (campaign id → campaign JSON, an extension). The JSON is `{"campaign": ID, "job": TOML}`.
 //!
 //! A submitted promotion or pushed coupon is acknowledged once its fan-out is done; a lazy
@@ -59,11 +59,12 @@ pub fn submitted(entry: &Entry) -> Submitted {
     }
 }
 
-/// Where a campaign that outlives its admission is kept, and under which field.
+/// Where a campaign that outlives its admission is kept, and under which field: its campaign
+/// id in both hashes (SPEC), so campaigns that share a coupon id are each kept.
 pub fn kept_as(c: &Campaign) -> Option<(&'static str, String)> {
     match (&c.kind, &c.coupon) {
         (Kind::Coupon, Some(coupon)) if coupon.delivery == CouponDelivery::OnLogin => {
-            Some((COUPONS, coupon.coupon_id.clone()))
+            Some((COUPONS, c.id.clone()))
         }
         (Kind::HotProduct, _) => Some((HOT_PRODUCTS, c.id.clone())),
         _ => None,
@@ -103,9 +104,10 @@ impl Registry {
         Ok(true)
     }
 
-    /// Every kept campaign; one that no longer parses is logged and left out.
+    /// Every kept campaign; one that no longer parses is logged and left out. A campaign kept
+    /// twice (under its coupon id by an older `serve`, and under its campaign id) is loaded once.
     pub async fn load(&self) -> Result<Vec<(Arc<Campaign>, String)>> {
-        let mut out = Vec::new();
+        let mut out: Vec<(Arc<Campaign>, String)> = Vec::new();
         for hash in [COUPONS, HOT_PRODUCTS] {
             let all: Vec<(String, String)> = retrying_as("redis", &self.url, "HGETALL", || {
                 let mut con = self.con.clone();
@@ -121,11 +123,37 @@ impl Registry {
                             .map_err(|e| e.to_string())
                     });
                 match parsed {
+                    Ok((c, _)) if out.iter().any(|(kept, _)| kept.id == c.id) => {}
                     Ok(c) => out.push(c),
                     Err(e) => tracing::warn!(hash, field, error = %e, "kept campaign left out"),
                 }
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lazy_coupon(id: &str, tag: &str) -> Campaign {
+        let toml = format!(
+            "[[campaign]]\nid = \"{id}\"\nkind = \"coupon\"\nstart = \"2026-01-01T00:00:00Z\"\n\
+             end = \"2026-12-01T00:00:00Z\"\ntitle = \"Gift\"\nbody = \"{{coupon.id}}\"\n\
+             [campaign.audience]\ntags_any = [\"{tag}\"]\n[campaign.coupon]\n\
+             coupon_id = \"C-9\"\namount = 5\ndelivery = \"on_login\"\n"
+        );
+        parse_campaign("test", &toml).unwrap()
+    }
+
+    #[test]
+    fn lazy_coupons_sharing_a_coupon_id_are_kept_under_their_campaign_ids() {
+        let (a, b) = (
+            lazy_coupon("lazy-a", "sports"),
+            lazy_coupon("lazy-b", "mom"),
+        );
+        assert_eq!(kept_as(&a), Some((COUPONS, "lazy-a".to_owned())));
+        assert_eq!(kept_as(&b), Some((COUPONS, "lazy-b".to_owned())));
     }
 }

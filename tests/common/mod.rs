@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+pub mod ports;
+
 /// A scratch directory for one test, with the job's files in it.
 pub struct Scratch {
     pub dir: tempfile::TempDir,

@@ -1,7 +1,7 @@
 //! A real HTTP/1.1 server on 127.0.0.1:0, on its own tokio runtime inside the test process,
 //! for the `http` and `fcm` provider tests: it records every request and answers what the
-//! test's handler says — a status (with `Retry-After`), a dropped connection, or a response
-//! slower than the client's timeout. It also judges one thing itself: a retry that comes
+//! test's handler says — a status (with `Retry-After`), a dropped connection, a response
+//! slower than the client's timeout, or no response at all while the server lives. It also judges one thing itself: a retry that comes
 //! before the `Retry-After` it was given is counted as early.
 #![allow(dead_code)]
 
@@ -58,6 +58,9 @@ pub enum Reply {
     Drop,
     /// Answer 503 only after `delay` (past the client's timeout).
     Slow(Duration),
+    /// Never answer: the connection is held open until the server is dropped, so the client's
+    /// timeout fires however slow the machine is.
+    Hold,
 }
 
 impl Reply {
@@ -91,6 +94,7 @@ pub enum Answer {
     Status(u16),
     Dropped,
     Slow,
+    Held,
 }
 
 /// One recorded request.
@@ -197,6 +201,15 @@ impl TestServer {
         out
     }
 
+    /// How many requests arrived, and the time from the first arrival to the last.
+    pub fn arrivals(&self) -> (usize, Duration) {
+        let hits = self.hits();
+        let first = hits.iter().map(|h| h.at).min();
+        let last = hits.iter().map(|h| h.at).max();
+        let span = first.zip(last).map_or(Duration::ZERO, |(f, l)| l - f);
+        (hits.len(), span)
+    }
+
     /// The most requests that arrived within any one-second window.
     pub fn busiest_second(&self) -> usize {
         let mut at: Vec<Instant> = self.hits().iter().map(|h| h.at).collect();
@@ -263,6 +276,7 @@ async fn handle(
         Reply::Status { status, .. } => Answer::Status(*status),
         Reply::Drop => Answer::Dropped,
         Reply::Slow(_) => Answer::Slow,
+        Reply::Hold => Answer::Held,
     };
     state.hits.lock().unwrap().push(Hit {
         at,
@@ -273,6 +287,7 @@ async fn handle(
     });
     match reply {
         Reply::Drop => Err(DropConnection),
+        Reply::Hold => std::future::pending().await,
         Reply::Slow(delay) => {
             tokio::time::sleep(delay).await;
             Ok(response(503, "{}".into(), None))

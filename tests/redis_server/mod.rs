@@ -1,10 +1,17 @@
 //! A real `redis-server` for the tests: started on a free loopback port in a temporary
 //! directory (append-only file, fsync always, so a restart keeps every write), killed on drop.
+//! The port is reserved (see `ports`); should another program bind it first anyway, the
+//! server exits, and it is started again on a fresh port (a restart waits for its own port).
 //! [`RedisServer::start_tls`] serves TLS only, with a certificate for 127.0.0.1 signed by a CA
 //! made for the test (the `openssl` command line tool).
 #![allow(dead_code)]
 
-use std::net::TcpListener;
+// Its own copy, for test binaries that use this module without `common`; two copies in one
+// binary still never hand out one port twice (the reservation is a file lock, not a static).
+#[allow(clippy::duplicate_mod)]
+#[path = "../common/ports.rs"]
+mod ports;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +21,20 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     tls: bool,
+    /// Keeps the port reserved for restarts.
+    _reserved: Option<ports::Port>,
 }
+
+/// Why a launch did not give a running server.
+enum Launch {
+    /// The server exited at once; its log says why.
+    Exited(String),
+}
+
+/// How many fresh ports a start tries before giving up.
+const START_ATTEMPTS: usize = 20;
+/// How long one launch may take to answer (generous: the machine may be busy).
+const LAUNCH_WAIT: Duration = Duration::from_secs(60);
 
 /// Runs `openssl` with `args` in `dir`; panics with its output if it fails.
 fn openssl(dir: &std::path::Path, args: &[&str]) {
@@ -41,22 +61,31 @@ impl RedisServer {
     }
 
     fn start_with(tls: bool) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut server = RedisServer {
-            port,
+            port: 0,
             dir: tempfile::tempdir().unwrap(),
             child: None,
             tls,
+            _reserved: None,
         };
         if tls {
             server.make_certificates();
         }
-        server.launch();
-        server
+        let mut why = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let reserved = ports::reserve();
+            server.port = reserved.port;
+            server._reserved = Some(reserved);
+            match server.launch() {
+                Ok(()) => return server,
+                // Lost the port to another program: a fresh port, not a failed test.
+                Err(Launch::Exited(log)) => why.push(format!("port {}: {log}", server.port)),
+            }
+        }
+        panic!(
+            "redis-server did not start on {START_ATTEMPTS} ports:\n{}",
+            why.join("\n")
+        );
     }
 
     /// A CA (ca.crt) and a server certificate for 127.0.0.1 and localhost it signed.
@@ -117,7 +146,13 @@ impl RedisServer {
         self.dir.path().join("ca.crt")
     }
 
-    fn launch(&mut self) {
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// Starts redis-server on `self.port` and waits until it answers as itself (its pid, so an
+    /// answer from another server on the port does not count); `Exited` if it stopped first.
+    fn launch(&mut self) -> Result<(), Launch> {
         let port = self.port.to_string();
         let mut cmd = Command::new("redis-server");
         if self.tls {
@@ -139,23 +174,43 @@ impl RedisServer {
         } else {
             cmd.args(["--port", &port]);
         }
-        let child = cmd
+        // A fresh log per launch: what it says is about this launch only.
+        std::fs::remove_file(self.log_path()).ok();
+        let mut child = cmd
             .args(["--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test installs it)");
-        self.child = Some(child);
+        let me = format!("process_id:{}", child.id());
         let started = Instant::now();
-        while self.cli(&["PING"]) != "PONG" {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        loop {
+            if child.try_wait().expect("wait for redis-server").is_some() {
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                return Err(Launch::Exited(log));
+            }
+            if self
+                .cli(&["INFO", "server"])
+                .lines()
+                .any(|l| l.trim() == me)
+            {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if started.elapsed() > LAUNCH_WAIT {
+                child.kill().ok();
+                child.wait().ok();
+                panic!(
+                    "redis-server did not answer on port {port}:\n{}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -183,7 +238,26 @@ impl RedisServer {
             c.wait().ok();
         }
         std::thread::sleep(down);
-        self.launch();
+        // The port stays reserved, but a connection's TIME_WAIT or another program may hold it
+        // a moment: retry on the same port, which the clients' URLs name.
+        let started = Instant::now();
+        while let Err(Launch::Exited(log)) = self.launch() {
+            assert!(
+                started.elapsed() < LAUNCH_WAIT,
+                "redis-server did not restart on port {}:\n{log}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the server for good; its port stays reserved while `self` lives, so a check that
+    /// nothing listens there is not answered by another test's server.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
     }
 
     pub fn dir(&self) -> PathBuf {

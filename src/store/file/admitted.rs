@@ -1,5 +1,5 @@
 //! The repeated-campaign guard of the embedded store: `DIR/admitted.jsonl`, one line per
-//! admission `{"hash", "id", "at"}` (Unix seconds), rewritten whole (temp file + rename) at
+//! admission `{"hash", "id", "at"}` (Unix seconds), one per (hash, id) pair, rewritten whole (temp file + rename) at
 //! each admission with the expired lines dropped. Only the lock holder writes it.
 
 use std::fs;
@@ -55,7 +55,13 @@ pub fn admit(
         }
         seen.push((hash, id));
     }
-    live.retain(|a| !campaigns.iter().any(|(_, id)| *id == a.id));
+    // Only the same (content, id) is replaced (its time refreshed): an id re-admitted with other
+    // content keeps its earlier admission, so that content stays guarded under it for the TTL.
+    live.retain(|a| {
+        !campaigns
+            .iter()
+            .any(|(hash, id)| *hash == a.hash && *id == a.id)
+    });
     live.extend(campaigns.iter().map(|(hash, id)| Admitted {
         hash: hash.clone(),
         id: id.clone(),
@@ -82,6 +88,35 @@ mod tests {
 
     fn pair(hash: &str, id: &str) -> (String, String) {
         (hash.to_owned(), id.to_owned())
+    }
+
+    #[test]
+    fn an_id_readmitted_with_other_content_keeps_guarding_its_first_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(admit(d, &[pair("h1", "a")], 1000, 1800).unwrap(), Ok(()));
+        assert_eq!(admit(d, &[pair("h2", "a")], 1010, 1800).unwrap(), Ok(()));
+        assert_eq!(
+            admit(d, &[pair("h1", "c")], 1020, 1800).unwrap(),
+            Err(("c".to_owned(), "a".to_owned()))
+        );
+        // The same pair again refreshes its time rather than adding a line.
+        assert_eq!(admit(d, &[pair("h1", "a")], 2000, 1800).unwrap(), Ok(()));
+        let text = fs::read_to_string(d.join("admitted.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert_eq!(
+            admit(d, &[pair("h1", "c")], 1000 + 1800, 1800).unwrap(),
+            Err(("c".to_owned(), "a".to_owned()))
+        );
+        // h2 under `a` is still guarded, counted from its own admission.
+        assert_eq!(
+            admit(d, &[pair("h2", "e")], 1009 + 1800, 1800).unwrap(),
+            Err(("e".to_owned(), "a".to_owned()))
+        );
+        assert_eq!(
+            admit(d, &[pair("h2", "e")], 1010 + 1800, 1800).unwrap(),
+            Ok(())
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! snapshots, and the file names ledger keys map to.
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use anyhow::Context;
@@ -148,45 +148,134 @@ pub(super) fn encode_record(
 }
 
 /// Replays the log at `path` into `sets`; returns (bytes of whole good records, file length).
+///
+/// A bad record at the end is a torn tail (a crash mid-append) and ends the replay there; a bad
+/// record with data after it is corruption and an error naming the file and the byte offset
+/// (see [`is_torn_tail`]).
 fn replay(path: &Path, sets: &mut Sets) -> Result<(u64, u64)> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
         Err(e) => return Err(io_error(e, "cannot open", path)),
     };
-    let file_len = file
-        .metadata()
-        .with_context(|| format!("cannot stat {}", path.display()))?
-        .len();
+    let stamp = Stamp::of(
+        &file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", path.display()))?,
+    );
+    let file_len = stamp.len;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut good = 0u64;
     let mut header = [0u8; RECORD_HEADER];
     let mut payload = Vec::new();
     loop {
-        if !read_full(&mut reader, &mut header, path)? {
+        if good == file_len || !read_full(&mut reader, &mut header, path)? {
             break;
         }
-        let len = u32_at(&header, 0) as u64;
+        let len = u64::from(u32_at(&header, 0));
+        let extent = good + RECORD_HEADER as u64 + len;
         let sane = len >= 1 && (len - 1).is_multiple_of(4);
-        if !sane || good + RECORD_HEADER as u64 + len > file_len {
+        if !sane || extent > file_len {
+            check_torn_tail(path, &stamp, good, extent, "bad length")?;
             break;
         }
         payload.resize(len as usize, 0);
         if !read_full(&mut reader, &mut payload, path)? {
+            // The file shrank under a reader (a writer's checkpoint emptied it): stop here.
             break;
         }
         let Some(kind) = Kind::from_byte(payload[0]) else {
+            check_torn_tail(path, &stamp, good, extent, "bad record kind")?;
             break;
         };
         if crc32fast::hash(&payload) != u32_at(&header, 4) {
+            check_torn_tail(path, &stamp, good, extent, "checksum mismatch")?;
             break;
         }
         for id in payload[1..].chunks_exact(4) {
             sets.apply(kind, u32_at(id, 0));
         }
-        good += RECORD_HEADER as u64 + len;
+        good = extent;
     }
     Ok((good, file_len))
+}
+
+/// A log's length and modification time when its replay began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Stamp {
+    pub(super) len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Stamp {
+    pub(super) fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
+}
+
+/// Ok when the bad record at `bad` (claiming to end at `extent`) is a torn tail, else the
+/// corruption error naming `path` and `bad`.
+///
+/// A reader without the store's lock (`fanout grants`) can race a writer's checkpoint, which
+/// empties the log and appends again: the bytes under its offset then belong to other records.
+/// So a log that changed since `stamp` is not called corrupt; the replay ends there, as the new
+/// snapshot (read after the log) holds everything the old log did.
+pub(super) fn check_torn_tail(
+    path: &Path,
+    stamp: &Stamp,
+    bad: u64,
+    extent: u64,
+    why: &str,
+) -> Result<()> {
+    if is_torn_tail(path, bad, extent, stamp.len)? {
+        return Ok(());
+    }
+    match fs::metadata(path) {
+        Ok(now) if Stamp::of(&now) == *stamp => {}
+        _ => return Ok(()),
+    }
+    Err(Error::runtime(format!(
+        "ledger log {} is corrupt at byte offset {bad} ({why}), with records after it that \
+         would be lost; not opening it (restore the file, or cut it at that offset by hand to \
+         drop them)",
+        path.display()
+    )))
+}
+
+/// Whether a bad record at `bad` is what a crash leaves behind. Each record is one `write` in
+/// append mode, so a crash leaves at most a partial last record: fewer bytes than a header
+/// remain, its claimed extent reaches or passes the end of the file, or what lies past it is
+/// zeros (a power loss can extend a file before its data lands). Anything else is corruption.
+fn is_torn_tail(path: &Path, bad: u64, extent: u64, file_len: u64) -> Result<bool> {
+    if file_len.saturating_sub(bad) < RECORD_HEADER as u64 || extent >= file_len {
+        return Ok(true);
+    }
+    // Zeros from the bad record's own start (a zeroed header: length 0) are zeros past it too.
+    all_zero_from(path, extent, file_len)
+}
+
+/// Whether the bytes of `path` in `from..file_len` are all zero (bytes past a shrunken end
+/// count as zero: there is nothing there to lose).
+fn all_zero_from(path: &Path, from: u64, file_len: u64) -> Result<bool> {
+    let mut file = File::open(path).map_err(|e| io_error(e, "cannot open", path))?;
+    file.seek(SeekFrom::Start(from))
+        .map_err(|e| io_error(e, "cannot seek in", path))?;
+    let mut rest = file.take(file_len.saturating_sub(from));
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match rest.read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error(e, "cannot read", path)),
+        };
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
 }
 
 /// Fills `buf`; false when the file ends first.

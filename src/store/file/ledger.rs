@@ -88,7 +88,7 @@ impl FileLedger {
                     log = %log_path.display(),
                     kept_bytes = good,
                     dropped_bytes = file_len - good,
-                    "torn or corrupt tail in a ledger log; truncating to the last good record"
+                    "torn tail in a ledger log (a crash mid-append); truncating to the last good record"
                 );
                 file.set_len(good)
                     .and_then(|()| file.sync_all())

@@ -10,8 +10,9 @@
 //!
 //! Each record is written with one `write` on an append-mode file, so a claim survives a
 //! process kill the moment [`FileLedger::claim`] returns; [`FileStore::sync`] adds machine-crash
-//! durability. Opening loads the snapshot and replays the log over it; a torn or corrupt tail is
-//! cut off. Every record is a set union, so replaying a log over a newer snapshot (a crash
+//! durability. Opening loads the snapshot and replays the log over it; a torn tail (what a crash
+//! leaves: a partial last record, or zeros) is cut off, while a bad record with records after it
+//! is corruption and refuses the open rather than drop them. Every record is a set union, so replaying a log over a newer snapshot (a crash
 //! inside a checkpoint) changes nothing.
 
 mod admitted;

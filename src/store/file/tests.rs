@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::format::{file_stem, RECORD_HEADER};
+use super::format::{check_torn_tail, file_stem, Stamp, RECORD_HEADER};
 use super::*;
 use crate::store::LedgerCounts;
 
@@ -285,4 +285,111 @@ fn a_revival_torn_before_the_log_is_emptied_leaves_the_ids_dead() {
         sets_of(&store.ledger("k").expect("ledger")),
         (vec![1, 2, 3], vec![1, 2], vec![2])
     );
+}
+
+/// A log of three records: claim [1, 2, 3], done [1], claim [4, 5]; returns it and where the
+/// middle record starts.
+fn three_record_log(dir: &Path) -> (Vec<u8>, usize) {
+    {
+        let store = open(dir);
+        let ledger = store.ledger("k").expect("ledger");
+        ledger.claim(&[1, 2, 3]).expect("claim");
+        ledger.mark_done(&[1]).expect("done");
+        ledger.claim(&[4, 5]).expect("claim");
+    }
+    let full = fs::read(log_of(dir, "k")).expect("read log");
+    assert_eq!(full.len(), 3 * (RECORD_HEADER + 1) + 6 * 4);
+    (full, RECORD_HEADER + 1 + 3 * 4)
+}
+
+#[test]
+fn a_corrupt_record_mid_log_refuses_the_open_and_keeps_the_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (full, middle) = three_record_log(tmp.path());
+    let log = log_of(tmp.path(), "k");
+    // One flipped byte in the middle record's payload (its id): a CRC mismatch with a whole
+    // good record after it. Then the same record's length (5 becomes 1: still inside the file)
+    // and its kind.
+    for (at, flip) in [
+        (middle + RECORD_HEADER + 1, 0x40),
+        (middle, 0x04),
+        (middle + RECORD_HEADER, 0x40),
+    ] {
+        let mut bytes = full.clone();
+        bytes[at] ^= flip;
+        fs::write(&log, &bytes).expect("write log");
+        let store = open(tmp.path());
+        let err = store.ledger("k").expect_err("corrupt log opened");
+        assert!(matches!(err, Error::Runtime(_)), "{err:?}");
+        assert_eq!(err.exit_code(), 1);
+        let msg = format!("{err:#}");
+        assert!(msg.contains(&log.display().to_string()), "{msg}");
+        assert!(msg.contains(&format!("offset {middle}")), "{msg}");
+        drop(store);
+        assert_eq!(
+            fs::read(&log).expect("read log"),
+            bytes,
+            "the log was changed"
+        );
+        // `fanout grants` reads without opening: the same refusal.
+        let ro = FileStore::open_read_only("file:r", &tmp.path().to_string_lossy()).expect("ro");
+        let msg = format!("{:#}", ro.granted("k").expect_err("corrupt log read"));
+        assert!(msg.contains(&format!("offset {middle}")), "{msg}");
+    }
+}
+
+#[test]
+fn a_log_that_changed_while_read_is_not_called_corrupt() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (full, middle) = three_record_log(tmp.path());
+    let log = log_of(tmp.path(), "k");
+    let mut bytes = full.clone();
+    bytes[middle + RECORD_HEADER + 1] ^= 0x40;
+    fs::write(&log, &bytes).expect("write log");
+    let stamp = Stamp::of(&fs::metadata(&log).expect("stat"));
+    let extent = (middle + RECORD_HEADER + 13) as u64;
+    assert!(check_torn_tail(&log, &stamp, middle as u64, extent, "test").is_err());
+    // A writer's checkpoint emptied the log and appended again while a reader read it.
+    bytes.truncate(bytes.len() - 1);
+    fs::write(&log, &bytes).expect("write log");
+    assert!(check_torn_tail(&log, &stamp, middle as u64, extent, "test").is_ok());
+}
+
+#[test]
+fn a_half_written_last_record_is_dropped_alone() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (full, _) = three_record_log(tmp.path());
+    let log = log_of(tmp.path(), "k");
+    let last = RECORD_HEADER + 1 + 2 * 4;
+    fs::write(&log, &full[..full.len() - last / 2]).expect("write log");
+    let store = open(tmp.path());
+    let ledger = store.ledger("k").expect("torn tail opens");
+    assert_eq!(sets_of(&ledger), (vec![1, 2, 3], vec![1], vec![]));
+    assert_eq!(
+        fs::metadata(&log).expect("stat").len(),
+        (full.len() - last) as u64
+    );
+}
+
+#[test]
+fn a_zero_filled_tail_opens() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (full, _) = three_record_log(tmp.path());
+    let log = log_of(tmp.path(), "k");
+    // Power loss: the file grew but the data never landed, after whole records and in place of
+    // the last one.
+    let last = RECORD_HEADER + 1 + 2 * 4;
+    let mut grown = full.clone();
+    grown.extend_from_slice(&[0; 4096]);
+    let mut zeroed = full.clone();
+    let n = zeroed.len();
+    zeroed[n - last..].fill(0);
+    zeroed.extend_from_slice(&[0; 100]);
+    for (bytes, claimed) in [(grown, vec![1, 2, 3, 4, 5]), (zeroed, vec![1, 2, 3])] {
+        fs::write(&log, &bytes).expect("write log");
+        let store = open(tmp.path());
+        let ledger = store.ledger("k").expect("zero tail opens");
+        assert_eq!(sets_of(&ledger), (claimed, vec![1], vec![]));
+        drop((ledger, store));
+    }
 }
