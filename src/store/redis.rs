@@ -550,7 +550,9 @@ impl RedisStore {
             let samples: Vec<(Option<String>, i64)> =
                 retrying(&self.url, "watch run leases", || {
                     let mut con = self.con.clone();
+                    // MULTI: a value and its PTTL from one instant.
                     let mut pipe = redis::pipe();
+                    pipe.atomic();
                     for run in &pending {
                         let key = format!("fanout:run:{run}");
                         pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
@@ -558,10 +560,12 @@ impl RedisStore {
                     async move {
                         let flat: Vec<redis::Value> = pipe.query_async(&mut con).await?;
                         let mut out = Vec::with_capacity(flat.len() / 2);
+                        // A run left without a sample stays undecided and is watched again.
                         for pair in flat.chunks(2) {
-                            let value: Option<String> = redis::from_redis_value_ref(&pair[0])?;
-                            let pttl: i64 = redis::from_redis_value_ref(&pair[1])?;
-                            out.push((value, pttl));
+                            if let [value, pttl] = pair {
+                                let value: Option<String> = redis::from_redis_value_ref(value)?;
+                                out.push((value, redis::from_redis_value_ref::<i64>(pttl)?));
+                            }
                         }
                         Ok(out)
                     }
@@ -573,12 +577,21 @@ impl RedisStore {
                 started + Duration::from_millis(longest as u64) + ours / 2 + 4 * step
             });
             let mut still = Vec::new();
-            for (run, (value, pttl)) in pending.drain(..).zip(samples) {
+            let mut samples = samples.into_iter();
+            for run in pending.drain(..) {
+                let Some((value, pttl)) = samples.next() else {
+                    still.push(run);
+                    continue;
+                };
                 let verdict = match (&value, last.get(&run)) {
-                    (None, _) => Some(None),                                // expired: dead
-                    (Some(_), _) if pttl < 0 => Some(Some(Instant::now())), // no expiry: not ours to judge
+                    // Expired: dead.
+                    (None, _) => Some(None),
+                    _ if pttl == -2 => Some(None),
+                    // No expiry: not a lease this protocol set; leave it alone.
+                    _ if pttl < 0 => Some(Some(Instant::now())),
+                    // Refreshed (or re-taken) since the last sample: alive.
                     (Some(v), Some((Some(pv), pp))) if v != pv || pttl > *pp => {
-                        Some(Some(Instant::now())) // refreshed: alive
+                        Some(Some(Instant::now()))
                     }
                     _ => None,
                 };
