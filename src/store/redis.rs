@@ -9,7 +9,8 @@
 //! fanout:lease:next                     counter: the last lease token handed out
 //! fanout:run:{run}                      string: run's token, PX lease: the run lives
 //! fanout:reply:{run}:{nonce}            string, PX 60 s: a claim call's reply, for its retry
-//! fanout:admitted:{content hash}        string (campaign id), EX 1800: the guard
+//! fanout:admitted:{content hash}        string (campaign id), EX 1800: the guard (one script
+//!                                       checks and sets every pair of a job)
 //! ```
 //! - **Lease.** Opening for writing takes a token (`INCR fanout:lease:next`, so tokens only
 //!   grow); the run id is the token plus `-pIofN` in a cluster (information only; run ids hold
@@ -28,6 +29,8 @@
 //!   (dead) — about one lease at most. From a dead run's set this process moves exactly the ids
 //!   it owns ([`Member`]'s route; all of them for a single process) into its own in-flight and
 //!   resend bitmaps, atomically and only if still set, so adopters never take an id twice.
+//!   A failed run ([`RedisStore::abandon`]) drops its lease, so it is dead at once; a clean
+//!   one ([`RedisStore::close`]) also deletes its emptied in-flight and its resend bitmaps.
 //! - **Fencing.** Claim, mark and adopt fail atomically unless the run's lease holds its token;
 //!   that, or a heartbeat finding the lease gone, fences the store: every later call fails at
 //!   once ("lease lost"). [`Lease::check`] (the [`super::Fence`]) also fails once lease − lease/5
@@ -184,6 +187,14 @@ impl Lease {
         self.fenced.load(Ordering::Acquire)
     }
 
+    /// Err ("lease lost") once fenced.
+    fn check_fenced(&self) -> Result<()> {
+        match self.is_fenced() {
+            true => Err(self.lost()),
+            false => Ok(()),
+        }
+    }
+
     /// The error of every call once fenced.
     fn lost(&self) -> Error {
         Error::runtime(format!(
@@ -197,9 +208,7 @@ impl Lease {
     /// time of the last successful refresh (past that, the lease may have expired on the
     /// server and another run may be adopting our users). It may pass again after a refresh.
     pub fn check(&self) -> Result<()> {
-        if self.is_fenced() {
-            return Err(self.lost());
-        }
+        self.check_fenced()?;
         let refreshed = Duration::from_nanos(self.refreshed_ns.load(Ordering::Acquire));
         let since = self.base.elapsed().saturating_sub(refreshed);
         let safe = self.duration - self.duration / 5;
@@ -223,9 +232,7 @@ impl Lease {
         F: FnMut() -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        if self.is_fenced() {
-            return Err(self.lost());
-        }
+        self.check_fenced()?;
         let out = retrying(&self.url, what, || {
             let call = op();
             async move {
@@ -930,7 +937,7 @@ impl RedisLedger {
 
     /// Makes every dead-lettered id claimable again (`--retry-dead-letters`); returns how many.
     pub async fn revive_dead(&self) -> Result<u64> {
-        self.refuse_read_only()?;
+        self.lease()?.check_fenced()?;
         let script = Script::new(REVIVE);
         let mut revived = 0;
         for chunk in 0u32..(1 << (32 - CHUNK_BITS)) {
