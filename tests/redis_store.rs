@@ -477,7 +477,8 @@ mod lease {
             let ledger = store.ledger("k").await.unwrap();
             let waited = started.elapsed();
             // It waited for the dead run's lease to expire, and not much longer.
-            assert!(waited < lease + Duration::from_millis(1200), "{waited:?}");
+            // (The slack is for a loaded machine; a wait of a whole lease is what is avoided.)
+            assert!(waited < lease + Duration::from_secs(2), "{waited:?}");
             let got = ledger.claim(&ids(1..=100)).await.unwrap();
             assert_eq!(got.claimed, ids(51..=100), "the in-flight ones, once more");
             // Handed out once: a later claim (another epoch) finds them taken.
@@ -572,7 +573,8 @@ mod lease {
         let started = Instant::now();
         let err = stopped.block_on(la.mark_done(&ids(1..=10))).unwrap_err();
         assert!(err.to_string().contains("lease lost"), "{err}");
-        assert!(started.elapsed() < Duration::from_millis(100));
+        // No server round trip, no retry: the store knows it is fenced.
+        assert!(started.elapsed() < Duration::from_millis(500));
         assert!(fence.check().is_err());
         // Nothing it tried took a user.
         runtime().block_on(async {

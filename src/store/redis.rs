@@ -25,8 +25,8 @@
 //!   their dead bit): *done* is "claimed and in no in-flight bitmap".
 //! - **Adoption.** Before a ledger is first handed out, every other run's in-flight bitmap of
 //!   it is looked at: if the run's lease is gone it is dead; if the lease exists (and the set
-//!   holds ids), its PTTL is polled until it goes up (alive: left alone) or the key expires
-//!   (dead) — about one lease at most. From a dead run's set this process moves exactly the ids
+//!   holds ids), it is polled until its PTTL goes up or the set changes (alive: left alone)
+//!   or the key expires (dead) — about one lease at most. From a dead run's set this process moves exactly the ids
 //!   it owns ([`Member`]'s route; all of them for a single process) into its own in-flight and
 //!   resend bitmaps, atomically and only if still set, so adopters never take an id twice.
 //!   A failed run ([`RedisStore::abandon`]) drops its lease, so it is dead at once; a clean
@@ -511,14 +511,15 @@ impl RedisStore {
             async move { pipe.query_async(&mut con).await }
         })
         .await?;
-        let mut watch: Vec<String> = orphans
+        // One of each live-leased run's sets with ids in it: its run is watched.
+        let mut watch: Vec<(String, String)> = orphans
             .iter()
             .zip(&looks)
             .filter(|(_, (ids, lives))| *ids > 0 && *lives)
-            .map(|((_, run, _), _)| run.clone())
+            .map(|((set, run, _), _)| (run.clone(), set.clone()))
             .collect();
         watch.sort();
-        watch.dedup();
+        watch.dedup_by(|a, b| a.0 == b.0);
         self.watch_leases(watch, lease.duration).await?;
         let verdicts = self
             .verdicts
@@ -535,59 +536,72 @@ impl RedisStore {
         Ok(adopted)
     }
 
-    /// Decides whether each of `runs` (whose lease existed) is alive, into `verdicts`: its
-    /// lease's PTTL is sampled until it goes up or the value changes (a heartbeat: alive) or
-    /// the key is gone (dead). Waits about one lease at most.
-    async fn watch_leases(&self, runs: Vec<String>, ours: Duration) -> Result<()> {
-        let mut pending: Vec<String> = {
+    /// Decides whether each of `runs` (run, one of its in-flight sets; its lease existed) is
+    /// alive, into `verdicts`: its lease (value, PTTL) and its set's bit count are sampled until
+    /// the PTTL goes up or the value changes (a heartbeat), or the set changes (a claim or mark,
+    /// which only a run holding its lease can make): alive; or until the lease is gone: dead.
+    /// A live run shows itself within one heartbeat (lease/5), usually at once by its set; a
+    /// dead one's lease expires within one lease.
+    async fn watch_leases(&self, runs: Vec<(String, String)>, ours: Duration) -> Result<()> {
+        let mut pending: Vec<(String, String)> = {
             let verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
             runs.into_iter()
-                .filter(|run| match verdicts.get(run) {
+                .filter(|(run, _)| match verdicts.get(run) {
                     Some(None) => false,
                     Some(Some(seen)) => seen.elapsed() >= ours,
                     None => true,
                 })
                 .collect()
         };
-        let step = (ours / 10).clamp(Duration::from_millis(10), Duration::from_millis(200));
+        // Short steps: a live run's set usually changes within milliseconds, and a sample is
+        // one small MULTI.
+        let step = (ours / 10).clamp(Duration::from_millis(10), Duration::from_millis(50));
         let started = Instant::now();
         let mut deadline = None;
-        let mut last: HashMap<String, (Option<String>, i64)> = HashMap::new();
+        type Sample = (Option<String>, i64, i64);
+        let mut last: HashMap<String, Sample> = HashMap::new();
         while !pending.is_empty() {
-            let samples: Vec<(Option<String>, i64)> =
-                retrying(&self.url, "watch run leases", || {
-                    let mut con = self.con.clone();
-                    // MULTI: a value and its PTTL from one instant.
-                    let mut pipe = redis::pipe();
-                    pipe.atomic();
-                    for run in &pending {
-                        let key = format!("fanout:run:{run}");
-                        pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
-                    }
-                    async move {
-                        let flat: Vec<redis::Value> = pipe.query_async(&mut con).await?;
-                        let mut out = Vec::with_capacity(flat.len() / 2);
-                        // A run left without a sample stays undecided and is watched again.
-                        for pair in flat.chunks(2) {
-                            if let [value, pttl] = pair {
-                                let value: Option<String> = redis::from_redis_value_ref(value)?;
-                                out.push((value, redis::from_redis_value_ref::<i64>(pttl)?));
-                            }
+            let samples: Vec<Sample> = retrying(&self.url, "watch run leases", || {
+                let mut con = self.con.clone();
+                // MULTI: a lease's value and PTTL and its set's count from one instant.
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for (run, set) in &pending {
+                    let key = format!("fanout:run:{run}");
+                    pipe.cmd("GET")
+                        .arg(&key)
+                        .cmd("PTTL")
+                        .arg(&key)
+                        .cmd("BITCOUNT")
+                        .arg(set);
+                }
+                async move {
+                    let flat: Vec<redis::Value> = pipe.query_async(&mut con).await?;
+                    let mut out = Vec::with_capacity(flat.len() / 3);
+                    // A run left without a sample stays undecided and is watched again.
+                    for triple in flat.chunks(3) {
+                        if let [value, pttl, count] = triple {
+                            out.push((
+                                redis::from_redis_value_ref(value)?,
+                                redis::from_redis_value_ref(pttl)?,
+                                redis::from_redis_value_ref(count)?,
+                            ));
                         }
-                        Ok(out)
                     }
-                })
-                .await?;
+                    Ok(out)
+                }
+            })
+            .await?;
             // Past the longest remaining lease (plus slack), an undecided run is left alone.
-            let longest = samples.iter().map(|(_, p)| *p).max().unwrap_or(0).max(0);
+            let longest = samples.iter().map(|(_, p, _)| *p).max().unwrap_or(0).max(0);
             let deadline = *deadline.get_or_insert_with(|| {
                 started + Duration::from_millis(longest as u64) + ours / 2 + 4 * step
             });
             let mut still = Vec::new();
             let mut samples = samples.into_iter();
-            for run in pending.drain(..) {
-                let Some((value, pttl)) = samples.next() else {
-                    still.push(run);
+            for (run, set) in pending.drain(..) {
+                let Some((value, pttl, count)) = samples.next() else {
+                    still.push((run, set));
                     continue;
                 };
                 let verdict = match (&value, last.get(&run)) {
@@ -596,8 +610,10 @@ impl RedisStore {
                     _ if pttl == -2 => Some(None),
                     // No expiry: not a lease this protocol set; leave it alone.
                     _ if pttl < 0 => Some(Some(Instant::now())),
-                    // Refreshed (or re-taken) since the last sample: alive.
-                    (Some(v), Some((Some(pv), pp))) if v != pv || pttl > *pp => {
+                    // Refreshed (or re-taken), or its set changed, since the last sample: alive.
+                    (Some(v), Some((Some(pv), pp, pc)))
+                        if v != pv || pttl > *pp || count != *pc =>
+                    {
                         Some(Some(Instant::now()))
                     }
                     _ => None,
@@ -610,8 +626,8 @@ impl RedisStore {
                             .insert(run, v);
                     }
                     None => {
-                        last.insert(run.clone(), (value, pttl));
-                        still.push(run);
+                        last.insert(run.clone(), (value, pttl, count));
+                        still.push((run, set));
                     }
                 }
             }
@@ -620,9 +636,12 @@ impl RedisStore {
                 break;
             }
             if Instant::now() > deadline {
-                tracing::warn!(runs = ?pending, "run leases neither refreshed nor expired; leaving their in-flight sets");
+                tracing::warn!(
+                    runs = ?pending,
+                    "run leases neither refreshed nor expired; leaving their in-flight sets"
+                );
                 let mut verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
-                for run in pending.drain(..) {
+                for (run, _) in pending.drain(..) {
                     verdicts.insert(run, Some(Instant::now()));
                 }
                 break;
