@@ -197,8 +197,8 @@ fn a_killed_run_is_finished_by_the_next_one() {
     s.wait_for_lines("deliveries.jsonl", 10_000, &mut child);
     child.kill().unwrap();
     child.wait().unwrap();
-    // The dead run's lease must expire before its in-flight claims are handed out again.
-    std::thread::sleep(Duration::from_secs(6));
+    // Re-run at once: it waits for the dead run's lease to expire, then re-sends what was in
+    // flight.
     s.fanout_ok(&[
         "run",
         "job.toml",
@@ -406,4 +406,322 @@ fn the_store_over_tls_trusts_the_ca_it_is_given_and_equals_the_naive_set() {
         .map(|key| redis.cli(&["BITCOUNT", key]).parse::<u64>().unwrap())
         .sum();
     assert_eq!(granted, want.len() as u64);
+}
+
+// ---- Leases, adoption, fencing: each scenario runs stores in their own tokio runtimes, so
+// dropping one (or not driving a current-thread one) is a killed (or stopped) process. ----
+
+mod lease {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use fanout::model::{Buckets, Route};
+    use fanout::store::redis::RedisStore;
+    use fanout::store::{Member, Store};
+
+    use super::redis_server::RedisServer;
+
+    /// A runtime whose tasks (the heartbeat) run on their own thread.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A runtime whose tasks run only inside `block_on`: not driving it stops the process.
+    fn stoppable() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    async fn open(url: &str, member: Option<Member>, lease: Duration) -> Store {
+        Store::Redis(Arc::new(
+            RedisStore::open_with(url, false, member, lease)
+                .await
+                .unwrap(),
+        ))
+    }
+
+    fn ids(range: std::ops::RangeInclusive<u32>) -> Vec<u32> {
+        range.collect()
+    }
+
+    #[test]
+    fn an_immediate_rerun_after_a_kill_re_sends_the_dead_runs_in_flight_users() {
+        let redis = RedisServer::start();
+        let url = redis.url(0);
+        let lease = Duration::from_millis(1500);
+        let dead = runtime();
+        dead.block_on(async {
+            let store = open(&url, None, lease).await;
+            let ledger = store.ledger("k").await.unwrap();
+            assert_eq!(
+                ledger.claim(&ids(1..=100)).await.unwrap().claimed.len(),
+                100
+            );
+            ledger.mark_done(&ids(1..=50)).await.unwrap();
+        });
+        drop(dead); // kill -9: no close, the heartbeat stops, the lease lives on for a while
+        assert_ne!(
+            redis.cli(&["KEYS", "fanout:run:*"]),
+            "",
+            "the dead run's lease"
+        );
+        runtime().block_on(async {
+            let started = Instant::now();
+            let store = open(&url, None, lease).await;
+            let ledger = store.ledger("k").await.unwrap();
+            let waited = started.elapsed();
+            // It waited for the dead run's lease to expire, and not much longer.
+            // (The slack is for a loaded machine; a wait of a whole lease is what is avoided.)
+            assert!(waited < lease + Duration::from_secs(2), "{waited:?}");
+            let got = ledger.claim(&ids(1..=100)).await.unwrap();
+            assert_eq!(got.claimed, ids(51..=100), "the in-flight ones, once more");
+            // Handed out once: a later claim (another epoch) finds them taken.
+            let again = ledger.claim(&ids(51..=100)).await.unwrap();
+            assert!(again.claimed.is_empty(), "{:?}", again.claimed);
+            ledger.mark_done(&ids(51..=100)).await.unwrap();
+            store.checkpoint().await.unwrap();
+        });
+        assert_eq!(redis.cli(&["KEYS", "fanout:inflight:*"]), "");
+        assert_eq!(redis.cli(&["KEYS", "fanout:resend:*"]), "");
+    }
+
+    #[test]
+    fn a_live_runs_in_flight_users_are_left_alone_and_an_abandoned_runs_are_adopted_at_once() {
+        let redis = RedisServer::start();
+        let url = redis.url(0);
+        let lease = Duration::from_secs(5);
+        let live = runtime();
+        let (a, la) = live.block_on(async {
+            let store = open(&url, None, lease).await;
+            let ledger = store.ledger("k").await.unwrap();
+            ledger.claim(&ids(1..=10)).await.unwrap();
+            (store, ledger)
+        });
+        runtime().block_on(async {
+            let started = Instant::now();
+            let store = open(&url, None, lease).await;
+            let ledger = store.ledger("k").await.unwrap();
+            // A heartbeat (every lease/5) proved the run alive well before its lease ran out.
+            assert!(started.elapsed() < lease / 2, "{:?}", started.elapsed());
+            let got = ledger.claim(&ids(1..=10)).await.unwrap();
+            assert!(got.claimed.is_empty(), "a live run's users sent twice");
+            store.abandon().await.unwrap();
+        });
+        // The run fails and abandons: the next run takes its users over without waiting.
+        live.block_on(a.abandon()).unwrap();
+        let err = live.block_on(la.claim(&[11])).unwrap_err().to_string();
+        assert!(err.contains("lease lost"), "{err}");
+        runtime().block_on(async {
+            let started = Instant::now();
+            let store = open(&url, None, lease).await;
+            let ledger = store.ledger("k").await.unwrap();
+            assert!(started.elapsed() < lease / 2, "{:?}", started.elapsed());
+            let got = ledger.claim(&ids(1..=11)).await.unwrap();
+            assert_eq!(got.claimed, ids(1..=11));
+        });
+    }
+
+    #[test]
+    fn a_run_never_hands_out_its_own_in_flight_user_twice() {
+        let redis = RedisServer::start();
+        runtime().block_on(async {
+            let store = open(&redis.url(0), None, Duration::from_secs(5)).await;
+            let ledger = store.ledger("k").await.unwrap();
+            let first = ledger.claim(&ids(1..=10)).await.unwrap();
+            assert_eq!(first.claimed, ids(1..=10));
+            // A later epoch while the first pushes are unanswered (two logins of one user).
+            let second = ledger.claim(&ids(5..=15)).await.unwrap();
+            assert_eq!(second.claimed, ids(11..=15));
+            assert_eq!(second.already, ids(5..=10));
+        });
+    }
+
+    #[test]
+    fn a_stopped_run_past_its_lease_is_fenced_and_sends_nothing_more() {
+        let redis = RedisServer::start();
+        let url = redis.url(0);
+        let lease = Duration::from_millis(600);
+        let stopped = stoppable();
+        let (a, la) = stopped.block_on(async {
+            let store = open(&url, None, lease).await;
+            let ledger = store.ledger("k").await.unwrap();
+            ledger.claim(&ids(1..=10)).await.unwrap();
+            (store, ledger)
+        });
+        let fence = a.fence();
+        fence.check().unwrap();
+        // `stopped` is not driven from here on: SIGSTOP. Another run takes over once its
+        // lease expires.
+        runtime().block_on(async {
+            let store = open(&url, None, lease).await;
+            let ledger = store.ledger("k").await.unwrap();
+            let got = ledger.claim(&ids(1..=20)).await.unwrap();
+            assert_eq!(got.claimed, ids(1..=20));
+        });
+        // Its lease may have expired: the local guard says so before the process even runs.
+        let err = fence.check().unwrap_err().to_string();
+        assert!(err.contains("lease"), "{err}");
+        // SIGCONT: every claim and mark now fails, at once after the first.
+        let err = stopped.block_on(la.claim(&ids(21..=30))).unwrap_err();
+        assert!(err.to_string().contains("lease lost"), "{err}");
+        let started = Instant::now();
+        let err = stopped.block_on(la.mark_done(&ids(1..=10))).unwrap_err();
+        assert!(err.to_string().contains("lease lost"), "{err}");
+        // No server round trip, no retry: the store knows it is fenced.
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert!(fence.check().is_err());
+        // Nothing it tried took a user.
+        runtime().block_on(async {
+            let store = open(&url, None, lease).await;
+            let ledger = store.ledger("k").await.unwrap();
+            assert_eq!(
+                ledger.claim(&ids(21..=30)).await.unwrap().claimed,
+                ids(21..=30)
+            );
+        });
+        drop(a);
+    }
+
+    #[test]
+    fn a_dead_cluster_processs_users_are_adopted_by_a_cluster_of_another_size() {
+        let redis = RedisServer::start();
+        let url = redis.url(0);
+        let lease = Duration::from_millis(500);
+        let buckets = Buckets::new(100);
+        let member = |process, processes, workers| Member {
+            process,
+            processes,
+            route: Route::process(buckets, processes, process, workers),
+        };
+        let all = ids(1..=5000);
+        let dead = runtime();
+        dead.block_on(async {
+            let store = open(&url, Some(member(0, 2, 2)), lease).await;
+            let ledger = store.ledger("k").await.unwrap();
+            ledger.claim(&all).await.unwrap();
+        });
+        drop(dead);
+        // Three processes of one worker each, adopting at the same time.
+        let got: Vec<(Route, Vec<u32>)> = runtime().block_on(async {
+            let tasks: Vec<_> = (0..3)
+                .map(|p| {
+                    let (url, all, m) = (url.clone(), all.clone(), member(p, 3, 1));
+                    tokio::spawn(async move {
+                        let store = open(&url, Some(m), lease).await;
+                        let ledger = store.ledger("k").await.unwrap();
+                        (m.route, ledger.claim(&all).await.unwrap().claimed)
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        });
+        let mut seen = std::collections::BTreeSet::new();
+        for (route, claimed) in &got {
+            let mine: Vec<u32> = all.iter().copied().filter(|&id| route.keeps(id)).collect();
+            assert_eq!(claimed, &mine, "a process re-sends exactly its own users");
+            for id in claimed {
+                assert!(seen.insert(*id), "{id} adopted twice");
+            }
+        }
+        assert_eq!(seen.len(), all.len());
+    }
+
+    #[test]
+    fn racing_admissions_of_one_content_admit_exactly_one() {
+        let redis = RedisServer::start();
+        let url = redis.url(0);
+        let wins = runtime().block_on(async {
+            let mut stores = Vec::new();
+            for _ in 0..16 {
+                stores.push(Store::connect_read_only(&url).await.unwrap());
+            }
+            let tasks: Vec<_> = stores
+                .into_iter()
+                .enumerate()
+                .map(|(i, store)| {
+                    tokio::spawn(async move {
+                        let pairs = [("same-content".to_owned(), format!("campaign-{i}"))];
+                        store.admit(&pairs).await
+                    })
+                })
+                .collect();
+            let mut wins = 0;
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(()) => wins += 1,
+                    Err(fanout::Error::Duplicate { .. }) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            wins
+        });
+        assert_eq!(wins, 1);
+    }
+
+    #[test]
+    fn a_ledger_never_adopts_or_counts_the_sets_of_its_occurrence_ledgers() {
+        let redis = RedisServer::start();
+        let url = redis.url(0);
+        let lease = Duration::from_secs(5);
+        let occurrence = "x:2026-03-02T10:00:00+00:00";
+        runtime().block_on(async {
+            let store = open(&url, None, lease).await;
+            let x = store.ledger("x").await.unwrap();
+            x.claim(&ids(1..=100)).await.unwrap();
+            x.mark_done(&ids(1..=100)).await.unwrap();
+            let hot = store.ledger(occurrence).await.unwrap();
+            hot.claim(&ids(1..=50)).await.unwrap();
+            store.abandon().await.unwrap(); // dead at once, its sets left behind
+        });
+        runtime().block_on(async {
+            let store = open(&url, None, lease).await;
+            let x = store.ledger("x").await.unwrap();
+            let counts = x.counts().await.unwrap();
+            assert_eq!((counts.claimed, counts.done), (100, 100));
+            assert_eq!(x.count_done(&ids(1..=100)).await.unwrap(), 100);
+            let got = x.claim(&ids(1..=50)).await.unwrap();
+            assert!(got.claimed.is_empty(), "another ledger's users re-sent");
+            let hot = store.ledger(occurrence).await.unwrap();
+            assert_eq!(hot.counts().await.unwrap().done, 0);
+            assert_eq!(hot.claim(&ids(1..=50)).await.unwrap().claimed, ids(1..=50));
+        });
+    }
+
+    #[test]
+    fn lease_and_retry_budget_come_from_the_environment_and_bad_values_name_the_variable() {
+        use fanout::store::redis::{env_duration, LEASE, LEASE_ENV, RETRY_ENV};
+        assert_eq!(env_duration(LEASE_ENV, None, LEASE).unwrap(), LEASE);
+        assert_eq!(
+            env_duration(LEASE_ENV, Some("800ms"), LEASE).unwrap(),
+            Duration::from_millis(800)
+        );
+        for bad in ["soon", "0s", "-1s"] {
+            let err = env_duration(RETRY_ENV, Some(bad), LEASE).unwrap_err();
+            assert!(matches!(err, fanout::Error::Usage(_)), "{err}");
+            assert!(err.to_string().contains("FANOUT_REDIS_RETRY"), "{err}");
+        }
+        // The variable reaches a run: a bad one is refused before anything is sent (exit 2).
+        let redis = RedisServer::start();
+        let s = super::Scratch::new();
+        s.write("job.toml", super::rated_job(0));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .args(["run", "job.toml", "--store", &redis.url(0), "--quiet"])
+            .env(LEASE_ENV, "soon")
+            .current_dir(s.dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("FANOUT_LEASE"), "{stderr}");
+    }
 }

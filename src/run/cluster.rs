@@ -112,9 +112,15 @@ impl Cluster {
         self.processes > 1
     }
 
-    /// `(process, processes)` in a cluster, `None` for a single process (for the store).
-    pub fn member(&self) -> Option<(usize, usize)> {
-        self.is_cluster().then_some((self.process, self.processes))
+    /// This process as a store sees it (which users it owns, given `workers` per process);
+    /// `None` for a single process.
+    pub fn member(&self, buckets: Buckets, workers: usize) -> Option<crate::store::Member> {
+        self.route(buckets, workers)
+            .map(|route| crate::store::Member {
+                process: self.process,
+                processes: self.processes,
+                route,
+            })
     }
 
     /// The buckets this process owns; `None` for a single process (it owns every bucket).

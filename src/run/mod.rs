@@ -119,7 +119,10 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     // Before the store, so a missing credential or a bad timeout (usage errors, exit 2) leaves
     // the store untouched.
     let provider = provider.open()?;
-    let store = runtime.block_on(Store::connect_as(&store_url, opts.cluster.member()))?;
+    let member = opts
+        .cluster
+        .member(Buckets::new(job.engine.bucket_size), job.engine.workers);
+    let store = runtime.block_on(Store::connect_as(&store_url, member))?;
     // Logins on a Redis stream: every entry there now, acknowledged once the run is durable.
     let mut loaded = loaded;
     let login_stream = match &job.inputs.logins {

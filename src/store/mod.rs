@@ -59,6 +59,38 @@ pub struct LedgerCounts {
     pub dead: u64,
 }
 
+/// Which process of a cluster opens a store, and which users it owns: on Redis it adopts,
+/// from a dead run's in-flight set, exactly the ids [`Route::keeps`](crate::model::Route::keeps)
+/// says are its own — whatever the dead run's process or worker count was.
+#[derive(Debug, Clone, Copy)]
+pub struct Member {
+    /// This process's index, `0 .. processes`.
+    pub process: usize,
+    /// Processes in the cluster.
+    pub processes: usize,
+    /// The users this process owns.
+    pub route: crate::model::Route,
+}
+
+/// A cheap local guard on the run's hold of its store, checked right before every provider
+/// attempt: on Redis it fails once the run's lease may have expired (more than lease − lease/5
+/// since the send time of the last successful refresh — a stopped or stalled process) or the
+/// store is fenced (another run took over); a woken stalled run then sends nothing new. On the
+/// embedded store (and by default) it is always Ok: the directory's lock already excludes a
+/// second writer while this process lives.
+#[derive(Debug, Clone, Default)]
+pub struct Fence(Option<Arc<redis::Lease>>);
+
+impl Fence {
+    /// Ok while this run may still send (see [`Fence`]).
+    pub fn check(&self) -> Result<()> {
+        match &self.0 {
+            Some(lease) => lease.check(),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Where a store URL points.
 enum Target<'a> {
     Dir(&'a str),
@@ -133,11 +165,12 @@ impl Store {
         Store::connect_as(url, None).await
     }
 
-    /// [`Store::connect`] for process `I` of a cluster of `N` (`member = Some((I, N))`): on
-    /// Redis, a run of a cluster process re-sends only what a dead run of the same process
-    /// (same `I`, same `N`) had in flight — the users of its own buckets. `None` is
-    /// [`Store::connect`].
-    pub async fn connect_as(url: &str, member: Option<(usize, usize)>) -> Result<Store> {
+    /// [`Store::connect`] for a process of a cluster (`member`): on Redis it re-sends, of what
+    /// any dead run had in flight, exactly the users its route owns (so a re-run with another
+    /// process or worker count still re-sends each once). `None` (a single process, owning
+    /// every user) is [`Store::connect`]. The Redis lease is `FANOUT_LEASE` (default 5s); a bad
+    /// value is a usage error.
+    pub async fn connect_as(url: &str, member: Option<Member>) -> Result<Store> {
         match parse_url(url)? {
             Target::Dir(_) => Store::open(url),
             Target::Redis => Ok(Store::Redis(Arc::new(
@@ -234,6 +267,24 @@ impl Store {
                 off_runtime(move || store.granted(&key)).await
             }
             Store::Redis(store) => store.granted(key).await,
+        }
+    }
+
+    /// Ends a run that failed (exit 1): on Redis, drops this run's lease if it still holds
+    /// our token and leaves its in-flight sets, so a re-run adopts them at once instead of
+    /// waiting for the lease to expire. Nothing for the embedded store.
+    pub async fn abandon(&self) -> Result<()> {
+        match self {
+            Store::File(_) => Ok(()),
+            Store::Redis(store) => store.abandon().await,
+        }
+    }
+
+    /// The guard the dispatcher checks before every provider attempt (see [`Fence`]).
+    pub fn fence(&self) -> Fence {
+        match self {
+            Store::File(_) => Fence::default(),
+            Store::Redis(store) => store.fence(),
         }
     }
 

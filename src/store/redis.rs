@@ -2,54 +2,91 @@
 //! server, so several processes and machines share one "at most once".
 //!
 //! ```text
-//! fanout:granted:{ledger}:{id >> 24}    bitmap, bit id & 0xFFFFFF: claimed (SETBIT's old bit
-//!                                       is the atomic test-and-set)
-//! fanout:dead:{ledger}:{id >> 24}       bitmap: dead-lettered
-//! fanout:inflight:{ledger}:{run}:{id >> 24}  bitmap: ids this run claimed, not yet done
-//! fanout:run:{run}                      string, EX 5 s, refreshed every second: the run lives
-//! fanout:admitted:{content hash}        string (campaign id), SET NX EX 1800: the guard
+//! fanout:granted:{ledger}:{chunk}       bitmap (chunk = id >> 24, bit id & 0xFFFFFF): claimed
+//! fanout:dead:{ledger}:{chunk}          bitmap: dead-lettered
+//! fanout:inflight:{ledger}:{run}:{chunk}  bitmap: ids run holds, not yet done
+//! fanout:resend:{ledger}:{run}:{chunk}  bitmap: ids run adopted and has not handed out again
+//! fanout:lease:next                     counter: the last lease token handed out
+//! fanout:run:{run}                      string: run's token, PX lease: the run lives
+//! fanout:reply:{run}:{nonce}            string, PX 60 s: a claim call's reply, for its retry
+//! fanout:admitted:{content hash}        string (campaign id), EX 1800: the guard (one script
+//!                                       checks and sets every pair of a job)
 //! ```
-//! A claim is one script call per batch and chunk: SETBIT each id and record the newly claimed
-//! ones in the run's in-flight bitmap, atomically. Marking done removes the ids from that
-//! bitmap (and sets dead letters' bits): *done* is "claimed and in no in-flight bitmap", so the
-//! ledger of a finished campaign is one bit a user. A run that dies leaves its in-flight bitmaps behind and its `run` key expires:
-//! the next run to open the ledger adopts them (atomically, so two runs cannot both adopt
-//! one) and hands those ids out once more — the messages that were in flight at the crash. A
-//! claim answers ids in the caller's own in-flight bitmap as claimed, which also makes a retried
-//! claim (its first reply lost in a restart) give the same answer.
+//! - **Lease.** Opening for writing takes a token (`INCR fanout:lease:next`, so tokens only
+//!   grow); the run id is the token plus `-pIofN` in a cluster (information only; run ids hold
+//!   no `:`). `fanout:run:{run}` holds the token for [`LEASE`] (`FANOUT_LEASE`); a heartbeat
+//!   every lease/5 extends it only while it still holds the token, never re-creating it.
+//! - **Claim.** One script call per batch and chunk: SETBIT-like test-and-set of each id in
+//!   the granted bitmap; a newly set id joins the run's in-flight bitmap and is "claimed"; a
+//!   set one is "claimed" only if it is in the run's resend bitmap (then cleared there: once),
+//!   else "already". Each call carries a nonce: its reply is kept 60 s, and a retry of a call
+//!   whose reply was lost gets the same answer.
+//! - **Marking** done clears the ids from the run's in-flight bitmap (dead letters also set
+//!   their dead bit): *done* is "claimed and in no in-flight bitmap".
+//! - **Adoption.** Before a ledger is first handed out, every other run's in-flight bitmap of
+//!   it is looked at: if the run's lease is gone it is dead; if the lease exists (and the set
+//!   holds ids), it is polled until its PTTL goes up or the set changes (alive: left alone)
+//!   or the key expires (dead) — about one lease at most. From a dead run's set this process moves exactly the ids
+//!   it owns ([`Member`]'s route; all of them for a single process) into its own in-flight and
+//!   resend bitmaps, atomically and only if still set, so adopters never take an id twice.
+//!   A failed run ([`RedisStore::abandon`]) drops its lease, so it is dead at once; a clean
+//!   one ([`RedisStore::close`]) also deletes its emptied in-flight and its resend bitmaps.
+//! - **Fencing.** Claim, mark and adopt fail atomically unless the run's lease holds its token;
+//!   that, or a heartbeat finding the lease gone, fences the store: every later call fails at
+//!   once ("lease lost"). [`Lease::check`] (the [`super::Fence`]) also fails once lease − lease/5
+//!   has passed since the send time of the last successful refresh (a stalled process).
 //!
 //! Every call retries with backoff while the server is unreachable (a restart), and gives up
-//! with a runtime error after [`RETRY_BUDGET`]. The password (from the URL or
-//! `FANOUT_REDIS_PASSWORD`) is never printed: URLs are shown without it.
+//! with a runtime error after the retry budget ([`RETRY_BUDGET`], `FANOUT_REDIS_RETRY`). The
+//! password (from the URL or `FANOUT_REDIS_PASSWORD`) is never printed: URLs are shown without
+//! it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::Script;
 use roaring::RoaringBitmap;
+use tokio::sync::OnceCell;
 
-use super::{Claim, LedgerCounts};
-use scripts::{Segments, ADOPT, CLAIM_SCRIPT, COMPACT, DROP_EMPTY, MARK_SCRIPT, REVIVE};
+use super::{Claim, LedgerCounts, Member};
+use scripts::{
+    Segments, ADMIT, ADOPT_SCRIPT, CLAIM_SCRIPT, COMPACT, DROP_EMPTY, FENCED, MARK_SCRIPT, REFRESH,
+    RELEASE, REVIVE,
+};
 
 mod conn;
 mod scripts;
 
 use crate::error::{Error, Result};
 use conn::scan;
-pub use conn::{client, connect, shown, CA_ENV, RETRY_BUDGET};
+pub use conn::{
+    client, connect, env_duration, retry_budget, shown, CA_ENV, RETRY_BUDGET, RETRY_ENV,
+};
 pub(crate) use conn::{retrying, retrying_as};
 
-/// How long a run's liveness key lasts without a refresh.
+/// How long a run's lease lasts without a refresh, unless [`LEASE_ENV`] says otherwise.
 pub const LEASE: Duration = Duration::from_secs(5);
+/// The environment variable that sets the lease (humantime: `800ms`, `5s`).
+pub const LEASE_ENV: &str = "FANOUT_LEASE";
+/// How long a claim's reply is kept for a retry of the same call.
+const REPLY_TTL_MS: u64 = 60_000;
 /// Ids per bitmap key: 2^24 bits, 2 MiB at most.
 const CHUNK_BITS: u32 = 24;
 const CHUNK_MASK: u32 = (1 << CHUNK_BITS) - 1;
 
+/// The lease: [`LEASE_ENV`], else [`LEASE`]; a bad value is a usage error naming it.
+pub fn lease_from_env() -> Result<Duration> {
+    let value = std::env::var(LEASE_ENV).ok();
+    env_duration(LEASE_ENV, value.as_deref(), LEASE)
+}
+
 /// The run-id suffix of process `i` of a cluster of `n`.
-fn member_tag((i, n): (usize, usize)) -> String {
-    format!("-p{i}of{n}")
+fn member_tag(m: &Member) -> String {
+    format!("-p{}of{}", m.process, m.processes)
 }
 
 /// `ids` cut into runs of one chunk each: (chunk, offsets).
@@ -65,13 +102,217 @@ fn by_chunk(ids: &[u32]) -> Vec<(u32, Vec<u32>)> {
     out
 }
 
+/// `text` with SCAN's glob characters escaped, so a ledger key matches only itself.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `(run, chunk)` of a per-run key `{prefix}{run}:{chunk}`; `None` for any other key under
+/// `prefix` — notably another ledger's (`{ledger}:{occurrence}`: occurrences hold `:`, run
+/// ids do not, so the remainder is then not exactly `run:chunk`).
+fn run_chunk<'a>(key: &'a str, prefix: &str) -> Option<(&'a str, u32)> {
+    let (run, chunk) = key.strip_prefix(prefix)?.split_once(':')?;
+    let digits = !chunk.is_empty() && chunk.bytes().all(|b| b.is_ascii_digit());
+    match (run.is_empty(), digits) {
+        (false, true) => Some((run, chunk.parse().ok()?)),
+        _ => None,
+    }
+}
+
+/// The ids whose bit is set in a chunk's bitmap bytes (Redis numbers bits from the most
+/// significant bit of each byte).
+fn ids_of(bytes: &[u8], chunk: u32) -> impl Iterator<Item = u32> + '_ {
+    let base = chunk << CHUNK_BITS;
+    bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b != 0)
+        .flat_map(move |(i, byte)| {
+            (0..8u32)
+                .filter(move |bit| byte & (0x80 >> bit) != 0)
+                .map(move |bit| base + (i as u32) * 8 + bit)
+        })
+}
+
+/// Whether a script failed because the caller's lease no longer holds its token.
+fn is_fenced(e: &redis::RedisError) -> bool {
+    e.code() == Some(FENCED) || e.to_string().contains("FENCED lease lost")
+}
+
+/// A run's lease on the store, shared by the store, its ledgers, the heartbeat and every
+/// [`super::Fence`].
+#[derive(Debug)]
+pub struct Lease {
+    url: String,
+    run: String,
+    /// `fanout:run:{run}`.
+    key: String,
+    token: String,
+    duration: Duration,
+    /// The origin of `refreshed_ns`.
+    base: Instant,
+    /// When the last successful refresh (or the creation) was *sent*, in ns after `base`:
+    /// the lease lasts at least `duration` from then. `Instant` keeps counting while the
+    /// process is stopped, so a woken process sees the time it lost.
+    refreshed_ns: AtomicU64,
+    /// Set once the server refused our token: every later call fails at once.
+    fenced: AtomicBool,
+    /// Set by close/abandon: the heartbeat stops and a missing lease is no fault.
+    ended: AtomicBool,
+    /// The next claim call's nonce.
+    nonce: AtomicU64,
+}
+
+impl Lease {
+    fn refreshed(&self, sent: Instant) {
+        let ns = sent.saturating_duration_since(self.base).as_nanos();
+        self.refreshed_ns
+            .fetch_max(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::AcqRel);
+    }
+
+    fn fence(&self) {
+        if !self.fenced.swap(true, Ordering::AcqRel) {
+            tracing::error!(run = %self.run, "lease lost: another run may have taken over");
+        }
+    }
+
+    fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Err ("lease lost") once fenced.
+    fn check_fenced(&self) -> Result<()> {
+        match self.is_fenced() {
+            true => Err(self.lost()),
+            false => Ok(()),
+        }
+    }
+
+    /// The error of every call once fenced.
+    fn lost(&self) -> Error {
+        Error::runtime(format!(
+            "store {}: lease lost: another run took over (run {}'s lease expired or was taken); \
+             stopping so that no user is sent twice",
+            self.url, self.run
+        ))
+    }
+
+    /// Ok while this run may act: not fenced, and less than lease − lease/5 since the send
+    /// time of the last successful refresh (past that, the lease may have expired on the
+    /// server and another run may be adopting our users). It may pass again after a refresh.
+    pub fn check(&self) -> Result<()> {
+        self.check_fenced()?;
+        let refreshed = Duration::from_nanos(self.refreshed_ns.load(Ordering::Acquire));
+        let since = self.base.elapsed().saturating_sub(refreshed);
+        let safe = self.duration - self.duration / 5;
+        if since > safe {
+            return Err(Error::runtime(format!(
+                "store {}: run {}'s lease may have expired (no refresh for {} ms, lease {} ms); \
+                 sending nothing more",
+                self.url,
+                self.run,
+                since.as_millis(),
+                self.duration.as_millis()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `op` as [`retrying`] does, but fails at once when fenced, and fences (with the
+    /// "lease lost" error) when a script answers that our lease is no longer ours.
+    async fn guarded<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.check_fenced()?;
+        let out = retrying(&self.url, what, || {
+            let call = op();
+            async move {
+                let r = call.await;
+                if matches!(&r, Err(e) if is_fenced(e)) {
+                    self.fence();
+                }
+                r
+            }
+        })
+        .await;
+        match out {
+            Err(_) if self.is_fenced() => Err(self.lost()),
+            other => other,
+        }
+    }
+
+    /// Drops the lease if it still holds our token (the end of a run, clean or not).
+    async fn release(&self, con: &ConnectionManager) -> Result<()> {
+        self.ended.store(true, Ordering::Release);
+        let script = Script::new(RELEASE);
+        retrying(&self.url, "DEL run lease", || {
+            let mut con = con.clone();
+            let mut call = script.prepare_invoke();
+            call.key(&self.key).arg(&self.token);
+            async move { call.invoke_async::<i64>(&mut con).await }
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// Refreshes the lease every lease/5 while it lives (see [`Lease`]); stops once the lease
+/// ends, is dropped, or is found lost (then the store is fenced).
+fn spawn_heartbeat(con: ConnectionManager, lease: Weak<Lease>, period: Duration) {
+    tokio::spawn(async move {
+        let script = Script::new(REFRESH);
+        let mut con = con;
+        loop {
+            tokio::time::sleep(period).await;
+            let Some(lease) = lease.upgrade() else { return };
+            if lease.ended.load(Ordering::Acquire) || lease.is_fenced() {
+                return;
+            }
+            let sent = Instant::now();
+            let mut call = script.prepare_invoke();
+            call.key(&lease.key)
+                .arg(&lease.token)
+                .arg(lease.duration.as_millis() as u64);
+            // Bounded by the lease: a refresh answered later is worth nothing more.
+            match tokio::time::timeout(lease.duration, call.invoke_async::<i64>(&mut con)).await {
+                Ok(Ok(1)) => lease.refreshed(sent),
+                Ok(Ok(_)) => {
+                    if !lease.ended.load(Ordering::Acquire) {
+                        lease.fence();
+                    }
+                    return;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh the run's lease in redis"),
+                Err(_) => tracing::warn!("refreshing the run's lease in redis timed out"),
+            }
+        }
+    });
+}
+
 /// A Redis store, shared by every worker and task of a process.
 pub struct RedisStore {
     url: String,
     con: ConnectionManager,
     run: String,
     read_only: bool,
-    ledgers: Mutex<HashMap<String, Arc<RedisLedger>>>,
+    member: Option<Member>,
+    /// `None` when read-only.
+    lease: Option<Arc<Lease>>,
+    /// Other runs found alive (when) or dead, so many ledgers opened at once poll each run
+    /// once: a dead run stays dead; an alive verdict holds for one lease.
+    verdicts: Mutex<HashMap<String, Option<Instant>>>,
+    /// One cell per ledger key: a ledger is built (and adopts) once, and no claim on it is
+    /// answered before its adoption is done.
+    ledgers: Mutex<HashMap<String, Arc<OnceCell<Arc<RedisLedger>>>>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -92,8 +333,13 @@ pub struct RedisLedger {
     dead: String,
     /// `fanout:inflight:{ledger}:`: every run's in-flight bitmaps of this ledger start so.
     inflight_all: String,
+    /// `fanout:inflight:{ledger}:{run}:`, ours.
     inflight: String,
+    /// `fanout:resend:{ledger}:{run}:`, ours.
+    resend: String,
     read_only: bool,
+    /// `None` when read-only.
+    lease: Option<Arc<Lease>>,
     /// The chunks this process claimed or marked in, to compact at the end of the run.
     chunks: Mutex<BTreeSet<u32>>,
 }
@@ -104,81 +350,95 @@ impl RedisStore {
         Self::open_as(url, read_only, None).await
     }
 
-    /// [`RedisStore::open`] for process `I` of a cluster of `N` (`member = Some((I, N))`).
-    /// Its run id carries `-pIofN`, and it adopts only the in-flight sets of dead runs with the
-    /// same tag: those hold users of the buckets it owns. A single process (`None`) owns every
-    /// bucket and adopts every dead run's set.
-    pub async fn open_as(
+    /// [`RedisStore::open`] for a cluster process (`member`), with the lease from
+    /// [`LEASE_ENV`]. It adopts, from any dead run's in-flight set, exactly the ids its route
+    /// owns; `None` (a single process) owns every id.
+    pub async fn open_as(url: &str, read_only: bool, member: Option<Member>) -> Result<RedisStore> {
+        let lease = lease_from_env()?;
+        Self::open_with(url, read_only, member, lease).await
+    }
+
+    /// [`RedisStore::open_as`] with the lease given (tests use a short one).
+    pub async fn open_with(
         url: &str,
         read_only: bool,
-        member: Option<(usize, usize)>,
+        member: Option<Member>,
+        lease: Duration,
     ) -> Result<RedisStore> {
         let show = shown(url);
         let con = connect("store", url).await?;
-        let run = format!(
-            "{:016x}{}",
-            rand::random::<u64>(),
-            member.map(member_tag).unwrap_or_default()
-        );
-        let store = RedisStore {
+        let mut store = RedisStore {
             url: show,
             con,
-            run,
+            run: String::new(),
             read_only,
+            member,
+            lease: None,
+            verdicts: Mutex::new(HashMap::new()),
             ledgers: Mutex::new(HashMap::new()),
         };
-        if !read_only {
-            store.heartbeat().await?;
-            let (con, key) = (store.con.clone(), store.run_key());
-            tokio::spawn(async move {
-                let mut con = con;
-                loop {
-                    tokio::time::sleep(LEASE / 5).await;
-                    let refreshed: redis::RedisResult<()> = redis::cmd("SET")
-                        .arg(&key)
-                        .arg(1)
-                        .arg("PX")
-                        .arg(LEASE.as_millis() as u64)
-                        .query_async(&mut con)
-                        .await;
-                    if let Err(e) = refreshed {
-                        tracing::warn!(error = %e, "cannot refresh the run's lease in redis");
-                    }
-                }
-            });
+        if read_only {
+            return Ok(store);
         }
-        Ok(store)
-    }
-
-    /// Whether this run adopts the in-flight set of dead run `run` (see
-    /// [`RedisStore::open_as`]).
-    fn adopts(&self, run: &str) -> bool {
-        match self.run.find("-p") {
-            None => true,
-            Some(at) => run.ends_with(&self.run[at..]),
-        }
-    }
-
-    fn run_key(&self) -> String {
-        format!("fanout:run:{}", self.run)
-    }
-
-    async fn heartbeat(&self) -> Result<()> {
-        let key = self.run_key();
-        retrying(&self.url, "SET run lease", || {
-            let mut con = self.con.clone();
-            let key = key.clone();
+        let token: u64 = retrying(&store.url, "INCR lease token", || {
+            let mut con = store.con.clone();
+            async move {
+                redis::cmd("INCR")
+                    .arg("fanout:lease:next")
+                    .query_async(&mut con)
+                    .await
+            }
+        })
+        .await?;
+        store.run = format!(
+            "{token}{}",
+            member.as_ref().map(member_tag).unwrap_or_default()
+        );
+        let base = Instant::now();
+        let lease = Arc::new(Lease {
+            url: store.url.clone(),
+            run: store.run.clone(),
+            key: format!("fanout:run:{}", store.run),
+            token: token.to_string(),
+            duration: lease,
+            base,
+            refreshed_ns: AtomicU64::new(0),
+            fenced: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            nonce: AtomicU64::new(0),
+        });
+        // A fresh key (the token is new), so a plain SET; its send time is `base` or later.
+        retrying(&store.url, "SET run lease", || {
+            let mut con = store.con.clone();
+            let lease = &lease;
             async move {
                 redis::cmd("SET")
-                    .arg(key)
-                    .arg(1)
+                    .arg(&lease.key)
+                    .arg(&lease.token)
                     .arg("PX")
-                    .arg(LEASE.as_millis() as u64)
+                    .arg(lease.duration.as_millis() as u64)
                     .query_async::<()>(&mut con)
                     .await
             }
         })
-        .await
+        .await?;
+        spawn_heartbeat(
+            store.con.clone(),
+            Arc::downgrade(&lease),
+            lease.duration / 5,
+        );
+        store.lease = Some(lease);
+        Ok(store)
+    }
+
+    /// The run id (empty when read-only).
+    pub fn run(&self) -> &str {
+        &self.run
+    }
+
+    /// The local guard on the lease (see [`super::Fence`]); always Ok when read-only.
+    pub fn fence(&self) -> super::Fence {
+        super::Fence(self.lease.clone())
     }
 
     /// The URL, without its password.
@@ -188,116 +448,282 @@ impl RedisStore {
 
     /// The ledger of `key`, adopting in-flight ids of dead runs on first open.
     pub async fn ledger(&self, key: &str) -> Result<Arc<RedisLedger>> {
-        if let Some(l) = self
+        let cell = self
             .ledgers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-        {
-            return Ok(l.clone());
-        }
-        let ledger = RedisLedger {
-            url: self.url.clone(),
-            con: self.con.clone(),
-            granted: format!("fanout:granted:{key}:"),
-            inflight_all: format!("fanout:inflight:{key}:"),
-            dead: format!("fanout:dead:{key}:"),
-            inflight: format!("fanout:inflight:{key}:{}:", self.run),
-            read_only: self.read_only,
-            chunks: Mutex::new(BTreeSet::new()),
-        };
-        if !self.read_only {
-            let adopted = self.adopt_orphans(key, &ledger).await?;
-            if adopted > 0 {
-                tracing::info!(
-                    ledger = key,
-                    ids = adopted,
-                    "re-sending what a dead run had in flight"
-                );
-            }
-        }
-        let ledger = Arc::new(ledger);
-        self.ledgers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key.to_owned(), ledger.clone());
-        Ok(ledger)
-    }
-
-    /// Adopts the in-flight sets of runs whose lease expired; returns how many ids.
-    async fn adopt_orphans(&self, key: &str, ledger: &RedisLedger) -> Result<u64> {
-        let keys = scan(&self.con, &self.url, &format!("fanout:inflight:{key}:*")).await?;
-        let script = Script::new(ADOPT);
-        let mut adopted = 0;
-        for orphan in keys
-            .into_iter()
-            .filter(|k| !k.starts_with(&ledger.inflight))
-        {
-            // fanout:inflight:{ledger}:{run}:{chunk}
-            let mut tail = orphan.rsplitn(3, ':');
-            let (Some(chunk), Some(run)) = (tail.next(), tail.next()) else {
-                continue;
-            };
-            if !self.adopts(run) {
-                continue; // another cluster process's buckets
-            }
-            let lease = format!("fanout:run:{run}");
-            let mine = format!("{}{chunk}", ledger.inflight);
-            let ids: u64 = retrying(&self.url, "adopt in-flight ids", || {
-                let mut con = self.con.clone();
-                let mut call = script.prepare_invoke();
-                call.key(&orphan).key(&mine).key(&lease);
-                async move { call.invoke_async(&mut con).await }
+            .entry(key.to_owned())
+            .or_default()
+            .clone();
+        let ledger = cell
+            .get_or_try_init(|| async {
+                let ledger = RedisLedger {
+                    url: self.url.clone(),
+                    con: self.con.clone(),
+                    granted: format!("fanout:granted:{key}:"),
+                    inflight_all: format!("fanout:inflight:{key}:"),
+                    dead: format!("fanout:dead:{key}:"),
+                    inflight: format!("fanout:inflight:{key}:{}:", self.run),
+                    resend: format!("fanout:resend:{key}:{}:", self.run),
+                    read_only: self.read_only,
+                    lease: self.lease.clone(),
+                    chunks: Mutex::new(BTreeSet::new()),
+                };
+                if let Some(lease) = &self.lease {
+                    let adopted = self.adopt_orphans(key, &ledger, lease).await?;
+                    if adopted > 0 {
+                        tracing::info!(
+                            ledger = key,
+                            ids = adopted,
+                            "re-sending what a dead run had in flight"
+                        );
+                    }
+                }
+                Ok::<_, Error>(Arc::new(ledger))
             })
             .await?;
-            adopted += ids;
+        Ok(ledger.clone())
+    }
+
+    /// Adopts, from the in-flight sets of dead runs, the ids this process owns; returns how
+    /// many. A run whose lease still exists is watched until it proves alive or dies.
+    async fn adopt_orphans(&self, key: &str, ledger: &RedisLedger, lease: &Lease) -> Result<u64> {
+        let prefix = &ledger.inflight_all;
+        let keys = scan(&self.con, &self.url, &format!("{}*", glob_escape(prefix))).await?;
+        let orphans: Vec<(String, String, u32)> = keys
+            .iter()
+            .filter_map(|k| run_chunk(k, prefix).map(|(run, c)| (k.clone(), run.to_owned(), c)))
+            .filter(|(_, run, _)| *run != self.run)
+            .collect();
+        if orphans.is_empty() {
+            return Ok(0);
+        }
+        // Per orphan set: how many ids, and whether its run's lease exists.
+        let looks: Vec<(u64, bool)> = retrying(&self.url, "look at in-flight sets", || {
+            let mut con = self.con.clone();
+            let mut pipe = redis::pipe();
+            for (set, run, _) in &orphans {
+                pipe.cmd("BITCOUNT")
+                    .arg(set)
+                    .cmd("EXISTS")
+                    .arg(format!("fanout:run:{run}"));
+            }
+            async move { pipe.query_async(&mut con).await }
+        })
+        .await?;
+        // One of each live-leased run's sets with ids in it: its run is watched.
+        let mut watch: Vec<(String, String)> = orphans
+            .iter()
+            .zip(&looks)
+            .filter(|(_, (ids, lives))| *ids > 0 && *lives)
+            .map(|((set, run, _), _)| (run.clone(), set.clone()))
+            .collect();
+        watch.sort();
+        watch.dedup_by(|a, b| a.0 == b.0);
+        self.watch_leases(watch, lease.duration).await?;
+        let verdicts = self
+            .verdicts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut adopted = 0;
+        for ((set, run, chunk), (_, lives)) in orphans.iter().zip(&looks) {
+            let dead = !*lives || matches!(verdicts.get(run), Some(None));
+            if dead {
+                adopted += self.adopt(key, ledger, lease, set, run, *chunk).await?;
+            }
         }
         Ok(adopted)
     }
 
-    /// The repeated-campaign guard (see [`super::Store::admit`]).
+    /// Decides whether each of `runs` (run, one of its in-flight sets; its lease existed) is
+    /// alive, into `verdicts`: its lease (value, PTTL) and its set's bit count are sampled until
+    /// the PTTL goes up or the value changes (a heartbeat), or the set changes (a claim or mark,
+    /// which only a run holding its lease can make): alive; or until the lease is gone: dead.
+    /// A live run shows itself within one heartbeat (lease/5), usually at once by its set; a
+    /// dead one's lease expires within one lease.
+    async fn watch_leases(&self, runs: Vec<(String, String)>, ours: Duration) -> Result<()> {
+        let mut pending: Vec<(String, String)> = {
+            let verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+            runs.into_iter()
+                .filter(|(run, _)| match verdicts.get(run) {
+                    Some(None) => false,
+                    Some(Some(seen)) => seen.elapsed() >= ours,
+                    None => true,
+                })
+                .collect()
+        };
+        // Short steps: a live run's set usually changes within milliseconds, and a sample is
+        // one small MULTI.
+        let step = (ours / 10).clamp(Duration::from_millis(10), Duration::from_millis(50));
+        let started = Instant::now();
+        let mut deadline = None;
+        type Sample = (Option<String>, i64, i64);
+        let mut last: HashMap<String, Sample> = HashMap::new();
+        while !pending.is_empty() {
+            let samples: Vec<Sample> = retrying(&self.url, "watch run leases", || {
+                let mut con = self.con.clone();
+                // MULTI: a lease's value and PTTL and its set's count from one instant.
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for (run, set) in &pending {
+                    let key = format!("fanout:run:{run}");
+                    pipe.cmd("GET")
+                        .arg(&key)
+                        .cmd("PTTL")
+                        .arg(&key)
+                        .cmd("BITCOUNT")
+                        .arg(set);
+                }
+                async move {
+                    let flat: Vec<redis::Value> = pipe.query_async(&mut con).await?;
+                    let mut out = Vec::with_capacity(flat.len() / 3);
+                    // A run left without a sample stays undecided and is watched again.
+                    for triple in flat.chunks(3) {
+                        if let [value, pttl, count] = triple {
+                            out.push((
+                                redis::from_redis_value_ref(value)?,
+                                redis::from_redis_value_ref(pttl)?,
+                                redis::from_redis_value_ref(count)?,
+                            ));
+                        }
+                    }
+                    Ok(out)
+                }
+            })
+            .await?;
+            // Past the longest remaining lease (plus slack), an undecided run is left alone.
+            let longest = samples.iter().map(|(_, p, _)| *p).max().unwrap_or(0).max(0);
+            let deadline = *deadline.get_or_insert_with(|| {
+                started + Duration::from_millis(longest as u64) + ours / 2 + 4 * step
+            });
+            let mut still = Vec::new();
+            let mut samples = samples.into_iter();
+            for (run, set) in pending.drain(..) {
+                let Some((value, pttl, count)) = samples.next() else {
+                    still.push((run, set));
+                    continue;
+                };
+                let verdict = match (&value, last.get(&run)) {
+                    // Expired: dead.
+                    (None, _) => Some(None),
+                    _ if pttl == -2 => Some(None),
+                    // No expiry: not a lease this protocol set; leave it alone.
+                    _ if pttl < 0 => Some(Some(Instant::now())),
+                    // Refreshed (or re-taken), or its set changed, since the last sample: alive.
+                    (Some(v), Some((Some(pv), pp, pc)))
+                        if v != pv || pttl > *pp || count != *pc =>
+                    {
+                        Some(Some(Instant::now()))
+                    }
+                    _ => None,
+                };
+                match verdict {
+                    Some(v) => {
+                        self.verdicts
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(run, v);
+                    }
+                    None => {
+                        last.insert(run.clone(), (value, pttl, count));
+                        still.push((run, set));
+                    }
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    runs = ?pending,
+                    "run leases neither refreshed nor expired; leaving their in-flight sets"
+                );
+                let mut verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+                for (run, _) in pending.drain(..) {
+                    verdicts.insert(run, Some(Instant::now()));
+                }
+                break;
+            }
+            tokio::time::sleep(step).await;
+        }
+        Ok(())
+    }
+
+    /// Moves the ids this process owns from dead run `run`'s in-flight set `set` (chunk
+    /// `chunk`) of ledger `key` into ours and our resend set; returns how many moved.
+    async fn adopt(
+        &self,
+        key: &str,
+        ledger: &RedisLedger,
+        lease: &Lease,
+        set: &str,
+        run: &str,
+        chunk: u32,
+    ) -> Result<u64> {
+        let bytes: Option<Vec<u8>> = retrying(&self.url, "GET in-flight set", || {
+            let mut con = self.con.clone();
+            async move { redis::cmd("GET").arg(set).query_async(&mut con).await }
+        })
+        .await?;
+        let owned: Vec<u32> = ids_of(bytes.as_deref().unwrap_or_default(), chunk)
+            .filter(|&id| self.member.is_none_or(|m| m.route.keeps(id)))
+            .map(|id| id & CHUNK_MASK)
+            .collect();
+        let segments = Segments::new(&owned);
+        let keys = [
+            set.to_owned(),
+            format!("fanout:resend:{key}:{run}:{chunk}"),
+            format!("{}{chunk}", ledger.inflight),
+            format!("{}{chunk}", ledger.resend),
+            format!("fanout:run:{run}"),
+            lease.key.clone(),
+        ];
+        lease
+            .guarded("adopt in-flight ids", || {
+                let mut con = self.con.clone();
+                let mut call = ADOPT_SCRIPT.prepare_invoke();
+                for k in &keys {
+                    call.key(k);
+                }
+                call.arg(&lease.token);
+                segments.args(&mut call);
+                async move { call.invoke_async::<u64>(&mut con).await }
+            })
+            .await
+    }
+
+    /// The repeated-campaign guard (see [`super::Store::admit`]): one atomic script over every
+    /// pair, so two racing submissions of one content cannot both be admitted.
     pub async fn admit(
         &self,
         campaigns: &[(String, String)],
         ttl_s: u64,
     ) -> Result<std::result::Result<(), (String, String)>> {
-        let mut seen: Vec<(&str, &str)> = Vec::new();
-        for (hash, id) in campaigns {
-            let key = format!("fanout:admitted:{hash}");
-            let holder: Option<String> = retrying(&self.url, "GET admitted", || {
-                let mut con = self.con.clone();
-                let key = key.clone();
-                async move { redis::cmd("GET").arg(key).query_async(&mut con).await }
-            })
-            .await?;
-            let earlier = holder.as_deref().filter(|h| h != id).or_else(|| {
-                seen.iter()
-                    .find(|(h, i)| h == hash && i != id)
-                    .map(|(_, i)| *i)
-            });
-            if let Some(earlier) = earlier {
-                return Ok(Err((id.clone(), earlier.to_owned())));
+        if campaigns.is_empty() {
+            return Ok(Ok(()));
+        }
+        let script = Script::new(ADMIT);
+        let verdict: Vec<String> = retrying(&self.url, "admit", || {
+            let mut con = self.con.clone();
+            let mut call = script.prepare_invoke();
+            call.arg(ttl_s);
+            for (hash, id) in campaigns {
+                call.key(format!("fanout:admitted:{hash}")).arg(id);
             }
-            seen.push((hash, id));
+            async move { call.invoke_async(&mut con).await }
+        })
+        .await?;
+        match <[String; 2]>::try_from(verdict) {
+            Ok([id, earlier]) => Ok(Err((id, earlier))),
+            Err(v) if v.is_empty() => Ok(Ok(())),
+            Err(v) => Err(Error::runtime(format!(
+                "store {}: the admit script answered {} values",
+                self.url,
+                v.len()
+            ))),
         }
-        for (hash, id) in campaigns {
-            let key = format!("fanout:admitted:{hash}");
-            retrying(&self.url, "SET admitted", || {
-                let mut con = self.con.clone();
-                let (key, id) = (key.clone(), id.clone());
-                async move {
-                    redis::cmd("SET")
-                        .arg(key)
-                        .arg(id)
-                        .arg("EX")
-                        .arg(ttl_s)
-                        .query_async::<()>(&mut con)
-                        .await
-                }
-            })
-            .await?;
-        }
-        Ok(Ok(()))
     }
 
     /// Every claimed id of ledger `key`, sorted.
@@ -306,41 +732,58 @@ impl RedisStore {
         Ok(ledger.bits(&ledger.granted).await?.iter().collect())
     }
 
-    /// Ends the run: deletes its emptied in-flight bitmaps (empty after a clean drain; one
-    /// still holding ids is left for the next run to adopt) and drops its lease.
-    pub async fn close(&self) -> Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        let ledgers: Vec<Arc<RedisLedger>> = self
-            .ledgers
+    /// The ledgers opened so far.
+    fn opened(&self) -> Vec<Arc<RedisLedger>> {
+        self.ledgers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
-            .cloned()
-            .collect();
-        for ledger in ledgers {
+            .filter_map(|cell| cell.get().cloned())
+            .collect()
+    }
+
+    /// Ends the run: compacts, deletes its emptied in-flight bitmaps (one still holding ids is
+    /// left for the next run to adopt) and its resend bitmaps, and drops its lease.
+    pub async fn close(&self) -> Result<()> {
+        let Some(lease) = &self.lease else {
+            return Ok(());
+        };
+        let drop_empty = Script::new(DROP_EMPTY);
+        for ledger in self.opened() {
             ledger.compact().await?;
+            for (prefix, drop) in [(&ledger.inflight, false), (&ledger.resend, true)] {
+                let keys = scan(&self.con, &self.url, &format!("{}*", glob_escape(prefix))).await?;
+                // Exactly ours: `{prefix}{chunk}`.
+                for key in keys.iter().filter(|k| {
+                    k.strip_prefix(prefix.as_str())
+                        .is_some_and(|c| c.parse::<u32>().is_ok())
+                }) {
+                    retrying(&self.url, "drop empty in-flight set", || {
+                        let mut con = self.con.clone();
+                        let mut call = drop_empty.prepare_invoke();
+                        call.key(key);
+                        let del = redis::cmd("DEL").arg(key).clone();
+                        async move {
+                            match drop {
+                                true => del.query_async::<i64>(&mut con).await,
+                                false => call.invoke_async::<i64>(&mut con).await,
+                            }
+                        }
+                    })
+                    .await?;
+                }
+            }
         }
-        let pattern = format!("fanout:inflight:*:{}:*", self.run);
-        let keys = scan(&self.con, &self.url, &pattern).await?;
-        let script = Script::new(DROP_EMPTY);
-        for key in &keys {
-            retrying(&self.url, "drop empty in-flight set", || {
-                let mut con = self.con.clone();
-                let mut call = script.prepare_invoke();
-                call.key(key);
-                async move { call.invoke_async::<i64>(&mut con).await }
-            })
-            .await?;
+        lease.release(&self.con).await
+    }
+
+    /// Ends a failed run: drops the lease if it still holds our token and leaves the in-flight
+    /// sets, so the next run adopts them at once instead of waiting for the lease to expire.
+    pub async fn abandon(&self) -> Result<()> {
+        match &self.lease {
+            Some(lease) => lease.release(&self.con).await,
+            None => Ok(()),
         }
-        let key = self.run_key();
-        retrying(&self.url, "DEL run lease", || {
-            let mut con = self.con.clone();
-            let key = key.clone();
-            async move { redis::cmd("DEL").arg(key).query_async::<()>(&mut con).await }
-        })
-        .await
     }
 }
 
@@ -386,37 +829,65 @@ impl RedisLedger {
         Ok(())
     }
 
+    /// The lease claims and marks act under (a read-only ledger has none).
+    fn lease(&self) -> Result<&Lease> {
+        self.refuse_read_only()?;
+        self.lease
+            .as_deref()
+            .ok_or_else(|| Error::runtime(format!("store {} holds no lease", self.url)))
+    }
+
     /// The atomic claim; see [`super::Ledger::claim`].
     pub async fn claim(&self, ids: &[u32]) -> Result<Claim> {
-        self.refuse_read_only()?;
+        let lease = self.lease()?;
+        let nonces: Vec<u64> = by_chunk(ids)
+            .iter()
+            .map(|_| lease.nonce.fetch_add(1, Ordering::Relaxed))
+            .collect();
+        self.claim_with(ids, &nonces).await
+    }
+
+    /// [`RedisLedger::claim`] with the nonce of each chunk's call given: a call repeated with
+    /// the same nonce (a retry whose reply was lost) gets the first call's answer.
+    async fn claim_with(&self, ids: &[u32], nonces: &[u64]) -> Result<Claim> {
+        let lease = self.lease()?;
         self.touch(ids);
-        let groups: Vec<(u32, Vec<u32>, Segments)> = by_chunk(ids)
+        let groups: Vec<(u32, Vec<u32>, Segments, String)> = by_chunk(ids)
             .into_iter()
-            .map(|(chunk, offsets)| {
+            .zip(nonces)
+            .map(|((chunk, offsets), nonce)| {
                 let segments = Segments::new(&offsets);
-                (chunk, offsets, segments)
+                let reply = format!("fanout:reply:{}:{nonce}", lease.run);
+                (chunk, offsets, segments, reply)
             })
             .collect();
         // One script call per chunk (a batch of ids is almost always one chunk); invoking a
-        // script loads it on the server when missing.
-        let replies: Vec<Vec<u8>> = retrying(&self.url, "claim", || {
-            let mut con = self.con.clone();
-            let groups = &groups;
-            async move {
-                let mut replies = Vec::with_capacity(groups.len());
-                for (chunk, _, segments) in groups {
-                    let mut call = CLAIM_SCRIPT.prepare_invoke();
-                    call.key(format!("{}{chunk}", self.granted))
-                        .key(format!("{}{chunk}", self.inflight));
-                    segments.args(&mut call);
-                    replies.push(call.invoke_async(&mut con).await?);
+        // script loads it on the server when missing. A retry repeats every call with the
+        // same nonces, so the calls that had run answer as they did.
+        let replies: Vec<Vec<u8>> = lease
+            .guarded("claim", || {
+                let mut con = self.con.clone();
+                let groups = &groups;
+                async move {
+                    let mut replies = Vec::with_capacity(groups.len());
+                    for (chunk, _, segments, reply) in groups {
+                        let mut call = CLAIM_SCRIPT.prepare_invoke();
+                        call.key(format!("{}{chunk}", self.granted))
+                            .key(format!("{}{chunk}", self.inflight))
+                            .key(format!("{}{chunk}", self.resend))
+                            .key(&lease.key)
+                            .key(reply)
+                            .arg(&lease.token)
+                            .arg(REPLY_TTL_MS);
+                        segments.args(&mut call);
+                        replies.push(call.invoke_async(&mut con).await?);
+                    }
+                    Ok(replies)
                 }
-                Ok(replies)
-            }
-        })
-        .await?;
+            })
+            .await?;
         let mut claimed = Vec::with_capacity(ids.len());
-        for ((_, offsets, segments), reply) in groups.iter().zip(&replies) {
+        for ((_, offsets, segments, _), reply) in groups.iter().zip(&replies) {
             let bits = segments.claimed(offsets, reply).ok_or_else(|| {
                 Error::runtime(format!(
                     "store {}: the claim script answered {} bytes for {} segments",
@@ -439,7 +910,7 @@ impl RedisLedger {
     }
 
     async fn mark(&self, ids: &[u32], dead: bool) -> Result<()> {
-        self.refuse_read_only()?;
+        let lease = self.lease()?;
         if ids.is_empty() {
             return Ok(());
         }
@@ -448,26 +919,29 @@ impl RedisLedger {
             .into_iter()
             .map(|(chunk, offsets)| (chunk, Segments::new(&offsets)))
             .collect();
-        retrying(&self.url, "mark done", || {
-            let mut con = self.con.clone();
-            let groups = &groups;
-            async move {
-                for (chunk, segments) in groups {
-                    let dead_key = if dead {
-                        format!("{}{chunk}", self.dead)
-                    } else {
-                        String::new()
-                    };
-                    let mut call = MARK_SCRIPT.prepare_invoke();
-                    call.key(dead_key).key(format!("{}{chunk}", self.inflight));
-                    segments.args(&mut call);
-                    call.invoke_async::<i64>(&mut con).await?;
+        lease
+            .guarded("mark done", || {
+                let mut con = self.con.clone();
+                let groups = &groups;
+                async move {
+                    for (chunk, segments) in groups {
+                        let dead_key = if dead {
+                            format!("{}{chunk}", self.dead)
+                        } else {
+                            String::new()
+                        };
+                        let mut call = MARK_SCRIPT.prepare_invoke();
+                        call.key(dead_key)
+                            .key(format!("{}{chunk}", self.inflight))
+                            .key(&lease.key)
+                            .arg(&lease.token);
+                        segments.args(&mut call);
+                        call.invoke_async::<i64>(&mut con).await?;
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        })
-        .await?;
-        Ok(())
+            })
+            .await
     }
 
     /// Records `ids` as delivered.
@@ -482,7 +956,7 @@ impl RedisLedger {
 
     /// Makes every dead-lettered id claimable again (`--retry-dead-letters`); returns how many.
     pub async fn revive_dead(&self) -> Result<u64> {
-        self.refuse_read_only()?;
+        self.lease()?.check_fenced()?;
         let script = Script::new(REVIVE);
         let mut revived = 0;
         for chunk in 0u32..(1 << (32 - CHUNK_BITS)) {
@@ -531,8 +1005,10 @@ impl RedisLedger {
     /// Every id in some run's in-flight bitmap of this ledger (claimed, not done).
     async fn in_flight(&self) -> Result<RoaringBitmap> {
         let mut out = RoaringBitmap::new();
-        for key in scan(&self.con, &self.url, &format!("{}*", self.inflight_all)).await? {
-            let Some(chunk) = key.rsplit(':').next().and_then(|c| c.parse::<u32>().ok()) else {
+        let pattern = format!("{}*", glob_escape(&self.inflight_all));
+        for key in scan(&self.con, &self.url, &pattern).await? {
+            // Only this ledger's sets, not those of a `{ledger}:{occurrence}` ledger.
+            let Some((_, chunk)) = run_chunk(&key, &self.inflight_all) else {
                 continue;
             };
             out |= self.bits_of(&key, chunk).await?;
@@ -557,15 +1033,8 @@ impl RedisLedger {
             async move { redis::cmd("GET").arg(key).query_async(&mut con).await }
         })
         .await?;
-        let Some(bytes) = bytes else { return Ok(out) };
-        let base = chunk << CHUNK_BITS;
-        for (i, byte) in bytes.iter().enumerate().filter(|(_, b)| **b != 0) {
-            for bit in 0..8 {
-                // Redis numbers bits from the most significant bit of each byte.
-                if byte & (0x80 >> bit) != 0 {
-                    out.insert(base + (i as u32) * 8 + bit);
-                }
-            }
+        if let Some(bytes) = bytes {
+            out.extend(ids_of(&bytes, chunk));
         }
         Ok(out)
     }
@@ -579,5 +1048,48 @@ impl RedisLedger {
             done: (claimed - in_flight).len(),
             dead: self.bits(&self.dead).await?.len(),
         })
+    }
+}
+
+/// The integration tests' real redis-server helper, for the unit tests below.
+#[cfg(test)]
+#[path = "../../tests/redis_server/mod.rs"]
+mod redis_server;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_exactly_run_and_chunk_after_the_prefix_is_a_runs_set() {
+        let p = "fanout:inflight:x:";
+        assert_eq!(
+            run_chunk("fanout:inflight:x:17-p0of2:3", p),
+            Some(("17-p0of2", 3))
+        );
+        // The occurrence ledger `x:2026-03-02T10:00:00+00:00`'s set of run 17, chunk 0.
+        let other = "fanout:inflight:x:2026-03-02T10:00:00+00:00:17:0";
+        assert_eq!(run_chunk(other, p), None);
+        assert_eq!(run_chunk("fanout:inflight:x:17:", p), None);
+        assert_eq!(run_chunk("fanout:inflight:x::0", p), None);
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_retried_with_its_nonce_gets_its_first_answer() {
+        let redis = redis_server::RedisServer::start();
+        let store = RedisStore::open_with(&redis.url(0), false, None, LEASE)
+            .await
+            .unwrap();
+        let ledger = store.ledger("k").await.unwrap();
+        let ids = [1, 2, 3, 1 << 24];
+        // The first call ran but its reply was lost; the retry repeats its nonces.
+        let first = ledger.claim_with(&ids, &[7, 8]).await.unwrap();
+        assert_eq!(first.claimed, ids);
+        let retried = ledger.claim_with(&ids, &[7, 8]).await.unwrap();
+        assert_eq!(retried, first);
+        // Any other call finds them taken.
+        let other = ledger.claim(&ids).await.unwrap();
+        assert_eq!(other.already, ids);
     }
 }

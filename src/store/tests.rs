@@ -379,3 +379,21 @@ async fn claims_follow_the_naive_model_in_any_batch_order() {
         assert_eq!(file(&l).counts().done, done.len() as u64);
     }
 }
+
+#[tokio::test]
+async fn a_file_stores_fence_always_passes_and_abandon_does_nothing() {
+    fn shareable<T: Send + Sync + std::fmt::Debug + Default + Clone>(_: &T) {}
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let fence = store.fence();
+    shareable(&fence);
+    fence
+        .check()
+        .expect("the directory lock already excludes a second writer");
+    Fence::default().check().expect("the default fence");
+    let l = ledger(&store, "k").await;
+    assert_eq!(l.claim(&[1, 2]).await.expect("claim").claimed, vec![1, 2]);
+    store.abandon().await.expect("abandon");
+    // Still this process's: the lock is held until the store is dropped.
+    assert_eq!(l.claim(&[2, 3]).await.expect("claim").claimed, vec![3]);
+}

@@ -10,8 +10,36 @@ use redis::IntoConnectionInfo;
 
 use crate::error::{Error, Result};
 
-/// How long a call keeps retrying an unreachable server before the run gives up.
+/// How long a call keeps retrying an unreachable server before the run gives up, unless
+/// [`RETRY_ENV`] says otherwise.
 pub const RETRY_BUDGET: Duration = Duration::from_secs(30);
+
+/// The environment variable that sets the retry budget (humantime: `30s`, `2m`).
+pub const RETRY_ENV: &str = "FANOUT_REDIS_RETRY";
+
+/// A duration from environment variable `name` (`value` is its value, `None` when unset):
+/// humantime (`800ms`, `5s`), more than zero; `default` when unset or empty. A bad value is a
+/// usage error naming the variable.
+pub fn env_duration(name: &str, value: Option<&str>, default: Duration) -> Result<Duration> {
+    let Some(text) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(default);
+    };
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(Error::Usage(format!(
+            "{name}={text}: must be more than zero"
+        ))),
+        Err(e) => Err(Error::Usage(format!(
+            "{name}={text}: not a duration like 800ms or 30s: {e}"
+        ))),
+    }
+}
+
+/// The retry budget: [`RETRY_ENV`], else [`RETRY_BUDGET`].
+pub fn retry_budget() -> Result<Duration> {
+    let value = std::env::var(RETRY_ENV).ok();
+    env_duration(RETRY_ENV, value.as_deref(), RETRY_BUDGET)
+}
 
 /// A URL fit to print: without its password.
 pub fn shown(url: &str) -> String {
@@ -27,7 +55,7 @@ pub fn shown(url: &str) -> String {
 /// verified against instead of the system's roots (for a self-signed or private CA).
 pub const CA_ENV: &str = "FANOUT_REDIS_CA";
 
-/// Retries `op` with backoff while it fails, for up to [`RETRY_BUDGET`].
+/// Retries `op` with backoff while it fails, for up to the retry budget ([`retry_budget`]).
 pub(crate) async fn retrying<T, F, Fut>(url: &str, what: &str, op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -50,17 +78,27 @@ where
 {
     let started = Instant::now();
     let mut wait = Duration::from_millis(50);
+    // Read on the first failure only: the happy path stays free of environment lookups, and
+    // [`connect`] has already refused a bad value.
+    let mut budget = None;
     loop {
         match op().await {
             Ok(v) => return Ok(v),
-            Err(e) if started.elapsed() < RETRY_BUDGET && retryable(&e) => {
+            Err(e)
+                if retryable(&e)
+                    && started.elapsed()
+                        < *budget.get_or_insert_with(|| retry_budget().unwrap_or(RETRY_BUDGET)) =>
+            {
                 tracing::warn!(role, url, error = %e, "redis {what} failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
                 let budget = match retryable(&e) {
-                    true => format!(" for {} s", RETRY_BUDGET.as_secs()),
+                    true => match budget.unwrap_or(RETRY_BUDGET) {
+                        b if b.subsec_millis() == 0 => format!(" for {} s", b.as_secs()),
+                        b => format!(" for {} ms", b.as_millis()),
+                    },
                     false => String::new(),
                 };
                 return Err(Error::runtime(format!(
@@ -152,6 +190,8 @@ pub(super) async fn scan(con: &ConnectionManager, url: &str, pattern: &str) -> R
 /// not up yet; `role` names the use in errors (see [`retrying_as`]). It reconnects by itself
 /// later.
 pub async fn connect(role: &str, url: &str) -> Result<ConnectionManager> {
+    // A bad budget is refused before anything is tried (exit 2).
+    retry_budget()?;
     let show = shown(url);
     let client = client(url)?;
     let config = ConnectionManagerConfig::new()

@@ -10,7 +10,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Lua shared by [`CLAIM`] and [`MARK`]: ARGV is `first byte, mask, first byte, mask, …`.
+/// Lua shared by [`CLAIM`], [`MARK`] and [`ADOPT`]: after their own leading ARGV, the rest is
+/// `first byte, mask, first byte, mask, …`.
 const SEGMENTS: &str = r"
 -- A byte string of n bytes as a table of numbers (0 past the string's end).
 local function bytes(s, n)
@@ -37,37 +38,65 @@ local function load(k, first, n)
 end
 ";
 
-/// Claims one chunk's segments: sets each masked bit in the granted bitmap (KEYS[1]); a newly
-/// set one is recorded in the run's in-flight bitmap (KEYS[2]), and one already in that bitmap
-/// is this run's (adopted from a dead run, or claimed by a call whose reply was lost and is
-/// retried) and is answered as claimed again. Returns, per segment, the mask of the claimed.
+/// The error a script answers when the caller's lease key (KEYS named per script) no longer
+/// holds its token: another run may have adopted its work, so nothing it does may count.
+pub const FENCED: &str = "FENCED";
+
+/// Lua shared by the scripts that act for a run: fails unless lease key `k` holds token `t`.
+const GUARD: &str = r"
+local function guard(k, t)
+  if redis.call('GET', KEYS[k]) ~= t then
+    return redis.error_reply('FENCED lease lost')
+  end
+end
+";
+
+/// Claims one chunk's segments (ARGV[3..]) for the run whose lease (KEYS[4]) must hold token
+/// ARGV[1]. A reply already stored under KEYS[5] (the call's nonce: a retry whose first reply
+/// was lost) is answered again unchanged; else each masked bit is set in the granted bitmap
+/// (KEYS[1]), and the answer per bit is "claimed" when it was not granted (it then joins the
+/// run's in-flight bitmap, KEYS[2]) or when it is in the run's resend bitmap (KEYS[3]: adopted
+/// from a dead run; cleared there, so it is answered once). The reply (per segment, the mask of
+/// the claimed) is stored under KEYS[5] for ARGV[2] ms.
 const CLAIM: &str = r"
+local fenced = guard(4, ARGV[1])
+if fenced then return fenced end
+local stored = redis.call('GET', KEYS[5])
+if stored then return stored end
 local out = {}
-for s = 1, #ARGV, 2 do
+for s = 3, #ARGV, 2 do
   local first, want = tonumber(ARGV[s]), ARGV[s + 1]
   local n = #want
-  local w, g, f = bytes(want, n), load(1, first, n), load(2, first, n)
-  local claimed = {}
+  local w, g, f, r = bytes(want, n), load(1, first, n), load(2, first, n), load(3, first, n)
+  local claimed, resent = {}, false
   for j = 1, n do
     local new = bit.band(w[j], bit.bnot(g[j]))
-    claimed[j] = bit.bor(new, bit.band(w[j], bit.band(g[j], f[j])))
+    local again = bit.band(w[j], bit.band(g[j], r[j]))
+    if again ~= 0 then resent = true end
+    claimed[j] = bit.bor(new, again)
     g[j] = bit.bor(g[j], w[j])
     f[j] = bit.bor(f[j], new)
+    r[j] = bit.band(r[j], bit.bnot(again))
   end
   redis.call('SETRANGE', KEYS[1], first, text(g))
   redis.call('SETRANGE', KEYS[2], first, text(f))
+  if resent then redis.call('SETRANGE', KEYS[3], first, text(r)) end
   out[#out + 1] = text(claimed)
 end
-return table.concat(out)
+local reply = table.concat(out)
+redis.call('SET', KEYS[5], reply, 'PX', ARGV[2])
+return reply
 ";
 
-/// Marks one chunk's segments done: clears them in the run's in-flight bitmap (KEYS[2]) and,
-/// when KEYS[1] is given, sets them in the dead bitmap. Done is "claimed and in no in-flight
-/// bitmap", so no bitmap of its own is kept. An emptied in-flight bitmap is deleted at the end
-/// of the run ([`DROP_EMPTY`]), not here: counting its bits on every call would cost more than
-/// the marking.
+/// Marks one chunk's segments (ARGV[2..]) done for the run whose lease (KEYS[3]) must hold
+/// token ARGV[1]: clears them in its in-flight bitmap (KEYS[2]) and, when KEYS[1] is given,
+/// sets them in the dead bitmap. Done is "claimed and in no in-flight bitmap", so no bitmap of
+/// its own is kept. An emptied in-flight bitmap is deleted at the end of the run
+/// ([`DROP_EMPTY`]), not here: counting its bits on every call would cost more than the marking.
 const MARK: &str = r"
-for s = 1, #ARGV, 2 do
+local fenced = guard(3, ARGV[1])
+if fenced then return fenced end
+for s = 2, #ARGV, 2 do
   local first, want = tonumber(ARGV[s]), ARGV[s + 1]
   local n = #want
   local w, f = bytes(want, n), load(2, first, n)
@@ -98,15 +127,81 @@ end
 return 0
 ";
 
-/// Adopts a dead run's in-flight bitmap of one chunk (KEYS[1]) into ours (KEYS[2]) unless its
-/// lease (KEYS[3]) still lives: an id in it was claimed and never marked done (marking clears
-/// it), so it joins our in-flight bitmap and our claims hand it out again. Returns how many.
-pub const ADOPT: &str = r"
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local n = redis.call('BITCOUNT', KEYS[1])
-redis.call('BITOP', 'OR', KEYS[2], KEYS[2], KEYS[1])
-redis.call('DEL', KEYS[1])
-return n
+/// Adopts the ids of segments ARGV[2..] (those the caller owns) from a dead run's in-flight
+/// bitmap of one chunk (KEYS[1]), for the run whose lease (KEYS[6]) must hold token ARGV[1],
+/// unless the dead run's lease (KEYS[5]) exists after all. Only ids still set there move (two
+/// adopters of disjoint shares, or racing adopters of one share, never take an id twice): they
+/// are cleared there and in its resend bitmap (KEYS[2]), and set in ours (KEYS[3]) and in our
+/// resend bitmap (KEYS[4]), so our next claim hands each out once more. The orphan's keys go
+/// once it is empty. Returns how many ids moved.
+const ADOPT: &str = r"
+local fenced = guard(6, ARGV[1])
+if fenced then return fenced end
+if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
+local before = redis.call('BITCOUNT', KEYS[1])
+local theirs_resend = redis.call('EXISTS', KEYS[2]) == 1
+for s = 2, #ARGV, 2 do
+  local first, want = tonumber(ARGV[s]), ARGV[s + 1]
+  local n = #want
+  local w, o = bytes(want, n), load(1, first, n)
+  local m, r, x = load(3, first, n), load(4, first, n), load(2, first, n)
+  local moved = false
+  for j = 1, n do
+    local mv = bit.band(w[j], o[j])
+    if mv ~= 0 then
+      moved = true
+      o[j] = bit.band(o[j], bit.bnot(mv))
+      x[j] = bit.band(x[j], bit.bnot(mv))
+      m[j] = bit.bor(m[j], mv)
+      r[j] = bit.bor(r[j], mv)
+    end
+  end
+  if moved then
+    redis.call('SETRANGE', KEYS[1], first, text(o))
+    redis.call('SETRANGE', KEYS[3], first, text(m))
+    redis.call('SETRANGE', KEYS[4], first, text(r))
+    if theirs_resend then redis.call('SETRANGE', KEYS[2], first, text(x)) end
+  end
+end
+local after = redis.call('BITCOUNT', KEYS[1])
+if after == 0 then redis.call('DEL', KEYS[1], KEYS[2]) end
+return before - after
+";
+
+/// Refreshes a run's lease (KEYS[1]) to ARGV[2] ms only while it holds the run's token
+/// (ARGV[1]): an expired lease is never resurrected. Returns 1 if refreshed, 0 if lost.
+pub const REFRESH: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Drops a run's lease (KEYS[1]) only while it holds the run's token (ARGV[1]).
+pub const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+";
+
+/// The repeated-campaign guard over every pair of one call, atomically: KEYS[i] is
+/// `fanout:admitted:{hash}` of the pair whose campaign id is ARGV[i + 1]. If a hash is held by
+/// another id, or two pairs share a hash under different ids, nothing is admitted and the
+/// answer is `{id, earlier id}`; else each key is set to its id for ARGV[1] s (the same id
+/// refreshes) and the answer is empty.
+pub const ADMIT: &str = r"
+for i = 1, #KEYS do
+  local id = ARGV[i + 1]
+  local holder = redis.call('GET', KEYS[i])
+  if holder and holder ~= id then return {id, holder} end
+  for j = 1, i - 1 do
+    if KEYS[j] == KEYS[i] and ARGV[j + 1] ~= id then return {id, ARGV[j + 1]} end
+  end
+end
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1])
+end
+return {}
 ";
 
 /// Revives the dead offsets of one chunk: clears each in the dead (KEYS[1]) and granted
@@ -126,10 +221,13 @@ return n
 
 /// The claim script, hashed once.
 pub static CLAIM_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{SEGMENTS}{CLAIM}")));
+    LazyLock::new(|| Script::new(&format!("{SEGMENTS}{GUARD}{CLAIM}")));
 /// The mark script, hashed once.
 pub static MARK_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{SEGMENTS}{MARK}")));
+    LazyLock::new(|| Script::new(&format!("{SEGMENTS}{GUARD}{MARK}")));
+/// The adopt script, hashed once.
+pub static ADOPT_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{SEGMENTS}{GUARD}{ADOPT}")));
 
 /// A gap of more than this many zero bytes between two ids starts a new segment: the bytes
 /// in between would cost more to read and write than the segment's own two arguments.
