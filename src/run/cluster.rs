@@ -112,15 +112,13 @@ impl Cluster {
         self.processes > 1
     }
 
-    /// This process as a store sees it (which users it owns, given `workers` per process);
-    /// `None` for a single process.
-    pub fn member(&self, buckets: Buckets, workers: usize) -> Option<crate::store::Member> {
-        self.route(buckets, workers)
-            .map(|route| crate::store::Member {
-                process: self.process,
-                processes: self.processes,
-                route,
-            })
+    /// This process as a store sees it (which users it owns); `None` for a single process.
+    pub fn member(&self, buckets: Buckets) -> Option<crate::store::Member> {
+        self.route(buckets).map(|route| crate::store::Member {
+            process: self.process,
+            processes: self.processes,
+            route,
+        })
     }
 
     /// The buckets this process owns; `None` for a single process (it owns every bucket).

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignStats, CampaignSummary, Metrics, Progress, Summary};
 use crate::model::Buckets;
-use crate::providers::{dispatch::Dispatcher, ProviderSpec};
+use crate::providers::{dispatch::Dispatcher, Provider, ProviderSpec};
 use crate::render::Renderer;
 use crate::sources::logins::Login;
 use crate::sources::{LoadOptions, LoadReport, UserSource};
@@ -119,12 +119,29 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     // Before the store, so a missing credential or a bad timeout (usage errors, exit 2) leaves
     // the store untouched.
     let provider = provider.open()?;
-    let member = opts
-        .cluster
-        .member(Buckets::new(job.engine.bucket_size), job.engine.workers);
+    let member = opts.cluster.member(Buckets::new(job.engine.bucket_size));
     let store = runtime.block_on(Store::connect_as(&store_url, member))?;
+    let outcome = fan_out(job, opts, loaded, provider, &store, &runtime);
+    if outcome.is_err() {
+        // Hand back the store lease at once: an immediate re-run takes over what this run
+        // had in flight instead of waiting for the lease to lapse.
+        if let Err(e) = runtime.block_on(store.abandon()) {
+            tracing::warn!(error = %e, "cannot release the store lease");
+        }
+    }
+    outcome
+}
+
+/// [`run`] once its inputs are loaded and its provider and store opened.
+fn fan_out(
+    job: &Job,
+    opts: &RunOptions,
+    mut loaded: Loaded,
+    provider: Provider,
+    store: &Store,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<Summary> {
     // Logins on a Redis stream: every entry there now, acknowledged once the run is durable.
-    let mut loaded = loaded;
     let login_stream = match &job.inputs.logins {
         // In a cluster, process 0 feeds the logins: it alone reads (and acknowledges) them.
         Some(url) if is_redis(url) && opts.cluster.process == 0 => {
@@ -243,14 +260,18 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
 
     let batch = job.engine.batch_max_messages.max(1);
     let task_users = (batch * TASK_BATCHES).min(MAX_TASK_USERS).max(batch);
-    let dispatcher = Arc::new(Dispatcher::new(
-        provider,
-        concurrency,
-        job.provider.rate_per_s,
-        job.provider.max_attempts,
-        &job.provider.dead_letter,
-        metrics.clone(),
-    ));
+    let fence = store.fence();
+    let dispatcher = Arc::new(
+        Dispatcher::new(
+            provider,
+            concurrency,
+            job.provider.rate_per_s,
+            job.provider.max_attempts,
+            &job.provider.dead_letter,
+            metrics.clone(),
+        )
+        .with_guard(Arc::new(move || fence.check())),
+    );
     let ctx = Arc::new(Context {
         source: loaded.source,
         placement: opts.cluster.placement(buckets, workers),

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignStats, Metrics};
 use crate::model::{Buckets, Campaign, Kind, Placement};
-use crate::providers::{dispatch::Dispatcher, ProviderSpec};
+use crate::providers::{dispatch::Dispatcher, Provider, ProviderSpec};
 use crate::render::Renderer;
 use crate::run::targets::{self, Admission};
 use crate::run::{self, display_name, is_redis, RunOptions};
@@ -96,16 +96,39 @@ pub fn serve(job: &Job, opts: &ServeOptions) -> Result<()> {
     let runtime = run::push_runtime()?;
     let provider = provider.open()?;
     let store = runtime.block_on(Store::connect(&job.store))?;
+    let outcome = serve_on(job, opts, loaded, provider, store.clone(), &runtime);
+    if outcome.is_err() {
+        // As `run` does: an immediate restart takes over what was in flight at once.
+        if let Err(e) = runtime.block_on(store.abandon()) {
+            tracing::warn!(error = %e, "cannot release the store lease");
+        }
+    }
+    outcome
+}
+
+/// [`serve`] once its inputs are loaded and its provider and store opened.
+fn serve_on(
+    job: &Job,
+    opts: &ServeOptions,
+    loaded: run::Loaded,
+    provider: Provider,
+    store: Store,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let counters = Arc::new(ServeCounters::default());
-    let dispatcher = Arc::new(Dispatcher::new(
-        provider,
-        job.provider.concurrency.max(1),
-        job.provider.rate_per_s,
-        job.provider.max_attempts,
-        &job.provider.dead_letter,
-        metrics.clone(),
-    ));
+    let fence = store.fence();
+    let dispatcher = Arc::new(
+        Dispatcher::new(
+            provider,
+            job.provider.concurrency.max(1),
+            job.provider.rate_per_s,
+            job.provider.max_attempts,
+            &job.provider.dead_letter,
+            metrics.clone(),
+        )
+        .with_guard(Arc::new(move || fence.check())),
+    );
     let flags = Arc::new(Flags::default());
 
     // Streams and kept campaigns.
