@@ -241,7 +241,7 @@ fn serve_on(
                 registry.as_ref(),
                 campaign_reader.as_deref(),
                 &counters,
-                &runtime,
+                runtime,
             )?;
         }
         let now = Utc::now();
