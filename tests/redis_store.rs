@@ -594,15 +594,15 @@ mod lease {
         let url = redis.url(0);
         let lease = Duration::from_millis(500);
         let buckets = Buckets::new(100);
-        let member = |process, processes, workers| Member {
+        let member = |process, processes| Member {
             process,
             processes,
-            route: Route::process(buckets, processes, process, workers),
+            route: Route::process(buckets, processes, process),
         };
         let all = ids(1..=5000);
         let dead = runtime();
         dead.block_on(async {
-            let store = open(&url, Some(member(0, 2, 2)), lease).await;
+            let store = open(&url, Some(member(0, 2)), lease).await;
             let ledger = store.ledger("k").await.unwrap();
             ledger.claim(&all).await.unwrap();
         });
@@ -611,7 +611,7 @@ mod lease {
         let got: Vec<(Route, Vec<u32>)> = runtime().block_on(async {
             let tasks: Vec<_> = (0..3)
                 .map(|p| {
-                    let (url, all, m) = (url.clone(), all.clone(), member(p, 3, 1));
+                    let (url, all, m) = (url.clone(), all.clone(), member(p, 3));
                     tokio::spawn(async move {
                         let store = open(&url, Some(m), lease).await;
                         let ledger = store.ledger("k").await.unwrap();
