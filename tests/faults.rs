@@ -14,7 +14,7 @@
 //! Other flags: `--jobs N` (schedules at once, default 3), `--lease DUR` (the Redis run lease
 //! given to the children as `FANOUT_LEASE` and waited past, default 1s), `--http-timeout MS`
 //! (`FANOUT_HTTP_TIMEOUT`, default 300), `--verbose`. Unknown flags (cargo's own) are ignored.
-//! `FAULTS_KEEP=1` keeps a failing schedule's files under the temp directory.
+//! `--list` prints the schedules without running them. `FAULTS_KEEP=1` keeps a failing schedule's files under the temp directory.
 
 mod common;
 mod http_server;
@@ -38,6 +38,8 @@ struct Args {
     from: u64,
     count: u64,
     jobs: usize,
+    /// Print the schedules' descriptions only.
+    list: bool,
     env: exec::Env,
 }
 
@@ -46,6 +48,7 @@ fn parse_args() -> Args {
         from: 1,
         count: 200,
         jobs: 3,
+        list: false,
         env: exec::Env {
             lease: Duration::from_secs(1),
             lease_text: "1s".into(),
@@ -92,6 +95,7 @@ fn parse_args() -> Args {
                 i += 1;
             }
             "--verbose" => a.env.verbose = true,
+            "--list" => a.list = true,
             // cargo's and libtest's flags (--nocapture, --test-threads N, a filter, …).
             _ => {}
         }
@@ -102,6 +106,12 @@ fn parse_args() -> Args {
 
 fn main() -> ExitCode {
     let args = parse_args();
+    if args.list {
+        for seed in args.from..args.from + args.count {
+            println!("seed {seed}: {}", plan::plan(seed).describe());
+        }
+        return ExitCode::SUCCESS;
+    }
     let started = Instant::now();
     let next = AtomicUsize::new(0);
     let failed = Mutex::new(Vec::<u64>::new());

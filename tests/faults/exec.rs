@@ -663,7 +663,7 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
     };
     cx.note(format!("{} expected deliveries", expected.len()));
     // The faults walk through the ticks in order; the final phase runs every tick cleanly.
-    let nf = s.faults.len();
+    let nf = s.faults.len().max(1);
     for (k, &fault) in s.faults.iter().enumerate() {
         let tick = &s.ticks[k * s.ticks.len() / nf];
         cx.note(format!("fault {k}: {fault} at --now {tick}"));
