@@ -13,7 +13,9 @@
 //! ```
 //! Other flags: `--jobs N` (schedules at once, default 3), `--lease DUR` (the Redis run lease
 //! given to the children as `FANOUT_LEASE` and waited past, default 1s), `--http-timeout MS`
-//! (`FANOUT_HTTP_TIMEOUT`, default 300), `--verbose`. Unknown flags (cargo's own) are ignored.
+//! (`FANOUT_HTTP_TIMEOUT`, default 1500: a tighter one times out
+//! answered requests on a loaded machine, and the receiver cannot tell those re-sends apart), `--verbose`. Unknown flags (cargo's own) are ignored.
+//! `--clean` runs the same workloads without faults (a control of the naive reading).
 //! `--list` prints the schedules without running them. `FAULTS_KEEP=1` keeps a failing schedule's files under the temp directory.
 
 mod common;
@@ -52,8 +54,9 @@ fn parse_args() -> Args {
         env: exec::Env {
             lease: Duration::from_secs(1),
             lease_text: "1s".into(),
-            http_timeout_ms: 300,
+            http_timeout_ms: 1500,
             verbose: false,
+            clean: false,
         },
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -96,6 +99,7 @@ fn parse_args() -> Args {
             }
             "--verbose" => a.env.verbose = true,
             "--list" => a.list = true,
+            "--clean" => a.env.clean = true,
             // cargo's and libtest's flags (--nocapture, --test-threads N, a filter, …).
             _ => {}
         }
@@ -154,6 +158,9 @@ fn main() -> ExitCode {
                             vec![format!("harness panic: {msg}")]
                         }
                     };
+                    if std::env::var_os("FAULTS_TIMES").is_some() {
+                        eprintln!("seed {seed}: {:.1}s", t.elapsed().as_secs_f64());
+                    }
                     if violations.is_empty() {
                         passed.fetch_add(1, Ordering::SeqCst);
                         if args.env.verbose {

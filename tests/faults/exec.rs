@@ -20,6 +20,9 @@ pub struct Env {
     /// `FANOUT_HTTP_TIMEOUT` of the children, in ms.
     pub http_timeout_ms: u64,
     pub verbose: bool,
+    /// Control runs: no faults, a provider that never fails (checks the naive reading
+    /// against the binary on every workload).
+    pub clean: bool,
 }
 
 /// How long any one process may run before it counts as hung.
@@ -66,7 +69,7 @@ impl Http {
                     && fault_bucket(key, 16) == 0
                     && c.slow_left.fetch_sub(1, Ordering::SeqCst) > 0
                 {
-                    return Reply::Slow(Duration::from_millis(timeout_ms * 3));
+                    return Reply::Slow(Duration::from_millis(timeout_ms + 700));
                 }
             }
             c.ok.fetch_add(1, Ordering::SeqCst);
@@ -645,7 +648,8 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
             pct_5xx,
             pct_429,
             slow,
-        } => Some(Http::start(pct_5xx, pct_429, slow, env.http_timeout_ms)),
+        } if !env.clean => Some(Http::start(pct_5xx, pct_429, slow, env.http_timeout_ms)),
+        ProviderKind::Http { .. } => Some(Http::start(0, 0, 0, env.http_timeout_ms)),
     };
     let expected = s.expected();
     let mut cx = Ctx {
@@ -664,7 +668,8 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
     cx.note(format!("{} expected deliveries", expected.len()));
     // The faults walk through the ticks in order; the final phase runs every tick cleanly.
     let nf = s.faults.len().max(1);
-    for (k, &fault) in s.faults.iter().enumerate() {
+    let faults: &[Fault] = if env.clean { &[] } else { &s.faults };
+    for (k, &fault) in faults.iter().enumerate() {
         let tick = &s.ticks[k * s.ticks.len() / nf];
         cx.note(format!("fault {k}: {fault} at --now {tick}"));
         cx.fault_step(fault, tick);

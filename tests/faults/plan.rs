@@ -333,7 +333,7 @@ pub fn plan(seed: u64) -> Schedule {
         ProviderKind::Http {
             pct_5xx: r.pick(&[0, 5, 15]),
             pct_429: r.pick(&[0, 3, 8]),
-            slow: r.pick(&[0, 0, 3, 8]),
+            slow: r.pick(&[0, 0, 2, 5]),
         }
     } else {
         ProviderKind::Log
@@ -359,6 +359,9 @@ pub fn plan(seed: u64) -> Schedule {
     let users = naive_users_jsonl(&users_text);
     let lazy = kinds.contains(&Kind::LazyCoupon);
     let logins_text = lazy.then(|| logins_text(&mut r, &users, n * spread));
+    // At most ~12 login epochs: an epoch waits for its slowest push (a 429's Retry-After).
+    let n_logins = logins_text.as_deref().map_or(0, |t| t.lines().count() as u64);
+    let logins_per_epoch = logins_per_epoch.max(n_logins / 12);
     let mut campaigns = String::new();
     let mut ids = Vec::new();
     for (i, &k) in kinds.iter().enumerate() {
@@ -410,7 +413,7 @@ pub fn plan(seed: u64) -> Schedule {
         .unwrap_or_default();
     let per_run = naive::expected(&draft, &users, &logins, &granted, None).len() as u64;
     // A run lasts ~0.3–1 s, so a fault lands mid-run.
-    let dur_ms = r.range(300, 1000);
+    let dur_ms = r.range(300, 800);
     let rate = (per_run * 1000 / dur_ms / processes as u64).max(50);
     let job = head(rate);
 
