@@ -377,6 +377,11 @@ impl Ctx<'_> {
                 .interruptions
                 .push(format!("run {run} p{i} {why} exit {c}")),
             _ => {
+                if c.is_none() {
+                    // Ended by a signal we did not send (an abort): its in-flight may repeat.
+                    self.interruptions
+                        .push(format!("run {run} p{i} {why} {}", code(st)));
+                }
                 let err = self.stderr_of(run, i);
                 let tail: String = err.lines().rev().take(2).collect::<Vec<_>>().join(" / ");
                 self.violations.push(format!(

@@ -360,7 +360,9 @@ pub fn plan(seed: u64) -> Schedule {
     let lazy = kinds.contains(&Kind::LazyCoupon);
     let logins_text = lazy.then(|| logins_text(&mut r, &users, n * spread));
     // At most ~12 login epochs: an epoch waits for its slowest push (a 429's Retry-After).
-    let n_logins = logins_text.as_deref().map_or(0, |t| t.lines().count() as u64);
+    let n_logins = logins_text
+        .as_deref()
+        .map_or(0, |t| t.lines().count() as u64);
     let logins_per_epoch = logins_per_epoch.max(n_logins / 12);
     let mut campaigns = String::new();
     let mut ids = Vec::new();
