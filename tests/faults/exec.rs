@@ -429,11 +429,11 @@ impl Ctx<'_> {
                     }
                 }
                 let mut early_error = false;
-                for i in 0..procs.len() {
+                for (i, p) in procs.iter_mut().enumerate() {
                     if fired && i == victim {
                         continue;
                     }
-                    let st = self.wait_exit(&mut procs[i]);
+                    let st = self.wait_exit(p);
                     early_error |= st.is_some_and(|s| !s.success());
                     if !fired && self.s.processes > 1 && self.addr_in_use(run) {
                         continue;
@@ -485,8 +485,8 @@ impl Ctx<'_> {
                     }
                 }
                 let mut early_error = false;
-                for i in 0..procs.len() {
-                    let st = self.wait_exit(&mut procs[i]);
+                for (i, p) in procs.iter_mut().enumerate() {
+                    let st = self.wait_exit(p);
                     early_error |= st.is_some_and(|s| !s.success());
                     if !fired && self.s.processes > 1 && self.addr_in_use(run) {
                         continue;
