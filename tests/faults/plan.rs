@@ -359,11 +359,18 @@ pub fn plan(seed: u64) -> Schedule {
     let users = naive_users_jsonl(&users_text);
     let lazy = kinds.contains(&Kind::LazyCoupon);
     let logins_text = lazy.then(|| logins_text(&mut r, &users, n * spread));
-    // At most ~12 login epochs: an epoch waits for its slowest push (a 429's Retry-After).
+    // Behind a provider that answers 429 + Retry-After or times out, at most ~12 login
+    // epochs: an epoch waits for its slowest push, and the schedule must stay short.
     let n_logins = logins_text
         .as_deref()
         .map_or(0, |t| t.lines().count() as u64);
-    let logins_per_epoch = logins_per_epoch.max(n_logins / 12);
+    let slow_provider =
+        matches!(provider, ProviderKind::Http { pct_429, slow, .. } if pct_429 + slow > 0);
+    let logins_per_epoch = if slow_provider {
+        logins_per_epoch.max(n_logins / 12)
+    } else {
+        logins_per_epoch
+    };
     let mut campaigns = String::new();
     let mut ids = Vec::new();
     for (i, &k) in kinds.iter().enumerate() {
@@ -420,9 +427,11 @@ pub fn plan(seed: u64) -> Schedule {
     let job = head(rate);
 
     let mut faults = Vec::new();
-    // A flaky HTTP provider is a fault of its own: such a schedule may draw no other.
+    // A flaky HTTP provider is a fault of its own: such a schedule may draw no other. A few
+    // schedules draw none (controls: no duplicate at all is allowed there).
     let flaky = matches!(provider, ProviderKind::Http { pct_5xx, pct_429, slow } if pct_5xx + pct_429 + slow > 0);
-    for _ in 0..r.range(if flaky { 0 } else { 1 }, 3) {
+    let control = r.chance(12);
+    for _ in 0..r.range(if flaky || control { 0 } else { 1 }, 3) {
         let at = if r.chance(25) {
             Trigger::Delay(r.range(20, 600))
         } else {
