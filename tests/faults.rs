@@ -10,6 +10,7 @@
 //! cargo test --release --test faults                          # the CI set: seeds 1..=200
 //! cargo test --release --test faults -- --schedules 2000 --from 1000   # a soak
 //! cargo test --release --test faults -- --seed 17             # replay one schedule verbosely
+//! cargo test --release --test faults -- --seeds 3,17,42       # exactly these schedules
 //! ```
 //! Other flags: `--jobs N` (schedules at once, default 3), `--lease DUR` (the Redis run lease
 //! given to the children as `FANOUT_LEASE` and waited past, default 1s), `--http-timeout MS`
@@ -42,7 +43,19 @@ struct Args {
     jobs: usize,
     /// Print the schedules' descriptions only.
     list: bool,
+    /// `--seeds 3,17,42`: exactly these schedules.
+    seeds: Option<Vec<u64>>,
     env: exec::Env,
+}
+
+impl Args {
+    /// The `k`th schedule's seed.
+    fn seed(&self, k: u64) -> u64 {
+        match &self.seeds {
+            Some(list) => list[k as usize],
+            None => self.from + k,
+        }
+    }
 }
 
 fn parse_args() -> Args {
@@ -51,6 +64,7 @@ fn parse_args() -> Args {
         count: 200,
         jobs: 3,
         list: false,
+        seeds: None,
         env: exec::Env {
             lease: Duration::from_secs(1),
             lease_text: "1s".into(),
@@ -97,6 +111,15 @@ fn parse_args() -> Args {
                 }
                 i += 1;
             }
+            "--seeds" if argv.get(i + 1).is_some() => {
+                let list: Vec<u64> = argv[i + 1]
+                    .split(',')
+                    .filter_map(|s| s.trim().parse().ok())
+                    .collect();
+                a.count = list.len() as u64;
+                a.seeds = Some(list);
+                i += 1;
+            }
             "--verbose" => a.env.verbose = true,
             "--list" => a.list = true,
             "--clean" => a.env.clean = true,
@@ -111,7 +134,8 @@ fn parse_args() -> Args {
 fn main() -> ExitCode {
     let args = parse_args();
     if args.list {
-        for seed in args.from..args.from + args.count {
+        for k in 0..args.count {
+            let seed = args.seed(k);
             println!("seed {seed}: {}", plan::plan(seed).describe());
         }
         return ExitCode::SUCCESS;
@@ -137,7 +161,7 @@ fn main() -> ExitCode {
                     if k >= count {
                         break;
                     }
-                    let seed = args.from + k as u64;
+                    let seed = args.seed(k as u64);
                     let schedule = plan::plan(seed);
                     if args.env.verbose {
                         eprintln!("seed {seed}: {}", schedule.describe());
