@@ -1,0 +1,232 @@
+//! Jepsen-style fault schedules against the real `fanout` binary: each seed draws a small
+//! workload (promotions, segment and lazy coupons, hot products at several ticks; file or
+//! Redis store; `log:` or HTTP provider; one process or a cluster of two) and a few faults
+//! (kill -9, SIGSTOP past the Redis lease, Redis restarts with and without persistence,
+//! provider 5xx/429/timeouts and a credential stop), then a clean run, and checks the
+//! deliveries over all runs against the naive reading of the job: nothing lost, nothing
+//! unexpected, repeated keys carry identical records, duplicates within what was in flight.
+//!
+//! ```text
+//! cargo test --release --test faults                          # the CI set: seeds 1..=200
+//! cargo test --release --test faults -- --schedules 2000 --from 1000   # a soak
+//! cargo test --release --test faults -- --seed 17             # replay one schedule verbosely
+//! cargo test --release --test faults -- --seeds 3,17,42       # exactly these schedules
+//! ```
+//! Other flags: `--jobs N` (schedules at once, default 3), `--lease DUR` (the Redis run lease
+//! given to the children as `FANOUT_LEASE` and waited past, default 1s), `--http-timeout MS`
+//! (`FANOUT_HTTP_TIMEOUT`, default 1500: a tighter one times out
+//! answered requests on a loaded machine, and the receiver cannot tell those re-sends apart), `--verbose`. Unknown flags (cargo's own) are ignored.
+//! `--clean` runs the same workloads without faults (a control of the naive reading).
+//! `--list` prints the schedules without running them. `FAULTS_KEEP=1` keeps a failing schedule's files under the temp directory.
+
+mod common;
+mod http_server;
+mod naive;
+
+#[path = "faults/check.rs"]
+mod check;
+#[path = "faults/exec.rs"]
+mod exec;
+#[path = "faults/plan.rs"]
+mod plan;
+#[path = "faults/redis.rs"]
+mod redis;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+struct Args {
+    from: u64,
+    count: u64,
+    jobs: usize,
+    /// Print the schedules' descriptions only.
+    list: bool,
+    /// `--seeds 3,17,42`: exactly these schedules.
+    seeds: Option<Vec<u64>>,
+    env: exec::Env,
+}
+
+impl Args {
+    /// The `k`th schedule's seed.
+    fn seed(&self, k: u64) -> u64 {
+        match &self.seeds {
+            Some(list) => list[k as usize],
+            None => self.from + k,
+        }
+    }
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        from: 1,
+        count: 200,
+        jobs: 3,
+        list: false,
+        seeds: None,
+        env: exec::Env {
+            lease: Duration::from_secs(1),
+            lease_text: "1s".into(),
+            http_timeout_ms: 1500,
+            verbose: false,
+            clean: false,
+        },
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    let num = |i: usize| argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
+    while i < argv.len() {
+        match argv[i].as_str() {
+            "--schedules" if num(i).is_some() => {
+                a.count = num(i).unwrap();
+                i += 1;
+            }
+            "--from" if num(i).is_some() => {
+                a.from = num(i).unwrap();
+                i += 1;
+            }
+            "--seed" if num(i).is_some() => {
+                a.from = num(i).unwrap();
+                a.count = 1;
+                a.env.verbose = true;
+                i += 1;
+            }
+            "--jobs" if num(i).is_some() => {
+                a.jobs = num(i).unwrap().max(1) as usize;
+                i += 1;
+            }
+            "--http-timeout" if num(i).is_some() => {
+                a.env.http_timeout_ms = num(i).unwrap();
+                i += 1;
+            }
+            "--lease" if argv.get(i + 1).is_some() => {
+                let text = argv[i + 1].clone();
+                match humantime::parse_duration(&text) {
+                    Ok(d) => {
+                        a.env.lease = d;
+                        a.env.lease_text = text;
+                    }
+                    Err(e) => eprintln!("faults: --lease {text}: {e} (kept 1s)"),
+                }
+                i += 1;
+            }
+            "--seeds" if argv.get(i + 1).is_some() => {
+                let list: Vec<u64> = argv[i + 1]
+                    .split(',')
+                    .filter_map(|s| s.trim().parse().ok())
+                    .collect();
+                a.count = list.len() as u64;
+                a.seeds = Some(list);
+                i += 1;
+            }
+            "--verbose" => a.env.verbose = true,
+            "--list" => a.list = true,
+            "--clean" => a.env.clean = true,
+            // cargo's and libtest's flags (--nocapture, --test-threads N, a filter, …).
+            _ => {}
+        }
+        i += 1;
+    }
+    a
+}
+
+fn main() -> ExitCode {
+    let args = parse_args();
+    if args.list {
+        for k in 0..args.count {
+            let seed = args.seed(k);
+            println!("seed {seed}: {}", plan::plan(seed).describe());
+        }
+        return ExitCode::SUCCESS;
+    }
+    let started = Instant::now();
+    let next = AtomicUsize::new(0);
+    let failed = Mutex::new(Vec::<u64>::new());
+    let passed = AtomicUsize::new(0);
+    let count = args.count as usize;
+    let jobs = args.jobs.min(count.max(1));
+    // A panic inside a schedule is its failure, reported on its line, not the harness's end.
+    std::panic::set_hook(Box::new(|info| {
+        if std::env::var_os("FAULTS_PANIC_TRACE").is_some() {
+            eprintln!("{info}");
+        }
+    }));
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| {
+                let mut redis: Option<redis::Redis> = None;
+                loop {
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    if k >= count {
+                        break;
+                    }
+                    let seed = args.seed(k as u64);
+                    let schedule = plan::plan(seed);
+                    if args.env.verbose {
+                        eprintln!("seed {seed}: {}", schedule.describe());
+                    }
+                    let t = Instant::now();
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        exec::run(&schedule, &args.env, &mut redis)
+                    }));
+                    let violations = match outcome {
+                        Ok(v) => v,
+                        Err(p) => {
+                            redis = None;
+                            let msg = p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_else(|| "panic".into());
+                            vec![format!("harness panic: {msg}")]
+                        }
+                    };
+                    if std::env::var_os("FAULTS_TIMES").is_some() {
+                        eprintln!("seed {seed}: {:.1}s", t.elapsed().as_secs_f64());
+                    }
+                    if violations.is_empty() {
+                        passed.fetch_add(1, Ordering::SeqCst);
+                        if args.env.verbose {
+                            eprintln!("seed {seed}: passed in {:.1}s", t.elapsed().as_secs_f64());
+                        }
+                    } else {
+                        failed.lock().unwrap().push(seed);
+                        println!(
+                            "FAILED seed {seed}: {} || violated: {}",
+                            schedule.describe(),
+                            violations.join(" ; ")
+                        );
+                    }
+                }
+            });
+        }
+    });
+    let failed = failed.into_inner().unwrap();
+    let passed = passed.load(Ordering::SeqCst);
+    if !failed.is_empty() {
+        let mut seeds = failed.clone();
+        seeds.sort_unstable();
+        println!(
+            "failing seeds: {}",
+            seeds
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    eprintln!(
+        "({} schedules from seed {} in {:.0}s, {} at once)",
+        count,
+        args.from,
+        started.elapsed().as_secs_f64(),
+        jobs
+    );
+    println!("fault schedules: {passed} passed, {} failed", failed.len());
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

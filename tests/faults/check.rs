@@ -1,0 +1,171 @@
+//! The checks of a schedule, against the naive reading only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde_json::Value;
+
+/// One delivery as the provider saw it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub campaign: String,
+    pub occurrence: Option<String>,
+    pub user: u64,
+    pub key: String,
+    pub record: Value,
+    /// Where it was seen (log file or "http").
+    pub source: String,
+}
+
+/// Parses a delivery record; None if it is not one (a torn line).
+pub fn parse(bytes: &[u8]) -> Option<Delivery> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    Some(Delivery {
+        campaign: v.get("campaign")?.as_str()?.to_owned(),
+        occurrence: v
+            .get("occurrence")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        user: v.get("user")?.as_u64()?,
+        key: v.get("key")?.as_str()?.to_owned(),
+        record: v,
+        source: String::new(),
+    })
+}
+
+type Pair = (String, Option<String>, u64);
+
+fn show(p: &Pair) -> String {
+    match &p.1 {
+        Some(o) => format!("{}@{o}:{}", p.0, p.2),
+        None => format!("{}:{}", p.0, p.2),
+    }
+}
+
+fn examples<'a>(it: impl Iterator<Item = &'a Pair>) -> String {
+    it.take(4).map(show).collect::<Vec<_>>().join(" ")
+}
+
+/// Lost, unexpected, repeated keys with differing records, and duplicates beyond `bound`
+/// (None: re-sends of expected pairs are allowed, after a Redis that forgot). Returns a
+/// one-line account.
+pub fn deliveries(
+    got: &[Delivery],
+    want: &BTreeSet<Pair>,
+    bound: Option<u64>,
+    interruptions: &[String],
+    violations: &mut Vec<String>,
+) -> String {
+    let mut by_key: BTreeMap<&str, Vec<&Delivery>> = BTreeMap::new();
+    let mut bad_keys = 0;
+    for d in got {
+        let key = match &d.occurrence {
+            Some(o) => format!("{}:{o}:{}", d.campaign, d.user),
+            None => format!("{}:{}", d.campaign, d.user),
+        };
+        if key != d.key && bad_keys < 3 {
+            bad_keys += 1;
+            violations.push(format!("key {} of a delivery to {key}", d.key));
+        }
+        by_key.entry(&d.key).or_default().push(d);
+    }
+    let mut differing = 0;
+    for (key, ds) in &by_key {
+        if ds.iter().any(|d| d.record != ds[0].record) {
+            differing += 1;
+            if differing <= 2 {
+                violations.push(format!(
+                    "key {key} delivered with different records: {} ({}) / {} ({})",
+                    ds[0].record,
+                    ds[0].source,
+                    ds.iter().find(|d| d.record != ds[0].record).unwrap().record,
+                    ds.iter().find(|d| d.record != ds[0].record).unwrap().source,
+                ));
+            }
+        }
+    }
+    let got_set: BTreeSet<Pair> = got
+        .iter()
+        .map(|d| (d.campaign.clone(), d.occurrence.clone(), d.user))
+        .collect();
+    let lost: Vec<&Pair> = want.difference(&got_set).collect();
+    let extra: Vec<&Pair> = got_set.difference(want).collect();
+    if !lost.is_empty() {
+        violations.push(format!(
+            "lost {} of {} (e.g. {})",
+            lost.len(),
+            want.len(),
+            examples(lost.iter().copied())
+        ));
+    }
+    if !extra.is_empty() {
+        violations.push(format!(
+            "{} unexpected deliveries (e.g. {})",
+            extra.len(),
+            examples(extra.iter().copied())
+        ));
+    }
+    let dups: u64 = by_key.values().map(|v| v.len() as u64 - 1).sum();
+    let most = by_key.values().map(Vec::len).max().unwrap_or(0);
+    if let Some(bound) = bound {
+        if dups > bound {
+            let sample: Vec<String> = by_key
+                .iter()
+                .filter(|(_, v)| v.len() > 1)
+                .take(3)
+                .map(|(k, v)| {
+                    let srcs: Vec<&str> = v.iter().map(|d| d.source.as_str()).collect();
+                    format!("{k} in {}", srcs.join("+"))
+                })
+                .collect();
+            violations.push(format!(
+                "{dups} duplicates > in-flight bound {bound} ({} interruptions: [{}]; e.g. {})",
+                interruptions.len(),
+                interruptions.join("; "),
+                sample.join(", ")
+            ));
+        }
+    }
+    format!(
+        "{} deliveries, {} distinct, {} expected, {} lost, {} unexpected, {dups} duplicates \
+         (bound {}), at most {most} per key; interruptions: [{}]",
+        got.len(),
+        got_set.len(),
+        want.len(),
+        lost.len(),
+        extra.len(),
+        bound.map_or("none: redis forgot".to_owned(), |b| b.to_string()),
+        interruptions.join("; ")
+    )
+}
+
+/// The final run's summary: for every campaign, eligible = delivered + dead_lettered +
+/// unreachable.
+pub fn summary(path: &Path, violations: &mut Vec<String>) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        violations.push(format!("no summary {}", path.display()));
+        return;
+    };
+    let Ok(v) = serde_json::from_str::<Value>(&text) else {
+        violations.push(format!("summary {} is not JSON", path.display()));
+        return;
+    };
+    let Some(campaigns) = v["campaigns"].as_array() else {
+        violations.push("summary without campaigns".into());
+        return;
+    };
+    for c in campaigns {
+        let n = |k: &str| c[k].as_u64();
+        match (
+            n("eligible"),
+            n("delivered"),
+            n("dead_lettered"),
+            n("unreachable"),
+        ) {
+            (Some(e), Some(d), Some(x), Some(u)) if e == d + x + u => {}
+            _ => violations.push(format!(
+                "summary: eligible != delivered + dead_lettered + unreachable in {c}"
+            )),
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! A fault schedule as a pure function of its seed: the workload (job file, users, logins,
+//! granted pairs), where it runs (store, provider, processes, workers) and the faults.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use crate::common::{naive_users_jsonl, TUser};
+use crate::naive;
+
+/// splitmix64: the schedule's only source of choices.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x5eed_fa17_0000_0000)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with `pct` percent probability.
+    pub fn chance(&mut self, pct: u64) -> bool {
+        self.below(100) < pct
+    }
+
+    pub fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len() as u64) as usize]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    PromoAll,
+    PromoPersona,
+    SegmentCoupon,
+    LazyCoupon,
+    HotProduct,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::PromoAll => "promo-all",
+            Kind::PromoPersona => "promo-persona",
+            Kind::SegmentCoupon => "segment-coupon",
+            Kind::LazyCoupon => "lazy-coupon",
+            Kind::HotProduct => "hot-product",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    File,
+    Redis,
+}
+
+/// The provider the runs push to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// `log:` files, one per run and process.
+    Log,
+    /// The in-process HTTP receiver: a share of first and second attempts answered 503 or
+    /// 429 + Retry-After, and a few first attempts answered slower than the client's timeout.
+    Http {
+        pct_5xx: u64,
+        pct_429: u64,
+        slow: u64,
+    },
+}
+
+/// When a fault lands in the run it interrupts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// After this many per mille of the deliveries still to do are out.
+    Lines(u64),
+    /// After this many milliseconds.
+    Delay(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// kill -9 of process `victim` (the others of a cluster stop on their own); the next run
+    /// starts at once or after the lease.
+    Kill {
+        at: Trigger,
+        victim: usize,
+        delayed_rerun: bool,
+    },
+    /// SIGSTOP past the lease, a second run that must take over and finish, then SIGCONT.
+    Stall { at: Trigger },
+    /// The Redis server killed and restarted (with or without persistence: the schedule's).
+    RedisRestart { at: Trigger, down_ms: u64 },
+    /// The HTTP provider answers 401 from some point on: the run stops with exit 1.
+    CredStop { at: Trigger },
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trigger::Lines(pm) => write!(f, "{}.{}%", pm / 10, pm % 10),
+            Trigger::Delay(ms) => write!(f, "{ms}ms"),
+        }
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Kill {
+                at,
+                victim,
+                delayed_rerun,
+            } => write!(
+                f,
+                "kill9(p{victim}@{at},{})",
+                if *delayed_rerun {
+                    "delayed-rerun"
+                } else {
+                    "immediate-rerun"
+                }
+            ),
+            Fault::Stall { at } => write!(f, "sigstop-past-lease(@{at})"),
+            Fault::RedisRestart { at, down_ms } => {
+                write!(f, "redis-restart(@{at},down={down_ms}ms)")
+            }
+            Fault::CredStop { at } => write!(f, "http-401(@{at})"),
+        }
+    }
+}
+
+/// One schedule, with the texts of its inputs.
+pub struct Schedule {
+    pub seed: u64,
+    pub store: StoreKind,
+    pub redis_persist: bool,
+    pub provider: ProviderKind,
+    pub processes: usize,
+    pub concurrency: u64,
+    /// `-w` of each run, fault runs first, then the final run(s).
+    pub workers: Vec<usize>,
+    /// `--now` of the runs; the final phase is one clean run per tick.
+    pub ticks: Vec<String>,
+    pub faults: Vec<Fault>,
+    pub job: String,
+    pub users_text: String,
+    pub logins_text: Option<String>,
+    pub granted_text: Option<String>,
+    pub users: BTreeMap<u64, TUser>,
+    summary: String,
+}
+
+const TAGS: [&str; 6] = ["sports", "mom", "tech", "gamer", "travel", "运动"];
+
+fn audience(r: &mut Rng, out: &mut String) {
+    let mut lines = Vec::new();
+    if r.chance(60) {
+        lines.push(format!("min_level = {}", r.range(1, 5)));
+    }
+    if r.chance(20) {
+        lines.push(format!("max_level = {}", r.range(5, 9)));
+    }
+    if r.chance(30) {
+        lines.push(format!("min_points = {}", r.range(0, 20_000)));
+    }
+    if r.chance(15) {
+        lines.push(format!("max_points = {}", r.range(20_000, 50_000)));
+    }
+    if r.chance(60) || lines.is_empty() {
+        let a = r.pick(&TAGS);
+        let b = r.pick(&TAGS);
+        lines.push(format!("tags_any = [\"{a}\", \"{b}\"]"));
+    }
+    if r.chance(15) {
+        lines.push(format!("tags_all = [\"{}\"]", r.pick(&TAGS)));
+    }
+    out.push_str("[campaign.audience]\n");
+    for l in lines {
+        out.push_str(&l);
+        out.push('\n');
+    }
+}
+
+fn campaign(r: &mut Rng, kind: Kind, id: &str) -> String {
+    let mut c = String::new();
+    let (k, start, end) = match kind {
+        Kind::PromoAll | Kind::PromoPersona => {
+            ("promotion", "2026-03-01T00:00:00Z", "2026-03-08T00:00:00Z")
+        }
+        Kind::SegmentCoupon | Kind::LazyCoupon => {
+            ("coupon", "2026-03-01T00:00:00Z", "2026-03-04T00:00:00Z")
+        }
+        Kind::HotProduct => (
+            "hot_product",
+            "2026-03-02T00:00:00Z",
+            "2026-03-03T00:00:00Z",
+        ),
+    };
+    let extra = match kind {
+        Kind::SegmentCoupon | Kind::LazyCoupon => " {coupon.id} {coupon.amount}",
+        Kind::HotProduct => " {goods.name} at {occurrence}",
+        _ => "",
+    };
+    // Titles name the id, so no two campaigns have the same content (the repeated-campaign
+    // guard would refuse the second).
+    let _ = write!(
+        c,
+        "[[campaign]]\nid = \"{id}\"\nkind = \"{k}\"\nstart = \"{start}\"\nend = \"{end}\"\n\
+         title = \"{} {id}\"\nbody = \"Hi {{user.id}} L{{user.level}} P{{user.points}} {{campaign.id}}{extra}\"\n",
+        kind.name()
+    );
+    if kind != Kind::PromoAll && (kind == Kind::PromoPersona || r.chance(60)) {
+        audience(r, &mut c);
+    }
+    match kind {
+        Kind::SegmentCoupon | Kind::LazyCoupon => {
+            let delivery = if kind == Kind::LazyCoupon {
+                "on_login"
+            } else {
+                "push"
+            };
+            let _ = write!(
+                c,
+                "[campaign.coupon]\ncoupon_id = \"C-{id}\"\namount = {}\ndelivery = \"{delivery}\"\n",
+                r.range(1, 50)
+            );
+        }
+        Kind::HotProduct => {
+            let _ = write!(
+                c,
+                "[campaign.goods]\nname = \"Goods {id}\"\ndesc = \"d{}\"\nkeywords = \"k\"\n\
+                 [campaign.schedule]\nevery = \"1h\"\n",
+                r.range(1, 99)
+            );
+        }
+        _ => {}
+    }
+    c.push('\n');
+    c
+}
+
+fn users_text(r: &mut Rng, n: u64, spread: u64) -> String {
+    let mut out = String::new();
+    for _ in 0..n {
+        let id = 1 + r.below(n * spread);
+        let tags: Vec<String> = TAGS
+            .iter()
+            .filter(|_| r.chance(25))
+            .map(|t| format!("\"{t}\""))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{{\"id\": {id}, \"level\": {}, \"points\": {}, \"tags\": [{}], \"token\": \"t-{id}\"}}",
+            r.below(10),
+            r.below(50_000),
+            tags.join(",")
+        );
+    }
+    out
+}
+
+fn ts(r: &mut Rng) -> String {
+    // Feb 27 … Mar 6: some before, some after every coupon window.
+    let day = r.range(0, 7);
+    let (m, d) = if day < 2 { (2, 27 + day) } else { (3, day - 1) };
+    format!(
+        "2026-{m:02}-{d:02}T{:02}:{:02}:00Z",
+        r.below(24),
+        r.below(60)
+    )
+}
+
+fn logins_text(r: &mut Rng, users: &BTreeMap<u64, TUser>, max_id: u64) -> String {
+    let ids: Vec<u64> = users.keys().copied().collect();
+    let mut events = Vec::new();
+    let people = (ids.len() as u64 / r.range(1, 4)).max(10);
+    for _ in 0..people {
+        // Mostly known users, a few unknown ids; each logs in one to four times.
+        let user = if r.chance(95) {
+            ids[r.below(ids.len() as u64) as usize]
+        } else {
+            max_id + 1 + r.below(1000)
+        };
+        for _ in 0..r.range(1, 4) {
+            events.push((r.next(), user, ts(r)));
+        }
+    }
+    // Logins of one user spread over the file (and so over several epochs).
+    events.sort();
+    let mut out = String::new();
+    for (_, user, t) in events {
+        let _ = writeln!(out, "{{\"user\": {user}, \"ts\": \"{t}\"}}");
+    }
+    out
+}
+
+pub fn plan(seed: u64) -> Schedule {
+    let mut r = Rng::new(seed);
+    let all = [
+        Kind::PromoAll,
+        Kind::PromoPersona,
+        Kind::SegmentCoupon,
+        Kind::LazyCoupon,
+        Kind::HotProduct,
+    ];
+    let mut kinds = vec![r.pick(&all)];
+    if r.chance(35) {
+        for _ in 0..r.range(1, 2) {
+            kinds.push(r.pick(&all));
+        }
+    }
+    let store = if r.chance(50) {
+        StoreKind::Redis
+    } else {
+        StoreKind::File
+    };
+    let processes = if r.chance(20) { 2 } else { 1 };
+    let provider = if processes == 1 && r.chance(35) {
+        ProviderKind::Http {
+            pct_5xx: r.pick(&[0, 5, 15]),
+            pct_429: r.pick(&[0, 3, 8]),
+            slow: r.pick(&[0, 0, 2, 5]),
+        }
+    } else {
+        ProviderKind::Log
+    };
+    let redis_persist = r.chance(50);
+    let n = r.range(1000, 20_000);
+    let spread = r.range(1, 4);
+    let bucket = r.range(50, 500);
+    let batch = r.range(5, 50);
+    let concurrency = r.range(4, 64);
+    let logins_per_epoch = r.range(20, 400);
+    let ticks: Vec<String> = if kinds.contains(&Kind::HotProduct) {
+        let mut t: Vec<String> = (0..r.range(1, 3))
+            .map(|_| format!("2026-03-02T{:02}:{:02}:00Z", r.range(9, 13), r.below(60)))
+            .collect();
+        t.sort();
+        t
+    } else {
+        vec!["2026-03-02T10:00:00Z".to_owned()]
+    };
+
+    let users_text = users_text(&mut r, n, spread);
+    let users = naive_users_jsonl(&users_text);
+    let lazy = kinds.contains(&Kind::LazyCoupon);
+    let logins_text = lazy.then(|| logins_text(&mut r, &users, n * spread));
+    // Behind a provider that answers 429 + Retry-After or times out, at most ~12 login
+    // epochs: an epoch waits for its slowest push, and the schedule must stay short.
+    let n_logins = logins_text
+        .as_deref()
+        .map_or(0, |t| t.lines().count() as u64);
+    let slow_provider =
+        matches!(provider, ProviderKind::Http { pct_429, slow, .. } if pct_429 + slow > 0);
+    let logins_per_epoch = if slow_provider {
+        logins_per_epoch.max(n_logins / 12)
+    } else {
+        logins_per_epoch
+    };
+    let mut campaigns = String::new();
+    let mut ids = Vec::new();
+    for (i, &k) in kinds.iter().enumerate() {
+        let id = format!("{}{i}", k.name());
+        campaigns.push_str(&campaign(&mut r, k, &id));
+        ids.push((id, k));
+    }
+    let granted_text = r.chance(30).then(|| {
+        let mut out = String::new();
+        for (id, k) in &ids {
+            if *k == Kind::HotProduct {
+                continue;
+            }
+            for u in users.keys().filter(|_| r.chance(10)) {
+                let _ = writeln!(out, "{{\"campaign\": \"{id}\", \"user\": {u}}}");
+            }
+        }
+        out
+    });
+
+    // The job without its rate, to count what one run delivers.
+    let head = |rate: u64| {
+        let mut j = String::from("[inputs]\nusers = \"users.jsonl\"\n");
+        if logins_text.is_some() {
+            j.push_str("logins = \"logins.jsonl\"\n");
+        }
+        if granted_text.is_some() {
+            j.push_str("granted = \"granted.jsonl\"\n");
+        }
+        let _ = write!(
+            j,
+            "\n[engine]\nbucket_size = {bucket}\nbatch_max_messages = {batch}\nnow = \"{}\"\n\
+             logins_per_epoch = {logins_per_epoch}\n\n[store]\nurl = \"file:store\"\n\n\
+             [provider]\nurl = \"log:deliveries.jsonl\"\nconcurrency = {concurrency}\n\
+             rate_per_s = {rate}\nmax_attempts = 6\ndead_letter = \"dead-letters.jsonl\"\n\n",
+            ticks[0]
+        );
+        j.push_str(&campaigns);
+        j
+    };
+    let draft = head(0);
+    let granted = granted_text
+        .as_deref()
+        .map(naive::granted_jsonl)
+        .unwrap_or_default();
+    let logins = logins_text
+        .as_deref()
+        .map(naive::logins_jsonl)
+        .unwrap_or_default();
+    let per_run = naive::expected(&draft, &users, &logins, &granted, None).len() as u64;
+    // A run lasts ~0.3–1 s, so a fault lands mid-run.
+    let dur_ms = r.range(300, 800);
+    let rate = (per_run * 1000 / dur_ms / processes as u64).max(50);
+    let job = head(rate);
+
+    let mut faults = Vec::new();
+    // A flaky HTTP provider is a fault of its own: such a schedule may draw no other. A few
+    // schedules draw none (controls: no duplicate at all is allowed there).
+    let flaky = matches!(provider, ProviderKind::Http { pct_5xx, pct_429, slow } if pct_5xx + pct_429 + slow > 0);
+    let control = r.chance(12);
+    for _ in 0..r.range(if flaky || control { 0 } else { 1 }, 3) {
+        let at = if r.chance(25) {
+            Trigger::Delay(r.range(20, 600))
+        } else {
+            Trigger::Lines(r.range(50, 800))
+        };
+        let mut options = vec![0, 0];
+        if store == StoreKind::Redis {
+            options.push(2);
+            if processes == 1 {
+                options.push(1);
+            }
+        }
+        if matches!(provider, ProviderKind::Http { .. }) {
+            options.push(3);
+        }
+        faults.push(match r.pick(&options) {
+            0 => Fault::Kill {
+                at,
+                victim: r.below(processes as u64) as usize,
+                delayed_rerun: r.chance(40),
+            },
+            1 => Fault::Stall { at },
+            2 => Fault::RedisRestart {
+                at,
+                down_ms: r.range(200, 900),
+            },
+            _ => Fault::CredStop { at },
+        });
+    }
+    // A stalled run is taken over by a second run: one more `-w` to draw.
+    let runs = faults.len()
+        + faults
+            .iter()
+            .filter(|f| matches!(f, Fault::Stall { .. }))
+            .count()
+        + ticks.len();
+    let fixed_w = r.range(1, 4) as usize;
+    let workers: Vec<usize> = (0..runs)
+        .map(|_| {
+            // A file store split over processes keeps one `-w` (see the report).
+            if processes > 1 && store == StoreKind::File {
+                fixed_w
+            } else {
+                r.range(1, 4) as usize
+            }
+        })
+        .collect();
+
+    let mut summary = format!(
+        "workload [{}] users={} ids<={} bucket={bucket} batch={batch} conc={concurrency} rate={rate}/s \
+         granted={} logins={} epoch={logins_per_epoch} ticks=[{}] | store={}{} procs={processes} w={workers:?} provider={}",
+        kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(","),
+        users.len(),
+        n * spread,
+        granted_text.is_some(),
+        logins_text.as_deref().map(|t| t.lines().count()).unwrap_or(0),
+        ticks.join(","),
+        match store {
+            StoreKind::File => "file",
+            StoreKind::Redis => "redis",
+        },
+        match (store, redis_persist) {
+            (StoreKind::Redis, true) => "(aof)",
+            (StoreKind::Redis, false) => "(no-persist)",
+            _ => "",
+        },
+        match provider {
+            ProviderKind::Log => "log".to_owned(),
+            ProviderKind::Http {
+                pct_5xx,
+                pct_429,
+                slow,
+            } => format!("http(5xx={pct_5xx}%,429={pct_429}%,slow={slow})"),
+        }
+    );
+    let _ = write!(
+        summary,
+        " | faults: {}",
+        faults
+            .iter()
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    Schedule {
+        seed,
+        store,
+        redis_persist,
+        provider,
+        processes,
+        concurrency,
+        workers,
+        ticks,
+        faults,
+        job,
+        users_text,
+        logins_text,
+        granted_text,
+        users,
+        summary,
+    }
+}
+
+impl Schedule {
+    pub fn describe(&self) -> &str {
+        &self.summary
+    }
+
+    /// The naive expectation: (campaign, occurrence, user) over every tick.
+    pub fn expected(&self) -> BTreeSet<(String, Option<String>, u64)> {
+        let granted = self
+            .granted_text
+            .as_deref()
+            .map(naive::granted_jsonl)
+            .unwrap_or_default();
+        let logins = self
+            .logins_text
+            .as_deref()
+            .map(naive::logins_jsonl)
+            .unwrap_or_default();
+        let mut all = BTreeSet::new();
+        for t in &self.ticks {
+            let now = chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap()
+                .with_timezone(&chrono::Utc);
+            all.extend(naive::expected(
+                &self.job,
+                &self.users,
+                &logins,
+                &granted,
+                Some(now),
+            ));
+        }
+        all
+    }
+}
