@@ -1,5 +1,6 @@
 //! What each timely worker does: build the dataflow, feed it in epochs, step until drained.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use timely::worker::Worker;
 
 use timely::dataflow::ProbeHandle;
 
-use crate::dataflow::{self, Context, Scan, Time};
+use crate::dataflow::{self, Context, Handles, Scan, Time};
 use crate::sources::logins::Login;
 
 /// How many epochs may be open (fed but not yet delivered) at once.
@@ -61,7 +62,32 @@ pub fn plan_epochs(
 /// `store_sync` is called as this worker's epochs complete (a no-op on all but one worker of
 /// a process is the caller's choice).
 pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync: impl Fn()) {
-    let mut inputs = worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone()));
+    let mut inputs = Some(worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone())));
+    let fed = panic::catch_unwind(AssertUnwindSafe(|| {
+        feed_and_drain(worker, &mut inputs, &ctx, &feed, store_sync)
+    }));
+    if let Err(why) = fed {
+        // In a cluster a lost peer connection poisons timely's channels and panics the
+        // worker. Closing the inputs pushes into those channels and panics again: done during
+        // the unwinding, that second panic would abort the process instead of letting it exit
+        // 1. So the inputs are closed here, once the first panic is caught, and the first
+        // panic then goes on to the worker's join.
+        let _ = panic::catch_unwind(AssertUnwindSafe(|| drop(inputs.take())));
+        panic::resume_unwind(why);
+    }
+}
+
+/// [`drive`]'s feeding loop, then the drain; the inputs are taken from `slot` to close them.
+fn feed_and_drain(
+    worker: &mut Worker,
+    slot: &mut Option<Handles>,
+    ctx: &Context,
+    feed: &Feed,
+    store_sync: impl Fn(),
+) {
+    let Some(inputs) = slot.as_mut() else {
+        return;
+    };
     let index = worker.index();
     let own = plan_epochs(
         feed.buckets
@@ -96,7 +122,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
                 inputs.logins.send(login);
             }
             epoch += 1;
-            wait_for_open_epochs(worker, &inputs.probe, &ctx, epoch);
+            wait_for_open_epochs(worker, &inputs.probe, ctx, epoch);
             if ctx.failed() {
                 break;
             }
@@ -110,7 +136,9 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
             }
         }
     }
-    drain(worker, inputs.close(), &ctx);
+    if let Some(inputs) = slot.take() {
+        drain(worker, inputs.close(), ctx);
+    }
 }
 
 /// Steps `worker` while fewer than [`OPEN_EPOCHS`] epochs before `next` (the epoch to be fed
