@@ -82,13 +82,20 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
         })
         .collect();
 
-    let batches = batch_bounds(&messages, ctx.batch_max_messages, ctx.batch_max_bytes);
+    push_and_record(rt, ctx, &messages).await
+}
+
+/// Pushes `messages` in provider batches and records each one's outcome in the store.
+async fn push_and_record(rt: &RunTarget, ctx: &Context, messages: &[Message<'_>]) -> Result<()> {
+    let batches = batch_bounds(messages, ctx.batch_max_messages, ctx.batch_max_bytes);
     ctx.metrics.batches.fetch_add(batches.len() as u64, Relaxed);
+    if !ctx.dispatcher.provider().sends_each() {
+        return write_and_record(rt, ctx, messages).await;
+    }
     // Batches go out together. Each message's fate is recorded in the store as soon as it is
     // known — whatever has settled since the last write goes in the next one — and only then
     // does it give back its concurrency slot.
     let settled = Settlements::default();
-    let messages = &messages;
     let sends = async {
         let outcome = stream::iter(batches.iter().cloned())
             .map(|range| {
@@ -134,6 +141,26 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
     )
     .await;
     recorded.and(sent)
+}
+
+/// [`push_and_record`] for a provider that takes a list in one write (`log:`, an instant
+/// `mock:`): writes slices of half the concurrency slots, recording each slice's outcomes
+/// before the next. A write is over when it returns, so nothing is gained by overlapping a
+/// task's writes; and a task that held its slots while waiting for more would hand them from
+/// task to task, one small record each.
+async fn write_and_record(rt: &RunTarget, ctx: &Context, messages: &[Message<'_>]) -> Result<()> {
+    let slice = (ctx.dispatcher.capacity() / 2).max(1);
+    for (k, part) in messages.chunks(slice).enumerate() {
+        let settled = Mutex::new(Vec::new());
+        let sent = ctx
+            .dispatcher
+            .deliver(part, &|s: Settled| lock(&settled).push((k * slice, s)))
+            .await;
+        let settled = settled.into_inner().unwrap_or_else(PoisonError::into_inner);
+        record(rt, ctx, messages, &settled).await?;
+        sent?;
+    }
+    Ok(())
 }
 
 /// The fates settled and not yet recorded, shared by a task's sends and its recorder.

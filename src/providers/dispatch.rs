@@ -132,6 +132,11 @@ impl Dispatcher {
         self.capacity.saturating_sub(self.slots.available_permits())
     }
 
+    /// Messages that may be in flight at once (`concurrency`).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// The provider.
     pub fn provider(&self) -> &Provider {
         &self.provider
