@@ -122,9 +122,18 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     let member = opts.cluster.member(Buckets::new(job.engine.bucket_size));
     let store = runtime.block_on(Store::connect_as(&store_url, member))?;
     let outcome = fan_out(job, opts, loaded, provider, &store, &runtime);
+    release_on_failure(&store, &runtime, outcome)
+}
+
+/// Passes `outcome` on; when it is a failure, first hands back the store lease, so that an
+/// immediate re-run (or restart of `serve`) takes over what this process had in flight at
+/// once instead of waiting for the lease to lapse.
+pub(crate) fn release_on_failure<T>(
+    store: &Store,
+    runtime: &tokio::runtime::Runtime,
+    outcome: Result<T>,
+) -> Result<T> {
     if outcome.is_err() {
-        // Hand back the store lease at once: an immediate re-run takes over what this run
-        // had in flight instead of waiting for the lease to lapse.
         if let Err(e) = runtime.block_on(store.abandon()) {
             tracing::warn!(error = %e, "cannot release the store lease");
         }

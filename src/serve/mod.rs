@@ -97,13 +97,7 @@ pub fn serve(job: &Job, opts: &ServeOptions) -> Result<()> {
     let provider = provider.open()?;
     let store = runtime.block_on(Store::connect(&job.store))?;
     let outcome = serve_on(job, opts, loaded, provider, store.clone(), &runtime);
-    if outcome.is_err() {
-        // As `run` does: an immediate restart takes over what was in flight at once.
-        if let Err(e) = runtime.block_on(store.abandon()) {
-            tracing::warn!(error = %e, "cannot release the store lease");
-        }
-    }
-    outcome
+    run::release_on_failure(&store, &runtime, outcome)
 }
 
 /// [`serve`] once its inputs are loaded and its provider and store opened.
