@@ -1,7 +1,8 @@
 //! `log:PATH` and `log:-`: each delivered message becomes one JSON line (SPEC "deliveries").
 //!
-//! A batch is written with one `write` on an append-mode file, before the engine marks it done,
-//! so a killed process never has a message marked done that is not in the file.
+//! A list of messages is written with one `write` on an append-mode file, before the engine
+//! marks any of them done, so a killed process never has a message marked done that is not in
+//! the file.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
