@@ -405,6 +405,17 @@ pub fn launch(
     }
 }
 
+/// Never returns: a worker of a process whose run failed parks here instead of ending. A
+/// worker that ends closes its connections to the peers cleanly, and a peer waiting for its
+/// progress would then wait forever; held open until the process exits (with exit 1, [`launch`]
+/// returns without waiting for the workers), they close abruptly and every peer stops with
+/// exit 1 ("a peer process stopped").
+pub fn hold_connections() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

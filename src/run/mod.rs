@@ -430,6 +430,9 @@ fn execute(
                 }
             }
             tell(cluster::Event::Finished);
+            if me.is_cluster() && ctx.failed() {
+                cluster::hold_connections();
+            }
         })
         .map_err(|e| Error::runtime(format!("cannot start timely workers: {e}")))?;
         for result in guards.join() {

@@ -42,9 +42,8 @@
 //! it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
@@ -54,11 +53,11 @@ use tokio::sync::OnceCell;
 
 use super::{Claim, LedgerCounts, Member};
 use scripts::{
-    Segments, ADMIT, ADOPT_SCRIPT, CLAIM_SCRIPT, COMPACT, DROP_EMPTY, FENCED, MARK_SCRIPT, REFRESH,
-    RELEASE, REVIVE,
+    Segments, ADMIT, ADOPT_SCRIPT, CLAIM_SCRIPT, COMPACT, DROP_EMPTY, MARK_SCRIPT, REVIVE,
 };
 
 mod conn;
+mod lease;
 mod scripts;
 
 use crate::error::{Error, Result};
@@ -67,6 +66,8 @@ pub use conn::{
     client, connect, env_duration, retry_budget, shown, CA_ENV, RETRY_BUDGET, RETRY_ENV,
 };
 pub(crate) use conn::{retrying, retrying_as};
+use lease::spawn_heartbeat;
+pub use lease::Lease;
 
 /// How long a run's lease lasts without a refresh, unless [`LEASE_ENV`] says otherwise.
 pub const LEASE: Duration = Duration::from_secs(5);
@@ -139,163 +140,6 @@ fn ids_of(bytes: &[u8], chunk: u32) -> impl Iterator<Item = u32> + '_ {
                 .filter(move |bit| byte & (0x80 >> bit) != 0)
                 .map(move |bit| base + (i as u32) * 8 + bit)
         })
-}
-
-/// Whether a script failed because the caller's lease no longer holds its token.
-fn is_fenced(e: &redis::RedisError) -> bool {
-    e.code() == Some(FENCED) || e.to_string().contains("FENCED lease lost")
-}
-
-/// A run's lease on the store, shared by the store, its ledgers, the heartbeat and every
-/// [`super::Fence`].
-#[derive(Debug)]
-pub struct Lease {
-    url: String,
-    run: String,
-    /// `fanout:run:{run}`.
-    key: String,
-    token: String,
-    duration: Duration,
-    /// The origin of `refreshed_ns`.
-    base: Instant,
-    /// When the last successful refresh (or the creation) was *sent*, in ns after `base`:
-    /// the lease lasts at least `duration` from then. `Instant` keeps counting while the
-    /// process is stopped, so a woken process sees the time it lost.
-    refreshed_ns: AtomicU64,
-    /// Set once the server refused our token: every later call fails at once.
-    fenced: AtomicBool,
-    /// Set by close/abandon: the heartbeat stops and a missing lease is no fault.
-    ended: AtomicBool,
-    /// The next claim call's nonce.
-    nonce: AtomicU64,
-}
-
-impl Lease {
-    fn refreshed(&self, sent: Instant) {
-        let ns = sent.saturating_duration_since(self.base).as_nanos();
-        self.refreshed_ns
-            .fetch_max(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::AcqRel);
-    }
-
-    fn fence(&self) {
-        if !self.fenced.swap(true, Ordering::AcqRel) {
-            tracing::error!(run = %self.run, "lease lost: another run may have taken over");
-        }
-    }
-
-    fn is_fenced(&self) -> bool {
-        self.fenced.load(Ordering::Acquire)
-    }
-
-    /// Err ("lease lost") once fenced.
-    fn check_fenced(&self) -> Result<()> {
-        match self.is_fenced() {
-            true => Err(self.lost()),
-            false => Ok(()),
-        }
-    }
-
-    /// The error of every call once fenced.
-    fn lost(&self) -> Error {
-        Error::runtime(format!(
-            "store {}: lease lost: another run took over (run {}'s lease expired or was taken); \
-             stopping so that no user is sent twice",
-            self.url, self.run
-        ))
-    }
-
-    /// Ok while this run may act: not fenced, and less than lease − lease/5 since the send
-    /// time of the last successful refresh (past that, the lease may have expired on the
-    /// server and another run may be adopting our users). It may pass again after a refresh.
-    pub fn check(&self) -> Result<()> {
-        self.check_fenced()?;
-        let refreshed = Duration::from_nanos(self.refreshed_ns.load(Ordering::Acquire));
-        let since = self.base.elapsed().saturating_sub(refreshed);
-        let safe = self.duration - self.duration / 5;
-        if since > safe {
-            return Err(Error::runtime(format!(
-                "store {}: run {}'s lease may have expired (no refresh for {} ms, lease {} ms); \
-                 sending nothing more",
-                self.url,
-                self.run,
-                since.as_millis(),
-                self.duration.as_millis()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Runs `op` as [`retrying`] does, but fails at once when fenced, and fences (with the
-    /// "lease lost" error) when a script answers that our lease is no longer ours.
-    async fn guarded<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
-    {
-        self.check_fenced()?;
-        let out = retrying(&self.url, what, || {
-            let call = op();
-            async move {
-                let r = call.await;
-                if matches!(&r, Err(e) if is_fenced(e)) {
-                    self.fence();
-                }
-                r
-            }
-        })
-        .await;
-        match out {
-            Err(_) if self.is_fenced() => Err(self.lost()),
-            other => other,
-        }
-    }
-
-    /// Drops the lease if it still holds our token (the end of a run, clean or not).
-    async fn release(&self, con: &ConnectionManager) -> Result<()> {
-        self.ended.store(true, Ordering::Release);
-        let script = Script::new(RELEASE);
-        retrying(&self.url, "DEL run lease", || {
-            let mut con = con.clone();
-            let mut call = script.prepare_invoke();
-            call.key(&self.key).arg(&self.token);
-            async move { call.invoke_async::<i64>(&mut con).await }
-        })
-        .await?;
-        Ok(())
-    }
-}
-
-/// Refreshes the lease every lease/5 while it lives (see [`Lease`]); stops once the lease
-/// ends, is dropped, or is found lost (then the store is fenced).
-fn spawn_heartbeat(con: ConnectionManager, lease: Weak<Lease>, period: Duration) {
-    tokio::spawn(async move {
-        let script = Script::new(REFRESH);
-        let mut con = con;
-        loop {
-            tokio::time::sleep(period).await;
-            let Some(lease) = lease.upgrade() else { return };
-            if lease.ended.load(Ordering::Acquire) || lease.is_fenced() {
-                return;
-            }
-            let sent = Instant::now();
-            let mut call = script.prepare_invoke();
-            call.key(&lease.key)
-                .arg(&lease.token)
-                .arg(lease.duration.as_millis() as u64);
-            // Bounded by the lease: a refresh answered later is worth nothing more.
-            match tokio::time::timeout(lease.duration, call.invoke_async::<i64>(&mut con)).await {
-                Ok(Ok(1)) => lease.refreshed(sent),
-                Ok(Ok(_)) => {
-                    if !lease.ended.load(Ordering::Acquire) {
-                        lease.fence();
-                    }
-                    return;
-                }
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh the run's lease in redis"),
-                Err(_) => tracing::warn!("refreshing the run's lease in redis timed out"),
-            }
-        }
-    });
 }
 
 /// A Redis store, shared by every worker and task of a process.
