@@ -104,7 +104,7 @@ pub struct RunArgs {
     /// Pushes in flight at once.
     #[arg(long)]
     pub concurrency: Option<usize>,
-    /// Worker threads.
+    /// Worker threads (default: the machine's cores).
     #[arg(short = 'w', long)]
     pub workers: Option<usize>,
     /// Clock override, RFC 3339.

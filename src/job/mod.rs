@@ -115,7 +115,7 @@ pub struct Engine {
     /// The clock: `--now`, else `[engine] now`, else the system clock at load time.
     pub now: DateTime<Utc>,
     /// Worker threads, 1..=1024: `--workers`, else `[engine] workers` (an extension of the
-    /// SPEC's table, so a job file can pin its parallelism), else 1.
+    /// SPEC's table, so a job file can pin its parallelism), else the machine's cores.
     pub workers: usize,
     /// Login events fed to the dataflow per epoch, ≥ 1 (an extension; default 65536).
     pub logins_per_epoch: usize,
@@ -302,7 +302,7 @@ fn engine(doc: &Doc, raw: RawEngine, o: &Overrides) -> Result<Engine> {
             raw.workers,
             o.workers,
             ("engine.workers", "--workers"),
-            1,
+            default_workers(),
             (|v| (1..=MAX_WORKERS).contains(&v), "must be 1..=1024"),
         )?,
         logins_per_epoch: setting(
@@ -362,6 +362,14 @@ fn at_least_1<T: PartialOrd + From<u8>>(v: T) -> bool {
 
 /// A number from the command line (`flag`) or else the file (`field`, dotted), else `default`;
 /// a value that fails `ok` is an error naming where it came from and saying `expected`.
+/// Worker threads when neither the job nor `--workers` says: one per core (SPEC `--workers`).
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .min(MAX_WORKERS)
+}
+
 fn setting<T: Copy>(
     doc: &Doc,
     file: Option<Spanned<T>>,

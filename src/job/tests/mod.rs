@@ -81,7 +81,9 @@ fn defaults_apply() {
         (e.bucket_size, e.batch_max_messages, e.batch_max_bytes),
         (1000, 100, 819_200)
     );
-    assert_eq!(e.workers, 1);
+    // SPEC: the machine's cores.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(e.workers, cores);
     assert!((Utc::now() - e.now).num_seconds().abs() < 60);
     assert_eq!(job.store, "file:.fanout");
     let expected = ProviderConfig {
