@@ -4,7 +4,7 @@
 //! the timeline's samples sit behind a mutex taken once per provider call.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,62 +12,122 @@ use hdrhistogram::Histogram;
 
 use serde::Serialize;
 
-/// Per-target counters. `eligible = delivered + dead_lettered + unreachable` once drained.
-#[derive(Debug, Default)]
-pub struct CampaignStats {
-    /// Users this run claimed and set out to reach.
-    pub eligible: AtomicU64,
-    /// Messages the provider accepted.
-    pub delivered: AtomicU64,
-    /// Users in the audience who already had it (granted input, or the store's ledger).
-    pub already_granted: AtomicU64,
-    /// Messages that failed for good.
-    pub dead_lettered: AtomicU64,
-    /// Users the provider cannot address (no token).
-    pub unreachable: AtomicU64,
+/// Declares a set of counters once. From one list of fields, each with its doc comment and
+/// its Prometheus name (`""`: not exported), it yields the struct of atomics, its plain
+/// snapshot, `snapshot()`, `add()` (a snapshot from elsewhere — another process of a
+/// cluster — added in), and `expose()` (the Prometheus lines, the doc comment as HELP).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident / $snap:ident {
+            $( $(#[doc = $doc:literal])+ $field:ident => $prom:literal, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $( $(#[doc = $doc])+ pub $field: std::sync::atomic::AtomicU64, )*
+        }
+
+        #[doc = concat!("The values of [`", stringify!($name), "`] at one moment.")]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        pub struct $snap {
+            $( $(#[doc = $doc])+ pub $field: u64, )*
+        }
+
+        impl $name {
+            /// Every counter's value now.
+            pub fn snapshot(&self) -> $snap {
+                $snap { $( $field: self.$field.load(std::sync::atomic::Ordering::Relaxed), )* }
+            }
+
+            /// Adds `other` to each counter.
+            pub fn add(&self, other: &$snap) {
+                $( self.$field.fetch_add(other.$field, std::sync::atomic::Ordering::Relaxed); )*
+            }
+
+            /// Appends the exported counters in the Prometheus text format.
+            pub fn expose(&self, out: &mut String) {
+                $( $crate::metrics::expose_counter(out, $prom, concat!($($doc),+), self.$field.load(std::sync::atomic::Ordering::Relaxed)); )*
+            }
+        }
+    };
 }
 
-impl CampaignStats {
-    /// The counters as `[eligible, delivered, already_granted, dead_lettered, unreachable]`.
-    pub fn counts(&self) -> [u64; 5] {
-        [
-            self.eligible.load(Relaxed),
-            self.delivered.load(Relaxed),
-            self.already_granted.load(Relaxed),
-            self.dead_lettered.load(Relaxed),
-            self.unreachable.load(Relaxed),
-        ]
-    }
+pub use counters;
 
-    /// Adds another process's [`CampaignStats::counts`].
-    pub fn add(&self, c: &[u64; 5]) {
-        self.eligible.fetch_add(c[0], Relaxed);
-        self.delivered.fetch_add(c[1], Relaxed);
-        self.already_granted.fetch_add(c[2], Relaxed);
-        self.dead_lettered.fetch_add(c[3], Relaxed);
-        self.unreachable.fetch_add(c[4], Relaxed);
+/// One counter in the Prometheus text format (nothing for an unexported one, `name` empty).
+#[doc(hidden)]
+pub fn expose_counter(out: &mut String, name: &str, help: &str, value: u64) {
+    use std::fmt::Write as _;
+    if name.is_empty() {
+        return;
+    }
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+counters! {
+    /// Per-target counters. `eligible = delivered + dead_lettered + unreachable` once drained.
+    pub struct CampaignStats / CampaignCounts {
+        /// Users this run claimed and set out to reach.
+        eligible => "",
+        /// Messages the provider accepted.
+        delivered => "",
+        /// Users in the audience who already had it (granted input, or the store's ledger).
+        already_granted => "",
+        /// Messages that failed for good.
+        dead_lettered => "",
+        /// Users the provider cannot address (no token).
+        unreachable => "",
+    }
+}
+
+counters! {
+    /// Process-wide counters of one run (or of a `serve` process's life).
+    pub struct Counters / Counts {
+        /// Users scanned by fan-outs.
+        users_scanned => "fanout_users_scanned_total",
+        /// (user, campaign) pairs finished with: not in the audience, already granted,
+        /// delivered, dead-lettered or unreachable. The progress bar's position.
+        pairs_settled => "",
+        /// Buckets scanned.
+        buckets => "",
+        /// Batches handed to the provider.
+        batches => "fanout_batches_total",
+        /// Messages delivered.
+        delivered => "fanout_deliveries_total",
+        /// Push attempts retried.
+        retries => "fanout_retries_total",
+        /// Login events of known users.
+        logins => "fanout_logins_total",
+        /// Login events of unknown users (ignored).
+        logins_unknown => "fanout_logins_unknown_user_total",
+        /// Messages dead-lettered for an invalid or unregistered push token.
+        invalid_tokens => "fanout_invalid_tokens_total",
+        /// Users claimed in the store (each is then delivered, dead-lettered or unreachable).
+        claimed => "fanout_claims_total",
+        /// Users found already granted when claimed.
+        already_granted => "fanout_already_granted_total",
+        /// Messages dead-lettered (failures past retries or permanent).
+        dead_lettered => "fanout_dead_lettered_total",
+        /// Messages for users without a push token.
+        unreachable => "fanout_unreachable_total",
     }
 }
 
 /// One process's counters at the end of a run, sent to process 0 of a cluster for the summary.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Tally {
-    /// Per run target, in order: [`CampaignStats::counts`].
-    pub campaigns: Vec<[u64; 5]>,
-    /// Users scanned.
-    pub users_scanned: u64,
-    /// Buckets scanned.
-    pub buckets: u64,
-    /// Batches pushed.
-    pub batches: u64,
-    /// Messages delivered.
-    pub delivered: u64,
-    /// Login events of known users.
-    pub logins: u64,
-    /// Login events of unknown users.
-    pub logins_unknown: u64,
-    /// Invalid push tokens.
-    pub invalid_tokens: u64,
+    /// Per run target, in order.
+    pub campaigns: Vec<CampaignCounts>,
+    /// The process's counters.
+    pub counts: Counts,
     /// The push-latency histogram as (µs, count) pairs.
     pub latency_us: Vec<(u64, u64)>,
 }
@@ -83,16 +143,9 @@ pub struct CampaignSummary {
     /// Why nothing was sent, when the campaign was not run (e.g. outside its window).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub skipped: Option<String>,
-    /// See [`CampaignStats`].
-    pub eligible: u64,
-    /// See [`CampaignStats`].
-    pub delivered: u64,
-    /// See [`CampaignStats`].
-    pub already_granted: u64,
-    /// See [`CampaignStats`].
-    pub dead_lettered: u64,
-    /// See [`CampaignStats`].
-    pub unreachable: u64,
+    /// Its counters (all 0 when skipped).
+    #[serde(flatten)]
+    pub counts: CampaignCounts,
 }
 
 impl CampaignStats {
@@ -102,11 +155,7 @@ impl CampaignStats {
             id: id.to_owned(),
             occurrence: occurrence.map(str::to_owned),
             skipped: None,
-            eligible: self.eligible.load(Relaxed),
-            delivered: self.delivered.load(Relaxed),
-            already_granted: self.already_granted.load(Relaxed),
-            dead_lettered: self.dead_lettered.load(Relaxed),
-            unreachable: self.unreachable.load(Relaxed),
+            counts: self.snapshot(),
         }
     }
 }
@@ -260,37 +309,12 @@ pub struct Summary {
     pub timeline: Timeline,
 }
 
-/// Process-wide counters of one run.
+/// Process-wide counters of one run, with the push-latency histogram and the timeline.
 #[derive(Debug)]
 pub struct Metrics {
     started: Instant,
-    /// Users scanned.
-    pub users_scanned: AtomicU64,
-    /// (user, campaign) pairs finished with: not in the audience, already granted, delivered,
-    /// dead-lettered or unreachable. The progress bar's position.
-    pub pairs_settled: AtomicU64,
-    /// Buckets scanned.
-    pub buckets: AtomicU64,
-    /// Batches pushed.
-    pub batches: AtomicU64,
-    /// Messages delivered, all campaigns.
-    pub delivered: AtomicU64,
-    /// Retried attempts.
-    pub retries: AtomicU64,
-    /// Login events of known users.
-    pub logins: AtomicU64,
-    /// Login events of users the source does not know (ignored).
-    pub logins_unknown: AtomicU64,
-    /// Messages dead-lettered for an invalid or unregistered push token.
-    pub invalid_tokens: AtomicU64,
-    /// Users claimed in the store (each is then delivered, dead-lettered or unreachable).
-    pub claimed: AtomicU64,
-    /// Users found already granted when claimed.
-    pub already_granted: AtomicU64,
-    /// Messages dead-lettered, all campaigns.
-    pub dead_lettered: AtomicU64,
-    /// Messages for users without a push token, all campaigns.
-    pub unreachable: AtomicU64,
+    /// The counters.
+    pub count: Counters,
     recorded: Mutex<Recorded>,
 }
 
@@ -307,19 +331,7 @@ impl Metrics {
         let hist = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds"); // ok: constants
         Metrics {
             started: Instant::now(),
-            users_scanned: AtomicU64::new(0),
-            pairs_settled: AtomicU64::new(0),
-            buckets: AtomicU64::new(0),
-            batches: AtomicU64::new(0),
-            delivered: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
-            logins: AtomicU64::new(0),
-            logins_unknown: AtomicU64::new(0),
-            invalid_tokens: AtomicU64::new(0),
-            claimed: AtomicU64::new(0),
-            already_granted: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            unreachable: AtomicU64::new(0),
+            count: Counters::default(),
             recorded: Mutex::new(Recorded {
                 latency_us: hist,
                 delivered_at: Vec::new(),
@@ -333,7 +345,7 @@ impl Metrics {
         let Ok(mut r) = self.recorded.lock() else {
             return;
         };
-        r.sample(self.elapsed(), self.delivered.load(Relaxed));
+        r.sample(self.elapsed(), self.count.delivered.load(Relaxed));
         let h = &mut r.latency_us;
         let _ = h.record_n((latency.as_micros() as u64).max(1), n as u64);
     }
@@ -364,14 +376,8 @@ impl Metrics {
             Err(_) => Vec::new(),
         };
         Tally {
-            campaigns: campaigns.into_iter().map(CampaignStats::counts).collect(),
-            users_scanned: self.users_scanned.load(Relaxed),
-            buckets: self.buckets.load(Relaxed),
-            batches: self.batches.load(Relaxed),
-            delivered: self.delivered.load(Relaxed),
-            logins: self.logins.load(Relaxed),
-            logins_unknown: self.logins_unknown.load(Relaxed),
-            invalid_tokens: self.invalid_tokens.load(Relaxed),
+            campaigns: campaigns.into_iter().map(CampaignStats::snapshot).collect(),
+            counts: self.count.snapshot(),
             latency_us,
         }
     }
@@ -382,13 +388,7 @@ impl Metrics {
         for (stats, counts) in campaigns.into_iter().zip(&t.campaigns) {
             stats.add(counts);
         }
-        self.users_scanned.fetch_add(t.users_scanned, Relaxed);
-        self.buckets.fetch_add(t.buckets, Relaxed);
-        self.batches.fetch_add(t.batches, Relaxed);
-        self.delivered.fetch_add(t.delivered, Relaxed);
-        self.logins.fetch_add(t.logins, Relaxed);
-        self.logins_unknown.fetch_add(t.logins_unknown, Relaxed);
-        self.invalid_tokens.fetch_add(t.invalid_tokens, Relaxed);
+        self.count.add(&t.counts);
         if let Ok(mut r) = self.recorded.lock() {
             for &(us, n) in &t.latency_us {
                 let _ = r.latency_us.record_n(us.max(1), n);
@@ -404,7 +404,8 @@ impl Metrics {
     /// The summary, given the per-campaign lines.
     pub fn summary(&self, campaigns: Vec<CampaignSummary>, skipped_lines: u64) -> Summary {
         let elapsed = self.elapsed().as_secs_f64();
-        let delivered: u64 = campaigns.iter().map(|c| c.delivered).sum();
+        let delivered: u64 = campaigns.iter().map(|c| c.counts.delivered).sum();
+        let c = self.count.snapshot();
         let (latency, histogram, timeline) = match self.recorded.lock() {
             Ok(mut r) => {
                 r.sample(self.elapsed(), delivered);
@@ -423,13 +424,13 @@ impl Metrics {
         };
         Summary {
             campaigns,
-            users_scanned: self.users_scanned.load(Relaxed),
-            buckets: self.buckets.load(Relaxed),
-            batches: self.batches.load(Relaxed),
+            users_scanned: c.users_scanned,
+            buckets: c.buckets,
+            batches: c.batches,
             skipped_lines,
-            logins: self.logins.load(Relaxed),
-            logins_unknown_user: self.logins_unknown.load(Relaxed),
-            invalid_tokens: self.invalid_tokens.load(Relaxed),
+            logins: c.logins,
+            logins_unknown_user: c.logins_unknown,
+            invalid_tokens: c.invalid_tokens,
             elapsed_s: elapsed,
             deliveries_per_s: if elapsed > 0.0 {
                 delivered as f64 / elapsed
@@ -468,8 +469,8 @@ impl Progress {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             while !flag.load(Relaxed) {
-                bar.set_position(metrics.pairs_settled.load(Relaxed));
-                let delivered = metrics.delivered.load(Relaxed);
+                bar.set_position(metrics.count.pairs_settled.load(Relaxed));
+                let delivered = metrics.count.delivered.load(Relaxed);
                 let rate = delivered as f64 / metrics.elapsed().as_secs_f64().max(1e-3);
                 bar.set_message(format!("{delivered} delivered ({rate:.0}/s)"));
                 std::thread::sleep(Duration::from_millis(200));

@@ -64,6 +64,80 @@ fn every_sample_dataflow_runs_and_delivers_the_naive_set() {
     }
 }
 
+/// `plan` and `run` read a job the same way. On every sample job, with granted pairs naming
+/// every campaign (a hot product's included: they do not apply to its occurrences), each
+/// fan-out's eligible count in the plan is what the naive reading delivers and what the run
+/// then reports, and so is its granted count; a lazy coupon's run grants no more than the plan
+/// counts; after the run, the plan finds every fan-out done.
+#[test]
+fn plan_and_run_agree_on_every_sample_job() {
+    let users = naive_users_jsonl(&read(&repo("inputs/users.jsonl")));
+    for name in [
+        "promotion-all-users",
+        "coupon-on-login",
+        "coupon-segment",
+        "hot-products",
+    ] {
+        let s = with_sample_inputs();
+        let mut job: toml::Value = toml::from_str(&read(&repo(&format!("dataflows/{name}.toml"))))
+            .expect("sample job is TOML");
+        let mut granted = read(&s.path("inputs/granted.jsonl"));
+        for c in job["campaign"].as_array().unwrap() {
+            for id in users.keys().step_by(7) {
+                granted.push_str(&format!("{{\"campaign\": {}, \"user\": {id}}}\n", c["id"]));
+            }
+        }
+        s.write("inputs/all-granted.jsonl", &granted);
+        job["inputs"]
+            .as_table_mut()
+            .unwrap()
+            .insert("granted".into(), "inputs/all-granted.jsonl".into());
+        let job = toml::to_string(&job).unwrap();
+        s.write("job.toml", &job);
+        let plan_of = |file: &str| {
+            s.fanout_ok(&["plan", "job.toml", "--summary", file]);
+            serde_json::from_str::<serde_json::Value>(&read(&s.path(file))).expect("plan JSON")
+        };
+        let before = plan_of("plan.json");
+        s.fanout_ok(&["run", "job.toml", "--quiet", "--summary", "summary.json"]);
+        let run = read_summary(&s.path("summary.json"));
+        let after = plan_of("plan-after.json");
+        let want = expected_in(&job, s.dir.path(), &users);
+        let lines = before["campaigns"].as_array().unwrap();
+        assert!(!lines.is_empty(), "{name}: an empty plan");
+        for (k, line) in lines.iter().enumerate() {
+            let id = line["id"].as_str().unwrap();
+            let (ran, later) = (&run["campaigns"][k], &after["campaigns"][k]);
+            assert_eq!(ran["id"], line["id"], "{name}: campaign order");
+            let naive = want
+                .iter()
+                .filter(|(c, o, _)| c == id && o.as_deref() == line["occurrence"].as_str())
+                .count() as u64;
+            let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+            assert_eq!(n(ran, "eligible"), naive, "{name} {id}: run vs naive");
+            if line["at_login"].as_bool() == Some(true) {
+                assert!(
+                    naive <= n(line, "eligible"),
+                    "{name} {id}: lazy grants beyond plan"
+                );
+                continue;
+            }
+            assert_eq!(n(line, "eligible"), naive, "{name} {id}: plan vs naive");
+            assert_eq!(
+                n(line, "already_granted"),
+                n(ran, "already_granted"),
+                "{name} {id}: granted, plan vs run"
+            );
+            assert_eq!(n(later, "eligible"), 0, "{name} {id}: left after the run");
+            assert_eq!(
+                n(later, "already_granted"),
+                n(line, "audience"),
+                "{name} {id}"
+            );
+        }
+    }
+}
+
 const WINDOWS: &str = r#"
 [[campaign]]
 id = "welcome"

@@ -34,9 +34,11 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
         .eligible
         .fetch_add(claim.claimed.len() as u64, Relaxed);
     ctx.metrics
+        .count
         .claimed
         .fetch_add(claim.claimed.len() as u64, Relaxed);
     ctx.metrics
+        .count
         .already_granted
         .fetch_add(claim.already.len() as u64, Relaxed);
     if claim.claimed.is_empty() {
@@ -88,7 +90,10 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
 /// Pushes `messages` in provider batches and records each one's outcome in the store.
 async fn push_and_record(rt: &RunTarget, ctx: &Context, messages: &[Message<'_>]) -> Result<()> {
     let batches = batch_bounds(messages, ctx.batch_max_messages, ctx.batch_max_bytes);
-    ctx.metrics.batches.fetch_add(batches.len() as u64, Relaxed);
+    ctx.metrics
+        .count
+        .batches
+        .fetch_add(batches.len() as u64, Relaxed);
     if !ctx.dispatcher.provider().sends_each() {
         return write_and_record(rt, ctx, messages).await;
     }
@@ -238,12 +243,17 @@ async fn record(
     rt.stats.delivered.fetch_add(delivered, Relaxed);
     rt.stats.unreachable.fetch_add(unreachable, Relaxed);
     rt.stats.dead_lettered.fetch_add(dead.len() as u64, Relaxed);
-    ctx.metrics.delivered.fetch_add(delivered, Relaxed);
-    ctx.metrics.unreachable.fetch_add(unreachable, Relaxed);
+    ctx.metrics.count.delivered.fetch_add(delivered, Relaxed);
     ctx.metrics
+        .count
+        .unreachable
+        .fetch_add(unreachable, Relaxed);
+    ctx.metrics
+        .count
         .dead_lettered
         .fetch_add(dead.len() as u64, Relaxed);
     ctx.metrics
+        .count
         .pairs_settled
         .fetch_add((done.len() + dead.len()) as u64, Relaxed);
     Ok(())

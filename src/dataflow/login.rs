@@ -108,9 +108,9 @@ pub fn match_logins<'s>(
                                 },
                             );
                             let counter = if known {
-                                &ctx.metrics.logins
+                                &ctx.metrics.count.logins
                             } else {
-                                &ctx.metrics.logins_unknown
+                                &ctx.metrics.count.logins_unknown
                             };
                             counter.fetch_add(1, Relaxed);
                         }

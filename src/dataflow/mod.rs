@@ -141,6 +141,14 @@ impl Context {
     pub fn failed(&self) -> bool {
         self.fatal.lock().map(|f| f.is_some()).unwrap_or(true)
     }
+
+    /// The fatal error recorded, if any, as an `Err` (taken out).
+    pub fn take_failure(&self) -> Result<(), Error> {
+        match self.fatal.lock().ok().and_then(|mut f| f.take()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The input handles and probe of one worker's fan-out dataflow.

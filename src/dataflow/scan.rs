@@ -114,7 +114,7 @@ pub fn scan<'s>(
                     if to >= hi {
                         queue.pop_front();
                         cursor = 0;
-                        ctx.metrics.buckets.fetch_add(1, Relaxed);
+                        ctx.metrics.count.buckets.fetch_add(1, Relaxed);
                     } else {
                         cursor = to;
                     }
@@ -197,9 +197,10 @@ fn expand(
             }
         }
     });
-    ctx.metrics.users_scanned.fetch_add(visited, Relaxed);
+    ctx.metrics.count.users_scanned.fetch_add(visited, Relaxed);
     let candidates: u64 = found.iter().map(|f| f.len() as u64).sum();
     ctx.metrics
+        .count
         .pairs_settled
         .fetch_add(visited * live.len() as u64 - candidates, Relaxed);
     for (k, (t, _, _)) in live.iter().enumerate() {

@@ -168,7 +168,10 @@ impl Dispatcher {
                 _ = halt.wait_for(|halted| *halted) => return Err(self.halt_error()),
             };
             if !retry.is_empty() {
-                self.metrics.retries.fetch_add(retry.len() as u64, Relaxed);
+                self.metrics
+                    .count
+                    .retries
+                    .fetch_add(retry.len() as u64, Relaxed);
                 tokio::select! {
                     _ = tokio::time::sleep(retry_wait(attempt, wait)) => {}
                     _ = halt.wait_for(|halted| *halted) => return Err(self.halt_error()),
@@ -272,7 +275,7 @@ impl Dispatcher {
             Some(Outcome::Unreachable) => Fate::Unreachable,
             Some(Outcome::Permanent(error)) => dead(&error)?,
             Some(Outcome::InvalidToken(error)) => {
-                self.metrics.invalid_tokens.fetch_add(1, Relaxed);
+                self.metrics.count.invalid_tokens.fetch_add(1, Relaxed);
                 dead(&error)?
             }
             Some(Outcome::Retry { error, .. }) if attempt >= self.max_attempts => dead(&error)?,

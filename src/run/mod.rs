@@ -6,23 +6,22 @@
 pub mod cluster;
 pub mod driver;
 pub mod plan;
+pub mod prepare;
 pub mod targets;
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context as _;
-
 use crate::dataflow::{self, Context, RunTarget};
 use crate::error::{Error, Result};
 use crate::job::{content_hash, Job};
-use crate::metrics::{CampaignStats, CampaignSummary, Metrics, Progress, Summary};
+use crate::metrics::{CampaignSummary, Metrics, Progress, Summary};
 use crate::model::Buckets;
-use crate::providers::{dispatch::Dispatcher, Provider, ProviderSpec};
-use crate::render::Renderer;
+use crate::providers::{Provider, ProviderSpec};
 use crate::sources::logins::Login;
 use crate::sources::{LoadOptions, LoadReport, UserSource};
 use crate::store::Store;
 use driver::Feed;
+use prepare::{Engine, Line, Sizing, Targets};
 use targets::Admission;
 
 /// How a run behaves, beyond the job file.
@@ -37,17 +36,6 @@ pub struct RunOptions {
     /// Which process of which cluster this is (default: a single process).
     pub cluster: cluster::Cluster,
 }
-
-/// Users per epoch, at least; larger when many pushes may be in flight.
-const MIN_USERS_PER_EPOCH: u64 = 1 << 18;
-/// Provider batches per push task: one claim and one ledger write serve them all.
-const TASK_BATCHES: usize = 32;
-/// Users per push task, at most.
-const MAX_TASK_USERS: usize = 4096;
-/// Push tasks a worker may have handed out beyond `concurrency` messages: enough that the
-/// tokio threads never wait for a worker to wake up and spawn more (measured: 2 → 16 tasks
-/// took 10M users from 0.80 s to 0.62 s).
-const TASKS_AHEAD: usize = 16;
 
 /// The inputs of a run, loaded and checked.
 pub struct Loaded {
@@ -115,7 +103,7 @@ pub fn run(job: &Job, opts: &RunOptions) -> Result<Summary> {
     // A store split by another process count is refused before anything is read.
     let store_url = opts.cluster.store_url(&job.store)?;
     let loaded = load(job, opts)?;
-    let runtime = push_runtime()?;
+    let runtime = prepare::push_runtime()?;
     // Before the store, so a missing credential or a bad timeout (usage errors, exit 2) leaves
     // the store untouched.
     let provider = provider.open()?;
@@ -150,157 +138,35 @@ fn fan_out(
     store: &Store,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<Summary> {
-    // Logins on a Redis stream: every entry there now, acknowledged once the run is durable.
-    let login_stream = match &job.inputs.logins {
-        // In a cluster, process 0 feeds the logins: it alone reads (and acknowledges) them.
-        Some(url) if is_redis(url) && opts.cluster.process == 0 => {
-            let (reader, logins, ids, skipped) = runtime.block_on(
-                crate::streams::read_all_logins(url, "fanout-run", opts.skip_bad_lines),
-            )?;
-            if skipped > 0 && !opts.quiet {
-                eprintln!("fanout: {skipped} bad login entries skipped");
-            }
-            loaded.logins = logins;
-            Some((reader, ids))
-        }
-        _ => None,
-    };
-
-    let metrics = Arc::new(Metrics::new());
-    let mut run_targets = Vec::new();
-    let mut lines: Vec<Option<usize>> = Vec::new(); // summary line → run target index
-    let mut skipped: Vec<Option<String>> = Vec::new();
-    let mut scan_targets = Vec::new();
-    for admission in loaded.admissions {
-        let (target, at_login) = match admission {
-            Admission::Run(target) => (target, false),
-            Admission::AtLogin(target) => (target, true),
-            Admission::Skip(why) => {
-                lines.push(None);
-                skipped.push(Some(why));
-                continue;
-            }
-        };
-        if !at_login {
-            scan_targets.push(run_targets.len() as u32);
-        }
-        let ledger = runtime.block_on(store.ledger(&target.ledger_key()))?;
-        lines.push(Some(run_targets.len()));
-        skipped.push(None);
-        run_targets.push(RunTarget {
-            renderer: Renderer::new(&target),
-            target,
-            ledger,
-            stats: CampaignStats::default(),
-        });
-    }
+    let login_stream = read_login_stream(job, opts, &mut loaded, runtime)?;
+    let admissions = std::mem::take(&mut loaded.admissions);
+    let targets = runtime.block_on(Targets::open(store, admissions))?;
     // The repeated-campaign guard, before anything is pushed.
-    let admissions: Vec<(String, String)> = run_targets
-        .iter()
-        .map(|rt| {
-            (
-                content_hash(&rt.target.campaign),
-                rt.target.campaign.id.clone(),
-            )
-        })
-        .collect();
-    runtime.block_on(store.admit(&admissions))?;
-    // What the processes of a cluster must agree on (checked before anything is sent).
-    let fingerprint = cluster::fingerprint(
-        job,
-        run_targets.iter().enumerate().map(|(i, rt)| {
-            format!(
-                "{}|{}|{:?}|{}",
-                rt.target.campaign.id,
-                content_hash(&rt.target.campaign),
-                rt.target.occurrence,
-                scan_targets.contains(&(i as u32))
-            )
-        }),
-    );
+    runtime.block_on(store.admit(&targets.admissions()))?;
+    let fingerprint = cluster_fingerprint(job, &targets);
     if opts.retry_dead_letters {
-        for rt in &run_targets {
-            let revived = runtime.block_on(rt.ledger.revive_dead())?;
-            let name = display_name(&rt.target.campaign.id, rt.target.occurrence.as_deref());
-            tracing::info!(campaign = %name, revived, "dead letters made claimable again");
-        }
+        revive_dead_letters(&targets.run, runtime)?;
     }
-    let granted = granted_pairs(&loaded.granted, &run_targets);
-
+    let sizing = Sizing::of(job);
     let buckets = Buckets::new(job.engine.bucket_size);
-    let concurrency = job.provider.concurrency.max(1);
-    let workers = job.engine.workers.max(1);
-    // Per worker: each feeds its own buckets, so a process holds about this many users' work.
-    let users_per_epoch = (MIN_USERS_PER_EPOCH.max(4 * concurrency as u64) / workers as u64)
-        .max(MIN_USERS_PER_EPOCH / 4);
-    let route = opts.cluster.route(buckets);
-    let bucket_users: Vec<(u32, u64)> = if scan_targets.is_empty() {
-        Vec::new()
-    } else {
-        loaded
-            .source
-            .buckets(buckets)
-            .into_iter()
-            .filter(|&b| route.is_none_or(|r| r.keeps_bucket(b)))
-            .map(|b| {
-                let (lo, hi) = buckets.bucket_range(b);
-                (b, loaded.source.count_in(lo, hi))
-            })
-            .collect()
-    };
-    let lazy_targets = run_targets.len() - scan_targets.len();
-    // This process's share (the progress bar is per process).
-    let own_users: u64 = bucket_users.iter().map(|b| b.1).sum();
-    let total_pairs = own_users * scan_targets.len() as u64
-        + loaded.logins.len() as u64 * lazy_targets as u64 / opts.cluster.processes as u64;
-    let feed = Arc::new(Feed {
-        admit: (0..run_targets.len() as u32).collect(),
-        buckets: bucket_users,
-        users_per_epoch,
-        scan_targets,
-        granted,
-        logins_per_epoch: job.engine.logins_per_epoch.max(1),
-        logins: if lazy_targets == 0 {
-            Vec::new()
-        } else {
-            loaded.logins
-        },
-    });
-
-    let batch = job.engine.batch_max_messages.max(1);
-    let task_users = (batch * TASK_BATCHES).min(MAX_TASK_USERS).max(batch);
-    let fence = store.fence();
-    let dispatcher = Arc::new(
-        Dispatcher::new(
-            provider,
-            concurrency,
-            job.provider.rate_per_s,
-            job.provider.max_attempts,
-            &job.provider.dead_letter,
-            metrics.clone(),
-        )
-        .with_guard(Arc::new(move || fence.check())),
-    );
-    let ctx = Arc::new(Context {
+    let (feed, total_pairs) = feed(opts, &mut loaded, &targets, &sizing, buckets);
+    let metrics = Arc::new(Metrics::new());
+    let engine = Engine {
         source: loaded.source,
-        placement: opts.cluster.placement(buckets, workers),
-        targets: run_targets,
-        dispatcher,
+        placement: opts.cluster.placement(buckets, sizing.workers),
+        dispatcher: prepare::dispatcher(job, provider, metrics.clone(), store),
         metrics: metrics.clone(),
         runtime: runtime.handle().clone(),
-        batch_max_messages: job.engine.batch_max_messages.max(1),
-        task_users,
-        batch_max_bytes: job.engine.batch_max_bytes.max(1),
-        max_in_flight: concurrency + TASKS_AHEAD * task_users,
-        fatal: Mutex::new(None),
-    });
-
+        sizing,
+    };
+    let lines = targets.lines;
+    let ctx = engine.context(targets.run);
     tracing::info!(
         users = ctx.source.len(),
         targets = ctx.targets.len(),
         buckets = feed.buckets.len(),
         process = opts.cluster.process,
-        workers = job.engine.workers,
+        workers = sizing.workers,
         "fan-out starting"
     );
     let progress = Progress::start(metrics.clone(), total_pairs, opts.quiet);
@@ -310,20 +176,14 @@ fn fan_out(
     });
     let result = execute(
         &opts.cluster,
-        workers,
         ctx.clone(),
-        feed,
-        store.clone(),
-        runtime.handle().clone(),
+        Arc::new(feed),
+        store,
         shared.clone(),
     );
     progress.finish();
     result?;
-    if let Ok(mut fatal) = ctx.fatal.lock() {
-        if let Some(e) = fatal.take() {
-            return Err(e);
-        }
-    }
+    ctx.take_failure()?;
     runtime.block_on(async {
         ctx.dispatcher.flush().await?;
         store.checkpoint().await?;
@@ -345,29 +205,130 @@ fn fan_out(
     {
         metrics.absorb(&tally, ctx.targets.iter().map(|rt| &rt.stats));
     }
+    Ok(summary(job, &lines, &ctx, &metrics, loaded.report.skipped))
+}
 
+/// Logins on a Redis stream: every entry there now, read into `loaded` and acknowledged once
+/// the run is durable. In a cluster, process 0 alone reads (and acknowledges) them.
+fn read_login_stream(
+    job: &Job,
+    opts: &RunOptions,
+    loaded: &mut Loaded,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<Option<(crate::streams::StreamReader, Vec<String>)>> {
+    let Some(url) = job.inputs.logins.as_deref() else {
+        return Ok(None);
+    };
+    if !is_redis(url) || opts.cluster.process != 0 {
+        return Ok(None);
+    }
+    let (reader, logins, ids, skipped) = runtime.block_on(crate::streams::read_all_logins(
+        url,
+        "fanout-run",
+        opts.skip_bad_lines,
+    ))?;
+    if skipped > 0 && !opts.quiet {
+        eprintln!("fanout: {skipped} bad login entries skipped");
+    }
+    loaded.logins = logins;
+    Ok(Some((reader, ids)))
+}
+
+/// What the processes of a cluster must agree on (checked before anything is sent).
+fn cluster_fingerprint(job: &Job, targets: &Targets) -> u32 {
+    cluster::fingerprint(
+        job,
+        targets.run.iter().enumerate().map(|(i, rt)| {
+            format!(
+                "{}|{}|{:?}|{}",
+                rt.target.campaign.id,
+                content_hash(&rt.target.campaign),
+                rt.target.occurrence,
+                targets.scan.contains(&(i as u32))
+            )
+        }),
+    )
+}
+
+/// `--retry-dead-letters`: makes each target's dead-lettered users claimable again.
+fn revive_dead_letters(targets: &[RunTarget], runtime: &tokio::runtime::Runtime) -> Result<()> {
+    for rt in targets {
+        let revived = runtime.block_on(rt.ledger.revive_dead())?;
+        let name = display_name(&rt.target.campaign.id, rt.target.occurrence.as_deref());
+        tracing::info!(campaign = %name, revived, "dead letters made claimable again");
+    }
+    Ok(())
+}
+
+/// What the workers feed, and how many (user, campaign) pairs that is for this process (the
+/// progress bar is per process).
+fn feed(
+    opts: &RunOptions,
+    loaded: &mut Loaded,
+    targets: &Targets,
+    sizing: &Sizing,
+    buckets: Buckets,
+) -> (Feed, u64) {
+    let route = opts.cluster.route(buckets);
+    let bucket_users: Vec<(u32, u64)> = if targets.scan.is_empty() {
+        Vec::new()
+    } else {
+        loaded
+            .source
+            .buckets(buckets)
+            .into_iter()
+            .filter(|&b| route.is_none_or(|r| r.keeps_bucket(b)))
+            .map(|b| {
+                let (lo, hi) = buckets.bucket_range(b);
+                (b, loaded.source.count_in(lo, hi))
+            })
+            .collect()
+    };
+    let own_users: u64 = bucket_users.iter().map(|b| b.1).sum();
+    let total_pairs = own_users * targets.scan.len() as u64
+        + loaded.logins.len() as u64 * targets.lazy() as u64 / opts.cluster.processes as u64;
+    let logins = match targets.lazy() {
+        0 => Vec::new(),
+        _ => std::mem::take(&mut loaded.logins),
+    };
+    let feed = Feed {
+        admit: (0..targets.run.len() as u32).collect(),
+        buckets: bucket_users,
+        users_per_epoch: sizing.users_per_worker_epoch(),
+        scan_targets: targets.scan.clone(),
+        granted: prepare::granted_pairs(&loaded.granted, &targets.run),
+        logins_per_epoch: sizing.logins_per_epoch,
+        logins,
+    };
+    (feed, total_pairs)
+}
+
+/// The run's summary: one line per job campaign, in job order.
+fn summary(
+    job: &Job,
+    lines: &[Line],
+    ctx: &Context,
+    metrics: &Metrics,
+    skipped_lines: u64,
+) -> Summary {
     let campaigns = job
         .campaigns
         .iter()
-        .zip(lines.iter().zip(skipped))
-        .map(|(c, (line, why))| match line {
-            Some(i) => {
+        .zip(lines)
+        .map(|(c, line)| match line {
+            Line::Target(i) => {
                 let rt = &ctx.targets[*i];
                 rt.stats.summary(&c.id, rt.target.occurrence.as_deref())
             }
-            None => CampaignSummary {
+            Line::Skipped(why) => CampaignSummary {
                 id: c.id.clone(),
                 occurrence: None,
-                skipped: why,
-                eligible: 0,
-                delivered: 0,
-                already_granted: 0,
-                dead_lettered: 0,
-                unreachable: 0,
+                skipped: Some(why.clone()),
+                counts: Default::default(),
             },
         })
         .collect();
-    Ok(metrics.summary(campaigns, loaded.report.skipped))
+    metrics.summary(campaigns, skipped_lines)
 }
 
 /// Runs the dataflow on `workers` threads of this process (one process of `cluster`). The
@@ -375,13 +336,13 @@ fn fan_out(
 /// processes send at the end land in `shared.tallies` (on process 0).
 fn execute(
     cluster: &cluster::Cluster,
-    workers: usize,
     ctx: Arc<Context>,
     feed: Arc<Feed>,
-    store: Store,
-    runtime: tokio::runtime::Handle,
+    store: &Store,
     shared: Arc<cluster::Shared>,
 ) -> Result<()> {
+    let workers = ctx.placement.workers;
+    let (store, runtime) = (store.clone(), ctx.runtime.clone());
     let config = cluster.config(workers);
     let (me, failure) = (cluster.clone(), cluster.clone());
     let failed = {
@@ -442,33 +403,6 @@ fn execute(
     })
 }
 
-/// The tokio runtime pushes run on: two threads (the timely workers are the others).
-pub fn push_runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("fanout-push")
-        .build()
-        .context("cannot start the tokio runtime")?)
-}
-
-/// Pre-existing grants `(campaign id, user)` as `(target index, user)` pairs. SPEC: granted
-/// pairs are for promotions and coupons; a hot product's every occurrence is its own delivery.
-pub fn granted_pairs(granted: &[(String, u32)], targets: &[RunTarget]) -> Vec<(u32, u32)> {
-    granted
-        .iter()
-        .flat_map(|(campaign, user)| {
-            targets
-                .iter()
-                .enumerate()
-                .filter(move |(_, rt)| {
-                    rt.target.campaign.id == *campaign && rt.target.occurrence.is_none()
-                })
-                .map(move |(i, _)| (i as u32, *user))
-        })
-        .collect()
-}
-
 /// Whether an input names a Redis server rather than a file.
 pub fn is_redis(input: &str) -> bool {
     input.starts_with("redis://") || input.starts_with("rediss://")
@@ -489,10 +423,13 @@ pub fn report(summary: &Summary) -> String {
         let name = display_name(&c.id, c.occurrence.as_deref());
         match &c.skipped {
             Some(why) => out.push_str(&format!("{name}: skipped, {why}\n")),
-            None => out.push_str(&format!(
-                "{name}: eligible {}, delivered {}, already granted {}, dead-lettered {}, unreachable {}\n",
-                c.eligible, c.delivered, c.already_granted, c.dead_lettered, c.unreachable
-            )),
+            None => {
+                let n = &c.counts;
+                out.push_str(&format!(
+                    "{name}: eligible {}, delivered {}, already granted {}, dead-lettered {}, unreachable {}\n",
+                    n.eligible, n.delivered, n.already_granted, n.dead_lettered, n.unreachable
+                ))
+            }
         }
     }
     out.push_str(&format!(

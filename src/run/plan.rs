@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::prepare::{granted_covers, Sizing};
 use super::targets::Admission;
 use super::{load, RunOptions};
 use crate::audience::AudienceFilter;
@@ -60,6 +61,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
         .map_err(|e| crate::error::Error::runtime(format!("cannot start tokio: {e}")))?;
     let store = runtime.block_on(Store::connect_read_only(&job.store))?;
     let buckets = Buckets::new(job.engine.bucket_size);
+    let sizing = Sizing::of(job);
     let source = &loaded.source;
     let mut lines = Vec::new();
     let mut total = 0u64;
@@ -82,10 +84,11 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             Admission::AtLogin(t) => (t, true),
         };
         let ledger = runtime.block_on(store.ledger(&target.ledger_key()))?;
+        // The same pairs `run` drops (none for a hot product's occurrence).
         let pre: HashSet<u32> = loaded
             .granted
             .iter()
-            .filter(|(c, _)| *c == campaign.id)
+            .filter(|(c, _)| granted_covers(c, &target))
             .map(|(_, u)| *u)
             .collect();
         let filter = AudienceFilter::compile(&campaign.audience, source.tags());
@@ -111,7 +114,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             audience,
             already_granted: granted,
             eligible,
-            batches: eligible.div_ceil(job.engine.batch_max_messages.max(1) as u64),
+            batches: eligible.div_ceil(sizing.batch_max_messages as u64),
         });
     }
     let latency = provider.typical_latency().max(Duration::from_micros(1));

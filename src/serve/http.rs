@@ -3,7 +3,6 @@
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -23,17 +22,18 @@ const LATENCY_BOUNDS_S: [f64; 12] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Counters of `serve` itself, beside the engine's [`Metrics`].
-#[derive(Debug, Default)]
-pub struct ServeCounters {
-    /// Login entries that could not be read as a login (logged, acknowledged, skipped).
-    pub logins_bad: AtomicU64,
-    /// Campaigns admitted from the job file and the stream.
-    pub campaigns_admitted: AtomicU64,
-    /// Submitted campaigns refused: bad TOML or a duplicate of a recent one.
-    pub campaigns_rejected: AtomicU64,
-    /// Generations run (a generation ends when campaigns or schedules change).
-    pub generations: AtomicU64,
+crate::metrics::counters! {
+    /// Counters of `serve` itself, beside the engine's [`Metrics`].
+    pub struct ServeCounters / ServeCounts {
+        /// Login stream entries that were not a login (logged, acknowledged, skipped).
+        logins_bad => "fanout_logins_bad_total",
+        /// Campaigns admitted from the job file and the stream.
+        campaigns_admitted => "fanout_campaigns_admitted_total",
+        /// Submitted campaigns refused: bad TOML or a duplicate of a recent one.
+        campaigns_rejected => "fanout_campaigns_rejected_total",
+        /// Dataflow generations run (a generation ends when campaigns or schedules change).
+        generations => "fanout_generations_total",
+    }
 }
 
 /// What `/metrics` reports.
@@ -50,84 +50,9 @@ impl Exposition {
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let m = &self.metrics;
-        let c = &self.counters;
         let mut out = String::new();
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        counter(
-            "fanout_deliveries_total",
-            "Messages delivered.",
-            m.delivered.load(Relaxed),
-        );
-        counter(
-            "fanout_claims_total",
-            "Users claimed in the store.",
-            m.claimed.load(Relaxed),
-        );
-        counter(
-            "fanout_already_granted_total",
-            "Users found already granted when claimed.",
-            m.already_granted.load(Relaxed),
-        );
-        counter(
-            "fanout_dead_lettered_total",
-            "Messages dead-lettered (failures past retries or permanent).",
-            m.dead_lettered.load(Relaxed),
-        );
-        counter(
-            "fanout_unreachable_total",
-            "Messages for users without a push token.",
-            m.unreachable.load(Relaxed),
-        );
-        counter(
-            "fanout_retries_total",
-            "Push attempts retried.",
-            m.retries.load(Relaxed),
-        );
-        counter(
-            "fanout_users_scanned_total",
-            "Users scanned by fan-outs.",
-            m.users_scanned.load(Relaxed),
-        );
-        counter(
-            "fanout_batches_total",
-            "Batches handed to the provider.",
-            m.batches.load(Relaxed),
-        );
-        counter(
-            "fanout_logins_total",
-            "Login events of known users.",
-            m.logins.load(Relaxed),
-        );
-        counter(
-            "fanout_logins_unknown_user_total",
-            "Login events of unknown users.",
-            m.logins_unknown.load(Relaxed),
-        );
-        counter(
-            "fanout_logins_bad_total",
-            "Login stream entries that were not a login.",
-            c.logins_bad.load(Relaxed),
-        );
-        counter(
-            "fanout_campaigns_admitted_total",
-            "Campaigns admitted.",
-            c.campaigns_admitted.load(Relaxed),
-        );
-        counter(
-            "fanout_campaigns_rejected_total",
-            "Submitted campaigns refused.",
-            c.campaigns_rejected.load(Relaxed),
-        );
-        counter(
-            "fanout_generations_total",
-            "Dataflow generations run.",
-            c.generations.load(Relaxed),
-        );
+        m.count.expose(&mut out);
+        self.counters.expose(&mut out);
         let _ = writeln!(
             out,
             "# HELP fanout_in_flight Pushes in flight.\n# TYPE fanout_in_flight gauge\nfanout_in_flight {}",

@@ -28,13 +28,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
-use crate::dataflow::{Context, RunTarget};
+use crate::dataflow::Context;
 use crate::error::{Error, Result};
 use crate::job::{content_hash, Job};
-use crate::metrics::{CampaignStats, Metrics};
+use crate::metrics::Metrics;
 use crate::model::{Buckets, Campaign, Kind, Placement};
-use crate::providers::{dispatch::Dispatcher, Provider, ProviderSpec};
-use crate::render::Renderer;
+use crate::providers::{Provider, ProviderSpec};
+use crate::run::prepare::{self, Engine, Sizing, Targets};
 use crate::run::targets::{self, Admission};
 use crate::run::{self, display_name, is_redis, RunOptions};
 use crate::store::Store;
@@ -61,13 +61,6 @@ const MAX_GENERATION: Duration = Duration::from_secs(60);
 const READ_BLOCK: Duration = Duration::from_millis(200);
 /// Login batches read ahead of the dataflow (backpressure on the stream reader).
 const BATCHES_AHEAD: usize = 4;
-/// Users per epoch of a fan-out, at least.
-const MIN_USERS_PER_EPOCH: u64 = 1 << 18;
-/// Users per push task, at most (as in `run`).
-const MAX_TASK_USERS: usize = 4096;
-/// Push tasks a worker may hand out beyond `concurrency` messages (as in `run`).
-const TASKS_AHEAD: usize = 16;
-
 /// A campaign `serve` knows of.
 struct Active {
     campaign: Arc<Campaign>,
@@ -93,214 +86,222 @@ pub fn serve(job: &Job, opts: &ServeOptions) -> Result<()> {
         )));
     }
     let loaded = run::load(job, &opts.run)?;
-    let runtime = run::push_runtime()?;
+    let runtime = prepare::push_runtime()?;
     let provider = provider.open()?;
     let store = runtime.block_on(Store::connect(&job.store))?;
-    let outcome = serve_on(job, opts, loaded, provider, store.clone(), &runtime);
+    let outcome = Server::start(job, opts, loaded, provider, store.clone(), &runtime)
+        .and_then(|(server, submissions)| server.run(submissions));
     run::release_on_failure(&store, &runtime, outcome)
 }
 
-/// [`serve`] once its inputs are loaded and its provider and store opened.
-fn serve_on(
-    job: &Job,
-    opts: &ServeOptions,
-    loaded: run::Loaded,
-    provider: Provider,
+/// A fan-out of a generation: its ledger key, and its stream entry to acknowledge when done.
+type Finishing = (String, Option<String>);
+
+/// What one `serve` process wires once and every generation uses.
+struct Server<'a> {
+    job: &'a Job,
     store: Store,
-    runtime: &tokio::runtime::Runtime,
-) -> Result<()> {
-    let metrics = Arc::new(Metrics::new());
-    let counters = Arc::new(ServeCounters::default());
-    let fence = store.fence();
-    let dispatcher = Arc::new(
-        Dispatcher::new(
-            provider,
-            job.provider.concurrency.max(1),
-            job.provider.rate_per_s,
-            job.provider.max_attempts,
-            &job.provider.dead_letter,
-            metrics.clone(),
-        )
-        .with_guard(Arc::new(move || fence.check())),
-    );
-    let flags = Arc::new(Flags::default());
+    runtime: &'a tokio::runtime::Runtime,
+    engine: Engine,
+    /// Pre-existing grants `(campaign id, user)` from the job's input.
+    granted: Vec<(String, u32)>,
+    flags: Arc<Flags>,
+    counters: Arc<ServeCounters>,
+    /// Where submitted lazy coupons and hot products are kept.
+    registry: Option<Registry>,
+    /// The campaign stream, for acknowledging submitted fan-outs once done.
+    campaigns: Option<Arc<StreamReader>>,
+    /// The login stream, for acknowledging login entries once durable.
+    login_acker: Option<Arc<StreamReader>>,
+    /// Login batches; shared by the generations.
+    logins: Arc<Mutex<mpsc::Receiver<LoginBatch>>>,
+    /// No report on stderr.
+    quiet: bool,
+}
 
-    // Streams and kept campaigns.
-    let registry = match &job.inputs.campaigns {
-        Some(url) => Some(runtime.block_on(Registry::open(url))?),
-        None => None,
-    };
-    let campaign_reader = match &job.inputs.campaigns {
-        Some(url) => Some(Arc::new(runtime.block_on(StreamReader::open(
-            url,
-            CAMPAIGNS,
-            &opts.consumer,
-        ))?)),
-        None => None,
-    };
-    let (login_tx, login_rx) = mpsc::channel::<LoginBatch>(BATCHES_AHEAD);
-    let mut login_acker = None;
-    match &job.inputs.logins {
-        Some(url) if is_redis(url) => {
-            let reader = runtime.block_on(StreamReader::open(url, LOGINS, &opts.consumer))?;
-            login_acker = Some(Arc::new(runtime.block_on(StreamReader::open(
-                url,
-                LOGINS,
-                &opts.consumer,
-            ))?));
-            runtime.spawn(read_logins(
-                reader,
-                login_tx,
-                job.engine.logins_per_epoch.max(1),
-                flags.clone(),
-                counters.clone(),
-            ));
+impl<'a> Server<'a> {
+    /// Opens the streams, starts their readers, `/metrics` and the signal handler.
+    fn start(
+        job: &'a Job,
+        opts: &ServeOptions,
+        loaded: run::Loaded,
+        provider: Provider,
+        store: Store,
+        runtime: &'a tokio::runtime::Runtime,
+    ) -> Result<(Server<'a>, mpsc::UnboundedReceiver<Submitted>)> {
+        let metrics = Arc::new(Metrics::new());
+        let counters = Arc::new(ServeCounters::default());
+        let dispatcher = prepare::dispatcher(job, provider, metrics.clone(), &store);
+        let flags = Arc::new(Flags::default());
+        let (login_acker, logins) = open_logins(job, opts, &loaded, runtime, &flags, &counters)?;
+        let (registry, campaigns) = match &job.inputs.campaigns {
+            Some(url) => (
+                Some(runtime.block_on(Registry::open(url))?),
+                Some(Arc::new(runtime.block_on(StreamReader::open(
+                    url,
+                    CAMPAIGNS,
+                    &opts.consumer,
+                ))?)),
+            ),
+            None => (None, None),
+        };
+        let (campaign_tx, campaign_rx) = mpsc::unbounded_channel::<Submitted>();
+        if let Some(reader) = &campaigns {
+            runtime.spawn(read_campaigns(reader.clone(), campaign_tx, flags.clone()));
         }
-        // A file of logins is one batch, fed first.
-        _ if !loaded.logins.is_empty() => {
-            let batch = LoginBatch {
-                logins: loaded.logins.clone(),
-                ids: Vec::new(),
-            };
-            if login_tx.try_send(batch).is_err() {
-                return Err(Error::runtime("cannot queue the login file"));
+        let listener = runtime.block_on(http::bind(opts.listen))?;
+        let exposition = Arc::new(Exposition {
+            metrics: metrics.clone(),
+            dispatcher: dispatcher.clone(),
+            counters: counters.clone(),
+        });
+        runtime.spawn(http::serve(listener, exposition));
+        runtime.spawn(on_signals(flags.clone()));
+        if !opts.run.quiet {
+            eprintln!(
+                "fanout: serving; metrics on http://{}/metrics; SIGINT or SIGTERM drains and stops",
+                opts.listen
+            );
+        }
+        let sizing = Sizing::of(job);
+        let engine = Engine {
+            source: loaded.source,
+            placement: Placement::new(Buckets::new(job.engine.bucket_size), 1, sizing.workers),
+            dispatcher,
+            metrics,
+            runtime: runtime.handle().clone(),
+            sizing,
+        };
+        let server = Server {
+            job,
+            store,
+            runtime,
+            engine,
+            granted: loaded.granted,
+            flags,
+            counters,
+            registry,
+            campaigns,
+            login_acker,
+            logins: Arc::new(Mutex::new(logins)),
+            quiet: opts.run.quiet,
+        };
+        Ok((server, campaign_rx))
+    }
+
+    /// Runs generations until shutdown, then drains.
+    fn run(&self, mut submissions: mpsc::UnboundedReceiver<Submitted>) -> Result<()> {
+        let mut active = self.initial_campaigns()?;
+        let mut ran: HashSet<String> = HashSet::new();
+        while !self.flags.shutdown.load(Relaxed) {
+            self.flags.replan.store(false, Relaxed);
+            while let Ok(s) = submissions.try_recv() {
+                admit_submitted(
+                    s,
+                    &mut active,
+                    &self.store,
+                    self.registry.as_ref(),
+                    self.campaigns.as_deref(),
+                    &self.counters,
+                    self.runtime,
+                )?;
+            }
+            let (complete, finishing) = self.generation(&active, &ran)?;
+            if complete {
+                self.finish(finishing, &mut active, &mut ran)?;
             }
         }
-        _ => {}
-    }
-    let (campaign_tx, mut campaign_rx) = mpsc::unbounded_channel::<Submitted>();
-    if let Some(reader) = &campaign_reader {
-        runtime.spawn(read_campaigns(reader.clone(), campaign_tx, flags.clone()));
-    }
-
-    // /metrics, /healthz and the signals.
-    let listener = runtime.block_on(http::bind(opts.listen))?;
-    let exposition = Arc::new(Exposition {
-        metrics: metrics.clone(),
-        dispatcher: dispatcher.clone(),
-        counters: counters.clone(),
-    });
-    runtime.spawn(http::serve(listener, exposition));
-    runtime.spawn(on_signals(flags.clone()));
-    if !opts.run.quiet {
-        eprintln!(
-            "fanout: serving; metrics on http://{}/metrics; SIGINT or SIGTERM drains and stops",
-            opts.listen
-        );
+        self.runtime.block_on(async {
+            self.engine.dispatcher.flush().await?;
+            self.store.checkpoint().await
+        })?;
+        let m = &self.engine.metrics.count;
+        if !self.quiet {
+            eprintln!(
+                "fanout: drained and stopped: {} delivered, {} dead-lettered, {} unreachable",
+                m.delivered.load(Relaxed),
+                m.dead_lettered.load(Relaxed),
+                m.unreachable.load(Relaxed)
+            );
+        }
+        Ok(())
     }
 
-    // The job's campaigns, then those kept by earlier `serve`s.
-    let admissions: Vec<(String, String)> = job
-        .campaigns
-        .iter()
-        .map(|c| (content_hash(c), c.id.clone()))
-        .collect();
-    runtime.block_on(store.admit(&admissions))?;
-    counters
-        .campaigns_admitted
-        .fetch_add(job.campaigns.len() as u64, Relaxed);
-    let mut active: Vec<Active> = job
-        .campaigns
-        .iter()
-        .map(|c| Active {
-            campaign: c.clone(),
-            entry: None,
-        })
-        .collect();
-    if let Some(registry) = &registry {
-        for (c, _) in runtime.block_on(registry.load())? {
-            if !active.iter().any(|a| a.campaign.id == c.id) {
-                active.push(Active {
-                    campaign: c,
-                    entry: None,
-                });
+    /// The job's campaigns (admitted through the repeated-campaign guard), then those kept by
+    /// earlier `serve`s.
+    fn initial_campaigns(&self) -> Result<Vec<Active>> {
+        let job = self.job;
+        let admissions: Vec<(String, String)> = job
+            .campaigns
+            .iter()
+            .map(|c| (content_hash(c), c.id.clone()))
+            .collect();
+        self.runtime.block_on(self.store.admit(&admissions))?;
+        self.counters
+            .campaigns_admitted
+            .fetch_add(job.campaigns.len() as u64, Relaxed);
+        let mut active: Vec<Active> = job
+            .campaigns
+            .iter()
+            .map(|c| Active {
+                campaign: c.clone(),
+                entry: None,
+            })
+            .collect();
+        if let Some(registry) = &self.registry {
+            for (c, _) in self.runtime.block_on(registry.load())? {
+                if !active.iter().any(|a| a.campaign.id == c.id) {
+                    active.push(Active {
+                        campaign: c,
+                        entry: None,
+                    });
+                }
             }
         }
+        Ok(active)
     }
 
-    let logins = Arc::new(Mutex::new(login_rx));
-    let mut ran: HashSet<String> = HashSet::new();
-    let buckets = Buckets::new(job.engine.bucket_size);
-    let concurrency = job.provider.concurrency.max(1);
-    let users_per_epoch = MIN_USERS_PER_EPOCH.max(4 * concurrency as u64);
-    let batch = job.engine.batch_max_messages.max(1);
-    let task_users = (batch * 32).min(MAX_TASK_USERS).max(batch);
-    while !flags.shutdown.load(Relaxed) {
-        flags.replan.store(false, Relaxed);
-        while let Ok(s) = campaign_rx.try_recv() {
-            admit_submitted(
-                s,
-                &mut active,
-                &store,
-                registry.as_ref(),
-                campaign_reader.as_deref(),
-                &counters,
-                runtime,
-            )?;
-        }
+    /// Runs one generation over what is active now (fan-outs not yet `ran`, every lazy
+    /// coupon). Returns whether its fan-outs completed, and their (ledger key, stream entry).
+    fn generation(
+        &self,
+        active: &[Active],
+        ran: &HashSet<String>,
+    ) -> Result<(bool, Vec<Finishing>)> {
         let now = Utc::now();
-        let mut run_targets = Vec::new();
-        let mut scan_targets = Vec::new();
-        let mut finishing: Vec<(String, Option<String>)> = Vec::new(); // (ledger key, entry)
-        for a in &active {
-            let (target, at_login) = match targets::admit(&a.campaign, now) {
-                Admission::Run(t) if !ran.contains(&t.ledger_key()) => (t, false),
-                Admission::AtLogin(t) => (t, true),
-                Admission::Run(_) | Admission::Skip(_) => continue,
-            };
-            if !at_login {
-                scan_targets.push(run_targets.len() as u32);
-                finishing.push((target.ledger_key(), a.entry.clone()));
+        let mut admissions = Vec::new();
+        let mut finishing = Vec::new();
+        for a in active {
+            match targets::admit(&a.campaign, now) {
+                Admission::Run(t) if !ran.contains(&t.ledger_key()) => {
+                    finishing.push((t.ledger_key(), a.entry.clone()));
+                    admissions.push(Admission::Run(t));
+                }
+                lazy @ Admission::AtLogin(_) => admissions.push(lazy),
+                Admission::Run(_) | Admission::Skip(_) => {}
             }
-            let ledger = runtime.block_on(store.ledger(&target.ledger_key()))?;
-            run_targets.push(RunTarget {
-                renderer: Renderer::new(&target),
-                target,
-                ledger,
-                stats: CampaignStats::default(),
-            });
         }
-        let deadline = next_change(&active, now);
+        let targets = self
+            .runtime
+            .block_on(Targets::open(&self.store, admissions))?;
+        let deadline = next_change(active, now);
         tracing::info!(
-            fan_outs = scan_targets.len(),
-            lazy = run_targets.len() - scan_targets.len(),
+            fan_outs = targets.scan.len(),
+            lazy = targets.lazy(),
             next_change_in_s = (deadline - now).num_seconds(),
             "generation starting"
         );
-        let epochs = if scan_targets.is_empty() {
-            Vec::new()
-        } else {
-            let source = &loaded.source;
-            run::driver::plan_epochs(
-                source.buckets(buckets).into_iter().map(|b| {
-                    let (lo, hi) = buckets.bucket_range(b);
-                    (b, source.count_in(lo, hi))
-                }),
-                users_per_epoch,
-            )
-        };
-        let ctx = Arc::new(Context {
-            source: loaded.source.clone(),
-            placement: Placement::new(buckets, 1, job.engine.workers),
-            targets: run_targets,
-            dispatcher: dispatcher.clone(),
-            metrics: metrics.clone(),
-            runtime: runtime.handle().clone(),
-            batch_max_messages: batch,
-            task_users,
-            batch_max_bytes: job.engine.batch_max_bytes.max(1),
-            max_in_flight: concurrency + TASKS_AHEAD * task_users,
-            fatal: Mutex::new(None),
-        });
-        let granted = run::granted_pairs(&loaded.granted, &ctx.targets);
+        let epochs = self.epochs(&targets);
+        let scan_targets = targets.scan.clone();
+        let ctx = self.engine.context(targets.run);
         let generation = Arc::new(Generation {
             admit: (0..ctx.targets.len() as u32).collect(),
-            granted,
+            granted: prepare::granted_pairs(&self.granted, &ctx.targets),
             scan_targets,
             epochs,
-            logins: logins.clone(),
+            logins: self.logins.clone(),
             should_end: {
-                let flags = flags.clone();
+                let flags = self.flags.clone();
                 Box::new(move || {
                     flags.replan.load(Relaxed)
                         || flags.shutdown.load(Relaxed)
@@ -308,99 +309,150 @@ fn serve_on(
                 })
             },
             shutting_down: {
-                let flags = flags.clone();
+                let flags = self.flags.clone();
                 Box::new(move || flags.shutdown.load(Relaxed))
             },
-            on_durable: {
-                let (store, acker, ctx, handle) = (
-                    store.clone(),
-                    login_acker.clone(),
-                    ctx.clone(),
-                    runtime.handle().clone(),
-                );
-                Box::new(move |ids: Vec<String>| {
-                    let (store, acker, ctx) = (store.clone(), acker.clone(), ctx.clone());
-                    handle.spawn(async move {
-                        if let Err(e) = store.sync().await {
-                            ctx.fail(e);
-                            return;
-                        }
-                        if let (Some(acker), false) = (acker, ids.is_empty()) {
-                            if let Err(e) = acker.ack(&ids).await {
-                                // Left pending: read again after a restart, claimed as done.
-                                tracing::warn!(error = %e, "cannot acknowledge logins");
-                            }
-                        }
-                    });
-                })
-            },
+            on_durable: self.on_durable(ctx.clone()),
         });
-        counters.generations.fetch_add(1, Relaxed);
-        let complete = execute(job.engine.workers, ctx.clone(), generation)?;
-        if let Ok(mut fatal) = ctx.fatal.lock() {
-            if let Some(e) = fatal.take() {
-                return Err(e);
-            }
-        }
-        for rt in &ctx.targets {
-            let s = rt
-                .stats
-                .summary(&rt.target.campaign.id, rt.target.occurrence.as_deref());
-            if s.eligible + s.already_granted > 0 {
-                tracing::info!(
-                    campaign = %display_name(&s.id, s.occurrence.as_deref()),
-                    eligible = s.eligible,
-                    delivered = s.delivered,
-                    already_granted = s.already_granted,
-                    "generation done"
-                );
-            }
-        }
-        if complete {
-            let mut done_entries = Vec::new();
-            for (key, entry) in finishing {
-                ran.insert(key);
-                done_entries.extend(entry);
-            }
-            if let (Some(reader), false) = (&campaign_reader, done_entries.is_empty()) {
-                runtime.block_on(async {
-                    store.sync().await?;
-                    reader.ack(&done_entries).await
-                })?;
-                active.iter_mut().for_each(|a| {
-                    if a.entry.as_ref().is_some_and(|e| done_entries.contains(e)) {
-                        a.entry = None;
-                    }
-                });
-            }
-        }
+        self.counters.generations.fetch_add(1, Relaxed);
+        let complete = execute(self.engine.sizing.workers, ctx.clone(), generation)?;
+        ctx.take_failure()?;
+        log_generation(&ctx);
+        Ok((complete, finishing))
     }
-    runtime.block_on(async {
-        dispatcher.flush().await?;
-        store.checkpoint().await
-    })?;
-    if !opts.run.quiet {
-        eprintln!(
-            "fanout: drained and stopped: {} delivered, {} dead-lettered, {} unreachable",
-            metrics.delivered.load(Relaxed),
-            metrics.dead_lettered.load(Relaxed),
-            metrics.unreachable.load(Relaxed)
+
+    /// The fan-outs' bucket scans, cut into epochs (none without a fan-out).
+    fn epochs(&self, targets: &Targets) -> Vec<Vec<u32>> {
+        if targets.scan.is_empty() {
+            return Vec::new();
+        }
+        let source = &self.engine.source;
+        let buckets = self.engine.placement.buckets;
+        run::driver::plan_epochs(
+            source.buckets(buckets).into_iter().map(|b| {
+                let (lo, hi) = buckets.bucket_range(b);
+                (b, source.count_in(lo, hi))
+            }),
+            self.engine.sizing.users_per_epoch,
+        )
+    }
+
+    /// What a generation calls as its epochs complete: make the store durable, then
+    /// acknowledge the epochs' login entries.
+    fn on_durable(&self, ctx: Arc<Context>) -> Box<dyn Fn(Vec<String>) + Send + Sync> {
+        let (store, acker, handle) = (
+            self.store.clone(),
+            self.login_acker.clone(),
+            self.runtime.handle().clone(),
         );
+        Box::new(move |ids: Vec<String>| {
+            let (store, acker, ctx) = (store.clone(), acker.clone(), ctx.clone());
+            handle.spawn(async move {
+                if let Err(e) = store.sync().await {
+                    ctx.fail(e);
+                    return;
+                }
+                if let (Some(acker), false) = (acker, ids.is_empty()) {
+                    if let Err(e) = acker.ack(&ids).await {
+                        // Left pending: read again after a restart, claimed as done.
+                        tracing::warn!(error = %e, "cannot acknowledge logins");
+                    }
+                }
+            });
+        })
     }
-    Ok(())
+
+    /// After a generation whose fan-outs completed: they are not run again, and their stream
+    /// entries are acknowledged once the store is durable.
+    fn finish(
+        &self,
+        finishing: Vec<Finishing>,
+        active: &mut [Active],
+        ran: &mut HashSet<String>,
+    ) -> Result<()> {
+        let mut done_entries = Vec::new();
+        for (key, entry) in finishing {
+            ran.insert(key);
+            done_entries.extend(entry);
+        }
+        let Some(reader) = &self.campaigns else {
+            return Ok(());
+        };
+        if done_entries.is_empty() {
+            return Ok(());
+        }
+        self.runtime.block_on(async {
+            self.store.sync().await?;
+            reader.ack(&done_entries).await
+        })?;
+        for a in active.iter_mut() {
+            if a.entry.as_ref().is_some_and(|e| done_entries.contains(e)) {
+                a.entry = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The login stream's reader task (or the login file as one batch): returns the stream's
+/// acknowledger and the channel the batches arrive on.
+fn open_logins(
+    job: &Job,
+    opts: &ServeOptions,
+    loaded: &run::Loaded,
+    runtime: &tokio::runtime::Runtime,
+    flags: &Arc<Flags>,
+    counters: &Arc<ServeCounters>,
+) -> Result<(Option<Arc<StreamReader>>, mpsc::Receiver<LoginBatch>)> {
+    let (tx, rx) = mpsc::channel::<LoginBatch>(BATCHES_AHEAD);
+    match &job.inputs.logins {
+        Some(url) if is_redis(url) => {
+            let reader = runtime.block_on(StreamReader::open(url, LOGINS, &opts.consumer))?;
+            let acker = runtime.block_on(StreamReader::open(url, LOGINS, &opts.consumer))?;
+            runtime.spawn(read_logins(
+                reader,
+                tx,
+                job.engine.logins_per_epoch.max(1),
+                flags.clone(),
+                counters.clone(),
+            ));
+            Ok((Some(Arc::new(acker)), rx))
+        }
+        // A file of logins is one batch, fed first.
+        _ if !loaded.logins.is_empty() => {
+            let batch = LoginBatch {
+                logins: loaded.logins.clone(),
+                ids: Vec::new(),
+            };
+            if tx.try_send(batch).is_err() {
+                return Err(Error::runtime("cannot queue the login file"));
+            }
+            Ok((None, rx))
+        }
+        _ => Ok((None, rx)),
+    }
+}
+
+/// Logs each campaign that did something in a generation.
+fn log_generation(ctx: &Context) {
+    for rt in &ctx.targets {
+        let n = rt.stats.snapshot();
+        if n.eligible + n.already_granted > 0 {
+            let t = &rt.target;
+            tracing::info!(
+                campaign = %display_name(&t.campaign.id, t.occurrence.as_deref()),
+                eligible = n.eligible,
+                delivered = n.delivered,
+                already_granted = n.already_granted,
+                "generation done"
+            );
+        }
+    }
 }
 
 /// Runs one generation on `workers` threads; true if its fan-outs completed.
 fn execute(workers: usize, ctx: Arc<Context>, generation: Arc<Generation>) -> Result<bool> {
-    let communication = if workers <= 1 {
-        timely::CommunicationConfig::Thread
-    } else {
-        timely::CommunicationConfig::Process(workers)
-    };
-    let config = timely::Config {
-        communication,
-        worker: timely::WorkerConfig::default(),
-    };
+    let config = run::cluster::Cluster::default().config(workers);
     let guards = timely::execute(config, move |worker| {
         worker::drive(worker, ctx.clone(), generation.clone())
     })
