@@ -1,6 +1,8 @@
 //! The ceiling the engine benchmark is measured against: a plain single-threaded loop doing
 //! the same per-user work as `fanout run` — generate or read the user, test the audience,
-//! claim a bit, render the message — with no dataflow, no store file and no provider.
+//! claim it, render the message — with no dataflow, no store file and no provider. The claim
+//! is the engine's cheapest: id-ordered batches of the engine's task size, each one set
+//! operation on an in-memory roaring bitmap.
 //!
 //! With lazy coupons and logins in the job, the loop is over logins instead (see
 //! [`login_loop`]).
@@ -53,8 +55,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-/// Fan-out: every user of the source against every campaign.
+/// Users per claim in the fan-out loop: the engine's push-task size for `job` (its
+/// `TASK_BATCHES` provider batches of `batch_max_messages`, at most `MAX_TASK_USERS`; see
+/// `src/run/mod.rs`), so the loop claims in the same sorted batches the engine does.
+fn claim_batch(job: &Job) -> usize {
+    let batch = job.engine.batch_max_messages.max(1);
+    (batch * 32).min(4096).max(batch)
+}
+
+/// Fan-out: every user of the source against every campaign. Matching users are gathered in
+/// id order and claimed a batch at a time as one set operation on a roaring bitmap — the
+/// cheapest claim the embedded store has (its `claim_sorted`), minus the log and the
+/// done/pending sets — then rendered.
 fn fan_out_loop(job: &Job, source: &UserSource) -> Result<(), Box<dyn std::error::Error>> {
+    let batch = claim_batch(job);
     let started = Instant::now();
     let mut delivered = 0u64;
     let mut bytes = 0u64;
@@ -63,31 +77,59 @@ fn fan_out_loop(job: &Job, source: &UserSource) -> Result<(), Box<dyn std::error
         let renderer = Renderer::new(&target);
         let filter = AudienceFilter::compile(&campaign.audience, source.tags());
         let mut claimed = RoaringBitmap::new();
+        let mut pending: Vec<UserVars> = Vec::with_capacity(batch);
         // One buffer reused for every message: the cheapest way to render.
         let mut json = String::with_capacity(renderer.typical_len());
-        source.for_each_in(0, u64::MAX, |u| {
-            if filter.matches(&u) && claimed.insert(u.id) {
+        let mut flush = |pending: &mut Vec<UserVars>| {
+            let fresh = claim_sorted(&mut claimed, pending);
+            for u in pending
+                .iter()
+                .filter(|u| fresh.as_ref().is_none_or(|f| f.contains(u.id)))
+            {
                 json.clear();
-                renderer.render_into(
-                    UserVars {
-                        id: u.id,
-                        level: u.level,
-                        points: u.points,
-                    },
-                    &mut json,
-                );
+                renderer.render_into(*u, &mut json);
                 bytes += json.len() as u64;
                 delivered += 1;
             }
+            pending.clear();
+        };
+        source.for_each_in(0, u64::MAX, |u| {
+            if filter.matches(&u) {
+                pending.push(UserVars {
+                    id: u.id,
+                    level: u.level,
+                    points: u.points,
+                });
+                if pending.len() == batch {
+                    flush(&mut pending);
+                }
+            }
         });
+        flush(&mut pending);
     }
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "{{\"users\": {}, \"delivered\": {delivered}, \"bytes\": {bytes}, \"elapsed_s\": {elapsed:.4}, \"users_per_s\": {:.0}}}",
+        "{{\"users\": {}, \"delivered\": {delivered}, \"bytes\": {bytes}, \"claim_batch\": {batch}, \"elapsed_s\": {elapsed:.4}, \"users_per_s\": {:.0}}}",
         source.len(),
         source.len() as f64 / elapsed
     );
     Ok(())
+}
+
+/// Claims `users` (ascending ids) in `claimed`: `None` when every one is new, else the new
+/// ones. A batch disjoint from the claimed set (every batch of a first run) is one test and
+/// one union of whole containers.
+fn claim_sorted(claimed: &mut RoaringBitmap, users: &[UserVars]) -> Option<RoaringBitmap> {
+    let Ok(batch) = RoaringBitmap::from_sorted_iter(users.iter().map(|u| u.id)) else {
+        unreachable!("a user source yields ascending ids");
+    };
+    if claimed.is_disjoint(&batch) {
+        *claimed |= batch;
+        return None;
+    }
+    let fresh = batch - &*claimed;
+    *claimed |= &fresh;
+    Some(fresh)
 }
 
 /// Lazy coupons: every login against every coupon — window, audience, the grant ledger (read

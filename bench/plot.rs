@@ -5,8 +5,15 @@
 //! ```text
 //! cargo bench --bench plot -- SUMMARY.json FONT.ttf OUT_PREFIX "TITLE"
 //! ```
-//! writes `OUT_PREFIX-timeline.png` and `OUT_PREFIX-latency.png`. Text needs a TrueType font
-//! (bench/run installs DejaVu Sans); none is committed.
+//! writes `OUT_PREFIX-timeline.png` and `OUT_PREFIX-latency.png`.
+//!
+//! ```text
+//! cargo bench --bench plot -- --scale SCALE.json FONT.ttf OUT.png "TITLE"
+//! ```
+//! draws the `scale` case's curve — users/s against workers beside N × the single-threaded
+//! ceiling loop — from `{"workers": [..], "users_per_s": [..], "loop_users_per_s": x}`.
+//!
+//! Text needs a TrueType font (bench/run installs DejaVu Sans); none is committed.
 
 use std::error::Error;
 
@@ -17,6 +24,7 @@ use plotters::style::{register_font, FontStyle};
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 const SIZE: (u32, u32) = (900, 420);
+const USAGE: &str = "usage: plot SUMMARY.json FONT.ttf OUT_PREFIX TITLE | plot --scale SCALE.json FONT.ttf OUT.png TITLE";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args()
@@ -25,23 +33,118 @@ fn main() -> Result<()> {
         .collect();
     if args.is_empty() {
         // `cargo test --all-targets` runs every bench target without arguments.
-        eprintln!("plot: nothing to draw (usage: plot SUMMARY.json FONT.ttf OUT_PREFIX TITLE)");
+        eprintln!("plot: nothing to draw ({USAGE})");
         return Ok(());
     }
+    if let [flag, input, font, out, title] = args.as_slice() {
+        if flag == "--scale" {
+            let text = std::fs::read_to_string(input).map_err(|e| format!("{input}: {e}"))?;
+            let curve: Scale = serde_json::from_str(&text).map_err(|e| format!("{input}: {e}"))?;
+            use_font(font)?;
+            return scale(&curve, out, title);
+        }
+    }
     let [summary, font, prefix, title] = args.as_slice() else {
-        return Err("usage: plot SUMMARY.json FONT.ttf OUT_PREFIX TITLE".into());
+        return Err(USAGE.into());
     };
     let text = std::fs::read_to_string(summary).map_err(|e| format!("{summary}: {e}"))?;
     let summary: Summary = serde_json::from_str(&text).map_err(|e| format!("{summary}: {e}"))?;
-    let bytes = std::fs::read(font).map_err(|e| format!("{font}: {e}"))?;
+    use_font(font)?;
+    timeline(&summary, &format!("{prefix}-timeline.png"), title)?;
+    latency(&summary, &format!("{prefix}-latency.png"), title)?;
+    Ok(())
+}
+
+/// Registers the TrueType font at `path` as the plots' "sans-serif".
+fn use_font(path: &str) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
     register_font(
         "sans-serif",
         FontStyle::Normal,
         Box::leak(bytes.into_boxed_slice()),
     )
-    .map_err(|_| format!("{font}: not a TrueType font"))?;
-    timeline(&summary, &format!("{prefix}-timeline.png"), title)?;
-    latency(&summary, &format!("{prefix}-latency.png"), title)?;
+    .map_err(|_| format!("{path}: not a TrueType font"))?;
+    Ok(())
+}
+
+/// The `scale` case's measurements, as bench/run writes them.
+#[derive(serde::Deserialize)]
+struct Scale {
+    /// Worker counts, ascending.
+    workers: Vec<u32>,
+    /// The engine's users/s at each worker count (median of the runs).
+    users_per_s: Vec<f64>,
+    /// The single-threaded ceiling loop's users/s, measured in the same run.
+    loop_users_per_s: f64,
+}
+
+/// Users/s against workers, beside N × the ceiling loop (what N perfectly scaling cores
+/// would do).
+fn scale(curve: &Scale, path: &str, title: &str) -> Result<()> {
+    if curve.workers.is_empty() || curve.workers.len() != curve.users_per_s.len() {
+        return Err(
+            format!("{path}: workers and users_per_s differ in length or are empty").into(),
+        );
+    }
+    let x_max = f64::from(*curve.workers.iter().max().unwrap_or(&1));
+    let ideal = |n: f64| n * curve.loop_users_per_s;
+    let y_max = curve
+        .users_per_s
+        .iter()
+        .copied()
+        .fold(ideal(x_max), f64::max)
+        * 1.1;
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{title}: users/s by workers"), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0.0..x_max + 0.5, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("workers (fanout run -w N)")
+        .y_desc("users/s")
+        // Whole worker counts only: a narrow axis (2 cores) gets ticks at halves.
+        .x_label_formatter(&|v| match v.fract() == 0.0 {
+            true => format!("{v:.0}"),
+            false => String::new(),
+        })
+        .y_label_formatter(&|v| format!("{:.1}M", v / 1e6))
+        .draw()?;
+    let red = RED.stroke_width(2);
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(1.0, ideal(1.0)), (x_max, ideal(x_max))],
+            8,
+            6,
+            red,
+        ))?
+        .label(format!(
+            "N × single-threaded loop ({:.1}M users/s each)",
+            curve.loop_users_per_s / 1e6
+        ))
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], red));
+    let points: Vec<(f64, f64)> = curve
+        .workers
+        .iter()
+        .map(|&n| f64::from(n))
+        .zip(curve.users_per_s.iter().copied())
+        .collect();
+    let blue = BLUE.stroke_width(2);
+    chart
+        .draw_series(LineSeries::new(points, blue).point_size(4))?
+        .label("fanout run -w N")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], blue));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    root.present()?;
     Ok(())
 }
 
