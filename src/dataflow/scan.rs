@@ -37,6 +37,36 @@ struct Known {
     granted: RoaringBitmap,
 }
 
+/// What the control input said, by target, and what it said for times not yet scanned.
+struct Controls {
+    known: Vec<Known>,
+    /// Control records by time, applied once a scan of that time (or later) runs.
+    stashed: BTreeMap<Time, Vec<Control>>,
+}
+
+impl Controls {
+    fn new(targets: usize) -> Self {
+        let mut known = Vec::new();
+        known.resize_with(targets, Known::default);
+        Controls {
+            known,
+            stashed: BTreeMap::new(),
+        }
+    }
+
+    /// Applies every stashed record of a time at or before `time`.
+    fn apply_through(&mut self, ctx: &Context, time: Time) {
+        while let Some(ready) = self.stashed.first_entry() {
+            if *ready.key() > time {
+                break;
+            }
+            for c in ready.remove() {
+                apply(ctx, &mut self.known, c);
+            }
+        }
+    }
+}
+
 /// Expands `scans` against the targets admitted on `control`.
 pub fn scan<'s>(
     scans: Stream<'s, Time, Vec<Scan>>,
@@ -53,9 +83,7 @@ pub fn scan<'s>(
         "Scan",
         move |_cap, info| {
             let activator = scope.activator_for(info.address.clone());
-            let mut known: Vec<Known> = Vec::new();
-            known.resize_with(ctx.targets.len(), Known::default);
-            let mut controls: BTreeMap<Time, Vec<Control>> = BTreeMap::new();
+            let mut controls = Controls::new(ctx.targets.len());
             let mut work: BTreeMap<Time, (Capability<Time>, VecDeque<Scan>)> = BTreeMap::new();
             // The next id to expand in the front scan of the oldest time.
             let mut cursor: u64 = 0;
@@ -74,10 +102,8 @@ pub fn scan<'s>(
                 });
                 control_in.for_each_stamp(|cap, data| {
                     if let Some(t) = cap.least() {
-                        let stash = controls.entry(*t).or_default();
-                        for batch in data {
-                            stash.append(batch);
-                        }
+                        let stash = controls.stashed.entry(*t).or_default();
+                        data.for_each(|batch| stash.append(batch));
                     }
                 });
 
@@ -90,48 +116,47 @@ pub fn scan<'s>(
                     if control_frontier.less_equal(&time) {
                         break; // admits or grants for `time` may still arrive
                     }
-                    while let Some(ready) = controls.first_entry() {
-                        if *ready.key() > time {
-                            break;
-                        }
-                        for c in ready.remove() {
-                            apply(&ctx, &mut known, c);
-                        }
-                    }
+                    controls.apply_through(&ctx, time);
                     let (cap, queue) = entry.get_mut();
                     let Some(scan) = queue.front() else {
                         entry.remove();
                         continue;
                     };
-                    let (lo, hi) = ctx.placement.buckets.bucket_range(scan.bucket);
-                    let from = lo.max(cursor);
-                    let to = hi.min(from + IDS_PER_STRETCH);
-                    let (visited, found) = expand(&ctx, &known, scan, from, to);
+                    let (from, to, last) = stretch(&ctx, scan, cursor);
+                    let (visited, found) = expand(&ctx, &controls.known, scan, from, to);
                     if !found.is_empty() {
                         output.session(&*cap).give_iterator(found.into_iter());
                     }
                     budget = budget.saturating_sub(visited.max(EMPTY_STRETCH_COST));
-                    if to >= hi {
+                    cursor = if last { 0 } else { to };
+                    if last {
                         queue.pop_front();
-                        cursor = 0;
                         ctx.metrics.count.buckets.fetch_add(1, Relaxed);
-                    } else {
-                        cursor = to;
                     }
                     if queue.is_empty() {
                         entry.remove();
                     }
                 }
-                let ready = work
+                // More to scan now: come back (others get their turn in between).
+                if work
                     .keys()
                     .next()
-                    .is_some_and(|t| !control_frontier.less_equal(t));
-                if ready {
+                    .is_some_and(|t| !control_frontier.less_equal(t))
+                {
                     activator.activate();
                 }
             }
         },
     )
+}
+
+/// The next stretch of `scan`'s bucket from `cursor`: ids `[from, to)`, and whether it is the
+/// bucket's last.
+fn stretch(ctx: &Context, scan: &Scan, cursor: u64) -> (u64, u64, bool) {
+    let (lo, hi) = ctx.placement.buckets.bucket_range(scan.bucket);
+    let from = lo.max(cursor);
+    let to = hi.min(from + IDS_PER_STRETCH);
+    (from, to, to >= hi)
 }
 
 /// Applies one control record. A grant may arrive before its target's admit: both are kept.
