@@ -375,12 +375,7 @@ pub fn launch(
         let tick = Duration::from_millis(50);
         match rx.recv_timeout(tick) {
             Ok(Event::Started) => started = true,
-            Ok(Event::Finished) => {
-                finished += 1;
-                if finished >= workers && failed() {
-                    return Ok(());
-                }
-            }
+            Ok(Event::Finished) => finished += 1,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 // Every worker is gone; the result comes (or the joining thread panicked).
@@ -388,6 +383,12 @@ pub fn launch(
                     Err(cluster.worker_failure("the timely runtime panicked"))
                 });
             }
+        }
+        // Checked on every tick, not only as a worker finishes: the failure may be recorded
+        // after the last worker said it finished (a store sync failing on the runtime) and
+        // before that worker looked, and then it holds its connections and never ends.
+        if finished >= workers && failed() {
+            return Ok(());
         }
         if let Some(deadline) = deadline.filter(|_| !started) {
             if Instant::now() >= deadline {
@@ -419,6 +420,36 @@ pub fn hold_connections() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// The soak's hang: every worker said it finished, then the run failed (a store sync on
+    /// the runtime), and the workers that looked after that hold their connections and never
+    /// end. `launch` must still return, so the process exits and its peers stop.
+    #[test]
+    fn launch_returns_when_the_run_fails_after_every_worker_finished() {
+        let failed = Arc::new(AtomicBool::new(false));
+        let set = failed.clone();
+        let started = Instant::now();
+        let result = launch(
+            &Cluster::default(),
+            2,
+            move || failed.load(Ordering::SeqCst),
+            move |events| {
+                for e in [Event::Started, Event::Finished, Event::Finished] {
+                    let _ = events.send(e);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                set.store(true, Ordering::SeqCst);
+                // Holds the events channel open and never returns, as a held worker does.
+                loop {
+                    std::thread::park();
+                }
+            },
+        );
+        assert!(result.is_ok());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn hostfiles_name_the_bad_line() {
