@@ -4,17 +4,19 @@
 //!  logins ──exchange by bucket──┐
 //!  control (admits, granted) ───┴─► match: user looked up once, tested against every active
 //!                                   coupon (window by the event's ts, audience), pairs
-//!                                   granted or already proposed dropped ─► candidates ─► push
+//!                                   granted or settled dropped ─► candidates ─► push
 //! ```
 //! A login goes to the worker that owns its user's bucket ([`crate::model::Placement`]), and
 //! so do the granted pairs of that user (the control stream is routed like the scan's). So
-//! one worker sees every login and every pre-existing grant of a user, and keeps both per
-//! coupon as roaring bitmaps: the pairs granted before the run, and the pairs it has proposed
-//! in this run. A pair is proposed at most once per run — two logins of one user in an epoch
-//! or in two epochs never reach the claim twice; a later one is counted as already granted,
-//! which is what the store's claim would answer (it hands each pair out at most once, and
-//! stays the arbiter against other runs). No differential arrangement is needed: the state is
-//! a few bits per (coupon, user) that matched, on the worker of that user.
+//! one worker sees every login and every pre-existing grant of a user, and keeps per coupon
+//! two roaring bitmaps: the pairs the `granted` input names, and the pairs the store's claim
+//! would refuse — done in the store when the coupon was admitted (the embedded store hands
+//! that set over as a copy), or proposed in this run. A pair is proposed at most once per run:
+//! two logins of one user in an epoch or in two epochs never reach the claim twice, and a
+//! later one (or one of a pair already done) is counted as already granted, which is what the
+//! claim would answer. The claim stays the arbiter against other runs and for pairs in flight
+//! at a crash. No differential arrangement is needed: the state is a few bits per (coupon,
+//! user) on the worker of that user.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
@@ -46,8 +48,10 @@ struct Active {
 struct Pairs {
     /// Granted before the run (the `granted` input): never granted again, not counted.
     granted: RoaringBitmap,
-    /// Proposed to the claim in an earlier epoch of this run.
-    proposed: RoaringBitmap,
+    /// Pairs the store's claim would refuse: done in the store when the coupon was admitted
+    /// (where the store can tell cheaply, [`crate::store::Ledger::done_now`]), or proposed to
+    /// the claim in an earlier epoch of this run. Counted as already granted.
+    settled: RoaringBitmap,
 }
 
 /// Matches `logins` against the lazy coupons admitted on `control` and emits the new pairs as
@@ -120,7 +124,10 @@ fn apply(ctx: &Context, active: &mut Vec<Active>, pairs: &mut HashMap<u32, Pairs
     match c {
         Control::Admit(t) => {
             if let Some(coupon) = lazy_coupon(ctx, t) {
-                pairs.entry(t).or_default();
+                let p = pairs.entry(t).or_default();
+                if let Some(done) = ctx.targets[t as usize].ledger.done_now() {
+                    p.settled |= done;
+                }
                 active.push(coupon);
             }
         }
@@ -138,7 +145,7 @@ fn apply(ctx: &Context, active: &mut Vec<Active>, pairs: &mut HashMap<u32, Pairs
 }
 
 /// One epoch's logins against the active coupons: the pairs neither granted before the run
-/// nor proposed in an earlier epoch, as candidate batches in id order.
+/// nor settled, as candidate batches in id order.
 fn match_epoch(
     ctx: &Context,
     active: &[Active],
@@ -181,7 +188,7 @@ fn match_epoch(
         users.retain(|c| {
             if p.granted.contains(c.id) {
                 false
-            } else if p.proposed.contains(c.id) {
+            } else if p.settled.contains(c.id) {
                 repeated += 1;
                 false
             } else {
@@ -197,7 +204,7 @@ fn match_epoch(
         if users.is_empty() {
             continue;
         }
-        p.proposed.extend(users.iter().map(|c| c.id));
+        p.settled.extend(users.iter().map(|c| c.id));
         out.push(Candidates {
             target: coupon.target,
             users,

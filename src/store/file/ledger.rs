@@ -297,6 +297,11 @@ impl FileLedger {
         Ok(())
     }
 
+    /// A copy of the done set as it is now.
+    pub fn done_now(&self) -> RoaringBitmap {
+        lock(&self.state).sets.done.clone()
+    }
+
     /// Whether `id` is done.
     pub fn is_done(&self, id: u32) -> bool {
         lock(&self.state).sets.done.contains(id)
