@@ -1,194 +1,239 @@
 //! Lazy coupons: each login grants every valid, not-yet-granted coupon whose audience matches.
 //!
 //! ```text
-//!  logins ─exchange by bucket┐
-//!  admits ──broadcast───────┴─► match: user looked up once, tested against every active
-//!                                coupon (window by the event's ts, audience) ─► (coupon, user)
-//!      ─► antijoin(granted) ─► consolidate ─► positive updates become candidates ─► push
+//!  logins ──exchange by bucket──┐
+//!  control (admits, granted) ───┴─► match: user looked up once, tested against every active
+//!                                   coupon (window by the event's ts, audience), pairs
+//!                                   granted or settled dropped ─► candidates ─► push
 //! ```
-//! The active coupons are few, so every worker holds them all and a login is matched where it
-//! lands (a broadcast join); what differential does is the part that must be exact: the
-//! matched pairs are a collection, antijoined with the granted ledger and consolidated, so two
-//! logins of one user in an epoch, or a pair granted before, never reach the claim twice.
-//! A pair enters at the login's epoch and leaves at the next, which keeps every trace one
-//! epoch deep; only its entry (a positive update) becomes a grant. Across epochs the store's
-//! atomic claim decides: a later login of a granted user finds the claim taken.
+//! A login goes to the worker that owns its user's bucket ([`crate::model::Placement`]), and
+//! so do the granted pairs of that user (the control stream is routed like the scan's). So
+//! one worker sees every login and every pre-existing grant of a user, and keeps per coupon
+//! two roaring bitmaps: the pairs the `granted` input names, and the pairs the store's claim
+//! would refuse — done in the store when the coupon was admitted (the embedded store hands
+//! that set over as a copy), or proposed in this run. A pair is proposed at most once per run:
+//! two logins of one user in an epoch or in two epochs never reach the claim twice, and a
+//! later one (or one of a pair already done) is counted as already granted, which is what the
+//! claim would answer. The claim stays the arbiter against other runs and for pairs in flight
+//! at a crash. No differential arrangement is needed: the state is a few bits per (coupon,
+//! user) on the worker of that user.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use differential_dataflow::collection::AsCollection;
-use differential_dataflow::VecCollection;
+use roaring::RoaringBitmap;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
-use super::{Candidate, Candidates, Context, Time};
+use super::{Candidate, Candidates, Context, Control, Time};
 use crate::audience::AudienceFilter;
 use crate::model::{CouponDelivery, Kind};
 use crate::sources::logins::Login;
 
-/// A (coupon target, user) pair as a differential update.
-pub type PairUpdate = ((u32, u32), Time, isize);
+/// An admitted lazy coupon: what a login is tested against.
+struct Active {
+    /// Index into [`Context::targets`].
+    target: u32,
+    filter: AudienceFilter,
+    /// Its window, ms since the epoch, `[start, end)`.
+    start: i64,
+    end: i64,
+}
 
-/// Matches logins against the active lazy coupons admitted on `admits`.
-pub fn match_logins<'s>(
+/// What the operator remembers of a lazy coupon's pairs on this worker.
+#[derive(Default)]
+struct Pairs {
+    /// Granted before the run (the `granted` input): never granted again, not counted.
+    granted: RoaringBitmap,
+    /// Pairs the store's claim would refuse: done in the store when the coupon was admitted
+    /// (where the store can tell cheaply, [`crate::store::Ledger::done_now`]), or proposed to
+    /// the claim in an earlier epoch of this run. Counted as already granted.
+    settled: RoaringBitmap,
+}
+
+/// Matches `logins` against the lazy coupons admitted on `control` and emits the new pairs as
+/// candidate batches for the push operator, per epoch, in id order.
+pub fn grants_at_login<'s>(
     logins: Stream<'s, Time, Vec<Login>>,
-    admits: Stream<'s, Time, Vec<u32>>,
+    control: Stream<'s, Time, Vec<Control>>,
     ctx: Arc<Context>,
-) -> VecCollection<'s, Time, (u32, u32), isize> {
+) -> Stream<'s, Time, Vec<Candidates>> {
     // To the worker holding the user's bucket: in a cluster only that process loaded the user.
     let placement = ctx.placement;
     let by_bucket = Exchange::new(move |l: &Login| placement.exchange_key(l.user));
-    logins
-        .binary_frontier::<_, CapacityContainerBuilder<Vec<PairUpdate>>, _, _, _, _>(
-            admits,
-            by_bucket,
-            Pipeline,
-            "MatchLogins",
-            move |_cap, _info| {
-                let mut active: Vec<(u32, AudienceFilter, i64, i64)> = Vec::new();
-                let mut admitted: BTreeMap<Time, Vec<u32>> = BTreeMap::new();
-                let mut waiting: BTreeMap<Time, (Capability<Time>, Vec<Login>)> = BTreeMap::new();
-                move |(login_in, _), (admit_in, admit_frontier), output| {
-                    login_in.for_each_stamp(|cap, data| {
-                        if let Some(cap) = cap.retain_least(0) {
-                            let stash = &mut waiting
-                                .entry(*cap.time())
-                                .or_insert_with(|| (cap, Vec::new()))
-                                .1;
-                            for batch in data {
-                                stash.append(batch);
-                            }
-                        }
-                    });
-                    admit_in.for_each_stamp(|cap, data| {
-                        if let Some(t) = cap.least() {
-                            let stash = admitted.entry(*t).or_default();
-                            for batch in data {
-                                stash.append(batch);
-                            }
-                        }
-                    });
-                    while let Some(entry) = waiting.first_entry() {
-                        let time = *entry.key();
-                        if admit_frontier.less_equal(&time) {
-                            break; // coupons admitted at `time` may still arrive
-                        }
-                        while let Some(ready) = admitted.first_entry() {
-                            if *ready.key() > time {
-                                break;
-                            }
-                            for t in ready.remove() {
-                                if let Some(coupon) = lazy_coupon(&ctx, t) {
-                                    active.push(coupon);
-                                }
-                            }
-                        }
-                        let (cap, logins) = entry.remove();
-                        let mut session = output.session(&cap);
-                        for login in logins {
-                            let mut known = false;
-                            ctx.source.for_each_in(
-                                u64::from(login.user),
-                                u64::from(login.user) + 1,
-                                |user| {
-                                    known = true;
-                                    for (t, filter, start, end) in &active {
-                                        if (*start..*end).contains(&login.ts_ms)
-                                            && filter.matches(&user)
-                                        {
-                                            // In at this epoch, out at the next: traces stay one epoch deep.
-                                            session.give(((*t, login.user), time, 1));
-                                            session.give(((*t, login.user), time + 1, -1));
-                                        }
-                                    }
-                                },
-                            );
-                            let counter = if known {
-                                &ctx.metrics.count.logins
-                            } else {
-                                &ctx.metrics.count.logins_unknown
-                            };
-                            counter.fetch_add(1, Relaxed);
+    logins.binary_frontier::<_, CapacityContainerBuilder<Vec<Candidates>>, _, _, _, _>(
+        control,
+        by_bucket,
+        Pipeline,
+        "GrantsAtLogin",
+        move |_cap, _info| {
+            let mut active: Vec<Active> = Vec::new();
+            let mut pairs: HashMap<u32, Pairs> = HashMap::new();
+            let mut controls: BTreeMap<Time, Vec<Control>> = BTreeMap::new();
+            let mut waiting: BTreeMap<Time, (Capability<Time>, Vec<Login>)> = BTreeMap::new();
+            move |(login_in, _), (control_in, control_frontier), output| {
+                login_in.for_each_stamp(|cap, data| {
+                    if let Some(cap) = cap.retain_least(0) {
+                        let stash = &mut waiting
+                            .entry(*cap.time())
+                            .or_insert_with(|| (cap, Vec::new()))
+                            .1;
+                        for batch in data {
+                            stash.append(batch);
                         }
                     }
+                });
+                control_in.for_each_stamp(|cap, data| {
+                    if let Some(t) = cap.least() {
+                        let stash = controls.entry(*t).or_default();
+                        for batch in data {
+                            stash.append(batch);
+                        }
+                    }
+                });
+                while let Some(entry) = waiting.first_entry() {
+                    let time = *entry.key();
+                    if control_frontier.less_equal(&time) {
+                        break; // admits or grants for `time` may still arrive
+                    }
+                    while let Some(ready) = controls.first_entry() {
+                        if *ready.key() > time {
+                            break;
+                        }
+                        for c in ready.remove() {
+                            apply(&ctx, &mut active, &mut pairs, c);
+                        }
+                    }
+                    let (cap, logins) = entry.remove();
+                    let found = match_epoch(&ctx, &active, &mut pairs, &logins);
+                    if !found.is_empty() {
+                        output.session(&cap).give_iterator(found.into_iter());
+                    }
                 }
-            },
-        )
-        .as_collection()
+            }
+        },
+    )
 }
 
-/// Target `t` as an active lazy coupon: its audience and window, if it is one.
-fn lazy_coupon(ctx: &Context, t: u32) -> Option<(u32, AudienceFilter, i64, i64)> {
-    let c = &ctx.targets.get(t as usize)?.target.campaign;
-    let lazy = c.kind == Kind::Coupon && c.coupon.as_ref()?.delivery == CouponDelivery::OnLogin;
-    lazy.then(|| {
-        (
-            t,
-            AudienceFilter::compile(&c.audience, ctx.source.tags()),
-            c.start.timestamp_millis(),
-            c.end.timestamp_millis(),
-        )
+/// Applies one control record: an admit of a lazy coupon activates it; a grant (or its
+/// withdrawal) of a lazy coupon's pair is remembered. Fan-out targets are the scan's.
+fn apply(ctx: &Context, active: &mut Vec<Active>, pairs: &mut HashMap<u32, Pairs>, c: Control) {
+    match c {
+        Control::Admit(t) => {
+            if let Some(coupon) = lazy_coupon(ctx, t) {
+                let p = pairs.entry(t).or_default();
+                if let Some(done) = ctx.targets[t as usize].ledger.done_now() {
+                    p.settled |= done;
+                }
+                active.push(coupon);
+            }
+        }
+        Control::Granted(t, user, diff) => {
+            if is_lazy(ctx, t) {
+                let granted = &mut pairs.entry(t).or_default().granted;
+                if diff > 0 {
+                    granted.insert(user);
+                } else {
+                    granted.remove(user);
+                }
+            }
+        }
+    }
+}
+
+/// One epoch's logins against the active coupons: the pairs neither granted before the run
+/// nor settled, as candidate batches in id order.
+fn match_epoch(
+    ctx: &Context,
+    active: &[Active],
+    pairs: &mut HashMap<u32, Pairs>,
+    logins: &[Login],
+) -> Vec<Candidates> {
+    let mut found: Vec<Vec<Candidate>> = vec![Vec::new(); active.len()];
+    let mut known = 0u64;
+    for login in logins {
+        let user = u64::from(login.user);
+        ctx.source.for_each_in(user, user + 1, |u| {
+            known += 1;
+            for (k, coupon) in active.iter().enumerate() {
+                if (coupon.start..coupon.end).contains(&login.ts_ms) && coupon.filter.matches(&u) {
+                    found[k].push(Candidate {
+                        id: u.id,
+                        level: u.level,
+                        points: u.points,
+                    });
+                }
+            }
+        });
+    }
+    let counts = &ctx.metrics.count;
+    counts.logins.fetch_add(known, Relaxed);
+    counts
+        .logins_unknown
+        .fetch_add(logins.len() as u64 - known, Relaxed);
+    let mut out = Vec::new();
+    for (coupon, mut users) in active.iter().zip(found) {
+        if users.is_empty() {
+            continue;
+        }
+        users.sort_unstable_by_key(|c| c.id);
+        users.dedup_by_key(|c| c.id);
+        let Some(p) = pairs.get_mut(&coupon.target) else {
+            continue;
+        };
+        let mut repeated = 0u64;
+        users.retain(|c| {
+            if p.granted.contains(c.id) {
+                false
+            } else if p.settled.contains(c.id) {
+                repeated += 1;
+                false
+            } else {
+                true
+            }
+        });
+        if repeated > 0 {
+            ctx.targets[coupon.target as usize]
+                .stats
+                .already_granted
+                .fetch_add(repeated, Relaxed);
+        }
+        if users.is_empty() {
+            continue;
+        }
+        p.settled.extend(users.iter().map(|c| c.id));
+        out.push(Candidates {
+            target: coupon.target,
+            users,
+        });
+    }
+    out
+}
+
+/// Whether target `t` is a coupon granted at login.
+fn is_lazy(ctx: &Context, t: u32) -> bool {
+    ctx.targets.get(t as usize).is_some_and(|rt| {
+        let c = &rt.target.campaign;
+        c.kind == Kind::Coupon
+            && c.coupon
+                .as_ref()
+                .is_some_and(|k| k.delivery == CouponDelivery::OnLogin)
     })
 }
 
-/// The grants lazy coupons make: newly matched pairs not in `granted`, consolidated.
-pub fn grants_at_login<'s>(
-    matched: VecCollection<'s, Time, (u32, u32), isize>,
-    granted: VecCollection<'s, Time, (u32, u32), isize>,
-) -> VecCollection<'s, Time, (u32, u32), isize> {
-    matched
-        .map(|pair| (pair, ()))
-        .antijoin(granted)
-        .map(|(pair, ())| pair)
-        .consolidate()
-}
-
-/// Turns the positive updates of `grants` into candidate batches for the push operator.
-pub fn candidates<'s>(
-    grants: VecCollection<'s, Time, (u32, u32), isize>,
-    ctx: Arc<Context>,
-) -> Stream<'s, Time, Vec<Candidates>> {
-    // The antijoin left each pair on the worker its hash chose; the user's record (and the
-    // push of its bucket) is on the worker of its bucket.
-    let placement = ctx.placement;
-    let by_bucket =
-        Exchange::new(move |((_, user), _, _): &PairUpdate| placement.exchange_key(*user));
-    grants
-        .inner
-        .unary::<CapacityContainerBuilder<Vec<Candidates>>, _, _, _>(
-            by_bucket,
-            "LoginGrants",
-            move |_cap, _info| {
-                move |input, output| {
-                    input.for_each_stamp(|cap, data| {
-                        let mut by_target: HashMap<u32, Vec<Candidate>> = HashMap::new();
-                        for batch in data {
-                            for ((t, user), _time, diff) in batch.drain(..) {
-                                if diff <= 0 {
-                                    continue; // a pair leaving: nothing to do
-                                }
-                                ctx.source
-                                    .for_each_in(u64::from(user), u64::from(user) + 1, |u| {
-                                        by_target.entry(t).or_default().push(Candidate {
-                                            id: u.id,
-                                            level: u.level,
-                                            points: u.points,
-                                        });
-                                    });
-                            }
-                        }
-                        let mut session = output.session(&cap);
-                        for (target, mut users) in by_target {
-                            users.sort_unstable_by_key(|c| c.id);
-                            users.dedup_by_key(|c| c.id);
-                            session.give(Candidates { target, users });
-                        }
-                    });
-                }
-            },
-        )
+/// Target `t` as an active lazy coupon: its audience and window, if it is one.
+fn lazy_coupon(ctx: &Context, t: u32) -> Option<Active> {
+    if !is_lazy(ctx, t) {
+        return None;
+    }
+    let c = &ctx.targets[t as usize].target.campaign;
+    Some(Active {
+        target: t,
+        filter: AudienceFilter::compile(&c.audience, ctx.source.tags()),
+        start: c.start.timestamp_millis(),
+        end: c.end.timestamp_millis(),
+    })
 }

@@ -2,12 +2,16 @@
 //!
 //! ```text
 //!  admits ──broadcast──┐
-//!  granted ─by bucket──┴─ control ─┐
-//!  scans ───exchange by bucket ────┴─► scan ──► push ──► probe
+//!  granted ─by bucket──┴─ control ─┬──────────┐
+//!  scans ───exchange by bucket ────┴─► scan ──┤
+//!  logins ──exchange by bucket ─► login ──────┴─► push ──► probe
 //! ```
 //! - [`scan`]: expands each bucket of user ids into its users (a bounded amount per
 //!   activation), tests every admitted campaign's audience against each user once, drops the
 //!   pairs the `granted` input names, and emits compact candidate batches per campaign.
+//! - [`login`]: tests each login against the admitted lazy coupons on the worker that owns
+//!   the user, drops pairs granted before or proposed earlier in the run, and emits the same
+//!   candidate batches.
 //! - [`push`]: claims candidates in the store, renders, batches and pushes them on the shared
 //!   tokio runtime, never blocking the worker; it holds each epoch until every push of that
 //!   epoch is acknowledged, so the probe behind it means "delivered".
@@ -24,7 +28,6 @@ pub mod scan;
 
 use std::sync::{Arc, Mutex};
 
-use differential_dataflow::input::{Input as _, InputSession};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::vec::{Broadcast, Map};
@@ -157,8 +160,8 @@ pub struct Handles {
     pub scans: InputHandle<Time, CapacityContainerBuilder<Vec<Scan>>>,
     /// Admitted targets (fan-out campaigns and lazy coupons alike).
     pub admits: InputHandle<Time, CapacityContainerBuilder<Vec<u32>>>,
-    /// Pre-existing grants `(target, user)`, a differential collection.
-    pub granted: InputSession<Time, (u32, u32), isize>,
+    /// Pre-existing grants `(target, user)`.
+    pub granted: InputHandle<Time, CapacityContainerBuilder<Vec<(u32, u32)>>>,
     /// Login events.
     pub logins: InputHandle<Time, CapacityContainerBuilder<Vec<Login>>>,
     /// Passes time `t` once every push of epochs before `t` is acknowledged.
@@ -166,12 +169,11 @@ pub struct Handles {
 }
 
 impl Handles {
-    /// Moves every input to epoch `t` (and flushes the granted pairs fed so far).
+    /// Moves every input to epoch `t`.
     pub fn advance_to(&mut self, t: Time) {
         self.scans.advance_to(t);
         self.admits.advance_to(t);
         self.granted.advance_to(t);
-        self.granted.flush();
         self.logins.advance_to(t);
     }
 
@@ -187,28 +189,24 @@ pub fn fan_out(scope: Scope<'_, Time>, ctx: Arc<Context>) -> Handles {
     let mut scans = InputHandle::new();
     let mut admits = InputHandle::new();
     let mut logins = InputHandle::new();
-    let (granted, granted_pairs) = scope.new_collection::<(u32, u32), isize>();
+    let mut granted = InputHandle::new();
     let placement = ctx.placement;
     let admitted = scope
         .input_from(&mut admits)
         .container::<Vec<u32>>()
         .broadcast()
         .container::<Vec<u32>>();
-    let granted_by_bucket = granted_pairs
-        .inner
-        .clone()
-        .exchange(move |((_, user), _, _)| placement.exchange_key(*user))
-        .map(|((t, u), _, diff)| Control::Granted(t, u, diff));
-    let control = admitted
-        .clone()
-        .map(Control::Admit)
-        .concat(granted_by_bucket);
+    let granted_by_bucket = scope
+        .input_from(&mut granted)
+        .container::<Vec<(u32, u32)>>()
+        .exchange(move |(_, user)| placement.exchange_key(*user))
+        .map(|(t, u)| Control::Granted(t, u, 1));
+    let control = admitted.map(Control::Admit).concat(granted_by_bucket);
     let scan_stream = scope.input_from(&mut scans).container::<Vec<Scan>>();
-    let scanned = scan::scan(scan_stream, control, ctx.clone());
+    let scanned = scan::scan(scan_stream, control.clone(), ctx.clone());
 
     let login_stream = scope.input_from(&mut logins).container::<Vec<Login>>();
-    let matched = login::match_logins(login_stream, admitted, ctx.clone());
-    let at_login = login::candidates(login::grants_at_login(matched, granted_pairs), ctx.clone());
+    let at_login = login::grants_at_login(login_stream, control, ctx.clone());
 
     let (probe, _) = push::push(scanned.concat(at_login), ctx).probe();
     Handles {

@@ -102,7 +102,7 @@ fn feed_and_drain(
             inputs.admits.send(t);
         }
         for &pair in &feed.granted {
-            inputs.granted.insert(pair);
+            inputs.granted.send(pair);
         }
     }
     {

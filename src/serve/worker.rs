@@ -78,7 +78,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
             inputs.admits.send(t);
         }
         for &pair in &generation.granted {
-            inputs.granted.insert(pair);
+            inputs.granted.send(pair);
         }
         // Inputs always stand at the epoch to be fed next, so every fed epoch can complete
         // without waiting for the next batch to arrive.

@@ -19,6 +19,8 @@ pub mod redis;
 
 use std::sync::Arc;
 
+use roaring::RoaringBitmap;
+
 use crate::error::{Error, Result};
 
 /// The store a job writes its grants to. Cloning is cheap (Arc inside).
@@ -351,6 +353,17 @@ impl Ledger {
         match self {
             Ledger::File(ledger) => Ok(ids.iter().filter(|&&id| ledger.is_done(id)).count() as u64),
             Ledger::Redis(ledger) => ledger.count_done(ids).await,
+        }
+    }
+
+    /// The ids done (delivered or dead-lettered) now, where that is a local copy (the
+    /// embedded store); `None` on Redis, where it would be a read of the whole ledger. A done
+    /// id stays done until `--retry-dead-letters` revives it, which happens before anything is
+    /// fed, so the claim answers `already` for every id of this set for the rest of a run.
+    pub fn done_now(&self) -> Option<RoaringBitmap> {
+        match self {
+            Ledger::File(ledger) => Some(ledger.done_now()),
+            Ledger::Redis(_) => None,
         }
     }
 
