@@ -1,4 +1,4 @@
-//! fanout: a campaign fan-out engine on timely/differential dataflow.
+//! fanout: a campaign fan-out engine on timely dataflow.
 //!
 //! A job (a TOML file, [`job`]) names campaigns, a user source, a store and a push provider.
 //! `fanout run` turns it into one timely dataflow ([`dataflow`]):

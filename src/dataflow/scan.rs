@@ -95,9 +95,7 @@ pub fn scan<'s>(
                             .entry(*cap.time())
                             .or_insert_with(|| (cap, VecDeque::new()))
                             .1;
-                        for batch in data {
-                            queue.extend(batch.drain(..));
-                        }
+                        data.for_each(|batch| queue.extend(batch.drain(..)));
                     }
                 });
                 control_in.for_each_stamp(|cap, data| {

@@ -95,13 +95,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
             if next_scan.is_none() && (generation.should_end)() {
                 break;
             }
-            let batch = match generation.logins.lock() {
-                Ok(mut rx) => match rx.try_recv() {
-                    Ok(b) => Some(b),
-                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => None,
-                },
-                Err(_) => None,
-            };
+            let batch = next_batch(&generation.logins);
             if next_scan.is_none() && batch.is_none() {
                 worker.step_or_park(Some(IDLE));
                 release(&mut acks, false);
@@ -136,4 +130,15 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
         fed.scans_complete = false;
     }
     fed
+}
+
+/// The next login batch the stream reader has ready, if any.
+fn next_batch(logins: &Mutex<Receiver<LoginBatch>>) -> Option<LoginBatch> {
+    match logins.lock() {
+        Ok(mut rx) => match rx.try_recv() {
+            Ok(b) => Some(b),
+            Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => None,
+        },
+        Err(_) => None,
+    }
 }
