@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use hyper::body::Bytes;
 use hyper::{Method, Request, Uri};
 use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT,
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT,
 };
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use serde::Deserialize;
@@ -101,6 +101,8 @@ struct Keyed<'a> {
     key: Cow<'a, str>,
 }
 
+/// A name made once: a `&str` name is copied into every request that carries it.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const USER_AGENT_VALUE: &str = concat!("fanout/", env!("CARGO_PKG_VERSION"));
 
 impl HttpProvider {
@@ -161,7 +163,7 @@ impl HttpProvider {
         headers.reserve(6);
         headers.insert(HOST, wire.host.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert("idempotency-key", key);
+        headers.insert(IDEMPOTENCY_KEY, key);
         headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
         if let Some(auth) = &wire.authorization {
@@ -201,7 +203,7 @@ impl HttpProvider {
         Ok(client
             .post(self.spec.url.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header("idempotency-key", key)
+            .header(IDEMPOTENCY_KEY, key)
             .body(m.json.to_owned()))
     }
 

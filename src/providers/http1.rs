@@ -17,7 +17,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper::header::HeaderMap;
 use hyper::{Request, StatusCode};
@@ -34,7 +34,8 @@ pub struct Answer {
     pub status: StatusCode,
     /// The headers (`Retry-After`).
     pub headers: HeaderMap,
-    /// The body, for an error message.
+    /// The body of a non-2xx answer, for its error message (a 2xx one's is read and
+    /// dropped).
     pub body: Bytes,
 }
 
@@ -102,8 +103,9 @@ impl Pool {
                 None => return Err("the connection closed before the response".into()),
             };
             let (head, body) = response.into_parts();
-            let body = match drive(&mut conn.io, &mut conn.open, body.collect()).await {
-                Some(Ok(collected)) => collected.to_bytes(),
+            let keep = !head.status.is_success();
+            let body = match drive(&mut conn.io, &mut conn.open, read(body, keep)).await {
+                Some(Ok(body)) => body,
                 Some(Err(e)) => return Err(causes(&e)),
                 None => return Err("the connection closed before the response's end".into()),
             };
@@ -171,6 +173,18 @@ async fn drive<F: Future>(io: &mut Io, open: &mut bool, fut: F) -> Option<F::Out
         }
     })
     .await
+}
+
+/// Reads `body` to its end (so the connection can take the next request); returns it if
+/// `keep`.
+async fn read(mut body: Incoming, keep: bool) -> hyper::Result<Bytes> {
+    if keep {
+        return Ok(body.collect().await?.to_bytes());
+    }
+    while let Some(frame) = body.frame().await {
+        frame?;
+    }
+    Ok(Bytes::new())
 }
 
 /// An error and its causes, `a: b: c`.
