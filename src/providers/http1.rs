@@ -203,3 +203,100 @@ fn causes(e: &(dyn StdError + 'static)) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A server that reads one request per connection, answers it with `answer` (or not at
+    /// all) and closes the connection without saying so first; counts the requests.
+    async fn one_shot_server(answer: Option<&'static str>) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    // The request's head and its 2-byte body.
+                    while !got.windows(6).any(|w| w == b"\r\n\r\nhi") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counter.fetch_add(1, SeqCst);
+                    if let Some(answer) = answer {
+                        let _ = socket.write_all(answer.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn post() -> Request<Body> {
+        let mut request = Request::new(Body::new(Bytes::from_static(b"hi")));
+        *request.method_mut() = hyper::Method::POST;
+        *request.uri_mut() = "/hook".parse().unwrap();
+        request
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_replaced() {
+        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (addr, seen) = one_shot_server(Some(ok)).await;
+        let pool = Pool::new(addr, Duration::from_secs(1));
+        for _ in 0..5 {
+            let answer = pool.send(post()).await.unwrap();
+            assert_eq!(answer.status, StatusCode::OK);
+            assert!(answer.body.is_empty(), "a 2xx body is not kept");
+            // Let the server's close arrive before the next checkout.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(seen.load(SeqCst), 5, "each request sent once");
+    }
+
+    #[tokio::test]
+    async fn a_request_left_unanswered_is_not_sent_again() {
+        let (addr, seen) = one_shot_server(None).await;
+        let pool = Pool::new(addr, Duration::from_secs(1));
+        let e = pool.send(post()).await.unwrap_err();
+        assert!(!e.is_empty());
+        assert_eq!(seen.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn error_answers_keep_their_body_and_headers() {
+        let busy =
+            "HTTP/1.1 503 Service Unavailable\r\nretry-after: 3\r\ncontent-length: 4\r\n\r\nbusy";
+        let (addr, _) = one_shot_server(Some(busy)).await;
+        let answer = Pool::new(addr, Duration::from_secs(1))
+            .send(post())
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.headers["retry-after"], "3");
+        assert_eq!(&answer.body[..], b"busy");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_says_where() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let e = Pool::new(addr.clone(), Duration::from_secs(1))
+            .send(post())
+            .await
+            .unwrap_err();
+        assert!(e.starts_with(&format!("cannot connect to {addr}")), "{e}");
+    }
+}
