@@ -14,7 +14,7 @@ use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::sync::{Mutex, PoisonError};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -23,6 +23,8 @@ use hyper::header::HeaderMap;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use super::remote::POOL_IDLE_TIMEOUT;
 
 /// What a request carries: the whole record, already in memory.
 pub type Body = Full<Bytes>;
@@ -46,6 +48,8 @@ struct Conn {
     io: Io,
     /// Whether `io` may still be polled (it has not ended).
     open: bool,
+    /// When it was last put back idle.
+    idle_since: Instant,
 }
 
 /// Connections to one `host:port`, idle ones kept for the next request.
@@ -82,7 +86,7 @@ impl Pool {
                 Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
-            let Conn { send, io, open } = &mut conn;
+            let Conn { send, io, open, .. } = &mut conn;
             let ready = drive(io, open, poll_fn(|cx| send.poll_ready(cx))).await;
             if ready.is_none_or(|ready| ready.is_err()) {
                 if reused {
@@ -120,14 +124,20 @@ impl Pool {
         }
     }
 
+    /// The most recently used idle connection; older ones idle past [`POOL_IDLE_TIMEOUT`]
+    /// are closed on the way.
     fn checkout(&self) -> Option<Conn> {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(conn) = idle.pop() {
+            if conn.idle_since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(conn);
+            }
+        }
+        None
     }
 
-    fn checkin(&self, conn: Conn) {
+    fn checkin(&self, mut conn: Conn) {
+        conn.idle_since = Instant::now();
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -150,6 +160,7 @@ impl Pool {
             send,
             io: Box::pin(io),
             open: true,
+            idle_since: Instant::now(),
         })
     }
 }
