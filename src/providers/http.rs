@@ -9,16 +9,21 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderValue, CONTENT_TYPE};
-use reqwest::{RequestBuilder, Response, Url};
+use hyper::body::Bytes;
+use hyper::{Method, Request, Uri};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT,
+};
+use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use serde::Deserialize;
 
+use super::http1;
 use super::rate::RateLimiter;
 use super::remote::{self, Timeouts};
 use super::{Attempt, Message, Outcome};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A webhook URL, parsed and checked.
 #[derive(Clone, PartialEq)]
@@ -60,11 +65,33 @@ impl HttpSpec {
     }
 }
 
-/// The webhook provider: a pooled client and the URL every message is POSTed to.
+/// The webhook provider: the URL every message is POSTed to, and how requests get there.
 #[derive(Debug)]
 pub struct HttpProvider {
-    client: reqwest::Client,
+    transport: Transport,
     spec: HttpSpec,
+}
+
+/// How requests reach the server.
+#[derive(Debug)]
+enum Transport {
+    /// Plain `http://` without a proxy: our own keep-alive connections ([`http1`]).
+    Wire(Box<Wire>),
+    /// `https://`, or through a proxy: reqwest's pooled client.
+    Client(reqwest::Client),
+}
+
+/// What every plain request repeats, made once.
+#[derive(Debug)]
+struct Wire {
+    pool: http1::Pool,
+    /// The whole request, connecting included.
+    timeout: Duration,
+    /// The request target: the URL's path and query.
+    target: Uri,
+    host: HeaderValue,
+    /// Basic auth from the URL's userinfo, as reqwest sends it.
+    authorization: Option<HeaderValue>,
 }
 
 /// The one field of a delivery record the request needs besides the record itself.
@@ -74,13 +101,19 @@ struct Keyed<'a> {
     key: Cow<'a, str>,
 }
 
+/// A name made once: a `&str` name is copied into every request that carries it.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const USER_AGENT_VALUE: &str = concat!("fanout/", env!("CARGO_PKG_VERSION"));
+
 impl HttpProvider {
     /// Builds the connection pool for `spec`.
     pub fn open(spec: HttpSpec, timeouts: &Timeouts) -> Result<HttpProvider> {
-        Ok(HttpProvider {
-            client: remote::client(timeouts)?,
-            spec,
-        })
+        let client = remote::client(timeouts)?;
+        let transport = match spec.url.scheme() == "http" && !proxied() {
+            true => Transport::Wire(Box::new(Wire::new(&spec, &client, timeouts)?)),
+            false => Transport::Client(client),
+        };
+        Ok(HttpProvider { transport, spec })
     }
 
     /// How errors name it: `http provider URL`, without the URL's userinfo and query.
@@ -90,44 +123,110 @@ impl HttpProvider {
 
     /// POSTs each selected message, concurrently, one slot and one rate token each.
     pub async fn send_one(&self, m: &Message<'_>, rate: Option<&RateLimiter>) -> Attempt {
-        remote::attempt(
-            self.request(m),
-            rate,
-            |request: RequestBuilder| async move { self.outcome(request.send().await).await },
-        )
-        .await
+        match &self.transport {
+            Transport::Wire(wire) => {
+                remote::attempt(self.wire_request(wire, m), rate, |request| async move {
+                    self.wire_outcome(wire, request).await
+                })
+                .await
+            }
+            Transport::Client(client) => remote::attempt(
+                self.request(client, m),
+                rate,
+                |request: RequestBuilder| async move { self.outcome(request.send().await).await },
+            )
+            .await,
+        }
     }
 
-    /// The request for `m`, built without I/O.
-    fn request(&self, m: &Message<'_>) -> std::result::Result<RequestBuilder, Outcome> {
+    /// The record's key as a header value, or why `m` cannot be sent.
+    fn key(&self, m: &Message<'_>) -> std::result::Result<HeaderValue, Outcome> {
         let bad =
             |what: &str| Outcome::Permanent(format!("{}: user {}: {what}", self.name(), m.user));
         let keyed: Keyed<'_> =
             serde_json::from_str(m.json).map_err(|_| bad("the delivery record has no key"))?;
-        let key = HeaderValue::from_str(&keyed.key)
-            .map_err(|_| bad("the key cannot be sent as a header"))?;
-        Ok(self
-            .client
+        HeaderValue::from_str(&keyed.key).map_err(|_| bad("the key cannot be sent as a header"))
+    }
+
+    /// The plain request for `m`, built without I/O: the headers reqwest would send.
+    fn wire_request(
+        &self,
+        wire: &Wire,
+        m: &Message<'_>,
+    ) -> std::result::Result<Request<http1::Body>, Outcome> {
+        let key = self.key(m)?;
+        let body = Bytes::copy_from_slice(m.json.as_bytes());
+        let mut request = Request::new(http1::Body::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = wire.target.clone();
+        let headers = request.headers_mut();
+        headers.reserve(6);
+        headers.insert(HOST, wire.host.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(IDEMPOTENCY_KEY, key);
+        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+        if let Some(auth) = &wire.authorization {
+            headers.insert(AUTHORIZATION, auth.clone());
+        }
+        Ok(request)
+    }
+
+    /// Sends a plain request within the request timeout; what its answer (or none) means.
+    async fn wire_outcome(&self, wire: &Wire, request: Request<http1::Body>) -> Option<Outcome> {
+        let answer = match tokio::time::timeout(wire.timeout, wire.pool.send(request)).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Some(self.no_answer(&e)),
+            Err(_) => {
+                let e = format!("no answer within {:?} (timed out)", wire.timeout);
+                return Some(self.no_answer(&e));
+            }
+        };
+        self.judge(answer.status, &answer.headers, &answer.body)
+    }
+
+    /// A request that got no answer: worth another attempt.
+    fn no_answer(&self, error: &str) -> Outcome {
+        Outcome::Retry {
+            error: format!("{}: {error}", self.name()),
+            after: None,
+        }
+    }
+
+    /// The reqwest request for `m`, built without I/O.
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        m: &Message<'_>,
+    ) -> std::result::Result<RequestBuilder, Outcome> {
+        let key = self.key(m)?;
+        Ok(client
             .post(self.spec.url.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header("idempotency-key", key)
+            .header(IDEMPOTENCY_KEY, key)
             .body(m.json.to_owned()))
     }
 
-    /// What a response (or its absence) means.
+    /// What a reqwest response (or its absence) means.
     async fn outcome(&self, response: reqwest::Result<Response>) -> Option<Outcome> {
-        let response = match response {
+        let mut response = match response {
             Ok(r) => r,
             Err(e) => return Some(remote::transport_failure(self.name(), &e)),
         };
         let status = response.status();
-        let after = remote::retry_after(response.headers(), SystemTime::now());
+        let headers = std::mem::take(response.headers_mut());
         // Read to the end either way, so the connection goes back to the pool.
-        let body = response.bytes().await;
+        let body = response.bytes().await.unwrap_or_default();
+        self.judge(status, &headers, &body)
+    }
+
+    /// What an answer means: `None` for 2xx, else the outcome, its error quoting the body.
+    fn judge(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Outcome> {
         if status.is_success() {
             return None;
         }
-        let snippet = body.map(|b| remote::snippet(&b)).unwrap_or_default();
+        let after = remote::retry_after(headers, SystemTime::now());
+        let snippet = remote::snippet(body);
         let error = match snippet.is_empty() {
             true => format!("{}: HTTP {status}", self.name()),
             false => format!("{}: HTTP {status}: {snippet}", self.name()),
@@ -136,9 +235,55 @@ impl HttpProvider {
     }
 }
 
+impl Wire {
+    fn new(spec: &HttpSpec, client: &reqwest::Client, timeouts: &Timeouts) -> Result<Wire> {
+        let url = &spec.url;
+        let bad = |what: &str| Error::Usage(format!("{}: {what}", spec.name));
+        let host = url.host_str().ok_or_else(|| bad("the URL names no host"))?;
+        let port = url
+            .port_or_known_default()
+            .ok_or_else(|| bad("the URL names no port"))?;
+        let host_header = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_owned(),
+        };
+        let target = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        };
+        // reqwest turns the URL's userinfo into basic auth: ask it for the header once.
+        let authorization = client
+            .post(url.clone())
+            .build()
+            .map_err(|e| bad(&remote::chain(&e)))?
+            .headers()
+            .get(AUTHORIZATION)
+            .cloned();
+        Ok(Wire {
+            pool: http1::Pool::new(format!("{host}:{port}"), timeouts.connect),
+            timeout: timeouts.request,
+            target: target
+                .parse()
+                .map_err(|_| bad("the URL's path cannot be sent"))?,
+            host: HeaderValue::from_str(&host_header)
+                .map_err(|_| bad("the URL's host cannot be sent"))?,
+            authorization,
+        })
+    }
+}
+
+/// Whether the environment sends plain HTTP through a proxy (reqwest honours it; the wire
+/// transport does not know how, so it steps aside).
+fn proxied() -> bool {
+    ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
 
     #[test]
     fn urls_are_checked_and_named_without_secrets() {
@@ -157,27 +302,67 @@ mod tests {
         assert!(HttpSpec::parse("http://exa mple.com/").is_err());
     }
 
-    #[test]
-    fn requests_carry_the_record_and_its_key() {
-        let spec = HttpSpec::parse("http://127.0.0.1:9/hook").unwrap();
-        let p = HttpProvider::open(spec, &Timeouts::default()).unwrap();
-        let json = r#"{"campaign":"c","user":7,"title":"t","body":"b","key":"c:7"}"#;
-        let m = Message {
+    fn message(json: &str) -> Message<'_> {
+        Message {
             user: 7,
             json,
             token: None,
+        }
+    }
+
+    const RECORD: &str = r#"{"campaign":"c","user":7,"title":"t","body":"b","key":"c:7"}"#;
+
+    #[tokio::test]
+    async fn plain_requests_carry_the_record_and_its_key() {
+        let spec = HttpSpec::parse("http://u:p@127.0.0.1:9/hook?sig=1").unwrap();
+        let p = HttpProvider::open(spec, &Timeouts::default()).unwrap();
+        let Transport::Wire(wire) = &p.transport else {
+            panic!("plain http goes on the wire")
         };
-        let req = p.request(&m).unwrap().build().unwrap();
-        assert_eq!(req.method(), reqwest::Method::POST);
-        assert_eq!(req.url().as_str(), "http://127.0.0.1:9/hook");
-        assert_eq!(req.headers()["content-type"], "application/json");
+        let req = p.wire_request(wire, &message(RECORD)).unwrap();
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(req.uri(), "/hook?sig=1");
+        assert_eq!(req.headers()[HOST], "127.0.0.1:9");
+        assert_eq!(req.headers()[CONTENT_TYPE], "application/json");
         assert_eq!(req.headers()["idempotency-key"], "c:7");
-        assert_eq!(req.body().and_then(|b| b.as_bytes()), Some(json.as_bytes()));
+        assert_eq!(req.headers()[AUTHORIZATION], "Basic dTpw");
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, RECORD.as_bytes());
         let keyless = Message {
             user: 8,
-            json: r#"{"user":8}"#,
-            token: None,
+            ..message(r#"{"user":8}"#)
         };
-        assert!(matches!(p.request(&keyless), Err(Outcome::Permanent(e)) if e.contains("user 8")));
+        assert!(
+            matches!(p.wire_request(wire, &keyless), Err(Outcome::Permanent(e)) if e.contains("user 8"))
+        );
+        let default_port = HttpSpec::parse("http://example.com/").unwrap();
+        let p = HttpProvider::open(default_port, &Timeouts::default()).unwrap();
+        let Transport::Wire(wire) = &p.transport else {
+            panic!("plain http goes on the wire")
+        };
+        assert_eq!(wire.host, "example.com");
+        assert!(wire.authorization.is_none());
+    }
+
+    #[test]
+    fn tls_requests_carry_the_record_and_its_key() {
+        let spec = HttpSpec::parse("https://127.0.0.1:9/hook").unwrap();
+        let p = HttpProvider::open(spec, &Timeouts::default()).unwrap();
+        let Transport::Client(client) = &p.transport else {
+            panic!("https goes through reqwest")
+        };
+        let req = p
+            .request(client, &message(RECORD))
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(req.method(), reqwest::Method::POST);
+        assert_eq!(req.url().as_str(), "https://127.0.0.1:9/hook");
+        assert_eq!(req.headers()["content-type"], "application/json");
+        assert_eq!(req.headers()["idempotency-key"], "c:7");
+        assert_eq!(
+            req.body().and_then(|b| b.as_bytes()),
+            Some(RECORD.as_bytes())
+        );
     }
 }

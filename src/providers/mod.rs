@@ -3,6 +3,7 @@
 //! - [`log`]: `log:PATH` / `log:-`, delivery records as JSON Lines (the default).
 //! - [`mock`]: `mock:latency=…,jitter=…,fail=…,permanent=…`, a simulated provider for benchmarks.
 //! - [`http`]: `http://…` / `https://…`, one POST of the delivery record per message.
+//! - [`http1`]: plain `http://` keep-alive connections, driven by the task that sends.
 //! - [`fcm`]: `fcm:project=ID[,endpoint=URL]`, Firebase Cloud Messaging HTTP v1.
 //! - [`remote`]: what `http` and `fcm` share: the pooled client, timeouts, `Retry-After`.
 //! - [`rate`]: the token bucket behind `rate_per_s`.
@@ -13,6 +14,7 @@ pub mod dead_letters;
 pub mod dispatch;
 pub mod fcm;
 pub mod http;
+pub mod http1;
 pub mod log;
 pub mod mock;
 pub mod rate;

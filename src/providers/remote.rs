@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 
 /// The longest `Retry-After` obeyed: a bogus far-future date must not park a run for days.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+/// A keep-alive connection idle longer than this is closed rather than reused: a server or a
+/// middlebox may have dropped it without a word.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Response bytes quoted in an error message, at most.
 const SNIPPET_BYTES: usize = 200;
 
@@ -66,7 +69,7 @@ pub fn client(timeouts: &Timeouts) -> Result<reqwest::Client> {
         .use_rustls_tls()
         .connect_timeout(timeouts.connect)
         .timeout(timeouts.request)
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .tcp_nodelay(true)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("fanout/", env!("CARGO_PKG_VERSION")))
