@@ -7,9 +7,22 @@ use super::format::{check_torn_tail, file_stem, Stamp, RECORD_HEADER};
 use super::*;
 use crate::store::LedgerCounts;
 
+/// Opens the store in `dir`, waiting a moment while its lock is still held: a test elsewhere
+/// in this binary (`store::tests::kill_9_loses_no_claim`) spawns a child process, which holds
+/// a copy of every descriptor open at that instant — a just-dropped store's lock among them —
+/// until it execs. Another process's lock is still refused, after 5 s.
 fn open(dir: &Path) -> FileStore {
     let url = format!("file:{}", dir.display());
-    FileStore::open(&url, &dir.to_string_lossy()).expect("open store")
+    let started = std::time::Instant::now();
+    loop {
+        match FileStore::open(&url, &dir.to_string_lossy()) {
+            Ok(store) => return store,
+            Err(e) if e.to_string().contains("in use") && started.elapsed().as_secs() < 5 => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("open {}: {e}", dir.display()),
+        }
+    }
 }
 
 fn log_of(dir: &Path, key: &str) -> PathBuf {
@@ -180,7 +193,7 @@ fn lock_excludes_a_second_writer_until_every_handle_is_dropped() {
         "a ledger keeps the lock"
     );
     drop(ledger);
-    FileStore::open("file:x", &dir).expect("reopen after drop");
+    open(tmp.path());
 }
 
 #[test]
