@@ -26,7 +26,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::dead_letters::DeadLetters;
 use super::rate::RateLimiter;
-use super::{Message, Outcome, Provider};
+use super::{Gate, Message, Outcome, Provider};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
@@ -204,7 +204,7 @@ impl Dispatcher {
                     self.check_guard()?;
                     let (outcome, latency) = self
                         .provider
-                        .send_one(&batch[i], attempt, self.rate.as_ref())
+                        .send_one(&batch[i], attempt, Gate::new(self.rate.as_ref()))
                         .await;
                     Ok::<_, Error>((i, outcome, latency, slot))
                 })
@@ -229,7 +229,7 @@ impl Dispatcher {
                 self.check_guard()?;
                 let (failed, latency) = self
                     .provider
-                    .send_all(batch, chunk, attempt, self.rate.as_ref())
+                    .send_all(batch, chunk, attempt, Gate::new(self.rate.as_ref()))
                     .await;
                 self.metrics.record_latency(latency, chunk.len());
                 let mut failed = failed.into_iter().peekable();
@@ -336,7 +336,7 @@ impl Dispatcher {
 
     /// Makes the provider's output and the dead letters durable.
     pub async fn flush(&self) -> Result<()> {
-        self.provider.flush().await?;
+        self.provider.flush()?;
         self.dead.flush()
     }
 }
@@ -414,9 +414,8 @@ mod tests {
     async fn retries_until_delivered_or_dead() {
         let dir = tempfile::tempdir().unwrap();
         let dead_path = dir.path().join("dead.jsonl");
-        let provider = Provider::Mock(
-            super::super::mock::MockProvider::parse("fail=0.3,permanent=0.05").unwrap(),
-        );
+        let provider: Provider =
+            Box::new(super::super::mock::MockProvider::parse("fail=0.3,permanent=0.05").unwrap());
         let d = Dispatcher::new(
             provider,
             7,
@@ -465,9 +464,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_message_settles_when_it_is_answered_and_holds_its_slot_until_recorded() {
         let dir = tempfile::tempdir().unwrap();
-        let provider = Provider::Mock(
-            super::super::mock::MockProvider::parse("fail=0.3,latency=10ms").unwrap(),
-        );
+        let provider: Provider =
+            Box::new(super::super::mock::MockProvider::parse("fail=0.3,latency=10ms").unwrap());
         let d = Dispatcher::new(
             provider,
             1000,

@@ -20,10 +20,10 @@ use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use serde::Deserialize;
 
 use super::http1;
-use super::rate::RateLimiter;
 use super::remote::{self, Timeouts};
-use super::{Attempt, Message, Outcome};
+use super::{Attempt, Gate, Message, Outcome, Push};
 use crate::error::{Error, Result};
+use futures::future::BoxFuture;
 
 /// A webhook URL, parsed and checked.
 #[derive(Clone, PartialEq)]
@@ -122,17 +122,17 @@ impl HttpProvider {
     }
 
     /// POSTs each selected message, concurrently, one slot and one rate token each.
-    pub async fn send_one(&self, m: &Message<'_>, rate: Option<&RateLimiter>) -> Attempt {
+    async fn post(&self, m: &Message<'_>, gate: Gate<'_>) -> Attempt {
         match &self.transport {
             Transport::Wire(wire) => {
-                remote::attempt(self.wire_request(wire, m), rate, |request| async move {
+                remote::attempt(self.wire_request(wire, m), gate, |request| async move {
                     self.wire_outcome(wire, request).await
                 })
                 .await
             }
             Transport::Client(client) => remote::attempt(
                 self.request(client, m),
-                rate,
+                gate,
                 |request: RequestBuilder| async move { self.outcome(request.send().await).await },
             )
             .await,
@@ -278,6 +278,25 @@ fn proxied() -> bool {
     ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
         .iter()
         .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()))
+}
+
+impl Push for HttpProvider {
+    fn name(&self) -> String {
+        self.spec.name.clone()
+    }
+
+    fn sends_each(&self) -> bool {
+        true
+    }
+
+    fn send_one<'a>(
+        &'a self,
+        message: &'a Message<'a>,
+        _attempt: u32,
+        gate: Gate<'a>,
+    ) -> BoxFuture<'a, Attempt> {
+        Box::pin(self.post(message, gate))
+    }
 }
 
 #[cfg(test)]

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{rate::RateLimiter, Message, Outcome};
+use super::{Gate, Message, Outcome, Push};
 use crate::error::{Error, Result};
+use futures::future::BoxFuture;
 
 /// Where the records go.
 #[derive(Debug)]
@@ -61,16 +62,14 @@ impl LogProvider {
         &self.path
     }
 
-    /// Writes the selected messages as one append; see [`super::Provider::send_all`].
-    pub async fn send_all(
+    /// Writes the selected messages as one append; see [`Push::send_all`].
+    async fn write_all(
         &self,
         batch: &[Message<'_>],
         which: &[usize],
-        rate: Option<&RateLimiter>,
+        gate: Gate<'_>,
     ) -> (Vec<(usize, Outcome)>, Duration) {
-        if let Some(rate) = rate {
-            rate.acquire(which.len()).await;
-        }
+        gate.pass(which.len()).await;
         let started = Instant::now();
         let mut buf = Vec::with_capacity(which.iter().map(|&i| batch[i].json.len() + 1).sum());
         for &i in which {
@@ -101,7 +100,7 @@ impl LogProvider {
     }
 
     /// Fsyncs the file (a regular file; nothing to make durable on a device or stdout).
-    pub fn flush(&self) -> Result<()> {
+    fn sync(&self) -> Result<()> {
         let sink = self
             .sink
             .lock()
@@ -118,6 +117,30 @@ impl LogProvider {
     }
 }
 
+impl Push for LogProvider {
+    fn name(&self) -> String {
+        format!("log provider {}", self.path())
+    }
+
+    fn sends_each(&self) -> bool {
+        false
+    }
+
+    fn send_all<'a>(
+        &'a self,
+        batch: &'a [Message<'a>],
+        which: &'a [usize],
+        _attempt: u32,
+        gate: Gate<'a>,
+    ) -> BoxFuture<'a, (Vec<(usize, Outcome)>, Duration)> {
+        Box::pin(self.write_all(batch, which, gate))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.sync()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,7 +154,7 @@ mod tests {
             json,
             token: None,
         };
-        let (failed, _) = p.send_all(&[m], &[0], None).await;
+        let (failed, _) = p.send_all(&[m], &[0], 1, Gate::new(None)).await;
         assert!(failed.is_empty());
         p.flush()
             .expect("fsync of /dev/null is no error worth stopping for");

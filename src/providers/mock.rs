@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use super::{rate::RateLimiter, Attempt, Message, Outcome};
+use super::{Attempt, Gate, Message, Outcome, Push};
+use futures::future::BoxFuture;
 
 /// The `mock:` provider's parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,22 +59,20 @@ impl MockProvider {
     }
 
     /// Whether every push answers at once (no latency, no jitter): then a list of messages
-    /// is one call ([`MockProvider::send_all`]).
+    /// is one call ([`Push::send_all`]).
     pub fn is_instant(&self) -> bool {
         self.latency.is_zero() && self.jitter.is_zero()
     }
 
     /// Simulates pushing the selected messages at once (no latency is simulated).
-    pub async fn send_all(
+    async fn push_all(
         &self,
         batch: &[Message<'_>],
         which: &[usize],
         attempt: u32,
-        rate: Option<&RateLimiter>,
+        gate: Gate<'_>,
     ) -> (Vec<(usize, Outcome)>, Duration) {
-        if let Some(rate) = rate {
-            rate.acquire(which.len()).await;
-        }
+        gate.pass(which.len()).await;
         if self.fail == 0.0 && self.permanent == 0.0 {
             return (Vec::new(), Duration::ZERO);
         }
@@ -86,15 +85,8 @@ impl MockProvider {
     }
 
     /// Simulates pushing one message: waits its drawn latency, then answers.
-    pub async fn send_one(
-        &self,
-        message: &Message<'_>,
-        attempt: u32,
-        rate: Option<&RateLimiter>,
-    ) -> Attempt {
-        if let Some(rate) = rate {
-            rate.acquire(1).await;
-        }
+    async fn push_one(&self, message: &Message<'_>, attempt: u32, gate: Gate<'_>) -> Attempt {
+        gate.pass(1).await;
         let (wait, outcome) = self.draw(message.json, attempt);
         let started = tokio::time::Instant::now();
         tokio::time::sleep(wait).await;
@@ -138,6 +130,35 @@ fn splitmix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
+}
+
+impl Push for MockProvider {
+    fn name(&self) -> String {
+        "mock provider".into()
+    }
+
+    fn sends_each(&self) -> bool {
+        !self.is_instant()
+    }
+
+    fn send_one<'a>(
+        &'a self,
+        message: &'a Message<'a>,
+        attempt: u32,
+        gate: Gate<'a>,
+    ) -> BoxFuture<'a, Attempt> {
+        Box::pin(self.push_one(message, attempt, gate))
+    }
+
+    fn send_all<'a>(
+        &'a self,
+        batch: &'a [Message<'a>],
+        which: &'a [usize],
+        attempt: u32,
+        gate: Gate<'a>,
+    ) -> BoxFuture<'a, (Vec<(usize, Outcome)>, Duration)> {
+        Box::pin(self.push_all(batch, which, attempt, gate))
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Where messages go: push providers behind one enum, and the shared delivery policy.
+//! Where messages go: push providers behind one trait ([`Push`]: only I/O), and the
+//! delivery policy they share ([`dispatch`]).
 //!
 //! - [`log`]: `log:PATH` / `log:-`, delivery records as JSON Lines (the default).
 //! - [`mock`]: `mock:latency=…,jitter=…,fail=…,permanent=…`, a simulated provider for benchmarks.
@@ -21,6 +22,8 @@ pub mod rate;
 pub mod remote;
 
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use crate::error::{Error, Result};
 
@@ -72,18 +75,90 @@ impl Message<'_> {
     }
 }
 
-/// A configured push provider.
-#[derive(Debug)]
-pub enum Provider {
-    /// Writes delivery records to a file or stdout.
-    Log(log::LogProvider),
-    /// Simulates a remote provider's latency and failures.
-    Mock(mock::MockProvider),
-    /// POSTs each delivery record to a URL.
-    Http(http::HttpProvider),
-    /// Sends each message through FCM HTTP v1.
-    Fcm(fcm::FcmProvider),
+/// The dispatcher's rate tokens as a provider sees them: it passes the gate right before its
+/// I/O, once per message it sends, and not for a message it refuses without sending (no
+/// token, too big). The tokens, like the slots, retries and dead letters, are the
+/// dispatcher's ([`dispatch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Gate<'a>(Option<&'a rate::RateLimiter>);
+
+impl<'a> Gate<'a> {
+    /// A gate that takes tokens of `rate` (none: always open).
+    pub fn new(rate: Option<&'a rate::RateLimiter>) -> Self {
+        Gate(rate)
+    }
+
+    /// Waits for `messages` tokens.
+    pub async fn pass(self, messages: usize) {
+        if let Some(rate) = self.0 {
+            rate.acquire(messages).await;
+        }
+    }
 }
+
+/// What a provider does: the I/O of pushing messages and nothing else. Slots, rate tokens,
+/// retries and dead letters are the dispatcher's, the same for every provider. Implement
+/// [`Push::send_one`] for a provider whose every message is its own request, or
+/// [`Push::send_all`] for one that writes a list at once (and say which in
+/// [`Push::sends_each`]); each has a default in terms of the other.
+pub trait Push: std::fmt::Debug + Send + Sync {
+    /// How errors name it: never with a credential in it.
+    fn name(&self) -> String;
+
+    /// Whether each message is its own request (pushed with [`Push::send_one`]); otherwise a
+    /// whole list goes in one write ([`Push::send_all`]).
+    fn sends_each(&self) -> bool;
+
+    /// Whether it addresses devices by push token (the engine then looks each user's token
+    /// up; users without one are unreachable).
+    fn needs_token(&self) -> bool {
+        false
+    }
+
+    /// Pushes one message (attempt `attempt`), passing `gate` right before it goes.
+    fn send_one<'a>(
+        &'a self,
+        message: &'a Message<'a>,
+        attempt: u32,
+        gate: Gate<'a>,
+    ) -> BoxFuture<'a, Attempt> {
+        Box::pin(async move {
+            let (failed, latency) = self
+                .send_all(std::slice::from_ref(message), &[0], attempt, gate)
+                .await;
+            (failed.into_iter().next().map(|(_, o)| o), latency)
+        })
+    }
+
+    /// Pushes `batch[i]` for every `i` in `which` (passing `gate` for all of them); returns
+    /// `(position in which, outcome)` of each message not delivered, and how long it took.
+    fn send_all<'a>(
+        &'a self,
+        batch: &'a [Message<'a>],
+        which: &'a [usize],
+        attempt: u32,
+        gate: Gate<'a>,
+    ) -> BoxFuture<'a, (Vec<(usize, Outcome)>, Duration)> {
+        Box::pin(async move {
+            let mut failed = Vec::new();
+            let mut longest = Duration::ZERO;
+            for (k, &i) in which.iter().enumerate() {
+                let (outcome, latency) = self.send_one(&batch[i], attempt, gate).await;
+                longest = longest.max(latency);
+                failed.extend(outcome.map(|o| (k, o)));
+            }
+            (failed, longest)
+        })
+    }
+
+    /// Makes everything sent so far durable (the `log:` file is fsynced).
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A configured push provider.
+pub type Provider = Box<dyn Push>;
 
 /// A provider as the job names it: parsed and checked, nothing opened yet (so `plan` and a
 /// run that stops on bad input touch no output).
@@ -132,15 +207,15 @@ impl ProviderSpec {
     /// nothing.
     pub fn open(self) -> Result<Provider> {
         match self {
-            ProviderSpec::Log(path) => log::LogProvider::open(&path).map(Provider::Log),
-            ProviderSpec::Mock(m) => Ok(Provider::Mock(m)),
+            ProviderSpec::Log(path) => Ok(Box::new(log::LogProvider::open(&path)?)),
+            ProviderSpec::Mock(m) => Ok(Box::new(m)),
             ProviderSpec::Http(spec) => {
                 let timeouts = remote::Timeouts::from_env()?;
-                http::HttpProvider::open(spec, &timeouts).map(Provider::Http)
+                Ok(Box::new(http::HttpProvider::open(spec, &timeouts)?))
             }
             ProviderSpec::Fcm(spec) => {
                 let timeouts = remote::Timeouts::from_env()?;
-                fcm::FcmProvider::open(spec, &timeouts).map(Provider::Fcm)
+                Ok(Box::new(fcm::FcmProvider::open(spec, &timeouts)?))
             }
         }
     }
@@ -153,88 +228,6 @@ impl ProviderSpec {
             // Typical round trips of a webhook and of FCM; a guess until a run measures it.
             ProviderSpec::Http(_) => Duration::from_millis(50),
             ProviderSpec::Fcm(_) => Duration::from_millis(100),
-        }
-    }
-}
-
-impl Provider {
-    /// Whether each message is its own request (`http`, `fcm`, `mock:` with a latency), pushed
-    /// with [`Provider::send_one`]; otherwise a whole list goes in one write
-    /// ([`Provider::send_all`]).
-    pub fn sends_each(&self) -> bool {
-        match self {
-            Provider::Log(_) => false,
-            Provider::Mock(p) => !p.is_instant(),
-            Provider::Http(_) | Provider::Fcm(_) => true,
-        }
-    }
-
-    /// Pushes one message (attempt `attempt`), taking one token of `rate` right before it
-    /// goes. Only I/O: the dispatcher holds the message's concurrency slot.
-    pub async fn send_one(
-        &self,
-        message: &Message<'_>,
-        attempt: u32,
-        rate: Option<&rate::RateLimiter>,
-    ) -> Attempt {
-        match self {
-            Provider::Mock(p) => p.send_one(message, attempt, rate).await,
-            Provider::Http(p) => p.send_one(message, rate).await,
-            Provider::Fcm(p) => p.send_one(message, rate).await,
-            Provider::Log(p) => {
-                let (failed, latency) = p.send_all(std::slice::from_ref(message), &[0], rate).await;
-                (failed.into_iter().next().map(|(_, o)| o), latency)
-            }
-        }
-    }
-
-    /// Pushes `batch[i]` for every `i` in `which` as one write, taking `which.len()` tokens of
-    /// `rate`; returns `(position in which, outcome)` of each message not delivered, and how
-    /// long the write took.
-    pub async fn send_all(
-        &self,
-        batch: &[Message<'_>],
-        which: &[usize],
-        attempt: u32,
-        rate: Option<&rate::RateLimiter>,
-    ) -> (Vec<(usize, Outcome)>, Duration) {
-        match self {
-            Provider::Log(p) => p.send_all(batch, which, rate).await,
-            Provider::Mock(p) => p.send_all(batch, which, attempt, rate).await,
-            Provider::Http(_) | Provider::Fcm(_) => {
-                let mut failed = Vec::new();
-                let mut longest = Duration::ZERO;
-                for (k, &i) in which.iter().enumerate() {
-                    let (outcome, latency) = self.send_one(&batch[i], attempt, rate).await;
-                    longest = longest.max(latency);
-                    failed.extend(outcome.map(|o| (k, o)));
-                }
-                (failed, longest)
-            }
-        }
-    }
-
-    /// Makes everything sent so far durable (the `log:` file is fsynced).
-    pub async fn flush(&self) -> Result<()> {
-        match self {
-            Provider::Log(p) => p.flush(),
-            Provider::Mock(_) | Provider::Http(_) | Provider::Fcm(_) => Ok(()),
-        }
-    }
-
-    /// Whether the provider addresses devices by push token (the engine then looks each
-    /// user's token up; users without one are unreachable).
-    pub fn needs_token(&self) -> bool {
-        matches!(self, Provider::Fcm(_))
-    }
-
-    /// How errors name the provider: never with a credential in it.
-    pub fn name(&self) -> String {
-        match self {
-            Provider::Log(p) => format!("log provider {}", p.path()),
-            Provider::Mock(_) => "mock provider".into(),
-            Provider::Http(p) => p.name().to_owned(),
-            Provider::Fcm(p) => p.name().to_owned(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
 
-use super::{rate::RateLimiter, Attempt, Outcome};
+use super::{Attempt, Gate, Outcome};
 use crate::error::{Error, Result};
 
 /// The longest `Retry-After` obeyed: a bogus far-future date must not park a run for days.
@@ -78,11 +78,11 @@ pub fn client(timeouts: &Timeouts) -> Result<reqwest::Client> {
 }
 
 /// One attempt at one message: `request` is the message's request built without I/O, or why
-/// it is not sent at all (no token, too big: no rate token is taken then); otherwise one token
-/// of `rate` is taken right before `send` performs it, so the rate holds at the wire.
+/// it is not sent at all (no token, too big: no rate token is taken then); otherwise `gate`
+/// is passed right before `send` performs it, so the rate holds at the wire.
 pub async fn attempt<R, S, F>(
     request: std::result::Result<R, Outcome>,
-    rate: Option<&RateLimiter>,
+    gate: Gate<'_>,
     send: S,
 ) -> Attempt
 where
@@ -93,9 +93,7 @@ where
         Ok(r) => r,
         Err(outcome) => return (Some(outcome), Duration::ZERO),
     };
-    if let Some(rate) = rate {
-        rate.acquire(1).await;
-    }
+    gate.pass(1).await;
     let started = Instant::now();
     let outcome = send(request).await;
     (outcome, started.elapsed())

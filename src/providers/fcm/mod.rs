@@ -17,10 +17,10 @@ use std::time::SystemTime;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{RequestBuilder, Response, Url};
 
-use super::rate::RateLimiter;
 use super::remote::{self, Timeouts};
-use super::{Attempt, Message, Outcome};
+use super::{Attempt, Gate, Message, Outcome, Push};
 use crate::error::{Error, Result};
+use futures::future::BoxFuture;
 use message::{request_body, Unsendable, MAX_PAYLOAD_BYTES};
 
 /// Where FCM lives unless `endpoint=` says otherwise.
@@ -131,10 +131,10 @@ impl FcmProvider {
 
     /// Sends each selected message that has a token and fits, concurrently, one slot and one
     /// rate token each.
-    pub async fn send_one(&self, m: &Message<'_>, rate: Option<&RateLimiter>) -> Attempt {
+    async fn post(&self, m: &Message<'_>, gate: Gate<'_>) -> Attempt {
         remote::attempt(
             self.request(m),
-            rate,
+            gate,
             |request: RequestBuilder| async move {
                 let outcome = self.outcome(request.send().await).await;
                 outcome.map(|o| self.redact(o))
@@ -196,6 +196,29 @@ impl FcmProvider {
             Outcome::Unauthorized(e) => Outcome::Unauthorized(cut(e)),
             Outcome::Unreachable => Outcome::Unreachable,
         }
+    }
+}
+
+impl Push for FcmProvider {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn sends_each(&self) -> bool {
+        true
+    }
+
+    fn needs_token(&self) -> bool {
+        true
+    }
+
+    fn send_one<'a>(
+        &'a self,
+        message: &'a Message<'a>,
+        _attempt: u32,
+        gate: Gate<'a>,
+    ) -> BoxFuture<'a, Attempt> {
+        Box::pin(self.post(message, gate))
     }
 }
 
