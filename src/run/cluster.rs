@@ -8,17 +8,22 @@
 //! count — whose buckets would map to other processes — is refused; a re-run with another `-w`
 //! is not (its buckets stay put). The Redis store is shared as it is by concurrent runs.
 //!
-//! A process that starts before its peers waits for them at most [`Cluster::wait`], then stops
+//! [`execute`] runs a process's share of the dataflow as a member of the cluster (the job's
+//! fingerprint checked first, the tallies gathered on process 0 last). A process that starts
+//! before its peers waits for them at most [`Cluster::wait`], then stops
 //! with exit 1 instead of hanging ([`launch`]).
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::driver::Feed;
+use crate::dataflow::Context;
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::metrics::Tally;
 use crate::model::{Buckets, Placement, Route};
+use crate::store::Store;
 
 /// How long a process waits for its peers by default.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
@@ -336,6 +341,79 @@ pub fn parse_hostfile(name: &str, text: &str, processes: usize) -> Result<Vec<St
     }
     addresses.truncate(processes);
     Ok(addresses)
+}
+
+/// Runs the dataflow on `workers` threads of this process (one process of `cluster`). The
+/// processes first check that they agree on `shared.fingerprint`; the tallies the other
+/// processes send at the end land in `shared.tallies` (on process 0).
+pub fn execute(
+    cluster: &Cluster,
+    ctx: Arc<Context>,
+    feed: Arc<Feed>,
+    store: &Store,
+    shared: Arc<Shared>,
+) -> Result<()> {
+    let workers = ctx.placement.workers;
+    let (store, runtime) = (store.clone(), ctx.runtime.clone());
+    let config = cluster.config(workers);
+    let (me, failure) = (cluster.clone(), cluster.clone());
+    let failed = {
+        let ctx = ctx.clone();
+        move || ctx.failed()
+    };
+    launch(cluster, workers, failed, move |events| {
+        let events = Mutex::new(events);
+        let tell = move |e| {
+            if let Ok(tx) = events.lock() {
+                let _ = tx.send(e);
+            }
+        };
+        let guards = timely::execute(config, move |worker| {
+            tell(Event::Started);
+            // One worker of each process makes that process's store durable.
+            let syncs = worker.index() % workers == 0;
+            let (store, ctx2, runtime) = (store.clone(), ctx.clone(), runtime.clone());
+            let sync = move || {
+                if !syncs {
+                    return;
+                }
+                let (store, ctx3) = (store.clone(), ctx2.clone());
+                runtime.spawn(async move {
+                    if let Err(e) = store.sync().await {
+                        ctx3.fail(e);
+                    }
+                });
+            };
+            if me.is_cluster() {
+                let fp = shared.fingerprint;
+                let all =
+                    crate::dataflow::gather::everyone(worker, syncs.then_some((me.process, fp)));
+                if let Some((other, _)) = all.iter().find(|(_, f)| *f != fp) {
+                    ctx.fail(me.disagreement(*other));
+                }
+            }
+            if !ctx.failed() {
+                super::driver::drive(worker, ctx.clone(), feed.clone(), sync);
+            }
+            if me.is_cluster() && !ctx.failed() {
+                let mine = (syncs && me.process != 0)
+                    .then(|| ctx.metrics.tally(ctx.targets.iter().map(|rt| &rt.stats)));
+                let got = crate::dataflow::gather::gather(worker, mine);
+                if let Ok(mut g) = shared.tallies.lock() {
+                    g.extend(got);
+                }
+            }
+            tell(Event::Finished);
+            if me.is_cluster() && ctx.failed() {
+                hold_connections();
+            }
+        })
+        .map_err(|e| Error::runtime(format!("cannot start timely workers: {e}")))?;
+        for result in guards.join() {
+            result.map_err(|e| failure.worker_failure(&e))?;
+        }
+        Ok(())
+    })
 }
 
 /// What the worker threads tell [`launch`].

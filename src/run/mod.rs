@@ -11,8 +11,8 @@ pub mod targets;
 
 use std::sync::{Arc, Mutex};
 
-use crate::dataflow::{self, Context, RunTarget};
-use crate::error::{Error, Result};
+use crate::dataflow::{Context, RunTarget};
+use crate::error::Result;
 use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignSummary, Metrics, Progress, Summary};
 use crate::model::Buckets;
@@ -174,7 +174,7 @@ fn fan_out(
         fingerprint,
         tallies: Mutex::new(Vec::new()),
     });
-    let result = execute(
+    let result = cluster::execute(
         &opts.cluster,
         ctx.clone(),
         Arc::new(feed),
@@ -329,78 +329,6 @@ fn summary(
         })
         .collect();
     metrics.summary(campaigns, skipped_lines)
-}
-
-/// Runs the dataflow on `workers` threads of this process (one process of `cluster`). The
-/// processes first check that they agree on `shared.fingerprint`; the tallies the other
-/// processes send at the end land in `shared.tallies` (on process 0).
-fn execute(
-    cluster: &cluster::Cluster,
-    ctx: Arc<Context>,
-    feed: Arc<Feed>,
-    store: &Store,
-    shared: Arc<cluster::Shared>,
-) -> Result<()> {
-    let workers = ctx.placement.workers;
-    let (store, runtime) = (store.clone(), ctx.runtime.clone());
-    let config = cluster.config(workers);
-    let (me, failure) = (cluster.clone(), cluster.clone());
-    let failed = {
-        let ctx = ctx.clone();
-        move || ctx.failed()
-    };
-    cluster::launch(cluster, workers, failed, move |events| {
-        let events = Mutex::new(events);
-        let tell = move |e| {
-            if let Ok(tx) = events.lock() {
-                let _ = tx.send(e);
-            }
-        };
-        let guards = timely::execute(config, move |worker| {
-            tell(cluster::Event::Started);
-            // One worker of each process makes that process's store durable.
-            let syncs = worker.index() % workers == 0;
-            let (store, ctx2, runtime) = (store.clone(), ctx.clone(), runtime.clone());
-            let sync = move || {
-                if !syncs {
-                    return;
-                }
-                let (store, ctx3) = (store.clone(), ctx2.clone());
-                runtime.spawn(async move {
-                    if let Err(e) = store.sync().await {
-                        ctx3.fail(e);
-                    }
-                });
-            };
-            if me.is_cluster() {
-                let fp = shared.fingerprint;
-                let all = dataflow::gather::everyone(worker, syncs.then_some((me.process, fp)));
-                if let Some((other, _)) = all.iter().find(|(_, f)| *f != fp) {
-                    ctx.fail(me.disagreement(*other));
-                }
-            }
-            if !ctx.failed() {
-                driver::drive(worker, ctx.clone(), feed.clone(), sync);
-            }
-            if me.is_cluster() && !ctx.failed() {
-                let mine = (syncs && me.process != 0)
-                    .then(|| ctx.metrics.tally(ctx.targets.iter().map(|rt| &rt.stats)));
-                let got = dataflow::gather::gather(worker, mine);
-                if let Ok(mut g) = shared.tallies.lock() {
-                    g.extend(got);
-                }
-            }
-            tell(cluster::Event::Finished);
-            if me.is_cluster() && ctx.failed() {
-                cluster::hold_connections();
-            }
-        })
-        .map_err(|e| Error::runtime(format!("cannot start timely workers: {e}")))?;
-        for result in guards.join() {
-            result.map_err(|e| failure.worker_failure(&e))?;
-        }
-        Ok(())
-    })
 }
 
 /// Whether an input names a Redis server rather than a file.
