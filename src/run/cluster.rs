@@ -370,6 +370,11 @@ pub fn execute(
         };
         let guards = timely::execute(config, move |worker| {
             tell(Event::Started);
+            let ended = Ended {
+                tell: &tell,
+                ctx: &ctx,
+                cluster: &me,
+            };
             // One worker of each process makes that process's store durable.
             let syncs = worker.index() % workers == 0;
             let (store, ctx2, runtime) = (store.clone(), ctx.clone(), runtime.clone());
@@ -403,7 +408,7 @@ pub fn execute(
                     g.extend(got);
                 }
             }
-            tell(Event::Finished);
+            drop(ended);
             if me.is_cluster() && ctx.failed() {
                 hold_connections();
             }
@@ -414,6 +419,26 @@ pub fn execute(
         }
         Ok(())
     })
+}
+
+/// Tells [`launch`] that a worker ended, however it ends. A worker that panics (in a cluster,
+/// a peer's lost connection poisons timely's channels) counts too, and fails the run: else
+/// its process, whose other workers may be holding their connections, would wait for it
+/// forever, and so would its peers (seen in the soak: seed 1740).
+struct Ended<'a> {
+    tell: &'a (dyn Fn(Event) + Sync),
+    ctx: &'a Context,
+    cluster: &'a Cluster,
+}
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.ctx
+                .fail(self.cluster.worker_failure("the worker panicked"));
+        }
+        (self.tell)(Event::Finished);
+    }
 }
 
 /// What the worker threads tell [`launch`].
@@ -500,6 +525,68 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
+
+    /// A context for a run of ten synthetic users, pushing nowhere.
+    fn context(runtime: &tokio::runtime::Runtime) -> Arc<Context> {
+        use crate::providers::{dispatch::Dispatcher, mock::MockProvider};
+        let (source, _) =
+            crate::sources::UserSource::open("synthetic:10", &Default::default()).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let provider = Box::new(MockProvider::parse("latency=0ms").unwrap());
+        let engine = super::super::prepare::Engine {
+            source,
+            placement: Placement::new(Buckets::new(1000), 1, 1),
+            dispatcher: Arc::new(Dispatcher::new(
+                provider,
+                1,
+                0,
+                1,
+                "dead.jsonl",
+                metrics.clone(),
+            )),
+            metrics,
+            runtime: runtime.handle().clone(),
+            sizing: super::super::prepare::Sizing {
+                workers: 1,
+                concurrency: 1,
+                users_per_epoch: 10,
+                logins_per_epoch: 10,
+                batch_max_messages: 10,
+                batch_max_bytes: 1000,
+                task_users: 10,
+                max_in_flight: 10,
+            },
+        };
+        engine.context(Vec::new())
+    }
+
+    /// Seed 1740's hang, the second one: a worker of a failed cluster process panicked (its
+    /// peer's connection was gone) and never said it finished, so `launch` waited for it
+    /// while the others held their connections. A worker's end is told however it ends, and
+    /// a panic fails the run.
+    #[test]
+    fn a_panicking_worker_is_counted_as_finished_and_fails_the_run() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let ctx = context(&runtime);
+        let (tx, rx) = mpsc::channel();
+        let tell = move |e| {
+            let _ = tx.send(e);
+        };
+        let (ctx2, cluster) = (ctx.clone(), Cluster::default());
+        let worker = std::thread::spawn(move || {
+            let _ended = Ended {
+                tell: &tell,
+                ctx: &ctx2,
+                cluster: &cluster,
+            };
+            panic!("a lost peer");
+        });
+        assert!(worker.join().is_err());
+        assert!(matches!(rx.try_recv(), Ok(Event::Finished)));
+        assert!(ctx.failed());
+    }
 
     /// The soak's hang: every worker said it finished, then the run failed (a store sync on
     /// the runtime), and the workers that looked after that hold their connections and never
