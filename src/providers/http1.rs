@@ -108,12 +108,12 @@ impl Pool {
             };
             let (head, body) = response.into_parts();
             let keep = !head.status.is_success();
-            let body = match drive(&mut conn.io, &mut conn.open, read(body, keep)).await {
-                Some(Ok(body)) => body,
+            let (body, whole) = match drive(&mut conn.io, &mut conn.open, read(body, keep)).await {
+                Some(Ok(read)) => read,
                 Some(Err(e)) => return Err(causes(&e)),
                 None => return Err("the connection closed before the response's end".into()),
             };
-            if conn.open && !conn.send.is_closed() {
+            if whole && conn.open && !conn.send.is_closed() {
                 self.checkin(conn);
             }
             return Ok(Answer {
@@ -186,16 +186,32 @@ async fn drive<F: Future>(io: &mut Io, open: &mut bool, fut: F) -> Option<F::Out
     .await
 }
 
-/// Reads `body` to its end (so the connection can take the next request); returns it if
-/// `keep`.
-async fn read(mut body: Incoming, keep: bool) -> hyper::Result<Bytes> {
-    if keep {
-        return Ok(body.collect().await?.to_bytes());
-    }
+/// Bytes of an answer's body kept for an error message, at most.
+const KEPT_BODY_BYTES: usize = 4096;
+/// Bytes of an answer's body read, at most: past this, the rest is not read and the
+/// connection is not reused (an endpoint cannot make us buffer or drain without limit).
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Reads `body` to its end, so the connection can take the next request; keeps its first
+/// [`KEPT_BODY_BYTES`] if `keep`. Returns them, and whether the body was read to its end
+/// (false past [`MAX_BODY_BYTES`]).
+async fn read(mut body: Incoming, keep: bool) -> hyper::Result<(Bytes, bool)> {
+    let mut kept = Vec::new();
+    let mut read = 0usize;
     while let Some(frame) = body.frame().await {
-        frame?;
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        read += data.len();
+        if keep && kept.len() < KEPT_BODY_BYTES {
+            let room = KEPT_BODY_BYTES - kept.len();
+            kept.extend_from_slice(&data[..data.len().min(room)]);
+        }
+        if read > MAX_BODY_BYTES {
+            return Ok((Bytes::from(kept), false));
+        }
     }
-    Ok(Bytes::new())
+    Ok((Bytes::from(kept), true))
 }
 
 /// An error and its causes, `a: b: c`.
@@ -297,6 +313,34 @@ mod tests {
         assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(answer.headers["retry-after"], "3");
         assert_eq!(&answer.body[..], b"busy");
+    }
+
+    /// An endpoint cannot make us buffer an error body without limit: 4 KiB of it are kept,
+    /// and past 1 MiB the rest is not read (nor the connection reused).
+    #[tokio::test]
+    async fn an_endless_error_body_is_cut() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = socket.read(&mut buf).await;
+            let head = "HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n";
+            let _ = socket.write_all(head.as_bytes()).await;
+            let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+            // 64 MiB, never finished: more than any answer is read.
+            for _ in 0..1024 {
+                if socket.write_all(chunk.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let answer = Pool::new(addr, Duration::from_secs(1))
+            .send(post())
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(answer.body.len(), KEPT_BODY_BYTES);
     }
 
     #[tokio::test]
