@@ -215,8 +215,7 @@ impl HttpProvider {
         };
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
-        // Read to the end either way, so the connection goes back to the pool.
-        let body = response.bytes().await.unwrap_or_default();
+        let body = remote::body(response).await;
         self.judge(status, &headers, &body)
     }
 

@@ -99,6 +99,24 @@ where
     (outcome, started.elapsed())
 }
 
+/// Bytes of a response's body read, at most: enough for any provider's error JSON.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A response's body, read to its end (so the connection goes back to the pool) unless it is
+/// longer than [`MAX_BODY_BYTES`]: then only that much, and the connection is dropped. An
+/// endpoint cannot make a push buffer without limit.
+pub async fn body(mut response: reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_BODY_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if chunk.len() >= room {
+            break;
+        }
+    }
+    body
+}
+
 /// The wait a response's `Retry-After` asks for — delay-seconds or an HTTP-date, relative to
 /// `now` — at most [`MAX_RETRY_AFTER`]. Absent or unreadable: `None`.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
@@ -188,6 +206,29 @@ pub fn snippet(body: &[u8]) -> String {
 mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An endless error body is read to [`MAX_BODY_BYTES`], no further.
+    #[tokio::test]
+    async fn a_body_is_read_to_the_limit_only() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = socket.read(&mut buf).await;
+            let head = "HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n";
+            let _ = socket.write_all(head.as_bytes()).await;
+            let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+            for _ in 0..1024 {
+                if socket.write_all(chunk.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let response = reqwest::get(format!("http://{addr}/")).await.unwrap();
+        assert_eq!(body(response).await.len(), MAX_BODY_BYTES);
+    }
 
     fn with_retry_after(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();

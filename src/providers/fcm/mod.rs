@@ -175,8 +175,7 @@ impl FcmProvider {
         };
         let status = response.status();
         let after = remote::retry_after(response.headers(), SystemTime::now());
-        // Read to the end either way, so the connection goes back to the pool.
-        let body = response.bytes().await.unwrap_or_default();
+        let body = remote::body(response).await;
         errors::outcome(&self.name, status, &body, after)
     }
 
