@@ -190,11 +190,11 @@ async fn drive<F: Future>(io: &mut Io, open: &mut bool, fut: F) -> Option<F::Out
 const KEPT_BODY_BYTES: usize = 4096;
 /// Bytes of an answer's body read, at most: past this, the rest is not read and the
 /// connection is not reused (an endpoint cannot make us buffer or drain without limit).
-const MAX_BODY_BYTES: usize = 1 << 20;
+const MAX_READ_BYTES: usize = 1 << 20;
 
 /// Reads `body` to its end, so the connection can take the next request; keeps its first
 /// [`KEPT_BODY_BYTES`] if `keep`. Returns them, and whether the body was read to its end
-/// (false past [`MAX_BODY_BYTES`]).
+/// (false past [`MAX_READ_BYTES`]).
 async fn read(mut body: Incoming, keep: bool) -> hyper::Result<(Bytes, bool)> {
     let mut kept = Vec::new();
     let mut read = 0usize;
@@ -207,7 +207,7 @@ async fn read(mut body: Incoming, keep: bool) -> hyper::Result<(Bytes, bool)> {
             let room = KEPT_BODY_BYTES - kept.len();
             kept.extend_from_slice(&data[..data.len().min(room)]);
         }
-        if read > MAX_BODY_BYTES {
+        if read > MAX_READ_BYTES {
             return Ok((Bytes::from(kept), false));
         }
     }
@@ -319,22 +319,9 @@ mod tests {
     /// and past 1 MiB the rest is not read (nor the connection reused).
     #[tokio::test]
     async fn an_endless_error_body_is_cut() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = socket.read(&mut buf).await;
-            let head = "HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n";
-            let _ = socket.write_all(head.as_bytes()).await;
-            let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
-            // 64 MiB, never finished: more than any answer is read.
-            for _ in 0..1024 {
-                if socket.write_all(chunk.as_bytes()).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let addr = super::super::remote::tests::endless_error_server()
+            .await
+            .to_string();
         let answer = Pool::new(addr, Duration::from_secs(1))
             .send(post())
             .await

@@ -203,14 +203,14 @@ pub fn snippet(body: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// An endless error body is read to [`MAX_BODY_BYTES`], no further.
-    #[tokio::test]
-    async fn a_body_is_read_to_the_limit_only() {
+    /// A server on loopback whose first connection is answered 500 with a chunked body that
+    /// never ends (64 MiB, then the socket is dropped): for the body limits' tests.
+    pub(crate) async fn endless_error_server() -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -226,6 +226,13 @@ mod tests {
                 }
             }
         });
+        addr
+    }
+
+    /// An endless error body is read to [`MAX_BODY_BYTES`], no further.
+    #[tokio::test]
+    async fn a_body_is_read_to_the_limit_only() {
+        let addr = endless_error_server().await;
         let response = reqwest::get(format!("http://{addr}/")).await.unwrap();
         assert_eq!(body(response).await.len(), MAX_BODY_BYTES);
     }
