@@ -20,6 +20,14 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// The repository's sample jobs, `dataflows/NAME.toml`.
+const SAMPLE_JOBS: [&str; 4] = [
+    "promotion-all-users",
+    "coupon-on-login",
+    "coupon-segment",
+    "hot-products",
+];
+
 /// A scratch directory holding a copy of the repository's inputs/.
 fn with_sample_inputs() -> Scratch {
     let s = Scratch::new();
@@ -33,12 +41,7 @@ fn with_sample_inputs() -> Scratch {
 #[test]
 fn every_sample_dataflow_runs_and_delivers_the_naive_set() {
     let users = naive_users_jsonl(&read(&repo("inputs/users.jsonl")));
-    for name in [
-        "promotion-all-users",
-        "coupon-on-login",
-        "coupon-segment",
-        "hot-products",
-    ] {
+    for name in SAMPLE_JOBS {
         let job = read(&repo(&format!("dataflows/{name}.toml")));
         for workers in ["1", "2"] {
             let s = with_sample_inputs();
@@ -72,12 +75,7 @@ fn every_sample_dataflow_runs_and_delivers_the_naive_set() {
 #[test]
 fn plan_and_run_agree_on_every_sample_job() {
     let users = naive_users_jsonl(&read(&repo("inputs/users.jsonl")));
-    for name in [
-        "promotion-all-users",
-        "coupon-on-login",
-        "coupon-segment",
-        "hot-products",
-    ] {
+    for name in SAMPLE_JOBS {
         let s = with_sample_inputs();
         let mut job: toml::Value = toml::from_str(&read(&repo(&format!("dataflows/{name}.toml"))))
             .expect("sample job is TOML");
