@@ -140,20 +140,21 @@ fn fan_out(
 ) -> Result<Summary> {
     let login_stream = read_login_stream(job, opts, &mut loaded, runtime)?;
     let admissions = std::mem::take(&mut loaded.admissions);
-    let targets = runtime.block_on(Targets::open(store, admissions))?;
+    let sizing = Sizing::of(job);
+    let buckets = Buckets::new(job.engine.bucket_size);
+    let placement = opts.cluster.placement(buckets, sizing.workers);
+    let targets = runtime.block_on(Targets::open(store, admissions, &placement))?;
     // The repeated-campaign guard, before anything is pushed.
     runtime.block_on(store.admit(&targets.admissions()))?;
     let fingerprint = cluster_fingerprint(job, &targets);
     if opts.retry_dead_letters {
         revive_dead_letters(&targets.run, runtime)?;
     }
-    let sizing = Sizing::of(job);
-    let buckets = Buckets::new(job.engine.bucket_size);
     let (feed, total_pairs) = feed(opts, &mut loaded, &targets, &sizing, buckets);
     let metrics = Arc::new(Metrics::new());
     let engine = Engine {
         source: loaded.source,
-        placement: opts.cluster.placement(buckets, sizing.workers),
+        placement,
         dispatcher: prepare::dispatcher(job, provider, metrics.clone(), store),
         metrics: metrics.clone(),
         runtime: runtime.handle().clone(),

@@ -97,8 +97,13 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// Opens the ledger of every admitted target, in order.
-    pub async fn open(store: &Store, admissions: Vec<Admission>) -> Result<Targets> {
+    /// Opens the ledger of every admitted target, in order, sharded for `placement`'s workers.
+    pub async fn open(
+        store: &Store,
+        admissions: Vec<Admission>,
+        placement: &Placement,
+    ) -> Result<Targets> {
+        store.shard_by(placement);
         let mut targets = Targets {
             run: Vec::new(),
             scan: Vec::new(),

@@ -281,9 +281,11 @@ impl<'a> Server<'a> {
                 Admission::Run(_) | Admission::Skip(_) => {}
             }
         }
-        let targets = self
-            .runtime
-            .block_on(Targets::open(&self.store, admissions))?;
+        let targets = self.runtime.block_on(Targets::open(
+            &self.store,
+            admissions,
+            &self.engine.placement,
+        ))?;
         let deadline = next_change(active, now);
         tracing::info!(
             fan_outs = targets.scan.len(),

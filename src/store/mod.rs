@@ -221,6 +221,20 @@ impl Store {
         verdict.map_err(|(id, earlier)| Error::Duplicate { id, earlier })
     }
 
+    /// Shards the embedded store's ledgers opened from now on by the worker of `placement`
+    /// that owns each id, so that workers do not contend ([`file::Shards`]). Redis needs none.
+    pub fn shard_by(&self, placement: &crate::model::Placement) {
+        if let Store::File(store) = self {
+            let workers = u32::try_from(placement.workers).unwrap_or(u32::MAX);
+            let processes = u32::try_from(placement.processes).unwrap_or(u32::MAX);
+            store.shard_by(file::Shards::new(
+                placement.buckets.size,
+                processes,
+                workers,
+            ));
+        }
+    }
+
     /// The ledger of `key` (a campaign occurrence); opened and replayed once, then cached.
     pub async fn ledger(&self, key: &str) -> Result<Ledger> {
         match self {

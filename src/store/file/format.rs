@@ -3,7 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use roaring::RoaringBitmap;
@@ -287,17 +287,20 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8], path: &Path) -> Result<bool
     }
 }
 
-/// Loads a ledger's sets: the log is read before the snapshot, so a reader racing a writer's
-/// checkpoint sees either the old snapshot with the old log or the new snapshot (which holds
-/// everything the old log did). Returns the sets, the good log length and the log's length.
-pub(super) fn load(snap_path: &Path, log_path: &Path) -> Result<(Sets, u64, u64)> {
-    let mut from_log = Sets::default();
-    let (good, file_len) = replay(log_path, &mut from_log)?;
+/// Loads a ledger's sets: the logs are read before the snapshot, so a reader racing a writer's
+/// checkpoint sees either the old snapshot with the old logs or the new snapshot (which holds
+/// everything the old logs did). Returns the sets and each log's good length and length.
+pub(super) fn load(snap_path: &Path, logs: &[PathBuf]) -> Result<(Sets, Vec<(u64, u64)>)> {
+    let mut from_logs = Sets::default();
+    let lens = logs
+        .iter()
+        .map(|log| replay(log, &mut from_logs))
+        .collect::<Result<Vec<_>>>()?;
     let mut sets = load_snapshot(snap_path)?;
-    sets.claimed |= from_log.claimed;
-    sets.done |= from_log.done;
-    sets.dead |= from_log.dead;
-    Ok((sets, good, file_len))
+    sets.claimed |= from_logs.claimed;
+    sets.done |= from_logs.done;
+    sets.dead |= from_logs.dead;
+    Ok((sets, lens))
 }
 
 /// Loads the snapshot at `path`, if any.

@@ -1,8 +1,9 @@
-//! The embedded store (`file:DIR`): one append-only log and one snapshot per ledger.
+//! The embedded store (`file:DIR`): per ledger, one snapshot and one append-only log per shard.
 //!
 //! ```text
 //! DIR/LOCK                      exclusive lock (flock) while a writer has the store open
-//! DIR/ledgers/<key>.log         records [len u32 LE][crc32 u32 LE][kind u8, ids u32 LE…]
+//! DIR/ledgers/<key>.log         shard 0's log: records [len u32 LE][crc32 u32 LE][kind u8, ids u32 LE…]
+//! DIR/ledgers/<key>.<k>.log     shard k's log (k ≥ 1), the same records
 //! DIR/ledgers/<key>.snap        "FANOUTS1", body len u64 LE, crc32 u32 LE, body:
 //!                               claimed, done, dead as (len u64 LE, roaring bitmap)
 //! ```
@@ -10,14 +11,17 @@
 //!
 //! Each record is written with one `write` on an append-mode file, so a claim survives a
 //! process kill the moment [`FileLedger::claim`] returns; [`FileStore::sync`] adds machine-crash
-//! durability. Opening loads the snapshot and replays the log over it; a torn tail (what a crash
-//! leaves: a partial last record, or zeros) is cut off, while a bad record with records after it
-//! is corruption and refuses the open rather than drop them. Every record is a set union, so replaying a log over a newer snapshot (a crash
-//! inside a checkpoint) changes nothing.
+//! durability. Opening loads the snapshot and replays every log over it; a torn tail (what a
+//! crash leaves: a partial last record, or zeros) is cut off, while a bad record with records
+//! after it is corruption and refuses the open rather than drop them. Every record is a set
+//! union, so replaying a log over a newer snapshot (a crash inside a checkpoint) changes
+//! nothing, and which log holds an id does not matter: a ledger is sharded ([`Shards`], by the
+//! worker that owns each id) only so that workers do not contend for one lock and one file.
 
 mod admitted;
 mod format;
 mod ledger;
+mod shard;
 #[cfg(test)]
 mod tests;
 
@@ -33,6 +37,7 @@ use anyhow::{anyhow, Context};
 use crate::error::{Error, Result};
 use format::{file_stem, load};
 pub use ledger::FileLedger;
+pub use shard::Shards;
 
 /// A ledger whose log is bigger than this is checkpointed when opened.
 const AUTO_CHECKPOINT_BYTES: u64 = 64 << 20;
@@ -82,6 +87,8 @@ pub struct FileStore {
     /// The held `LOCK` file; `None` when read-only.
     lock: Option<Arc<File>>,
     open: Mutex<HashMap<String, Arc<FileLedger>>>,
+    /// How ledgers opened from now on are sharded.
+    shards: Mutex<Shards>,
     /// A ledger whose log is longer than this when opened is checkpointed right away.
     auto_checkpoint_bytes: u64,
 }
@@ -129,6 +136,7 @@ impl FileStore {
             ledgers_dir,
             lock: Some(Arc::new(lock_file)),
             open: Mutex::new(HashMap::new()),
+            shards: Mutex::new(Shards::default()),
             auto_checkpoint_bytes: AUTO_CHECKPOINT_BYTES,
         })
     }
@@ -148,6 +156,7 @@ impl FileStore {
             ledgers_dir: dir.join("ledgers"),
             lock: None,
             open: Mutex::new(HashMap::new()),
+            shards: Mutex::new(Shards::default()),
             auto_checkpoint_bytes: AUTO_CHECKPOINT_BYTES,
         })
     }
@@ -174,6 +183,12 @@ impl FileStore {
         &self.url
     }
 
+    /// Shards every ledger opened from now on by `shards` (those open keep theirs: the shard
+    /// of an id is a matter of speed, not of meaning).
+    pub fn shard_by(&self, shards: Shards) {
+        *lock(&self.shards) = shards;
+    }
+
     /// The ledger of `key` if it is already open.
     pub fn cached_ledger(&self, key: &str) -> Option<Arc<FileLedger>> {
         lock(&self.open).get(key).cloned()
@@ -191,6 +206,7 @@ impl FileStore {
             &self.ledgers_dir,
             self.lock.clone(),
             self.auto_checkpoint_bytes,
+            *lock(&self.shards),
         )?);
         open.insert(key.to_owned(), Arc::clone(&ledger));
         Ok(ledger)
@@ -213,13 +229,13 @@ impl FileStore {
     /// Every claimed id of `key`, sorted; empty if the ledger doesn't exist.
     pub fn granted(&self, key: &str) -> Result<Vec<u32>> {
         if let Some(ledger) = lock(&self.open).get(key) {
-            return Ok(lock(&ledger.state).sets.claimed.iter().collect());
+            return Ok(ledger.sets().claimed.iter().collect());
         }
         // Not open here: read the files as they are, without opening (or creating) the ledger.
         let stem = file_stem(key)?;
-        let (sets, _, _) = load(
+        let (sets, _) = load(
             &self.ledgers_dir.join(format!("{stem}.snap")),
-            &self.ledgers_dir.join(format!("{stem}.log")),
+            &ledger::log_paths(&self.ledgers_dir, &stem),
         )?;
         Ok(sets.claimed.iter().collect())
     }

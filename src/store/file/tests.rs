@@ -35,11 +35,11 @@ fn snap_of(dir: &Path, key: &str) -> PathBuf {
 }
 
 fn sets_of(ledger: &FileLedger) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
-    let st = lock(&ledger.state);
+    let sets = ledger.sets();
     (
-        st.sets.claimed.iter().collect(),
-        st.sets.done.iter().collect(),
-        st.sets.dead.iter().collect(),
+        sets.claimed.iter().collect(),
+        sets.done.iter().collect(),
+        sets.dead.iter().collect(),
     )
 }
 
@@ -405,4 +405,139 @@ fn a_zero_filled_tail_opens() {
         assert_eq!(sets_of(&ledger), (claimed, vec![1], vec![]));
         drop((ledger, store));
     }
+}
+
+/// The ledger's rules, read naively off one set per kind: what a claim must return, and what
+/// every reopen must read back, whatever the shards.
+#[derive(Default)]
+struct Model {
+    claimed: std::collections::BTreeSet<u32>,
+    done: std::collections::BTreeSet<u32>,
+    dead: std::collections::BTreeSet<u32>,
+    /// Claimed, not done, at the last open: handed out once more.
+    pending: std::collections::BTreeSet<u32>,
+}
+
+impl Model {
+    fn claim(&mut self, ids: &[u32]) -> Vec<u32> {
+        let mut got = Vec::new();
+        for &id in ids {
+            if self.done.contains(&id) {
+                continue;
+            }
+            if self.claimed.insert(id) || self.pending.remove(&id) {
+                got.push(id);
+            }
+        }
+        got
+    }
+
+    fn mark(&mut self, ids: &[u32], dead: bool) {
+        for &id in ids {
+            self.claimed.insert(id);
+            self.done.insert(id);
+            self.pending.remove(&id);
+            if dead {
+                self.dead.insert(id);
+            }
+        }
+    }
+
+    fn reopened(&mut self) {
+        self.pending = self.claimed.difference(&self.done).copied().collect();
+    }
+
+    fn sets(&self) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+        let v = |s: &std::collections::BTreeSet<u32>| s.iter().copied().collect();
+        (v(&self.claimed), v(&self.done), v(&self.dead))
+    }
+}
+
+#[test]
+fn any_shard_count_reads_back_what_every_other_wrote() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut model = Model::default();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    // Shard counts up and down: more logs are created, surplus ones folded and removed.
+    for (round, shards) in [3u32, 1, 5, 2, 8, 4, 1].into_iter().enumerate() {
+        let store = open(tmp.path());
+        store.shard_by(Shards::new(10, 1, shards));
+        let ledger = store.ledger("k").expect("ledger");
+        assert_eq!(sets_of(&ledger), model.sets(), "round {round}: reopened");
+        for _ in 0..200 {
+            // A bucket's run of ids (one shard), or ids scattered over many (lazy logins).
+            let ids: Vec<u32> = if next(2) == 0 {
+                let from = next(300) as u32;
+                (from..from + 1 + next(12) as u32).collect()
+            } else {
+                (0..1 + next(20)).map(|_| next(400) as u32).collect()
+            };
+            match next(4) {
+                0 | 1 => {
+                    let got = ledger.claim(&ids).expect("claim");
+                    assert_eq!(
+                        got.claimed,
+                        model.claim(&ids),
+                        "round {round}: claim {ids:?}"
+                    );
+                }
+                2 => {
+                    ledger.mark_done(&ids).expect("done");
+                    model.mark(&ids, false);
+                }
+                _ => {
+                    ledger.mark_dead(&ids).expect("dead");
+                    model.mark(&ids, true);
+                }
+            }
+        }
+        assert_eq!(sets_of(&ledger), model.sets(), "round {round}: in memory");
+        if round == 3 {
+            ledger.checkpoint().expect("checkpoint");
+        }
+        drop(ledger);
+        drop(store);
+        model.reopened();
+        let logs = fs::read_dir(tmp.path().join("ledgers"))
+            .expect("ledgers")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            })
+            .count();
+        assert_eq!(logs, shards as usize, "round {round}: one log per shard");
+    }
+}
+
+#[test]
+fn a_sharded_revival_and_claim_span_every_shard() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    store.shard_by(Shards::new(1, 1, 4));
+    let ledger = store.ledger("k").expect("ledger");
+    let got = ledger.claim(&[7, 1, 2, 7, 3, 0]).expect("claim");
+    assert_eq!(
+        got.claimed,
+        vec![7, 1, 2, 3, 0],
+        "input order, a repeat once"
+    );
+    assert_eq!(got.already, vec![7]);
+    ledger.mark_dead(&[0, 1, 2, 3]).expect("dead");
+    assert_eq!(ledger.revive_dead().expect("revive"), 4);
+    assert_eq!(
+        ledger.claim(&[3, 2, 1, 0]).expect("again").claimed,
+        [3, 2, 1, 0]
+    );
+    assert!(!ledger.is_done(7) && ledger.counts().dead == 0);
+    ledger.mark_done(&[0, 1, 2, 3, 7]).expect("done");
+    assert_eq!(
+        ledger.done_now().iter().collect::<Vec<_>>(),
+        [0, 1, 2, 3, 7]
+    );
 }

@@ -1,0 +1,333 @@
+//! One shard of a [`super::FileLedger`]: the sets of the ids the shard function gives it, its
+//! own append-only log, and its own lock.
+//!
+//! A ledger is cut into shards so that the engine's workers do not contend: the engine
+//! shards by the worker that owns each id's bucket ([`Shards::of`]), so a push task claims and
+//! marks in its worker's shard alone and writes its own log file. Which shard holds an id is
+//! a matter of speed, not of meaning: every record is a set union and a ledger's sets are the
+//! union of all its logs and its snapshot, so any id may sit in any log and a re-run with
+//! another shard count reads the same sets.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use roaring::RoaringBitmap;
+
+use super::format::{encode_record, Kind, Sets};
+use super::{io_error, lock};
+use crate::error::{Error, Result};
+use crate::store::Claim;
+
+/// How ids are spread over a ledger's shards: by the local worker that owns each id's bucket
+/// (`(id / bucket_size / processes) % count`, [`crate::model::Placement`]'s rule within a
+/// process). One shard unless the engine says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shards {
+    bucket_size: u32,
+    processes: u32,
+    count: u32,
+}
+
+impl Default for Shards {
+    fn default() -> Self {
+        Shards::new(1, 1, 1)
+    }
+}
+
+impl Shards {
+    /// `count` shards (at least 1, at most [`Shards::MAX`]) of buckets of `bucket_size` ids
+    /// spread over `processes`.
+    pub fn new(bucket_size: u32, processes: u32, count: u32) -> Self {
+        Shards {
+            bucket_size: bucket_size.max(1),
+            processes: processes.max(1),
+            count: count.clamp(1, Self::MAX),
+        }
+    }
+
+    /// Shards a ledger has at most (each is a log file).
+    pub const MAX: u32 = 256;
+
+    /// How many shards.
+    pub fn count(&self) -> usize {
+        self.count as usize
+    }
+
+    /// The shard of `id`.
+    #[inline]
+    pub fn of(&self, id: u32) -> usize {
+        ((id / self.bucket_size / self.processes) % self.count) as usize
+    }
+
+    /// The shard of every id of bucket-sized blocks up to `max_id`, as one bitmap per shard.
+    pub fn masks(&self, max_id: u32) -> Vec<RoaringBitmap> {
+        let mut masks = vec![RoaringBitmap::new(); self.count()];
+        if self.count == 1 {
+            masks[0].insert_range(..);
+            return masks;
+        }
+        let size = u64::from(self.bucket_size);
+        for bucket in 0..=u64::from(max_id) / size {
+            let lo = bucket * size;
+            let hi = (lo + size).min(1 << 32);
+            // `lo` is below 2^32: bucket ≤ max_id / size.
+            masks[self.of(lo as u32)].insert_range(lo as u32..=(hi - 1) as u32);
+        }
+        masks
+    }
+}
+
+pub(super) struct State {
+    pub(super) sets: Sets,
+    /// Claimed but not done when the ledger was opened: in flight at a crash, handed out once.
+    pub(super) pending: RoaringBitmap,
+    /// The append-mode log; `None` when read-only.
+    pub(super) log: Option<File>,
+    /// Bytes of whole records in the log.
+    pub(super) log_len: u64,
+    /// A failed append could not be cut back off the log: refuse to append after it.
+    pub(super) broken: bool,
+    /// The record being written, kept to reuse its allocation.
+    buf: Vec<u8>,
+}
+
+/// One shard: its state behind its lock, and a second handle on its log for fsync.
+pub(super) struct Shard {
+    pub(super) log_path: PathBuf,
+    /// A second handle on the log, so fsync runs without blocking claims.
+    sync_handle: Option<File>,
+    /// Set by every append, cleared by [`Shard::sync`].
+    unsynced: AtomicBool,
+    pub(super) state: Mutex<State>,
+}
+
+/// Ids per roaring container below which a batch goes id by id (see [`ascending_bitmap`]).
+const SET_OPS_MIN_IDS_PER_CONTAINER: usize = 8;
+
+/// `ids` as a bitmap, if they are strictly ascending (no repeats) and dense enough for whole-
+/// container set operations. Those cost about the size of every ledger container the batch
+/// touches; the per-id rules cost a lookup per id. A fan-out batch (ids of a few buckets)
+/// fills a container or two; a lazy coupon's batch (one epoch's logins) has a few ids in each
+/// of many containers, and id by id it is several times cheaper (measured on lazy_logins).
+fn ascending_bitmap(ids: &[u32]) -> Option<RoaringBitmap> {
+    let containers = 1 + ids.windows(2).filter(|w| w[0] >> 16 != w[1] >> 16).count();
+    if ids.len() < SET_OPS_MIN_IDS_PER_CONTAINER * containers {
+        return None;
+    }
+    if ids.windows(2).all(|w| w[0] < w[1]) {
+        RoaringBitmap::from_sorted_iter(ids.iter().copied()).ok()
+    } else {
+        None
+    }
+}
+
+impl Shard {
+    /// A shard over `log` (`None`: read-only) holding `sets`, of which `log_len` bytes of
+    /// records are in its log.
+    pub(super) fn new(
+        log_path: PathBuf,
+        log: Option<File>,
+        sync_handle: Option<File>,
+        sets: Sets,
+        log_len: u64,
+    ) -> Shard {
+        let pending = &sets.claimed - &sets.done;
+        Shard {
+            log_path,
+            sync_handle,
+            unsynced: AtomicBool::new(false),
+            state: Mutex::new(State {
+                sets,
+                pending,
+                log,
+                log_len,
+                broken: false,
+                buf: Vec::new(),
+            }),
+        }
+    }
+
+    /// The atomic claim of `ids` (all of this shard); see [`crate::store::Ledger::claim`].
+    pub(super) fn claim(&self, key: &str, ids: &[u32]) -> Result<Claim> {
+        let batch = ascending_bitmap(ids);
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        if let Some(batch) = batch {
+            return self.claim_sorted(key, st, ids, batch);
+        }
+        let mut out = Claim {
+            claimed: Vec::with_capacity(ids.len()),
+            already: Vec::new(),
+        };
+        let mut fresh = Vec::with_capacity(ids.len());
+        let mut from_pending = Vec::new();
+        for &id in ids {
+            if st.sets.done.contains(id) {
+                out.already.push(id);
+            } else if st.sets.claimed.insert(id) {
+                fresh.push(id);
+                out.claimed.push(id);
+            } else if st.pending.remove(id) {
+                // Already in the log as claimed: no new record.
+                from_pending.push(id);
+                out.claimed.push(id);
+            } else {
+                out.already.push(id);
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(out);
+        }
+        if let Err(e) = self.append(key, st, Kind::Claim, &fresh) {
+            // Nothing was granted: undo so the ids can be claimed again.
+            for id in fresh {
+                st.sets.claimed.remove(id);
+            }
+            for id in from_pending {
+                st.pending.insert(id);
+            }
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// [`Self::claim`] for strictly ascending ids, as set operations on whole containers
+    /// (the engine's batches are id-ordered): the same outcome as the per-id rules.
+    fn claim_sorted(
+        &self,
+        key: &str,
+        st: &mut State,
+        ids: &[u32],
+        batch: RoaringBitmap,
+    ) -> Result<Claim> {
+        let done = &batch & &st.sets.done;
+        let open = batch - &done;
+        let fresh = &open - &st.sets.claimed;
+        if fresh.len() == ids.len() as u64 {
+            // The common case, a first run: every id is new.
+            self.append(key, st, Kind::Claim, ids)?;
+            st.sets.claimed |= &fresh;
+            return Ok(Claim {
+                claimed: ids.to_vec(),
+                already: Vec::new(),
+            });
+        }
+        let claimed_before = open - &fresh;
+        let resend = &claimed_before & &st.pending;
+        let taken = claimed_before - &resend;
+        if !fresh.is_empty() {
+            let ids: Vec<u32> = fresh.iter().collect();
+            // Written first: memory never claims more than the log holds.
+            self.append(key, st, Kind::Claim, &ids)?;
+            st.sets.claimed |= &fresh;
+        }
+        st.pending -= &resend;
+        Ok(Claim {
+            claimed: (fresh | resend).iter().collect(),
+            already: (done | taken).iter().collect(),
+        })
+    }
+
+    /// Records `ids` (all of this shard) as done, or dead and so done.
+    pub(super) fn mark(&self, key: &str, kind: Kind, ids: &[u32]) -> Result<()> {
+        let batch = ascending_bitmap(ids);
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        if let Some(batch) = batch {
+            return self.mark_sorted(key, st, kind, ids, batch);
+        }
+        let target = if kind == Kind::Dead {
+            &st.sets.dead
+        } else {
+            &st.sets.done
+        };
+        let new: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&id| !target.contains(id))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        // Written first: memory never claims more than the log holds.
+        self.append(key, st, kind, &new)?;
+        for id in new {
+            st.sets.apply(kind, id);
+            st.pending.remove(id);
+        }
+        Ok(())
+    }
+
+    /// [`Self::mark`] for strictly ascending ids, as set operations.
+    fn mark_sorted(
+        &self,
+        key: &str,
+        st: &mut State,
+        kind: Kind,
+        ids: &[u32],
+        batch: RoaringBitmap,
+    ) -> Result<()> {
+        let target = if kind == Kind::Dead {
+            &st.sets.dead
+        } else {
+            &st.sets.done
+        };
+        let new = batch - target;
+        if new.is_empty() {
+            return Ok(());
+        }
+        if new.len() == ids.len() as u64 {
+            self.append(key, st, kind, ids)?;
+        } else {
+            let ids: Vec<u32> = new.iter().collect();
+            self.append(key, st, kind, &ids)?;
+        }
+        st.sets.claimed |= &new;
+        st.sets.done |= &new;
+        if kind == Kind::Dead {
+            st.sets.dead |= &new;
+        }
+        st.pending -= &new;
+        Ok(())
+    }
+
+    /// Appends one record with one write; on failure cuts the log back to its last whole record.
+    fn append(&self, key: &str, st: &mut State, kind: Kind, ids: &[u32]) -> Result<()> {
+        let Some(log) = st.log.as_mut() else {
+            return Err(Error::runtime(format!("ledger {key} is open read-only")));
+        };
+        if st.broken {
+            return Err(Error::runtime(format!(
+                "ledger log {} is damaged by an earlier failed write; restart to repair it",
+                self.log_path.display()
+            )));
+        }
+        encode_record(&mut st.buf, kind, ids.iter().copied());
+        if let Err(e) = log.write_all(&st.buf) {
+            if log.set_len(st.log_len).is_err() {
+                st.broken = true;
+            }
+            return Err(io_error(e, "cannot append to", &self.log_path));
+        }
+        st.log_len += st.buf.len() as u64;
+        self.unsynced.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Fsyncs the log if anything was appended since the last sync.
+    pub(super) fn sync(&self) -> Result<()> {
+        let Some(handle) = &self.sync_handle else {
+            return Ok(());
+        };
+        if self.unsynced.swap(false, Ordering::AcqRel) {
+            if let Err(e) = handle.sync_data() {
+                self.unsynced.store(true, Ordering::Release);
+                return Err(io_error(e, "cannot fsync", &self.log_path));
+            }
+        }
+        Ok(())
+    }
+}
