@@ -1,4 +1,5 @@
-//! The async work of one batch: claim in the store, render, push, record.
+//! The work of one push task: claim in the store and render (on the timely worker that owns
+//! the users: [`super::push`]), then push and record (async, on the tokio runtime).
 //!
 //! Order matters for "nothing lost, nothing twice": the claim is written before any push, and
 //! a message is marked done only after the provider accepted it (or it was dead-lettered) —
@@ -18,40 +19,57 @@ use super::{Candidate, Context, RunTarget};
 use crate::error::Result;
 use crate::providers::dispatch::{Fate, Settled};
 use crate::providers::Message;
+use crate::store::Claim;
 use crate::template::UserVars;
 
-/// Claims, renders and pushes `users` (in id order) of target `target`: one claim and one
-/// ledger update for the lot; its provider batches go out concurrently (the dispatcher's slots
-/// bound how many messages are in flight).
-pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Result<()> {
+/// Counts a claim's outcome: the claimed users are eligible, the others already granted.
+pub fn count_claim(ctx: &Context, target: u32, claim: &Claim) {
     let rt = &ctx.targets[target as usize];
-    let ids: Vec<u32> = users.iter().map(|c| c.id).collect();
-    let claim = rt.ledger.claim(&ids).await?;
-    rt.stats
-        .already_granted
-        .fetch_add(claim.already.len() as u64, Relaxed);
-    rt.stats
-        .eligible
-        .fetch_add(claim.claimed.len() as u64, Relaxed);
-    ctx.metrics
-        .count
-        .claimed
-        .fetch_add(claim.claimed.len() as u64, Relaxed);
+    let (claimed, already) = (claim.claimed.len() as u64, claim.already.len() as u64);
+    rt.stats.already_granted.fetch_add(already, Relaxed);
+    rt.stats.eligible.fetch_add(claimed, Relaxed);
+    ctx.metrics.count.claimed.fetch_add(claimed, Relaxed);
     ctx.metrics
         .count
         .already_granted
-        .fetch_add(claim.already.len() as u64, Relaxed);
-    if claim.claimed.is_empty() {
-        return Ok(());
-    }
+        .fetch_add(already, Relaxed);
+}
 
-    // Render every claimed user's record into one buffer the task owns: no allocation per
-    // message.
-    let chosen: Vec<&Candidate> = if claim.claimed.len() == users.len() {
+/// The messages of one push task, rendered: every record in one buffer the task owns (no
+/// allocation per message).
+pub struct Rendered {
+    /// Index into [`Context::targets`].
+    pub target: u32,
+    users: Vec<u32>,
+    records: String,
+    /// Where each record ends in `records`.
+    ends: Vec<usize>,
+    /// Each user's push token, where the provider needs one.
+    tokens: Vec<Option<String>>,
+}
+
+impl Rendered {
+    /// The messages, in id order.
+    fn messages(&self) -> Vec<Message<'_>> {
+        self.users
+            .iter()
+            .enumerate()
+            .map(|(k, &user)| Message {
+                user,
+                json: &self.records[if k == 0 { 0 } else { self.ends[k - 1] }..self.ends[k]],
+                token: self.tokens.get(k).and_then(|t| t.as_deref()),
+            })
+            .collect()
+    }
+}
+
+/// Renders the messages of the `claimed` users among `users` (both in id order).
+pub fn render(ctx: &Context, target: u32, users: &[Candidate], claimed: &[u32]) -> Rendered {
+    let rt = &ctx.targets[target as usize];
+    let chosen: Vec<&Candidate> = if claimed.len() == users.len() {
         users.iter().collect()
     } else {
-        claim
-            .claimed
+        claimed
             .iter()
             .filter_map(|id| users.binary_search_by_key(id, |c| c.id).ok())
             .map(|i| &users[i])
@@ -70,21 +88,23 @@ pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Resul
         );
         ends.push(records.len());
     }
-    let tokens: Vec<Option<String>> = match ctx.dispatcher.provider().needs_token() {
+    let tokens = match ctx.dispatcher.provider().needs_token() {
         true => chosen.iter().map(|c| ctx.source.token(c.id)).collect(),
         false => Vec::new(),
     };
-    let messages: Vec<Message<'_>> = chosen
-        .iter()
-        .enumerate()
-        .map(|(k, c)| Message {
-            user: c.id,
-            json: &records[if k == 0 { 0 } else { ends[k - 1] }..ends[k]],
-            token: tokens.get(k).and_then(|t| t.as_deref()),
-        })
-        .collect();
+    Rendered {
+        target,
+        users: chosen.iter().map(|c| c.id).collect(),
+        records,
+        ends,
+        tokens,
+    }
+}
 
-    push_and_record(rt, ctx, &messages).await
+/// Pushes rendered messages and records each one's outcome in the store.
+pub async fn send(ctx: &Context, rendered: Rendered) -> Result<()> {
+    let rt = &ctx.targets[rendered.target as usize];
+    push_and_record(rt, ctx, &rendered.messages()).await
 }
 
 /// Pushes `messages` in provider batches and records each one's outcome in the store.

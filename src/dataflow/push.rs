@@ -1,10 +1,14 @@
 //! The push operator: the bridge from a timely worker to async I/O.
 //!
-//! It never awaits. It stashes candidate batches, cuts them into tasks of at most
-//! `task_users` users and spawns each on the shared tokio runtime while fewer than `max_in_flight` messages are
-//! out. Tasks report back over a channel and wake the operator through a `SyncActivator`
-//! (guarded by a flag, so a burst of acks wakes it once). Each epoch's capability is held until
-//! every batch of that epoch is acknowledged: the probe downstream means "delivered".
+//! It never awaits. It stashes candidate batches and cuts them into tasks of at most
+//! `task_users` users while fewer than `max_in_flight` messages are out. The CPU work of a
+//! task happens here, on the worker that owns the users: the claim (on the embedded store, a
+//! set operation and a log append; on Redis, network I/O that a tokio task issues and hands
+//! back over a channel) and the rendering. Only the provider calls and the records of their
+//! outcomes run on the tokio runtime. Tasks report back over channels and wake the operator
+//! through a `SyncActivator` (guarded by a flag, so a burst of acks wakes it once). Each
+//! epoch's capability is held until every task of that epoch is acknowledged: the probe
+//! downstream means "delivered".
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +22,8 @@ use timely::dataflow::Stream;
 use timely::scheduling::SyncActivator;
 
 use super::{deliver, Candidate, Candidates, Context, Time};
+use crate::error::Result;
+use crate::store::Claim;
 
 /// One finished batch.
 struct Ack {
@@ -69,6 +75,15 @@ impl Drop for AckOnDrop {
     }
 }
 
+/// A claim a remote store answered, back on the worker to be rendered and pushed.
+struct Answered {
+    target: u32,
+    users: Vec<Candidate>,
+    claim: Result<Claim>,
+    /// The task's acknowledgement, passed on to its push.
+    ack: AckOnDrop,
+}
+
 /// Pushes `candidates`; the output carries no data, only the epochs' progress.
 pub fn push<'s>(
     candidates: Stream<'s, Time, Vec<Candidates>>,
@@ -84,6 +99,7 @@ pub fn push<'s>(
                 pending: AtomicBool::new(false),
             });
             let (ack_tx, ack_rx) = mpsc::channel::<Ack>();
+            let (answer_tx, answer_rx) = mpsc::channel::<Answered>();
             let mut queue: VecDeque<(Time, Candidates)> = VecDeque::new();
             let mut epochs: BTreeMap<Time, Epoch> = BTreeMap::new();
             let mut in_flight = 0usize;
@@ -110,6 +126,12 @@ pub fn push<'s>(
                         }
                     }
                 });
+                while let Ok(a) = answer_rx.try_recv() {
+                    match a.claim {
+                        Ok(claim) => render_and_push(&ctx, a.target, &a.users, claim, a.ack),
+                        Err(e) => ctx.fail(e),
+                    }
+                }
 
                 while in_flight < ctx.max_in_flight && !ctx.failed() {
                     let Some((time, target, users)) = next_task(&mut queue, &mut epochs, &ctx)
@@ -123,13 +145,7 @@ pub fn push<'s>(
                         time,
                         messages: users.len(),
                     };
-                    let ctx2 = ctx.clone();
-                    ctx.runtime.spawn(async move {
-                        let _ack = ack;
-                        if let Err(e) = deliver::deliver(&ctx2, target, users).await {
-                            ctx2.fail(e);
-                        }
-                    });
+                    claim(&ctx, target, users, ack, &answer_tx);
                 }
 
                 // An epoch is released once its input is complete and all its work acknowledged.
@@ -162,4 +178,60 @@ fn next_task(
         e.tasks += 1;
     }
     Some((time, target, users))
+}
+
+/// Claims a task's users: at once on a local store, else on the runtime, the answer coming
+/// back over `answers` (and waking the worker).
+fn claim(
+    ctx: &Arc<Context>,
+    target: u32,
+    users: Vec<Candidate>,
+    ack: AckOnDrop,
+    answers: &mpsc::Sender<Answered>,
+) {
+    let ledger = &ctx.targets[target as usize].ledger;
+    let ids: Vec<u32> = users.iter().map(|c| c.id).collect();
+    match ledger.claim_local(&ids) {
+        Some(Ok(claim)) => render_and_push(ctx, target, &users, claim, ack),
+        // The task ends here; its ack goes back as it drops.
+        Some(Err(e)) => ctx.fail(e),
+        None => {
+            let (ledger, answers) = (ledger.clone(), answers.clone());
+            ctx.runtime.spawn(async move {
+                let claim = ledger.claim(&ids).await;
+                let waker = ack.waker.clone();
+                let answer = Answered {
+                    target,
+                    users,
+                    claim,
+                    ack,
+                };
+                // Nobody listens once the dataflow is gone: the ack drops with the answer.
+                let _ = answers.send(answer);
+                waker.wake();
+            });
+        }
+    }
+}
+
+/// Counts a claim, renders what it granted and hands the messages to the runtime to push.
+fn render_and_push(
+    ctx: &Arc<Context>,
+    target: u32,
+    users: &[Candidate],
+    claim: Claim,
+    ack: AckOnDrop,
+) {
+    deliver::count_claim(ctx, target, &claim);
+    if claim.claimed.is_empty() {
+        return;
+    }
+    let rendered = deliver::render(ctx, target, users, &claim.claimed);
+    let ctx2 = ctx.clone();
+    ctx.runtime.spawn(async move {
+        let _ack = ack;
+        if let Err(e) = deliver::send(&ctx2, rendered).await {
+            ctx2.fail(e);
+        }
+    });
 }

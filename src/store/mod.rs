@@ -324,6 +324,16 @@ impl Ledger {
         }
     }
 
+    /// [`Ledger::claim`] without waiting, where the store is local (the embedded store: a
+    /// set operation and an append to its log); `None` where a claim is network I/O (Redis),
+    /// to be awaited with [`Ledger::claim`] instead.
+    pub fn claim_local(&self, ids: &[u32]) -> Option<Result<Claim>> {
+        match self {
+            Ledger::File(ledger) => Some(ledger.claim(ids)),
+            Ledger::Redis(_) => None,
+        }
+    }
+
     /// Records `ids` as delivered.
     pub async fn mark_done(&self, ids: &[u32]) -> Result<()> {
         match self {
