@@ -93,4 +93,100 @@ fn failed_messages_are_retried_then_dead_lettered_once() {
             .count() as u64,
         dead_count
     );
+
+    // `plan` tells the dead letters apart from the deliveries.
+    let out = s.fanout(&["plan", "job.toml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan = String::from_utf8_lossy(&out.stdout);
+    let header: Vec<&str> = plan.lines().next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = plan
+        .lines()
+        .find(|l| l.starts_with("all "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let column = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+    assert_eq!(column("dead"), users.len().to_string(), "{plan}");
+    assert_eq!(column("granted"), "5000", "{plan}");
+}
+
+/// A provider nobody listens on: exit 1 within seconds naming the cause, nobody dead-lettered;
+/// a re-run with a working provider delivers every user exactly once.
+#[test]
+fn a_refused_provider_stops_the_run_and_a_rerun_delivers_everyone_once() {
+    let s = Scratch::new();
+    s.write(
+        "job.toml",
+        JOB.replace(
+            "mock:fail=0.3,permanent=0.05,latency=1ms",
+            "http://127.0.0.1:1/push",
+        ),
+    );
+    let started = std::time::Instant::now();
+    let out = s.fanout(&["run", "job.toml", "-w", "2", "--quiet"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("Connection refused") && err.contains("not the users"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !s.path("dead.jsonl").exists(),
+        "something was dead-lettered"
+    );
+
+    s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "-w",
+        "2",
+        "--quiet",
+        "--provider",
+        "log:out.jsonl",
+    ]);
+    let recs = read_deliveries(&s.path("out.jsonl"));
+    assert_eq!(recs.len(), 5000, "one delivery per user");
+    assert_eq!(pairs_once(&recs).len(), 5000, "no user twice");
+}
+
+/// `log:-` piped into a reader that goes away: the broken pipe stops the run (exit 1) instead
+/// of dead-lettering every later user.
+#[test]
+fn a_broken_pipe_on_log_stdout_is_fatal() {
+    use std::io::{BufRead, BufReader};
+    let s = Scratch::new();
+    s.write(
+        "job.toml",
+        JOB.replace("mock:fail=0.3,permanent=0.05,latency=1ms", "log:-"),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["run", "job.toml", "--users", "synthetic:200000", "--quiet"])
+        .current_dir(s.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"campaign\""), "{first}");
+    // The reader is gone (dropped with its BufReader).
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Broken pipe"), "{err}");
+    assert!(
+        !s.path("dead.jsonl").exists(),
+        "something was dead-lettered"
+    );
 }

@@ -358,6 +358,61 @@ fn refused_credentials_stop_the_run_and_a_rerun_delivers_everyone() {
     assert!(!s.path("dead.jsonl").exists());
 }
 
+/// A webhook URL that 404s for everyone is the provider's fault, not the users': the run
+/// stops with exit 1 naming it, dead-letters nobody, and once the URL works a re-run delivers
+/// every user exactly once.
+#[test]
+fn a_url_that_404s_for_everyone_stops_the_run_and_a_rerun_delivers_everyone() {
+    let _serial = serial();
+    const USERS: u64 = 3000;
+    let fixed = Arc::new(AtomicBool::new(false));
+    let server = {
+        let fixed = fixed.clone();
+        TestServer::start(key_of, move |_, _, _| match fixed.load(Ordering::SeqCst) {
+            true => Reply::ok(),
+            false => Reply::status(404, r#"{"error":"no such route"}"#),
+        })
+    };
+    let s = Scratch::new();
+    s.write("job.toml", job(&server.url("/hook"), USERS, 50, 3, 0));
+    let env = [("FANOUT_HTTP_TIMEOUT", TIMEOUT)];
+    let args = [
+        "run",
+        "job.toml",
+        "-w",
+        "2",
+        "--quiet",
+        "--summary",
+        "summary.json",
+    ];
+
+    let started = std::time::Instant::now();
+    let out = fanout(s.dir.path(), &args, &env);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("404") && err.contains("not the users"),
+        "{err}"
+    );
+    assert!(
+        !s.path("dead.jsonl").exists(),
+        "something was dead-lettered"
+    );
+    eprintln!(
+        "stopped after {:?} and {} requests",
+        started.elapsed(),
+        server.hits().len()
+    );
+
+    fixed.store(true, Ordering::SeqCst);
+    let out = fanout(s.dir.path(), &args, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ok = server.ok_counts();
+    assert_eq!(ok.len() as u64, USERS, "every user delivered");
+    assert!(ok.values().all(|&n| n == 1), "each once");
+    assert!(!s.path("dead.jsonl").exists());
+}
+
 #[test]
 fn rate_per_s_holds_at_the_server() {
     let _serial = serial();

@@ -24,6 +24,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use super::breaker::Breaker;
 use super::dead_letters::DeadLetters;
 use super::rate::RateLimiter;
 use super::{Gate, Message, Outcome, Provider};
@@ -75,6 +76,8 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     /// Credential refusals since the last delivery.
     unauthorized: AtomicU32,
+    /// Tells a provider that is down from users that cannot be reached.
+    breaker: Breaker,
     /// Why the dispatcher halted, once it has.
     halted: OnceLock<String>,
     /// Flips to `true` when it halts, waking every `deliver` in progress.
@@ -88,7 +91,14 @@ pub struct Dispatcher {
 struct Next {
     retry: Vec<usize>,
     wait: Duration,
+    /// Attempts not yet shown to the breaker: delivered, failed, the last failure's error.
+    delivered: u64,
+    failed: u64,
+    cause: String,
 }
+
+/// Attempts the dispatcher shows the breaker at once, once the provider has delivered.
+const BREAKER_EVERY: u64 = 64;
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -121,6 +131,7 @@ impl Dispatcher {
             dead: DeadLetters::new(dead_letter),
             metrics,
             unauthorized: AtomicU32::new(0),
+            breaker: Breaker::default(),
             halted: OnceLock::new(),
             halt: watch::Sender::new(false),
             guard: None,
@@ -214,6 +225,7 @@ impl Dispatcher {
                 self.metrics.record_latency(latency, 1);
                 let mut fates = Vec::with_capacity(1);
                 self.judge(batch, i, outcome, attempt, &mut fates, &mut next)?;
+                self.observe(&mut next, false)?;
                 if !fates.is_empty() {
                     settle(Settled {
                         fates,
@@ -232,6 +244,10 @@ impl Dispatcher {
                     .send_all(batch, chunk, attempt, Gate::new(self.rate.as_ref()))
                     .await;
                 self.metrics.record_latency(latency, chunk.len());
+                if failed.len() < chunk.len() {
+                    // Some were delivered: the chunk's refusals are about their users.
+                    self.breaker.saw_delivery();
+                }
                 let mut failed = failed.into_iter().peekable();
                 let mut fates = Vec::with_capacity(chunk.len());
                 for (k, &i) in chunk.iter().enumerate() {
@@ -241,6 +257,7 @@ impl Dispatcher {
                     };
                     self.judge(batch, i, outcome, attempt, &mut fates, &mut next)?;
                 }
+                self.observe(&mut next, true)?;
                 if !fates.is_empty() {
                     settle(Settled {
                         fates,
@@ -249,7 +266,29 @@ impl Dispatcher {
                 }
             }
         }
+        self.observe(&mut next, true)?;
         Ok((next.retry, next.wait))
+    }
+
+    /// Shows the breaker the attempts counted in `next` (all of them when `now`, else once
+    /// there are enough or the provider has not delivered yet); halts if it trips.
+    fn observe(&self, next: &mut Next, now: bool) -> Result<()> {
+        let seen = next.delivered + next.failed;
+        if seen == 0 || !(now || seen >= BREAKER_EVERY || !self.breaker.proven()) {
+            return Ok(());
+        }
+        let verdict = self
+            .breaker
+            .observe(next.delivered, next.failed, &next.cause);
+        (next.delivered, next.failed) = (0, 0);
+        match verdict {
+            Some(why) => Err(self.halt_for(format!(
+                "{why}: the provider is failing, not the users. Stopped without \
+                 dead-lettering anyone; fix the provider and run again: every user not \
+                 delivered yet is sent then"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// What attempt `attempt`'s `outcome` means for `batch[i]`: a fate (pushed to `fates`,
@@ -267,19 +306,47 @@ impl Dispatcher {
             self.dead.write(&[(&batch[i], error, attempt)])?;
             Ok(Fate::Dead)
         };
+        let failed = |next: &mut Next, error: &str| {
+            next.failed += 1;
+            next.cause.clear();
+            next.cause.push_str(error);
+        };
         let fate = match outcome {
             None => {
                 self.unauthorized.store(0, Relaxed);
+                next.delivered += 1;
                 Fate::Delivered
             }
             Some(Outcome::Unreachable) => Fate::Unreachable,
-            Some(Outcome::Permanent(error)) => dead(&error)?,
+            Some(Outcome::Fatal(error)) => return Err(self.halt_for(error)),
+            // Until the provider has delivered once, a refusal may be the provider's (a wrong
+            // URL), not the user's: tried again rather than dead-lettered.
+            Some(Outcome::Permanent(error))
+                if !self.breaker.proven() && attempt < self.max_attempts =>
+            {
+                failed(next, &error);
+                next.retry.push(i);
+                return Ok(());
+            }
+            Some(Outcome::Permanent(error)) => {
+                failed(next, &error);
+                dead(&error)?
+            }
             Some(Outcome::InvalidToken(error)) => {
                 self.metrics.count.invalid_tokens.fetch_add(1, Relaxed);
                 dead(&error)?
             }
-            Some(Outcome::Retry { error, .. }) if attempt >= self.max_attempts => dead(&error)?,
-            Some(Outcome::Retry { after, .. }) => {
+            Some(Outcome::Retry { error, after }) if attempt >= self.max_attempts => {
+                if after.is_none() {
+                    failed(next, &error);
+                }
+                dead(&error)?
+            }
+            Some(Outcome::Retry { error, after }) => {
+                // A `Retry-After` is the provider asking us to slow down: it is up.
+                if after.is_none() {
+                    failed(next, &error);
+                }
                 next.retry.push(i);
                 next.wait = next.wait.max(after.unwrap_or_default());
                 return Ok(());
@@ -307,13 +374,17 @@ impl Dispatcher {
     /// Halts the dispatcher (once) for a credential refusal; returns the error to report.
     /// `error` names the provider already.
     fn stop(&self, error: &str, in_a_row: u32) -> Error {
-        let why = format!(
+        self.halt_for(format!(
             "{error} ({in_a_row} in a row): the provider refuses our credentials, not the \
              users. Stopped without dead-lettering anyone; fix the credentials and run again: \
              every user not delivered yet is sent then"
-        );
+        ))
+    }
+
+    /// Halts the dispatcher (the first reason given wins); returns the error to report.
+    fn halt_for(&self, why: String) -> Error {
         if self.halted.set(why).is_ok() {
-            tracing::info!(provider = %self.provider.name(), "credentials refused; stopping");
+            tracing::info!(provider = %self.provider.name(), "the provider cannot go on; stopping");
         }
         self.halt.send_replace(true);
         self.halt_error()

@@ -89,9 +89,12 @@ impl LogProvider {
         let failed = match written {
             Ok(()) => Vec::new(),
             Err(e) => {
-                let outcome = Outcome::Retry {
-                    error: format!("write {}: {e}", self.path),
-                    after: None,
+                let error = format!("write {}: {e}", self.path);
+                // Nobody reads the output any more (`log:-` piped into `head`): no later
+                // message can be delivered either.
+                let outcome = match e.kind() {
+                    std::io::ErrorKind::BrokenPipe => Outcome::Fatal(error),
+                    _ => Outcome::Retry { error, after: None },
                 };
                 (0..which.len()).map(|k| (k, outcome.clone())).collect()
             }

@@ -11,6 +11,7 @@
 //! - [`dispatch`]: concurrency cap, retries with backoff, dead letters, the stop on rejected
 //!   credentials — shared by every provider.
 
+pub mod breaker;
 pub mod dead_letters;
 pub mod dispatch;
 pub mod fcm;
@@ -47,6 +48,9 @@ pub enum Outcome {
     Unauthorized(String),
     /// The user cannot be addressed by this provider (no token): counted, not sent.
     Unreachable,
+    /// The provider cannot work for the rest of the run (its output is gone: a broken pipe):
+    /// stops the run at once, never a dead letter.
+    Fatal(String),
 }
 
 /// What one attempt at one message came to: `None` delivered, else why not; and how long

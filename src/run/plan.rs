@@ -30,6 +30,9 @@ pub struct PlanLine {
     pub audience: u64,
     /// Of those, already granted (granted input or store).
     pub already_granted: u64,
+    /// Of the campaign's grants in the store, dead-lettered ones: granted, never delivered
+    /// (`run --retry-dead-letters` sends them again).
+    pub dead_lettered: u64,
     /// Users a run would push to.
     pub eligible: u64,
     /// Provider batches that takes (at least).
@@ -75,6 +78,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
                     at_login: false,
                     audience: 0,
                     already_granted: 0,
+                    dead_lettered: 0,
                     eligible: 0,
                     batches: 0,
                 });
@@ -103,6 +107,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
         let granted =
             (audience - members.len() as u64) + runtime.block_on(ledger.count_done(&members))?;
         let eligible = audience - granted;
+        let dead_lettered = runtime.block_on(ledger.counts())?.dead;
         if !at_login {
             total += eligible;
         }
@@ -113,6 +118,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             at_login,
             audience,
             already_granted: granted,
+            dead_lettered,
             eligible,
             batches: eligible.div_ceil(sizing.batch_max_messages as u64),
         });
@@ -135,22 +141,26 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
 /// The plan as a table for people.
 pub fn render(plan: &Plan) -> String {
     let mut out = format!(
-        "{:<32} {:>10} {:>10} {:>10} {:>8}\n",
-        "campaign", "audience", "granted", "eligible", "batches"
+        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
+        "campaign", "audience", "granted", "dead", "eligible", "batches"
     );
     for l in &plan.campaigns {
         let name = super::display_name(&l.id, l.occurrence.as_deref());
         match &l.skipped {
             Some(why) => out.push_str(&format!("{name:<32} skipped: {why}\n")),
             None => out.push_str(&format!(
-                "{name:<32} {:>10} {:>10} {:>10} {:>8}{}\n",
+                "{name:<32} {:>10} {:>10} {:>10} {:>10} {:>8}{}\n",
                 l.audience,
                 l.already_granted,
+                l.dead_lettered,
                 l.eligible,
                 l.batches,
                 if l.at_login { "  (at next login)" } else { "" }
             )),
         }
+    }
+    if plan.campaigns.iter().any(|l| l.dead_lettered > 0) {
+        out.push_str("granted counts dead letters too (`dead`: never delivered; `fanout run --retry-dead-letters` sends them again)\n");
     }
     out.push_str(&format!(
         "{} users in {} buckets; {} lazy coupons active; estimated push time {:.1} s\n",

@@ -194,6 +194,7 @@ impl FcmProvider {
             Outcome::InvalidToken(e) => Outcome::InvalidToken(cut(e)),
             Outcome::Unauthorized(e) => Outcome::Unauthorized(cut(e)),
             Outcome::Unreachable => Outcome::Unreachable,
+            Outcome::Fatal(e) => Outcome::Fatal(cut(e)),
         }
     }
 }
