@@ -444,39 +444,57 @@ impl Metrics {
     }
 }
 
-/// A progress bar on stderr, drawn from a thread while the run lasts; only when stderr is a
-/// terminal and not `--quiet`.
+/// How often the progress is logged when stderr is not a terminal (cron, Kubernetes).
+pub const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Overrides [`PROGRESS_LOG_EVERY`] (a duration such as `30s`).
+pub const PROGRESS_LOG_ENV: &str = "FANOUT_PROGRESS_EVERY";
+
+/// The run's progress on stderr, from a thread while the run lasts (not with `--quiet`): on a
+/// terminal, a bar as wide as the terminal; otherwise a log line every
+/// [`PROGRESS_LOG_EVERY`]. Both count settled (user, campaign) pairs — not in the audience,
+/// already granted, delivered, dead-lettered, unreachable — against every pair the run will
+/// settle, so the ETA comes from the rate pairs are settled at, pushes included.
 pub struct Progress {
     done: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What a progress report says: settled of total, delivered, the delivery rate, the ETA.
+fn progress_line(metrics: &Metrics, total: u64) -> String {
+    let settled = metrics.count.pairs_settled.load(Relaxed);
+    let delivered = metrics.count.delivered.load(Relaxed);
+    let elapsed = metrics.elapsed().as_secs_f64().max(1e-3);
+    let eta = match settled {
+        0 => "?".to_owned(),
+        s => format!(
+            "{:.0} s",
+            total.saturating_sub(s) as f64 * elapsed / s as f64
+        ),
+    };
+    format!(
+        "{settled}/{total} pairs settled, {delivered} delivered ({:.0}/s), ETA {eta}",
+        delivered as f64 / elapsed
+    )
+}
+
 impl Progress {
-    /// Starts drawing progress through `total_pairs` (user, campaign) pairs, unless `quiet` or
-    /// stderr is not a terminal.
+    /// Starts reporting progress through `total_pairs` (user, campaign) pairs, unless `quiet`.
     pub fn start(metrics: Arc<Metrics>, total_pairs: u64, quiet: bool) -> Self {
         let done = Arc::new(AtomicBool::new(false));
-        if quiet || !std::io::stderr().is_terminal() {
+        if quiet {
             return Progress { done, thread: None };
         }
         let flag = done.clone();
-        let thread = std::thread::spawn(move || {
-            let bar = indicatif::ProgressBar::new(total_pairs);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} user×campaign pairs, {msg} [{elapsed_precise}, ETA {eta}]",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            while !flag.load(Relaxed) {
-                bar.set_position(metrics.count.pairs_settled.load(Relaxed));
-                let delivered = metrics.count.delivered.load(Relaxed);
-                let rate = delivered as f64 / metrics.elapsed().as_secs_f64().max(1e-3);
-                bar.set_message(format!("{delivered} delivered ({rate:.0}/s)"));
-                std::thread::sleep(Duration::from_millis(200));
+        let thread = match std::io::stderr().is_terminal() {
+            true => std::thread::spawn(move || draw_bar(&metrics, total_pairs, &flag)),
+            false => {
+                let every = std::env::var(PROGRESS_LOG_ENV)
+                    .ok()
+                    .and_then(|v| humantime::parse_duration(&v).ok())
+                    .unwrap_or(PROGRESS_LOG_EVERY);
+                std::thread::spawn(move || log_lines(&metrics, total_pairs, &flag, every))
             }
-            bar.finish_and_clear();
-        });
+        };
         Progress {
             done,
             thread: Some(thread),
@@ -490,6 +508,38 @@ impl Progress {
             let _ = t.join();
         }
     }
+}
+
+/// The bar on a terminal: its width follows the terminal's.
+fn draw_bar(metrics: &Metrics, total: u64, done: &AtomicBool) {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{wide_bar} {percent:>3}% {msg} [{elapsed}, ETA {eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    while !done.load(Relaxed) {
+        bar.set_position(metrics.count.pairs_settled.load(Relaxed));
+        let delivered = metrics.count.delivered.load(Relaxed);
+        let rate = delivered as f64 / metrics.elapsed().as_secs_f64().max(1e-3);
+        bar.set_message(format!("{delivered} sent ({rate:.0}/s)"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bar.finish_and_clear();
+}
+
+/// A log line every `every` while stderr is not a terminal, and one at the end.
+fn log_lines(metrics: &Metrics, total: u64, done: &AtomicBool, every: Duration) {
+    let mut next = Instant::now() + every;
+    while !done.load(Relaxed) {
+        if Instant::now() >= next {
+            tracing::info!(target: "fanout::progress", "{}", progress_line(metrics, total));
+            next += every;
+        }
+        std::thread::sleep(Duration::from_millis(50).min(every));
+    }
+    tracing::info!(target: "fanout::progress", "{} (finished)", progress_line(metrics, total));
 }
 
 #[cfg(test)]

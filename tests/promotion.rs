@@ -312,3 +312,84 @@ fn granted_input_pairs_are_never_delivered() {
         pre.len() as u64
     );
 }
+
+/// With stderr not a terminal (cron, Kubernetes), progress is logged every
+/// `FANOUT_PROGRESS_EVERY` and once at the end, counting settled pairs against every pair:
+/// a re-run whose users were all granted before settles every pair too.
+#[test]
+fn progress_is_logged_when_stderr_is_not_a_terminal() {
+    let s = Scratch::new();
+    s.write(
+        "job.toml",
+        r#"[inputs]
+users = "synthetic:3000"
+[engine]
+now = "2026-03-02T00:00:00Z"
+[store]
+url = "file:store"
+[provider]
+url = "mock:latency=20ms"
+concurrency = 50
+[[campaign]]
+id = "p"
+kind = "promotion"
+start = "2026-03-01T00:00:00Z"
+end = "2026-03-08T00:00:00Z"
+body = "Hi {user.id}"
+"#,
+    );
+    let progress = |out: &std::process::Output| -> Vec<(u64, u64)> {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.contains("pairs settled"))
+            .map(|l| {
+                let n = l.split(" pairs settled").next().unwrap();
+                let (settled, total) = n.rsplit(' ').next().unwrap().split_once('/').unwrap();
+                (settled.parse().unwrap(), total.parse().unwrap())
+            })
+            .collect()
+    };
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .args(["run", "job.toml", "-w", "2", "--provider", "log:out.jsonl"])
+            .env("FANOUT_PROGRESS_EVERY", "100ms")
+            .current_dir(s.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    // A slow provider: 3000 pushes, 50 at a time, 20 ms each, take over a second.
+    let first = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["run", "job.toml", "-w", "2"])
+        .env("FANOUT_PROGRESS_EVERY", "100ms")
+        .current_dir(s.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let lines = progress(&first);
+    assert!(lines.len() >= 3, "{lines:?}");
+    assert!(
+        lines.windows(2).all(|w| w[0].0 <= w[1].0),
+        "settled never goes back: {lines:?}"
+    );
+    assert!(lines
+        .iter()
+        .all(|&(settled, total)| total == 3000 && settled <= total));
+    assert_eq!(
+        *lines.last().unwrap(),
+        (3000, 3000),
+        "the last line: everything settled"
+    );
+    // Everyone was granted: the re-run settles every pair as already granted.
+    let again = progress(&run());
+    assert_eq!(again.last(), Some(&(3000, 3000)), "{again:?}");
+}

@@ -33,6 +33,7 @@ pub fn count_claim(ctx: &Context, target: u32, claim: &Claim) {
         .count
         .already_granted
         .fetch_add(already, Relaxed);
+    ctx.metrics.count.pairs_settled.fetch_add(already, Relaxed);
 }
 
 /// The messages of one push task, rendered: every record in one buffer the task owns (no

@@ -174,6 +174,7 @@ fn match_epoch(
     counts
         .logins_unknown
         .fetch_add(logins.len() as u64 - known, Relaxed);
+    let pairs_here = logins.len() as u64 * active.len() as u64;
     let mut out = Vec::new();
     for (coupon, mut users) in active.iter().zip(found) {
         if users.is_empty() {
@@ -210,6 +211,11 @@ fn match_epoch(
             users,
         });
     }
+    // Every pair of a login and an active coupon not handed on is settled here.
+    let proposed: u64 = out.iter().map(|c| c.users.len() as u64).sum();
+    counts
+        .pairs_settled
+        .fetch_add(pairs_here.saturating_sub(proposed), Relaxed);
     out
 }
 
