@@ -71,7 +71,8 @@ fn every_sample_dataflow_runs_and_delivers_the_naive_set() {
 /// every campaign (a hot product's included: they do not apply to its occurrences), each
 /// fan-out's eligible count in the plan is what the naive reading delivers and what the run
 /// then reports, and so is its granted count; a lazy coupon's run grants no more than the plan
-/// counts; after the run, the plan finds every fan-out done.
+/// counts; after the run, the plan finds every fan-out done; the plan's provider batches are
+/// the run's.
 #[test]
 fn plan_and_run_agree_on_every_sample_job() {
     let users = naive_users_jsonl(&read(&repo("inputs/users.jsonl")));
@@ -131,6 +132,19 @@ fn plan_and_run_agree_on_every_sample_job() {
                 n(later, "already_granted"),
                 n(line, "audience"),
                 "{name} {id}"
+            );
+        }
+        // Provider batches, counted the way the run cuts them (per stretch of a bucket).
+        let at_login = lines.iter().any(|l| l["at_login"].as_bool() == Some(true));
+        if !at_login {
+            let planned: u64 = lines
+                .iter()
+                .map(|l| l["batches"].as_u64().unwrap_or(0))
+                .sum();
+            assert_eq!(
+                planned,
+                run["batches"].as_u64().unwrap(),
+                "{name}: batches, plan vs run"
             );
         }
     }

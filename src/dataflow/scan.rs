@@ -148,6 +148,14 @@ pub fn scan<'s>(
     )
 }
 
+/// Which candidate batch of the scan holds `id`: its bucket and the stretch of it (what
+/// `plan` counts provider batches by, as `run` cuts them).
+pub fn stretch_of(buckets: &crate::model::Buckets, id: u32) -> (u32, u64) {
+    let bucket = buckets.bucket_of(id);
+    let (lo, _) = buckets.bucket_range(bucket);
+    (bucket, (u64::from(id) - lo) / IDS_PER_STRETCH)
+}
+
 /// The next stretch of `scan`'s bucket from `cursor`: ids `[from, to)`, and whether it is the
 /// bucket's last.
 fn stretch(ctx: &Context, scan: &Scan, cursor: u64) -> (u64, u64, bool) {

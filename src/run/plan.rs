@@ -9,6 +9,7 @@ use super::prepare::{granted_covers, Sizing};
 use super::targets::Admission;
 use super::{load, RunOptions};
 use crate::audience::AudienceFilter;
+use crate::dataflow::scan::stretch_of;
 use crate::error::Result;
 use crate::job::Job;
 use crate::model::Buckets;
@@ -50,9 +51,23 @@ pub struct Plan {
     pub buckets: u64,
     /// Lazy coupons waiting for logins.
     pub active_lazy_coupons: u64,
-    /// Estimated seconds to push everything: eligible ÷ min(concurrency ÷ latency, rate).
+    /// Estimated seconds for the run: the longer of the engine's own work and the pushes.
     pub eta_s: f64,
+    /// The engine's share: the users scanned at the rate this plan scanned them, and every
+    /// eligible pair at [`PAIR_COST`] scans' worth, over the workers.
+    pub engine_s: f64,
+    /// The provider's share: eligible ÷ min(concurrency ÷ latency, rate_per_s).
+    pub push_s: f64,
+    /// The provider latency assumed, in milliseconds.
+    pub latency_ms: f64,
+    /// Whether that latency is a guess (a remote provider's, not configured or measured).
+    pub latency_guessed: bool,
 }
+
+/// What claiming, rendering and recording one eligible pair costs a run, in scans of one
+/// user (generate and test): `bench/run`'s engine case spends about five times the bare
+/// scan's CPU per user (README, Benchmarks), four of them on the pair.
+pub const PAIR_COST: f64 = 4.0;
 
 /// Computes the plan of `job`; opens the store read-only.
 pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
@@ -68,6 +83,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
     let source = &loaded.source;
     let mut lines = Vec::new();
     let mut total = 0u64;
+    let mut scan_s: Option<f64> = None;
     for (campaign, admission) in job.campaigns.iter().zip(loaded.admissions) {
         let (target, at_login) = match admission {
             Admission::Skip(why) => {
@@ -97,16 +113,19 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             .collect();
         let filter = AudienceFilter::compile(&campaign.audience, source.tags());
         let mut members = Vec::new();
+        let started = std::time::Instant::now();
         source.for_each_in(0, u64::MAX, |u| {
             if filter.matches(&u) {
                 members.push(u.id);
             }
         });
+        scan_s.get_or_insert(started.elapsed().as_secs_f64());
         let audience = members.len() as u64;
         members.retain(|id| !pre.contains(id));
-        let granted =
-            (audience - members.len() as u64) + runtime.block_on(ledger.count_done(&members))?;
-        let eligible = audience - granted;
+        let (eligible_ids, batches) =
+            runtime.block_on(batches_as_run_cuts(&ledger, &members, buckets, &sizing))?;
+        let granted = audience - eligible_ids;
+        let eligible = eligible_ids;
         let dead_lettered = runtime.block_on(ledger.counts())?.dead;
         if !at_login {
             total += eligible;
@@ -120,22 +139,64 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             already_granted: granted,
             dead_lettered,
             eligible,
-            batches: eligible.div_ceil(sizing.batch_max_messages as u64),
+            batches: if at_login { 0 } else { batches },
         });
     }
-    let latency = provider.typical_latency().max(Duration::from_micros(1));
-    let mut per_s = job.provider.concurrency as f64 / latency.as_secs_f64();
+    let latency = provider.typical_latency();
+    let latency_guessed = matches!(provider, ProviderSpec::Http(_) | ProviderSpec::Fcm(_));
+    let mut per_s =
+        job.provider.concurrency as f64 / latency.max(Duration::from_micros(1)).as_secs_f64();
     if job.provider.rate_per_s > 0 {
         per_s = per_s.min(job.provider.rate_per_s as f64);
     }
+    let users = source.len();
+    let per_user_s = scan_s.unwrap_or(0.0) / users.max(1) as f64;
+    let engine_s =
+        per_user_s * (users as f64 + PAIR_COST * total as f64) / sizing.workers.max(1) as f64;
+    let push_s = total as f64 / per_s;
     let active_lazy_coupons = lines.iter().filter(|l| l.at_login).count() as u64;
     Ok(Plan {
         active_lazy_coupons,
         campaigns: lines,
-        users: source.len(),
+        users,
         buckets: source.buckets(buckets).len() as u64,
-        eta_s: total as f64 / per_s,
+        eta_s: engine_s.max(push_s),
+        engine_s,
+        push_s,
+        latency_ms: latency.as_secs_f64() * 1e3,
+        latency_guessed,
     })
+}
+
+/// Of `members` (ascending ids), those not done in `ledger`, and the provider batches a run
+/// cuts them into: per candidate batch of the scan (a stretch of a bucket), the eligible
+/// users in batches of `batch_max_messages`.
+async fn batches_as_run_cuts(
+    ledger: &crate::store::Ledger,
+    members: &[u32],
+    buckets: Buckets,
+    sizing: &Sizing,
+) -> Result<(u64, u64)> {
+    let done = ledger.done_now();
+    let (mut eligible, mut batches) = (0u64, 0u64);
+    for group in members.chunk_by(|a, b| stretch_of(&buckets, *a) == stretch_of(&buckets, *b)) {
+        let n = match &done {
+            Some(done) => group.iter().filter(|&&id| !done.contains(id)).count() as u64,
+            None => group.len() as u64 - ledger.count_done(group).await?,
+        };
+        eligible += n;
+        batches += n.div_ceil(sizing.batch_max_messages as u64);
+    }
+    Ok((eligible, batches))
+}
+
+/// How long a number of seconds reads.
+fn seconds(s: f64) -> String {
+    match s {
+        s if s < 0.1 => "under 0.1 s".to_owned(),
+        s if s < 100.0 => format!("{s:.1} s"),
+        s => format!("{s:.0} s"),
+    }
 }
 
 /// The plan as a table for people.
@@ -163,8 +224,20 @@ pub fn render(plan: &Plan) -> String {
         out.push_str("granted counts dead letters too (`dead`: never delivered; `fanout run --retry-dead-letters` sends them again)\n");
     }
     out.push_str(&format!(
-        "{} users in {} buckets; {} lazy coupons active; estimated push time {:.1} s\n",
-        plan.users, plan.buckets, plan.active_lazy_coupons, plan.eta_s
+        "{} users in {} buckets; {} lazy coupons active; estimated run time {}: the engine {}, \
+         the pushes {} (at {:.0} ms a push{})\n",
+        plan.users,
+        plan.buckets,
+        plan.active_lazy_coupons,
+        seconds(plan.eta_s),
+        seconds(plan.engine_s),
+        seconds(plan.push_s),
+        plan.latency_ms,
+        if plan.latency_guessed {
+            ", a guess for this provider: not measured"
+        } else {
+            ""
+        },
     ));
     out
 }
