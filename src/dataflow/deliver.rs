@@ -23,7 +23,12 @@ use crate::template::UserVars;
 /// Claims, renders and pushes `users` (in id order) of target `target`: one claim and one
 /// ledger update for the lot; its provider batches go out concurrently (the dispatcher's slots
 /// bound how many messages are in flight).
+/// Once the dispatcher stops ([`crate::providers::dispatch::Dispatcher::stop_sending`])
+/// nothing more is claimed: the users stay unclaimed for the next run.
 pub async fn deliver(ctx: &Context, target: u32, users: Vec<Candidate>) -> Result<()> {
+    if ctx.dispatcher.stopping() {
+        return Ok(());
+    }
     let rt = &ctx.targets[target as usize];
     let ids: Vec<u32> = users.iter().map(|c| c.id).collect();
     let claim = rt.ledger.claim(&ids).await?;

@@ -4,7 +4,9 @@
 //! `task_users` users and spawns each on the shared tokio runtime while fewer than `max_in_flight` messages are
 //! out. Tasks report back over a channel and wake the operator through a `SyncActivator`
 //! (guarded by a flag, so a burst of acks wakes it once). Each epoch's capability is held until
-//! every batch of that epoch is acknowledged: the probe downstream means "delivered".
+//! every batch of that epoch is acknowledged: the probe downstream means "delivered" — or,
+//! once the dispatcher stops gracefully, that the epoch's work under way has settled and the
+//! rest was dropped unclaimed.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,6 +113,12 @@ pub fn push<'s>(
                     }
                 });
 
+                if ctx.dispatcher.stopping() {
+                    // A graceful stop: nothing queued is claimed; it is left for the next run,
+                    // and each epoch completes once its tasks under way are acknowledged.
+                    queue.clear();
+                    epochs.values_mut().for_each(|e| e.queued = 0);
+                }
                 while in_flight < ctx.max_in_flight && !ctx.failed() {
                     let Some((time, target, users)) = next_task(&mut queue, &mut epochs, &ctx)
                     else {

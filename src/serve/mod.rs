@@ -7,7 +7,9 @@
 //! generation ends when something changes what is active: a campaign arrives on the stream, a
 //! schedule ticks or a window opens, or SIGINT/SIGTERM asks the process to stop. It then drains
 //! (every epoch it fed completes) and the next generation starts with the new set, so targets
-//! stay fixed within an execution and the dataflow is the one `run` uses.
+//! stay fixed within an execution and the dataflow is the one `run` uses. A signal also stops
+//! the dispatcher: nothing is claimed or sent after it, the pushes in flight finish and are
+//! recorded, and the users not reached stay for the next start.
 //!
 //! Nothing is acknowledged to Redis before it is durable: a login entry when the epoch that
 //! carried it completed and the store synced; a submitted fan-out campaign when its fan-out
@@ -33,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::job::{content_hash, Job};
 use crate::metrics::Metrics;
 use crate::model::{Buckets, Campaign, Kind, Placement};
+use crate::providers::dispatch::Dispatcher;
 use crate::providers::{Provider, ProviderSpec};
 use crate::run::prepare::{self, Engine, Sizing, Targets};
 use crate::run::targets::{self, Admission};
@@ -156,10 +159,10 @@ impl<'a> Server<'a> {
             counters: counters.clone(),
         });
         runtime.spawn(http::serve(listener, exposition));
-        runtime.spawn(on_signals(flags.clone()));
+        runtime.spawn(on_signals(flags.clone(), dispatcher.clone()));
         if !opts.run.quiet {
             eprintln!(
-                "fanout: serving; metrics on http://{}/metrics; SIGINT or SIGTERM drains and stops",
+                "fanout: serving; metrics on http://{}/metrics; SIGINT or SIGTERM stops (pushes in flight finish)",
                 opts.listen
             );
         }
@@ -218,7 +221,7 @@ impl<'a> Server<'a> {
         let m = &self.engine.metrics.count;
         if !self.quiet {
             eprintln!(
-                "fanout: drained and stopped: {} delivered, {} dead-lettered, {} unreachable",
+                "fanout: stopped: {} delivered, {} dead-lettered, {} unreachable",
                 m.delivered.load(Relaxed),
                 m.dead_lettered.load(Relaxed),
                 m.unreachable.load(Relaxed)
@@ -633,8 +636,9 @@ async fn read_campaigns(
     }
 }
 
-/// Sets the shutdown flag on SIGINT or SIGTERM.
-async fn on_signals(flags: Arc<Flags>) {
+/// On SIGINT or SIGTERM: stops claiming and sending at once (what is in flight finishes and
+/// is recorded; the rest stays for the next start), then sets the shutdown flag.
+async fn on_signals(flags: Arc<Flags>, dispatcher: Arc<Dispatcher>) {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
@@ -646,6 +650,7 @@ async fn on_signals(flags: Arc<Flags>) {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("signal received: draining");
+    tracing::info!("signal received: stopping; pushes in flight finish");
+    dispatcher.stop_sending();
     flags.shutdown.store(true, Relaxed);
 }
