@@ -1,5 +1,5 @@
 //! `fanout serve` is safe to operate (issue #13): SIGTERM stops claiming at once and a restart
-//! finishes the fan-out exactly once.
+//! finishes the fan-out exactly once; Redis losing its streams is noticed and repaired.
 
 mod common;
 mod http_server;
@@ -29,6 +29,11 @@ fn job(users: u64, provider: &str, concurrency: usize, campaigns: &str) -> Strin
         "[inputs]\nusers = \"synthetic:{users}\"\n[store]\nurl = \"file:store\"\n\
          [provider]\nurl = \"{provider}\"\nconcurrency = {concurrency}\n{campaigns}"
     )
+}
+
+/// A job with the log provider.
+fn log_job(users: u64, campaigns: &str) -> String {
+    job(users, "log:deliveries.jsonl", 1000, campaigns)
 }
 
 /// A promotion as one `[[campaign]]` TOML document, live for years around now; `audience`
@@ -99,4 +104,56 @@ fn sigterm_then_restart(store: &[&str]) {
     let want: BTreeSet<String> = (1..=USERS).map(|u| format!("promo:{u}")).collect();
     let got: BTreeSet<String> = counts.into_keys().collect();
     assert_eq!(got, want);
+}
+
+/// A lazy coupon for every user, live for years around now.
+const LAZY_COUPON: &str = "[[campaign]]\nid = \"lazy\"\nkind = \"coupon\"\n\
+    start = \"2020-01-01T00:00:00Z\"\nend = \"2100-01-01T00:00:00Z\"\ntitle = \"Gift\"\n\
+    body = \"{coupon.id}\"\n[campaign.coupon]\ncoupon_id = \"C-1\"\namount = 5\n\
+    delivery = \"on_login\"\n";
+
+fn xadd_login(redis: &RedisServer, user: u64) {
+    redis.cli(&[
+        "XADD",
+        "fanout:logins",
+        "*",
+        "user",
+        &user.to_string(),
+        "ts",
+        "2026-03-02T10:00:00Z",
+    ]);
+}
+
+#[test]
+fn a_stream_whose_group_redis_lost_is_recreated_and_read_again() {
+    let redis = RedisServer::start();
+    let s = Scratch::new();
+    s.write("job.toml", log_job(1000, LAZY_COUPON));
+    let url = redis.url(0);
+    let args = ["serve", "job.toml", "--logins", &url, "--quiet"];
+    let (mut serve, port, _reserved) = start_serve(&s, &args);
+    xadd_login(&redis, 5);
+    s.wait_for_lines("deliveries.jsonl", 1, &mut serve);
+    // The stream is gone, with its group and pending list: as after a restart without
+    // persistence. A login added afterwards must still be read.
+    redis.cli(&["DEL", "fanout:logins"]);
+    std::thread::sleep(Duration::from_millis(500));
+    xadd_login(&redis, 6);
+    s.wait_for_lines("deliveries.jsonl", 2, &mut serve);
+    assert_eq!(metric(port, "fanout_stream_groups_recreated_total"), 1);
+    wait_until("the login acknowledged", &mut serve, || {
+        pending(&redis, "fanout:logins") == 0
+    });
+    let (status, _, err) = sigterm(&mut serve);
+    assert!(status.success(), "{status:?}\n{err}");
+    let said = err
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("consumer group was gone"))
+        .count();
+    assert_eq!(said, 1, "the loss is logged as an error once:\n{err}");
+    let users: BTreeSet<u64> = common::read_deliveries(&s.path("deliveries.jsonl"))
+        .iter()
+        .map(|r| r.user)
+        .collect();
+    assert_eq!(users, BTreeSet::from([5, 6]));
 }

@@ -33,6 +33,9 @@ crate::metrics::counters! {
         campaigns_rejected => "fanout_campaigns_rejected_total",
         /// Dataflow generations run (a generation ends when campaigns or schedules change).
         generations => "fanout_generations_total",
+        /// Times a stream's consumer group was found gone (Redis lost its data, or the stream
+        /// was deleted) and re-created.
+        stream_groups_recreated => "fanout_stream_groups_recreated_total",
     }
 }
 

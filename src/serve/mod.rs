@@ -140,11 +140,11 @@ impl<'a> Server<'a> {
         let (registry, campaigns) = match &job.inputs.campaigns {
             Some(url) => (
                 Some(runtime.block_on(Registry::open(url))?),
-                Some(Arc::new(runtime.block_on(StreamReader::open(
-                    url,
-                    CAMPAIGNS,
-                    &opts.consumer,
-                ))?)),
+                Some(Arc::new(
+                    runtime
+                        .block_on(StreamReader::open(url, CAMPAIGNS, &opts.consumer))?
+                        .on_group_lost(count_group_lost(&counters)),
+                )),
             ),
             None => (None, None),
         };
@@ -410,7 +410,9 @@ fn open_logins(
     let (tx, rx) = mpsc::channel::<LoginBatch>(BATCHES_AHEAD);
     match &job.inputs.logins {
         Some(url) if is_redis(url) => {
-            let reader = runtime.block_on(StreamReader::open(url, LOGINS, &opts.consumer))?;
+            let reader = runtime
+                .block_on(StreamReader::open(url, LOGINS, &opts.consumer))?
+                .on_group_lost(count_group_lost(counters));
             let acker = runtime.block_on(StreamReader::open(url, LOGINS, &opts.consumer))?;
             runtime.spawn(read_logins(
                 reader,
@@ -433,6 +435,14 @@ fn open_logins(
             Ok((None, rx))
         }
         _ => Ok((None, rx)),
+    }
+}
+
+/// Counts a stream's consumer group found gone and re-created.
+fn count_group_lost(counters: &Arc<ServeCounters>) -> impl Fn() + Send + Sync + 'static {
+    let counters = counters.clone();
+    move || {
+        counters.stream_groups_recreated.fetch_add(1, Relaxed);
     }
 }
 
