@@ -1,5 +1,6 @@
 //! `fanout serve` is safe to operate (issue #13): SIGTERM stops claiming at once and a restart
-//! finishes the fan-out exactly once; Redis losing its streams is noticed and repaired.
+//! finishes the fan-out exactly once; Redis losing its streams is noticed and repaired;
+//! `/healthz` says when the streams are unreachable.
 
 mod common;
 mod http_server;
@@ -156,4 +157,41 @@ fn a_stream_whose_group_redis_lost_is_recreated_and_read_again() {
         .map(|r| r.user)
         .collect();
     assert_eq!(users, BTreeSet::from([5, 6]));
+}
+
+/// Polls `/healthz` until it answers `status`; its body.
+fn health_becomes(port: u16, status: u16, child: &mut std::process::Child) -> String {
+    let mut body = String::new();
+    wait_until(&format!("/healthz {status}"), child, || {
+        match request(port, "/healthz") {
+            Some((s, b)) if s == status => {
+                body = b;
+                true
+            }
+            _ => false,
+        }
+    });
+    body
+}
+
+#[test]
+fn healthz_is_503_while_redis_is_down_and_200_once_it_is_back() {
+    let mut redis = RedisServer::start();
+    let s = Scratch::new();
+    s.write("job.toml", log_job(1000, LAZY_COUPON));
+    let url = redis.url(0);
+    let args = ["serve", "job.toml", "--logins", &url, "--quiet"];
+    let (mut serve, port, _reserved) = start_serve(&s, &args);
+    assert_eq!(request(port, "/healthz").map(|r| r.0), Some(200));
+    redis.stop();
+    let body = health_becomes(port, 503, &mut serve);
+    assert!(body.contains("logins") && body.contains(&url), "{body}");
+    // The rest of the listener still answers.
+    assert_eq!(request(port, "/metrics").map(|r| r.0), Some(200));
+    redis.restart_after(Duration::ZERO);
+    health_becomes(port, 200, &mut serve);
+    // And serve works again: a login is granted.
+    xadd_login(&redis, 7);
+    s.wait_for_lines("deliveries.jsonl", 1, &mut serve);
+    terminate(serve);
 }

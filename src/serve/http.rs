@@ -13,6 +13,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use super::health::Health;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::providers::dispatch::Dispatcher;
@@ -47,6 +48,8 @@ pub struct Exposition {
     pub dispatcher: Arc<Dispatcher>,
     /// `serve`'s own counters.
     pub counters: Arc<ServeCounters>,
+    /// What `/healthz` checks.
+    pub health: Health,
 }
 
 impl Exposition {
@@ -116,7 +119,14 @@ async fn respond(
             "text/plain; version=0.0.4; charset=utf-8",
             exposition.render(),
         ),
-        ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        ("GET", "/healthz") => match exposition.health.check().await {
+            Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("unavailable\n{why}\n"),
+            ),
+        },
         ("GET", _) => (
             StatusCode::NOT_FOUND,
             "text/plain",

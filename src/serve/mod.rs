@@ -17,6 +17,7 @@
 //! the entries still pending are read again ([`crate::streams`]) and the store's claim makes
 //! the repeat harmless.
 
+pub mod health;
 pub mod http;
 pub mod submitted;
 pub mod worker;
@@ -42,6 +43,7 @@ use crate::run::targets::{self, Admission};
 use crate::run::{self, display_name, is_redis, RunOptions};
 use crate::store::Store;
 use crate::streams::{login_of, StreamReader, CAMPAIGNS, LOGINS};
+use health::Health;
 use http::{Exposition, ServeCounters};
 use submitted::{Registry, Submitted};
 use worker::{Generation, LoginBatch};
@@ -153,10 +155,16 @@ impl<'a> Server<'a> {
             runtime.spawn(read_campaigns(reader.clone(), campaign_tx, flags.clone()));
         }
         let listener = runtime.block_on(http::bind(opts.listen))?;
+        let health = runtime.block_on(Health::connect(&[
+            ("store", Some(job.store.as_str())),
+            ("logins", job.inputs.logins.as_deref()),
+            ("campaigns", job.inputs.campaigns.as_deref()),
+        ]))?;
         let exposition = Arc::new(Exposition {
             metrics: metrics.clone(),
             dispatcher: dispatcher.clone(),
             counters: counters.clone(),
+            health,
         });
         runtime.spawn(http::serve(listener, exposition));
         runtime.spawn(on_signals(flags.clone(), dispatcher.clone()));
