@@ -1,6 +1,7 @@
 //! `fanout serve` is safe to operate (issue #13): SIGTERM stops claiming at once and a restart
 //! finishes the fan-out exactly once; Redis losing its streams is noticed and repaired;
-//! `/healthz` says when the streams are unreachable.
+//! `/healthz` says when the streams are unreachable; the listener holds no idle connection
+//! long and never more than its cap.
 
 mod common;
 mod http_server;
@@ -8,6 +9,8 @@ mod redis_server;
 mod serving;
 
 use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::Scratch;
@@ -193,5 +196,63 @@ fn healthz_is_503_while_redis_is_down_and_200_once_it_is_back() {
     // And serve works again: a login is granted.
     xadd_login(&redis, 7);
     s.wait_for_lines("deliveries.jsonl", 1, &mut serve);
+    terminate(serve);
+}
+
+/// Whether the server has closed `c` (end of stream or reset), without waiting.
+fn closed(mut c: &TcpStream) -> bool {
+    c.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    match c.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// `n` connections to `port`, every other one sending the start of a request and no more.
+fn idle_connections(port: u16, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|k| {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            if k % 2 == 1 {
+                c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                    .unwrap();
+            }
+            c
+        })
+        .collect()
+}
+
+#[test]
+fn the_listener_caps_connections_and_closes_idle_ones() {
+    /// The listener's cap and header timeout (`serve/http.rs`).
+    const CAP: usize = 256;
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+    let s = Scratch::new();
+    s.write("job.toml", log_job(100, ""));
+    let (serve, port, _reserved) = start_serve(&s, &["serve", "job.toml", "--quiet"]);
+    let opened = Instant::now();
+    let mut idle = idle_connections(port, 100);
+    // Under the cap, a new request is answered while the idle ones wait.
+    assert_eq!(request(port, "/healthz").map(|r| r.0), Some(200));
+    // Over it, what is accepted past the cap is closed at once.
+    idle.extend(idle_connections(port, 300));
+    std::thread::sleep(Duration::from_millis(300));
+    let shut = idle.iter().filter(|c| closed(c)).count();
+    assert!(opened.elapsed() < HEADER_TIMEOUT, "the test was too slow");
+    assert!(
+        shut >= idle.len() - CAP,
+        "{shut} of {} connections closed at once (cap {CAP})",
+        idle.len()
+    );
+    // Past the header timeout every idle connection is closed, and requests are answered.
+    std::thread::sleep((HEADER_TIMEOUT + Duration::from_secs(2)).saturating_sub(opened.elapsed()));
+    let open = idle.iter().filter(|c| !closed(c)).count();
+    assert_eq!(
+        open, 0,
+        "idle connections still open after the header timeout"
+    );
+    assert_eq!(request(port, "/metrics").map(|r| r.0), Some(200));
     terminate(serve);
 }
