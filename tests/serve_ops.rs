@@ -1,7 +1,8 @@
 //! `fanout serve` is safe to operate (issue #13): SIGTERM stops claiming at once and a restart
 //! finishes the fan-out exactly once; Redis losing its streams is noticed and repaired;
-//! `/healthz` says when the streams are unreachable; the listener holds no idle connection
-//! long and never more than its cap.
+//! `/healthz` says when the streams are unreachable; a campaign entry over the size limits
+//! is refused instead of crashing every start; the listener holds no idle connection long and
+//! never more than its cap.
 
 mod common;
 mod http_server;
@@ -197,6 +198,67 @@ fn healthz_is_503_while_redis_is_down_and_200_once_it_is_back() {
     xadd_login(&redis, 7);
     s.wait_for_lines("deliveries.jsonl", 1, &mut serve);
     terminate(serve);
+}
+
+#[test]
+fn campaigns_over_the_size_limits_are_refused_and_acknowledged() {
+    let redis = RedisServer::start();
+    let s = Scratch::new();
+    s.write("job.toml", log_job(1000, ""));
+    let url = redis.url(0);
+    let args = ["serve", "job.toml", "--campaigns", &url, "--quiet"];
+    let (mut serve, port, _reserved) = start_serve(&s, &args);
+    // Audiences nobody is in: whatever became of them, nothing would be sent.
+    let nobody = "min_level = 255\ntags_all = [\"nobody\"]";
+    let submit = |job: &str| xadd_job(&redis, job);
+    let mib = "x".repeat(1 << 20);
+    submit(&promotion("whole-entry", "Sale", &mib, nobody));
+    submit(&promotion("long-body", "Sale", &"b".repeat(5000), nobody));
+    submit(&promotion("long-title", &"t".repeat(300), "Hi", nobody));
+    // Small as written, but each user's message would be 1000 user ids long.
+    let ids = "{user.id}".repeat(500);
+    submit(&promotion("long-message", "Sale", &ids, nobody));
+    submit(&promotion("fits", "Sale", "Hi {user.id}", ""));
+    s.wait_for_lines("deliveries.jsonl", 1000, &mut serve);
+    wait_until("four refusals counted", &mut serve, || {
+        metric(port, "fanout_campaigns_rejected_total") == 4
+    });
+    wait_until("every campaign entry acknowledged", &mut serve, || {
+        pending(&redis, "fanout:campaigns") == 0
+    });
+    assert_eq!(metric(port, "fanout_campaigns_admitted_total"), 1);
+    let (status, _, err) = sigterm(&mut serve);
+    assert!(status.success(), "{status:?}\n{err}");
+    for id in ["whole-entry", "long-body", "long-title", "long-message"] {
+        assert!(
+            !err.contains(&format!("campaign={id}")),
+            "{id} admitted:\n{err}"
+        );
+    }
+    assert!(
+        err.contains("over the limit of 65536 bytes an entry"),
+        "{err}"
+    );
+    assert!(
+        err.contains("title: 300 bytes, over the limit of 256"),
+        "{err}"
+    );
+}
+
+/// `XADD fanout:campaigns * job JOB`, the job through stdin (an argument holds 128 KiB at
+/// most); the entry id.
+fn xadd_job(redis: &RedisServer, job: &str) -> String {
+    let mut cli = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "-x"])
+        .args(["XADD", "fanout:campaigns", "*", "job"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    cli.stdin.take().unwrap().write_all(job.as_bytes()).unwrap();
+    let out = cli.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Whether the server has closed `c` (end of stream or reset), without waiting.

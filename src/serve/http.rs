@@ -43,7 +43,8 @@ crate::metrics::counters! {
         logins_bad => "fanout_logins_bad_total",
         /// Campaigns admitted from the job file and the stream.
         campaigns_admitted => "fanout_campaigns_admitted_total",
-        /// Submitted campaigns refused: bad TOML or a duplicate of a recent one.
+        /// Submitted campaigns refused: bad TOML, over the size limits, or a duplicate of a
+        /// recent one.
         campaigns_rejected => "fanout_campaigns_rejected_total",
         /// Dataflow generations run (a generation ends when campaigns or schedules change).
         generations => "fanout_generations_total",
