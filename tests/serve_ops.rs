@@ -1,8 +1,8 @@
 //! `fanout serve` is safe to operate (issue #13): SIGTERM stops claiming at once and a restart
 //! finishes the fan-out exactly once; Redis losing its streams is noticed and repaired;
-//! `/healthz` says when the streams are unreachable; a campaign entry over the size limits
-//! is refused instead of crashing every start; the listener holds no idle connection long and
-//! never more than its cap.
+//! `/healthz` says when the streams are unreachable; a poison campaign entry is refused or
+//! dead-lettered instead of crashing every start; the listener holds no idle connection long
+//! and never more than its cap.
 
 mod common;
 mod http_server;
@@ -259,6 +259,64 @@ fn xadd_job(redis: &RedisServer, job: &str) -> String {
     let out = cli.wait_with_output().unwrap();
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `HGET fanout:campaigns:attempts ENTRY` as a number (0 when absent).
+fn attempts(redis: &RedisServer, entry: &str) -> u64 {
+    redis
+        .cli(&["HGET", "fanout:campaigns:attempts", entry])
+        .parse()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_campaign_that_three_processes_died_on_is_set_aside_not_retried_forever() {
+    let redis = RedisServer::start();
+    let s = Scratch::new();
+    // A fan-out slow enough to be under way whenever a process is killed.
+    s.write("job.toml", job(100_000, "mock:latency=200ms", 100, ""));
+    let url = redis.url(0);
+    let args = ["serve", "job.toml", "--campaigns", &url, "--quiet"];
+    let slow = promotion("slow", "Sale", "Hi {user.id}", "");
+    let entry = redis.cli(&["XADD", "fanout:campaigns", "*", "job", &slow]);
+    // Three processes die working on the entry; one stops in order in between, which does
+    // not count.
+    for (stop, counted) in [("kill", 1), ("kill", 2), ("term", 2), ("kill", 3)] {
+        let (mut serve, port, _reserved) = start_serve(&s, &args);
+        wait_until("the fan-out under way", &mut serve, || {
+            metric(port, "fanout_claims_total") > 0
+        });
+        match stop {
+            "kill" => {
+                serve.kill().unwrap();
+                serve.wait().unwrap();
+            }
+            _ => terminate(serve),
+        }
+        assert_eq!(attempts(&redis, &entry), counted, "after a {stop}");
+        assert_eq!(pending(&redis, "fanout:campaigns"), 1);
+    }
+    let (mut serve, port, _reserved) = start_serve(&s, &args);
+    wait_until("the entry set aside", &mut serve, || {
+        metric(port, "fanout_campaigns_dead_lettered_total") == 1
+    });
+    wait_until("the entry acknowledged", &mut serve, || {
+        pending(&redis, "fanout:campaigns") == 0
+    });
+    assert_eq!(metric(port, "fanout_campaigns_admitted_total"), 0);
+    assert_eq!(metric(port, "fanout_claims_total"), 0);
+    assert_eq!(attempts(&redis, &entry), 0);
+    terminate(serve);
+    let dead = redis.cli(&["XRANGE", "fanout:campaigns:dead", "-", "+"]);
+    let fields: Vec<&str> = dead.lines().collect();
+    let field = |name: &str| {
+        let at = fields.iter().position(|f| *f == name).expect(name);
+        fields[at + 1]
+    };
+    assert_eq!(field("entry"), entry);
+    assert!(dead.contains(slow.trim_end()), "{dead}");
+    assert_eq!(field("attempts"), "3");
+    assert!(field("error").contains("3 processes died"), "{dead}");
 }
 
 /// Whether the server has closed `c` (end of stream or reset), without waiting.

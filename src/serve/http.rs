@@ -46,6 +46,9 @@ crate::metrics::counters! {
         /// Submitted campaigns refused: bad TOML, over the size limits, or a duplicate of a
         /// recent one.
         campaigns_rejected => "fanout_campaigns_rejected_total",
+        /// Submitted campaigns set aside in the dead-letter stream after processes died
+        /// working on them.
+        campaigns_dead_lettered => "fanout_campaigns_dead_lettered_total",
         /// Dataflow generations run (a generation ends when campaigns or schedules change).
         generations => "fanout_generations_total",
         /// Times a stream's consumer group was found gone (Redis lost its data, or the stream
