@@ -219,8 +219,16 @@ fn campaigns_submitted_on_the_stream_are_admitted_kept_and_acknowledged() {
     wait_until("every campaign entry acknowledged", &mut serve, || {
         pending(&redis, "fanout:campaigns") == 0
     });
+    // SPEC: fanout:coupons is a hash of campaign id → the campaign as JSON.
     for id in ["lazy-c9", "lazy-c9-mom"] {
-        assert_eq!(redis.cli(&["HEXISTS", "fanout:coupons", id]), "1", "{id}");
+        let kept = redis.cli(&["HGET", "fanout:coupons", id]);
+        let kept: serde_json::Value =
+            serde_json::from_str(&kept).unwrap_or_else(|e| panic!("{id}: {e}: {kept}"));
+        assert_eq!(kept["campaign"], id);
+        assert!(kept["job"]
+            .as_str()
+            .unwrap()
+            .contains("coupon_id = \"C-9\""));
     }
     assert_eq!(redis.cli(&["HLEN", "fanout:coupons"]), "2");
     assert_eq!(delivered(&s.path("deliveries.jsonl")), want_promo);
