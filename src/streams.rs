@@ -7,6 +7,10 @@
 //! those of a consumer that has been silent for [`RECLAIM_IDLE`] with `XAUTOCLAIM`. Taking an
 //! entry twice is harmless: the store's claim decides who is sent what.
 //!
+//! Should the group vanish (Redis restarted without persistence, a flush, the stream deleted),
+//! a reader says so once, as an error, and re-creates it at the stream's first entry, so what
+//! is added after the loss is read.
+//!
 //! Each reader has its own connection: `XREADGROUP … BLOCK` holds the connection it runs on.
 
 use std::time::Duration;
@@ -70,6 +74,8 @@ pub struct StreamReader {
     url: String,
     key: String,
     consumer: String,
+    /// Called each time the group is found gone and re-created ([`StreamReader::read`]).
+    on_group_lost: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for StreamReader {
@@ -93,23 +99,55 @@ impl StreamReader {
             url: shown(url),
             key: key.to_owned(),
             consumer: consumer.to_owned(),
+            on_group_lost: None,
         };
-        let created: redis::RedisResult<()> = reader
+        reader.create_group().await?;
+        Ok(reader)
+    }
+
+    /// Calls `f` each time [`StreamReader::read`] finds the group gone and re-creates it.
+    pub fn on_group_lost(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_group_lost = Some(Box::new(f));
+        self
+    }
+
+    /// Creates the stream (if missing) and the group at its first entry; true if this call
+    /// created the group, false if it existed.
+    async fn create_group(&self) -> Result<bool> {
+        let created: redis::RedisResult<()> = self
             .con
             .clone()
-            .xgroup_create_mkstream(&reader.key, GROUP, "0")
+            .xgroup_create_mkstream(&self.key, GROUP, "0")
             .await;
         match created {
-            Ok(()) => {}
-            Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => {
-                return Err(Error::runtime(format!(
-                    "redis {}: cannot create the consumer group {GROUP} on {key}: {e}",
-                    reader.url
-                )))
-            }
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+            Err(e) => Err(Error::runtime(format!(
+                "redis {}: cannot create the consumer group {GROUP} on {}: {e}",
+                self.url, self.key
+            ))),
         }
-        Ok(reader)
+    }
+
+    /// The group is gone while we read: Redis lost its data (restarted without persistence,
+    /// flushed) or the stream was deleted. Re-creates it at the stream's first entry, so every
+    /// entry added since the loss is read; says so once, as an error: the entries pending
+    /// before the loss, and any added before it and not yet read, are lost to the group.
+    async fn recreate_group(&self) -> Result<()> {
+        let created = self.create_group().await?;
+        tracing::error!(
+            url = %self.url,
+            stream = %self.key,
+            group = GROUP,
+            recreated_here = created,
+            "the consumer group was gone: Redis lost its data (restarted without persistence, \
+             flushed) or the stream was deleted; re-created it at the stream's first entry. \
+             Entries pending or unread before the loss are lost"
+        );
+        if let Some(f) = &self.on_group_lost {
+            f();
+        }
+        Ok(())
     }
 
     /// The entries this consumer was given but never acknowledged (it crashed or was
@@ -175,12 +213,22 @@ impl StreamReader {
             opts = opts.block(block.as_millis() as usize);
         }
         // Not retried here: the caller loops, and a failed read gave out nothing.
-        let reply: Option<StreamReadReply> = con
-            .xread_options(&[&self.key], &[">"], &opts)
-            .await
-            .map_err(|e| {
-            Error::runtime(format!("redis {}: XREADGROUP {}: {e}", self.url, self.key))
-        })?;
+        let reply: Option<StreamReadReply> =
+            match con.xread_options(&[&self.key], &[">"], &opts).await {
+                Ok(reply) => reply,
+                Err(e) if e.code() == Some("NOGROUP") => {
+                    self.recreate_group().await?;
+                    return Ok(Vec::new());
+                }
+                // The stream was deleted while we waited on it: the next read finds out why.
+                Err(e) if e.code() == Some("UNBLOCKED") => return Ok(Vec::new()),
+                Err(e) => {
+                    return Err(Error::runtime(format!(
+                        "redis {}: XREADGROUP {}: {e}",
+                        self.url, self.key
+                    )))
+                }
+            };
         Ok(flatten(reply))
     }
 
@@ -200,12 +248,18 @@ impl StreamReader {
         Ok(flatten(reply))
     }
 
-    /// Acknowledges `ids`: their work is durable and they are never handed out again.
+    /// Acknowledges `ids`: their work is durable and they are never handed out again. With
+    /// the group gone (Redis lost its data) nothing is pending, so there is nothing to do.
     pub async fn ack(&self, ids: &[String]) -> Result<()> {
         for chunk in ids.chunks(PAGE) {
             retrying_as("redis", &self.url, "XACK", || {
                 let (mut con, key) = (self.con.clone(), self.key.clone());
-                async move { con.xack::<_, _, _, u64>(key, GROUP, chunk).await }
+                async move {
+                    match con.xack::<_, _, _, u64>(key, GROUP, chunk).await {
+                        Err(e) if e.code() == Some("NOGROUP") => Ok(0),
+                        acked => acked,
+                    }
+                }
             })
             .await?;
         }

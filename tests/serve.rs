@@ -6,72 +6,20 @@
 mod common;
 mod naive;
 mod redis_server;
+mod serving;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
-use common::ports;
 use common::*;
 use naive::*;
 use redis_server::RedisServer;
+use serving::*;
 
 fn repo(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-/// `fanout serve ARGS --listen 127.0.0.1:PORT` on a reserved port, once it answers /healthz;
-/// returns it, the port and the reservation (hold it while the process runs). A port lost to
-/// another program (the process exits saying the address is in use) costs a retry on a fresh
-/// one, not the test.
-fn start_serve(s: &Scratch, args: &[&str]) -> (Child, u16, ports::Port) {
-    for _ in 0..10 {
-        let reserved = ports::reserve();
-        let port = reserved.port;
-        let listen = format!("127.0.0.1:{port}");
-        let mut all = args.to_vec();
-        all.extend(["--listen", &listen]);
-        let mut child = s.start(&all);
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    e.read_to_string(&mut err).ok();
-                }
-                assert!(
-                    ports::says_address_in_use(&err),
-                    "serve exited before listening ({status:?}):\n{err}"
-                );
-                break;
-            }
-            if try_get(port, "/healthz").is_some_and(|b| b.trim() == "ok") {
-                return (child, port, reserved);
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "serve never listened"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    panic!("serve lost its port 10 times");
-}
-
-/// One GET of `path`; `None` when nothing answered.
-fn try_get(port: u16, path: &str) -> Option<String> {
-    let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    if c.read_to_string(&mut out).is_err() || out.is_empty() {
-        return None;
-    }
-    assert!(out.starts_with("HTTP/1.0 200"), "{path}: {out}");
-    Some(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
 }
 
 /// A scratch directory holding the sample inputs.
@@ -82,71 +30,6 @@ fn scratch_with_inputs() -> Scratch {
         std::fs::copy(repo("inputs").join(f), s.path("inputs").join(f)).unwrap();
     }
     s
-}
-
-/// GET `path` on the serve process's listener; the body, once it answers.
-fn get(port: u16, path: &str) -> String {
-    let started = Instant::now();
-    loop {
-        if let Some(body) = try_get(port, path) {
-            return body;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "serve never listened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The value of an unlabelled metric.
-fn metric(port: u16, name: &str) -> u64 {
-    let text = get(port, "/metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// Polls `cond` for up to 60 s while `child` keeps running.
-fn wait_until(what: &str, child: &mut Child, mut cond: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "serve exited while waiting for {what}"
-        );
-        assert!(started.elapsed() < Duration::from_secs(60), "never: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// SIGTERM, then the exit status must be 0 (drained).
-fn terminate(mut child: Child) {
-    let pid = child.id().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                e.read_to_string(&mut err).ok();
-            }
-            assert!(status.success(), "serve after SIGTERM: {status:?}\n{err}");
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "serve never drained"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -183,16 +66,6 @@ fn xadd_logins(redis: &RedisServer, logins: &[NLogin]) {
             &ts(*t),
         ]);
     }
-}
-
-fn pending(redis: &RedisServer, stream: &str) -> u64 {
-    let out = redis.cli(&["XPENDING", stream, "fanout"]);
-    out.lines()
-        .next()
-        .unwrap_or("0")
-        .trim()
-        .parse()
-        .unwrap_or(u64::MAX)
 }
 
 #[test]
@@ -346,8 +219,16 @@ fn campaigns_submitted_on_the_stream_are_admitted_kept_and_acknowledged() {
     wait_until("every campaign entry acknowledged", &mut serve, || {
         pending(&redis, "fanout:campaigns") == 0
     });
+    // SPEC: fanout:coupons is a hash of campaign id → the campaign as JSON.
     for id in ["lazy-c9", "lazy-c9-mom"] {
-        assert_eq!(redis.cli(&["HEXISTS", "fanout:coupons", id]), "1", "{id}");
+        let kept = redis.cli(&["HGET", "fanout:coupons", id]);
+        let kept: serde_json::Value =
+            serde_json::from_str(&kept).unwrap_or_else(|e| panic!("{id}: {e}: {kept}"));
+        assert_eq!(kept["campaign"], id);
+        assert!(kept["job"]
+            .as_str()
+            .unwrap()
+            .contains("coupon_id = \"C-9\""));
     }
     assert_eq!(redis.cli(&["HLEN", "fanout:coupons"]), "2");
     assert_eq!(delivered(&s.path("deliveries.jsonl")), want_promo);

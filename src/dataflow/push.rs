@@ -8,7 +8,8 @@
 //! outcomes run on the tokio runtime. Tasks report back over channels and wake the operator
 //! through a `SyncActivator` (guarded by a flag, so a burst of acks wakes it once). Each
 //! epoch's capability is held until every task of that epoch is acknowledged: the probe
-//! downstream means "delivered".
+//! downstream means "delivered" — or, once the dispatcher stops gracefully, that the epoch's
+//! work under way has settled and the rest was dropped unclaimed.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,6 +134,12 @@ pub fn push<'s>(
                     }
                 }
 
+                if ctx.dispatcher.stopping() {
+                    // A graceful stop: nothing queued is claimed; it is left for the next run,
+                    // and each epoch completes once its tasks under way are acknowledged.
+                    queue.clear();
+                    epochs.values_mut().for_each(|e| e.queued = 0);
+                }
                 while in_flight < ctx.max_in_flight && !ctx.failed() {
                     let Some((time, target, users)) = next_task(&mut queue, &mut epochs, &ctx)
                     else {
@@ -189,6 +196,10 @@ fn claim(
     ack: AckOnDrop,
     answers: &mpsc::Sender<Answered>,
 ) {
+    if ctx.dispatcher.stopping() {
+        // A graceful stop: nothing more is claimed; the users stay unclaimed for the next run.
+        return;
+    }
     let ledger = &ctx.targets[target as usize].ledger;
     let ids: Vec<u32> = users.iter().map(|c| c.id).collect();
     match ledger.claim_local(&ids) {

@@ -82,6 +82,8 @@ pub struct Dispatcher {
     halted: OnceLock<String>,
     /// Flips to `true` when it halts, waking every `deliver` in progress.
     halt: watch::Sender<bool>,
+    /// Flips to `true` on a graceful stop ([`Dispatcher::stop_sending`]).
+    stop: watch::Sender<bool>,
     /// Whether this process may still send; checked before every attempt.
     guard: Option<Guard>,
 }
@@ -134,6 +136,7 @@ impl Dispatcher {
             breaker: Breaker::default(),
             halted: OnceLock::new(),
             halt: watch::Sender::new(false),
+            stop: watch::Sender::new(false),
             guard: None,
         }
     }
@@ -153,6 +156,18 @@ impl Dispatcher {
         &self.provider
     }
 
+    /// Stops for good, gracefully (`serve` on SIGTERM): no attempt starts from now on;
+    /// attempts under way finish and settle. A message not attempted yet, or waiting to be
+    /// retried, is left unsettled: it stays claimed and not done, and the next run sends it.
+    pub fn stop_sending(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Whether [`Dispatcher::stop_sending`] was called.
+    pub fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
     /// Checks, right before every attempt from now on, that this process may still send.
     pub fn with_guard(mut self, guard: Guard) -> Self {
         self.guard = Some(guard);
@@ -169,9 +184,10 @@ impl Dispatcher {
         settle: &(dyn Fn(Settled) + Sync),
     ) -> Result<()> {
         let mut halt = self.halt.subscribe();
+        let mut stop = self.stop.subscribe();
         let mut which: Vec<usize> = (0..batch.len()).collect();
         let mut attempt = 1;
-        while !which.is_empty() {
+        while !which.is_empty() && !self.stopping() {
             self.check_halted()?;
             let round = self.attempt(batch, &which, attempt, settle);
             let (mut retry, wait) = tokio::select! {
@@ -186,6 +202,7 @@ impl Dispatcher {
                 tokio::select! {
                     _ = tokio::time::sleep(retry_wait(attempt, wait)) => {}
                     _ = halt.wait_for(|halted| *halted) => return Err(self.halt_error()),
+                    _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
                 }
                 retry.sort_unstable();
             }
@@ -210,18 +227,24 @@ impl Dispatcher {
                 .iter()
                 .map(|&i| async move {
                     let slot = self.slots.clone().acquire_owned().await.ok();
-                    // A halt while waiting for the slot sends nothing more.
+                    // A halt while waiting for the slot sends nothing more; a stop leaves
+                    // the message unsettled.
                     self.check_halted()?;
+                    if self.stopping() {
+                        return Ok(None);
+                    }
                     self.check_guard()?;
                     let (outcome, latency) = self
                         .provider
                         .send_one(&batch[i], attempt, Gate::new(self.rate.as_ref()))
                         .await;
-                    Ok::<_, Error>((i, outcome, latency, slot))
+                    Ok::<_, Error>(Some((i, outcome, latency, slot)))
                 })
                 .collect();
             while let Some(sent) = pending.next().await {
-                let (i, outcome, latency, slot) = sent?;
+                let Some((i, outcome, latency, slot)) = sent? else {
+                    continue;
+                };
                 self.metrics.record_latency(latency, 1);
                 let mut fates = Vec::with_capacity(1);
                 self.judge(batch, i, outcome, attempt, &mut fates, &mut next)?;
@@ -238,6 +261,9 @@ impl Dispatcher {
                 let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
                 let slots = self.slots.clone().acquire_many_owned(n).await.ok();
                 self.check_halted()?;
+                if self.stopping() {
+                    break;
+                }
                 self.check_guard()?;
                 let (failed, latency) = self
                     .provider

@@ -7,7 +7,9 @@
 //! generation ends when something changes what is active: a campaign arrives on the stream, a
 //! schedule ticks or a window opens, or SIGINT/SIGTERM asks the process to stop. It then drains
 //! (every epoch it fed completes) and the next generation starts with the new set, so targets
-//! stay fixed within an execution and the dataflow is the one `run` uses.
+//! stay fixed within an execution and the dataflow is the one `run` uses. A signal also stops
+//! the dispatcher: nothing is claimed or sent after it, the pushes in flight finish and are
+//! recorded, and the users not reached stay for the next start.
 //!
 //! Nothing is acknowledged to Redis before it is durable: a login entry when the epoch that
 //! carried it completed and the store synced; a submitted fan-out campaign when its fan-out
@@ -15,6 +17,9 @@
 //! the entries still pending are read again ([`crate::streams`]) and the store's claim makes
 //! the repeat harmless.
 
+pub mod attempts;
+pub mod campaigns;
+pub mod health;
 pub mod http;
 pub mod submitted;
 pub mod worker;
@@ -33,14 +38,17 @@ use crate::error::{Error, Result};
 use crate::job::{content_hash, Job};
 use crate::metrics::Metrics;
 use crate::model::{Buckets, Campaign, Kind, Placement};
+use crate::providers::dispatch::Dispatcher;
 use crate::providers::{Provider, ProviderSpec};
 use crate::run::prepare::{self, Engine, Sizing, Targets};
 use crate::run::targets::{self, Admission};
 use crate::run::{self, display_name, is_redis, RunOptions};
 use crate::store::Store;
-use crate::streams::{login_of, StreamReader, CAMPAIGNS, LOGINS};
+use crate::streams::{login_of, StreamReader, LOGINS};
+use campaigns::{Admitted, CampaignStream};
+use health::Health;
 use http::{Exposition, ServeCounters};
-use submitted::{Registry, Submitted};
+use submitted::Submitted;
 use worker::{Generation, LoginBatch};
 
 /// How `serve` behaves, beyond the job file.
@@ -107,10 +115,8 @@ struct Server<'a> {
     granted: Vec<(String, u32)>,
     flags: Arc<Flags>,
     counters: Arc<ServeCounters>,
-    /// Where submitted lazy coupons and hot products are kept.
-    registry: Option<Registry>,
-    /// The campaign stream, for acknowledging submitted fan-outs once done.
-    campaigns: Option<Arc<StreamReader>>,
+    /// The campaign stream, its kept campaigns and its entries' attempts.
+    campaigns: Option<CampaignStream>,
     /// The login stream, for acknowledging login entries once durable.
     login_acker: Option<Arc<StreamReader>>,
     /// Login batches; shared by the generations.
@@ -134,32 +140,37 @@ impl<'a> Server<'a> {
         let dispatcher = prepare::dispatcher(job, provider, metrics.clone(), &store);
         let flags = Arc::new(Flags::default());
         let (login_acker, logins) = open_logins(job, opts, &loaded, runtime, &flags, &counters)?;
-        let (registry, campaigns) = match &job.inputs.campaigns {
-            Some(url) => (
-                Some(runtime.block_on(Registry::open(url))?),
-                Some(Arc::new(runtime.block_on(StreamReader::open(
-                    url,
-                    CAMPAIGNS,
-                    &opts.consumer,
-                ))?)),
-            ),
-            None => (None, None),
+        let campaigns = match &job.inputs.campaigns {
+            Some(url) => {
+                Some(runtime.block_on(CampaignStream::open(url, &opts.consumer, &counters))?)
+            }
+            None => None,
         };
         let (campaign_tx, campaign_rx) = mpsc::unbounded_channel::<Submitted>();
-        if let Some(reader) = &campaigns {
-            runtime.spawn(read_campaigns(reader.clone(), campaign_tx, flags.clone()));
+        if let Some(c) = &campaigns {
+            runtime.spawn(campaigns::read(
+                c.reader.clone(),
+                campaign_tx,
+                flags.clone(),
+            ));
         }
         let listener = runtime.block_on(http::bind(opts.listen))?;
+        let health = runtime.block_on(Health::connect(&[
+            ("store", Some(job.store.as_str())),
+            ("logins", job.inputs.logins.as_deref()),
+            ("campaigns", job.inputs.campaigns.as_deref()),
+        ]))?;
         let exposition = Arc::new(Exposition {
             metrics: metrics.clone(),
             dispatcher: dispatcher.clone(),
             counters: counters.clone(),
+            health,
         });
         runtime.spawn(http::serve(listener, exposition));
-        runtime.spawn(on_signals(flags.clone()));
+        runtime.spawn(on_signals(flags.clone(), dispatcher.clone()));
         if !opts.run.quiet {
             eprintln!(
-                "fanout: serving; metrics on http://{}/metrics; SIGINT or SIGTERM drains and stops",
+                "fanout: serving; metrics on http://{}/metrics; SIGINT or SIGTERM stops (pushes in flight finish)",
                 opts.listen
             );
         }
@@ -180,7 +191,6 @@ impl<'a> Server<'a> {
             granted: loaded.granted,
             flags,
             counters,
-            registry,
             campaigns,
             login_acker,
             logins: Arc::new(Mutex::new(logins)),
@@ -189,28 +199,13 @@ impl<'a> Server<'a> {
         Ok((server, campaign_rx))
     }
 
-    /// Runs generations until shutdown, then drains.
-    fn run(&self, mut submissions: mpsc::UnboundedReceiver<Submitted>) -> Result<()> {
+    /// Runs generations until shutdown, then stops in order: gives back the attempts at the
+    /// campaign entries still pending, makes the provider's output and the store durable.
+    fn run(&self, submissions: mpsc::UnboundedReceiver<Submitted>) -> Result<()> {
         let mut active = self.initial_campaigns()?;
-        let mut ran: HashSet<String> = HashSet::new();
-        while !self.flags.shutdown.load(Relaxed) {
-            self.flags.replan.store(false, Relaxed);
-            while let Ok(s) = submissions.try_recv() {
-                admit_submitted(
-                    s,
-                    &mut active,
-                    &self.store,
-                    self.registry.as_ref(),
-                    self.campaigns.as_deref(),
-                    &self.counters,
-                    self.runtime,
-                )?;
-            }
-            let (complete, finishing) = self.generation(&active, &ran)?;
-            if complete {
-                self.finish(finishing, &mut active, &mut ran)?;
-            }
-        }
+        let served = self.generations(&mut active, submissions);
+        self.give_back_attempts(&active);
+        served?;
         self.runtime.block_on(async {
             self.engine.dispatcher.flush().await?;
             self.store.checkpoint().await
@@ -218,13 +213,69 @@ impl<'a> Server<'a> {
         let m = &self.engine.metrics.count;
         if !self.quiet {
             eprintln!(
-                "fanout: drained and stopped: {} delivered, {} dead-lettered, {} unreachable",
+                "fanout: stopped: {} delivered, {} dead-lettered, {} unreachable",
                 m.delivered.load(Relaxed),
                 m.dead_lettered.load(Relaxed),
                 m.unreachable.load(Relaxed)
             );
         }
         Ok(())
+    }
+
+    /// Runs generations until shutdown (or a fatal error).
+    fn generations(
+        &self,
+        active: &mut Vec<Active>,
+        mut submissions: mpsc::UnboundedReceiver<Submitted>,
+    ) -> Result<()> {
+        let mut ran: HashSet<String> = HashSet::new();
+        while !self.flags.shutdown.load(Relaxed) {
+            self.flags.replan.store(false, Relaxed);
+            while let Ok(s) = submissions.try_recv() {
+                self.admit(s, active)?;
+            }
+            let (complete, finishing) = self.generation(active, &ran)?;
+            if complete {
+                self.finish(finishing, active, &mut ran)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Admits one submitted campaign ([`CampaignStream::admit`]) into `active`.
+    fn admit(&self, s: Submitted, active: &mut Vec<Active>) -> Result<()> {
+        let Some(stream) = &self.campaigns else {
+            return Ok(());
+        };
+        let (campaign, entry) =
+            match self
+                .runtime
+                .block_on(stream.admit(s, &self.store, &self.counters))?
+            {
+                Admitted::Refused => return Ok(()),
+                Admitted::Kept(c) => (c, None),
+                Admitted::FanOut(c, entry) => (c, Some(entry)),
+            };
+        match active.iter_mut().find(|a| a.campaign.id == campaign.id) {
+            Some(a) => {
+                a.campaign = campaign;
+                a.entry = entry.or(a.entry.take());
+            }
+            None => active.push(Active { campaign, entry }),
+        }
+        Ok(())
+    }
+
+    /// At an orderly stop: the campaign entries still pending did not make this process die,
+    /// so its attempts at them are given back (see [`attempts`]).
+    fn give_back_attempts(&self, active: &[Active]) {
+        let Some(stream) = &self.campaigns else {
+            return;
+        };
+        let pending: Vec<String> = active.iter().filter_map(|a| a.entry.clone()).collect();
+        if let Err(e) = self.runtime.block_on(stream.give_back(&pending)) {
+            tracing::warn!(error = %e, "cannot give back the attempts at pending campaigns");
+        }
     }
 
     /// The job's campaigns (admitted through the repeated-campaign guard), then those kept by
@@ -248,8 +299,8 @@ impl<'a> Server<'a> {
                 entry: None,
             })
             .collect();
-        if let Some(registry) = &self.registry {
-            for (c, _) in self.runtime.block_on(registry.load())? {
+        if let Some(stream) = &self.campaigns {
+            for (c, _) in self.runtime.block_on(stream.registry.load())? {
                 if !active.iter().any(|a| a.campaign.id == c.id) {
                     active.push(Active {
                         campaign: c,
@@ -377,7 +428,7 @@ impl<'a> Server<'a> {
             ran.insert(key);
             done_entries.extend(entry);
         }
-        let Some(reader) = &self.campaigns else {
+        let Some(stream) = &self.campaigns else {
             return Ok(());
         };
         if done_entries.is_empty() {
@@ -385,7 +436,7 @@ impl<'a> Server<'a> {
         }
         self.runtime.block_on(async {
             self.store.sync().await?;
-            reader.ack(&done_entries).await
+            stream.ack(&done_entries).await
         })?;
         for a in active.iter_mut() {
             if a.entry.as_ref().is_some_and(|e| done_entries.contains(e)) {
@@ -409,7 +460,9 @@ fn open_logins(
     let (tx, rx) = mpsc::channel::<LoginBatch>(BATCHES_AHEAD);
     match &job.inputs.logins {
         Some(url) if is_redis(url) => {
-            let reader = runtime.block_on(StreamReader::open(url, LOGINS, &opts.consumer))?;
+            let reader = runtime
+                .block_on(StreamReader::open(url, LOGINS, &opts.consumer))?
+                .on_group_lost(count_group_lost(counters));
             let acker = runtime.block_on(StreamReader::open(url, LOGINS, &opts.consumer))?;
             runtime.spawn(read_logins(
                 reader,
@@ -432,6 +485,14 @@ fn open_logins(
             Ok((None, rx))
         }
         _ => Ok((None, rx)),
+    }
+}
+
+/// Counts a stream's consumer group found gone and re-created.
+fn count_group_lost(counters: &Arc<ServeCounters>) -> impl Fn() + Send + Sync + 'static {
+    let counters = counters.clone();
+    move || {
+        counters.stream_groups_recreated.fetch_add(1, Relaxed);
     }
 }
 
@@ -467,61 +528,6 @@ fn execute(workers: usize, ctx: Arc<Context>, generation: Arc<Generation>) -> Re
         }
     }
     Ok(complete)
-}
-
-/// Admits one submitted campaign: the duplicate guard, then kept (lazy coupon, hot product:
-/// acknowledged now) or queued for its fan-out (acknowledged when done). A bad or duplicate
-/// submission is logged, counted and acknowledged: sending it again would not change it.
-fn admit_submitted(
-    s: Submitted,
-    active: &mut Vec<Active>,
-    store: &Store,
-    registry: Option<&Registry>,
-    reader: Option<&StreamReader>,
-    counters: &ServeCounters,
-    runtime: &tokio::runtime::Runtime,
-) -> Result<()> {
-    let ack = |entry: &str| -> Result<()> {
-        match reader {
-            Some(r) => runtime.block_on(r.ack(&[entry.to_owned()])),
-            None => Ok(()),
-        }
-    };
-    let campaign = match s.campaign {
-        Ok(c) => c,
-        Err(why) => {
-            tracing::error!(error = %why, "submitted campaign refused");
-            counters.campaigns_rejected.fetch_add(1, Relaxed);
-            return ack(&s.entry);
-        }
-    };
-    match runtime.block_on(store.admit(&[(content_hash(&campaign), campaign.id.clone())])) {
-        Ok(()) => {}
-        Err(e @ Error::Duplicate { .. }) => {
-            tracing::error!(error = %e, entry = %s.entry, "submitted campaign refused");
-            counters.campaigns_rejected.fetch_add(1, Relaxed);
-            return ack(&s.entry);
-        }
-        Err(e) => return Err(e),
-    }
-    counters.campaigns_admitted.fetch_add(1, Relaxed);
-    tracing::info!(campaign = %campaign.id, entry = %s.entry, "campaign admitted");
-    let kept = match registry {
-        Some(r) => runtime.block_on(r.keep(&campaign, &s.job))?,
-        None => false,
-    };
-    if kept {
-        ack(&s.entry)?;
-    }
-    let entry = (!kept).then_some(s.entry);
-    match active.iter_mut().find(|a| a.campaign.id == campaign.id) {
-        Some(a) => {
-            a.campaign = campaign;
-            a.entry = entry.or(a.entry.take());
-        }
-        None => active.push(Active { campaign, entry }),
-    }
-    Ok(())
 }
 
 /// When the active set next changes by itself: a window opens or a schedule ticks (at most
@@ -598,45 +604,9 @@ async fn read_logins(
     }
 }
 
-/// Reads submitted campaigns (first those left pending) and asks for a new generation.
-async fn read_campaigns(
-    reader: Arc<StreamReader>,
-    tx: mpsc::UnboundedSender<Submitted>,
-    flags: Arc<Flags>,
-) {
-    let mut first = match reader.reclaim().await {
-        Ok(entries) => entries,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot reclaim pending campaigns");
-            Vec::new()
-        }
-    };
-    while !flags.shutdown.load(Relaxed) {
-        let entries = if first.is_empty() {
-            match reader.read(100, READ_BLOCK).await {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading campaigns failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            }
-        } else {
-            std::mem::take(&mut first)
-        };
-        for entry in &entries {
-            if tx.send(submitted::submitted(entry)).is_err() {
-                return;
-            }
-        }
-        if !entries.is_empty() {
-            flags.replan.store(true, Relaxed);
-        }
-    }
-}
-
-/// Sets the shutdown flag on SIGINT or SIGTERM.
-async fn on_signals(flags: Arc<Flags>) {
+/// On SIGINT or SIGTERM: stops claiming and sending at once (what is in flight finishes and
+/// is recorded; the rest stays for the next start), then sets the shutdown flag.
+async fn on_signals(flags: Arc<Flags>, dispatcher: Arc<Dispatcher>) {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
@@ -648,6 +618,7 @@ async fn on_signals(flags: Arc<Flags>) {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("signal received: draining");
+    tracing::info!("signal received: stopping; pushes in flight finish");
+    dispatcher.stop_sending();
     flags.shutdown.store(true, Relaxed);
 }

@@ -10,7 +10,7 @@ use timely::worker::Worker;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::Receiver;
 
-use crate::dataflow::{self, Context, Scan, Time};
+use crate::dataflow::{self, Context, Handles, Scan, Time};
 use crate::run::driver::{drain, wait_for_open_epochs};
 use crate::sources::logins::Login;
 
@@ -62,7 +62,12 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
     let mut fed = Fed::default();
     let mut acks: VecDeque<(Time, Vec<String>)> = VecDeque::new();
     // Acknowledges, oldest first, every epoch the probe has passed (all of them once drained).
+    // Nothing once the dispatcher has stopped: an epoch that completes after that may have
+    // dropped work unclaimed, so its entries stay pending for the next run.
     let release = |acks: &mut VecDeque<(Time, Vec<String>)>, all: bool| {
+        if ctx.dispatcher.stopping() {
+            return;
+        }
         let done = acks
             .iter()
             .take_while(|(t, _)| all || !probe.less_than(&(t + 1)))
@@ -74,12 +79,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
     };
 
     if worker.index() == 0 {
-        for &t in &generation.admit {
-            inputs.admits.send(t);
-        }
-        for &pair in &generation.granted {
-            inputs.granted.send(pair);
-        }
+        feed_time_zero(&mut inputs, &generation);
         // Inputs always stand at the epoch to be fed next, so every fed epoch can complete
         // without waiting for the next batch to arrive.
         let mut epoch: Time = 1;
@@ -126,10 +126,21 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
     }
     if drain(worker, inputs.close(), &ctx) {
         release(&mut acks, true);
-    } else {
+    }
+    if ctx.failed() || ctx.dispatcher.stopping() {
         fed.scans_complete = false;
     }
     fed
+}
+
+/// Feeds the generation's admitted targets and pre-existing grants, at time 0.
+fn feed_time_zero(inputs: &mut Handles, generation: &Generation) {
+    for &t in &generation.admit {
+        inputs.admits.send(t);
+    }
+    for &pair in &generation.granted {
+        inputs.granted.send(pair);
+    }
 }
 
 /// The next login batch the stream reader has ready, if any.

@@ -58,6 +58,8 @@ pub enum Reply {
     Drop,
     /// Answer 503 only after `delay` (past the client's timeout).
     Slow(Duration),
+    /// Answer 200 after `delay`: a provider with latency.
+    OkAfter(Duration),
     /// Never answer: the connection is held open until the server is dropped, so the client's
     /// timeout fires however slow the machine is.
     Hold,
@@ -276,6 +278,7 @@ async fn handle(
         Reply::Status { status, .. } => Answer::Status(*status),
         Reply::Drop => Answer::Dropped,
         Reply::Slow(_) => Answer::Slow,
+        Reply::OkAfter(_) => Answer::Status(200),
         Reply::Hold => Answer::Held,
     };
     state.hits.lock().unwrap().push(Hit {
@@ -291,6 +294,10 @@ async fn handle(
         Reply::Slow(delay) => {
             tokio::time::sleep(delay).await;
             Ok(response(503, "{}".into(), None))
+        }
+        Reply::OkAfter(delay) => {
+            tokio::time::sleep(delay).await;
+            Ok(response(200, "{}".into(), None))
         }
         Reply::Status {
             status,

@@ -1,0 +1,154 @@
+//! Helpers for the tests of `fanout serve`: start it on a reserved port, talk HTTP/1.0 to its
+//! listener, read its metrics, wait for what it does, stop it with SIGTERM.
+#![allow(dead_code)]
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+use crate::common::{ports, Scratch};
+
+/// `fanout serve ARGS --listen 127.0.0.1:PORT` on a reserved port, once it answers /healthz;
+/// returns it, the port and the reservation (hold it while the process runs). A port lost to
+/// another program (the process exits saying the address is in use) costs a retry on a fresh
+/// one, not the test.
+pub fn start_serve(s: &Scratch, args: &[&str]) -> (Child, u16, ports::Port) {
+    for _ in 0..10 {
+        let reserved = ports::reserve();
+        let port = reserved.port;
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = args.to_vec();
+        all.extend(["--listen", &listen]);
+        let mut child = s.start(&all);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let err = stderr_of(&mut child);
+                assert!(
+                    ports::says_address_in_use(&err),
+                    "serve exited before listening ({status:?}):\n{err}"
+                );
+                break;
+            }
+            if try_get(port, "/healthz").is_some_and(|b| b.trim() == "ok") {
+                return (child, port, reserved);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "serve never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("serve lost its port 10 times");
+}
+
+/// One `GET path` over HTTP/1.0: the status code and the body; `None` when nothing answered.
+pub fn request(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    if c.read_to_string(&mut out).is_err() || out.is_empty() {
+        return None;
+    }
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Some((status, body))
+}
+
+/// One GET of `path` that must answer 200; `None` when nothing answered.
+pub fn try_get(port: u16, path: &str) -> Option<String> {
+    let (status, body) = request(port, path)?;
+    assert_eq!(status, 200, "{path}: {body}");
+    Some(body)
+}
+
+/// GET `path` on the serve process's listener; the body, once it answers.
+pub fn get(port: u16, path: &str) -> String {
+    let started = Instant::now();
+    loop {
+        if let Some(body) = try_get(port, path) {
+            return body;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "serve never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of an unlabelled metric.
+pub fn metric(port: u16, name: &str) -> u64 {
+    let text = get(port, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Polls `cond` for up to 60 s while `child` keeps running.
+pub fn wait_until(what: &str, child: &mut Child, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "serve exited while waiting for {what}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(60), "never: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What `child` wrote on stderr (read to the end: call once it has exited).
+pub fn stderr_of(child: &mut Child) -> String {
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).ok();
+    }
+    err
+}
+
+/// Sends SIGTERM; returns the exit status, how long the process took to exit after the
+/// signal, and its stderr. Fails the test if it runs on for 30 s.
+pub fn sigterm(child: &mut Child) -> (ExitStatus, Duration, String) {
+    let pid = child.id().to_string();
+    let signalled = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let took = signalled.elapsed();
+            return (status, took, stderr_of(child));
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(30),
+            "serve never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// SIGTERM, then the exit status must be 0.
+pub fn terminate(mut child: Child) {
+    let (status, _, err) = sigterm(&mut child);
+    assert!(status.success(), "serve after SIGTERM: {status:?}\n{err}");
+}
+
+/// The entries of `stream` pending in the group `fanout` (XPENDING's count).
+pub fn pending(redis: &crate::redis_server::RedisServer, stream: &str) -> u64 {
+    let out = redis.cli(&["XPENDING", stream, "fanout"]);
+    out.lines()
+        .next()
+        .unwrap_or("0")
+        .trim()
+        .parse()
+        .unwrap_or(u64::MAX)
+}
