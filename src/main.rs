@@ -110,24 +110,8 @@ fn execute(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Grants(args) => {
-            let key = match &args.occurrence {
-                Some(o) => format!("{}:{o}", args.campaign),
-                None => args.campaign.clone(),
-            };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::runtime(format!("cannot start tokio: {e}")))?;
-            // A store a cluster split by process: every process's part.
-            let mut ids = Vec::new();
-            for url in fanout::run::cluster::store_parts(&args.store)? {
-                ids.extend(runtime.block_on(async {
-                    let store = fanout::store::Store::connect_read_only(&url).await?;
-                    store.granted(&key).await
-                })?);
-            }
-            ids.sort_unstable();
-            ids.dedup();
+            let ids =
+                fanout::grants::granted(&args.store, &args.campaign, args.occurrence.as_deref())?;
             let mut out = String::with_capacity(ids.len() * 8);
             for id in ids {
                 out.push_str(&id.to_string());

@@ -326,3 +326,132 @@ fn plan_covers_lazy_coupons_and_hot_products() {
     );
     assert!(!s.path("deliveries.jsonl").exists());
 }
+
+/// Runs `fanout ARGS` in `s` and expects exit 2 with every one of `needles` on stderr and
+/// nothing on stdout (an audit that cannot answer must not look like an empty answer).
+#[track_caller]
+fn expect_usage(s: &Scratch, args: &[&str], needles: &[&str]) {
+    let out = s.fanout(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+    for n in needles {
+        assert!(stderr.contains(n), "{args:?}: {n:?} not in:\n{stderr}");
+    }
+}
+
+#[test]
+fn grants_refuses_what_it_cannot_answer_with_exit_2() {
+    let s = Scratch::new();
+    let job = repo("dataflows/coupon-segment.toml");
+    let users = repo("inputs/users.jsonl");
+    let granted = repo("inputs/granted.jsonl");
+    s.fanout_ok(&[
+        "run",
+        &job,
+        "--users",
+        &users,
+        "--granted",
+        &granted,
+        "--quiet",
+    ]);
+    let grants = |store: &'static str, rest: &[&'static str]| {
+        let mut args = vec!["grants", "--store", store];
+        args.extend_from_slice(rest);
+        args
+    };
+    // A store directory that does not exist (a typo) is not an empty store.
+    expect_usage(
+        &s,
+        &grants("file:no-such-store", &["--campaign", "vip-c300"]),
+        &["no-such-store", "no such directory"],
+    );
+    // Not a campaign id.
+    expect_usage(
+        &s,
+        &grants("file:.fanout", &["--campaign", "vip c300!"]),
+        &["--campaign", "vip c300!"],
+    );
+    // A campaign the store never admitted.
+    expect_usage(
+        &s,
+        &grants("file:.fanout", &["--campaign", "vip-c301"]),
+        &["vip-c301", "no ledger"],
+    );
+    // An occurrence that is not a time, and one the campaign never had.
+    expect_usage(
+        &s,
+        &grants(
+            "file:.fanout",
+            &["--campaign", "vip-c300", "--occurrence", "tuesday"],
+        ),
+        &["--occurrence", "RFC 3339"],
+    );
+    expect_usage(
+        &s,
+        &grants(
+            "file:.fanout",
+            &[
+                "--campaign",
+                "vip-c300",
+                "--occurrence",
+                "2026-03-02T10:00:00Z",
+            ],
+        ),
+        &["vip-c300", "2026-03-02T10:00:00Z"],
+    );
+    // The campaign it did admit still answers.
+    let out = s.fanout(&grants("file:.fanout", &["--campaign", "vip-c300"]));
+    assert!(out.status.success());
+    assert!(!out.stdout.is_empty());
+}
+
+#[test]
+fn grants_reads_a_hot_products_occurrence_in_any_rfc3339_spelling() {
+    let s = Scratch::new();
+    let job = repo("dataflows/hot-products.toml");
+    let users = repo("inputs/users.jsonl");
+    let now = ["--now", "2026-03-02T13:45:00Z"];
+    s.fanout_ok(&["run", &job, "--users", &users, now[0], now[1], "--quiet"]);
+    let deliveries = read_deliveries(&s.path("deliveries.jsonl"));
+    let want: BTreeSet<u64> = deliveries
+        .iter()
+        .filter(|d| d.campaign == "smart-watch")
+        .map(|d| d.user)
+        .collect();
+    assert!(!want.is_empty());
+    for spelling in ["2026-03-02T12:00:00Z", "2026-03-02T20:00:00+08:00"] {
+        let out = s.fanout(&[
+            "grants",
+            "--store",
+            "file:.fanout",
+            "--campaign",
+            "smart-watch",
+            "--occurrence",
+            spelling,
+        ]);
+        assert!(
+            out.status.success(),
+            "{spelling}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: BTreeSet<u64> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        assert_eq!(got, want, "{spelling}");
+    }
+    // Without the occurrence, the error says to pass one.
+    expect_usage(
+        &s,
+        &[
+            "grants",
+            "--store",
+            "file:.fanout",
+            "--campaign",
+            "smart-watch",
+        ],
+        &["smart-watch", "--occurrence"],
+    );
+}

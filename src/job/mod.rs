@@ -25,6 +25,7 @@ mod locate;
 mod tests;
 
 pub use campaign::{content_hash, parse_campaign};
+pub use locate::is_valid_id;
 
 use campaign::RawCampaign;
 use locate::{Doc, Shape};

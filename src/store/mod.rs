@@ -272,6 +272,16 @@ impl Store {
         }
     }
 
+    /// Whether the store has a ledger for `key`, without creating it: on the embedded store,
+    /// whether its files exist (a campaign admitted to nobody has one); on Redis, whether any
+    /// id was ever claimed in it (a ledger nobody was claimed in leaves no key there).
+    pub async fn has_ledger(&self, key: &str) -> Result<bool> {
+        match self {
+            Store::File(store) => store.has_ledger(key),
+            Store::Redis(store) => store.has_claims(key).await,
+        }
+    }
+
     /// Ends a run that failed (exit 1): on Redis, drops this run's lease if it still holds
     /// our token and leaves its in-flight sets, so a re-run adopts them at once instead of
     /// waiting for the lease to expire. Nothing for the embedded store.
