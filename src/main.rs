@@ -35,6 +35,7 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Run(args) => {
             let cluster = args.cluster()?;
             let job = fanout::job::load(&args.job, &args.overrides())?;
+            job.require_campaigns()?;
             let opts = RunOptions {
                 quiet: args.quiet,
                 skip_bad_lines: args.skip_bad_lines,
@@ -70,6 +71,9 @@ fn execute(cli: Cli) -> Result<()> {
                 ));
             }
             let job = fanout::job::load(&args.run.job, &args.run.overrides())?;
+            if job.inputs.campaigns.is_none() {
+                job.require_campaigns()?;
+            }
             let opts = fanout::serve::ServeOptions {
                 listen: args.listen,
                 consumer: args.consumer,
@@ -89,6 +93,7 @@ fn execute(cli: Cli) -> Result<()> {
                 ));
             }
             let job = fanout::job::load(&args.job, &args.overrides())?;
+            job.require_campaigns()?;
             let opts = RunOptions {
                 quiet: args.quiet,
                 skip_bad_lines: args.skip_bad_lines,

@@ -174,3 +174,25 @@ fn skip_bad_lines_counts_and_delivers_the_rest() {
         assert!(users.contains(&id));
     }
 }
+
+#[test]
+fn a_job_without_campaigns_is_bad_input_naming_the_file() {
+    let s = Scratch::new();
+    s.write("users.jsonl", format!("{GOOD_LINE}\n"));
+    let job = &GOOD_JOB[..GOOD_JOB.find("[[campaign]]").unwrap()];
+    s.write("empty.toml", job);
+    // serve refuses it too when no campaigns stream could bring campaigns later.
+    for command in ["run", "plan", "serve"] {
+        let out = s.fanout(&[command, "empty.toml", "--quiet"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        for needle in ["empty.toml", "campaign"] {
+            assert!(
+                stderr.contains(needle),
+                "{command}: {needle:?} not in {stderr}"
+            );
+        }
+    }
+    assert!(read_deliveries(&s.path("deliveries.jsonl")).is_empty());
+    assert!(!s.path("store").exists(), "a store was written");
+}

@@ -90,6 +90,25 @@ pub struct Job {
     pub campaigns: Vec<Arc<Campaign>>,
 }
 
+impl Job {
+    /// SPEC: "A job without campaigns is bad input" — a run of one would send nothing and say
+    /// nothing. `serve` calls this only when it follows no campaigns stream
+    /// ([`Inputs::campaigns`]), since campaigns may all arrive on the stream.
+    pub fn require_campaigns(&self) -> Result<()> {
+        if !self.campaigns.is_empty() {
+            return Ok(());
+        }
+        Err(InputError::new(
+            &self.path,
+            None,
+            "campaign",
+            "no [[campaign]] table: a job needs at least one campaign \
+             (serve may follow a campaigns stream instead: inputs.campaigns or --campaigns)",
+        )
+        .into())
+    }
+}
+
 /// `[inputs]`. Paths are relative to the current directory, not to the job file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inputs {
@@ -361,8 +380,6 @@ fn at_least_1<T: PartialOrd + From<u8>>(v: T) -> bool {
     v >= T::from(1)
 }
 
-/// A number from the command line (`flag`) or else the file (`field`, dotted), else `default`;
-/// a value that fails `ok` is an error naming where it came from and saying `expected`.
 /// Worker threads when neither the job nor `--workers` says: one per core (SPEC `--workers`).
 fn default_workers() -> usize {
     std::thread::available_parallelism()
@@ -371,6 +388,8 @@ fn default_workers() -> usize {
         .min(MAX_WORKERS)
 }
 
+/// A number from the command line (`flag`) or else the file (`field`, dotted), else `default`;
+/// a value that fails `ok` is an error naming where it came from and saying `expected`.
 fn setting<T: Copy>(
     doc: &Doc,
     file: Option<Spanned<T>>,

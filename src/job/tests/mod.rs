@@ -198,13 +198,30 @@ fn users_input_is_required_unless_overridden() {
     };
     let job = parse("job.toml", "", &o).unwrap();
     assert_eq!(job.inputs.users, "synthetic:100");
-    assert!(job.campaigns.is_empty(), "zero campaigns is a valid job");
     bad(
         "[inputs]\nusers = \"\"\n",
         2,
         "inputs.users",
         "must not be empty",
     );
+}
+
+#[test]
+fn a_job_without_campaigns_is_bad_input() {
+    // SPEC: "A job without campaigns is bad input". It parses (serve may get every campaign
+    // from its stream), and the commands that need campaigns refuse it naming the file.
+    let job = ok("[inputs]\nusers = \"u\"\n");
+    match job.require_campaigns() {
+        Err(Error::BadInput(e)) => {
+            assert_eq!(
+                (e.file.as_str(), e.line, e.field.as_str()),
+                ("job.toml", None, "campaign")
+            );
+            assert!(e.msg.contains("at least one campaign"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(ok(BASE).require_campaigns().is_ok());
 }
 
 #[test]
