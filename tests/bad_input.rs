@@ -134,6 +134,21 @@ fn bad_job_files_name_line_and_field() {
             vec!["job.toml:17", "end"],
         ),
         (
+            "bad provider url",
+            GOOD_JOB.replace("log:deliveries.jsonl", "lgo:deliveries.jsonl"),
+            vec!["job.toml:11", "provider.url", "expected log:PATH"],
+        ),
+        (
+            "bad store url",
+            GOOD_JOB.replace("file:store", "files:store"),
+            vec!["job.toml:8", "store.url", "expected file:DIR"],
+        ),
+        (
+            "unparsable redis store url",
+            GOOD_JOB.replace("file:store", "redis://localhost:port/0"),
+            vec!["job.toml:8", "store.url", "not a Redis URL"],
+        ),
+        (
             "unknown placeholder",
             GOOD_JOB.replace("{user.id}", "{user.nmae}"),
             vec!["job.toml:18", "body", "user.nmae"],
