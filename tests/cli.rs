@@ -455,3 +455,170 @@ fn grants_reads_a_hot_products_occurrence_in_any_rfc3339_spelling() {
         &["smart-watch", "--occurrence"],
     );
 }
+
+/// `fanout ARGS` in `s` with `env` added to the environment.
+fn fanout_env(s: &Scratch, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(s.dir.path())
+        .output()
+        .expect("run fanout")
+}
+
+fn stdout_of(s: &Scratch, args: &[&str]) -> String {
+    let out = s.fanout(args);
+    assert!(out.status.success(), "{args:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn each_command_shows_and_accepts_only_its_own_flags() {
+    let s = Scratch::new();
+    let run = stdout_of(&s, &["run", "--help"]);
+    let plan = stdout_of(&s, &["plan", "--help"]);
+    let serve = stdout_of(&s, &["serve", "--help"]);
+    for flag in [
+        "--processes",
+        "--hostfile",
+        "--retry-dead-letters",
+        "--summary",
+        "--now",
+    ] {
+        assert!(run.contains(flag), "run --help lacks {flag}");
+    }
+    for flag in [
+        "--processes",
+        "--hostfile",
+        "--retry-dead-letters",
+        "--workers",
+    ] {
+        assert!(!plan.contains(flag), "plan --help shows {flag}");
+    }
+    for flag in ["--now", "--summary", "--processes", "--retry-dead-letters"] {
+        assert!(!serve.contains(flag), "serve --help shows {flag}");
+    }
+    assert!(serve.contains("--campaigns") && !run.contains("--campaigns"));
+    // A flag the command would ignore or refuse later is refused by the parser: exit 2.
+    let job = repo("dataflows/promotion-all-users.toml");
+    for args in [
+        vec!["plan", &job, "--processes", "2"],
+        vec!["serve", &job, "--now", "2026-03-02T00:00:00Z"],
+        vec!["serve", &job, "--summary", "s.json"],
+        vec!["run", &job, "--campaigns", "redis://127.0.0.1:1/0"],
+    ] {
+        let out = s.fanout(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(args[2]), "{args:?}: {stderr}");
+    }
+    assert!(!s.path("deliveries.jsonl").exists());
+}
+
+#[test]
+fn help_lists_exit_codes_redis_inputs_and_environment_variables() {
+    let s = Scratch::new();
+    let help = stdout_of(&s, &["--help"]);
+    for needle in [
+        "Exit codes",
+        "0    done",
+        "2    bad usage or bad input",
+        "3    a campaign rejected",
+        "130",
+        "redis://",
+        "FANOUT_STORE",
+        "FANOUT_REDIS_PASSWORD",
+        "--log-format",
+        "docs/cli.md",
+    ] {
+        assert!(help.contains(needle), "fanout --help lacks {needle:?}");
+    }
+    let run = stdout_of(&s, &["run", "--help"]);
+    for needle in ["FANOUT_USERS", "FANOUT_WORKERS", "redis://", "Exit codes"] {
+        assert!(run.contains(needle), "run --help lacks {needle:?}");
+    }
+}
+
+#[test]
+fn flags_come_from_fanout_environment_variables_and_the_flag_wins() {
+    let s = Scratch::new();
+    let job = repo("dataflows/promotion-all-users.toml");
+    let users = repo("inputs/users.jsonl");
+    let env = [
+        ("FANOUT_USERS", users.as_str()),
+        ("FANOUT_STORE", "file:env-store"),
+        ("FANOUT_PROVIDER", "log:env.jsonl"),
+        ("FANOUT_WORKERS", "2"),
+        ("FANOUT_QUIET", "1"),
+        ("FANOUT_SUMMARY", "summary.json"),
+    ];
+    let out = fanout_env(&s, &["run", &job], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.is_empty(), "FANOUT_QUIET=1 is --quiet: {stderr}");
+    assert!(s.path("env-store").is_dir());
+    let delivered = read_deliveries(&s.path("env.jsonl")).len();
+    assert_eq!(
+        delivered as u64,
+        sample_users().len() as u64 * 2 - skipped_sports()
+    );
+    assert!(s.path("summary.json").is_file());
+    // The flag beats the variable.
+    let out = fanout_env(&s, &["run", &job, "--store", "file:flag-store"], &env);
+    assert!(out.status.success());
+    assert!(s.path("flag-store").is_dir());
+    // A bad value from the environment is refused like a bad flag.
+    let out = fanout_env(&s, &["run", &job], &[("FANOUT_WORKERS", "many")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("many"), "{stderr}");
+}
+
+/// Sample users who do not get sports-week-2026 (level < 3 or no sports tag).
+fn skipped_sports() -> u64 {
+    let sports = Persona {
+        min_level: Some(3),
+        tags_any: vec!["sports".into(), "运动".into()],
+        ..Persona::default()
+    };
+    sample_users().iter().filter(|u| !sports.matches(u)).count() as u64
+}
+
+#[test]
+fn log_format_json_writes_one_json_object_a_line() {
+    let s = Scratch::new();
+    let info = ("RUST_LOG", "info");
+    for (args, env) in [
+        (
+            vec!["--log-format", "json", "gen", "users", "--count", "3"],
+            vec![info],
+        ),
+        // Global: after the subcommand too; and from FANOUT_LOG_FORMAT.
+        (
+            vec!["gen", "users", "--count", "3", "--log-format", "json"],
+            vec![info],
+        ),
+        (
+            vec!["gen", "users", "--count", "3"],
+            vec![info, ("FANOUT_LOG_FORMAT", "json")],
+        ),
+    ] {
+        let out = fanout_env(&s, &args, &env);
+        assert!(out.status.success(), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert!(
+            lines
+                .iter()
+                .any(|v| v["level"] == "INFO" && v["fields"]["message"] == "wrote 3 users"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // Text stays the default.
+    let out = fanout_env(&s, &["gen", "users", "--count", "3"], &[info]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("wrote 3 users") && !stderr.trim_start().starts_with('{'));
+}
