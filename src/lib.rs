@@ -25,6 +25,7 @@
 //! - [`metrics`]: counters, latency histogram, the run summary, the progress bar.
 //! - [`run`]: `fanout run`/`plan`: wires a job to the dataflow and drives it; `run::cluster`:
 //!   one job as several processes of a timely cluster.
+//! - [`grants`]: `fanout grants`, the audit trail of who a campaign was granted to.
 //! - [`serve`]: `fanout serve`: the same dataflow, generation after generation, fed by Redis
 //!   streams ([`streams`]) and schedules, with /metrics and /healthz.
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod cli;
 pub mod dataflow;
 pub mod error;
 pub mod gen;
+pub mod grants;
 pub mod job;
 pub mod metrics;
 pub mod model;

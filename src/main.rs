@@ -5,21 +5,14 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use fanout::cli::{Cli, Command, GenCommand};
+use fanout::cli::{Cli, Command, GenCommand, LogFormat};
 use fanout::error::{Error, Result};
 use fanout::run::{self, RunOptions};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,fanout::progress=info")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match execute(Cli::parse()) {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match &e {
@@ -31,21 +24,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// Log lines (tracing) go to stderr, as text or one JSON object a line; RUST_LOG filters them.
+fn init_logs(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,fanout::progress=info")
+            }),
+        )
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
 fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
             let cluster = args.cluster()?;
-            let job = fanout::job::load(&args.job, &args.overrides())?;
+            let job = fanout::job::load(&args.job.job, &args.overrides())?;
+            job.require_campaigns()?;
             let opts = RunOptions {
-                quiet: args.quiet,
-                skip_bad_lines: args.skip_bad_lines,
+                quiet: args.job.quiet,
+                skip_bad_lines: args.job.skip_bad_lines,
                 retry_dead_letters: args.retry_dead_letters,
                 cluster,
             };
             let summary = run::run(&job, &opts)?;
             if opts.cluster.process != 0 {
                 // Process 0 writes the summary and the report for the whole cluster.
-                if !args.quiet {
+                if !args.job.quiet {
                     eprintln!(
                         "fanout: process {} of {} done; the summary is process 0's",
                         opts.cluster.process, opts.cluster.processes
@@ -59,40 +68,33 @@ fn execute(cli: Cli) -> Result<()> {
                     Error::runtime(format!("cannot write summary {}: {e}", path.display()))
                 })?;
             }
-            if !args.quiet {
+            if !args.job.quiet {
                 eprint!("{}", run::report(&summary));
             }
             Ok(())
         }
         Command::Serve(args) => {
-            if args.run.cluster()?.is_cluster() {
-                return Err(Error::Usage(
-                    "serve runs as one process (several may share a Redis store and streams): run it without --processes".into(),
-                ));
+            let job = fanout::job::load(&args.job.job, &args.overrides())?;
+            if job.inputs.campaigns.is_none() {
+                job.require_campaigns()?;
             }
-            let job = fanout::job::load(&args.run.job, &args.run.overrides())?;
             let opts = fanout::serve::ServeOptions {
                 listen: args.listen,
                 consumer: args.consumer,
                 run: RunOptions {
-                    quiet: args.run.quiet,
-                    skip_bad_lines: args.run.skip_bad_lines,
-                    retry_dead_letters: args.run.retry_dead_letters,
+                    quiet: args.job.quiet,
+                    skip_bad_lines: args.job.skip_bad_lines,
                     ..RunOptions::default()
                 },
             };
             fanout::serve::serve(&job, &opts)
         }
         Command::Plan(args) => {
-            if args.cluster()?.is_cluster() {
-                return Err(Error::Usage(
-                    "plan reads every user in one process: run it without --processes".into(),
-                ));
-            }
-            let job = fanout::job::load(&args.job, &args.overrides())?;
+            let job = fanout::job::load(&args.job.job, &args.overrides())?;
+            job.require_campaigns()?;
             let opts = RunOptions {
-                quiet: args.quiet,
-                skip_bad_lines: args.skip_bad_lines,
+                quiet: args.job.quiet,
+                skip_bad_lines: args.job.skip_bad_lines,
                 ..RunOptions::default()
             };
             let plan = run::plan::plan(&job, &opts)?;
@@ -111,24 +113,8 @@ fn execute(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Grants(args) => {
-            let key = match &args.occurrence {
-                Some(o) => format!("{}:{o}", args.campaign),
-                None => args.campaign.clone(),
-            };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::runtime(format!("cannot start tokio: {e}")))?;
-            // A store a cluster split by process: every process's part.
-            let mut ids = Vec::new();
-            for url in fanout::run::cluster::store_parts(&args.store)? {
-                ids.extend(runtime.block_on(async {
-                    let store = fanout::store::Store::connect_read_only(&url).await?;
-                    store.granted(&key).await
-                })?);
-            }
-            ids.sort_unstable();
-            ids.dedup();
+            let ids =
+                fanout::grants::granted(&args.store, &args.campaign, args.occurrence.as_deref())?;
             let mut out = String::with_capacity(ids.len() * 8);
             for id in ids {
                 out.push_str(&id.to_string());

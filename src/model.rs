@@ -13,6 +13,21 @@ use crate::template::{Template, UserVars, Var};
 /// A user id: `1 ..= u32::MAX`, like an auto-increment key.
 pub type UserId = u32;
 
+/// The name of a campaign occurrence's ledger in the store: `campaign`, or
+/// `campaign:occurrence` for a scheduled campaign (what `fanout grants` reads).
+pub fn ledger_key(campaign: &str, occurrence: Option<&str>) -> String {
+    match occurrence {
+        Some(o) => format!("{campaign}:{o}"),
+        None => campaign.to_owned(),
+    }
+}
+
+/// The id of the occurrence of a scheduled campaign that ticks at `tick`: its start in
+/// RFC 3339, UTC, to the second (`2026-03-02T12:00:00Z`).
+pub fn occurrence_id(tick: DateTime<Utc>) -> String {
+    tick.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 /// One user as read from an input line, before it is stored column-wise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -355,12 +370,9 @@ impl Target {
         }
     }
 
-    /// The name of this target's ledger: `campaign` or `campaign:occurrence`.
+    /// The name of this target's ledger (see [`ledger_key`]).
     pub fn ledger_key(&self) -> String {
-        match &self.occurrence {
-            Some(o) => format!("{}:{}", self.campaign.id, o),
-            None => self.campaign.id.clone(),
-        }
+        ledger_key(&self.campaign.id, self.occurrence.as_deref())
     }
 
     /// What every idempotency key of this target starts with: `campaign:` or

@@ -134,6 +134,21 @@ fn bad_job_files_name_line_and_field() {
             vec!["job.toml:17", "end"],
         ),
         (
+            "bad provider url",
+            GOOD_JOB.replace("log:deliveries.jsonl", "lgo:deliveries.jsonl"),
+            vec!["job.toml:11", "provider.url", "expected log:PATH"],
+        ),
+        (
+            "bad store url",
+            GOOD_JOB.replace("file:store", "files:store"),
+            vec!["job.toml:8", "store.url", "expected file:DIR"],
+        ),
+        (
+            "unparsable redis store url",
+            GOOD_JOB.replace("file:store", "redis://localhost:port/0"),
+            vec!["job.toml:8", "store.url", "not a Redis URL"],
+        ),
+        (
             "unknown placeholder",
             GOOD_JOB.replace("{user.id}", "{user.nmae}"),
             vec!["job.toml:18", "body", "user.nmae"],
@@ -173,4 +188,26 @@ fn skip_bad_lines_counts_and_delivers_the_rest() {
     for id in [1, 2, 9] {
         assert!(users.contains(&id));
     }
+}
+
+#[test]
+fn a_job_without_campaigns_is_bad_input_naming_the_file() {
+    let s = Scratch::new();
+    s.write("users.jsonl", format!("{GOOD_LINE}\n"));
+    let job = &GOOD_JOB[..GOOD_JOB.find("[[campaign]]").unwrap()];
+    s.write("empty.toml", job);
+    // serve refuses it too when no campaigns stream could bring campaigns later.
+    for command in ["run", "plan", "serve"] {
+        let out = s.fanout(&[command, "empty.toml", "--quiet"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        for needle in ["empty.toml", "campaign"] {
+            assert!(
+                stderr.contains(needle),
+                "{command}: {needle:?} not in {stderr}"
+            );
+        }
+    }
+    assert!(read_deliveries(&s.path("deliveries.jsonl")).is_empty());
+    assert!(!s.path("store").exists(), "a store was written");
 }

@@ -82,6 +82,12 @@ fn every_sample_dataflow_on_redis_equals_the_naive_set() {
                 .collect();
             assert_eq!(ids, mine, "{name}: grants of {campaign}");
         }
+        // A campaign this store never admitted is an error, not an empty list.
+        let out = s.fanout(&["grants", "--store", &store, "--campaign", "never-run"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains("never-run"), "{name}: {stderr}");
+        assert!(out.stdout.is_empty(), "{name}");
     }
 }
 

@@ -116,7 +116,7 @@ pub(super) fn line_of(text: &str, offset: usize) -> u64 {
 }
 
 /// Whether `id` is a campaign id: `[A-Za-z0-9_-]{1,64}`.
-pub(super) fn is_valid_id(id: &str) -> bool {
+pub fn is_valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id
             .bytes()

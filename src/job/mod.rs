@@ -18,6 +18,7 @@ use toml::Spanned;
 
 use crate::error::{Error, InputError, Result};
 use crate::model::Campaign;
+use crate::providers::ProviderSpec;
 
 mod campaign;
 mod locate;
@@ -25,6 +26,7 @@ mod locate;
 mod tests;
 
 pub use campaign::{content_hash, parse_campaign};
+pub use locate::is_valid_id;
 
 use campaign::RawCampaign;
 use locate::{Doc, Shape};
@@ -87,6 +89,25 @@ pub struct Job {
     pub provider: ProviderConfig,
     /// The campaigns, in file order; ids are unique.
     pub campaigns: Vec<Arc<Campaign>>,
+}
+
+impl Job {
+    /// SPEC: "A job without campaigns is bad input" — a run of one would send nothing and say
+    /// nothing. `serve` calls this only when it follows no campaigns stream
+    /// ([`Inputs::campaigns`]), since campaigns may all arrive on the stream.
+    pub fn require_campaigns(&self) -> Result<()> {
+        if !self.campaigns.is_empty() {
+            return Ok(());
+        }
+        Err(InputError::new(
+            &self.path,
+            None,
+            "campaign",
+            "no [[campaign]] table: a job needs at least one campaign \
+             (serve may follow a campaigns stream instead: inputs.campaigns or --campaigns)",
+        )
+        .into())
+    }
 }
 
 /// `[inputs]`. Paths are relative to the current directory, not to the job file.
@@ -205,8 +226,8 @@ pub fn parse(label: &str, text: &str, overrides: &Overrides) -> Result<Job> {
         &doc,
         raw.store.url,
         &overrides.store,
-        "store.url",
-        "--store",
+        ("store.url", "--store"),
+        crate::store::check_url,
     )?
     .unwrap_or_else(|| "file:.fanout".to_owned());
     let provider = provider(&doc, raw.provider, overrides)?;
@@ -241,26 +262,44 @@ fn inputs(doc: &Doc, raw: Option<Spanned<RawInputs>>, o: &Overrides) -> Result<I
         Some(r) => (r.users, r.logins, r.campaigns, r.granted),
         None => (None, None, None, None),
     };
-    let users =
-        text_setting(doc, users, &o.users, "inputs.users", "--users")?.ok_or_else(|| {
-            InputError::new(
-                doc.label,
-                line,
-                "inputs.users",
-                "required: a .jsonl/.csv path, synthetic:N[:SEED] or redis://… (or pass --users)",
-            )
-        })?;
+    let users = text_setting(
+        doc,
+        users,
+        &o.users,
+        ("inputs.users", "--users"),
+        redis_form,
+    )?
+    .ok_or_else(|| {
+        InputError::new(
+            doc.label,
+            line,
+            "inputs.users",
+            "required: a .jsonl/.csv path, synthetic:N[:SEED] or redis://… (or pass --users)",
+        )
+    })?;
     Ok(Inputs {
         users,
-        logins: text_setting(doc, logins, &o.logins, "inputs.logins", "--logins")?,
+        logins: text_setting(
+            doc,
+            logins,
+            &o.logins,
+            ("inputs.logins", "--logins"),
+            redis_form,
+        )?,
         campaigns: text_setting(
             doc,
             campaigns,
             &o.campaigns,
-            "inputs.campaigns",
-            "--campaigns",
+            ("inputs.campaigns", "--campaigns"),
+            campaign_stream,
         )?,
-        granted: text_setting(doc, granted, &o.granted, "inputs.granted", "--granted")?,
+        granted: text_setting(
+            doc,
+            granted,
+            &o.granted,
+            ("inputs.granted", "--granted"),
+            any_text,
+        )?,
     })
 }
 
@@ -317,13 +356,19 @@ fn engine(doc: &Doc, raw: RawEngine, o: &Overrides) -> Result<Engine> {
 }
 
 fn provider(doc: &Doc, raw: RawProvider, o: &Overrides) -> Result<ProviderConfig> {
-    let url = text_setting(doc, raw.url, &o.provider, "provider.url", "--provider")?;
+    let url = text_setting(
+        doc,
+        raw.url,
+        &o.provider,
+        ("provider.url", "--provider"),
+        |url| ProviderSpec::parse_url(url).map(drop),
+    )?;
     let dead_letter = text_setting(
         doc,
         raw.dead_letter,
         &o.dead_letter,
-        "provider.dead_letter",
-        "--dead-letter",
+        ("provider.dead_letter", "--dead-letter"),
+        any_text,
     )?;
     Ok(ProviderConfig {
         url: url.unwrap_or_else(|| "log:deliveries.jsonl".to_owned()),
@@ -360,8 +405,6 @@ fn at_least_1<T: PartialOrd + From<u8>>(v: T) -> bool {
     v >= T::from(1)
 }
 
-/// A number from the command line (`flag`) or else the file (`field`, dotted), else `default`;
-/// a value that fails `ok` is an error naming where it came from and saying `expected`.
 /// Worker threads when neither the job nor `--workers` says: one per core (SPEC `--workers`).
 fn default_workers() -> usize {
     std::thread::available_parallelism()
@@ -370,6 +413,8 @@ fn default_workers() -> usize {
         .min(MAX_WORKERS)
 }
 
+/// A number from the command line (`flag`) or else the file (`field`, dotted), else `default`;
+/// a value that fails `ok` is an error naming where it came from and saying `expected`.
 fn setting<T: Copy>(
     doc: &Doc,
     file: Option<Spanned<T>>,
@@ -387,23 +432,52 @@ fn setting<T: Copy>(
     }
 }
 
-/// A text value from the command line or else the file; an empty one is an error.
+/// A text value from the command line (`flag`) or else the file (`field`, dotted); an empty
+/// one, or one `check` refuses, is an error naming where it came from.
 fn text_setting(
     doc: &Doc,
     file: Option<Spanned<String>>,
     cli: &Option<String>,
-    field: &str,
-    flag: &str,
+    (field, flag): (&str, &str),
+    check: impl Fn(&str) -> std::result::Result<(), String>,
 ) -> Result<Option<String>> {
-    let expected = "must not be empty";
+    let checked = |v: &str| match v.is_empty() {
+        true => Err("must not be empty".to_owned()),
+        false => check(v),
+    };
     match (cli, file) {
-        (Some(v), _) if v.is_empty() => Err(cli_error(flag, expected)),
-        (Some(v), _) => Ok(Some(v.clone())),
-        (None, Some(v)) if v.get_ref().is_empty() => {
-            Err(doc.error(v.span().start, field, expected))
-        }
-        (None, Some(v)) => Ok(Some(v.into_inner())),
+        (Some(v), _) => match checked(v) {
+            Ok(()) => Ok(Some(v.clone())),
+            Err(msg) => Err(cli_error(flag, msg)),
+        },
+        (None, Some(v)) => match checked(v.get_ref()) {
+            Ok(()) => Ok(Some(v.into_inner())),
+            Err(msg) => Err(doc.error(v.span().start, field, msg)),
+        },
         (None, None) => Ok(None),
+    }
+}
+
+/// Any text will do (a path, checked when it is opened).
+fn any_text(_: &str) -> std::result::Result<(), String> {
+    Ok(())
+}
+
+/// An input that may be a file or a Redis server: a `redis://…` one must parse.
+fn redis_form(input: &str) -> std::result::Result<(), String> {
+    match crate::run::is_redis(input) {
+        true => crate::store::check_redis_url(input),
+        false => Ok(()),
+    }
+}
+
+/// The stream `serve` reads submitted campaigns from: only Redis has one.
+fn campaign_stream(input: &str) -> std::result::Result<(), String> {
+    match crate::run::is_redis(input) {
+        true => crate::store::check_redis_url(input),
+        false => {
+            Err("campaigns are submitted on a Redis stream: expected redis://host:port/db".into())
+        }
     }
 }
 

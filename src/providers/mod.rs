@@ -179,30 +179,28 @@ pub enum ProviderSpec {
 }
 
 impl ProviderSpec {
-    /// Parses a `[provider] url`.
+    /// Parses a `[provider] url`; a bad one is a usage error naming it.
     pub fn parse(url: &str) -> Result<ProviderSpec> {
-        let bad = |msg: String| Error::Usage(format!("provider.url \"{url}\": {msg}"));
+        ProviderSpec::parse_url(url)
+            .map_err(|msg| Error::Usage(format!("provider.url \"{url}\": {msg}")))
+    }
+
+    /// Parses a provider URL; `Err` says what was wrong or expected (the job file names
+    /// where the URL came from: `file:line: provider.url`, or `--provider`).
+    pub fn parse_url(url: &str) -> std::result::Result<ProviderSpec, String> {
         if let Some(path) = url.strip_prefix("log:") {
             if path.is_empty() {
-                return Err(bad("log: needs a path, or - for stdout".into()));
+                return Err("log: needs a path, or - for stdout".into());
             }
             Ok(ProviderSpec::Log(path.to_owned()))
         } else if let Some(params) = url.strip_prefix("mock:") {
-            mock::MockProvider::parse(params)
-                .map(ProviderSpec::Mock)
-                .map_err(bad)
+            mock::MockProvider::parse(params).map(ProviderSpec::Mock)
         } else if url.starts_with("http://") || url.starts_with("https://") {
-            http::HttpSpec::parse(url)
-                .map(ProviderSpec::Http)
-                .map_err(bad)
+            http::HttpSpec::parse(url).map(ProviderSpec::Http)
         } else if let Some(params) = url.strip_prefix("fcm:") {
-            fcm::FcmSpec::parse(params)
-                .map(ProviderSpec::Fcm)
-                .map_err(bad)
+            fcm::FcmSpec::parse(params).map(ProviderSpec::Fcm)
         } else {
-            Err(bad(
-                "expected log:PATH, log:-, mock:…, http(s)://… or fcm:…".into(),
-            ))
+            Err("expected log:PATH, log:-, mock:…, http(s)://… or fcm:…".into())
         }
     }
 

@@ -44,7 +44,7 @@ pub fn admit(campaign: &Arc<Campaign>, now: DateTime<Utc>) -> Admission {
 /// The id of the schedule tick containing `now`: the tick's start, RFC 3339.
 pub fn occurrence(campaign: &Campaign, now: DateTime<Utc>) -> Option<String> {
     let (tick, _) = ticks_around(campaign, now)?;
-    Some(tick.to_rfc3339_opts(SecondsFormat::Secs, true))
+    Some(crate::model::occurrence_id(tick))
 }
 
 /// When the schedule ticks next after `now` (`None` without a schedule).

@@ -119,6 +119,28 @@ fn parse_url(url: &str) -> Result<Target<'_>> {
     )))
 }
 
+/// Checks the form of a store URL without opening anything (for the job file, which names
+/// where the URL came from); `Err` says what was expected.
+pub fn check_url(url: &str) -> std::result::Result<(), String> {
+    match parse_url(url) {
+        Ok(Target::Dir(_)) => Ok(()),
+        Ok(Target::Redis) => check_redis_url(url),
+        Err(_) => Err("expected file:DIR, redis://[user:pass@]host:port/db or rediss://…".into()),
+    }
+}
+
+/// Checks that `url` parses as a Redis URL (host, port, database, TLS), connecting to
+/// nothing; `Err` says what was expected.
+pub fn check_redis_url(url: &str) -> std::result::Result<(), String> {
+    ::redis::IntoConnectionInfo::into_connection_info(url)
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "not a Redis URL ({e}): expected redis://[user:pass@]host:port/db or rediss://…"
+            )
+        })
+}
+
 /// The directory of an embedded store's URL (`file:DIR`); `None` for any other URL.
 pub fn file_dir(url: &str) -> Option<&str> {
     match parse_url(url) {
@@ -283,6 +305,16 @@ impl Store {
                 off_runtime(move || store.granted(&key)).await
             }
             Store::Redis(store) => store.granted(key).await,
+        }
+    }
+
+    /// Whether the store has a ledger for `key`, without creating it: on the embedded store,
+    /// whether its files exist (a campaign admitted to nobody has one); on Redis, whether any
+    /// id was ever claimed in it (a ledger nobody was claimed in leaves no key there).
+    pub async fn has_ledger(&self, key: &str) -> Result<bool> {
+        match self {
+            Store::File(store) => store.has_ledger(key),
+            Store::Redis(store) => store.has_claims(key).await,
         }
     }
 

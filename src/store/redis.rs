@@ -103,6 +103,11 @@ fn by_chunk(ids: &[u32]) -> Vec<(u32, Vec<u32>)> {
     out
 }
 
+/// What the keys of ledger `key`'s claimed bitmap start with: `fanout:granted:{key}:`.
+fn granted_prefix(key: &str) -> String {
+    format!("fanout:granted:{key}:")
+}
+
 /// `text` with SCAN's glob characters escaped, so a ledger key matches only itself.
 fn glob_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -304,7 +309,7 @@ impl RedisStore {
                 let ledger = RedisLedger {
                     url: self.url.clone(),
                     con: self.con.clone(),
-                    granted: format!("fanout:granted:{key}:"),
+                    granted: granted_prefix(key),
                     inflight_all: format!("fanout:inflight:{key}:"),
                     dead: format!("fanout:dead:{key}:"),
                     inflight: format!("fanout:inflight:{key}:{}:", self.run),
@@ -568,6 +573,21 @@ impl RedisStore {
                 v.len()
             ))),
         }
+    }
+
+    /// Whether any id was ever claimed in ledger `key`: one EXISTS over its chunks' keys.
+    pub async fn has_claims(&self, key: &str) -> Result<bool> {
+        let prefix = granted_prefix(key);
+        let keys: Vec<String> = (0u32..(1 << (32 - CHUNK_BITS)))
+            .map(|chunk| format!("{prefix}{chunk}"))
+            .collect();
+        let found: u64 = retrying(&self.url, "EXISTS ledger", || {
+            let mut con = self.con.clone();
+            let keys = &keys;
+            async move { redis::cmd("EXISTS").arg(keys).query_async(&mut con).await }
+        })
+        .await?;
+        Ok(found > 0)
     }
 
     /// Every claimed id of ledger `key`, sorted.

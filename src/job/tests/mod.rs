@@ -198,13 +198,111 @@ fn users_input_is_required_unless_overridden() {
     };
     let job = parse("job.toml", "", &o).unwrap();
     assert_eq!(job.inputs.users, "synthetic:100");
-    assert!(job.campaigns.is_empty(), "zero campaigns is a valid job");
     bad(
         "[inputs]\nusers = \"\"\n",
         2,
         "inputs.users",
         "must not be empty",
     );
+}
+
+#[test]
+fn a_job_without_campaigns_is_bad_input() {
+    // SPEC: "A job without campaigns is bad input". It parses (serve may get every campaign
+    // from its stream), and the commands that need campaigns refuse it naming the file.
+    let job = ok("[inputs]\nusers = \"u\"\n");
+    match job.require_campaigns() {
+        Err(Error::BadInput(e)) => {
+            assert_eq!(
+                (e.file.as_str(), e.line, e.field.as_str()),
+                ("job.toml", None, "campaign")
+            );
+            assert!(e.msg.contains("at least one campaign"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(ok(BASE).require_campaigns().is_ok());
+}
+
+/// Overrides with one URL flag set to `value`.
+fn flag_set(flag: &str, value: &str) -> Overrides {
+    let mut o = Overrides::default();
+    let slot = match flag {
+        "--provider" => &mut o.provider,
+        "--store" => &mut o.store,
+        "--campaigns" => &mut o.campaigns,
+        _ => &mut o.logins,
+    };
+    *slot = Some(value.to_owned());
+    o
+}
+
+#[test]
+fn bad_urls_name_line_and_field_or_flag() {
+    // Lines 9-10: the table header, then the bad value.
+    for (table, key, flag, value, msg) in [
+        (
+            "provider",
+            "url",
+            "--provider",
+            "bogus:x",
+            "expected log:PATH",
+        ),
+        (
+            "provider",
+            "url",
+            "--provider",
+            "mock:latency=soon",
+            "latency",
+        ),
+        ("provider", "url", "--provider", "http://", "URL"),
+        ("store", "url", "--store", "ftp://x", "expected file:DIR"),
+        ("store", "url", "--store", "file:", "expected file:DIR"),
+        (
+            "store",
+            "url",
+            "--store",
+            "redis://h:port/0",
+            "not a Redis URL",
+        ),
+        (
+            "inputs",
+            "campaigns",
+            "--campaigns",
+            "c.jsonl",
+            "Redis stream",
+        ),
+        (
+            "inputs",
+            "logins",
+            "--logins",
+            "redis://h:x",
+            "not a Redis URL",
+        ),
+    ] {
+        let text = match table {
+            // [inputs] is already open on line 1 of BASE: the key goes there.
+            "inputs" => BASE.replacen("[inputs]\n", &format!("[inputs]\n{key} = \"{value}\"\n"), 1),
+            _ => format!("{BASE}[{table}]\n{key} = \"{value}\"\n"),
+        };
+        let line = if table == "inputs" { 2 } else { 10 };
+        bad(&text, line, &format!("{table}.{key}"), msg);
+        // The same value as a flag names the flag; a good flag beats the bad file value.
+        bad_with(
+            BASE,
+            &flag_set(flag, value),
+            ("command line", None),
+            flag,
+            msg,
+        );
+        let good = match flag {
+            "--provider" => "log:-",
+            "--store" => "file:s",
+            _ => "redis://127.0.0.1:6379/0",
+        };
+        let o = flag_set(flag, good);
+        assert!(parse("job.toml", &text, &o).is_ok(), "{flag} {good}");
+    }
 }
 
 #[test]

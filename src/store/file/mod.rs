@@ -226,6 +226,13 @@ impl FileStore {
         each_ledger(self.open_ledgers(), FileLedger::checkpoint)
     }
 
+    /// Whether `key` has a ledger here (a snapshot or a log), without opening it.
+    pub fn has_ledger(&self, key: &str) -> Result<bool> {
+        let stem = file_stem(key)?;
+        let file = |ext: &str| self.ledgers_dir.join(format!("{stem}.{ext}"));
+        Ok(file("snap").exists() || file("log").exists())
+    }
+
     /// Every claimed id of `key`, sorted; empty if the ledger doesn't exist.
     pub fn granted(&self, key: &str) -> Result<Vec<u32>> {
         if let Some(ledger) = lock(&self.open).get(key) {
