@@ -350,7 +350,9 @@ fn the_listener_caps_connections_and_closes_idle_ones() {
     const CAP: usize = 256;
     const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
     let s = Scratch::new();
-    s.write("job.toml", log_job(100, ""));
+    // One small campaign: a serve job needs one (or a campaigns stream).
+    let promo = promotion("promo", "Sale", "Hi {user.id}", "");
+    s.write("job.toml", log_job(100, &promo));
     let (serve, port, _reserved) = start_serve(&s, &["serve", "job.toml", "--quiet"]);
     let opened = Instant::now();
     let mut idle = idle_connections(port, 100);
