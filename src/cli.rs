@@ -37,7 +37,7 @@ Exit codes:
        refused, the provider failing systemically, a crash
   2    bad usage or bad input (the message names file, line and field)
   3    a campaign rejected as a duplicate of one admitted in the last 30 minutes
-  130  interrupted (SIGINT); run the same job again to finish
+  130  interrupted (SIGINT/SIGTERM): drained, partial summary written; re-run to finish
 
 The whole contract (job file, record formats, Redis keys): docs/cli.md.";
 

@@ -1,7 +1,8 @@
 //! One error type for the whole crate, classified by who must act on it.
 //!
 //! The class decides the process exit code (SPEC "Exit codes"): a user mistake (`Usage`,
-//! `BadInput`) exits 2, a rejected duplicate campaign exits 3, anything else exits 1.
+//! `BadInput`) exits 2, a rejected duplicate campaign exits 3, an interrupted run 130, anything
+//! else exits 1.
 
 use std::fmt;
 
@@ -68,6 +69,10 @@ pub enum Error {
     /// The store, the provider or the machine failed (exit 1).
     #[error(transparent)]
     Runtime(#[from] anyhow::Error),
+    /// Stopped by SIGINT or SIGTERM after draining: what was done is durable, the rest is
+    /// left for a re-run (exit 130).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl From<InputError> for Error {
@@ -83,6 +88,7 @@ impl Error {
             Error::Usage(_) | Error::BadInput(_) => 2,
             Error::Duplicate { .. } => 3,
             Error::Runtime(_) => 1,
+            Error::Interrupted(_) => 130,
         }
     }
 

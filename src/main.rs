@@ -71,6 +71,12 @@ fn execute(cli: Cli) -> Result<()> {
             if !args.job.quiet {
                 eprint!("{}", run::report(&summary));
             }
+            if summary.interrupted {
+                let delivered: u64 = summary.campaigns.iter().map(|c| c.counts.delivered).sum();
+                return Err(Error::Interrupted(format!(
+                    "interrupted: {delivered} delivered, re-run to finish"
+                )));
+            }
             Ok(())
         }
         Command::Serve(args) => {

@@ -277,6 +277,8 @@ impl Recorded {
 /// The run summary (SPEC `--summary`).
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Summary {
+    /// The run was stopped by a signal before it finished (a re-run sends the rest).
+    pub interrupted: bool,
     /// One line per campaign (occurrence).
     pub campaigns: Vec<CampaignSummary>,
     /// Users read from the source and tested against the audiences.
@@ -423,6 +425,7 @@ impl Metrics {
             Err(_) => Default::default(),
         };
         Summary {
+            interrupted: false,
             campaigns,
             users_scanned: c.users_scanned,
             buckets: c.buckets,

@@ -393,3 +393,88 @@ body = "Hi {user.id}"
     let again = progress(&run());
     assert_eq!(again.last(), Some(&(3000, 3000)), "{again:?}");
 }
+
+/// SIGINT drains: nothing more is claimed, the pushes in flight finish, the store is
+/// checkpointed and the partial summary written; "interrupted: N delivered, re-run to finish",
+/// exit 130. The re-run delivers exactly the users the first run did not.
+#[test]
+fn sigint_drains_writes_the_partial_summary_and_exits_130() {
+    const USERS: u64 = 20_000;
+    let s = Scratch::new();
+    s.write(
+        "job.toml",
+        format!(
+            r#"[inputs]
+users = "synthetic:{USERS}"
+[engine]
+now = "2026-03-02T00:00:00Z"
+[store]
+url = "file:store"
+[provider]
+url = "mock:latency=200ms"
+concurrency = 100
+[[campaign]]
+id = "p"
+kind = "promotion"
+start = "2026-03-01T00:00:00Z"
+end = "2026-03-08T00:00:00Z"
+body = "Hi {{user.id}}"
+"#
+        ),
+    );
+    // 20,000 pushes, 100 at a time, 200 ms each: 40 s if left alone.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["run", "job.toml", "--summary", "first.json"])
+        .current_dir(s.dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let signalled = std::time::Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let took = signalled.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(took.as_secs() < 5, "the drain took {took:?}");
+    let first = read_summary(&s.path("first.json"));
+    assert_eq!(first["interrupted"], true);
+    let delivered = campaign_line(&first, "p")["delivered"].as_u64().unwrap();
+    assert!(
+        err.contains(&format!(
+            "interrupted: {delivered} delivered, re-run to finish"
+        )),
+        "{err}"
+    );
+    assert!(
+        delivered > 0 && delivered < USERS,
+        "{delivered} delivered before the signal"
+    );
+
+    s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "--quiet",
+        "--provider",
+        "log:rest.jsonl",
+        "--summary",
+        "second.json",
+    ]);
+    let second = read_summary(&s.path("second.json"));
+    assert_eq!(second["interrupted"], false);
+    let rest = read_deliveries(&s.path("rest.jsonl"));
+    assert_eq!(
+        rest.len() as u64,
+        USERS - delivered,
+        "the re-run sends the rest"
+    );
+    assert_eq!(
+        pairs_once(&rest).len() as u64,
+        USERS - delivered,
+        "each once"
+    );
+}

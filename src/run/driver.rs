@@ -123,7 +123,8 @@ fn feed_and_drain(
             }
             epoch += 1;
             wait_for_open_epochs(worker, &inputs.probe, ctx, epoch);
-            if ctx.failed() {
+            // A failure, or a signal: feed nothing more (what is fed drains).
+            if ctx.failed() || ctx.dispatcher.stopping() {
                 break;
             }
             // Make the ledger of every epoch that completed durable (power loss; a killed

@@ -9,6 +9,7 @@ pub mod plan;
 pub mod prepare;
 pub mod targets;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::dataflow::{Context, RunTarget};
@@ -16,6 +17,7 @@ use crate::error::Result;
 use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignSummary, Metrics, Progress, Summary};
 use crate::model::Buckets;
+use crate::providers::dispatch::Dispatcher;
 use crate::providers::{Provider, ProviderSpec};
 use crate::sources::logins::Login;
 use crate::sources::{LoadOptions, LoadReport, UserSource};
@@ -170,6 +172,8 @@ fn fan_out(
         workers = sizing.workers,
         "fan-out starting"
     );
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let signals = runtime.spawn(on_interrupt(ctx.dispatcher.clone(), interrupted.clone()));
     let progress = Progress::start(metrics.clone(), total_pairs, opts.quiet);
     let shared = Arc::new(cluster::Shared {
         fingerprint,
@@ -183,14 +187,17 @@ fn fan_out(
         shared.clone(),
     );
     progress.finish();
+    signals.abort();
     result?;
     ctx.take_failure()?;
+    let interrupted = interrupted.load(Ordering::Acquire);
     runtime.block_on(async {
         ctx.dispatcher.flush().await?;
         store.checkpoint().await?;
         match &login_stream {
-            Some((reader, ids)) => reader.ack(ids).await,
-            None => Ok(()),
+            // Cut short, not every login was matched: they stay pending, read again next time.
+            Some((reader, ids)) if !interrupted => reader.ack(ids).await,
+            _ => Ok(()),
         }
     })?;
     tracing::info!(
@@ -206,7 +213,36 @@ fn fan_out(
     {
         metrics.absorb(&tally, ctx.targets.iter().map(|rt| &rt.stats));
     }
-    Ok(summary(job, &lines, &ctx, &metrics, loaded.report.skipped))
+    let mut summary = summary(job, &lines, &ctx, &metrics, loaded.report.skipped);
+    summary.interrupted = interrupted;
+    Ok(summary)
+}
+
+/// Waits for SIGINT or SIGTERM, then stops the dispatcher: nothing more is claimed or handed
+/// to the provider, the pushes in flight finish and are recorded, and the run drains.
+async fn on_interrupt(dispatcher: Arc<Dispatcher>, interrupted: Arc<AtomicBool>) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::warn!("interrupted: stopping; pushes in flight finish, the rest is left for a re-run");
+    interrupted.store(true, Ordering::Release);
+    dispatcher.stop_sending();
+    // A second one does not wait for the drain: like a crash, the next run re-sends what was
+    // in flight, with the same keys.
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("fanout: interrupted twice: exiting without draining; re-run to finish");
+    std::process::exit(130);
 }
 
 /// Logins on a Redis stream: every entry there now, read into `loaded` and acknowledged once
