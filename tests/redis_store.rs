@@ -193,6 +193,36 @@ fn a_redis_restart_mid_run_loses_and_duplicates_nothing() {
     assert!(m.values().all(|v| v.len() == 1), "a user delivered twice");
 }
 
+/// Redis losing its data mid-run (here FLUSHALL; a restart without persistence does the
+/// same) must not end in a silent exit 0: the ledger bits written before are gone, and a later
+/// run may send those users again. With a lease too long for a heartbeat to notice in time,
+/// the next fenced claim or mark finds the lease gone — or, past the last of them, the run's
+/// end does: exit 1, saying so.
+#[test]
+fn data_lost_by_redis_mid_run_is_an_error_not_a_silent_success() {
+    let redis = RedisServer::start();
+    let s = Scratch::new();
+    s.write("job.toml", rated_job(20_000));
+    let store = redis.url(0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["run", "job.toml", "-w", "2", "--store", &store, "--quiet"])
+        .env("FANOUT_LEASE", "120s")
+        .current_dir(s.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.wait_for_lines("deliveries.jsonl", 5_000, &mut child);
+    redis.cli(&["FLUSHALL"]);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("lease lost") || err.contains("lease was gone when it ended"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_killed_run_is_finished_by_the_next_one() {
     let redis = RedisServer::start();

@@ -638,14 +638,25 @@ impl RedisStore {
                 }
             }
         }
-        lease.release(&self.con).await
+        if lease.release(&self.con).await? {
+            return Ok(());
+        }
+        // Our lease outlives the run unless the server dropped it: the data this run wrote
+        // may be gone with it, and a later run may send those users again. Say so loudly.
+        Err(Error::runtime(format!(
+            "store {}: this run's lease was gone when it ended: the Redis server lost data \
+             (a restart without persistence, a FLUSHALL, an eviction) or the run stalled past \
+             its lease; what it recorded may be lost, so a later run may send some users again \
+             (check the server's persistence: appendonly yes)",
+            self.url
+        )))
     }
 
     /// Ends a failed run: drops the lease if it still holds our token and leaves the in-flight
     /// sets, so the next run adopts them at once instead of waiting for the lease to expire.
     pub async fn abandon(&self) -> Result<()> {
         match &self.lease {
-            Some(lease) => lease.release(&self.con).await,
+            Some(lease) => lease.release(&self.con).await.map(|_| ()),
             None => Ok(()),
         }
     }

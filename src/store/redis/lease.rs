@@ -124,17 +124,19 @@ impl Lease {
     }
 
     /// Drops the lease if it still holds our token (the end of a run, clean or not).
-    pub(super) async fn release(&self, con: &ConnectionManager) -> Result<()> {
+    /// Drops the lease if it still holds our token; returns whether it did (`false`: the lease
+    /// was gone — expired, taken over, or lost with the server's data).
+    pub(super) async fn release(&self, con: &ConnectionManager) -> Result<bool> {
         self.ended.store(true, Ordering::Release);
         let script = Script::new(RELEASE);
-        retrying(&self.url, "DEL run lease", || {
+        let released = retrying(&self.url, "DEL run lease", || {
             let mut con = con.clone();
             let mut call = script.prepare_invoke();
             call.key(&self.key).arg(&self.token);
             async move { call.invoke_async::<i64>(&mut con).await }
         })
         .await?;
-        Ok(())
+        Ok(released == 1)
     }
 }
 
