@@ -160,9 +160,9 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
         campaigns: lines,
         users,
         buckets: source.buckets(buckets).len() as u64,
-        eta_s: engine_s.max(push_s),
-        engine_s,
-        push_s,
+        eta_s: millis(engine_s.max(push_s)),
+        engine_s: millis(engine_s),
+        push_s: millis(push_s),
         latency_ms: latency.as_secs_f64() * 1e3,
         latency_guessed,
     })
@@ -188,6 +188,11 @@ async fn batches_as_run_cuts(
         batches += n.div_ceil(sizing.batch_max_messages as u64);
     }
     Ok((eligible, batches))
+}
+
+/// `s` to the millisecond (a plan's JSON says 0.001, not 7.7e-07).
+fn millis(s: f64) -> f64 {
+    (s * 1e3).round() / 1e3
 }
 
 /// How long a number of seconds reads.
