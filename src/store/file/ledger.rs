@@ -95,7 +95,8 @@ fn split(sets: Sets, shard_of: &Shards) -> Vec<Sets> {
     if shard_of.count() == 1 {
         return vec![sets];
     }
-    let masks = shard_of.masks(sets.claimed.max().unwrap_or(0));
+    // Every done or dead id is claimed too: the claimed set's blocks cover them all.
+    let masks = shard_of.masks(&sets.claimed);
     masks
         .iter()
         .map(|mask| Sets {

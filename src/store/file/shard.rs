@@ -62,19 +62,26 @@ impl Shards {
         ((id / self.bucket_size / self.processes) % self.count) as usize
     }
 
-    /// The shard of every id of bucket-sized blocks up to `max_id`, as one bitmap per shard.
-    pub fn masks(&self, max_id: u32) -> Vec<RoaringBitmap> {
+    /// Per shard, a bitmap covering the whole bucket-sized block of every id of `ids` that
+    /// belongs to it: `ids & masks[k]` is shard `k`'s part. It costs a step per block holding
+    /// ids, however far apart they are.
+    pub fn masks(&self, ids: &RoaringBitmap) -> Vec<RoaringBitmap> {
         let mut masks = vec![RoaringBitmap::new(); self.count()];
         if self.count == 1 {
             masks[0].insert_range(..);
             return masks;
         }
         let size = u64::from(self.bucket_size);
-        for bucket in 0..=u64::from(max_id) / size {
-            let lo = bucket * size;
+        let mut it = ids.iter();
+        while let Some(id) = it.next() {
+            let lo = u64::from(id) / size * size;
             let hi = (lo + size).min(1 << 32);
-            // `lo` is below 2^32: bucket ≤ max_id / size.
-            masks[self.of(lo as u32)].insert_range(lo as u32..=(hi - 1) as u32);
+            // Both within u32: lo ≤ id, hi - 1 < 2^32.
+            masks[self.of(id)].insert_range(lo as u32..=(hi - 1) as u32);
+            match u32::try_from(hi) {
+                Ok(next) => it.advance_to(next),
+                Err(_) => break,
+            }
         }
         masks
     }

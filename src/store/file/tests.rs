@@ -541,3 +541,20 @@ fn a_sharded_revival_and_claim_span_every_shard() {
         [0, 1, 2, 3, 7]
     );
 }
+
+#[test]
+fn shard_masks_cost_a_step_per_block_with_ids_however_far_apart() {
+    // Buckets of one id up to 2^32: a walk over every bucket would take minutes.
+    let ids: roaring::RoaringBitmap = [0u32, 7, 1_000_000, 4_000_000_000, u32::MAX]
+        .into_iter()
+        .collect();
+    for shards in [Shards::new(1, 1, 4), Shards::new(1000, 3, 5)] {
+        let masks = shards.masks(&ids);
+        for id in &ids {
+            let holders: Vec<usize> = (0..masks.len())
+                .filter(|&k| masks[k].contains(id))
+                .collect();
+            assert_eq!(holders, [shards.of(id)], "id {id}");
+        }
+    }
+}
