@@ -256,14 +256,17 @@ fn prometheus_scrapes_as_many_deliveries_as_the_log_holds_and_promtool_accepts_t
     );
     let url = redis.url(0);
     let args = ["serve", "job.toml", "--campaigns", &url, "--quiet"];
-    let (mut serve, port, _reserved) = start_serve(&s, &args);
+    let (serve, port, _reserved) = start_serve(&s, &args);
+    // Killed even if an assertion fails; stopped with SIGTERM at the end.
+    let mut serve = KillOnDrop(serve);
+    let serve = &mut serve.0;
     let prometheus = Prometheus::start(port);
 
     // Prometheus reads the counter before anything is sent: it is there, at 0.
     let before = prometheus.wait_for(
         "a first scrape",
         "fanout_deliveries_total",
-        &mut serve,
+        serve,
         |samples| !samples.is_empty(),
     );
     assert!(
@@ -277,7 +280,7 @@ fn prometheus_scrapes_as_many_deliveries_as_the_log_holds_and_promtool_accepts_t
         body = \"Hi {user.id}\"\n[campaign.audience]\n";
     redis.cli(&["XADD", "fanout:campaigns", "*", "job", promo]);
     let log = s.path("deliveries.jsonl");
-    s.wait_for_lines("deliveries.jsonl", USERS as usize, &mut serve);
+    s.wait_for_lines("deliveries.jsonl", USERS as usize, serve);
     // Every user's line is written: the fan-out is over. (Serve acknowledges the stream entry
     // only when its generation ends, up to a minute later, so Redis cannot say so sooner.)
     let ended = now_ms();
@@ -310,7 +313,7 @@ fn prometheus_scrapes_as_many_deliveries_as_the_log_holds_and_promtool_accepts_t
     let samples = prometheus.wait_for(
         "a scrape after the fan-out reporting the log's count",
         "fanout_deliveries_total",
-        &mut serve,
+        serve,
         |samples| {
             counter(samples);
             samples
@@ -323,7 +326,7 @@ fn prometheus_scrapes_as_many_deliveries_as_the_log_holds_and_promtool_accepts_t
     let samples = prometheus.wait_for(
         "another scrape after the fan-out",
         "fanout_deliveries_total",
-        &mut serve,
+        serve,
         |samples| {
             counter(samples);
             samples.last().is_some_and(|&(ts, _)| ts > settled)
@@ -358,5 +361,6 @@ fn prometheus_scrapes_as_many_deliveries_as_the_log_holds_and_promtool_accepts_t
     }
 
     drop(prometheus);
-    terminate(serve);
+    let (status, _, err) = sigterm(serve);
+    assert!(status.success(), "serve after SIGTERM: {status:?}\n{err}");
 }
