@@ -142,6 +142,17 @@ pub fn terminate(mut child: Child) {
     assert!(status.success(), "serve after SIGTERM: {status:?}\n{err}");
 }
 
+/// A started process killed (SIGKILL) when this is dropped, so a failing test does not leave
+/// it running; an orderly stop ([`sigterm`] on `.0`) first makes the drop a no-op.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
 /// The entries of `stream` pending in the group `fanout` (XPENDING's count).
 pub fn pending(redis: &crate::redis_server::RedisServer, stream: &str) -> u64 {
     let out = redis.cli(&["XPENDING", stream, "fanout"]);
