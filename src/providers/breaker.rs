@@ -4,7 +4,8 @@
 //! everyone and exiting 0.
 //!
 //! Two rules, over the attempts the provider answered with a failure that is not about one
-//! user (not an invalid token, not a `Retry-After` asking us to slow down):
+//! user (not an invalid token, not a message unsendable as it is — over FCM's size limit —, not
+//! a `Retry-After` asking us to slow down):
 //! - **Start**: the first [`START_FAILURES`] attempts of the run all failed, and none was
 //!   delivered: nothing suggests the provider works at all.
 //! - **Window**: of the last [`WINDOW`] to 2 × [`WINDOW`] attempts, at least

@@ -358,6 +358,7 @@ impl Dispatcher {
                 failed(next, &error);
                 dead(&error)?
             }
+            Some(Outcome::Unsendable(error)) => dead(&error)?,
             Some(Outcome::InvalidToken(error)) => {
                 self.metrics.count.invalid_tokens.fetch_add(1, Relaxed);
                 dead(&error)?

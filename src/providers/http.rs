@@ -142,7 +142,7 @@ impl HttpProvider {
     /// The record's key as a header value, or why `m` cannot be sent.
     fn key(&self, m: &Message<'_>) -> std::result::Result<HeaderValue, Outcome> {
         let bad =
-            |what: &str| Outcome::Permanent(format!("{}: user {}: {what}", self.name(), m.user));
+            |what: &str| Outcome::Unsendable(format!("{}: user {}: {what}", self.name(), m.user));
         let keyed: Keyed<'_> =
             serde_json::from_str(m.json).map_err(|_| bad("the delivery record has no key"))?;
         HeaderValue::from_str(&keyed.key).map_err(|_| bad("the key cannot be sent as a header"))
@@ -351,7 +351,7 @@ mod tests {
             ..message(r#"{"user":8}"#)
         };
         assert!(
-            matches!(p.wire_request(wire, &keyless), Err(Outcome::Permanent(e)) if e.contains("user 8"))
+            matches!(p.wire_request(wire, &keyless), Err(Outcome::Unsendable(e)) if e.contains("user 8"))
         );
         let default_port = HttpSpec::parse("http://example.com/").unwrap();
         let p = HttpProvider::open(default_port, &Timeouts::default()).unwrap();

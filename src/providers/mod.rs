@@ -40,6 +40,10 @@ pub enum Outcome {
     },
     /// It can never succeed (payload refused): dead-letter it.
     Permanent(String),
+    /// The message cannot be sent as it is, found before any I/O (over the provider's size
+    /// limit, an unreadable record): dead-lettered at once, and no sign of the provider's
+    /// health either way (the breaker ignores it).
+    Unsendable(String),
     /// The provider says the user's push token is invalid or no longer registered: permanent
     /// (dead-lettered) and counted in the summary's `invalid_tokens`.
     InvalidToken(String),

@@ -147,7 +147,7 @@ pub fn by_status(status: StatusCode, after: Option<Duration>, error: String) -> 
 pub fn transport_failure(name: &str, e: &reqwest::Error) -> Outcome {
     let error = format!("{name}: {}", chain(e));
     if e.is_builder() {
-        Outcome::Permanent(error)
+        Outcome::Unsendable(error)
     } else {
         Outcome::Retry { error, after: None }
     }

@@ -149,7 +149,7 @@ impl FcmProvider {
             return Err(Outcome::Unreachable);
         };
         let body = request_body(m.json, token).map_err(|why| {
-            Outcome::Permanent(match why {
+            Outcome::Unsendable(match why {
                 Unsendable::TooBig(size) => format!(
                     "{}: user {}: payload of {size} bytes is over FCM's {MAX_PAYLOAD_BYTES}-byte limit",
                     self.name, m.user
@@ -191,6 +191,7 @@ impl FcmProvider {
                 after,
             },
             Outcome::Permanent(e) => Outcome::Permanent(cut(e)),
+            Outcome::Unsendable(e) => Outcome::Unsendable(cut(e)),
             Outcome::InvalidToken(e) => Outcome::InvalidToken(cut(e)),
             Outcome::Unauthorized(e) => Outcome::Unauthorized(cut(e)),
             Outcome::Unreachable => Outcome::Unreachable,
