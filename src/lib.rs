@@ -44,6 +44,7 @@ pub mod providers;
 pub mod render;
 pub mod run;
 pub mod serve;
+pub mod signals;
 pub mod sources;
 pub mod store;
 pub mod streams;

@@ -9,7 +9,6 @@ pub mod plan;
 pub mod prepare;
 pub mod targets;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::dataflow::{Context, RunTarget};
@@ -172,8 +171,7 @@ fn fan_out(
         workers = sizing.workers,
         "fan-out starting"
     );
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let signals = runtime.spawn(on_interrupt(ctx.dispatcher.clone(), interrupted.clone()));
+    let signals = runtime.spawn(on_interrupt(ctx.dispatcher.clone()));
     let progress = Progress::start(metrics.clone(), total_pairs, opts.quiet);
     let shared = Arc::new(cluster::Shared {
         fingerprint,
@@ -190,7 +188,7 @@ fn fan_out(
     signals.abort();
     result?;
     ctx.take_failure()?;
-    let interrupted = interrupted.load(Ordering::Acquire);
+    let interrupted = ctx.dispatcher.stopping();
     runtime.block_on(async {
         ctx.dispatcher.flush().await?;
         store.checkpoint().await?;
@@ -219,28 +217,18 @@ fn fan_out(
 }
 
 /// Waits for SIGINT or SIGTERM, then stops the dispatcher: nothing more is claimed or handed
-/// to the provider, the pushes in flight finish and are recorded, and the run drains.
-async fn on_interrupt(dispatcher: Arc<Dispatcher>, interrupted: Arc<AtomicBool>) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
+/// to the provider, the pushes in flight finish and are recorded, and the run drains. A
+/// stopped dispatcher is what marks the run interrupted.
+async fn on_interrupt(dispatcher: Arc<Dispatcher>) {
+    let Some(mut signals) = crate::signals::StopSignals::listen() else {
+        return;
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    signals.next().await;
     tracing::warn!("interrupted: stopping; pushes in flight finish, the rest is left for a re-run");
-    interrupted.store(true, Ordering::Release);
     dispatcher.stop_sending();
     // A second one does not wait for the drain: like a crash, the next run re-sends what was
     // in flight, with the same keys.
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    signals.next().await;
     eprintln!("fanout: interrupted twice: exiting without draining; re-run to finish");
     std::process::exit(130);
 }

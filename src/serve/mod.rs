@@ -607,17 +607,10 @@ async fn read_logins(
 /// On SIGINT or SIGTERM: stops claiming and sending at once (what is in flight finishes and
 /// is recorded; the rest stays for the next start), then sets the shutdown flag.
 async fn on_signals(flags: Arc<Flags>, dispatcher: Arc<Dispatcher>) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
+    let Some(mut signals) = crate::signals::StopSignals::listen() else {
+        return;
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    signals.next().await;
     tracing::info!("signal received: stopping; pushes in flight finish");
     dispatcher.stop_sending();
     flags.shutdown.store(true, Relaxed);
