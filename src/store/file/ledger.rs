@@ -1,5 +1,6 @@
 //! [`FileLedger`]: one ledger's shards ([`super::shard`]), its snapshot and its checkpoint.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -107,15 +108,6 @@ fn split(sets: Sets, shard_of: &Shards) -> Vec<Sets> {
         .collect()
 }
 
-/// `ids` grouped by shard, each group in the order given (empty groups included).
-fn by_shard(ids: &[u32], shard_of: &Shards) -> Vec<Vec<u32>> {
-    let mut parts = vec![Vec::new(); shard_of.count()];
-    for &id in ids {
-        parts[shard_of.of(id)].push(id);
-    }
-    parts
-}
-
 impl FileLedger {
     pub(super) fn open(
         key: &str,
@@ -182,21 +174,38 @@ impl FileLedger {
         self.shards.iter().map(|s| lock(&s.state)).collect()
     }
 
-    /// The atomic claim; see [`crate::store::Ledger::claim`]. Each shard's part is atomic on
-    /// its own; the engine's batches (the users of one bucket) lie in one shard.
-    pub fn claim(&self, ids: &[u32]) -> Result<Claim> {
+    /// `ids` by shard, each part in the order given: the whole slice when it lies in one shard
+    /// (the engine's batches, one bucket's users), else one part per shard it touches.
+    fn parts<'a>(&self, ids: &'a [u32]) -> Vec<(usize, Cow<'a, [u32]>)> {
         let Some(&first) = ids.first() else {
-            return Ok(Claim::default());
+            return Vec::new();
         };
         let home = self.shard_of.of(first);
         if ids.iter().all(|&id| self.shard_of.of(id) == home) {
-            return self.shards[home].claim(&self.key, ids);
+            return vec![(home, Cow::Borrowed(ids))];
+        }
+        let mut parts = vec![Vec::new(); self.shards.len()];
+        for &id in ids {
+            parts[self.shard_of.of(id)].push(id);
+        }
+        parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, part)| !part.is_empty())
+            .map(|(k, part)| (k, Cow::Owned(part)))
+            .collect()
+    }
+
+    /// The atomic claim; see [`crate::store::Ledger::claim`]. Each shard's part is atomic on
+    /// its own; the engine's batches (the users of one bucket) lie in one shard.
+    pub fn claim(&self, ids: &[u32]) -> Result<Claim> {
+        let parts = self.parts(ids);
+        if let [(k, part)] = parts.as_slice() {
+            return self.shards[*k].claim(&self.key, part);
         }
         let mut claimed = RoaringBitmap::new();
-        for (k, part) in by_shard(ids, &self.shard_of).iter().enumerate() {
-            if !part.is_empty() {
-                claimed.extend(self.shards[k].claim(&self.key, part)?.claimed);
-            }
+        for (k, part) in &parts {
+            claimed.extend(self.shards[*k].claim(&self.key, part)?.claimed);
         }
         // In input order; a repeated id is claimed once, at its first place.
         let (claimed, already) = ids.iter().partition(|&&id| claimed.remove(id));
@@ -214,28 +223,28 @@ impl FileLedger {
     }
 
     fn mark(&self, kind: Kind, ids: &[u32]) -> Result<()> {
-        let Some(&first) = ids.first() else {
-            return Ok(());
-        };
-        let home = self.shard_of.of(first);
-        if ids.iter().all(|&id| self.shard_of.of(id) == home) {
-            return self.shards[home].mark(&self.key, kind, ids);
+        self.parts(ids)
+            .iter()
+            .try_for_each(|(k, part)| self.shards[*k].mark(&self.key, kind, part))
+    }
+
+    /// One of the sets, every shard's part together, as it is now.
+    fn union_now(&self, set: fn(&Sets) -> &RoaringBitmap) -> RoaringBitmap {
+        let mut all = RoaringBitmap::new();
+        for shard in &self.shards {
+            all |= set(&lock(&shard.state).sets);
         }
-        for (k, part) in by_shard(ids, &self.shard_of).iter().enumerate() {
-            if !part.is_empty() {
-                self.shards[k].mark(&self.key, kind, part)?;
-            }
-        }
-        Ok(())
+        all
     }
 
     /// A copy of the done set as it is now.
     pub fn done_now(&self) -> RoaringBitmap {
-        let mut done = RoaringBitmap::new();
-        for shard in &self.shards {
-            done |= &lock(&shard.state).sets.done;
-        }
-        done
+        self.union_now(|sets| &sets.done)
+    }
+
+    /// A copy of the claimed set as it is now.
+    pub fn claimed_now(&self) -> RoaringBitmap {
+        self.union_now(|sets| &sets.claimed)
     }
 
     /// Whether `id` is done.
@@ -257,6 +266,7 @@ impl FileLedger {
     }
 
     /// A copy of the ledger's sets as they are now (every shard's, together).
+    #[cfg(test)]
     pub(super) fn sets(&self) -> Sets {
         union(&self.lock_all())
     }

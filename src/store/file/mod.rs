@@ -236,7 +236,7 @@ impl FileStore {
     /// Every claimed id of `key`, sorted; empty if the ledger doesn't exist.
     pub fn granted(&self, key: &str) -> Result<Vec<u32>> {
         if let Some(ledger) = lock(&self.open).get(key) {
-            return Ok(ledger.sets().claimed.iter().collect());
+            return Ok(ledger.claimed_now().iter().collect());
         }
         // Not open here: read the files as they are, without opening (or creating) the ledger.
         let stem = file_stem(key)?;
