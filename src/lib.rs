@@ -15,6 +15,7 @@
 //! - [`cli`]: flags only (clap), no I/O.
 //! - [`job`]: the job file (serde, unknown keys refused), validation, CLI overrides.
 //! - [`model`]: plain data (users, tags, buckets, campaigns, deliveries); the bucket math.
+//! - [`policy`]: holdouts, frequency caps, quiet hours (SPEC "Policy").
 //! - [`audience`]: persona matching. [`template`]: message templates. [`render`]: a
 //!   target's message straight into its JSON delivery record (the per-user hot path).
 //! - [`sources`]: users from JSON Lines, CSV or a synthetic generator, by id range.
@@ -40,6 +41,7 @@ pub mod grants;
 pub mod job;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod providers;
 pub mod render;
 pub mod run;

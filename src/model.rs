@@ -232,6 +232,40 @@ pub enum Kind {
     HotProduct,
 }
 
+/// A campaign's lane in the dispatcher (SPEC "Policy"): transactional messages are never
+/// queued behind normal or bulk ones. Ordered as the lanes are served: `Transactional` first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Password resets, order updates: own budget, may borrow idle capacity; no caps, no
+    /// quiet hours, no control group.
+    Transactional,
+    /// The default.
+    #[default]
+    Normal,
+    /// Mass blasts: never take transactional's share.
+    Bulk,
+}
+
+impl Priority {
+    /// Every priority, in lane order.
+    pub const ALL: [Priority; 3] = [Priority::Transactional, Priority::Normal, Priority::Bulk];
+
+    /// The name as written in job files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Transactional => "transactional",
+            Priority::Normal => "normal",
+            Priority::Bulk => "bulk",
+        }
+    }
+
+    /// The lane's index (`0` transactional … `2` bulk).
+    pub fn lane(self) -> usize {
+        self as usize
+    }
+}
+
 /// The persona a campaign targets. Every bound is inclusive and optional.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -311,6 +345,10 @@ pub struct Campaign {
     pub goods: Option<Goods>,
     /// Schedule period (`kind = "hot_product"` only).
     pub every: Option<std::time::Duration>,
+    /// Its lane, and whether policy (caps, quiet hours, control group) applies.
+    pub priority: Priority,
+    /// Share of the audience held out as this campaign's control group, `0.0 ..= 1.0`.
+    pub holdout: f64,
 }
 
 impl Campaign {

@@ -159,6 +159,8 @@ mod tests {
                 keywords: "running".into(),
             }),
             every: Some(std::time::Duration::from_secs(3600)),
+            priority: Default::default(),
+            holdout: 0.0,
         };
         Target::new(Arc::new(c), occurrence.map(str::to_owned))
     }

@@ -9,7 +9,7 @@ use toml::Spanned;
 
 use super::locate::{campaign_label, is_valid_id, Doc, Shape};
 use crate::error::{Error, Result};
-use crate::model::{Audience, Campaign, Coupon, CouponDelivery, Goods, Kind};
+use crate::model::{Audience, Campaign, Coupon, CouponDelivery, Goods, Kind, Priority};
 use crate::template::{Template, Var};
 
 /// A campaign as written, each value with its span.
@@ -26,6 +26,9 @@ pub(super) struct RawCampaign {
     coupon: Option<Spanned<RawCoupon>>,
     goods: Option<Spanned<Goods>>,
     schedule: Option<Spanned<RawSchedule>>,
+    #[serde(default)]
+    priority: Priority,
+    holdout: Option<Spanned<f64>>,
 }
 
 /// Levels are read wide so that 300 is our error ("must be 0..=255"), not serde's.
@@ -185,7 +188,17 @@ impl RawCampaign {
             ),
             None => None,
         };
+        let holdout = match &self.holdout {
+            Some(h) if !(0.0..=1.0).contains(h.get_ref()) => {
+                let msg = format!("must be a share in 0..=1, got {}", h.get_ref());
+                return Err(at(h.span(), "holdout", msg));
+            }
+            Some(h) => *h.get_ref(),
+            None => 0.0,
+        };
         Ok(Campaign {
+            priority: self.priority,
+            holdout,
             id: self.id.into_inner(),
             kind,
             start,
@@ -334,7 +347,7 @@ pub(super) fn time_value(v: &toml::Value) -> Result<DateTime<Utc>, String> {
 }
 
 /// A stable hex hash of a campaign's content — kind, audience, window, title and body sources,
-/// coupon, goods and schedule — but not its id: the repeated-campaign guard
+/// coupon, goods, schedule, priority and holdout — but not its id: the repeated-campaign guard
 /// (`fanout:admitted:{hash}`) uses it to spot the same campaign submitted under another id.
 /// A title left to default (the id) hashes as "default", so it does not bring the id back in.
 pub fn content_hash(c: &Campaign) -> String {
@@ -388,6 +401,16 @@ pub fn content_hash(c: &Campaign) -> String {
         &c.every
             .map_or_else(|| "-".to_owned(), |d| d.as_millis().to_string()),
     );
+    // Policy fields join the hash only when set, so a campaign without them hashes as it did
+    // before they existed (admissions recorded then still match).
+    if c.priority != Priority::Normal {
+        h.field("priority");
+        h.field(c.priority.name());
+    }
+    if c.holdout != 0.0 {
+        h.field("holdout");
+        h.field(&c.holdout.to_bits().to_string());
+    }
     format!("{:016x}", h.0)
 }
 

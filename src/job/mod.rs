@@ -89,6 +89,8 @@ pub struct Job {
     pub provider: ProviderConfig,
     /// The campaigns, in file order; ids are unique.
     pub campaigns: Vec<Arc<Campaign>>,
+    /// Rules across campaigns (`[policy]`; the default applies none).
+    pub policy: crate::policy::Policy,
 }
 
 impl Job {
@@ -252,6 +254,7 @@ pub fn parse(label: &str, text: &str, overrides: &Overrides) -> Result<Job> {
         store,
         provider,
         campaigns,
+        policy: crate::policy::Policy::default(),
     })
 }
 

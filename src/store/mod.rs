@@ -61,6 +61,22 @@ pub struct LedgerCounts {
     pub dead: u64,
 }
 
+/// The users of one ledger by recorded outcome (SPEC "Outcomes"), for `fanout report`.
+/// The sets are disjoint; together they are the ledger's claimed ids.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcomes {
+    /// Pushed and accepted by the provider (or granted, for lazy coupons).
+    pub delivered: RoaringBitmap,
+    /// Refused permanently or out of attempts.
+    pub dead_lettered: RoaringBitmap,
+    /// No push token.
+    pub unreachable: RoaringBitmap,
+    /// In the campaign's holdout or the control group: recorded, never sent.
+    pub held_out: RoaringBitmap,
+    /// Claimed and not yet settled (in flight, or in flight when a run died).
+    pub in_flight: RoaringBitmap,
+}
+
 /// Which process of a cluster opens a store, and which users it owns: on Redis it adopts,
 /// from a dead run's in-flight set, exactly the ids [`Route::keeps`](crate::model::Route::keeps)
 /// says are its own — whatever the dead run's process or worker count was.
@@ -305,6 +321,18 @@ impl Store {
                 off_runtime(move || store.granted(&key)).await
             }
             Store::Redis(store) => store.granted(key).await,
+        }
+    }
+
+    /// The users of ledger `key` by recorded outcome. Empty if the ledger doesn't exist.
+    pub async fn outcomes(&self, key: &str) -> Result<Outcomes> {
+        match self {
+            Store::File(store) => {
+                let store = Arc::clone(store);
+                let key = key.to_owned();
+                off_runtime(move || store.outcomes(&key)).await
+            }
+            Store::Redis(store) => store.outcomes(key).await,
         }
     }
 

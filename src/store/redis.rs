@@ -590,6 +590,20 @@ impl RedisStore {
         Ok(found > 0)
     }
 
+    /// The users of ledger `key` by recorded outcome.
+    pub async fn outcomes(&self, key: &str) -> Result<super::Outcomes> {
+        let ledger = self.ledger(key).await?;
+        let claimed = ledger.bits(&ledger.granted).await?;
+        let in_flight = ledger.in_flight().await?;
+        let dead = ledger.bits(&ledger.dead).await?;
+        Ok(super::Outcomes {
+            delivered: &(&claimed - &in_flight) - &dead,
+            dead_lettered: dead,
+            in_flight,
+            ..Default::default()
+        })
+    }
+
     /// Every claimed id of ledger `key`, sorted.
     pub async fn granted(&self, key: &str) -> Result<Vec<u32>> {
         let ledger = self.ledger(key).await?;

@@ -59,6 +59,16 @@ impl Sets {
         }
     }
 
+    /// The ids by recorded outcome.
+    pub(super) fn outcomes(&self) -> crate::store::Outcomes {
+        crate::store::Outcomes {
+            delivered: &self.done - &self.dead,
+            dead_lettered: self.dead.clone(),
+            in_flight: &self.claimed - &self.done,
+            ..Default::default()
+        }
+    }
+
     pub(super) fn encode(&self) -> Result<Vec<u8>> {
         let maps = [&self.claimed, &self.done, &self.dead];
         let body_len: usize = maps.iter().map(|m| 8 + m.serialized_size()).sum();

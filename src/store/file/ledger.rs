@@ -266,7 +266,6 @@ impl FileLedger {
     }
 
     /// A copy of the ledger's sets as they are now (every shard's, together).
-    #[cfg(test)]
     pub(super) fn sets(&self) -> Sets {
         union(&self.lock_all())
     }

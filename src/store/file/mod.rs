@@ -238,12 +238,25 @@ impl FileStore {
         if let Some(ledger) = lock(&self.open).get(key) {
             return Ok(ledger.claimed_now().iter().collect());
         }
-        // Not open here: read the files as they are, without opening (or creating) the ledger.
+        Ok(self.read_sets(key)?.claimed.iter().collect())
+    }
+
+    /// The users of ledger `key` by recorded outcome.
+    pub fn outcomes(&self, key: &str) -> Result<crate::store::Outcomes> {
+        let sets = match lock(&self.open).get(key) {
+            Some(ledger) => ledger.sets(),
+            None => self.read_sets(key)?,
+        };
+        Ok(sets.outcomes())
+    }
+
+    /// The sets of ledger `key` as its files hold them, without opening (or creating) it.
+    fn read_sets(&self, key: &str) -> Result<format::Sets> {
         let stem = file_stem(key)?;
         let (sets, _) = load(
             &self.ledgers_dir.join(format!("{stem}.snap")),
             &ledger::log_paths(&self.ledgers_dir, &stem),
         )?;
-        Ok(sets.claimed.iter().collect())
+        Ok(sets)
     }
 }
