@@ -73,7 +73,8 @@ pub fn expose_counter(out: &mut String, name: &str, help: &str, value: u64) {
 }
 
 counters! {
-    /// Per-target counters. `eligible = delivered + dead_lettered + unreachable` once drained.
+    /// Per-target counters (SPEC "Outcomes"). Once drained, `eligible = delivered +
+    /// dead_lettered + unreachable + capped + quiet_held + held_out + cancelled`.
     pub struct CampaignStats / CampaignCounts {
         /// Users this run claimed and set out to reach.
         eligible => "",
@@ -85,6 +86,14 @@ counters! {
         dead_lettered => "",
         /// Users the provider cannot address (no token).
         unreachable => "",
+        /// Users a frequency cap kept from this occurrence.
+        capped => "",
+        /// Users held for the end of their quiet hours.
+        quiet_held => "",
+        /// Users in the campaign's holdout or the control group: recorded, never sent.
+        held_out => "",
+        /// Users not yet claimed when the campaign was cancelled.
+        cancelled => "",
     }
 }
 
@@ -118,6 +127,8 @@ counters! {
         dead_lettered => "fanout_dead_lettered_total",
         /// Messages for users without a push token.
         unreachable => "fanout_unreachable_total",
+        /// Users held out of a campaign (its holdout or the control group).
+        held_out => "fanout_held_out_total",
     }
 }
 

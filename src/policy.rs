@@ -124,10 +124,7 @@ fn in_control_group(digits: &[u8], share_ppm: u64) -> bool {
 
 /// Whether `user` is in the control group of share `control_group` (for reports).
 pub fn in_control(user: UserId, control_group: f64) -> bool {
-    in_share(
-        fnv1a64(format!("control:{user}").as_bytes()),
-        control_group,
-    )
+    in_share(fnv1a64(format!("control:{user}").as_bytes()), control_group)
 }
 
 #[cfg(test)]

@@ -36,6 +36,17 @@ pub fn count_claim(ctx: &Context, target: u32, claim: &Claim) {
     ctx.metrics.count.pairs_settled.fetch_add(already, Relaxed);
 }
 
+/// Counts a held-out claim: the users it settled are eligible and held out, the others
+/// already granted.
+pub fn count_held_out(ctx: &Context, target: u32, claim: &Claim) {
+    let rt = &ctx.targets[target as usize];
+    let held = claim.claimed.len() as u64;
+    count_claim(ctx, target, claim);
+    rt.stats.held_out.fetch_add(held, Relaxed);
+    ctx.metrics.count.held_out.fetch_add(held, Relaxed);
+    ctx.metrics.count.pairs_settled.fetch_add(held, Relaxed);
+}
+
 /// The messages of one push task, rendered: every record in one buffer the task owns (no
 /// allocation per message).
 pub struct Rendered {
@@ -238,17 +249,13 @@ async fn record(
     if settled.is_empty() {
         return Ok(());
     }
-    let (mut done, mut dead) = (Vec::new(), Vec::new());
-    let mut unreachable = 0u64;
+    let (mut done, mut dead, mut unreachable) = (Vec::new(), Vec::new(), Vec::new());
     for (offset, s) in settled {
         for (i, fate) in &s.fates {
             let user = messages[offset + i].user;
             match fate {
                 Fate::Delivered => done.push(user),
-                Fate::Unreachable => {
-                    unreachable += 1;
-                    done.push(user);
-                }
+                Fate::Unreachable => unreachable.push(user),
                 Fate::Dead => dead.push(user),
             }
         }
@@ -256,11 +263,16 @@ async fn record(
     // Id order: the stores apply sorted ids as whole-set operations.
     done.sort_unstable();
     dead.sort_unstable();
-    let delivered = done.len() as u64 - unreachable;
+    unreachable.sort_unstable();
+    let delivered = done.len() as u64;
     rt.ledger.mark_done(&done).await?;
     if !dead.is_empty() {
         rt.ledger.mark_dead(&dead).await?;
     }
+    if !unreachable.is_empty() {
+        rt.ledger.mark_unreachable(&unreachable).await?;
+    }
+    let unreachable = unreachable.len() as u64;
     rt.stats.delivered.fetch_add(delivered, Relaxed);
     rt.stats.unreachable.fetch_add(unreachable, Relaxed);
     rt.stats.dead_lettered.fetch_add(dead.len() as u64, Relaxed);
@@ -276,7 +288,7 @@ async fn record(
     ctx.metrics
         .count
         .pairs_settled
-        .fetch_add((done.len() + dead.len()) as u64, Relaxed);
+        .fetch_add(delivered + unreachable + dead.len() as u64, Relaxed);
     Ok(())
 }
 

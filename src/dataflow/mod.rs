@@ -104,6 +104,8 @@ pub struct RunTarget {
     pub stats: CampaignStats,
     /// Renders its messages.
     pub renderer: Renderer,
+    /// Who is held out of it (SPEC "Holdouts").
+    pub holdout: crate::policy::Holdout,
 }
 
 /// Everything the operators share within a process.

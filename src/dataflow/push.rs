@@ -22,9 +22,9 @@ use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 use timely::scheduling::SyncActivator;
 
-use super::{deliver, Candidate, Candidates, Context, Time};
+use super::{deliver, Candidate, Candidates, Context, RunTarget, Time};
 use crate::error::Result;
-use crate::store::Claim;
+use crate::store::{Claim, Ledger};
 
 /// One finished batch.
 struct Ack {
@@ -188,7 +188,8 @@ fn next_task(
 }
 
 /// Claims a task's users: at once on a local store, else on the runtime, the answer coming
-/// back over `answers` (and waking the worker).
+/// back over `answers` (and waking the worker). Users held out of the target are claimed
+/// apart, settled as held out in the same step, and never rendered.
 fn claim(
     ctx: &Arc<Context>,
     target: u32,
@@ -200,16 +201,38 @@ fn claim(
         // A graceful stop: nothing more is claimed; the users stay unclaimed for the next run.
         return;
     }
-    let ledger = &ctx.targets[target as usize].ledger;
+    let rt = &ctx.targets[target as usize];
+    let (held, users) = hold_out(rt, users);
+    let ledger = &rt.ledger;
     let ids: Vec<u32> = users.iter().map(|c| c.id).collect();
-    match ledger.claim_local(&ids) {
-        Some(Ok(claim)) => render_and_push(ctx, target, &users, claim, ack),
+    let local = |ids: &[u32], f: fn(&Ledger, &[u32]) -> Option<Result<Claim>>| match ids {
+        [] => Some(Ok(Claim::default())),
+        ids => f(ledger, ids),
+    };
+    match (
+        local(&held, Ledger::claim_held_out_local),
+        local(&ids, Ledger::claim_local),
+    ) {
+        (Some(Ok(held)), Some(Ok(claim))) => {
+            deliver::count_held_out(ctx, target, &held);
+            render_and_push(ctx, target, &users, claim, ack);
+        }
         // The task ends here; its ack goes back as it drops.
-        Some(Err(e)) => ctx.fail(e),
-        None => {
-            let (ledger, answers) = (ledger.clone(), answers.clone());
-            ctx.runtime.spawn(async move {
-                let claim = ledger.claim(&ids).await;
+        (Some(Err(e)), _) | (_, Some(Err(e))) => ctx.fail(e),
+        _ => {
+            let (ledger, answers, ctx) = (ledger.clone(), answers.clone(), ctx.clone());
+            ctx.runtime.clone().spawn(async move {
+                let claim = async {
+                    if !held.is_empty() {
+                        let held = ledger.claim_held_out(&held).await?;
+                        deliver::count_held_out(&ctx, target, &held);
+                    }
+                    match ids.is_empty() {
+                        true => Ok(Claim::default()),
+                        false => ledger.claim(&ids).await,
+                    }
+                }
+                .await;
                 let waker = ack.waker.clone();
                 let answer = Answered {
                     target,
@@ -223,6 +246,16 @@ fn claim(
             });
         }
     }
+}
+
+/// Splits `users` into the ids held out of `rt` and the users to claim for sending.
+fn hold_out(rt: &RunTarget, users: Vec<Candidate>) -> (Vec<u32>, Vec<Candidate>) {
+    if rt.holdout.is_none() {
+        return (Vec::new(), users);
+    }
+    let (held, send): (Vec<Candidate>, Vec<Candidate>) =
+        users.into_iter().partition(|c| rt.holdout.holds(c.id));
+    (held.into_iter().map(|c| c.id).collect(), send)
 }
 
 /// Counts a claim, renders what it granted and hands the messages to the runtime to push.

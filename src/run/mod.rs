@@ -144,7 +144,7 @@ fn fan_out(
     let sizing = Sizing::of(job);
     let buckets = Buckets::new(job.engine.bucket_size);
     let placement = opts.cluster.placement(buckets, sizing.workers);
-    let targets = runtime.block_on(Targets::open(store, admissions, &placement))?;
+    let targets = runtime.block_on(Targets::open(store, admissions, &placement, &job.policy))?;
     // The repeated-campaign guard, before anything is pushed.
     runtime.block_on(store.admit(&targets.admissions()))?;
     let fingerprint = cluster_fingerprint(job, &targets);
@@ -379,9 +379,21 @@ pub fn report(summary: &Summary) -> String {
             None => {
                 let n = &c.counts;
                 out.push_str(&format!(
-                    "{name}: eligible {}, delivered {}, already granted {}, dead-lettered {}, unreachable {}\n",
+                    "{name}: eligible {}, delivered {}, already granted {}, dead-lettered {}, unreachable {}",
                     n.eligible, n.delivered, n.already_granted, n.dead_lettered, n.unreachable
-                ))
+                ));
+                // Policy outcomes, where policy bound.
+                for (what, n) in [
+                    ("held out", n.held_out),
+                    ("capped", n.capped),
+                    ("quiet-held", n.quiet_held),
+                    ("cancelled", n.cancelled),
+                ] {
+                    if n > 0 {
+                        out.push_str(&format!(", {what} {n}"));
+                    }
+                }
+                out.push('\n');
             }
         }
     }

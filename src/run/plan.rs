@@ -13,6 +13,7 @@ use crate::dataflow::scan::stretch_of;
 use crate::error::Result;
 use crate::job::Job;
 use crate::model::Buckets;
+use crate::policy::Holdout;
 use crate::providers::ProviderSpec;
 use crate::store::Store;
 
@@ -34,8 +35,10 @@ pub struct PlanLine {
     /// Of the campaign's grants in the store, dead-lettered ones: granted, never delivered
     /// (`run --retry-dead-letters` sends them again).
     pub dead_lettered: u64,
-    /// Users a run would push to.
+    /// Users a run would settle: push to, or hold out.
     pub eligible: u64,
+    /// Of those, held out (the campaign's holdout or the control group): recorded, not sent.
+    pub held_out: u64,
     /// Provider batches that takes (at least).
     pub batches: u64,
 }
@@ -96,6 +99,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
                     already_granted: 0,
                     dead_lettered: 0,
                     eligible: 0,
+                    held_out: 0,
                     batches: 0,
                 });
                 continue;
@@ -122,13 +126,16 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
         scan_s.get_or_insert(started.elapsed().as_secs_f64());
         let audience = members.len() as u64;
         members.retain(|id| !pre.contains(id));
-        let (eligible_ids, batches) =
-            runtime.block_on(batches_as_run_cuts(&ledger, &members, buckets, &sizing))?;
+        let holdout = Holdout::new(campaign, &job.policy);
+        let cut = runtime.block_on(batches_as_run_cuts(
+            &ledger, &members, &holdout, buckets, &sizing,
+        ))?;
+        let (eligible_ids, held_out, batches) = (cut.eligible, cut.held_out, cut.batches);
         let granted = audience - eligible_ids;
         let eligible = eligible_ids;
         let dead_lettered = runtime.block_on(ledger.counts())?.dead;
         if !at_login {
-            total += eligible;
+            total += eligible - held_out;
         }
         lines.push(PlanLine {
             id: campaign.id.clone(),
@@ -139,6 +146,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             already_granted: granted,
             dead_lettered,
             eligible,
+            held_out,
             batches: if at_login { 0 } else { batches },
         });
     }
@@ -168,26 +176,57 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
     })
 }
 
-/// Of `members` (ascending ids), those not done in `ledger`, and the provider batches a run
-/// cuts them into: per candidate batch of the scan (a stretch of a bucket), the eligible
-/// users in batches of `batch_max_messages`.
+/// What a run would do with a campaign's members not yet settled.
+struct Cut {
+    /// Members not done in the ledger.
+    eligible: u64,
+    /// Of those, held out.
+    held_out: u64,
+    /// Provider batches for the rest.
+    batches: u64,
+}
+
+/// Of `members` (ascending ids), those not done in `ledger`, those of them `holdout` holds,
+/// and the provider batches a run cuts the rest into: per candidate batch of the scan (a
+/// stretch of a bucket), the users it sends in batches of `batch_max_messages`.
 async fn batches_as_run_cuts(
     ledger: &crate::store::Ledger,
     members: &[u32],
+    holdout: &Holdout,
     buckets: Buckets,
     sizing: &Sizing,
-) -> Result<(u64, u64)> {
+) -> Result<Cut> {
     let done = ledger.done_now();
-    let (mut eligible, mut batches) = (0u64, 0u64);
+    let mut cut = Cut {
+        eligible: 0,
+        held_out: 0,
+        batches: 0,
+    };
     for group in members.chunk_by(|a, b| stretch_of(&buckets, *a) == stretch_of(&buckets, *b)) {
-        let n = match &done {
-            Some(done) => group.iter().filter(|&&id| !done.contains(id)).count() as u64,
-            None => group.len() as u64 - ledger.count_done(group).await?,
+        let open: Vec<u32> = match &done {
+            Some(done) => group
+                .iter()
+                .copied()
+                .filter(|&id| !done.contains(id))
+                .collect(),
+            None => {
+                let mut open = Vec::with_capacity(group.len());
+                for part in group.chunks(10_000) {
+                    for (id, done) in part.iter().zip(ledger.are_done(part).await?) {
+                        if !done {
+                            open.push(*id);
+                        }
+                    }
+                }
+                open
+            }
         };
-        eligible += n;
-        batches += n.div_ceil(sizing.batch_max_messages as u64);
+        let held = open.iter().filter(|&&id| holdout.holds(id)).count() as u64;
+        cut.eligible += open.len() as u64;
+        cut.held_out += held;
+        cut.batches += (open.len() as u64 - held).div_ceil(sizing.batch_max_messages as u64);
     }
-    Ok((eligible, batches))
+    Ok(cut)
 }
 
 /// `s` to the millisecond (a plan's JSON says 0.001, not 7.7e-07).
@@ -207,19 +246,20 @@ fn seconds(s: f64) -> String {
 /// The plan as a table for people.
 pub fn render(plan: &Plan) -> String {
     let mut out = format!(
-        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
-        "campaign", "audience", "granted", "dead", "eligible", "batches"
+        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
+        "campaign", "audience", "granted", "dead", "eligible", "held out", "batches"
     );
     for l in &plan.campaigns {
         let name = super::display_name(&l.id, l.occurrence.as_deref());
         match &l.skipped {
             Some(why) => out.push_str(&format!("{name:<32} skipped: {why}\n")),
             None => out.push_str(&format!(
-                "{name:<32} {:>10} {:>10} {:>10} {:>10} {:>8}{}\n",
+                "{name:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}{}\n",
                 l.audience,
                 l.already_granted,
                 l.dead_lettered,
                 l.eligible,
+                l.held_out,
                 l.batches,
                 if l.at_login { "  (at next login)" } else { "" }
             )),

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignStats, Metrics};
 use crate::model::{Placement, Target};
+use crate::policy::{Holdout, Policy};
 use crate::providers::{dispatch::Dispatcher, Provider};
 use crate::render::Renderer;
 use crate::sources::UserSource;
@@ -97,11 +98,13 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// Opens the ledger of every admitted target, in order, sharded for `placement`'s workers.
+    /// Opens the ledger of every admitted target, in order, sharded for `placement`'s workers;
+    /// each target's holdout follows `policy`.
     pub async fn open(
         store: &Store,
         admissions: Vec<Admission>,
         placement: &Placement,
+        policy: &Policy,
     ) -> Result<Targets> {
         store.shard_by(placement);
         let mut targets = Targets {
@@ -125,6 +128,7 @@ impl Targets {
             targets.lines.push(Line::Target(targets.run.len()));
             targets.run.push(RunTarget {
                 renderer: Renderer::new(&target),
+                holdout: Holdout::new(&target.campaign, policy),
                 target,
                 ledger,
                 stats: CampaignStats::default(),

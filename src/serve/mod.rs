@@ -336,6 +336,7 @@ impl<'a> Server<'a> {
             &self.store,
             admissions,
             &self.engine.placement,
+            &self.job.policy,
         ))?;
         let deadline = next_change(active, now);
         tracing::info!(

@@ -394,6 +394,33 @@ impl Ledger {
         }
     }
 
+    /// Claims `ids` as [`Ledger::claim`] does and settles the claimed ones as held out in the
+    /// same atomic step (SPEC "Holdouts": recorded, never sent). An id in flight at a dead
+    /// process's crash is settled held out too; done ids are `already`.
+    pub async fn claim_held_out(&self, ids: &[u32]) -> Result<Claim> {
+        match self {
+            Ledger::File(ledger) => ledger.claim_held_out(ids),
+            Ledger::Redis(ledger) => ledger.claim_held_out(ids).await,
+        }
+    }
+
+    /// [`Ledger::claim_held_out`] without waiting where the store is local (see
+    /// [`Ledger::claim_local`]).
+    pub fn claim_held_out_local(&self, ids: &[u32]) -> Option<Result<Claim>> {
+        match self {
+            Ledger::File(ledger) => Some(ledger.claim_held_out(ids)),
+            Ledger::Redis(_) => None,
+        }
+    }
+
+    /// Records `ids` as unreachable (no push token): settled, never sent.
+    pub async fn mark_unreachable(&self, ids: &[u32]) -> Result<()> {
+        match self {
+            Ledger::File(ledger) => ledger.mark_unreachable(ids),
+            Ledger::Redis(ledger) => ledger.mark_unreachable(ids).await,
+        }
+    }
+
     /// Records `ids` as delivered.
     pub async fn mark_done(&self, ids: &[u32]) -> Result<()> {
         match self {
@@ -438,6 +465,14 @@ impl Ledger {
         match self {
             Ledger::File(ledger) => Some(ledger.done_now()),
             Ledger::Redis(_) => None,
+        }
+    }
+
+    /// Whether each of `ids` is done.
+    pub async fn are_done(&self, ids: &[u32]) -> Result<Vec<bool>> {
+        match self {
+            Ledger::File(ledger) => Ok(ids.iter().map(|&id| ledger.is_done(id)).collect()),
+            Ledger::Redis(ledger) => ledger.are_done(ids).await,
         }
     }
 

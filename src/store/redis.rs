@@ -4,6 +4,8 @@
 //! ```text
 //! fanout:granted:{ledger}:{chunk}       bitmap (chunk = id >> 24, bit id & 0xFFFFFF): claimed
 //! fanout:dead:{ledger}:{chunk}          bitmap: dead-lettered
+//! fanout:unreachable:{ledger}:{chunk}   bitmap: settled without a push (no token)
+//! fanout:held_out:{ledger}:{chunk}      bitmap: held out (claimed and settled in one call)
 //! fanout:inflight:{ledger}:{run}:{chunk}  bitmap: ids run holds, not yet done
 //! fanout:resend:{ledger}:{run}:{chunk}  bitmap: ids run adopted and has not handed out again
 //! fanout:lease:next                     counter: the last lease token handed out
@@ -21,8 +23,10 @@
 //!   set one is "claimed" only if it is in the run's resend bitmap (then cleared there: once),
 //!   else "already". Each call carries a nonce: its reply is kept 60 s, and a retry of a call
 //!   whose reply was lost gets the same answer.
-//! - **Marking** done clears the ids from the run's in-flight bitmap (dead letters also set
-//!   their dead bit): *done* is "claimed and in no in-flight bitmap".
+//! - **Marking** done clears the ids from the run's in-flight bitmap (dead letters and
+//!   unreachable users also set their bit in that outcome's bitmap): *done* is "claimed and in
+//!   no in-flight bitmap". A held-out claim sets the held-out bit instead of the in-flight
+//!   one, in the claim's own call, so no crash leaves a held-out user to be sent.
 //! - **Adoption.** Before a ledger is first handed out, every other run's in-flight bitmap of
 //!   it is looked at: if the run's lease is gone it is dead; if the lease exists (and the set
 //!   holds ids), it is polled until its PTTL goes up or the set changes (alive: left alone)
@@ -180,6 +184,8 @@ pub struct RedisLedger {
     con: ConnectionManager,
     granted: String,
     dead: String,
+    unreachable: String,
+    held_out: String,
     /// `fanout:inflight:{ledger}:`: every run's in-flight bitmaps of this ledger start so.
     inflight_all: String,
     /// `fanout:inflight:{ledger}:{run}:`, ours.
@@ -312,6 +318,8 @@ impl RedisStore {
                     granted: granted_prefix(key),
                     inflight_all: format!("fanout:inflight:{key}:"),
                     dead: format!("fanout:dead:{key}:"),
+                    unreachable: format!("fanout:unreachable:{key}:"),
+                    held_out: format!("fanout:held_out:{key}:"),
                     inflight: format!("fanout:inflight:{key}:{}:", self.run),
                     resend: format!("fanout:resend:{key}:{}:", self.run),
                     read_only: self.read_only,
@@ -596,11 +604,15 @@ impl RedisStore {
         let claimed = ledger.bits(&ledger.granted).await?;
         let in_flight = ledger.in_flight().await?;
         let dead = ledger.bits(&ledger.dead).await?;
+        let unreachable = ledger.bits(&ledger.unreachable).await?;
+        let held_out = ledger.bits(&ledger.held_out).await?;
+        let settled = &claimed - &in_flight;
         Ok(super::Outcomes {
-            delivered: &(&claimed - &in_flight) - &dead,
+            delivered: &(&(&settled - &dead) - &unreachable) - &held_out,
             dead_lettered: dead,
+            unreachable,
+            held_out,
             in_flight,
-            ..Default::default()
         })
     }
 
@@ -706,11 +718,14 @@ impl RedisLedger {
             .collect();
         let script = Script::new(COMPACT);
         for chunk in chunks {
-            let keys = [&self.granted, &self.dead].map(|set| format!("{set}{chunk}"));
+            let keys = [&self.granted, &self.dead, &self.unreachable, &self.held_out]
+                .map(|set| format!("{set}{chunk}"));
             retrying(&self.url, "compact the ledger", || {
                 let mut con = self.con.clone();
                 let mut call = script.prepare_invoke();
-                call.key(&keys[0]).key(&keys[1]);
+                for k in &keys {
+                    call.key(k);
+                }
                 async move { call.invoke_async::<i64>(&mut con).await }
             })
             .await?;
@@ -728,17 +743,28 @@ impl RedisLedger {
 
     /// The atomic claim; see [`super::Ledger::claim`].
     pub async fn claim(&self, ids: &[u32]) -> Result<Claim> {
+        self.claim_into(ids, None).await
+    }
+
+    /// The claim settled at once as held out; see [`super::Ledger::claim_held_out`].
+    pub async fn claim_held_out(&self, ids: &[u32]) -> Result<Claim> {
+        self.claim_into(ids, Some(&self.held_out)).await
+    }
+
+    async fn claim_into(&self, ids: &[u32], settle: Option<&str>) -> Result<Claim> {
         let lease = self.lease()?;
         let nonces: Vec<u64> = by_chunk(ids)
             .iter()
             .map(|_| lease.nonce.fetch_add(1, Ordering::Relaxed))
             .collect();
-        self.claim_with(ids, &nonces).await
+        self.claim_with(ids, &nonces, settle).await
     }
 
     /// [`RedisLedger::claim`] with the nonce of each chunk's call given: a call repeated with
-    /// the same nonce (a retry whose reply was lost) gets the first call's answer.
-    async fn claim_with(&self, ids: &[u32], nonces: &[u64]) -> Result<Claim> {
+    /// the same nonce (a retry whose reply was lost) gets the first call's answer. With
+    /// `settle` (an outcome bitmap's prefix) the claimed ids are settled there at once instead
+    /// of joining the in-flight bitmap.
+    async fn claim_with(&self, ids: &[u32], nonces: &[u64], settle: Option<&str>) -> Result<Claim> {
         let lease = self.lease()?;
         self.touch(ids);
         let groups: Vec<(u32, Vec<u32>, Segments, String)> = by_chunk(ids)
@@ -766,6 +792,7 @@ impl RedisLedger {
                             .key(format!("{}{chunk}", self.resend))
                             .key(&lease.key)
                             .key(reply)
+                            .key(settle.map_or_else(String::new, |p| format!("{p}{chunk}")))
                             .arg(&lease.token)
                             .arg(REPLY_TTL_MS);
                         segments.args(&mut call);
@@ -798,7 +825,9 @@ impl RedisLedger {
         Ok(out)
     }
 
-    async fn mark(&self, ids: &[u32], dead: bool) -> Result<()> {
+    /// Settles `ids`: clears them from the run's in-flight bitmap and, with `outcome` (an
+    /// outcome bitmap's prefix), sets them there.
+    async fn mark(&self, ids: &[u32], outcome: Option<&str>) -> Result<()> {
         let lease = self.lease()?;
         if ids.is_empty() {
             return Ok(());
@@ -814,13 +843,10 @@ impl RedisLedger {
                 let groups = &groups;
                 async move {
                     for (chunk, segments) in groups {
-                        let dead_key = if dead {
-                            format!("{}{chunk}", self.dead)
-                        } else {
-                            String::new()
-                        };
+                        let outcome_key =
+                            outcome.map_or_else(String::new, |p| format!("{p}{chunk}"));
                         let mut call = MARK_SCRIPT.prepare_invoke();
-                        call.key(dead_key)
+                        call.key(outcome_key)
                             .key(format!("{}{chunk}", self.inflight))
                             .key(&lease.key)
                             .arg(&lease.token);
@@ -835,12 +861,17 @@ impl RedisLedger {
 
     /// Records `ids` as delivered.
     pub async fn mark_done(&self, ids: &[u32]) -> Result<()> {
-        self.mark(ids, false).await
+        self.mark(ids, None).await
     }
 
     /// Records `ids` as dead-lettered (and done).
     pub async fn mark_dead(&self, ids: &[u32]) -> Result<()> {
-        self.mark(ids, true).await
+        self.mark(ids, Some(&self.dead)).await
+    }
+
+    /// Records `ids` as unreachable (and done).
+    pub async fn mark_unreachable(&self, ids: &[u32]) -> Result<()> {
+        self.mark(ids, Some(&self.unreachable)).await
     }
 
     /// Makes every dead-lettered id claimable again (`--retry-dead-letters`); returns how many.
@@ -865,11 +896,16 @@ impl RedisLedger {
         Ok(revived)
     }
 
-    /// How many of `ids` are done: claimed (pipelined GETBITs) and in no run's in-flight
-    /// bitmap.
+    /// How many of `ids` are done.
     pub async fn count_done(&self, ids: &[u32]) -> Result<u64> {
+        Ok(self.are_done(ids).await?.iter().filter(|&&d| d).count() as u64)
+    }
+
+    /// Whether each of `ids` is done: claimed (pipelined GETBITs) and in no run's in-flight
+    /// bitmap.
+    pub async fn are_done(&self, ids: &[u32]) -> Result<Vec<bool>> {
         let in_flight = self.in_flight().await?;
-        let mut done = 0;
+        let mut done = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(10_000) {
             let bits: Vec<u8> = retrying(&self.url, "GETBIT granted", || {
                 let mut con = self.con.clone();
@@ -882,11 +918,12 @@ impl RedisLedger {
                 async move { pipe.query_async(&mut con).await }
             })
             .await?;
-            done += chunk
-                .iter()
-                .zip(&bits)
-                .filter(|(id, &b)| b == 1 && !in_flight.contains(**id))
-                .count() as u64;
+            done.extend(
+                chunk
+                    .iter()
+                    .zip(&bits)
+                    .map(|(id, &b)| b == 1 && !in_flight.contains(*id)),
+            );
         }
         Ok(done)
     }
@@ -973,9 +1010,9 @@ mod tests {
         let ledger = store.ledger("k").await.unwrap();
         let ids = [1, 2, 3, 1 << 24];
         // The first call ran but its reply was lost; the retry repeats its nonces.
-        let first = ledger.claim_with(&ids, &[7, 8]).await.unwrap();
+        let first = ledger.claim_with(&ids, &[7, 8], None).await.unwrap();
         assert_eq!(first.claimed, ids);
-        let retried = ledger.claim_with(&ids, &[7, 8]).await.unwrap();
+        let retried = ledger.claim_with(&ids, &[7, 8], None).await.unwrap();
         assert_eq!(retried, first);
         // Any other call finds them taken.
         let other = ledger.claim(&ids).await.unwrap();

@@ -319,11 +319,69 @@ async fn kill_9_loses_no_claim() {
     eprintln!("kill -9 after {} reported batches", reported.len());
 }
 
+/// The naive model of one ledger: plain sets and per-id rules.
+#[derive(Default)]
+struct Model {
+    claimed: std::collections::BTreeSet<u32>,
+    done: std::collections::BTreeSet<u32>,
+    pending: std::collections::BTreeSet<u32>,
+    dead: RoaringBitmap,
+    unreachable: RoaringBitmap,
+    held_out: RoaringBitmap,
+}
+
+impl Model {
+    /// A claim (settled as held out when `held`): (claimed, already), per id in order.
+    fn claim(&mut self, ids: &[u32], held: bool) -> (Vec<u32>, Vec<u32>) {
+        let (mut claimed, mut already) = (Vec::new(), Vec::new());
+        for &id in ids {
+            if self.done.contains(&id) {
+                already.push(id);
+            } else if self.claimed.insert(id) || self.pending.remove(&id) {
+                claimed.push(id);
+                if held {
+                    self.done.insert(id);
+                    self.held_out.insert(id);
+                }
+            } else {
+                already.push(id);
+            }
+        }
+        (claimed, already)
+    }
+
+    /// A mark: done, and tagged in `tag` unless `None`.
+    fn mark(&mut self, ids: &[u32], tag: Option<fn(&mut Model) -> &mut RoaringBitmap>) {
+        for &id in ids {
+            self.claimed.insert(id);
+            self.done.insert(id);
+            self.pending.remove(&id);
+            if let Some(tag) = tag {
+                tag(self).insert(id);
+            }
+        }
+    }
+
+    /// The outcomes the store must report.
+    fn outcomes(&self) -> Outcomes {
+        let claimed: RoaringBitmap = self.claimed.iter().copied().collect();
+        let done: RoaringBitmap = self.done.iter().copied().collect();
+        Outcomes {
+            delivered: &(&(&done - &self.dead) - &self.unreachable) - &self.held_out,
+            dead_lettered: self.dead.clone(),
+            unreachable: self.unreachable.clone(),
+            held_out: self.held_out.clone(),
+            in_flight: claimed - done,
+        }
+    }
+}
+
 /// The set-operation path (ascending batches) and the per-id path (any order) follow the
-/// same rules: both checked against a naive model over random operations and crashes.
+/// same rules, for claims, held-out claims and every kind of mark: both checked against a
+/// naive model over random operations and crashes (a reopen: what was claimed and not
+/// settled is handed out once more).
 #[tokio::test]
 async fn claims_follow_the_naive_model_in_any_batch_order() {
-    use std::collections::BTreeSet;
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut next = move |n: u64| {
@@ -332,15 +390,12 @@ async fn claims_follow_the_naive_model_in_any_batch_order() {
         seed ^= seed << 17;
         seed % n
     };
-    let (mut claimed, mut done) = (BTreeSet::new(), BTreeSet::new());
+    let mut model = Model::default();
     for _crash in 0..4 {
         let store = open(tmp.path());
         let l = ledger(&store, "model").await;
-        let mut pending = claimed
-            .difference(&done)
-            .copied()
-            .collect::<BTreeSet<u32>>();
-        for _ in 0..200 {
+        model.pending = model.claimed.difference(&model.done).copied().collect();
+        for _ in 0..300 {
             let start = next(3000) as u32;
             let mut ids: Vec<u32> = (0..next(300) as u32)
                 .map(|i| start + i * (1 + next(3) as u32))
@@ -349,35 +404,45 @@ async fn claims_follow_the_naive_model_in_any_batch_order() {
                 ids.reverse();
                 ids.extend(ids.clone().iter().take(5));
             }
-            match next(4) {
-                0 | 1 => {
+            match next(7) {
+                0..=2 => {
                     let c = l.claim(&ids).await.expect("claim");
-                    let (mut want_claimed, mut want_already) = (Vec::new(), Vec::new());
-                    for &id in &ids {
-                        if done.contains(&id) {
-                            want_already.push(id);
-                        } else if claimed.insert(id) || pending.remove(&id) {
-                            want_claimed.push(id);
-                        } else {
-                            want_already.push(id);
-                        }
-                    }
-                    assert_eq!(c.claimed, want_claimed);
-                    assert_eq!(c.already, want_already);
+                    assert_eq!((c.claimed, c.already), model.claim(&ids, false));
+                }
+                3 => {
+                    let c = l.claim_held_out(&ids).await.expect("claim held out");
+                    assert_eq!((c.claimed, c.already), model.claim(&ids, true));
+                }
+                4 => {
+                    l.mark_done(&ids).await.expect("done");
+                    model.mark(&ids, None);
+                }
+                5 => {
+                    l.mark_dead(&ids).await.expect("dead");
+                    model.mark(&ids, Some(|m| &mut m.dead));
                 }
                 _ => {
-                    l.mark_done(&ids).await.expect("done");
-                    for id in ids {
-                        claimed.insert(id);
-                        done.insert(id);
-                        pending.remove(&id);
-                    }
+                    l.mark_unreachable(&ids).await.expect("unreachable");
+                    model.mark(&ids, Some(|m| &mut m.unreachable));
                 }
             }
         }
-        assert_eq!(file(&l).counts().claimed, claimed.len() as u64);
-        assert_eq!(file(&l).counts().done, done.len() as u64);
+        assert_eq!(file(&l).counts().claimed, model.claimed.len() as u64);
+        assert_eq!(file(&l).counts().done, model.done.len() as u64);
+        assert_eq!(
+            store.outcomes("model").await.expect("outcomes"),
+            model.outcomes()
+        );
+        if next(2) == 0 {
+            store.checkpoint().await.expect("checkpoint");
+        }
     }
+    // Read back from the files by a read-only store, after a last checkpoint.
+    let read = Store::open_read_only(&url(tmp.path())).expect("read-only");
+    assert_eq!(
+        read.outcomes("model").await.expect("outcomes"),
+        model.outcomes()
+    );
 }
 
 #[tokio::test]

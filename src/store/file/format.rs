@@ -11,8 +11,10 @@ use roaring::RoaringBitmap;
 use super::io_error;
 use crate::error::{Error, Result};
 
-/// First bytes of a snapshot; the digit is the format version.
-const SNAP_MAGIC: &[u8; 8] = b"FANOUTS1";
+/// First bytes of a snapshot; the digit is the format version. Version 2 added the
+/// unreachable and held-out sets after the three of version 1, which it still reads.
+const SNAP_MAGIC: &[u8; 8] = b"FANOUTS2";
+const SNAP_MAGIC_V1: &[u8; 8] = b"FANOUTS1";
 /// Magic, body length, crc.
 const SNAP_HEADER: usize = 8 + 8 + 4;
 /// Length and crc in front of every log record.
@@ -20,12 +22,16 @@ pub(super) const RECORD_HEADER: usize = 8;
 /// Longest escaped key; keeps `<key>.snap.tmp` under the usual 255-byte name limit.
 const MAX_STEM: usize = 200;
 
-/// What a log record says about its ids.
+/// What a log record says about its ids. Every kind but `Claim` settles them (done), and
+/// `Dead`, `Unreachable` and `HeldOut` also tag their outcome; a `HeldOut` record is a claim
+/// and its settlement in one, so no crash can leave a held-out user to be sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kind {
     Claim = 1,
     Done = 2,
     Dead = 3,
+    Unreachable = 4,
+    HeldOut = 5,
 }
 
 impl Kind {
@@ -34,43 +40,116 @@ impl Kind {
             1 => Some(Kind::Claim),
             2 => Some(Kind::Done),
             3 => Some(Kind::Dead),
+            4 => Some(Kind::Unreachable),
+            5 => Some(Kind::HeldOut),
             _ => None,
         }
     }
 }
 
-/// The durable sets of one ledger (done ⊆ claimed, dead ⊆ done).
+/// The durable sets of one ledger: done ⊆ claimed; dead, unreachable and held_out ⊆ done,
+/// disjoint.
 #[derive(Default, Debug, PartialEq)]
 pub(super) struct Sets {
     pub(super) claimed: RoaringBitmap,
     pub(super) done: RoaringBitmap,
     pub(super) dead: RoaringBitmap,
+    pub(super) unreachable: RoaringBitmap,
+    pub(super) held_out: RoaringBitmap,
 }
 
 impl Sets {
+    /// Every set, in snapshot order.
+    fn all(&self) -> [&RoaringBitmap; 5] {
+        [
+            &self.claimed,
+            &self.done,
+            &self.dead,
+            &self.unreachable,
+            &self.held_out,
+        ]
+    }
+
+    fn all_mut(&mut self) -> [&mut RoaringBitmap; 5] {
+        [
+            &mut self.claimed,
+            &mut self.done,
+            &mut self.dead,
+            &mut self.unreachable,
+            &mut self.held_out,
+        ]
+    }
+
+    /// The part of every set inside `mask`.
+    pub(super) fn masked(&self, mask: &RoaringBitmap) -> Sets {
+        let mut out = Sets::default();
+        for (to, from) in out.all_mut().into_iter().zip(self.all()) {
+            *to = from & mask;
+        }
+        out
+    }
+
+    /// Adds every set of `other` to this one's.
+    pub(super) fn union_with(&mut self, other: &Sets) {
+        for (to, from) in self.all_mut().into_iter().zip(other.all()) {
+            *to |= from;
+        }
+    }
+
+    /// The outcome set a record of `kind` adds its ids to, if any.
+    pub(super) fn tag(&self, kind: Kind) -> Option<&RoaringBitmap> {
+        match kind {
+            Kind::Claim | Kind::Done => None,
+            Kind::Dead => Some(&self.dead),
+            Kind::Unreachable => Some(&self.unreachable),
+            Kind::HeldOut => Some(&self.held_out),
+        }
+    }
+
+    fn tag_mut(&mut self, kind: Kind) -> Option<&mut RoaringBitmap> {
+        match kind {
+            Kind::Claim | Kind::Done => None,
+            Kind::Dead => Some(&mut self.dead),
+            Kind::Unreachable => Some(&mut self.unreachable),
+            Kind::HeldOut => Some(&mut self.held_out),
+        }
+    }
+
     /// Applies one record (replay) or one mark.
     pub(super) fn apply(&mut self, kind: Kind, id: u32) {
         self.claimed.insert(id);
         if kind != Kind::Claim {
             self.done.insert(id);
         }
-        if kind == Kind::Dead {
-            self.dead.insert(id);
+        if let Some(tag) = self.tag_mut(kind) {
+            tag.insert(id);
+        }
+    }
+
+    /// [`Sets::apply`] for a whole set of ids.
+    pub(super) fn apply_all(&mut self, kind: Kind, ids: &RoaringBitmap) {
+        self.claimed |= ids;
+        if kind != Kind::Claim {
+            self.done |= ids;
+        }
+        if let Some(tag) = self.tag_mut(kind) {
+            *tag |= ids;
         }
     }
 
     /// The ids by recorded outcome.
     pub(super) fn outcomes(&self) -> crate::store::Outcomes {
         crate::store::Outcomes {
-            delivered: &self.done - &self.dead,
+            delivered: &(&(&self.done - &self.dead) - &self.unreachable) - &self.held_out,
             dead_lettered: self.dead.clone(),
+            unreachable: self.unreachable.clone(),
+            held_out: self.held_out.clone(),
             in_flight: &self.claimed - &self.done,
-            ..Default::default()
         }
     }
 
     pub(super) fn encode(&self) -> Result<Vec<u8>> {
-        let maps = [&self.claimed, &self.done, &self.dead];
+        let maps = self.all();
         let body_len: usize = maps.iter().map(|m| 8 + m.serialized_size()).sum();
         let mut out = Vec::with_capacity(SNAP_HEADER + body_len);
         out.extend_from_slice(SNAP_MAGIC);
@@ -87,7 +166,12 @@ impl Sets {
     }
 
     fn decode(bytes: &[u8]) -> std::result::Result<Sets, String> {
-        if bytes.len() < SNAP_HEADER || &bytes[..8] != SNAP_MAGIC {
+        let count = match bytes.get(..8) {
+            Some(m) if m == SNAP_MAGIC => 5,
+            Some(m) if m == SNAP_MAGIC_V1 => 3,
+            _ => return Err("not a fanout ledger snapshot (bad header)".into()),
+        };
+        if bytes.len() < SNAP_HEADER {
             return Err("not a fanout ledger snapshot (bad header)".into());
         }
         let body = &bytes[SNAP_HEADER..];
@@ -98,8 +182,8 @@ impl Sets {
             return Err("checksum mismatch".into());
         }
         let mut rest = body;
-        let mut maps = Vec::with_capacity(3);
-        for _ in 0..3 {
+        let mut maps = Vec::with_capacity(count);
+        for _ in 0..count {
             if rest.len() < 8 {
                 return Err("truncated bitmap".into());
             }
@@ -115,13 +199,14 @@ impl Sets {
         if !rest.is_empty() {
             return Err("trailing bytes after the bitmaps".into());
         }
-        let dead = maps.pop().unwrap_or_default();
-        let done = maps.pop().unwrap_or_default();
-        let claimed = maps.pop().unwrap_or_default();
+        let mut maps = maps.into_iter();
+        let mut next = || maps.next().unwrap_or_default();
         Ok(Sets {
-            claimed,
-            done,
-            dead,
+            claimed: next(),
+            done: next(),
+            dead: next(),
+            unreachable: next(),
+            held_out: next(),
         })
     }
 }
@@ -307,9 +392,7 @@ pub(super) fn load(snap_path: &Path, logs: &[PathBuf]) -> Result<(Sets, Vec<(u64
         .map(|log| replay(log, &mut from_logs))
         .collect::<Result<Vec<_>>>()?;
     let mut sets = load_snapshot(snap_path)?;
-    sets.claimed |= from_logs.claimed;
-    sets.done |= from_logs.done;
-    sets.dead |= from_logs.dead;
+    sets.union_with(&from_logs);
     Ok((sets, lens))
 }
 

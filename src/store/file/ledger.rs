@@ -96,16 +96,9 @@ fn split(sets: Sets, shard_of: &Shards) -> Vec<Sets> {
     if shard_of.count() == 1 {
         return vec![sets];
     }
-    // Every done or dead id is claimed too: the claimed set's blocks cover them all.
+    // Every settled id is claimed too: the claimed set's blocks cover them all.
     let masks = shard_of.masks(&sets.claimed);
-    masks
-        .iter()
-        .map(|mask| Sets {
-            claimed: &sets.claimed & mask,
-            done: &sets.done & mask,
-            dead: &sets.dead & mask,
-        })
-        .collect()
+    masks.iter().map(|mask| sets.masked(mask)).collect()
 }
 
 impl FileLedger {
@@ -199,13 +192,23 @@ impl FileLedger {
     /// The atomic claim; see [`crate::store::Ledger::claim`]. Each shard's part is atomic on
     /// its own; the engine's batches (the users of one bucket) lie in one shard.
     pub fn claim(&self, ids: &[u32]) -> Result<Claim> {
+        self.claim_as(Kind::Claim, ids)
+    }
+
+    /// The claim of `ids` settled at once as held out; see
+    /// [`crate::store::Ledger::claim_held_out`].
+    pub fn claim_held_out(&self, ids: &[u32]) -> Result<Claim> {
+        self.claim_as(Kind::HeldOut, ids)
+    }
+
+    fn claim_as(&self, kind: Kind, ids: &[u32]) -> Result<Claim> {
         let parts = self.parts(ids);
         if let [(k, part)] = parts.as_slice() {
-            return self.shards[*k].claim(&self.key, part);
+            return self.shards[*k].claim(&self.key, kind, part);
         }
         let mut claimed = RoaringBitmap::new();
         for (k, part) in &parts {
-            claimed.extend(self.shards[*k].claim(&self.key, part)?.claimed);
+            claimed.extend(self.shards[*k].claim(&self.key, kind, part)?.claimed);
         }
         // In input order; a repeated id is claimed once, at its first place.
         let (claimed, already) = ids.iter().partition(|&&id| claimed.remove(id));
@@ -220,6 +223,11 @@ impl FileLedger {
     /// Records `ids` as dead-lettered (and so done).
     pub fn mark_dead(&self, ids: &[u32]) -> Result<()> {
         self.mark(Kind::Dead, ids)
+    }
+
+    /// Records `ids` as unreachable (no push token; done).
+    pub fn mark_unreachable(&self, ids: &[u32]) -> Result<()> {
+        self.mark(Kind::Unreachable, ids)
     }
 
     fn mark(&self, kind: Kind, ids: &[u32]) -> Result<()> {
@@ -358,9 +366,7 @@ impl FileLedger {
 fn union(shards: &[MutexGuard<'_, State>]) -> Sets {
     let mut all = Sets::default();
     for st in shards {
-        all.claimed |= &st.sets.claimed;
-        all.done |= &st.sets.done;
-        all.dead |= &st.sets.dead;
+        all.union_with(&st.sets);
     }
     all
 }

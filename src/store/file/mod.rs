@@ -4,9 +4,12 @@
 //! DIR/LOCK                      exclusive lock (flock) while a writer has the store open
 //! DIR/ledgers/<key>.log         shard 0's log: records [len u32 LE][crc32 u32 LE][kind u8, ids u32 LE…]
 //! DIR/ledgers/<key>.<k>.log     shard k's log (k ≥ 1), the same records
-//! DIR/ledgers/<key>.snap        "FANOUTS1", body len u64 LE, crc32 u32 LE, body:
-//!                               claimed, done, dead as (len u64 LE, roaring bitmap)
+//! DIR/ledgers/<key>.snap        "FANOUTS2", body len u64 LE, crc32 u32 LE, body: claimed,
+//!                               done, dead, unreachable, held_out as (len u64 LE, roaring
+//!                               bitmap) ("FANOUTS1": the first three; still read)
 //! ```
+//! Record kinds: 1 claim, 2 done (delivered), 3 dead, 4 unreachable, 5 held out (a claim and
+//! its settlement in one record).
 //! `<key>` is the ledger key with every byte outside `[A-Za-z0-9_-]` written `%XX`.
 //!
 //! Each record is written with one `write` on an append-mode file, so a claim survives a

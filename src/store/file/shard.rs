@@ -158,46 +158,35 @@ impl Shard {
     }
 
     /// The atomic claim of `ids` (all of this shard); see [`crate::store::Ledger::claim`].
-    pub(super) fn claim(&self, key: &str, ids: &[u32]) -> Result<Claim> {
+    /// With `kind` [`Kind::HeldOut`] the ids claimed are settled as held out in the same
+    /// record ([`crate::store::Ledger::claim_held_out`]); else `kind` is [`Kind::Claim`].
+    pub(super) fn claim(&self, key: &str, kind: Kind, ids: &[u32]) -> Result<Claim> {
         let batch = ascending_bitmap(ids);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         if let Some(batch) = batch {
-            return self.claim_sorted(key, st, ids, batch);
+            return self.claim_sorted(key, st, kind, ids, batch);
         }
         let mut out = Claim {
             claimed: Vec::with_capacity(ids.len()),
             already: Vec::new(),
         };
-        let mut fresh = Vec::with_capacity(ids.len());
-        let mut from_pending = Vec::new();
+        let mut fresh = RoaringBitmap::new();
+        let mut resend = RoaringBitmap::new();
         for &id in ids {
-            if st.sets.done.contains(id) {
+            if st.sets.done.contains(id) || fresh.contains(id) || resend.contains(id) {
                 out.already.push(id);
-            } else if st.sets.claimed.insert(id) {
-                fresh.push(id);
+            } else if !st.sets.claimed.contains(id) {
+                fresh.insert(id);
                 out.claimed.push(id);
-            } else if st.pending.remove(id) {
-                // Already in the log as claimed: no new record.
-                from_pending.push(id);
+            } else if st.pending.contains(id) {
+                resend.insert(id);
                 out.claimed.push(id);
             } else {
                 out.already.push(id);
             }
         }
-        if fresh.is_empty() {
-            return Ok(out);
-        }
-        if let Err(e) = self.append(key, st, Kind::Claim, &fresh) {
-            // Nothing was granted: undo so the ids can be claimed again.
-            for id in fresh {
-                st.sets.claimed.remove(id);
-            }
-            for id in from_pending {
-                st.pending.insert(id);
-            }
-            return Err(e);
-        }
+        self.settle_claim(key, st, kind, &fresh, &resend)?;
         Ok(out)
     }
 
@@ -207,6 +196,7 @@ impl Shard {
         &self,
         key: &str,
         st: &mut State,
+        kind: Kind,
         ids: &[u32],
         batch: RoaringBitmap,
     ) -> Result<Claim> {
@@ -215,8 +205,8 @@ impl Shard {
         let fresh = &open - &st.sets.claimed;
         if fresh.len() == ids.len() as u64 {
             // The common case, a first run: every id is new.
-            self.append(key, st, Kind::Claim, ids)?;
-            st.sets.claimed |= &fresh;
+            self.append(key, st, kind, ids)?;
+            st.sets.apply_all(kind, &fresh);
             return Ok(Claim {
                 claimed: ids.to_vec(),
                 already: Vec::new(),
@@ -225,78 +215,55 @@ impl Shard {
         let claimed_before = open - &fresh;
         let resend = &claimed_before & &st.pending;
         let taken = claimed_before - &resend;
-        if !fresh.is_empty() {
-            let ids: Vec<u32> = fresh.iter().collect();
-            // Written first: memory never claims more than the log holds.
-            self.append(key, st, Kind::Claim, &ids)?;
-            st.sets.claimed |= &fresh;
-        }
-        st.pending -= &resend;
+        self.settle_claim(key, st, kind, &fresh, &resend)?;
         Ok(Claim {
             claimed: (fresh | resend).iter().collect(),
             already: (done | taken).iter().collect(),
         })
     }
 
-    /// Records `ids` (all of this shard) as done, or dead and so done.
-    pub(super) fn mark(&self, key: &str, kind: Kind, ids: &[u32]) -> Result<()> {
-        let batch = ascending_bitmap(ids);
-        let mut guard = lock(&self.state);
-        let st = &mut *guard;
-        if let Some(batch) = batch {
-            return self.mark_sorted(key, st, kind, ids, batch);
-        }
-        let target = if kind == Kind::Dead {
-            &st.sets.dead
-        } else {
-            &st.sets.done
-        };
-        let new: Vec<u32> = ids
-            .iter()
-            .copied()
-            .filter(|&id| !target.contains(id))
-            .collect();
-        if new.is_empty() {
-            return Ok(());
-        }
-        // Written first: memory never claims more than the log holds.
-        self.append(key, st, kind, &new)?;
-        for id in new {
-            st.sets.apply(kind, id);
-            st.pending.remove(id);
-        }
-        Ok(())
-    }
-
-    /// [`Self::mark`] for strictly ascending ids, as set operations.
-    fn mark_sorted(
+    /// Records a claim: `fresh` ids were never claimed, `resend` ids were claimed by a process
+    /// that died before settling them (their claim is in the log already). Written first:
+    /// memory never claims more than the log holds.
+    fn settle_claim(
         &self,
         key: &str,
         st: &mut State,
         kind: Kind,
-        ids: &[u32],
-        batch: RoaringBitmap,
+        fresh: &RoaringBitmap,
+        resend: &RoaringBitmap,
     ) -> Result<()> {
-        let target = if kind == Kind::Dead {
-            &st.sets.dead
-        } else {
-            &st.sets.done
+        let write = match kind {
+            Kind::Claim => fresh.clone(),
+            _ => fresh | resend,
         };
-        let new = batch - target;
+        if !write.is_empty() {
+            let ids: Vec<u32> = write.iter().collect();
+            self.append(key, st, kind, &ids)?;
+            st.sets.apply_all(kind, &write);
+        }
+        st.pending -= resend;
+        Ok(())
+    }
+
+    /// Records `ids` (all of this shard) as settled: done, or done with the outcome `kind`
+    /// tags (dead, unreachable).
+    pub(super) fn mark(&self, key: &str, kind: Kind, ids: &[u32]) -> Result<()> {
+        let batch =
+            ascending_bitmap(ids).unwrap_or_else(|| ids.iter().copied().collect::<RoaringBitmap>());
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let new = batch - st.sets.tag(kind).unwrap_or(&st.sets.done);
         if new.is_empty() {
             return Ok(());
         }
-        if new.len() == ids.len() as u64 {
+        if new.len() == ids.len() as u64 && ids.windows(2).all(|w| w[0] < w[1]) {
             self.append(key, st, kind, ids)?;
         } else {
             let ids: Vec<u32> = new.iter().collect();
             self.append(key, st, kind, &ids)?;
         }
-        st.sets.claimed |= &new;
-        st.sets.done |= &new;
-        if kind == Kind::Dead {
-            st.sets.dead |= &new;
-        }
+        st.sets.apply_all(kind, &new);
         st.pending -= &new;
         Ok(())
     }

@@ -57,7 +57,9 @@ end
 /// (KEYS[1]), and the answer per bit is "claimed" when it was not granted (it then joins the
 /// run's in-flight bitmap, KEYS[2]) or when it is in the run's resend bitmap (KEYS[3]: adopted
 /// from a dead run; cleared there, so it is answered once). The reply (per segment, the mask of
-/// the claimed) is stored under KEYS[5] for ARGV[2] ms.
+/// the claimed) is stored under KEYS[5] for ARGV[2] ms. When KEYS[6] is not empty (an outcome
+/// bitmap: held out) the claimed ids are settled there in this same call instead: set in
+/// KEYS[6], never in the in-flight bitmap (and a resent one is cleared from it).
 const CLAIM: &str = r"
 local fenced = guard(4, ARGV[1])
 if fenced then return fenced end
@@ -68,6 +70,8 @@ for s = 3, #ARGV, 2 do
   local first, want = tonumber(ARGV[s]), ARGV[s + 1]
   local n = #want
   local w, g, f, r = bytes(want, n), load(1, first, n), load(2, first, n), load(3, first, n)
+  local settle = nil
+  if KEYS[6] ~= '' then settle = load(6, first, n) end
   local claimed, resent = {}, false
   for j = 1, n do
     local new = bit.band(w[j], bit.bnot(g[j]))
@@ -75,11 +79,21 @@ for s = 3, #ARGV, 2 do
     if again ~= 0 then resent = true end
     claimed[j] = bit.bor(new, again)
     g[j] = bit.bor(g[j], w[j])
-    f[j] = bit.bor(f[j], new)
+    if settle then
+      settle[j] = bit.bor(settle[j], claimed[j])
+      f[j] = bit.band(f[j], bit.bnot(again))
+    else
+      f[j] = bit.bor(f[j], new)
+    end
     r[j] = bit.band(r[j], bit.bnot(again))
   end
   redis.call('SETRANGE', KEYS[1], first, text(g))
-  redis.call('SETRANGE', KEYS[2], first, text(f))
+  if settle then
+    redis.call('SETRANGE', KEYS[6], first, text(settle))
+    if resent then redis.call('SETRANGE', KEYS[2], first, text(f)) end
+  else
+    redis.call('SETRANGE', KEYS[2], first, text(f))
+  end
   if resent then redis.call('SETRANGE', KEYS[3], first, text(r)) end
   out[#out + 1] = text(claimed)
 end
@@ -90,7 +104,7 @@ return reply
 
 /// Marks one chunk's segments (ARGV[2..]) done for the run whose lease (KEYS[3]) must hold
 /// token ARGV[1]: clears them in its in-flight bitmap (KEYS[2]) and, when KEYS[1] is given,
-/// sets them in the dead bitmap. Done is "claimed and in no in-flight bitmap", so no bitmap of
+/// sets them in that outcome bitmap (dead, unreachable). Done is "claimed and in no in-flight bitmap", so no bitmap of
 /// its own is kept. An emptied in-flight bitmap is deleted at the end of the run
 /// ([`DROP_EMPTY`]), not here: counting its bits on every call would cost more than the marking.
 const MARK: &str = r"
