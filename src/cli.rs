@@ -98,6 +98,8 @@ pub enum Command {
     Gen(GenCommand),
     /// Print the user ids a campaign was granted to, sorted, one per line.
     Grants(GrantsArgs),
+    /// A campaign's outcome counts; with --conversions, its lift against the held-out users.
+    Report(ReportArgs),
 }
 
 /// `fanout gen …`
@@ -130,6 +132,27 @@ pub struct GrantsArgs {
     /// The occurrence of a scheduled campaign (hot product): its tick's start, RFC 3339.
     #[arg(long, env = "FANOUT_OCCURRENCE", hide_env_values = true)]
     pub occurrence: Option<String>,
+}
+
+/// `fanout report …`
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The store: file:DIR, redis://[user:pass@]host:port/db or rediss://….
+    #[arg(long, env = "FANOUT_STORE", hide_env_values = true)]
+    pub store: String,
+    /// The campaign id.
+    #[arg(long, env = "FANOUT_CAMPAIGN", hide_env_values = true)]
+    pub campaign: String,
+    /// The occurrence of a scheduled campaign (hot product): its tick's start, RFC 3339.
+    #[arg(long, env = "FANOUT_OCCURRENCE", hide_env_values = true)]
+    pub occurrence: Option<String>,
+    /// Conversion events, JSON Lines {"user": 42, "ts": "RFC 3339"}: compare the conversion
+    /// rate of delivered users with that of held-out users (lift, 95% CI).
+    #[arg(long, env = "FANOUT_CONVERSIONS", hide_env_values = true)]
+    pub conversions: Option<String>,
+    /// Also write the report as JSON to this file; `-` writes it to stdout instead of the text.
+    #[arg(long, env = "FANOUT_JSON", hide_env_values = true)]
+    pub json: Option<String>,
 }
 
 /// `fanout run JOB.toml [flags]`

@@ -17,6 +17,37 @@ use crate::store::Store;
 /// Every user id ever claimed for `campaign` (at `occurrence`, for a scheduled campaign) in
 /// the store at `url` — every process's part of a store a cluster split — sorted, once each.
 pub fn granted(url: &str, campaign: &str, occurrence: Option<&str>) -> Result<Vec<u32>> {
+    let occurrence = check_question(url, campaign, occurrence)?;
+    let key = ledger_key(campaign, occurrence.as_deref());
+    let runtime = reading_runtime()?;
+    let mut ids = Vec::new();
+    let mut known = false;
+    for part in crate::run::cluster::store_parts(url)? {
+        runtime.block_on(async {
+            let store = Store::connect_read_only(&part).await?;
+            if store.has_ledger(&key).await? {
+                known = true;
+                ids.extend(store.granted(&key).await?);
+            }
+            Ok::<_, Error>(())
+        })?;
+    }
+    if !known {
+        return Err(Error::Usage(unknown(url, campaign, occurrence.as_deref())));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Checks the question a read-only command (`grants`, `report`) asks about `campaign` at
+/// `occurrence` in the store at `url`, without opening the store: the id's form, the
+/// occurrence's (returned as the occurrence id it names), and that a store directory exists.
+pub(crate) fn check_question(
+    url: &str,
+    campaign: &str,
+    occurrence: Option<&str>,
+) -> Result<Option<String>> {
     if !is_valid_id(campaign) {
         return Err(Error::Usage(format!(
             "--campaign {campaign:?}: not a campaign id: expected [A-Za-z0-9_-], 1 to 64 characters"
@@ -41,29 +72,15 @@ pub fn granted(url: &str, campaign: &str, occurrence: Option<&str>) -> Result<Ve
             )));
         }
     }
-    let key = ledger_key(campaign, occurrence.as_deref());
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    Ok(occurrence)
+}
+
+/// A runtime for a command that only reads the store.
+pub(crate) fn reading_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Error::runtime(format!("cannot start tokio: {e}")))?;
-    let mut ids = Vec::new();
-    let mut known = false;
-    for part in crate::run::cluster::store_parts(url)? {
-        runtime.block_on(async {
-            let store = Store::connect_read_only(&part).await?;
-            if store.has_ledger(&key).await? {
-                known = true;
-                ids.extend(store.granted(&key).await?);
-            }
-            Ok::<_, Error>(())
-        })?;
-    }
-    if !known {
-        return Err(Error::Usage(unknown(url, campaign, occurrence.as_deref())));
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ids)
+        .map_err(|e| Error::runtime(format!("cannot start tokio: {e}")))
 }
 
 /// Why the store has no ledger for the campaign occurrence, and what may help.

@@ -27,6 +27,8 @@
 //! - [`run`]: `fanout run`/`plan`: wires a job to the dataflow and drives it; `run::cluster`:
 //!   one job as several processes of a timely cluster.
 //! - [`grants`]: `fanout grants`, the audit trail of who a campaign was granted to.
+//! - [`report`]: `fanout report`, a campaign's outcome counts and its lift against the
+//!   held-out users.
 //! - [`serve`]: `fanout serve`: the same dataflow, generation after generation, fed by Redis
 //!   streams ([`streams`]) and schedules, with /metrics and /healthz.
 #![forbid(unsafe_code)]
@@ -44,6 +46,7 @@ pub mod model;
 pub mod policy;
 pub mod providers;
 pub mod render;
+pub mod report;
 pub mod run;
 pub mod serve;
 pub mod signals;

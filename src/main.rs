@@ -129,5 +129,26 @@ fn execute(cli: Cli) -> Result<()> {
             print!("{out}");
             Ok(())
         }
+        Command::Report(args) => {
+            let report = fanout::report::report(&fanout::report::Question {
+                store: &args.store,
+                campaign: &args.campaign,
+                occurrence: args.occurrence.as_deref(),
+                conversions: args.conversions.as_deref(),
+            })?;
+            let Some(path) = &args.json else {
+                print!("{}", fanout::report::render(&report));
+                return Ok(());
+            };
+            let json = serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)? + "\n";
+            if path == "-" {
+                print!("{json}");
+                return Ok(());
+            }
+            std::fs::write(path, json)
+                .map_err(|e| Error::runtime(format!("cannot write report {path}: {e}")))?;
+            print!("{}", fanout::report::render(&report));
+            Ok(())
+        }
     }
 }

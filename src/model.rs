@@ -232,6 +232,17 @@ pub enum Kind {
     HotProduct,
 }
 
+impl Kind {
+    /// The name as written in job files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Promotion => "promotion",
+            Kind::Coupon => "coupon",
+            Kind::HotProduct => "hot_product",
+        }
+    }
+}
+
 /// A campaign's lane in the dispatcher (SPEC "Policy"): transactional messages are never
 /// queued behind normal or bulk ones. Ordered as the lanes are served: `Transactional` first.
 #[derive(

@@ -145,8 +145,12 @@ fn fan_out(
     let buckets = Buckets::new(job.engine.bucket_size);
     let placement = opts.cluster.placement(buckets, sizing.workers);
     let targets = runtime.block_on(Targets::open(store, admissions, &placement, &job.policy))?;
-    // The repeated-campaign guard, before anything is pushed.
-    runtime.block_on(store.admit(&targets.admissions()))?;
+    // The repeated-campaign guard, before anything is pushed; then what was let in is
+    // recorded, so `fanout report` knows each campaign's window without the job file.
+    runtime.block_on(async {
+        store.admit(&targets.admissions()).await?;
+        store.save_campaigns(&targets.campaigns()).await
+    })?;
     let fingerprint = cluster_fingerprint(job, &targets);
     if opts.retry_dead_letters {
         revive_dead_letters(&targets.run, runtime)?;

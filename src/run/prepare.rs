@@ -12,7 +12,7 @@ use crate::dataflow::{Context, RunTarget};
 use crate::error::Result;
 use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignStats, Metrics};
-use crate::model::{Placement, Target};
+use crate::model::{Campaign, Placement, Target};
 use crate::policy::{Holdout, Policy};
 use crate::providers::{dispatch::Dispatcher, Provider};
 use crate::render::Renderer;
@@ -140,6 +140,11 @@ impl Targets {
     /// Lazy coupons among them.
     pub fn lazy(&self) -> usize {
         self.run.len() - self.scan.len()
+    }
+
+    /// The campaign of each, for the store's campaign records.
+    pub fn campaigns(&self) -> Vec<&Campaign> {
+        self.run.iter().map(|rt| &*rt.target.campaign).collect()
     }
 
     /// `(content hash, campaign id)` of each, for the repeated-campaign guard.

@@ -99,6 +99,7 @@ impl CampaignStream {
             }
             Err(e) => return Err(e),
         }
+        store.save_campaigns(&[&campaign]).await?;
         counters.campaigns_admitted.fetch_add(1, Relaxed);
         tracing::info!(campaign = %campaign.id, entry = %s.entry, "campaign admitted");
         if self.registry.keep(&campaign, &s.job).await? {

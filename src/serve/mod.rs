@@ -287,7 +287,11 @@ impl<'a> Server<'a> {
             .iter()
             .map(|c| (content_hash(c), c.id.clone()))
             .collect();
-        self.runtime.block_on(self.store.admit(&admissions))?;
+        let campaigns: Vec<&Campaign> = job.campaigns.iter().map(|c| &**c).collect();
+        self.runtime.block_on(async {
+            self.store.admit(&admissions).await?;
+            self.store.save_campaigns(&campaigns).await
+        })?;
         self.counters
             .campaigns_admitted
             .fetch_add(job.campaigns.len() as u64, Relaxed);

@@ -14,6 +14,7 @@
 //! `file:DIR`, one process at a time) or the shared one ([`redis`](mod@redis), `redis://…`,
 //! any number of processes and machines).
 
+pub mod campaigns;
 pub mod file;
 pub mod redis;
 

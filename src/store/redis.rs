@@ -60,6 +60,7 @@ use scripts::{
     Segments, ADMIT, ADOPT_SCRIPT, CLAIM_SCRIPT, COMPACT, DROP_EMPTY, MARK_SCRIPT, REVIVE,
 };
 
+mod campaigns;
 mod conn;
 mod lease;
 mod scripts;

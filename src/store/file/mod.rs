@@ -22,6 +22,7 @@
 //! worker that owns each id) only so that workers do not contend for one lock and one file.
 
 mod admitted;
+mod campaigns;
 mod format;
 mod ledger;
 mod shard;
