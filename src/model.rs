@@ -234,7 +234,9 @@ pub enum Kind {
 
 /// A campaign's lane in the dispatcher (SPEC "Policy"): transactional messages are never
 /// queued behind normal or bulk ones. Ordered as the lanes are served: `Transactional` first.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     /// Password resets, order updates: own budget, may borrow idle capacity; no caps, no
