@@ -76,6 +76,26 @@ impl Policy {
     }
 }
 
+/// An IANA time zone name (`Asia/Shanghai`, `UTC`), as job files and user records give it;
+/// the error says what was expected. Names are matched exactly, case included, as the IANA
+/// database spells them.
+pub fn parse_zone(name: &str) -> Result<Tz, String> {
+    name.parse::<Tz>().map_err(|_| {
+        format!(
+            "unknown time zone {:?}: expected an IANA zone name like \"Asia/Shanghai\" or \"UTC\"",
+            short(name)
+        )
+    })
+}
+
+/// `text` cut short enough for an error message.
+fn short(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
 /// One frequency cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cap {
