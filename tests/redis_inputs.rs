@@ -156,6 +156,7 @@ fn write_hand_users(redis: &RedisServer, db: u8) -> Vec<User> {
         points,
         tags: tags.iter().map(|t| t.to_string()).collect(),
         token: token.map(str::to_owned),
+        tz: None,
     };
     let want = vec![
         user(1, 3, 1200, &["mom", "sports"], Some("tok-1")),
