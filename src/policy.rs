@@ -68,7 +68,8 @@ impl Policy {
             match quiet.next_end(at, tz) {
                 Some(end) if !quiet.contains(end.with_timezone(&tz).time()) => return Some(end),
                 Some(end) => at = end,
-                // Past chrono's last date (year 262143): no later instant to offer.
+                // No end found: only past chrono's last date (year 262143), which no real
+                // clock reaches. Still held; a later check asks again.
                 None => return Some(at),
             }
         }
@@ -130,7 +131,7 @@ impl QuietHours {
     /// The first instant after `at` (which is inside the quiet hours in `tz`) at which the
     /// local clock reads `end` or, where a gap skips that reading, first passes it. The
     /// instant may be inside the next quiet hours when a clock change skipped whole days.
-    /// `None` only past chrono's last date.
+    /// `None` when none is found, which happens only past chrono's last date.
     fn next_end(&self, at: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
         let local = at.with_timezone(&tz).naive_local();
         let minute = (local.hour() * 60 + local.minute()) as u16;

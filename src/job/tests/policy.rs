@@ -86,7 +86,7 @@ fn other_spellings_of_good_values() {
         Tz::UTC
     );
     assert_eq!(ok(&policy("frequency_caps = []")).policy, Policy::default());
-    let ten = vec!["{ max = 1, per = \"1h\" }"; 10].join(", ");
+    let ten = ["{ max = 1, per = \"1h\" }"; 10].join(", ");
     let job = ok(&policy(&format!("frequency_caps = [{ten}]")));
     assert_eq!(job.policy.frequency_caps.len(), 10);
 }
@@ -152,7 +152,7 @@ fn bad_caps_name_the_cap_and_its_field() {
         "policy.frequency_caps.every",
         "unknown field `every`",
     );
-    let eleven = vec!["{ max = 1, per = \"1h\" }"; 11].join(",\n");
+    let eleven = ["{ max = 1, per = \"1h\" }"; 11].join(",\n");
     bad(
         &policy(&format!("frequency_caps = [\n{eleven}]")),
         21,
