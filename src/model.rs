@@ -41,6 +41,8 @@ pub struct User {
     pub tags: Vec<String>,
     /// Push token, if the user has one.
     pub token: Option<String>,
+    /// The user's time zone, if the input gave one (quiet hours are read in it).
+    pub tz: Option<chrono_tz::Tz>,
 }
 
 /// A borrowed view of one user, as the sources hand users to the dataflow.

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 
 use crate::model::{Campaign, Priority, UserId};
@@ -32,6 +33,70 @@ impl Default for Policy {
     }
 }
 
+impl Policy {
+    /// The zone quiet hours are read in for a user whose own zone is `user_tz`: that zone,
+    /// else `default_tz` (SPEC: "in the user's time zone (`tz`, else `default_tz`)").
+    pub fn zone(&self, user_tz: Option<Tz>) -> Tz {
+        user_tz.unwrap_or(self.default_tz)
+    }
+
+    /// When a send at `t` to a user in zone `tz` may go out: `None` if `t` is outside the
+    /// user's quiet hours (or there are none), else the first instant after `t` at which the
+    /// user's local clock reads a time outside them.
+    ///
+    /// Clock changes are read as the user's wall clock lives them:
+    /// - **gap** (spring forward): if the local end of the quiet hours does not exist that day
+    ///   (quiet until 02:30, clocks jump from 02:00 to 03:00), the quiet hours end at the jump,
+    ///   the first instant whose local time is past the end;
+    /// - **overlap** (fall back): if the local end occurs twice (quiet until 01:30, clocks go
+    ///   back from 02:00 to 01:00), the quiet hours end at its first occurrence after `t`; a
+    ///   user whose clock is turned back into the quiet hours is quiet again until the second
+    ///   occurrence, so a send at that time is held until then;
+    /// - a day a zone skips whole (Pacific/Apia, 2011-12-30) is skipped: the answer is never an
+    ///   instant whose local time is inside the quiet hours.
+    ///
+    /// Quiet hours are `[start, end)` to the minute: 07:59:59 is quiet under `end = "08:00"`.
+    pub fn quiet_until(&self, t: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+        let quiet = self.quiet_hours?;
+        if !quiet.contains(t.with_timezone(&tz).time()) {
+            return None;
+        }
+        // A clock change can land the first end inside the next quiet hours (a skipped day);
+        // a few rounds are more than any zone has ever needed.
+        let mut at = t;
+        for _ in 0..8 {
+            match quiet.next_end(at, tz) {
+                Some(end) if !quiet.contains(end.with_timezone(&tz).time()) => return Some(end),
+                Some(end) => at = end,
+                // No end found: only past chrono's last date (year 262143), which no real
+                // clock reaches. Still held; a later check asks again.
+                None => return Some(at),
+            }
+        }
+        Some(at)
+    }
+}
+
+/// An IANA time zone name (`Asia/Shanghai`, `UTC`), as job files and user records give it;
+/// the error says what was expected. Names are matched exactly, case included, as the IANA
+/// database spells them.
+pub fn parse_zone(name: &str) -> Result<Tz, String> {
+    name.parse::<Tz>().map_err(|_| {
+        format!(
+            "unknown time zone {:?}: expected an IANA zone name like \"Asia/Shanghai\" or \"UTC\"",
+            short(name)
+        )
+    })
+}
+
+/// `text` cut short enough for an error message.
+fn short(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
 /// One frequency cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cap {
@@ -49,6 +114,53 @@ pub struct QuietHours {
     pub start: u16,
     /// First minute after the quiet hours.
     pub end: u16,
+}
+
+impl QuietHours {
+    /// Whether the local time `local` falls in `[start, end)`, wrapping past midnight when
+    /// `start > end`. Empty quiet hours (`start == end`, which a job file cannot set) hold
+    /// nothing.
+    pub fn contains(&self, local: NaiveTime) -> bool {
+        let minute = (local.hour() * 60 + local.minute()) as u16;
+        match self.start <= self.end {
+            true => self.start <= minute && minute < self.end,
+            false => minute >= self.start || minute < self.end,
+        }
+    }
+
+    /// The first instant after `at` (which is inside the quiet hours in `tz`) at which the
+    /// local clock reads `end` or, where a gap skips that reading, first passes it. The
+    /// instant may be inside the next quiet hours when a clock change skipped whole days.
+    /// `None` when none is found, which happens only past chrono's last date.
+    fn next_end(&self, at: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+        let local = at.with_timezone(&tz).naive_local();
+        let minute = (local.hour() * 60 + local.minute()) as u16;
+        // Inside wrapped quiet hours before midnight, they end tomorrow; otherwise today.
+        let wraps_to_tomorrow = self.start > self.end && minute >= self.start;
+        let day: NaiveDate = match wraps_to_tomorrow {
+            true => local.date().succ_opt()?,
+            false => local.date(),
+        };
+        let end_time =
+            NaiveTime::from_hms_opt(u32::from(self.end / 60), u32::from(self.end % 60), 0)?;
+        let mut wall = NaiveDateTime::new(day, end_time);
+        // A gap is at most a day (Apia skipped one); step to the first wall time that exists.
+        for _ in 0..=2 * 24 * 60 {
+            match tz.from_local_datetime(&wall) {
+                LocalResult::Single(end) => {
+                    return Some(end.with_timezone(&Utc)).filter(|e| *e > at)
+                }
+                LocalResult::Ambiguous(first, second) => {
+                    let (first, second) = (first.with_timezone(&Utc), second.with_timezone(&Utc));
+                    return Some(if first > at { first } else { second }).filter(|e| *e > at);
+                }
+                LocalResult::None => {
+                    wall = wall.checked_add_signed(chrono::TimeDelta::minutes(1))?
+                }
+            }
+        }
+        None
+    }
 }
 
 /// FNV-1a, 64 bits, over `bytes` (SPEC "Holdouts": anyone can recompute a holdout with it).
@@ -173,5 +285,160 @@ mod tests {
         assert!((9_000..11_000).contains(&own), "{own}");
         assert!((18_000..22_000).contains(&control), "{control}");
         assert!(Holdout::new(&campaign(""), &Policy::default()).is_none());
+    }
+
+    fn hm(h: u16, m: u16) -> u16 {
+        h * 60 + m
+    }
+
+    fn local(text: &str) -> NaiveTime {
+        NaiveTime::parse_from_str(text, "%H:%M:%S").unwrap()
+    }
+
+    fn utc(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn quiet(start: u16, end: u16) -> Policy {
+        Policy {
+            quiet_hours: Some(QuietHours { start, end }),
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn quiet_hours_contain_start_but_not_end() {
+        let day = QuietHours {
+            start: hm(9, 0),
+            end: hm(17, 30),
+        };
+        for (t, inside) in [
+            ("08:59:59", false),
+            ("09:00:00", true),
+            ("12:00:00", true),
+            ("17:29:59", true),
+            ("17:30:00", false),
+            ("00:00:00", false),
+        ] {
+            assert_eq!(day.contains(local(t)), inside, "{t}");
+        }
+        let night = QuietHours {
+            start: hm(21, 0),
+            end: hm(8, 0),
+        };
+        for (t, inside) in [
+            ("20:59:59", false),
+            ("21:00:00", true),
+            ("23:59:59", true),
+            ("00:00:00", true),
+            ("07:59:59", true),
+            ("08:00:00", false),
+            ("12:00:00", false),
+        ] {
+            assert_eq!(night.contains(local(t)), inside, "{t}");
+        }
+        let empty = QuietHours {
+            start: hm(8, 0),
+            end: hm(8, 0),
+        };
+        assert!(!empty.contains(local("08:00:00")));
+    }
+
+    #[test]
+    fn no_quiet_hours_hold_nothing_and_users_without_a_zone_use_the_default() {
+        let t = utc("2026-03-02T23:00:00Z");
+        assert_eq!(Policy::default().quiet_until(t, Tz::UTC), None);
+        let p = Policy {
+            default_tz: Tz::Asia__Tokyo,
+            ..Policy::default()
+        };
+        assert_eq!(p.zone(None), Tz::Asia__Tokyo);
+        assert_eq!(p.zone(Some(Tz::Europe__Berlin)), Tz::Europe__Berlin);
+    }
+
+    #[test]
+    fn quiet_hours_in_a_zone_without_dst() {
+        // Asia/Shanghai is UTC+8 all year: 21:00–08:00 local is 13:00–00:00 UTC.
+        let p = quiet(hm(21, 0), hm(8, 0));
+        let sh = Tz::Asia__Shanghai;
+        for (t, until) in [
+            ("2026-03-02T12:59:59Z", None),
+            ("2026-03-02T13:00:00Z", Some("2026-03-03T00:00:00Z")),
+            ("2026-03-02T15:59:00Z", Some("2026-03-03T00:00:00Z")),
+            // After local midnight: the same morning.
+            ("2026-03-02T16:00:00Z", Some("2026-03-03T00:00:00Z")),
+            ("2026-03-02T23:59:59Z", Some("2026-03-03T00:00:00Z")),
+            ("2026-03-03T00:00:00Z", None),
+        ] {
+            assert_eq!(p.quiet_until(utc(t), sh), until.map(utc), "{t}");
+        }
+        // The same instants in UTC: quiet from 21:00 UTC instead.
+        assert_eq!(p.quiet_until(utc("2026-03-02T13:00:00Z"), Tz::UTC), None);
+        assert_eq!(
+            p.quiet_until(utc("2026-03-02T21:00:00Z"), Tz::UTC),
+            Some(utc("2026-03-03T08:00:00Z"))
+        );
+        // Quiet hours within one day.
+        let lunch = quiet(hm(12, 0), hm(13, 15));
+        assert_eq!(
+            lunch.quiet_until(utc("2026-03-02T04:30:00Z"), sh),
+            Some(utc("2026-03-02T05:15:00Z"))
+        );
+        assert_eq!(lunch.quiet_until(utc("2026-03-02T05:15:00Z"), sh), None);
+    }
+
+    #[test]
+    fn quiet_hours_across_new_york_dst_changes() {
+        let ny = Tz::America__New_York;
+        // 2026-03-08 02:00 EST (07:00 UTC) the clocks jump to 03:00 EDT. A night that starts
+        // in EST (UTC-5) ends at 08:00 EDT (UTC-4): 12:00 UTC, not 13:00.
+        let night = quiet(hm(21, 0), hm(8, 0));
+        assert_eq!(
+            night.quiet_until(utc("2026-03-08T04:00:00Z"), ny),
+            Some(utc("2026-03-08T12:00:00Z"))
+        );
+        assert_eq!(night.quiet_until(utc("2026-03-08T12:00:00Z"), ny), None);
+        // The night before, all EST: 08:00 EST is 13:00 UTC.
+        assert_eq!(
+            night.quiet_until(utc("2026-03-07T04:00:00Z"), ny),
+            Some(utc("2026-03-07T13:00:00Z"))
+        );
+
+        // Gap: quiet until 02:30, which 2026-03-08 never reads: it ends at the jump, when
+        // the clock reads 03:00 EDT (07:00 UTC).
+        let gap = quiet(hm(22, 0), hm(2, 30));
+        assert_eq!(
+            gap.quiet_until(utc("2026-03-08T06:00:00Z"), ny),
+            Some(utc("2026-03-08T07:00:00Z"))
+        );
+        assert_eq!(gap.quiet_until(utc("2026-03-08T07:00:00Z"), ny), None);
+
+        // Overlap: 2026-11-01 02:00 EDT (06:00 UTC) the clocks go back to 01:00 EST, so
+        // 01:30 happens twice. Quiet until 01:30: first at 01:30 EDT (05:30 UTC); turned back
+        // into the quiet hours at 06:00 UTC, quiet again until 01:30 EST (06:30 UTC).
+        let overlap = quiet(hm(21, 0), hm(1, 30));
+        assert_eq!(
+            overlap.quiet_until(utc("2026-11-01T04:00:00Z"), ny),
+            Some(utc("2026-11-01T05:30:00Z"))
+        );
+        assert_eq!(overlap.quiet_until(utc("2026-11-01T05:45:00Z"), ny), None);
+        assert_eq!(
+            overlap.quiet_until(utc("2026-11-01T06:10:00Z"), ny),
+            Some(utc("2026-11-01T06:30:00Z"))
+        );
+        assert_eq!(overlap.quiet_until(utc("2026-11-01T06:30:00Z"), ny), None);
+    }
+
+    #[test]
+    fn a_skipped_day_never_ends_quiet_hours_inside_the_next_ones() {
+        // Pacific/Apia skipped 2011-12-30: 2011-12-29 23:59:59 (UTC-10) was followed by
+        // 2011-12-31 00:00:00 (UTC+14). A night from 22:00 on the 29th ends 08:00 on the 31st.
+        let night = quiet(hm(22, 0), hm(8, 0));
+        assert_eq!(
+            night.quiet_until(utc("2011-12-30T09:00:00Z"), Tz::Pacific__Apia),
+            Some(utc("2011-12-30T18:00:00Z"))
+        );
     }
 }

@@ -91,6 +91,16 @@ fn bad_user_lines_name_file_line_and_field() {
             br#"{"id": 5, "level": 1, "points": 1, "tags": "sports"}"#.to_vec(),
             "tags",
         ),
+        (
+            "unknown tz",
+            br#"{"id": 5, "level": 1, "points": 1, "tz": "Mars/Olympus"}"#.to_vec(),
+            "tz: unknown time zone \"Mars/Olympus\"",
+        ),
+        (
+            "tz not a string",
+            br#"{"id": 5, "level": 1, "points": 1, "tz": 8}"#.to_vec(),
+            "tz: expected a time zone name",
+        ),
         ("not json", b"id=5 level=1".to_vec(), "users.jsonl:3"),
         (
             "invalid utf-8",
@@ -147,6 +157,25 @@ fn bad_job_files_name_line_and_field() {
             "unparsable redis store url",
             GOOD_JOB.replace("file:store", "redis://localhost:port/0"),
             vec!["job.toml:8", "store.url", "not a Redis URL"],
+        ),
+        (
+            "unknown default_tz",
+            format!("{GOOD_JOB}[policy]\ndefault_tz = \"Mars/Olympus\"\n"),
+            vec![
+                "job.toml:20",
+                "policy.default_tz",
+                "unknown time zone \"Mars/Olympus\"",
+            ],
+        ),
+        (
+            "bad quiet hours",
+            format!("{GOOD_JOB}[policy]\nquiet_hours = {{ start = \"21:00\", end = \"8am\" }}\n"),
+            vec!["job.toml:20", "policy.quiet_hours.end", "HH:MM"],
+        ),
+        (
+            "unknown policy key",
+            format!("{GOOD_JOB}[policy]\nquiet = true\n"),
+            vec!["job.toml:20", "policy.quiet", "unknown field"],
         ),
         (
             "unknown placeholder",
@@ -210,4 +239,41 @@ fn a_job_without_campaigns_is_bad_input_naming_the_file() {
     }
     assert!(read_deliveries(&s.path("deliveries.jsonl")).is_empty());
     assert!(!s.path("store").exists(), "a store was written");
+}
+
+#[test]
+fn an_unknown_tz_in_a_csv_stops_the_run_or_is_skipped() {
+    let s = Scratch::new();
+    s.write(
+        "users.csv",
+        "id,level,points,tags,token,tz\n1,2,3,,,Asia/Shanghai\n5,1,1,,,Asia/Shangai\n9,1,1,,,\n",
+    );
+    s.write(
+        "job.toml",
+        GOOD_JOB.replace("users = \"users.jsonl\"", "users = \"users.csv\""),
+    );
+    let out = s.fanout(&["run", "job.toml", "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("users.csv:3: tz: unknown time zone \"Asia/Shangai\""),
+        "{stderr}"
+    );
+    assert!(read_deliveries(&s.path("deliveries.jsonl")).is_empty());
+
+    s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "--skip-bad-lines",
+        "--quiet",
+        "--summary",
+        "summary.json",
+    ]);
+    assert_eq!(read_summary(&s.path("summary.json"))["skipped_lines"], 1);
+    let mut users: Vec<u64> = read_deliveries(&s.path("deliveries.jsonl"))
+        .iter()
+        .map(|r| r.user)
+        .collect();
+    users.sort_unstable();
+    assert_eq!(users, [1, 9]);
 }

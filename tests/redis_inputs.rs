@@ -1,8 +1,8 @@
 //! Users read from a real redis-server: `fanout gen users --out redis://…` then every sample
 //! job equals the naive expectation over `synthetic_user` (the generator's own definition,
-//! not fanout's loader); hand-written hashes (sparse, tagless, tokenless, one missing) load as
-//! written; a bad field stops the run naming key and field; only the buckets asked for are
-//! fetched; Redis users with the Redis store.
+//! not fanout's loader); hand-written hashes (sparse, tagless, tokenless, zoned, one missing)
+//! load as written; a bad field (an unknown tz too) stops the run naming key and field; only
+//! the buckets asked for are fetched; Redis users with the Redis store.
 
 mod common;
 mod naive;
@@ -156,8 +156,9 @@ fn write_hand_users(redis: &RedisServer, db: u8) -> Vec<User> {
         points,
         tags: tags.iter().map(|t| t.to_string()).collect(),
         token: token.map(str::to_owned),
+        tz: None,
     };
-    let want = vec![
+    let mut want = vec![
         user(1, 3, 1200, &["mom", "sports"], Some("tok-1")),
         user(2, 0, 0, &[], None),
         user(4, 255, u64::MAX, &["sports"], Some("tok-4")),
@@ -174,6 +175,7 @@ fn write_hand_users(redis: &RedisServer, db: u8) -> Vec<User> {
             ("points", "1200"),
             ("tags", "sports;mom"),
             ("token", "tok-1"),
+            ("tz", "Asia/Shanghai"),
             ("nickname", "ignored"),
         ],
     );
@@ -215,6 +217,7 @@ fn write_hand_users(redis: &RedisServer, db: u8) -> Vec<User> {
             ("points", "5"),
             ("tags", "travel;sports"),
             ("token", "tok-1000"),
+            ("tz", "America/New_York"),
         ],
     );
     hset(
@@ -236,6 +239,8 @@ fn write_hand_users(redis: &RedisServer, db: u8) -> Vec<User> {
         &[("level", "1"), ("points", "1")],
     );
     set_max_id(redis, db, 123_457);
+    want[0].tz = Some(chrono_tz::Tz::Asia__Shanghai);
+    want[4].tz = Some(chrono_tz::Tz::America__New_York);
     want
 }
 
@@ -251,6 +256,7 @@ fn hand_written_hashes_load_as_written_and_only_asked_buckets_are_fetched() {
     for u in &want {
         assert_eq!(src.get(u.id).as_ref(), Some(u), "user {}", u.id);
         assert_eq!(src.token(u.id), u.token, "token of {}", u.id);
+        assert_eq!(src.tz(u.id), u.tz, "tz of {}", u.id);
     }
     for missing in [3, 5, 200_000] {
         assert_eq!(src.get(missing), None);
@@ -334,6 +340,7 @@ fn a_bad_field_stops_the_run_naming_key_and_field_and_nothing_is_delivered() {
             "-5",
             "expected a non-negative integer (at most 18446744073709551615), got \"-5\"",
         ),
+        ("tz", "Mars/Olympus", "unknown time zone \"Mars/Olympus\""),
     ] {
         write_hand_users(&redis, db);
         let mut fields = vec![("level", "1"), ("points", "1")];

@@ -316,8 +316,8 @@ fn kind_name(kind: Kind) -> &'static str {
     }
 }
 
-/// A schedule period like `1h` or `15m`: at least a second.
-fn period(text: &str) -> Result<Duration, String> {
+/// A period like `1h` or `15m` (a schedule's `every`, a cap's `per`): at least a second.
+pub(super) fn period(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text)
         .map_err(|e| format!("expected a duration like \"1h\" or \"15m\", got {text:?} ({e})"))?;
     if d < Duration::from_secs(1) {

@@ -7,6 +7,7 @@
 //! command line ([`Overrides`]) win over the file and are named by their flag in errors.
 //!
 //! - [`campaign`]: one `[[campaign]]` table, its checks and its content hash.
+//! - `policy`: the `[policy]` table.
 //! - `locate`: byte offsets to lines and dotted field names, toml errors to [`InputError`].
 
 use std::path::Path;
@@ -22,6 +23,7 @@ use crate::providers::ProviderSpec;
 
 mod campaign;
 mod locate;
+mod policy;
 #[cfg(test)]
 mod tests;
 
@@ -30,6 +32,7 @@ pub use locate::is_valid_id;
 
 use campaign::RawCampaign;
 use locate::{Doc, Shape};
+use policy::RawPolicy;
 
 /// Where an error in a command-line override is reported as coming from.
 const COMMAND_LINE: &str = "command line";
@@ -171,6 +174,8 @@ struct RawJob {
     provider: RawProvider,
     #[serde(default, rename = "campaign")]
     campaigns: Vec<Spanned<RawCampaign>>,
+    #[serde(default)]
+    policy: RawPolicy,
 }
 
 #[derive(Deserialize)]
@@ -247,6 +252,7 @@ pub fn parse(label: &str, text: &str, overrides: &Overrides) -> Result<Job> {
         }
         campaigns.push(Arc::new(c));
     }
+    let policy = raw.policy.validate(&doc)?;
     Ok(Job {
         path: label.to_owned(),
         inputs,
@@ -254,7 +260,7 @@ pub fn parse(label: &str, text: &str, overrides: &Overrides) -> Result<Job> {
         store,
         provider,
         campaigns,
-        policy: crate::policy::Policy::default(),
+        policy,
     })
 }
 

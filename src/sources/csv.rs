@@ -1,10 +1,12 @@
-//! Users from CSV: a header row naming `id,level,points` and optionally `tags` and `token`
+//! Users from CSV: a header row naming `id,level,points` and optionally `tags`, `token` and `tz`
 //! (in any order; other columns are ignored), then one user per line, tags separated by `;`.
 //!
 //! The file is read line by line with the bounded reader, so each row is one line. A line
 //! without quotes is split on commas directly; a quoted one goes through the `csv` crate.
 
-use super::record::{check_id, check_level, check_points, shorten, Bad, ID, LEVEL, POINTS};
+use super::record::{
+    check_id, check_level, check_points, check_tz, shorten, Bad, ID, LEVEL, POINTS,
+};
 use crate::model::User;
 
 /// Where each known column sits, from the header row.
@@ -16,6 +18,7 @@ pub(crate) struct Header {
     points: usize,
     tags: Option<usize>,
     token: Option<usize>,
+    tz: Option<usize>,
 }
 
 impl Header {
@@ -40,7 +43,7 @@ impl Header {
                     Bad::field(
                         want,
                         "missing column: the header must name id, level and points \
-                         (and may name tags and token)",
+                         (and may name tags, token and tz)",
                     )
                 })
             };
@@ -51,6 +54,7 @@ impl Header {
                 points: required("points")?,
                 tags: find("tags")?,
                 token: find("token")?,
+                tz: find("tz")?,
             })
         })
     }
@@ -58,7 +62,7 @@ impl Header {
     /// Parses one non-blank data row into a user.
     ///
     /// Numbers may have spaces around them; tags are trimmed and empty ones dropped; an empty
-    /// token cell means no token.
+    /// token or tz cell means none.
     pub fn parse_row(&self, text: &str) -> Result<User, Bad> {
         with_fields(text, |cells| {
             if cells.len() != self.width {
@@ -99,12 +103,17 @@ impl Header {
                 .map(|i| cells[i])
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned);
+            let tz = match self.tz {
+                Some(i) => check_tz(cells[i])?,
+                None => None,
+            };
             Ok(User {
                 id,
                 level,
                 points,
                 tags,
                 token,
+                tz,
             })
         })
     }
@@ -160,7 +169,26 @@ mod tests {
                 points: 100,
                 tags: vec![],
                 token: Some("t-9".into()),
+                tz: None,
             }
+        );
+    }
+
+    #[test]
+    fn an_optional_tz_column_holds_zone_names() {
+        let h = Header::parse("id,level,points,tags,token,TZ").unwrap();
+        let u = h.parse_row("1,2,3,,t, America/New_York ").unwrap();
+        assert_eq!(u.tz, Some(chrono_tz::Tz::America__New_York));
+        assert_eq!(h.parse_row("1,2,3,,t,").unwrap().tz, None);
+        let (field, msg) = fault(&h, "1,2,3,,t,Europe/Nowhere");
+        assert_eq!(field, "tz");
+        assert!(
+            msg.starts_with("unknown time zone \"Europe/Nowhere\""),
+            "{msg}"
+        );
+        assert_eq!(
+            Header::parse("id,tz,level,points,tz").unwrap_err().field,
+            "tz"
         );
     }
 

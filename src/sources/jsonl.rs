@@ -1,4 +1,5 @@
-//! Users from JSON Lines: `{"id": 42, "level": 3, "points": 1200, "tags": ["sports"], "token": "t-42"}`.
+//! Users from JSON Lines:
+//! `{"id": 42, "level": 3, "points": 1200, "tags": ["sports"], "token": "t-42", "tz": "Asia/Shanghai"}`.
 //!
 //! Each field is read as a raw JSON value first, so a wrong type names the field it is in
 //! rather than surfacing as serde's "invalid type at column 17".
@@ -6,7 +7,9 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::record::{check_id, check_level, check_points, shorten, Bad, ID, LEVEL, POINTS};
+use super::record::{
+    check_id, check_level, check_points, check_tz, shorten, Bad, ID, LEVEL, POINTS,
+};
 use crate::model::User;
 
 /// One line's fields, unchecked. Keys not named here are ignored; `null` reads as absent.
@@ -17,11 +20,12 @@ struct RawUser {
     points: Option<Value>,
     tags: Option<Value>,
     token: Option<Value>,
+    tz: Option<Value>,
 }
 
 /// Parses one non-blank line into a user.
 ///
-/// An empty `token` string counts as no token, as an empty CSV cell does.
+/// An empty `token` or `tz` string counts as none, as an empty CSV cell does.
 pub(crate) fn parse_line(text: &str) -> Result<User, Bad> {
     let trimmed = text.trim();
     // serde would also read a JSON array into a struct, field by position.
@@ -75,12 +79,23 @@ pub(crate) fn parse_line(text: &str) -> Result<User, Bad> {
             ))
         }
     };
+    let tz = match raw.tz {
+        None => None,
+        Some(Value::String(s)) => check_tz(&s)?,
+        Some(other) => {
+            return Err(Bad::field(
+                "tz",
+                format!("expected a time zone name or null, got {}", show(&other)),
+            ))
+        }
+    };
     Ok(User {
         id,
         level,
         points,
         tags,
         token,
+        tz,
     })
 }
 
@@ -117,7 +132,31 @@ mod tests {
                 points: 1200,
                 tags: vec!["sports".into(), "运动".into()],
                 token: Some("t-42".into()),
+                tz: None,
             }
+        );
+    }
+
+    #[test]
+    fn tz_is_an_optional_iana_zone_name() {
+        let u = parse_line(r#"{"id":1,"level":0,"points":0,"tz":"Asia/Shanghai"}"#).unwrap();
+        assert_eq!(u.tz, Some(chrono_tz::Tz::Asia__Shanghai));
+        for line in [
+            r#"{"id":1,"level":0,"points":0}"#,
+            r#"{"id":1,"level":0,"points":0,"tz":null}"#,
+            r#"{"id":1,"level":0,"points":0,"tz":""}"#,
+        ] {
+            assert_eq!(parse_line(line).unwrap().tz, None, "{line}");
+        }
+        let (field, msg) = fault(r#"{"id":1,"level":0,"points":0,"tz":"Mars/Base"}"#);
+        assert_eq!(field, "tz");
+        assert!(msg.starts_with("unknown time zone \"Mars/Base\""), "{msg}");
+        assert_eq!(
+            fault(r#"{"id":1,"level":0,"points":0,"tz":8}"#),
+            (
+                "tz".into(),
+                "expected a time zone name or null, got 8".into()
+            )
         );
     }
 

@@ -22,7 +22,7 @@ pub mod table;
 use std::sync::Arc;
 
 use crate::error::{Error, InputError, Result};
-use crate::model::{Buckets, Route, TagDict, User, UserRef};
+use crate::model::{Buckets, Route, TagDict, User, UserId, UserRef};
 
 use file::Format;
 use synthetic::Synthetic;
@@ -189,6 +189,16 @@ impl UserSource {
         }
     }
 
+    /// User `id`'s time zone; `None` if there is no such user or its input gave none (then
+    /// the job's `default_tz` applies: [`Policy::zone`](crate::policy::Policy::zone)).
+    /// Synthetic users have none.
+    pub fn tz(&self, id: UserId) -> Option<chrono_tz::Tz> {
+        match self {
+            UserSource::Table(t) => t.tz(id),
+            UserSource::Synthetic(_) => None,
+        }
+    }
+
     /// User `id` in full, its tags distinct and sorted by name.
     pub fn get(&self, id: u32) -> Option<User> {
         match self {
@@ -310,5 +320,71 @@ mod tests {
                 "size {size}"
             );
         }
+    }
+
+    /// A file of `text` with extension `ext`.
+    fn file(ext: &str, text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(ext).tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f.flush().unwrap();
+        f
+    }
+
+    #[test]
+    fn zones_of_file_users_read_back_and_an_unknown_one_names_file_line_and_field() {
+        use chrono_tz::Tz;
+        let jsonl = file(
+            ".jsonl",
+            "{\"id\":2,\"level\":1,\"points\":1,\"tz\":\"Asia/Shanghai\"}\n\
+             {\"id\":1,\"level\":1,\"points\":1}\n\
+             {\"id\":3,\"level\":1,\"points\":1,\"tz\":\"America/New_York\",\"token\":\"t\"}\n",
+        );
+        let csv = file(
+            ".csv",
+            "id,level,points,tags,token,tz\n2,1,1,,,Asia/Shanghai\n1,1,1,,,\n\
+             3,1,1,,t,America/New_York\n",
+        );
+        for f in [&jsonl, &csv] {
+            let (src, _) = open(f.path().to_str().unwrap()).unwrap();
+            assert_eq!(src.tz(1), None);
+            assert_eq!(src.tz(2), Some(Tz::Asia__Shanghai));
+            assert_eq!(src.tz(3), Some(Tz::America__New_York));
+            assert_eq!(src.get(3).unwrap().tz, Some(Tz::America__New_York));
+            assert_eq!(src.tz(4), None);
+        }
+        // A CSV file without the column: no user has a zone.
+        let plain = file(".csv", "id,level,points\n1,1,1\n");
+        assert_eq!(open(plain.path().to_str().unwrap()).unwrap().0.tz(1), None);
+        // Synthetic users have none.
+        assert_eq!(open("synthetic:10").unwrap().0.tz(3), None);
+
+        let bad = file(
+            ".jsonl",
+            "{\"id\":1,\"level\":1,\"points\":1}\n\
+             {\"id\":2,\"level\":1,\"points\":1,\"tz\":\"Asia/Shangai\"}\n\
+             {\"id\":3,\"level\":1,\"points\":1}\n",
+        );
+        let path = bad.path().to_str().unwrap();
+        match open(path) {
+            Err(Error::BadInput(e)) => {
+                assert_eq!(
+                    (e.file.as_str(), e.line, e.field.as_str()),
+                    (path, Some(2), "tz")
+                );
+                assert!(
+                    e.msg.starts_with("unknown time zone \"Asia/Shangai\""),
+                    "{e}"
+                );
+            }
+            other => panic!("expected bad input, got {other:?}"),
+        }
+        let skip = LoadOptions {
+            skip_bad_lines: true,
+            ..LoadOptions::default()
+        };
+        let (src, report) = UserSource::open(path, &skip).unwrap();
+        assert_eq!((report.skipped, src.len()), (1, 2));
+        assert_eq!(report.first_errors[0].line, Some(2));
+        assert_eq!(src.get(2), None);
     }
 }

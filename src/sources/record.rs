@@ -70,6 +70,18 @@ pub(crate) fn check_points(n: Option<u64>, got: impl FnOnce() -> String) -> Resu
     n.ok_or_else(|| expected("points", POINTS, got))
 }
 
+/// Checks a user's time zone: an IANA zone name, or empty for none (as an empty token is).
+/// Spaces around it are ignored.
+pub(crate) fn check_tz(text: &str) -> Result<Option<chrono_tz::Tz>, Bad> {
+    let name = text.trim();
+    if name.is_empty() {
+        return Ok(None);
+    }
+    crate::policy::parse_zone(name)
+        .map(Some)
+        .map_err(|msg| Bad::field("tz", msg))
+}
+
 fn expected(field: &str, what: &str, got: impl FnOnce() -> String) -> Bad {
     Bad::field(field, format!("expected {what}, got {}", got()))
 }
@@ -90,6 +102,28 @@ mod tests {
         assert_eq!(e.msg, "expected an integer 0..=255, got 300");
         assert_eq!(check_points(Some(u64::MAX), got), Ok(u64::MAX));
         assert!(check_points(None, got).is_err());
+    }
+
+    #[test]
+    fn zones_are_iana_names_and_empty_is_none() {
+        use chrono_tz::Tz;
+        assert_eq!(check_tz("Asia/Shanghai"), Ok(Some(Tz::Asia__Shanghai)));
+        assert_eq!(check_tz(" UTC "), Ok(Some(Tz::UTC)));
+        assert_eq!(
+            check_tz("America/Argentina/Buenos_Aires"),
+            Ok(Some(Tz::America__Argentina__Buenos_Aires))
+        );
+        assert_eq!(check_tz(""), Ok(None));
+        assert_eq!(check_tz("  "), Ok(None));
+        for bad in ["Mars/Base", "asia/shanghai", "+08:00", "Asia/Shanghai/x"] {
+            let e = check_tz(bad).unwrap_err();
+            assert_eq!(e.field, "tz", "{bad}");
+            assert!(
+                e.msg.starts_with(&format!("unknown time zone {bad:?}")),
+                "{}",
+                e.msg
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! fanout:users:max_id   string: the highest user id
-//! fanout:user:{id}      hash: level, points, tags (`;`-joined), token
+//! fanout:user:{id}      hash: level, points, tags (`;`-joined), token, tz (an IANA zone name)
 //! ```
 //!
 //! [`load`] reads ids `1..=max_id` bucket by bucket, one pipeline of `HGETALL`s per bucket
@@ -22,7 +22,7 @@ use futures::{stream, StreamExt, TryStreamExt};
 use redis::aio::ConnectionManager;
 use redis::{Pipeline, Value};
 
-use super::record::{check_level, check_points, shorten, Bad, LEVEL, POINTS};
+use super::record::{check_level, check_points, check_tz, shorten, Bad, LEVEL, POINTS};
 use super::table::{TableBuilder, UserTable};
 use super::{LoadOptions, LoadReport};
 use crate::error::{Error, InputError, Result};
@@ -223,6 +223,7 @@ struct Fields<'a> {
     points: Option<&'a [u8]>,
     tags: Option<&'a [u8]>,
     token: Option<&'a [u8]>,
+    tz: Option<&'a [u8]>,
 }
 
 impl<'a> Fields<'a> {
@@ -233,6 +234,7 @@ impl<'a> Fields<'a> {
             b"points" => self.points = Some(v),
             b"tags" => self.tags = Some(v),
             b"token" => self.token = Some(v),
+            b"tz" => self.tz = Some(v),
             _ => {}
         }
     }
@@ -300,12 +302,17 @@ fn parse_user(id: u32, f: &Fields<'_>) -> Result<User, Bad> {
     let token = text("token", f.token)?
         .filter(|t| !t.is_empty())
         .map(str::to_owned);
+    let tz = match text("tz", f.tz)? {
+        Some(name) => check_tz(name)?,
+        None => None,
+    };
     Ok(User {
         id,
         level,
         points,
         tags,
         token,
+        tz,
     })
 }
 
@@ -331,6 +338,8 @@ async fn write_async(
                 .arg(u.tags.join(";"))
                 .arg("token")
                 .arg(u.token.as_deref().unwrap_or(""))
+                .arg("tz")
+                .arg(u.tz.map_or("", |z| z.name()))
                 .ignore();
             n += 1;
         }
@@ -391,6 +400,7 @@ mod tests {
                 ("points", b" 1200 "),
                 ("tags", b"sports; mom;;"),
                 ("token", b"t-7"),
+                ("tz", b"Asia/Shanghai"),
                 ("other", b"ignored"),
                 ("level", b"3"),
             ],
@@ -404,10 +414,20 @@ mod tests {
                 points: 1200,
                 tags: vec!["sports".into(), "mom".into()],
                 token: Some("t-7".into()),
+                tz: Some(chrono_tz::Tz::Asia__Shanghai),
             }
         );
-        let bare = parse(8, &[("level", b"0"), ("points", b"0"), ("token", b"")]);
-        assert_eq!(bare.unwrap().token, None);
+        let bare = parse(
+            8,
+            &[
+                ("level", b"0"),
+                ("points", b"0"),
+                ("token", b""),
+                ("tz", b""),
+            ],
+        )
+        .unwrap();
+        assert_eq!((bare.token, bare.tz), (None, None));
     }
 
     #[test]
@@ -440,6 +460,24 @@ mod tests {
                     ("token", &b"\xff"[..]),
                 ],
                 "token",
+                "not valid UTF-8",
+            ),
+            (
+                vec![
+                    ("level", &b"1"[..]),
+                    ("points", &b"1"[..]),
+                    ("tz", &b"Mars/Base"[..]),
+                ],
+                "tz",
+                "unknown time zone \"Mars/Base\": expected an IANA zone name like \"Asia/Shanghai\" or \"UTC\"",
+            ),
+            (
+                vec![
+                    ("level", &b"1"[..]),
+                    ("points", &b"1"[..]),
+                    ("tz", &b"\xff"[..]),
+                ],
+                "tz",
                 "not valid UTF-8",
             ),
         ] {

@@ -67,7 +67,8 @@ pub(crate) fn tag_names(tag_bits: u8) -> Vec<&'static str> {
 
 /// The attributes of synthetic user `id` under `seed`: a pure function, the same on every
 /// worker and every run. Level 0..=9, points 0..100_000, each [`VOCABULARY`] tag with
-/// probability 1/4 (sorted by name), token `t-{id}`.
+/// probability 1/4 (sorted by name), token `t-{id}`, no time zone (the job's `default_tz`
+/// applies to every synthetic user).
 pub fn synthetic_user(seed: u64, id: u32) -> User {
     let a = attrs(seed, id);
     User {
@@ -79,6 +80,7 @@ pub fn synthetic_user(seed: u64, id: u32) -> User {
             .map(str::to_owned)
             .collect(),
         token: Some(format!("t-{id}")),
+        tz: None,
     }
 }
 

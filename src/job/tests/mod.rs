@@ -6,6 +6,7 @@ use super::*;
 use crate::model::Kind;
 
 mod campaign;
+mod policy;
 
 /// Lines 1–8 of a valid job; tests replace one of its lines or add lines after it.
 const BASE: &str = r#"[inputs]
