@@ -198,6 +198,9 @@ url = "file:store"
 url = "log:deliveries.jsonl"
 concurrency = 64
 
+[policy]
+control_group = 0.05
+
 [[campaign]]
 id = "sporty"
 kind = "promotion"
@@ -214,6 +217,7 @@ id = "welcome"
 kind = "coupon"
 start = "2026-03-01T00:00:00Z"
 end = "2026-03-05T00:00:00Z"
+holdout = 0.2
 title = "Welcome"
 body = "{{coupon.id}} for {{user.id}}"
 [campaign.coupon]
@@ -255,7 +259,7 @@ fn two_processes_deliver_the_naive_set_once_and_both_do_work() {
     s.write("job.toml", &job);
     run_cluster(&s, &["--summary", "summary.json"]);
 
-    let want = expected_in(&job, s.dir.path(), &users);
+    let (want, held) = expected_outcomes_in(&job, s.dir.path(), &users);
     let d0 = delivered(&s.path("deliveries-0.jsonl"));
     let d1 = delivered(&s.path("deliveries-1.jsonl"));
     assert!(
@@ -279,6 +283,9 @@ fn two_processes_deliver_the_naive_set_once_and_both_do_work() {
     for c in ["sporty", "welcome"] {
         let n = want.iter().filter(|w| w.0 == c).count() as u64;
         assert_eq!(campaign_line(&summary, c)["delivered"], n, "{c}");
+        let h = held.iter().filter(|w| w.0 == c).count() as u64;
+        assert!(h > 0, "{c} should hold someone out");
+        assert_eq!(campaign_line(&summary, c)["held_out"], h, "{c}");
     }
     assert_eq!(summary["users_scanned"], users.len() as u64);
     let granted_before = users
@@ -298,7 +305,8 @@ fn two_processes_deliver_the_naive_set_once_and_both_do_work() {
     assert_eq!(summary["logins_unknown_user"], unknown);
     assert_eq!(summary["logins"], logins.len() as u64 - unknown);
 
-    // `fanout grants` reads every process's part of the store.
+    // `fanout grants` reads every process's part of the store; held-out users were granted
+    // nothing.
     let out = s.fanout(&["grants", "--store", "file:store", "--campaign", "welcome"]);
     let printed: Vec<u64> = String::from_utf8(out.stdout)
         .unwrap()

@@ -180,6 +180,12 @@ fn run_and_check_report(s: &Scratch, store: &str) {
         c["held_out"]["users"].as_u64().unwrap(),
         c["held_out"]["converted"].as_u64().unwrap(),
     );
+    // The engine held out exactly SPEC's FNV-1a share, recorded it, and sent them nothing.
+    assert_eq!(h_users, held.len() as u64);
+    assert_eq!(h_conv, held.intersection(&converted).count() as u64);
+    assert_eq!(r["outcomes"]["held_out"], held.len() as u64);
+    assert!(delivered.is_disjoint(&held));
+    assert_eq!(delivered.len() as u64 + held.len() as u64, USERS);
     if h_users == 0 {
         assert!(c["lift"]["absolute"].is_null() && c["lift"]["ci95"].is_null());
         assert!(c["lift"]["note"]

@@ -54,6 +54,7 @@ pub struct Loaded {
 
 /// Loads and checks every input of `job`.
 pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
+    job.require_enforced_policy()?;
     let load_opts = LoadOptions {
         skip_bad_lines: opts.skip_bad_lines,
         bucket_size: job.engine.bucket_size,

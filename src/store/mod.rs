@@ -312,7 +312,7 @@ impl Store {
         }
     }
 
-    /// Every claimed id of `key`, sorted (what `fanout grants` prints). Empty if the ledger
+    /// Every id of `key` claimed and not held out, sorted (what `fanout grants` prints). Empty if the ledger
     /// doesn't exist.
     pub async fn granted(&self, key: &str) -> Result<Vec<u32>> {
         match self {

@@ -617,10 +617,12 @@ impl RedisStore {
         })
     }
 
-    /// Every claimed id of ledger `key`, sorted.
+    /// Every id of ledger `key` claimed and not held out, sorted.
     pub async fn granted(&self, key: &str) -> Result<Vec<u32>> {
         let ledger = self.ledger(key).await?;
-        Ok(ledger.bits(&ledger.granted).await?.iter().collect())
+        let claimed = ledger.bits(&ledger.granted).await?;
+        let held_out = ledger.bits(&ledger.held_out).await?;
+        Ok((claimed - held_out).iter().collect())
     }
 
     /// The ledgers opened so far.

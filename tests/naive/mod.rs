@@ -20,6 +20,10 @@ pub struct NCampaign {
     pub on_login: bool,
     pub every_s: Option<i64>,
     pub goods_name: Option<String>,
+    /// Share held out of this campaign.
+    pub holdout: f64,
+    /// `priority = "transactional"`: the control group does not apply.
+    pub transactional: bool,
 }
 
 fn time(v: &Value) -> DateTime<Utc> {
@@ -96,10 +100,46 @@ pub fn campaigns(job: &str) -> (Vec<NCampaign>, Option<DateTime<Utc>>) {
                     .and_then(|g| g.get("name"))
                     .and_then(Value::as_str)
                     .map(str::to_owned),
+                holdout: c.get("holdout").map(share).unwrap_or(0.0),
+                transactional: c.get("priority").and_then(Value::as_str) == Some("transactional"),
             }
         })
         .collect();
     (campaigns, now)
+}
+
+/// A share as TOML writes it (`0.1`, or `0` as an integer).
+fn share(v: &Value) -> f64 {
+    v.as_float()
+        .or_else(|| v.as_integer().map(|i| i as f64))
+        .unwrap()
+}
+
+/// The job's `[policy] control_group` (0 without one).
+pub fn control_group(job: &str) -> f64 {
+    let doc: Value = toml::from_str(job).expect("test job is TOML");
+    doc.get("policy")
+        .and_then(|p| p.get("control_group"))
+        .map(share)
+        .unwrap_or(0.0)
+}
+
+/// FNV-1a, 64 bits, written out from its definition.
+pub fn fnv1a(text: &str) -> u64 {
+    let mut h: u64 = 14695981039346656037;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(1099511628211);
+    }
+    h
+}
+
+/// SPEC "Holdouts": whether `user` is held out of `c` in a job whose control group is
+/// `control`.
+pub fn is_held_out(c: &NCampaign, control: f64, user: u64) -> bool {
+    let cut = |share: f64| (share * 1e6).round() as u64;
+    fnv1a(&format!("{}:{user}", c.id)) % 1_000_000 < cut(c.holdout)
+        || (!c.transactional && fnv1a(&format!("control:{user}")) % 1_000_000 < cut(control))
 }
 
 /// The occurrence a scheduled campaign fires for at `now`: its tick's start.
@@ -113,6 +153,9 @@ pub fn tick(c: &NCampaign, now: DateTime<Utc>) -> String {
 /// A login: user id and time.
 pub type NLogin = (u64, DateTime<Utc>);
 
+/// A (campaign, occurrence, user) pair.
+pub type Pair = (String, Option<String>, u64);
+
 /// What should be delivered: (campaign, occurrence, user).
 pub fn expected(
     job: &str,
@@ -120,8 +163,21 @@ pub fn expected(
     logins: &[NLogin],
     granted: &BTreeSet<(String, u64)>,
     now: Option<DateTime<Utc>>,
-) -> BTreeSet<(String, Option<String>, u64)> {
+) -> BTreeSet<Pair> {
+    expected_outcomes(job, users, logins, granted, now).0
+}
+
+/// What should be (delivered, held out): the pairs of users in each campaign's audience and
+/// window, not granted before, split by SPEC's holdout rule.
+pub fn expected_outcomes(
+    job: &str,
+    users: &BTreeMap<u64, TUser>,
+    logins: &[NLogin],
+    granted: &BTreeSet<(String, u64)>,
+    now: Option<DateTime<Utc>>,
+) -> (BTreeSet<Pair>, BTreeSet<Pair>) {
     let (campaigns, job_now) = campaigns(job);
+    let control = control_group(job);
     let now = now.or(job_now).expect("a clock");
     let mut want = BTreeSet::new();
     for c in &campaigns {
@@ -144,7 +200,15 @@ pub fn expected(
             }
         }
     }
-    want
+    let held = want
+        .iter()
+        .filter(|(id, _, user)| {
+            let c = campaigns.iter().find(|c| &c.id == id).unwrap();
+            is_held_out(c, control, *user)
+        })
+        .cloned()
+        .collect::<BTreeSet<Pair>>();
+    (&want - &held, held)
 }
 
 /// What `job` should deliver with its logins and granted inputs read from `dir` (where the
@@ -153,7 +217,16 @@ pub fn expected_in(
     job: &str,
     dir: &std::path::Path,
     users: &BTreeMap<u64, TUser>,
-) -> BTreeSet<(String, Option<String>, u64)> {
+) -> BTreeSet<Pair> {
+    expected_outcomes_in(job, dir, users).0
+}
+
+/// [`expected_outcomes`] with the inputs read from `dir`, as [`expected_in`] does.
+pub fn expected_outcomes_in(
+    job: &str,
+    dir: &std::path::Path,
+    users: &BTreeMap<u64, TUser>,
+) -> (BTreeSet<Pair>, BTreeSet<Pair>) {
     let doc: Value = toml::from_str(job).expect("test job is TOML");
     let input = |k: &str| {
         doc["inputs"]
@@ -167,7 +240,7 @@ pub fn expected_in(
     let granted = input("granted")
         .map(|t| granted_jsonl(&t))
         .unwrap_or_default();
-    expected(job, users, &logins, &granted, None)
+    expected_outcomes(job, users, &logins, &granted, None)
 }
 
 /// Reads login events the naive way.

@@ -250,11 +250,6 @@ impl FileLedger {
         self.union_now(|sets| &sets.done)
     }
 
-    /// A copy of the claimed set as it is now.
-    pub fn claimed_now(&self) -> RoaringBitmap {
-        self.union_now(|sets| &sets.claimed)
-    }
-
     /// Whether `id` is done.
     pub fn is_done(&self, id: u32) -> bool {
         let shard = &self.shards[self.shard_of.of(id)];

@@ -237,12 +237,13 @@ impl FileStore {
         Ok(file("snap").exists() || file("log").exists())
     }
 
-    /// Every claimed id of `key`, sorted; empty if the ledger doesn't exist.
+    /// Every id of `key` claimed and not held out, sorted; empty if the ledger does not exist.
     pub fn granted(&self, key: &str) -> Result<Vec<u32>> {
-        if let Some(ledger) = lock(&self.open).get(key) {
-            return Ok(ledger.claimed_now().iter().collect());
-        }
-        Ok(self.read_sets(key)?.claimed.iter().collect())
+        let sets = match lock(&self.open).get(key) {
+            Some(ledger) => ledger.sets(),
+            None => self.read_sets(key)?,
+        };
+        Ok((sets.claimed - sets.held_out).iter().collect())
     }
 
     /// The users of ledger `key` by recorded outcome.
