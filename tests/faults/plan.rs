@@ -223,6 +223,10 @@ fn campaign(r: &mut Rng, kind: Kind, id: &str) -> String {
          title = \"{} {id}\"\nbody = \"Hi {{user.id}} L{{user.level}} P{{user.points}} {{campaign.id}}{extra}\"\n",
         kind.name()
     );
+    if r.chance(40) {
+        // A holdout: the held-out users must never be sent, whatever crashes.
+        let _ = writeln!(c, "holdout = {}", [0.1, 0.25, 0.5][r.below(3) as usize]);
+    }
     if kind != Kind::PromoAll && (kind == Kind::PromoPersona || r.chance(60)) {
         audience(r, &mut c);
     }
@@ -371,6 +375,7 @@ pub fn plan(seed: u64) -> Schedule {
     } else {
         logins_per_epoch
     };
+    let control_group = [0.0, 0.0, 0.05, 0.2][r.below(4) as usize];
     let mut campaigns = String::new();
     let mut ids = Vec::new();
     for (i, &k) in kinds.iter().enumerate() {
@@ -405,7 +410,8 @@ pub fn plan(seed: u64) -> Schedule {
             "\n[engine]\nbucket_size = {bucket}\nbatch_max_messages = {batch}\nnow = \"{}\"\n\
              logins_per_epoch = {logins_per_epoch}\n\n[store]\nurl = \"file:store\"\n\n\
              [provider]\nurl = \"log:deliveries.jsonl\"\nconcurrency = {concurrency}\n\
-             rate_per_s = {rate}\nmax_attempts = 6\ndead_letter = \"dead-letters.jsonl\"\n\n",
+             rate_per_s = {rate}\nmax_attempts = 6\ndead_letter = \"dead-letters.jsonl\"\n\n\
+             [policy]\ncontrol_group = {control_group}\n\n",
             ticks[0]
         );
         j.push_str(&campaigns);
