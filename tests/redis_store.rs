@@ -31,6 +31,7 @@ fn every_sample_dataflow_on_redis_equals_the_naive_set() {
         "coupon-on-login",
         "coupon-segment",
         "hot-products",
+        "policy",
     ];
     for (db, name) in names.iter().enumerate() {
         let job = read(&repo(&format!("dataflows/{name}.toml")));
@@ -341,8 +342,14 @@ async fn ledger_claims_and_marks_on_redis_equal_a_naive_set() {
     let store = Store::connect(&redis.url(0)).await.unwrap();
     let ledger = store.ledger("mixed").await.unwrap();
     let (mut claimed, mut dead) = (HashSet::new(), HashSet::new());
+    let (mut unreachable, mut held) = (HashSet::new(), HashSet::new());
     for (i, batch) in mixed_batches().iter().enumerate() {
-        let got = ledger.claim(batch).await.unwrap();
+        // Every fifth batch is held out: claimed and settled in one call.
+        let holds = i % 5 == 4;
+        let got = match holds {
+            true => ledger.claim_held_out(batch).await.unwrap(),
+            false => ledger.claim(batch).await.unwrap(),
+        };
         let (mut want, mut taken) = (Vec::new(), Vec::new());
         for &id in batch {
             if claimed.insert(id) {
@@ -353,14 +360,31 @@ async fn ledger_claims_and_marks_on_redis_equal_a_naive_set() {
         }
         assert_eq!(got.claimed, want, "batch {i}: claimed");
         assert_eq!(got.already, taken, "batch {i}: already");
-        // Every third batch fails for good; the rest are delivered.
-        if i % 3 == 2 {
+        // Of the rest, every third batch fails for good, every seventh has no token; the
+        // others are delivered.
+        if holds {
+            held.extend(got.claimed);
+        } else if i % 3 == 2 {
             ledger.mark_dead(&got.claimed).await.unwrap();
             dead.extend(got.claimed);
+        } else if i % 7 == 0 {
+            ledger.mark_unreachable(&got.claimed).await.unwrap();
+            unreachable.extend(got.claimed);
         } else {
             ledger.mark_done(&got.claimed).await.unwrap();
         }
     }
+    let outcomes = store.outcomes("mixed").await.unwrap();
+    let set = |s: &HashSet<u32>| s.iter().copied().collect::<roaring::RoaringBitmap>();
+    assert_eq!(outcomes.held_out, set(&held));
+    assert_eq!(outcomes.dead_lettered, set(&dead));
+    assert_eq!(outcomes.unreachable, set(&unreachable));
+    let rest = &(&(&set(&claimed) - &set(&held)) - &set(&dead)) - &set(&unreachable);
+    assert_eq!(outcomes.delivered, rest);
+    assert!(outcomes.in_flight.is_empty());
+    // `fanout grants` lists no held-out user.
+    let granted: HashSet<u32> = store.granted("mixed").await.unwrap().into_iter().collect();
+    assert_eq!(granted, &claimed - &held);
     let n = claimed.len() as u64;
     assert_eq!(bitcount(&redis, "granted", "mixed"), n);
     // Done is "claimed and in no in-flight set": no bitmap of its own.
@@ -386,6 +410,32 @@ async fn ledger_claims_and_marks_on_redis_equal_a_naive_set() {
         "{} claimed twice",
         got.claimed.len()
     );
+
+    // A run dies with users in flight; the next run holds them out (its claim of an adopted
+    // user settles it held out, and it leaves no in-flight bit behind).
+    let fresh: Vec<u32> = (400_000..400_100).collect();
+    let dying = Store::connect(&redis.url(0)).await.unwrap();
+    let claimed_by_dead = dying
+        .ledger("mixed")
+        .await
+        .unwrap()
+        .claim(&fresh)
+        .await
+        .unwrap();
+    assert_eq!(claimed_by_dead.claimed, fresh);
+    dying.abandon().await.unwrap();
+    let next = Store::connect(&redis.url(0)).await.unwrap();
+    let got = next
+        .ledger("mixed")
+        .await
+        .unwrap()
+        .claim_held_out(&fresh)
+        .await
+        .unwrap();
+    assert_eq!(got.claimed, fresh, "adopted users are handed out once more");
+    let outcomes = next.outcomes("mixed").await.unwrap();
+    assert!(outcomes.in_flight.is_empty(), "{:?}", outcomes.in_flight);
+    assert!(fresh.iter().all(|id| outcomes.held_out.contains(*id)));
 }
 
 #[test]

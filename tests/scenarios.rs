@@ -21,11 +21,12 @@ fn read(path: &Path) -> String {
 }
 
 /// The repository's sample jobs, `dataflows/NAME.toml`.
-const SAMPLE_JOBS: [&str; 4] = [
+const SAMPLE_JOBS: [&str; 5] = [
     "promotion-all-users",
     "coupon-on-login",
     "coupon-segment",
     "hot-products",
+    "policy",
 ];
 
 /// A scratch directory holding a copy of the repository's inputs/.
@@ -101,19 +102,22 @@ fn plan_and_run_agree_on_every_sample_job() {
         s.fanout_ok(&["run", "job.toml", "--quiet", "--summary", "summary.json"]);
         let run = read_summary(&s.path("summary.json"));
         let after = plan_of("plan-after.json");
-        let want = expected_in(&job, s.dir.path(), &users);
+        let (want, held) = expected_outcomes_in(&job, s.dir.path(), &users);
         let lines = before["campaigns"].as_array().unwrap();
         assert!(!lines.is_empty(), "{name}: an empty plan");
         for (k, line) in lines.iter().enumerate() {
             let id = line["id"].as_str().unwrap();
             let (ran, later) = (&run["campaigns"][k], &after["campaigns"][k]);
             assert_eq!(ran["id"], line["id"], "{name}: campaign order");
-            let naive = want
-                .iter()
-                .filter(|(c, o, _)| c == id && o.as_deref() == line["occurrence"].as_str())
-                .count() as u64;
+            let of_line = |set: &std::collections::BTreeSet<Pair>| {
+                set.iter()
+                    .filter(|(c, o, _)| c == id && o.as_deref() == line["occurrence"].as_str())
+                    .count() as u64
+            };
+            let (naive_held, naive) = (of_line(&held), of_line(&want) + of_line(&held));
             let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
             assert_eq!(n(ran, "eligible"), naive, "{name} {id}: run vs naive");
+            assert_eq!(n(ran, "held_out"), naive_held, "{name} {id}: run vs naive");
             if line["at_login"].as_bool() == Some(true) {
                 assert!(
                     naive <= n(line, "eligible"),
@@ -122,6 +126,11 @@ fn plan_and_run_agree_on_every_sample_job() {
                 continue;
             }
             assert_eq!(n(line, "eligible"), naive, "{name} {id}: plan vs naive");
+            assert_eq!(
+                n(line, "held_out"),
+                naive_held,
+                "{name} {id}: plan vs naive"
+            );
             assert_eq!(
                 n(line, "already_granted"),
                 n(ran, "already_granted"),
