@@ -48,21 +48,33 @@ max_points = 149
 }
 
 fn ms(v: &serde_json::Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("a latency in ms, got {v}"))
+    v.as_f64()
+        .unwrap_or_else(|| panic!("a latency in ms, got {v}"))
 }
 
 #[test]
 fn a_transactional_campaign_is_not_queued_behind_a_bulk_one() {
     let s = Scratch::new();
     s.write("job.toml", job());
-    s.fanout_ok(&["run", "job.toml", "-w", "2", "--summary", "summary.json", "--quiet"]);
+    s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "-w",
+        "2",
+        "--summary",
+        "summary.json",
+        "--quiet",
+    ]);
     let summary = read_summary(&s.path("summary.json"));
     let bulk = campaign_line(&summary, "blast");
     let tx = campaign_line(&summary, "receipts");
     assert_eq!(bulk["delivered"].as_u64(), Some(USERS));
     let tx_users = tx["delivered"].as_u64().unwrap();
     // Points are uniform in 0..100,000: about 0.15% of the users.
-    assert!((100..=600).contains(&tx_users), "{tx_users} transactional users");
+    assert!(
+        (100..=600).contains(&tx_users),
+        "{tx_users} transactional users"
+    );
 
     let by = &summary["push_latency_ms_by_priority"];
     assert!(by.get("normal").is_none(), "no normal campaign sent: {by}");
@@ -72,7 +84,10 @@ fn a_transactional_campaign_is_not_queued_behind_a_bulk_one() {
     // transactional user queued behind it would wait for the part of that ahead of them —
     // uniformly spread ids put the 99th percentile near the whole of it.
     let bulk_floor_ms = USERS as f64 / CONCURRENCY as f64 * LATENCY_MS;
-    assert!(bulk_p99 > bulk_floor_ms / 2.0, "bulk was not saturating: {by}");
+    assert!(
+        bulk_p99 > bulk_floor_ms / 2.0,
+        "bulk was not saturating: {by}"
+    );
     assert!(tx_p99 >= LATENCY_MS, "faster than the provider? {by}");
     // Not queued: within a few provider latencies (scheduling on a shared machine
     // included), a small fraction of what queueing would give.
