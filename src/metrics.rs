@@ -1,8 +1,11 @@
-//! Counters, the push-latency histogram, the run summary (SPEC `--summary`) and the progress bar.
+//! Counters, the push-latency histograms (per provider call, and per priority lane from a
+//! message being ready to its delivery), the run summary (SPEC `--summary`) and the progress
+//! bar.
 //!
 //! Counters are atomics shared by every worker and tokio task of a process; the histogram and
 //! the timeline's samples sit behind a mutex taken once per provider call.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -11,6 +14,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use serde::Serialize;
+
+use crate::model::Priority;
 
 /// Declares a set of counters once. From one list of fields, each with its doc comment and
 /// its Prometheus name (`""`: not exported), it yields the struct of atomics, its plain
@@ -141,6 +146,9 @@ pub struct Tally {
     pub counts: Counts,
     /// The push-latency histogram as (µs, count) pairs.
     pub latency_us: Vec<(u64, u64)>,
+    /// Each lane's ready-to-delivered histogram, the same way.
+    #[serde(default)]
+    pub lane_latency_us: [Vec<(u64, u64)>; 3],
 }
 
 /// One campaign's line in the summary.
@@ -233,11 +241,49 @@ pub const TIMELINE_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 struct Recorded {
     latency_us: Histogram<u64>,
+    /// Per lane: from a message's candidate batch reaching the push operator to its delivery.
+    lane_latency_us: [Histogram<u64>; 3],
     /// The delivered counter at the last sample in each interval; `None` before any.
     delivered_at: Vec<Option<u64>>,
 }
 
+/// 1 µs .. 1 hour at 3 significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds") // ok: constants
+}
+
+/// Percentiles of a histogram of µs, in ms.
+fn percentiles(h: &Histogram<u64>) -> Latency {
+    match h.is_empty() {
+        true => Latency::default(),
+        false => Latency {
+            p50: h.value_at_quantile(0.5) as f64 / 1000.0,
+            p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+            max: h.max() as f64 / 1000.0,
+        },
+    }
+}
+
+/// A histogram as (µs, count) pairs, for a [`Tally`].
+fn pairs(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
 impl Recorded {
+    fn new() -> Recorded {
+        Recorded {
+            latency_us: latency_histogram(),
+            lane_latency_us: [
+                latency_histogram(),
+                latency_histogram(),
+                latency_histogram(),
+            ],
+            delivered_at: Vec::new(),
+        }
+    }
+
     fn sample(&mut self, elapsed: Duration, delivered: u64) {
         let i = (elapsed.as_millis() / TIMELINE_INTERVAL.as_millis()) as usize;
         if self.delivered_at.len() <= i {
@@ -314,6 +360,11 @@ pub struct Summary {
     pub deliveries_per_s: f64,
     /// Time one push took.
     pub push_latency_ms: Latency,
+    /// Per priority of the campaigns that delivered (`transactional`, `normal`, `bulk`): time
+    /// from a message being ready to push (its candidates reaching the push operator) to the
+    /// provider accepting it — the queueing behind other work included.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub push_latency_ms_by_priority: BTreeMap<String, Latency>,
     /// Its distribution.
     #[serde(default)]
     pub push_latency_histogram: LatencyHistogram,
@@ -340,15 +391,10 @@ impl Default for Metrics {
 impl Metrics {
     /// Fresh counters; the clock starts now.
     pub fn new() -> Self {
-        // 1 µs .. 1 hour at 3 significant digits.
-        let hist = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds"); // ok: constants
         Metrics {
             started: Instant::now(),
             count: Counters::default(),
-            recorded: Mutex::new(Recorded {
-                latency_us: hist,
-                delivered_at: Vec::new(),
-            }),
+            recorded: Mutex::new(Recorded::new()),
         }
     }
 
@@ -361,6 +407,18 @@ impl Metrics {
         r.sample(self.elapsed(), self.count.delivered.load(Relaxed));
         let h = &mut r.latency_us;
         let _ = h.record_n((latency.as_micros() as u64).max(1), n as u64);
+    }
+
+    /// Records `n` messages of priority `lane` delivered `latency` after they were ready to
+    /// push.
+    pub fn record_lane_latency(&self, lane: Priority, latency: Duration, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Ok(mut r) = self.recorded.lock() {
+            let h = &mut r.lane_latency_us[lane.lane()];
+            let _ = h.record_n((latency.as_micros() as u64).max(1), n as u64);
+        }
     }
 
     /// The push-latency histogram as cumulative counts at each of `bounds` (seconds), with the
@@ -380,18 +438,18 @@ impl Metrics {
 
     /// This process's counters, with `campaigns`' (one per run target, in order).
     pub fn tally<'a>(&self, campaigns: impl IntoIterator<Item = &'a CampaignStats>) -> Tally {
-        let latency_us = match self.recorded.lock() {
-            Ok(r) => r
-                .latency_us
-                .iter_recorded()
-                .map(|v| (v.value_iterated_to(), v.count_at_value()))
-                .collect(),
-            Err(_) => Vec::new(),
+        let (latency_us, lane_latency_us) = match self.recorded.lock() {
+            Ok(r) => (
+                pairs(&r.latency_us),
+                [0, 1, 2].map(|l| pairs(&r.lane_latency_us[l])),
+            ),
+            Err(_) => Default::default(),
         };
         Tally {
             campaigns: campaigns.into_iter().map(CampaignStats::snapshot).collect(),
             counts: self.count.snapshot(),
             latency_us,
+            lane_latency_us,
         }
     }
 
@@ -406,6 +464,11 @@ impl Metrics {
             for &(us, n) in &t.latency_us {
                 let _ = r.latency_us.record_n(us.max(1), n);
             }
+            for (h, lane) in r.lane_latency_us.iter_mut().zip(&t.lane_latency_us) {
+                for &(us, n) in lane {
+                    let _ = h.record_n(us.max(1), n);
+                }
+            }
         }
     }
 
@@ -419,19 +482,19 @@ impl Metrics {
         let elapsed = self.elapsed().as_secs_f64();
         let delivered: u64 = campaigns.iter().map(|c| c.counts.delivered).sum();
         let c = self.count.snapshot();
-        let (latency, histogram, timeline) = match self.recorded.lock() {
+        let (latency, by_priority, histogram, timeline) = match self.recorded.lock() {
             Ok(mut r) => {
                 r.sample(self.elapsed(), delivered);
-                let h = &r.latency_us;
-                let latency = match h.is_empty() {
-                    true => Latency::default(),
-                    false => Latency {
-                        p50: h.value_at_quantile(0.5) as f64 / 1000.0,
-                        p99: h.value_at_quantile(0.99) as f64 / 1000.0,
-                        max: h.max() as f64 / 1000.0,
-                    },
-                };
-                (latency, r.histogram(), r.timeline())
+                let by_priority = Priority::ALL
+                    .iter()
+                    .filter(|p| !r.lane_latency_us[p.lane()].is_empty())
+                    .map(|p| {
+                        let lane = percentiles(&r.lane_latency_us[p.lane()]);
+                        (p.name().to_owned(), lane)
+                    })
+                    .collect();
+                let latency = percentiles(&r.latency_us);
+                (latency, by_priority, r.histogram(), r.timeline())
             }
             Err(_) => Default::default(),
         };
@@ -452,6 +515,7 @@ impl Metrics {
                 0.0
             },
             push_latency_ms: latency,
+            push_latency_ms_by_priority: by_priority,
             push_latency_histogram: histogram,
             timeline,
         }
@@ -561,10 +625,39 @@ mod tests {
     use super::*;
 
     fn recorded() -> Recorded {
-        Recorded {
-            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap(),
-            delivered_at: Vec::new(),
-        }
+        Recorded::new()
+    }
+
+    /// Only lanes that delivered appear, by name, and a cluster's tallies add up per lane.
+    #[test]
+    fn lane_latency_is_summarised_per_priority_that_sent() {
+        let m = Metrics::new();
+        m.record_lane_latency(Priority::Transactional, Duration::from_millis(50), 99);
+        m.record_lane_latency(Priority::Transactional, Duration::from_millis(400), 1);
+        m.record_lane_latency(Priority::Bulk, Duration::from_secs(3), 10);
+        let other = Metrics::new();
+        other.absorb(&m.tally([]), []);
+        let s = other.summary(Vec::new(), 0);
+        let names: Vec<&str> = s
+            .push_latency_ms_by_priority
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(names, ["bulk", "transactional"]);
+        let tx = &s.push_latency_ms_by_priority["transactional"];
+        assert!(
+            (tx.p50 - 50.0).abs() < 0.1 && (tx.max - 400.0).abs() < 0.5,
+            "{tx:?}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(
+            json["push_latency_ms_by_priority"]["bulk"]["p99"]
+                .as_f64()
+                .unwrap()
+                > 2999.0
+        );
+        let quiet = serde_json::to_value(Metrics::new().summary(Vec::new(), 0)).unwrap();
+        assert!(quiet.get("push_latency_ms_by_priority").is_none());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 use futures::stream::{self, StreamExt};
 use tokio::sync::Notify;
@@ -113,21 +114,27 @@ pub fn render(ctx: &Context, target: u32, users: &[Candidate], claimed: &[u32]) 
     }
 }
 
-/// Pushes rendered messages and records each one's outcome in the store.
-pub async fn send(ctx: &Context, rendered: Rendered) -> Result<()> {
+/// Pushes rendered messages and records each one's outcome in the store. `ready` is when
+/// their candidates reached the push operator: each lane's latency is counted from there.
+pub async fn send(ctx: &Context, rendered: Rendered, ready: Instant) -> Result<()> {
     let rt = &ctx.targets[rendered.target as usize];
-    push_and_record(rt, ctx, &rendered.messages()).await
+    push_and_record(rt, ctx, &rendered.messages(), ready).await
 }
 
 /// Pushes `messages` in provider batches and records each one's outcome in the store.
-async fn push_and_record(rt: &RunTarget, ctx: &Context, messages: &[Message<'_>]) -> Result<()> {
+async fn push_and_record(
+    rt: &RunTarget,
+    ctx: &Context,
+    messages: &[Message<'_>],
+    ready: Instant,
+) -> Result<()> {
     let batches = batch_bounds(messages, ctx.batch_max_messages, ctx.batch_max_bytes);
     ctx.metrics
         .count
         .batches
         .fetch_add(batches.len() as u64, Relaxed);
     if !ctx.dispatcher.provider().sends_each() {
-        return write_and_record(rt, ctx, messages).await;
+        return write_and_record(rt, ctx, messages, ready).await;
     }
     // Batches go out together. Each message's fate is recorded in the store as soon as it is
     // known — whatever has settled since the last write goes in the next one — and only then
@@ -139,8 +146,9 @@ async fn push_and_record(rt: &RunTarget, ctx: &Context, messages: &[Message<'_>]
                 let settled = &settled;
                 let settle = move |s: Settled| settled.add(range.start, s);
                 async move {
+                    let lane = rt.target.campaign.priority;
                     ctx.dispatcher
-                        .deliver(&messages[range.clone()], &settle)
+                        .deliver(lane, &messages[range.clone()], &settle)
                         .await
                 }
             })
@@ -153,7 +161,7 @@ async fn push_and_record(rt: &RunTarget, ctx: &Context, messages: &[Message<'_>]
     let records = async {
         loop {
             let (finished, fates) = settled.take().await;
-            record(rt, ctx, messages, &fates).await?;
+            record(rt, ctx, messages, &fates, ready).await?;
             if finished {
                 return Ok(());
             }
@@ -185,16 +193,24 @@ async fn push_and_record(rt: &RunTarget, ctx: &Context, messages: &[Message<'_>]
 /// before the next. A write is over when it returns, so nothing is gained by overlapping a
 /// task's writes; and a task that held its slots while waiting for more would hand them from
 /// task to task, one small record each.
-async fn write_and_record(rt: &RunTarget, ctx: &Context, messages: &[Message<'_>]) -> Result<()> {
+async fn write_and_record(
+    rt: &RunTarget,
+    ctx: &Context,
+    messages: &[Message<'_>],
+    ready: Instant,
+) -> Result<()> {
     let slice = (ctx.dispatcher.capacity() / 2).max(1);
+    let lane = rt.target.campaign.priority;
     for (k, part) in messages.chunks(slice).enumerate() {
         let settled = Mutex::new(Vec::new());
         let sent = ctx
             .dispatcher
-            .deliver(part, &|s: Settled| lock(&settled).push((k * slice, s)))
+            .deliver(lane, part, &|s: Settled| {
+                lock(&settled).push((k * slice, s))
+            })
             .await;
         let settled = settled.into_inner().unwrap_or_else(PoisonError::into_inner);
-        record(rt, ctx, messages, &settled).await?;
+        record(rt, ctx, messages, &settled, ready).await?;
         sent?;
     }
     Ok(())
@@ -239,16 +255,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Records settled fates in the ledger and counts them; their slots go back after.
+/// Records settled fates in the ledger and counts them; their slots go back after. The
+/// delivered ones count in their lane's latency, from `ready` to now (they were answered
+/// since the last record).
 async fn record(
     rt: &RunTarget,
     ctx: &Context,
     messages: &[Message<'_>],
     settled: &[(usize, Settled)],
+    ready: Instant,
 ) -> Result<()> {
     if settled.is_empty() {
         return Ok(());
     }
+    let answered = ready.elapsed();
     let (mut done, mut dead, mut unreachable) = (Vec::new(), Vec::new(), Vec::new());
     for (offset, s) in settled {
         for (i, fate) in &s.fates {
@@ -265,6 +285,8 @@ async fn record(
     dead.sort_unstable();
     unreachable.sort_unstable();
     let delivered = done.len() as u64;
+    ctx.metrics
+        .record_lane_latency(rt.target.campaign.priority, answered, delivered as usize);
     rt.ledger.mark_done(&done).await?;
     if !dead.is_empty() {
         rt.ledger.mark_dead(&dead).await?;

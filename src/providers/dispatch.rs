@@ -3,6 +3,11 @@
 //! jitter (a retry waits holding no slot, at least as long as the provider's `Retry-After`),
 //! and dead letters for what fails for good. Providers only do the I/O.
 //!
+//! Slots and rate tokens are budgeted per priority lane ([`super::lanes`], [`super::rate`]):
+//! a message of a transactional campaign is never queued behind normal or bulk ones, bulk
+//! never takes transactional's reserve, and a run of one lane gets the whole budget (bulk:
+//! all but transactional's share).
+//!
 //! Each message's fate is handed to the caller the moment it is known ([`Settled`]), with the
 //! concurrency slot it holds: the caller records it in the store, then drops it. So a message
 //! is "in flight" from taking its slot until its outcome is durable, and a crash can make a
@@ -22,14 +27,16 @@ use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
 use super::breaker::Breaker;
 use super::dead_letters::DeadLetters;
+use super::lanes::{LaneSlots, Lanes};
 use super::rate::RateLimiter;
 use super::{Gate, Message, Outcome, Provider};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::model::Priority;
 
 /// First retry waits up to this long; each further one doubles it.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -58,7 +65,7 @@ pub struct Settled {
     /// `(position in the batch, fate)`.
     pub fates: Vec<(usize, Fate)>,
     /// The slots of these messages' last attempt.
-    _slots: Option<OwnedSemaphorePermit>,
+    _slots: Option<LaneSlots>,
 }
 
 /// Checked right before every attempt: fails once this process may no longer send (its
@@ -68,7 +75,7 @@ pub type Guard = Arc<dyn Fn() -> Result<()> + Send + Sync>;
 /// A provider with the delivery policy around it. One per process, shared by every worker.
 pub struct Dispatcher {
     provider: Provider,
-    slots: Arc<Semaphore>,
+    slots: Arc<Lanes>,
     capacity: usize,
     rate: Option<RateLimiter>,
     max_attempts: u32,
@@ -123,10 +130,10 @@ impl Dispatcher {
         dead_letter: &str,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let capacity = concurrency.clamp(1, Semaphore::MAX_PERMITS);
+        let capacity = concurrency.max(1);
         Dispatcher {
             provider,
-            slots: Arc::new(Semaphore::new(capacity)),
+            slots: Lanes::new(capacity),
             capacity,
             rate: RateLimiter::new(rate_per_s),
             max_attempts: max_attempts.max(1),
@@ -143,7 +150,7 @@ impl Dispatcher {
 
     /// Messages being pushed right now (slots taken).
     pub fn in_flight(&self) -> usize {
-        self.capacity.saturating_sub(self.slots.available_permits())
+        self.slots.in_flight()
     }
 
     /// Messages that may be in flight at once (`concurrency`).
@@ -174,12 +181,14 @@ impl Dispatcher {
         self
     }
 
-    /// Pushes every message of `batch` until it is delivered or dead, handing each message's
-    /// fate to `settle` the moment it is known — a delivered message never waits for a
-    /// batch-mate's retry. Dead letters are written before their fate is handed over. Fails
-    /// once the dispatcher has halted (see the module docs) or the guard refuses.
+    /// Pushes every message of `batch` (of a campaign of priority `lane`) until it is
+    /// delivered or dead, handing each message's fate to `settle` the moment it is known — a
+    /// delivered message never waits for a batch-mate's retry. Dead letters are written before
+    /// their fate is handed over. Fails once the dispatcher has halted (see the module docs)
+    /// or the guard refuses.
     pub async fn deliver(
         &self,
+        lane: Priority,
         batch: &[Message<'_>],
         settle: &(dyn Fn(Settled) + Sync),
     ) -> Result<()> {
@@ -189,7 +198,7 @@ impl Dispatcher {
         let mut attempt = 1;
         while !which.is_empty() && !self.stopping() {
             self.check_halted()?;
-            let round = self.attempt(batch, &which, attempt, settle);
+            let round = self.attempt(lane, batch, &which, attempt, settle);
             let (mut retry, wait) = tokio::select! {
                 round = round => round?,
                 _ = halt.wait_for(|halted| *halted) => return Err(self.halt_error()),
@@ -216,6 +225,7 @@ impl Dispatcher {
     /// longest `Retry-After` asked for.
     async fn attempt(
         &self,
+        lane: Priority,
         batch: &[Message<'_>],
         which: &[usize],
         attempt: u32,
@@ -226,7 +236,7 @@ impl Dispatcher {
             let mut pending: FuturesUnordered<_> = which
                 .iter()
                 .map(|&i| async move {
-                    let slot = self.slots.clone().acquire_owned().await.ok();
+                    let slot = Some(self.slots.acquire(lane, 1).await);
                     // A halt while waiting for the slot sends nothing more; a stop leaves
                     // the message unsettled.
                     self.check_halted()?;
@@ -236,7 +246,7 @@ impl Dispatcher {
                     self.check_guard()?;
                     let (outcome, latency) = self
                         .provider
-                        .send_one(&batch[i], attempt, Gate::new(self.rate.as_ref()))
+                        .send_one(&batch[i], attempt, Gate::new(self.rate.as_ref(), lane))
                         .await;
                     Ok::<_, Error>(Some((i, outcome, latency, slot)))
                 })
@@ -257,9 +267,8 @@ impl Dispatcher {
                 }
             }
         } else {
-            for chunk in which.chunks(self.capacity) {
-                let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
-                let slots = self.slots.clone().acquire_many_owned(n).await.ok();
+            for chunk in which.chunks(self.slots.most(lane)) {
+                let slots = Some(self.slots.acquire(lane, chunk.len()).await);
                 self.check_halted()?;
                 if self.stopping() {
                     break;
@@ -267,7 +276,7 @@ impl Dispatcher {
                 self.check_guard()?;
                 let (failed, latency) = self
                     .provider
-                    .send_all(batch, chunk, attempt, Gate::new(self.rate.as_ref()))
+                    .send_all(batch, chunk, attempt, Gate::new(self.rate.as_ref(), lane))
                     .await;
                 self.metrics.record_latency(latency, chunk.len());
                 if failed.len() < chunk.len() {
@@ -525,9 +534,11 @@ mod tests {
         let recs = records(2000);
         let msgs = messages(&recs);
         let fates = Mutex::new(Vec::new());
-        d.deliver(&msgs, &|s: Settled| fates.lock().unwrap().extend(s.fates))
-            .await
-            .unwrap();
+        d.deliver(Priority::Normal, &msgs, &|s: Settled| {
+            fates.lock().unwrap().extend(s.fates)
+        })
+        .await
+        .unwrap();
         let mut fates = fates.into_inner().unwrap();
         fates.sort_unstable_by_key(|(i, _)| *i);
         assert!(
@@ -577,7 +588,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let seen = Mutex::new(Vec::new());
         let held = Mutex::new(Vec::new());
-        d.deliver(&msgs, &|s: Settled| {
+        d.deliver(Priority::Normal, &msgs, &|s: Settled| {
             let at = started.elapsed();
             let mut seen = seen.lock().unwrap();
             seen.extend(s.fates.iter().map(|(i, f)| (*i, f.clone(), at)));
@@ -598,5 +609,64 @@ mod tests {
         assert_eq!(d.in_flight(), seen.len());
         drop(held);
         assert_eq!(d.in_flight(), 0);
+    }
+
+    /// SPEC: transactional is never queued behind bulk. Bulk saturates the slots with a
+    /// backlog of 2,000 messages (5 s of work); a transactional batch within the reserve is
+    /// answered in one push, and one ten times larger still within two: it takes the first
+    /// slots bulk gives back. A normal run alone gets every slot.
+    /// How long `batch` takes until its last message is answered.
+    async fn answered(d: &Dispatcher, lane: Priority, batch: &[Message<'_>]) -> Duration {
+        let t0 = tokio::time::Instant::now();
+        let last = Mutex::new(Duration::ZERO);
+        d.deliver(lane, batch, &|_: Settled| {
+            *last.lock().unwrap() = t0.elapsed()
+        })
+        .await
+        .unwrap();
+        last.into_inner().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transactional_is_answered_while_bulk_saturates_and_one_lane_gets_every_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let latency = Duration::from_millis(50);
+        let dispatcher = || {
+            let provider: Provider =
+                Box::new(super::super::mock::MockProvider::parse("latency=50ms").unwrap());
+            Dispatcher::new(
+                provider,
+                20,
+                0,
+                1,
+                dir.path().join("dead.jsonl").to_str().unwrap(),
+                Arc::new(Metrics::new()),
+            )
+        };
+        let d = dispatcher();
+        let bulk = records(2000);
+        let bulk = messages(&bulk);
+        let tx = records(20);
+        let tx = messages(&tx);
+        let reserve = super::super::lanes::reserve_of(20);
+        let (bulk_took, small, large) = tokio::join!(
+            answered(&d, Priority::Bulk, &bulk),
+            async {
+                tokio::time::sleep(Duration::from_millis(1010)).await;
+                answered(&d, Priority::Transactional, &tx[..reserve]).await
+            },
+            async {
+                tokio::time::sleep(Duration::from_millis(2010)).await;
+                answered(&d, Priority::Transactional, &tx).await
+            },
+        );
+        assert!(bulk_took >= Duration::from_secs(5), "{bulk_took:?}");
+        assert!(small <= latency + Duration::from_millis(1), "{small:?}");
+        assert!(large <= 2 * latency + Duration::from_millis(1), "{large:?}");
+
+        let d = dispatcher();
+        let normal = answered(&d, Priority::Normal, &bulk).await;
+        // 100 rounds of 20 slots × 50 ms.
+        assert!(normal <= Duration::from_millis(5010), "{normal:?}");
     }
 }

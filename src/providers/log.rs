@@ -157,7 +157,14 @@ mod tests {
             json,
             token: None,
         };
-        let (failed, _) = p.send_all(&[m], &[0], 1, Gate::new(None)).await;
+        let (failed, _) = p
+            .send_all(
+                &[m],
+                &[0],
+                1,
+                Gate::new(None, crate::model::Priority::Normal),
+            )
+            .await;
         assert!(failed.is_empty());
         p.flush()
             .expect("fsync of /dev/null is no error worth stopping for");

@@ -7,7 +7,8 @@
 //! - [`http1`]: plain `http://` keep-alive connections, driven by the task that sends.
 //! - [`fcm`]: `fcm:project=ID[,endpoint=URL]`, Firebase Cloud Messaging HTTP v1.
 //! - [`remote`]: what `http` and `fcm` share: the pooled client, timeouts, `Retry-After`.
-//! - [`rate`]: the token bucket behind `rate_per_s`.
+//! - [`rate`]: the token buckets behind `rate_per_s`, one per priority lane.
+//! - [`lanes`]: the concurrency slots, budgeted per priority lane.
 //! - [`dispatch`]: concurrency cap, retries with backoff, dead letters, the stop on rejected
 //!   credentials — shared by every provider.
 
@@ -17,6 +18,7 @@ pub mod dispatch;
 pub mod fcm;
 pub mod http;
 pub mod http1;
+pub mod lanes;
 pub mod log;
 pub mod mock;
 pub mod rate;
@@ -27,6 +29,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::error::{Error, Result};
+use crate::model::Priority;
 
 /// Why one attempt to push one message did not deliver it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,18 +91,18 @@ impl Message<'_> {
 /// token, too big). The tokens, like the slots, retries and dead letters, are the
 /// dispatcher's ([`dispatch`]).
 #[derive(Debug, Clone, Copy)]
-pub struct Gate<'a>(Option<&'a rate::RateLimiter>);
+pub struct Gate<'a>(Option<&'a rate::RateLimiter>, Priority);
 
 impl<'a> Gate<'a> {
-    /// A gate that takes tokens of `rate` (none: always open).
-    pub fn new(rate: Option<&'a rate::RateLimiter>) -> Self {
-        Gate(rate)
+    /// A gate that takes `lane`'s tokens of `rate` (none: always open).
+    pub fn new(rate: Option<&'a rate::RateLimiter>, lane: Priority) -> Self {
+        Gate(rate, lane)
     }
 
     /// Waits for `messages` tokens.
     pub async fn pass(self, messages: usize) {
         if let Some(rate) = self.0 {
-            rate.acquire(messages).await;
+            rate.acquire(self.1, messages).await;
         }
     }
 }
