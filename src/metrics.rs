@@ -134,6 +134,8 @@ counters! {
         unreachable => "fanout_unreachable_total",
         /// Users held out of a campaign (its holdout or the control group).
         held_out => "fanout_held_out_total",
+        /// Users held for the end of their quiet hours.
+        quiet_held => "fanout_quiet_held_total",
     }
 }
 

@@ -7,7 +7,10 @@ use std::time::Duration;
 use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 
-use crate::model::{Campaign, Priority, UserId};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use crate::model::{Campaign, CouponDelivery, Priority, UserId};
 
 /// The `[policy]` table of a job.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +222,65 @@ impl Holdout {
             }
         }
         self.control > 0 && in_control_group(digits, self.control)
+    }
+}
+
+/// Quiet hours as one campaign applies them to its sends at one time `at` (SPEC "Quiet
+/// hours"): fan-outs of non-transactional campaigns only; lazy coupons are exempt (the user
+/// is present). Each decision also lowers `release`, the earliest instant a held user of
+/// this target becomes sendable (unix seconds; `i64::MAX`: none held).
+#[derive(Debug)]
+pub struct QuietAt {
+    policy: Policy,
+    at: DateTime<Utc>,
+    release: AtomicI64,
+}
+
+impl QuietAt {
+    /// The rule of `campaign` sending at `at` under `policy`; `None` where no user can be held.
+    pub fn new(campaign: &Campaign, policy: &Policy, at: DateTime<Utc>) -> Option<QuietAt> {
+        let lazy = campaign.coupon.as_ref().map(|c| c.delivery) == Some(CouponDelivery::OnLogin);
+        let exempt = lazy || campaign.priority == Priority::Transactional;
+        (policy.quiet_hours.is_some() && !exempt).then(|| QuietAt {
+            policy: policy.clone(),
+            at,
+            release: AtomicI64::new(i64::MAX),
+        })
+    }
+
+    /// Of `users` (with each one's zone from `tz`), the ids inside their quiet hours now,
+    /// and the others. Zones are looked up once per call.
+    pub fn split<T>(
+        &self,
+        users: Vec<T>,
+        id: impl Fn(&T) -> UserId,
+        tz: impl Fn(UserId) -> Option<Tz>,
+    ) -> (Vec<UserId>, Vec<T>) {
+        let mut by_zone: HashMap<Tz, Option<DateTime<Utc>>> = HashMap::new();
+        let mut held = Vec::new();
+        let mut send = Vec::with_capacity(users.len());
+        for u in users {
+            let zone = self.policy.zone(tz(id(&u)));
+            let until = *by_zone
+                .entry(zone)
+                .or_insert_with(|| self.policy.quiet_until(self.at, zone));
+            match until {
+                Some(_) => held.push(id(&u)),
+                None => send.push(u),
+            }
+        }
+        if let Some(first) = by_zone.values().flatten().min() {
+            self.release.fetch_min(first.timestamp(), Ordering::Relaxed);
+        }
+        (held, send)
+    }
+
+    /// The earliest instant a user held so far becomes sendable, if any was held.
+    pub fn release(&self) -> Option<DateTime<Utc>> {
+        match self.release.load(Ordering::Relaxed) {
+            i64::MAX => None,
+            s => DateTime::from_timestamp(s, 0),
+        }
     }
 }
 

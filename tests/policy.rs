@@ -229,7 +229,7 @@ fn holdouts_on_redis_equal_the_naive_reading() {
 }
 
 #[test]
-fn caps_and_quiet_hours_are_refused_until_applied_not_silently_ignored() {
+fn caps_are_refused_until_applied_not_silently_ignored() {
     let mut rng = Lcg(5);
     let s = Scratch::new();
     s.write("users.jsonl", users_jsonl(&mut rng, 100));
@@ -257,4 +257,177 @@ fn caps_and_quiet_hours_are_refused_until_applied_not_silently_ignored() {
         }
         assert!(!s.path("deliveries.jsonl").exists(), "nothing may be sent");
     }
+}
+
+const ZONES: [&str; 6] = [
+    "Asia/Shanghai",
+    "America/New_York",
+    "Europe/Berlin",
+    "Asia/Kolkata",
+    "Pacific/Auckland",
+    "UTC",
+];
+
+/// Users across several zones (every seventh without one: `default_tz` applies).
+fn zoned_users(rng: &mut Lcg, n: u64) -> String {
+    users_jsonl(rng, n)
+        .lines()
+        .enumerate()
+        .map(|(k, line)| {
+            let zone = match k % 7 {
+                6 => String::new(),
+                z => format!(", \"tz\": \"{}\"", ZONES[z % ZONES.len()]),
+            };
+            format!("{}{zone}}}\n", line.trim_end_matches('}'))
+        })
+        .collect()
+}
+
+/// A job with quiet hours: a promotion (holdout), a coupon push ending between the runs, an
+/// hourly hot product, a transactional promotion (exempt) and a lazy coupon (exempt).
+fn quiet_job(rng: &mut Lcg, store: &str) -> String {
+    let base = job(rng, store);
+    // Past midnight, so users held at 22:30 UTC in some zones are still held when the
+    // segment coupon's window ends.
+    let quiet = "{ start = \"21:00\", end = \"08:00\" }";
+    base.replace(
+        "[policy]\n",
+        &format!("[policy]\nquiet_hours = {quiet}\ndefault_tz = \"Europe/Berlin\"\n"),
+    )
+    // The segment coupon's window ends before the last run: its held users expire.
+    .replace(
+        "id = \"segment\"\nkind = \"coupon\"\nstart = \"2026-03-01T00:00:00Z\"\nend = \"2026-03-08T00:00:00Z\"",
+        "id = \"segment\"\nkind = \"coupon\"\nstart = \"2026-03-01T00:00:00Z\"\nend = \"2026-03-03T00:00:00Z\"",
+    )
+}
+
+/// Pairs of a summary's lines and of a delivery log, by outcome.
+fn lines_of(summary: &serde_json::Value, field: &str) -> BTreeMap<(String, Option<String>), u64> {
+    let mut out = BTreeMap::new();
+    for c in summary["campaigns"].as_array().unwrap() {
+        let key = (
+            c["id"].as_str().unwrap().to_owned(),
+            c["occurrence"].as_str().map(str::to_owned),
+        );
+        let n = c[field].as_u64().unwrap_or(0);
+        if n > 0 {
+            *out.entry(key).or_insert(0) += n;
+        }
+    }
+    out
+}
+
+fn per_line(pairs: &BTreeSet<Pair>) -> BTreeMap<(String, Option<String>), u64> {
+    let mut out = BTreeMap::new();
+    for (c, o, _) in pairs {
+        *out.entry((c.clone(), o.clone())).or_insert(0) += 1;
+    }
+    out
+}
+
+/// Runs a quiet-hours job at several times against one store and compares every run with
+/// the naive reading: what it sends, holds, releases and dead-letters.
+fn check_quiet(seed: u64, store: &str, workers: &str) {
+    let mut rng = Lcg(seed);
+    let s = Scratch::new();
+    let users = zoned_users(&mut rng, 2500);
+    s.write("users.jsonl", &users);
+    s.write("logins.jsonl", "");
+    let job = quiet_job(&mut rng, store);
+    s.write("job.toml", &job);
+    // Night in Europe and Asia first (held), then the segment coupon's window ends (those
+    // still held expire), then morning releases the hot product's earlier occurrences.
+    let nows = [
+        "2026-03-02T22:30:00Z",
+        "2026-03-03T06:00:00Z",
+        "2026-03-03T10:30:00Z",
+        "2026-03-03T13:10:00Z",
+    ];
+    let times: Vec<_> = nows
+        .iter()
+        .map(|t| chrono::DateTime::parse_from_rfc3339(t).unwrap().to_utc())
+        .collect();
+    let want = fan_out_runs(
+        &job,
+        &naive_users_jsonl(&users),
+        &zones_jsonl(&users),
+        &times,
+    );
+    assert!(
+        want.iter().any(|r| !r.quiet_held.is_empty()),
+        "seed {seed}: nobody held"
+    );
+    assert!(
+        want.iter().any(|r| !r.expired.is_empty()),
+        "seed {seed}: nobody's window ended in quiet hours: {job}\n{:?}",
+        want.iter()
+            .map(|r| (r.delivered.len(), r.quiet_held.len(), r.expired.len()))
+            .collect::<Vec<_>>()
+    );
+    let mut all_dead = BTreeSet::new();
+    for (k, (now, want)) in nows.iter().zip(&want).enumerate() {
+        let summary = format!("summary-{k}.json");
+        let out = format!("deliveries-{k}.jsonl");
+        let provider = format!("log:{out}");
+        s.fanout_ok(&[
+            "run",
+            "job.toml",
+            "-w",
+            workers,
+            "--quiet",
+            "--now",
+            now,
+            "--provider",
+            &provider,
+            "--summary",
+            &summary,
+        ]);
+        let run = format!("seed {seed} -w {workers} {store} run {k} at {now}");
+        let got = delivered(&s.path(&out));
+        // Lazy coupons are not part of this reading (logins are empty).
+        assert_eq!(got, want.delivered, "{run}: deliveries");
+        let summary = read_summary(&s.path(&summary));
+        assert_eq!(
+            lines_of(&summary, "quiet_held"),
+            per_line(&want.quiet_held),
+            "{run}: held"
+        );
+        assert_eq!(
+            lines_of(&summary, "held_out"),
+            per_line(&want.held_out),
+            "{run}: held out"
+        );
+        assert_eq!(
+            lines_of(&summary, "dead_lettered"),
+            per_line(&want.expired),
+            "{run}: expired"
+        );
+        all_dead.extend(want.expired.iter().cloned());
+    }
+    // The dead letters name why.
+    let letters = std::fs::read_to_string(s.path("dead-letters.jsonl")).unwrap_or_default();
+    let mut dead = BTreeSet::new();
+    for l in letters.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["error"], "window ended during quiet hours", "{l}");
+        dead.insert((
+            v["campaign"].as_str().unwrap().to_owned(),
+            v["occurrence"].as_str().map(str::to_owned),
+            v["user"].as_u64().unwrap(),
+        ));
+    }
+    assert_eq!(dead, all_dead, "seed {seed}: dead letters");
+}
+
+#[test]
+fn quiet_hours_hold_release_and_expire_as_the_naive_reading_says() {
+    for (seed, workers) in [(31, "1"), (32, "2"), (33, "4")] {
+        check_quiet(seed, "file:store", workers);
+    }
+}
+
+#[test]
+fn quiet_hours_on_redis_equal_the_naive_reading() {
+    let redis = RedisServer::start();
+    check_quiet(41, &redis.url(0), "2");
 }

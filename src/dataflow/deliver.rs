@@ -37,15 +37,32 @@ pub fn count_claim(ctx: &Context, target: u32, claim: &Claim) {
     ctx.metrics.count.pairs_settled.fetch_add(already, Relaxed);
 }
 
-/// Counts a held-out claim: the users it settled are eligible and held out, the others
+/// What policy decided for users it set apart before the claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// In the campaign's holdout or the control group.
+    HeldOut,
+    /// Inside their quiet hours.
+    QuietHeld,
+}
+
+/// Counts users set apart: those the store recorded are eligible with `outcome`, the others
 /// already granted.
-pub fn count_held_out(ctx: &Context, target: u32, claim: &Claim) {
+pub fn count_set_apart(ctx: &Context, target: u32, claim: &Claim, outcome: Outcome) {
     let rt = &ctx.targets[target as usize];
-    let held = claim.claimed.len() as u64;
+    let n = claim.claimed.len() as u64;
     count_claim(ctx, target, claim);
-    rt.stats.held_out.fetch_add(held, Relaxed);
-    ctx.metrics.count.held_out.fetch_add(held, Relaxed);
-    ctx.metrics.count.pairs_settled.fetch_add(held, Relaxed);
+    match outcome {
+        Outcome::HeldOut => {
+            rt.stats.held_out.fetch_add(n, Relaxed);
+            ctx.metrics.count.held_out.fetch_add(n, Relaxed);
+        }
+        Outcome::QuietHeld => {
+            rt.stats.quiet_held.fetch_add(n, Relaxed);
+            ctx.metrics.count.quiet_held.fetch_add(n, Relaxed);
+        }
+    }
+    ctx.metrics.count.pairs_settled.fetch_add(n, Relaxed);
 }
 
 /// The messages of one push task, rendered: every record in one buffer the task owns (no
@@ -112,6 +129,19 @@ pub fn render(ctx: &Context, target: u32, users: &[Candidate], claimed: &[u32]) 
         ends,
         tokens,
     }
+}
+
+/// Dead-letters rendered messages with `error` instead of pushing them, and records them
+/// dead in the store.
+pub async fn dead_letter(ctx: &Context, rendered: Rendered, error: &str) -> Result<()> {
+    let rt = &ctx.targets[rendered.target as usize];
+    ctx.dispatcher.dead_letter(&rendered.messages(), error)?;
+    rt.ledger.mark_dead(&rendered.users).await?;
+    let n = rendered.users.len() as u64;
+    rt.stats.dead_lettered.fetch_add(n, Relaxed);
+    ctx.metrics.count.dead_lettered.fetch_add(n, Relaxed);
+    ctx.metrics.count.pairs_settled.fetch_add(n, Relaxed);
+    Ok(())
 }
 
 /// Pushes rendered messages and records each one's outcome in the store. `ready` is when

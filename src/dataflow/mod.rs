@@ -106,6 +106,12 @@ pub struct RunTarget {
     pub renderer: Renderer,
     /// Who is held out of it (SPEC "Holdouts").
     pub holdout: crate::policy::Holdout,
+    /// Its quiet hours, where they apply.
+    pub quiet: Option<crate::policy::QuietAt>,
+    /// Only these users (held for their quiet hours earlier); `None`: its whole audience.
+    pub only: Option<roaring::RoaringBitmap>,
+    /// Dead-letter its users instead of sending: their window ended during quiet hours.
+    pub expire: bool,
 }
 
 /// Everything the operators share within a process.
@@ -145,6 +151,24 @@ impl Context {
     /// Whether a fatal error was recorded.
     pub fn failed(&self) -> bool {
         self.fatal.lock().map(|f| f.is_some()).unwrap_or(true)
+    }
+
+    /// Of `scan_targets`, those bucket `bucket` is scanned for: every target of a whole
+    /// audience, and a target of a few held users (a release, an expiry) only where the
+    /// bucket holds one of them.
+    pub fn targets_for(&self, bucket: u32, scan_targets: &[u32]) -> Vec<u32> {
+        // `[lo, hi)`, `hi` up to 2^32.
+        let (lo, hi) = self.placement.buckets.bucket_range(bucket);
+        let last = u32::try_from(hi.saturating_sub(1)).unwrap_or(u32::MAX);
+        let lo = u32::try_from(lo).unwrap_or(u32::MAX);
+        scan_targets
+            .iter()
+            .copied()
+            .filter(|&t| match &self.targets[t as usize].only {
+                None => true,
+                Some(only) => only.range_cardinality(lo..=last) > 0,
+            })
+            .collect()
     }
 
     /// The fatal error recorded, if any, as an `Err` (taken out).

@@ -27,6 +27,7 @@ use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 use timely::scheduling::SyncActivator;
 
+use super::deliver::Outcome;
 use super::{deliver, Candidate, Candidates, Context, RunTarget, Time};
 use crate::error::Result;
 use crate::model::Priority;
@@ -225,34 +226,30 @@ fn claim(
         return;
     }
     let rt = &ctx.targets[target as usize];
-    let (held, users) = hold_out(rt, users);
-    let ledger = &rt.ledger;
+    let mut users = users;
+    if let Some(only) = &rt.only {
+        users.retain(|c| only.contains(c.id));
+    }
+    let (apart, users) = SetApart::decide(ctx, rt, users);
     let ids: Vec<u32> = users.iter().map(|c| c.id).collect();
-    let local = |ids: &[u32], f: fn(&Ledger, &[u32]) -> Option<Result<Claim>>| match ids {
-        [] => Some(Ok(Claim::default())),
-        ids => f(ledger, ids),
+    let local = match apart.record_local(ctx, target) {
+        Some(Ok(())) if ids.is_empty() => Some(Ok(Claim::default())),
+        Some(Ok(())) => rt.ledger.claim_local(&ids),
+        Some(Err(e)) => Some(Err(e)),
+        None => None,
     };
-    match (
-        local(&held, Ledger::claim_held_out_local),
-        local(&ids, Ledger::claim_local),
-    ) {
-        (Some(Ok(held)), Some(Ok(claim))) => {
-            deliver::count_held_out(ctx, target, &held);
-            render_and_push(ctx, target, &users, claim, ack);
-        }
+    match local {
+        Some(Ok(claim)) => render_and_push(ctx, target, &users, claim, ack),
         // The task ends here; its ack goes back as it drops.
-        (Some(Err(e)), _) | (_, Some(Err(e))) => ctx.fail(e),
-        _ => {
-            let (ledger, answers, ctx) = (ledger.clone(), answers.clone(), ctx.clone());
+        Some(Err(e)) => ctx.fail(e),
+        None => {
+            let (answers, ctx) = (answers.clone(), ctx.clone());
             ctx.runtime.clone().spawn(async move {
                 let claim = async {
-                    if !held.is_empty() {
-                        let held = ledger.claim_held_out(&held).await?;
-                        deliver::count_held_out(&ctx, target, &held);
-                    }
+                    apart.record(&ctx, target).await?;
                     match ids.is_empty() {
                         true => Ok(Claim::default()),
-                        false => ledger.claim(&ids).await,
+                        false => ctx.targets[target as usize].ledger.claim(&ids).await,
                     }
                 }
                 .await;
@@ -271,15 +268,73 @@ fn claim(
     }
 }
 
-/// Splits `users` into the ids held out of `rt` and the users to claim for sending.
-fn hold_out(rt: &RunTarget, users: Vec<Candidate>) -> (Vec<u32>, Vec<Candidate>) {
-    if rt.holdout.is_none() {
-        return (Vec::new(), users);
-    }
-    let (held, send): (Vec<Candidate>, Vec<Candidate>) =
-        users.into_iter().partition(|c| rt.holdout.holds(c.id));
-    (held.into_iter().map(|c| c.id).collect(), send)
+/// The users policy sets apart before the claim (SPEC "Order of decisions", after "already
+/// granted", which each store answers): held out, then inside their quiet hours.
+#[derive(Default)]
+struct SetApart {
+    held_out: Vec<u32>,
+    quiet: Vec<u32>,
 }
+
+impl SetApart {
+    /// Splits `users` into those set apart and those to claim for sending.
+    fn decide(ctx: &Context, rt: &RunTarget, users: Vec<Candidate>) -> (SetApart, Vec<Candidate>) {
+        let mut apart = SetApart::default();
+        let mut users = users;
+        if !rt.holdout.is_none() {
+            let (held, send): (Vec<Candidate>, Vec<Candidate>) =
+                users.into_iter().partition(|c| rt.holdout.holds(c.id));
+            apart.held_out = held.into_iter().map(|c| c.id).collect();
+            users = send;
+        }
+        if let Some(quiet) = &rt.quiet {
+            let (held, send) = quiet.split(users, |c| c.id, |id| ctx.source.tz(id));
+            apart.quiet = held;
+            users = send;
+        }
+        (apart, users)
+    }
+
+    /// Records them in a local store at once; `None` where the store is remote.
+    fn record_local(&self, ctx: &Context, target: u32) -> Option<Result<()>> {
+        let ledger = &ctx.targets[target as usize].ledger;
+        let steps: [(&[u32], LocalStep, Outcome); 2] = [
+            (
+                &self.held_out,
+                Ledger::claim_held_out_local,
+                Outcome::HeldOut,
+            ),
+            (&self.quiet, Ledger::hold_quiet_local, Outcome::QuietHeld),
+        ];
+        for (ids, step, outcome) in steps {
+            if ids.is_empty() {
+                continue;
+            }
+            match step(ledger, ids)? {
+                Ok(claim) => deliver::count_set_apart(ctx, target, &claim, outcome),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(()))
+    }
+
+    /// Records them in the store.
+    async fn record(&self, ctx: &Context, target: u32) -> Result<()> {
+        let ledger = &ctx.targets[target as usize].ledger;
+        if !self.held_out.is_empty() {
+            let claim = ledger.claim_held_out(&self.held_out).await?;
+            deliver::count_set_apart(ctx, target, &claim, Outcome::HeldOut);
+        }
+        if !self.quiet.is_empty() {
+            let claim = ledger.hold_quiet(&self.quiet).await?;
+            deliver::count_set_apart(ctx, target, &claim, Outcome::QuietHeld);
+        }
+        Ok(())
+    }
+}
+
+/// A local store's step of [`SetApart::record_local`].
+type LocalStep = fn(&Ledger, &[u32]) -> Option<Result<Claim>>;
 
 /// Counts a claim, renders what it granted and hands the messages to the runtime to push.
 fn render_and_push(
@@ -296,6 +351,16 @@ fn render_and_push(
     let rendered = deliver::render(ctx, target, users, &claim.claimed);
     let ready = ack.ready;
     let ctx2 = ctx.clone();
+    if ctx.targets[target as usize].expire {
+        ctx.runtime.spawn(async move {
+            let _ack = ack;
+            let ended = crate::run::targets::WINDOW_ENDED;
+            if let Err(e) = deliver::dead_letter(&ctx2, rendered, ended).await {
+                ctx2.fail(e);
+            }
+        });
+        return;
+    }
     ctx.runtime.spawn(async move {
         let _ack = ack;
         // Out of tokio's cooperative budget: a task holds thousands of pushes, and with the

@@ -97,24 +97,21 @@ pub struct Job {
 }
 
 impl Job {
-    /// Refuses policy this build parses but does not yet apply (frequency caps, quiet hours),
+    /// Refuses policy this build parses but does not yet apply (frequency caps),
     /// rather than run as if it did: a user who asked for a cap must not get sends past it.
     pub fn require_enforced_policy(&self) -> Result<()> {
-        let unapplied = [
-            (
-                "policy.frequency_caps",
-                !self.policy.frequency_caps.is_empty(),
-            ),
-            ("policy.quiet_hours", self.policy.quiet_hours.is_some()),
-        ];
+        let unapplied = [(
+            "policy.frequency_caps",
+            !self.policy.frequency_caps.is_empty(),
+        )];
         match unapplied.iter().find(|(_, set)| *set) {
             None => Ok(()),
             Some((field, _)) => Err(InputError::new(
                 &self.path,
                 None,
                 *field,
-                "not applied by this version of fanout yet (holdouts and the control group \
-                 are): remove it to run",
+                "not applied by this version of fanout yet (holdouts, the control group and \
+                 quiet hours are): remove it to run",
             )
             .into()),
         }

@@ -326,6 +326,15 @@ impl Dispatcher {
         }
     }
 
+    /// Writes `messages` to the dead-letter file with `error`, never attempted (a policy
+    /// outcome, not a provider's).
+    pub fn dead_letter(&self, messages: &[Message<'_>], error: &str) -> Result<()> {
+        let letters: Vec<(&Message<'_>, &str, u32)> =
+            messages.iter().map(|m| (m, error, 0)).collect();
+        self.dead.write(&letters)?;
+        self.dead.flush()
+    }
+
     /// What attempt `attempt`'s `outcome` means for `batch[i]`: a fate (pushed to `fates`,
     /// its dead letter written), or another attempt (in `next`); an error stops the run.
     fn judge(

@@ -115,7 +115,7 @@ fn feed_and_drain(
             for &bucket in own.get(e).into_iter().flatten() {
                 inputs.scans.send(Scan {
                     bucket,
-                    targets: feed.scan_targets.clone(),
+                    targets: ctx.targets_for(bucket, &feed.scan_targets),
                 });
             }
             for &login in login_epochs.next().into_iter().flatten() {

@@ -141,11 +141,27 @@ fn fan_out(
     runtime: &tokio::runtime::Runtime,
 ) -> Result<Summary> {
     let login_stream = read_login_stream(job, opts, &mut loaded, runtime)?;
-    let admissions = std::mem::take(&mut loaded.admissions);
+    let mut admissions = std::mem::take(&mut loaded.admissions);
+    // Users held for their quiet hours in earlier occurrences, or past their window. Not in a
+    // cluster: every process must admit the same targets, and each sees only its own users.
+    if !opts.cluster.is_cluster() {
+        admissions.extend(runtime.block_on(prepare::held_admissions(
+            store,
+            &job.campaigns,
+            &job.policy,
+            job.engine.now,
+        ))?);
+    }
     let sizing = Sizing::of(job);
     let buckets = Buckets::new(job.engine.bucket_size);
     let placement = opts.cluster.placement(buckets, sizing.workers);
-    let targets = runtime.block_on(Targets::open(store, admissions, &placement, &job.policy))?;
+    let targets = runtime.block_on(Targets::open(
+        store,
+        admissions,
+        &placement,
+        &job.policy,
+        job.engine.now,
+    ))?;
     // The repeated-campaign guard, before anything is pushed; then what was let in is
     // recorded, so `fanout report` knows each campaign's window without the job file.
     runtime.block_on(async {
@@ -341,23 +357,31 @@ fn summary(
     metrics: &Metrics,
     skipped_lines: u64,
 ) -> Summary {
-    let campaigns = job
+    let line = |id: &str, line: &Line| match line {
+        Line::Target(i) => {
+            let rt = &ctx.targets[*i];
+            rt.stats.summary(id, rt.target.occurrence.as_deref())
+        }
+        Line::Skipped(why) => CampaignSummary {
+            id: id.to_owned(),
+            occurrence: None,
+            skipped: Some(why.clone()),
+            counts: Default::default(),
+        },
+    };
+    // One line per job campaign, in job order; then one per earlier occurrence or ended
+    // window whose users held for their quiet hours this run released or dead-lettered.
+    let mut campaigns: Vec<CampaignSummary> = job
         .campaigns
         .iter()
         .zip(lines)
-        .map(|(c, line)| match line {
-            Line::Target(i) => {
-                let rt = &ctx.targets[*i];
-                rt.stats.summary(&c.id, rt.target.occurrence.as_deref())
-            }
-            Line::Skipped(why) => CampaignSummary {
-                id: c.id.clone(),
-                occurrence: None,
-                skipped: Some(why.clone()),
-                counts: Default::default(),
-            },
-        })
+        .map(|(c, l)| line(&c.id, l))
         .collect();
+    for l in lines.iter().skip(job.campaigns.len()) {
+        if let Line::Target(i) = l {
+            campaigns.push(line(&ctx.targets[*i].target.campaign.id, l));
+        }
+    }
     metrics.summary(campaigns, skipped_lines)
 }
 

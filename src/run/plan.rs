@@ -106,6 +106,8 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             }
             Admission::Run(t) => (t, false),
             Admission::AtLogin(t) => (t, true),
+            // Not among a job's own admissions (see `prepare::held_admissions`).
+            Admission::Release(..) | Admission::Expire(..) => continue,
         };
         let ledger = runtime.block_on(store.ledger(&target.ledger_key()))?;
         // The same pairs `run` drops (none for a hot product's occurrence).

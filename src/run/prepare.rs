@@ -13,11 +13,12 @@ use crate::error::Result;
 use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignStats, Metrics};
 use crate::model::{Campaign, Placement, Target};
-use crate::policy::{Holdout, Policy};
+use crate::policy::{Holdout, Policy, QuietAt};
 use crate::providers::{dispatch::Dispatcher, Provider};
 use crate::render::Renderer;
 use crate::sources::UserSource;
 use crate::store::Store;
+use chrono::{DateTime, Utc};
 
 /// Users per epoch of a process, at least; larger when many pushes may be in flight.
 const MIN_USERS_PER_EPOCH: u64 = 1 << 18;
@@ -99,12 +100,13 @@ pub struct Targets {
 
 impl Targets {
     /// Opens the ledger of every admitted target, in order, sharded for `placement`'s workers;
-    /// each target's holdout follows `policy`.
+    /// each target's holdout and quiet hours follow `policy`, its sends happening at `now`.
     pub async fn open(
         store: &Store,
         admissions: Vec<Admission>,
         placement: &Placement,
         policy: &Policy,
+        now: DateTime<Utc>,
     ) -> Result<Targets> {
         store.shard_by(placement);
         let mut targets = Targets {
@@ -113,9 +115,11 @@ impl Targets {
             lines: Vec::new(),
         };
         for admission in admissions {
-            let (target, at_login) = match admission {
-                Admission::Run(target) => (target, false),
-                Admission::AtLogin(target) => (target, true),
+            let (target, at_login, only, expire) = match admission {
+                Admission::Run(target) => (target, false, None, false),
+                Admission::AtLogin(target) => (target, true, None, false),
+                Admission::Release(target, held) => (target, false, Some(held), false),
+                Admission::Expire(target, held) => (target, false, Some(held), true),
                 Admission::Skip(why) => {
                     targets.lines.push(Line::Skipped(why));
                     continue;
@@ -129,6 +133,9 @@ impl Targets {
             targets.run.push(RunTarget {
                 renderer: Renderer::new(&target),
                 holdout: Holdout::new(&target.campaign, policy),
+                quiet: QuietAt::new(&target.campaign, policy, now).filter(|_| !expire),
+                only,
+                expire,
                 target,
                 ledger,
                 stats: CampaignStats::default(),
@@ -157,6 +164,36 @@ impl Targets {
             })
             .collect()
     }
+}
+
+/// What the users `campaigns` held for their quiet hours need at `now` beyond what their
+/// admissions do: a [`Admission::Release`] for each earlier occurrence of a scheduled campaign
+/// still in its window, an [`Admission::Expire`] for each ledger whose window ended. Only
+/// ledgers holding someone; none without quiet hours in `policy`.
+pub async fn held_admissions(
+    store: &Store,
+    campaigns: &[Arc<Campaign>],
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Result<Vec<Admission>> {
+    let mut out = Vec::new();
+    if policy.quiet_hours.is_none() {
+        return Ok(out);
+    }
+    for campaign in campaigns {
+        for (occurrence, open) in super::targets::held_ledgers(campaign, now) {
+            let target = Target::new(campaign.clone(), occurrence);
+            let held = store.quiet_held(&target.ledger_key()).await?;
+            if held.is_empty() {
+                continue;
+            }
+            out.push(match open {
+                true => Admission::Release(target, held),
+                false => Admission::Expire(target, held),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Whether a pre-existing grant of campaign `campaign` covers `target`. SPEC: granted pairs

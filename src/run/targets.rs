@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use roaring::RoaringBitmap;
 
 use crate::model::{Campaign, CouponDelivery, Kind, Target};
 
@@ -15,6 +16,48 @@ pub enum Admission {
     AtLogin(Target),
     /// Nothing to send now, for this reason.
     Skip(String),
+    /// Users held for their quiet hours in an earlier occurrence of a scheduled campaign
+    /// still inside its window: send to them alone (those still in quiet hours stay held).
+    Release(Target, RoaringBitmap),
+    /// Users still held for their quiet hours when the campaign's window ended:
+    /// dead-lettered with [`WINDOW_ENDED`].
+    Expire(Target, RoaringBitmap),
+}
+
+/// The dead-letter error of a user whose campaign window ended during their quiet hours.
+pub const WINDOW_ENDED: &str = "window ended during quiet hours";
+
+/// The ledgers of `campaign` that may hold users for their quiet hours and that the
+/// admission at `now` does not run: each as (occurrence, whether the window is still open).
+/// A campaign whose window ended: its one ledger, or every tick's. A scheduled campaign in
+/// its window: every tick before the current one. Lazy coupons are never held.
+pub fn held_ledgers(campaign: &Campaign, now: DateTime<Utc>) -> Vec<(Option<String>, bool)> {
+    let lazy = campaign.coupon.as_ref().map(|c| c.delivery) == Some(CouponDelivery::OnLogin);
+    if lazy || now < campaign.start {
+        return Vec::new();
+    }
+    let open = campaign.is_live_at(now);
+    let Some(every) = campaign
+        .every
+        .and_then(|e| chrono::Duration::from_std(e).ok())
+        .filter(|e| *e > chrono::Duration::zero())
+    else {
+        return match open {
+            true => Vec::new(),
+            false => vec![(None, false)],
+        };
+    };
+    let current = occurrence(campaign, now);
+    let mut out = Vec::new();
+    let mut tick = campaign.start;
+    while tick < campaign.end && tick <= now {
+        let o = crate::model::occurrence_id(tick);
+        if !open || Some(&o) != current.as_ref() {
+            out.push((Some(o), open));
+        }
+        tick += every;
+    }
+    out
 }
 
 /// Decides what `campaign` sends at `now`.

@@ -105,6 +105,10 @@ pub fn serve(job: &Job, opts: &ServeOptions) -> Result<()> {
 /// A fan-out of a generation: its ledger key, and its stream entry to acknowledge when done.
 type Finishing = (String, Option<String>);
 
+/// Fan-outs that held users for their quiet hours: ledger key → when the first of them
+/// becomes sendable. Each runs again once that time has come.
+type Waiting = std::collections::HashMap<String, DateTime<Utc>>;
+
 /// What one `serve` process wires once and every generation uses.
 struct Server<'a> {
     job: &'a Job,
@@ -229,12 +233,13 @@ impl<'a> Server<'a> {
         mut submissions: mpsc::UnboundedReceiver<Submitted>,
     ) -> Result<()> {
         let mut ran: HashSet<String> = HashSet::new();
+        let mut waiting = Waiting::new();
         while !self.flags.shutdown.load(Relaxed) {
             self.flags.replan.store(false, Relaxed);
             while let Ok(s) = submissions.try_recv() {
                 self.admit(s, active)?;
             }
-            let (complete, finishing) = self.generation(active, &ran)?;
+            let (complete, finishing) = self.generation(active, &ran, &mut waiting)?;
             if complete {
                 self.finish(finishing, active, &mut ran)?;
             }
@@ -316,24 +321,43 @@ impl<'a> Server<'a> {
         Ok(active)
     }
 
-    /// Runs one generation over what is active now (fan-outs not yet `ran`, every lazy
-    /// coupon). Returns whether its fan-outs completed, and their (ledger key, stream entry).
+    /// Runs one generation over what is active now (fan-outs not yet `ran` and not waiting
+    /// for quiet hours to end, every lazy coupon). Returns whether its fan-outs completed, and
+    /// their (ledger key, stream entry); a fan-out that held users for their quiet hours is
+    /// not among them but in `waiting`, to run again when the first of them is sendable.
     fn generation(
         &self,
         active: &[Active],
         ran: &HashSet<String>,
+        waiting: &mut Waiting,
     ) -> Result<(bool, Vec<Finishing>)> {
         let now = Utc::now();
         let mut admissions = Vec::new();
         let mut finishing = Vec::new();
+        let due = |key: &String| waiting.get(key).is_none_or(|at| *at <= now);
         for a in active {
             match targets::admit(&a.campaign, now) {
-                Admission::Run(t) if !ran.contains(&t.ledger_key()) => {
+                Admission::Run(t) if !ran.contains(&t.ledger_key()) && due(&t.ledger_key()) => {
                     finishing.push((t.ledger_key(), a.entry.clone()));
                     admissions.push(Admission::Run(t));
                 }
                 lazy @ Admission::AtLogin(_) => admissions.push(lazy),
-                Admission::Run(_) | Admission::Skip(_) => {}
+                _ => {}
+            }
+        }
+        // Users held for their quiet hours in earlier occurrences, or past their window.
+        let campaigns: Vec<Arc<Campaign>> = active.iter().map(|a| a.campaign.clone()).collect();
+        let held = self.runtime.block_on(prepare::held_admissions(
+            &self.store,
+            &campaigns,
+            &self.job.policy,
+            now,
+        ))?;
+        for admission in held {
+            if let Admission::Release(t, _) | Admission::Expire(t, _) = &admission {
+                if due(&t.ledger_key()) {
+                    admissions.push(admission);
+                }
             }
         }
         let targets = self.runtime.block_on(Targets::open(
@@ -341,8 +365,16 @@ impl<'a> Server<'a> {
             admissions,
             &self.engine.placement,
             &self.job.policy,
+            now,
         ))?;
-        let deadline = next_change(active, now);
+        let deadline = next_change(active, now).min(
+            waiting
+                .values()
+                .filter(|at| **at > now)
+                .min()
+                .copied()
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        );
         tracing::info!(
             fan_outs = targets.scan.len(),
             lazy = targets.lazy(),
@@ -376,6 +408,17 @@ impl<'a> Server<'a> {
         let complete = execute(self.engine.sizing.workers, ctx.clone(), generation)?;
         ctx.take_failure()?;
         log_generation(&ctx);
+        // Held users keep their fan-out (and its stream entry) open until they are sent.
+        for rt in &ctx.targets {
+            let key = rt.target.ledger_key();
+            match rt.quiet.as_ref().and_then(|q| q.release()) {
+                Some(at) => {
+                    waiting.insert(key.clone(), at);
+                    finishing.retain(|(k, _)| *k != key);
+                }
+                None => drop(waiting.remove(&key)),
+            }
+        }
         Ok((complete, finishing))
     }
 

@@ -104,7 +104,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
             for &bucket in next_scan.into_iter().flatten() {
                 inputs.scans.send(Scan {
                     bucket,
-                    targets: generation.scan_targets.clone(),
+                    targets: ctx.targets_for(bucket, &generation.scan_targets),
                 });
             }
             // Every epoch is acknowledged when it completes, login ids or not: that is also

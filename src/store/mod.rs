@@ -63,7 +63,8 @@ pub struct LedgerCounts {
 }
 
 /// The users of one ledger by recorded outcome (SPEC "Outcomes"), for `fanout report`.
-/// The sets are disjoint; together they are the ledger's claimed ids.
+/// The sets are disjoint; together they are the ledger's claimed ids and those held for
+/// their quiet hours.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Outcomes {
     /// Pushed and accepted by the provider (or granted, for lazy coupons).
@@ -76,6 +77,8 @@ pub struct Outcomes {
     pub held_out: RoaringBitmap,
     /// Claimed and not yet settled (in flight, or in flight when a run died).
     pub in_flight: RoaringBitmap,
+    /// Held for their quiet hours and not claimed since: a later run sends them.
+    pub quiet_held: RoaringBitmap,
 }
 
 /// Which process of a cluster opens a store, and which users it owns: on Redis it adopts,
@@ -325,6 +328,19 @@ impl Store {
         }
     }
 
+    /// The users of ledger `key` held for their quiet hours and not claimed since. Empty
+    /// (and nothing created) if the ledger doesn't exist.
+    pub async fn quiet_held(&self, key: &str) -> Result<RoaringBitmap> {
+        match self {
+            Store::File(store) => {
+                let store = Arc::clone(store);
+                let key = key.to_owned();
+                off_runtime(move || store.quiet_held(&key)).await
+            }
+            Store::Redis(store) => store.quiet_held(key).await,
+        }
+    }
+
     /// The users of ledger `key` by recorded outcome. Empty if the ledger doesn't exist.
     pub async fn outcomes(&self, key: &str) -> Result<Outcomes> {
         match self {
@@ -410,6 +426,25 @@ impl Ledger {
     pub fn claim_held_out_local(&self, ids: &[u32]) -> Option<Result<Claim>> {
         match self {
             Ledger::File(ledger) => Some(ledger.claim_held_out(ids)),
+            Ledger::Redis(_) => None,
+        }
+    }
+
+    /// Holds users for their quiet hours (SPEC "Quiet hours"): each of `ids` not claimed is
+    /// recorded as held (in `claimed` of the answer) and stays claimable, for the run that
+    /// finds it outside its quiet hours; a claimed one is `already`.
+    pub async fn hold_quiet(&self, ids: &[u32]) -> Result<Claim> {
+        match self {
+            Ledger::File(ledger) => ledger.hold_quiet(ids),
+            Ledger::Redis(ledger) => ledger.hold_quiet(ids).await,
+        }
+    }
+
+    /// [`Ledger::hold_quiet`] without waiting where the store is local (see
+    /// [`Ledger::claim_local`]).
+    pub fn hold_quiet_local(&self, ids: &[u32]) -> Option<Result<Claim>> {
+        match self {
+            Ledger::File(ledger) => Some(ledger.hold_quiet(ids)),
             Ledger::Redis(_) => None,
         }
     }

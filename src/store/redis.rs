@@ -6,6 +6,7 @@
 //! fanout:dead:{ledger}:{chunk}          bitmap: dead-lettered
 //! fanout:unreachable:{ledger}:{chunk}   bitmap: settled without a push (no token)
 //! fanout:held_out:{ledger}:{chunk}      bitmap: held out (claimed and settled in one call)
+//! fanout:quiet:{ledger}:{chunk}         bitmap: ever held for quiet hours (not claimed by it)
 //! fanout:inflight:{ledger}:{run}:{chunk}  bitmap: ids run holds, not yet done
 //! fanout:resend:{ledger}:{run}:{chunk}  bitmap: ids run adopted and has not handed out again
 //! fanout:lease:next                     counter: the last lease token handed out
@@ -57,7 +58,8 @@ use tokio::sync::OnceCell;
 
 use super::{Claim, LedgerCounts, Member};
 use scripts::{
-    Segments, ADMIT, ADOPT_SCRIPT, CLAIM_SCRIPT, COMPACT, DROP_EMPTY, MARK_SCRIPT, REVIVE,
+    Segments, ADMIT, ADOPT_SCRIPT, CLAIM_SCRIPT, COMPACT, DROP_EMPTY, HOLD_QUIET_SCRIPT,
+    MARK_SCRIPT, REVIVE,
 };
 
 mod campaigns;
@@ -187,6 +189,7 @@ pub struct RedisLedger {
     dead: String,
     unreachable: String,
     held_out: String,
+    quiet: String,
     /// `fanout:inflight:{ledger}:`: every run's in-flight bitmaps of this ledger start so.
     inflight_all: String,
     /// `fanout:inflight:{ledger}:{run}:`, ours.
@@ -321,6 +324,7 @@ impl RedisStore {
                     dead: format!("fanout:dead:{key}:"),
                     unreachable: format!("fanout:unreachable:{key}:"),
                     held_out: format!("fanout:held_out:{key}:"),
+                    quiet: format!("fanout:quiet:{key}:"),
                     inflight: format!("fanout:inflight:{key}:{}:", self.run),
                     resend: format!("fanout:resend:{key}:{}:", self.run),
                     read_only: self.read_only,
@@ -584,9 +588,23 @@ impl RedisStore {
         }
     }
 
+    /// The users of ledger `key` held for their quiet hours and not claimed since: one
+    /// EXISTS when there are none.
+    pub async fn quiet_held(&self, key: &str) -> Result<RoaringBitmap> {
+        if !self.any_key(&format!("fanout:quiet:{key}:")).await? {
+            return Ok(RoaringBitmap::new());
+        }
+        let ledger = self.ledger(key).await?;
+        Ok(ledger.bits(&ledger.quiet).await? - ledger.bits(&ledger.granted).await?)
+    }
+
     /// Whether any id was ever claimed in ledger `key`: one EXISTS over its chunks' keys.
     pub async fn has_claims(&self, key: &str) -> Result<bool> {
-        let prefix = granted_prefix(key);
+        self.any_key(&granted_prefix(key)).await
+    }
+
+    /// Whether a bitmap of any chunk under `prefix` exists.
+    async fn any_key(&self, prefix: &str) -> Result<bool> {
         let keys: Vec<String> = (0u32..(1 << (32 - CHUNK_BITS)))
             .map(|chunk| format!("{prefix}{chunk}"))
             .collect();
@@ -607,6 +625,7 @@ impl RedisStore {
         let dead = ledger.bits(&ledger.dead).await?;
         let unreachable = ledger.bits(&ledger.unreachable).await?;
         let held_out = ledger.bits(&ledger.held_out).await?;
+        let quiet_held = ledger.bits(&ledger.quiet).await? - &claimed;
         let settled = &claimed - &in_flight;
         Ok(super::Outcomes {
             delivered: &(&(&settled - &dead) - &unreachable) - &held_out,
@@ -614,6 +633,7 @@ impl RedisStore {
             unreachable,
             held_out,
             in_flight,
+            quiet_held,
         })
     }
 
@@ -721,8 +741,14 @@ impl RedisLedger {
             .collect();
         let script = Script::new(COMPACT);
         for chunk in chunks {
-            let keys = [&self.granted, &self.dead, &self.unreachable, &self.held_out]
-                .map(|set| format!("{set}{chunk}"));
+            let keys = [
+                &self.granted,
+                &self.dead,
+                &self.unreachable,
+                &self.held_out,
+                &self.quiet,
+            ]
+            .map(|set| format!("{set}{chunk}"));
             retrying(&self.url, "compact the ledger", || {
                 let mut con = self.con.clone();
                 let mut call = script.prepare_invoke();
@@ -820,6 +846,64 @@ impl RedisLedger {
         let mut out = Claim::default();
         for (&id, yes) in ids.iter().zip(claimed) {
             if yes {
+                out.claimed.push(id);
+            } else {
+                out.already.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Holds the unclaimed of `ids` for their quiet hours; see [`super::Ledger::hold_quiet`].
+    pub async fn hold_quiet(&self, ids: &[u32]) -> Result<Claim> {
+        let lease = self.lease()?;
+        if ids.is_empty() {
+            return Ok(Claim::default());
+        }
+        self.touch(ids);
+        let groups: Vec<(u32, Vec<u32>, Segments)> = by_chunk(ids)
+            .into_iter()
+            .map(|(chunk, offsets)| {
+                let segments = Segments::new(&offsets);
+                (chunk, offsets, segments)
+            })
+            .collect();
+        // Idempotent: a retry sets the same bits and answers the same (claims only add).
+        let replies: Vec<Vec<u8>> = lease
+            .guarded("hold for quiet hours", || {
+                let mut con = self.con.clone();
+                let groups = &groups;
+                async move {
+                    let mut replies = Vec::with_capacity(groups.len());
+                    for (chunk, _, segments) in groups {
+                        let mut call = HOLD_QUIET_SCRIPT.prepare_invoke();
+                        call.key(format!("{}{chunk}", self.granted))
+                            .key(format!("{}{chunk}", self.quiet))
+                            .key(&lease.key)
+                            .arg(&lease.token);
+                        segments.args(&mut call);
+                        replies.push(call.invoke_async(&mut con).await?);
+                    }
+                    Ok(replies)
+                }
+            })
+            .await?;
+        let mut open = Vec::with_capacity(ids.len());
+        for ((_, offsets, segments), reply) in groups.iter().zip(&replies) {
+            let bits = segments.claimed(offsets, reply).ok_or_else(|| {
+                Error::runtime(format!(
+                    "store {}: the quiet-hours script answered {} bytes for {} segments",
+                    self.url,
+                    reply.len(),
+                    segments.len()
+                ))
+            })?;
+            open.extend(bits);
+        }
+        let mut out = Claim::default();
+        let mut seen = std::collections::HashSet::new();
+        for (&id, yes) in ids.iter().zip(open) {
+            if yes && seen.insert(id) {
                 out.claimed.push(id);
             } else {
                 out.already.push(id);

@@ -328,9 +328,25 @@ struct Model {
     dead: RoaringBitmap,
     unreachable: RoaringBitmap,
     held_out: RoaringBitmap,
+    quiet: RoaringBitmap,
 }
 
 impl Model {
+    /// A hold for quiet hours: (held, already), per id in order.
+    fn hold_quiet(&mut self, ids: &[u32]) -> (Vec<u32>, Vec<u32>) {
+        let (mut held, mut already) = (Vec::new(), Vec::new());
+        let mut seen = std::collections::BTreeSet::new();
+        for &id in ids {
+            if self.claimed.contains(&id) || !seen.insert(id) {
+                already.push(id);
+            } else {
+                held.push(id);
+                self.quiet.insert(id);
+            }
+        }
+        (held, already)
+    }
+
     /// A claim (settled as held out when `held`): (claimed, already), per id in order.
     fn claim(&mut self, ids: &[u32], held: bool) -> (Vec<u32>, Vec<u32>) {
         let (mut claimed, mut already) = (Vec::new(), Vec::new());
@@ -371,13 +387,15 @@ impl Model {
             dead_lettered: self.dead.clone(),
             unreachable: self.unreachable.clone(),
             held_out: self.held_out.clone(),
-            in_flight: claimed - done,
+            in_flight: &claimed - &done,
+            quiet_held: &self.quiet - &claimed,
         }
     }
 }
 
 /// The set-operation path (ascending batches) and the per-id path (any order) follow the
-/// same rules, for claims, held-out claims and every kind of mark: both checked against a
+/// same rules, for claims, held-out claims, quiet-hours holds and every kind of mark: both
+/// checked against a
 /// naive model over random operations and crashes (a reopen: what was claimed and not
 /// settled is handed out once more).
 #[tokio::test]
@@ -404,7 +422,11 @@ async fn claims_follow_the_naive_model_in_any_batch_order() {
                 ids.reverse();
                 ids.extend(ids.clone().iter().take(5));
             }
-            match next(7) {
+            match next(8) {
+                7 => {
+                    let c = l.hold_quiet(&ids).await.expect("hold");
+                    assert_eq!((c.claimed, c.already), model.hold_quiet(&ids));
+                }
                 0..=2 => {
                     let c = l.claim(&ids).await.expect("claim");
                     assert_eq!((c.claimed, c.already), model.claim(&ids, false));

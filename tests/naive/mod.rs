@@ -291,3 +291,122 @@ pub fn delivered(path: &std::path::Path) -> BTreeSet<(String, Option<String>, u6
     }
     seen
 }
+
+/// What one run of a sequence does, as the naive reading sees it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NRun {
+    pub delivered: BTreeSet<Pair>,
+    pub held_out: BTreeSet<Pair>,
+    /// Held for quiet hours by this run (again, if an earlier run held them too).
+    pub quiet_held: BTreeSet<Pair>,
+    /// Dead-lettered: their campaign's window ended during their quiet hours.
+    pub expired: BTreeSet<Pair>,
+}
+
+/// Each user's zone name, from users JSON Lines (users without one are absent).
+pub fn zones_jsonl(text: &str) -> BTreeMap<u64, String> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v["id"].as_u64()?, v["tz"].as_str()?.to_owned()))
+        })
+        .collect()
+}
+
+/// `HH:MM` as minutes after midnight.
+fn minutes(hhmm: &str) -> u32 {
+    let (h, m) = hhmm.split_once(':').unwrap();
+    h.parse::<u32>().unwrap() * 60 + m.parse::<u32>().unwrap()
+}
+
+/// SPEC "Quiet hours": whether `t` is inside `[start, end)` on the wall clock of `zone`.
+fn is_quiet(zone: &str, t: DateTime<Utc>, (start, end): (u32, u32)) -> bool {
+    use chrono::Timelike;
+    let tz: chrono_tz::Tz = zone.parse().unwrap();
+    let local = t.with_timezone(&tz);
+    let m = local.hour() * 60 + local.minute();
+    match start < end {
+        true => start <= m && m < end,
+        false => m >= start || m < end,
+    }
+}
+
+/// Fan-out runs of `job` at each of `nows` in turn against one store, with holdouts, the
+/// control group and quiet hours (lazy coupons are left out: quiet hours exempt them).
+pub fn fan_out_runs(
+    job: &str,
+    users: &BTreeMap<u64, TUser>,
+    zones: &BTreeMap<u64, String>,
+    nows: &[DateTime<Utc>],
+) -> Vec<NRun> {
+    let (campaigns, _) = campaigns(job);
+    let control = control_group(job);
+    let doc: Value = toml::from_str(job).unwrap();
+    let policy = doc.get("policy");
+    let quiet = policy.and_then(|p| p.get("quiet_hours")).map(|q| {
+        (
+            minutes(q["start"].as_str().unwrap()),
+            minutes(q["end"].as_str().unwrap()),
+        )
+    });
+    let default_tz = policy
+        .and_then(|p| p.get("default_tz"))
+        .and_then(Value::as_str)
+        .unwrap_or("UTC")
+        .to_owned();
+    let zone = |u: u64| zones.get(&u).cloned().unwrap_or(default_tz.clone());
+    // Every pair settled for good (sent, held out, dead-lettered), and those held now.
+    let mut settled: BTreeSet<Pair> = BTreeSet::new();
+    let mut held: BTreeSet<Pair> = BTreeSet::new();
+    let mut runs = Vec::new();
+    for &t in nows {
+        let mut run = NRun::default();
+        for c in campaigns.iter().filter(|c| !c.on_login) {
+            let quiet_now =
+                |u: u64| quiet.is_some_and(|q| !c.transactional && is_quiet(&zone(u), t, q));
+            let live = c.start <= t && t < c.end;
+            let mine: Vec<Pair> = held.iter().filter(|p| p.0 == c.id).cloned().collect();
+            if !live {
+                if t >= c.end {
+                    for p in mine {
+                        held.remove(&p);
+                        settled.insert(p.clone());
+                        run.expired.insert(p);
+                    }
+                }
+                continue;
+            }
+            let occurrence = (c.kind == "hot_product").then(|| tick(c, t));
+            // Earlier occurrences' held users: sent now unless still quiet.
+            for p in mine.into_iter().filter(|p| p.1 != occurrence) {
+                if quiet_now(p.2) {
+                    run.quiet_held.insert(p);
+                } else {
+                    held.remove(&p);
+                    settled.insert(p.clone());
+                    run.delivered.insert(p);
+                }
+            }
+            for u in users.values().filter(|u| c.persona.matches(u)) {
+                let p = (c.id.clone(), occurrence.clone(), u.id);
+                if settled.contains(&p) {
+                    continue;
+                }
+                if is_held_out(c, control, u.id) {
+                    settled.insert(p.clone());
+                    run.held_out.insert(p);
+                } else if quiet_now(u.id) {
+                    held.insert(p.clone());
+                    run.quiet_held.insert(p);
+                } else {
+                    held.remove(&p);
+                    settled.insert(p.clone());
+                    run.delivered.insert(p);
+                }
+            }
+        }
+        runs.push(run);
+    }
+    runs
+}

@@ -12,7 +12,7 @@ use super::io_error;
 use crate::error::{Error, Result};
 
 /// First bytes of a snapshot; the digit is the format version. Version 2 added the
-/// unreachable and held-out sets after the three of version 1, which it still reads.
+/// unreachable, held-out and quiet sets after the three of version 1, which it still reads.
 const SNAP_MAGIC: &[u8; 8] = b"FANOUTS2";
 const SNAP_MAGIC_V1: &[u8; 8] = b"FANOUTS1";
 /// Magic, body length, crc.
@@ -22,9 +22,10 @@ pub(super) const RECORD_HEADER: usize = 8;
 /// Longest escaped key; keeps `<key>.snap.tmp` under the usual 255-byte name limit.
 const MAX_STEM: usize = 200;
 
-/// What a log record says about its ids. Every kind but `Claim` settles them (done), and
-/// `Dead`, `Unreachable` and `HeldOut` also tag their outcome; a `HeldOut` record is a claim
-/// and its settlement in one, so no crash can leave a held-out user to be sent.
+/// What a log record says about its ids. Every kind but `Claim` and `Quiet` settles them
+/// (done), and `Dead`, `Unreachable` and `HeldOut` also tag their outcome; a `HeldOut` record
+/// is a claim and its settlement in one, so no crash can leave a held-out user to be sent.
+/// `Quiet` claims nothing: it records users held for their quiet hours, who stay claimable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kind {
     Claim = 1,
@@ -32,6 +33,7 @@ pub(super) enum Kind {
     Dead = 3,
     Unreachable = 4,
     HeldOut = 5,
+    Quiet = 6,
 }
 
 impl Kind {
@@ -42,13 +44,14 @@ impl Kind {
             3 => Some(Kind::Dead),
             4 => Some(Kind::Unreachable),
             5 => Some(Kind::HeldOut),
+            6 => Some(Kind::Quiet),
             _ => None,
         }
     }
 }
 
 /// The durable sets of one ledger: done ⊆ claimed; dead, unreachable and held_out ⊆ done,
-/// disjoint.
+/// disjoint; quiet: ever held for quiet hours (those not claimed are held now).
 #[derive(Default, Debug, PartialEq)]
 pub(super) struct Sets {
     pub(super) claimed: RoaringBitmap,
@@ -56,28 +59,39 @@ pub(super) struct Sets {
     pub(super) dead: RoaringBitmap,
     pub(super) unreachable: RoaringBitmap,
     pub(super) held_out: RoaringBitmap,
+    pub(super) quiet: RoaringBitmap,
 }
+
+/// How many sets a snapshot holds.
+const SETS: usize = 6;
 
 impl Sets {
     /// Every set, in snapshot order.
-    fn all(&self) -> [&RoaringBitmap; 5] {
+    fn all(&self) -> [&RoaringBitmap; SETS] {
         [
             &self.claimed,
             &self.done,
             &self.dead,
             &self.unreachable,
             &self.held_out,
+            &self.quiet,
         ]
     }
 
-    fn all_mut(&mut self) -> [&mut RoaringBitmap; 5] {
+    fn all_mut(&mut self) -> [&mut RoaringBitmap; SETS] {
         [
             &mut self.claimed,
             &mut self.done,
             &mut self.dead,
             &mut self.unreachable,
             &mut self.held_out,
+            &mut self.quiet,
         ]
+    }
+
+    /// Every id any set holds (the claimed, and those only held for quiet hours).
+    pub(super) fn ids(&self) -> RoaringBitmap {
+        &self.claimed | &self.quiet
     }
 
     /// The part of every set inside `mask`.
@@ -103,6 +117,7 @@ impl Sets {
             Kind::Dead => Some(&self.dead),
             Kind::Unreachable => Some(&self.unreachable),
             Kind::HeldOut => Some(&self.held_out),
+            Kind::Quiet => Some(&self.quiet),
         }
     }
 
@@ -112,13 +127,16 @@ impl Sets {
             Kind::Dead => Some(&mut self.dead),
             Kind::Unreachable => Some(&mut self.unreachable),
             Kind::HeldOut => Some(&mut self.held_out),
+            Kind::Quiet => Some(&mut self.quiet),
         }
     }
 
     /// Applies one record (replay) or one mark.
     pub(super) fn apply(&mut self, kind: Kind, id: u32) {
-        self.claimed.insert(id);
-        if kind != Kind::Claim {
+        if kind != Kind::Quiet {
+            self.claimed.insert(id);
+        }
+        if !matches!(kind, Kind::Claim | Kind::Quiet) {
             self.done.insert(id);
         }
         if let Some(tag) = self.tag_mut(kind) {
@@ -128,8 +146,10 @@ impl Sets {
 
     /// [`Sets::apply`] for a whole set of ids.
     pub(super) fn apply_all(&mut self, kind: Kind, ids: &RoaringBitmap) {
-        self.claimed |= ids;
-        if kind != Kind::Claim {
+        if kind != Kind::Quiet {
+            self.claimed |= ids;
+        }
+        if !matches!(kind, Kind::Claim | Kind::Quiet) {
             self.done |= ids;
         }
         if let Some(tag) = self.tag_mut(kind) {
@@ -145,6 +165,7 @@ impl Sets {
             unreachable: self.unreachable.clone(),
             held_out: self.held_out.clone(),
             in_flight: &self.claimed - &self.done,
+            quiet_held: &self.quiet - &self.claimed,
         }
     }
 
@@ -167,7 +188,7 @@ impl Sets {
 
     fn decode(bytes: &[u8]) -> std::result::Result<Sets, String> {
         let count = match bytes.get(..8) {
-            Some(m) if m == SNAP_MAGIC => 5,
+            Some(m) if m == SNAP_MAGIC => SETS,
             Some(m) if m == SNAP_MAGIC_V1 => 3,
             _ => return Err("not a fanout ledger snapshot (bad header)".into()),
         };
@@ -207,6 +228,7 @@ impl Sets {
             dead: next(),
             unreachable: next(),
             held_out: next(),
+            quiet: next(),
         })
     }
 }

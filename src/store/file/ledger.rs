@@ -96,8 +96,8 @@ fn split(sets: Sets, shard_of: &Shards) -> Vec<Sets> {
     if shard_of.count() == 1 {
         return vec![sets];
     }
-    // Every settled id is claimed too: the claimed set's blocks cover them all.
-    let masks = shard_of.masks(&sets.claimed);
+    // Every id of any set is claimed or quiet-held: their blocks cover them all.
+    let masks = shard_of.masks(&sets.ids());
     masks.iter().map(|mask| sets.masked(mask)).collect()
 }
 
@@ -201,14 +201,25 @@ impl FileLedger {
         self.claim_as(Kind::HeldOut, ids)
     }
 
+    /// Holds the unclaimed of `ids` for their quiet hours; see
+    /// [`crate::store::Ledger::hold_quiet`].
+    pub fn hold_quiet(&self, ids: &[u32]) -> Result<Claim> {
+        self.by_shard(ids, |shard, part| shard.hold_quiet(&self.key, part))
+    }
+
     fn claim_as(&self, kind: Kind, ids: &[u32]) -> Result<Claim> {
+        self.by_shard(ids, |shard, part| shard.claim(&self.key, kind, part))
+    }
+
+    /// Runs a claim-like `op` on each shard's part of `ids`; the answer in input order.
+    fn by_shard(&self, ids: &[u32], op: impl Fn(&Shard, &[u32]) -> Result<Claim>) -> Result<Claim> {
         let parts = self.parts(ids);
         if let [(k, part)] = parts.as_slice() {
-            return self.shards[*k].claim(&self.key, kind, part);
+            return op(&self.shards[*k], part);
         }
         let mut claimed = RoaringBitmap::new();
         for (k, part) in &parts {
-            claimed.extend(self.shards[*k].claim(&self.key, kind, part)?.claimed);
+            claimed.extend(op(&self.shards[*k], part)?.claimed);
         }
         // In input order; a repeated id is claimed once, at its first place.
         let (claimed, already) = ids.iter().partition(|&&id| claimed.remove(id));

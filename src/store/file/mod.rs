@@ -246,6 +246,15 @@ impl FileStore {
         Ok((sets.claimed - sets.held_out).iter().collect())
     }
 
+    /// The users of ledger `key` held for their quiet hours and not claimed since; empty
+    /// (and nothing created) if the ledger does not exist.
+    pub fn quiet_held(&self, key: &str) -> Result<roaring::RoaringBitmap> {
+        if lock(&self.open).get(key).is_none() && !self.has_ledger(key)? {
+            return Ok(roaring::RoaringBitmap::new());
+        }
+        Ok(self.outcomes(key)?.quiet_held)
+    }
+
     /// The users of ledger `key` by recorded outcome.
     pub fn outcomes(&self, key: &str) -> Result<crate::store::Outcomes> {
         let sets = match lock(&self.open).get(key) {

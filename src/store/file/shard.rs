@@ -246,6 +246,32 @@ impl Shard {
         Ok(())
     }
 
+    /// Holds `ids` (all of this shard) for their quiet hours; see
+    /// [`crate::store::Ledger::hold_quiet`].
+    pub(super) fn hold_quiet(&self, key: &str, ids: &[u32]) -> Result<Claim> {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let mut out = Claim {
+            claimed: Vec::with_capacity(ids.len()),
+            already: Vec::new(),
+        };
+        let mut seen = RoaringBitmap::new();
+        for &id in ids {
+            if st.sets.claimed.contains(id) || !seen.insert(id) {
+                out.already.push(id);
+            } else {
+                out.claimed.push(id);
+            }
+        }
+        let new = seen - &st.sets.quiet;
+        if !new.is_empty() {
+            let ids: Vec<u32> = new.iter().collect();
+            self.append(key, st, Kind::Quiet, &ids)?;
+            st.sets.apply_all(Kind::Quiet, &new);
+        }
+        Ok(out)
+    }
+
     /// Records `ids` (all of this shard) as settled: done, or done with the outcome `kind`
     /// tags (dead, unreachable).
     pub(super) fn mark(&self, key: &str, kind: Kind, ids: &[u32]) -> Result<()> {

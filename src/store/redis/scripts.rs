@@ -126,6 +126,29 @@ end
 return 0
 ";
 
+/// Holds one chunk's segments (ARGV[2..]) for their quiet hours, for the run whose lease
+/// (KEYS[3]) must hold token ARGV[1]: each id not claimed (granted bitmap KEYS[1]) is set in
+/// the quiet bitmap (KEYS[2]) and answered 1 (held); a claimed one is answered 0. Nothing is
+/// claimed: a held user stays claimable for the run that finds it outside its quiet hours.
+const HOLD_QUIET: &str = r"
+local fenced = guard(3, ARGV[1])
+if fenced then return fenced end
+local out = {}
+for s = 2, #ARGV, 2 do
+  local first, want = tonumber(ARGV[s]), ARGV[s + 1]
+  local n = #want
+  local w, g, q = bytes(want, n), load(1, first, n), load(2, first, n)
+  local held = {}
+  for j = 1, n do
+    held[j] = bit.band(w[j], bit.bnot(g[j]))
+    q[j] = bit.bor(q[j], held[j])
+  end
+  redis.call('SETRANGE', KEYS[2], first, text(q))
+  out[#out + 1] = text(held)
+end
+return table.concat(out)
+";
+
 /// Deletes the run's in-flight bitmap (KEYS[1]) if no bit is left in it.
 pub const DROP_EMPTY: &str = r"
 if redis.call('BITCOUNT', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) return 1 end
@@ -239,6 +262,9 @@ pub static CLAIM_SCRIPT: LazyLock<Script> =
 /// The mark script, hashed once.
 pub static MARK_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{SEGMENTS}{GUARD}{MARK}")));
+/// The quiet-hours hold script, hashed once.
+pub static HOLD_QUIET_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{SEGMENTS}{GUARD}{HOLD_QUIET}")));
 /// The adopt script, hashed once.
 pub static ADOPT_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{SEGMENTS}{GUARD}{ADOPT}")));
