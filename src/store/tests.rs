@@ -395,9 +395,8 @@ impl Model {
 
 /// The set-operation path (ascending batches) and the per-id path (any order) follow the
 /// same rules, for claims, held-out claims, quiet-hours holds and every kind of mark: both
-/// checked against a
-/// naive model over random operations and crashes (a reopen: what was claimed and not
-/// settled is handed out once more).
+/// checked against a naive model over random operations and crashes (a reopen: what was
+/// claimed and not settled is handed out once more).
 #[tokio::test]
 async fn claims_follow_the_naive_model_in_any_batch_order() {
     let tmp = tempfile::tempdir().expect("tempdir");
