@@ -257,10 +257,25 @@ fn campaign(r: &mut Rng, kind: Kind, id: &str) -> String {
     c
 }
 
+/// Zones users are drawn in: on 2026-03-02 between 09:00 and 14:00 UTC (the ticks), night
+/// quiet hours hold some of them and release others from tick to tick.
+const ZONES: [&str; 6] = [
+    "America/New_York",
+    "America/Los_Angeles",
+    "Asia/Shanghai",
+    "Pacific/Auckland",
+    "Asia/Kolkata",
+    "Europe/Berlin",
+];
+
 fn users_text(r: &mut Rng, n: u64, spread: u64) -> String {
     let mut out = String::new();
     for _ in 0..n {
         let id = 1 + r.below(n * spread);
+        let tz = match r.below(ZONES.len() as u64 + 1) as usize {
+            z if z < ZONES.len() => format!(", \"tz\": \"{}\"", ZONES[z]),
+            _ => String::new(),
+        };
         let tags: Vec<String> = TAGS
             .iter()
             .filter(|_| r.chance(25))
@@ -268,7 +283,7 @@ fn users_text(r: &mut Rng, n: u64, spread: u64) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{{\"id\": {id}, \"level\": {}, \"points\": {}, \"tags\": [{}], \"token\": \"t-{id}\"}}",
+            "{{\"id\": {id}, \"level\": {}, \"points\": {}, \"tags\": [{}], \"token\": \"t-{id}\"{tz}}}",
             r.below(10),
             r.below(50_000),
             tags.join(",")
@@ -376,6 +391,13 @@ pub fn plan(seed: u64) -> Schedule {
         logins_per_epoch
     };
     let control_group = [0.0, 0.0, 0.05, 0.2][r.below(4) as usize];
+    // Night quiet hours in each user's zone: held now, released at a later tick (or not).
+    let quiet = match r.chance(50) {
+        true => {
+            "quiet_hours = { start = \"21:00\", end = \"08:00\" }\ndefault_tz = \"Asia/Shanghai\"\n"
+        }
+        false => "",
+    };
     let mut campaigns = String::new();
     let mut ids = Vec::new();
     for (i, &k) in kinds.iter().enumerate() {
@@ -411,7 +433,7 @@ pub fn plan(seed: u64) -> Schedule {
              logins_per_epoch = {logins_per_epoch}\n\n[store]\nurl = \"file:store\"\n\n\
              [provider]\nurl = \"log:deliveries.jsonl\"\nconcurrency = {concurrency}\n\
              rate_per_s = {rate}\nmax_attempts = 6\ndead_letter = \"dead-letters.jsonl\"\n\n\
-             [policy]\ncontrol_group = {control_group}\n\n",
+             [policy]\ncontrol_group = {control_group}\n{quiet}\n",
             ticks[0]
         );
         j.push_str(&campaigns);
@@ -552,10 +574,12 @@ impl Schedule {
             .map(naive::logins_jsonl)
             .unwrap_or_default();
         let mut all = BTreeSet::new();
-        for t in &self.ticks {
-            let now = chrono::DateTime::parse_from_rfc3339(t)
-                .unwrap()
-                .with_timezone(&chrono::Utc);
+        let nows: Vec<_> = self
+            .ticks
+            .iter()
+            .map(|t| chrono::DateTime::parse_from_rfc3339(t).unwrap().to_utc())
+            .collect();
+        for &now in &nows {
             all.extend(naive::expected(
                 &self.job,
                 &self.users,
@@ -563,6 +587,22 @@ impl Schedule {
                 &granted,
                 Some(now),
             ));
+        }
+        if !self.job.contains("quiet_hours") {
+            return all;
+        }
+        // Quiet hours: fan-outs as a sequence of runs at the ticks (held, then released);
+        // lazy coupons are exempt and keep the reading above.
+        let lazy: BTreeSet<String> = naive::campaigns(&self.job)
+            .0
+            .into_iter()
+            .filter(|c| c.on_login)
+            .map(|c| c.id)
+            .collect();
+        all.retain(|p| lazy.contains(&p.0));
+        let zones = naive::zones_jsonl(&self.users_text);
+        for run in naive::fan_out_runs(&self.job, &self.users, &zones, &granted, &nows) {
+            all.extend(run.delivered);
         }
         all
     }

@@ -303,14 +303,20 @@ pub struct NRun {
     pub expired: BTreeSet<Pair>,
 }
 
-/// Each user's zone name, from users JSON Lines (users without one are absent).
+/// Each user's zone name, from users JSON Lines (users without one are absent; the last
+/// line of an id wins, as for the rest of the user).
 pub fn zones_jsonl(text: &str) -> BTreeMap<u64, String> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            Some((v["id"].as_u64()?, v["tz"].as_str()?.to_owned()))
-        })
+    let mut zones = BTreeMap::new();
+    for l in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        zones.insert(
+            v["id"].as_u64().unwrap(),
+            v["tz"].as_str().map(str::to_owned),
+        );
+    }
+    zones
+        .into_iter()
+        .filter_map(|(id, tz)| Some((id, tz?)))
         .collect()
 }
 
@@ -332,12 +338,14 @@ fn is_quiet(zone: &str, t: DateTime<Utc>, (start, end): (u32, u32)) -> bool {
     }
 }
 
-/// Fan-out runs of `job` at each of `nows` in turn against one store, with holdouts, the
-/// control group and quiet hours (lazy coupons are left out: quiet hours exempt them).
+/// Fan-out runs of `job` at each of `nows` in turn against one store, with the pairs of
+/// `granted` granted before, holdouts, the control group and quiet hours (lazy coupons are
+/// left out: quiet hours exempt them).
 pub fn fan_out_runs(
     job: &str,
     users: &BTreeMap<u64, TUser>,
     zones: &BTreeMap<u64, String>,
+    granted: &BTreeSet<(String, u64)>,
     nows: &[DateTime<Utc>],
 ) -> Vec<NRun> {
     let (campaigns, _) = campaigns(job);
@@ -357,7 +365,8 @@ pub fn fan_out_runs(
         .to_owned();
     let zone = |u: u64| zones.get(&u).cloned().unwrap_or(default_tz.clone());
     // Every pair settled for good (sent, held out, dead-lettered), and those held now.
-    let mut settled: BTreeSet<Pair> = BTreeSet::new();
+    // Granted pairs cover a campaign, not a scheduled campaign's occurrences.
+    let mut settled: BTreeSet<Pair> = granted.iter().map(|(c, u)| (c.clone(), None, *u)).collect();
     let mut held: BTreeSet<Pair> = BTreeSet::new();
     let mut runs = Vec::new();
     for &t in nows {
