@@ -80,6 +80,8 @@ pub struct OutcomeCounts {
     pub held_out: u64,
     /// Claimed, not yet settled.
     pub in_flight: u64,
+    /// Held for their quiet hours, not sent yet.
+    pub quiet_held: u64,
 }
 
 /// Conversion rates of delivered and held-out users, and the lift.
@@ -212,6 +214,7 @@ pub fn report(q: &Question<'_>) -> Result<Report> {
                 outcomes.unreachable |= part.unreachable;
                 outcomes.held_out |= part.held_out;
                 outcomes.in_flight |= part.in_flight;
+                outcomes.quiet_held |= part.quiet_held;
             }
             Ok::<_, Error>(())
         })?;
@@ -241,6 +244,7 @@ pub fn report(q: &Question<'_>) -> Result<Report> {
             unreachable: outcomes.unreachable.len(),
             held_out: outcomes.held_out.len(),
             in_flight: outcomes.in_flight.len(),
+            quiet_held: outcomes.quiet_held.len(),
         },
         conversions,
     })
@@ -348,6 +352,7 @@ pub fn render(r: &Report) -> String {
         ("unreachable", o.unreachable),
         ("held_out", o.held_out),
         ("in_flight", o.in_flight),
+        ("quiet_held", o.quiet_held),
     ] {
         let _ = writeln!(out, "  {name:<14}{n:>12}");
     }

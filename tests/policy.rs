@@ -235,16 +235,10 @@ fn caps_are_refused_until_applied_not_silently_ignored() {
     s.write("users.jsonl", users_jsonl(&mut rng, 100));
     s.write("logins.jsonl", "");
     let base = job(&mut rng, "file:store");
-    for (extra, field) in [
-        (
-            "frequency_caps = [{ max = 1, per = \"24h\" }]\n",
-            "policy.frequency_caps",
-        ),
-        (
-            "quiet_hours = { start = \"21:00\", end = \"08:00\" }\n",
-            "policy.quiet_hours",
-        ),
-    ] {
+    for (extra, field) in [(
+        "frequency_caps = [{ max = 1, per = \"24h\" }]\n",
+        "policy.frequency_caps",
+    )] {
         s.write(
             "job.toml",
             base.replace("[policy]\n", &format!("[policy]\n{extra}")),
@@ -347,12 +341,9 @@ fn check_quiet(seed: u64, store: &str, workers: &str) {
         .iter()
         .map(|t| chrono::DateTime::parse_from_rfc3339(t).unwrap().to_utc())
         .collect();
-    let want = fan_out_runs(
-        &job,
-        &naive_users_jsonl(&users),
-        &zones_jsonl(&users),
-        &times,
-    );
+    let parsed = naive_users_jsonl(&users);
+    let none = BTreeSet::new();
+    let want = fan_out_runs(&job, &parsed, &zones_jsonl(&users), &none, &times);
     assert!(
         want.iter().any(|r| !r.quiet_held.is_empty()),
         "seed {seed}: nobody held"
@@ -363,6 +354,33 @@ fn check_quiet(seed: u64, store: &str, workers: &str) {
         want.iter()
             .map(|r| (r.delivered.len(), r.quiet_held.len(), r.expired.len()))
             .collect::<Vec<_>>()
+    );
+    // The plan says, before anything ran, whom the first run holds and holds out.
+    s.fanout_ok(&[
+        "plan",
+        "job.toml",
+        "--now",
+        nows[0],
+        "--summary",
+        "plan.json",
+    ]);
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("plan.json")).unwrap()).unwrap();
+    let planned = |field: &str| {
+        lines_of(&plan, field)
+            .into_iter()
+            .filter(|((id, _), _)| id != "lazy")
+            .collect::<BTreeMap<_, _>>()
+    };
+    assert_eq!(
+        planned("quiet_held"),
+        per_line(&want[0].quiet_held),
+        "seed {seed}: plan"
+    );
+    assert_eq!(
+        planned("held_out"),
+        per_line(&want[0].held_out),
+        "seed {seed}: plan"
     );
     let mut all_dead = BTreeSet::new();
     for (k, (now, want)) in nows.iter().zip(&want).enumerate() {

@@ -150,6 +150,7 @@ fn fan_out(
             &job.campaigns,
             &job.policy,
             job.engine.now,
+            opts.retry_dead_letters,
         ))?);
     }
     let sizing = Sizing::of(job);

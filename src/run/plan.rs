@@ -13,7 +13,7 @@ use crate::dataflow::scan::stretch_of;
 use crate::error::Result;
 use crate::job::Job;
 use crate::model::Buckets;
-use crate::policy::Holdout;
+use crate::policy::{Holdout, QuietAt};
 use crate::providers::ProviderSpec;
 use crate::store::Store;
 
@@ -39,6 +39,10 @@ pub struct PlanLine {
     pub eligible: u64,
     /// Of those, held out (the campaign's holdout or the control group): recorded, not sent.
     pub held_out: u64,
+    /// Of those, inside their quiet hours now: held, sent by a later run.
+    pub quiet_held: u64,
+    /// When the first of them leaves their quiet hours (RFC 3339), if any is held.
+    pub releases_at: Option<String>,
     /// Provider batches that takes (at least).
     pub batches: u64,
 }
@@ -100,6 +104,8 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
                     dead_lettered: 0,
                     eligible: 0,
                     held_out: 0,
+                    quiet_held: 0,
+                    releases_at: None,
                     batches: 0,
                 });
                 continue;
@@ -128,16 +134,25 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
         scan_s.get_or_insert(started.elapsed().as_secs_f64());
         let audience = members.len() as u64;
         members.retain(|id| !pre.contains(id));
-        let holdout = Holdout::new(campaign, &job.policy);
+        let policy = Policy {
+            holdout: Holdout::new(campaign, &job.policy),
+            quiet: QuietAt::new(campaign, &job.policy, job.engine.now),
+            source,
+        };
         let cut = runtime.block_on(batches_as_run_cuts(
-            &ledger, &members, &holdout, buckets, &sizing,
+            &ledger, &members, &policy, buckets, &sizing,
         ))?;
         let (eligible_ids, held_out, batches) = (cut.eligible, cut.held_out, cut.batches);
+        let releases_at = policy
+            .quiet
+            .as_ref()
+            .and_then(QuietAt::release)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         let granted = audience - eligible_ids;
         let eligible = eligible_ids;
         let dead_lettered = runtime.block_on(ledger.counts())?.dead;
         if !at_login {
-            total += eligible - held_out;
+            total += eligible - held_out - cut.quiet_held;
         }
         lines.push(PlanLine {
             id: campaign.id.clone(),
@@ -149,6 +164,8 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             dead_lettered,
             eligible,
             held_out,
+            quiet_held: cut.quiet_held,
+            releases_at,
             batches: if at_login { 0 } else { batches },
         });
     }
@@ -184,17 +201,27 @@ struct Cut {
     eligible: u64,
     /// Of those, held out.
     held_out: u64,
+    /// Of those, inside their quiet hours.
+    quiet_held: u64,
     /// Provider batches for the rest.
     batches: u64,
 }
 
-/// Of `members` (ascending ids), those not done in `ledger`, those of them `holdout` holds,
-/// and the provider batches a run cuts the rest into: per candidate batch of the scan (a
-/// stretch of a bucket), the users it sends in batches of `batch_max_messages`.
+/// The policy a plan applies to one campaign, as `run` would.
+struct Policy<'a> {
+    holdout: Holdout,
+    quiet: Option<QuietAt>,
+    source: &'a crate::sources::UserSource,
+}
+
+/// Of `members` (ascending ids), those not done in `ledger`, those of them `policy` holds
+/// out or holds for their quiet hours, and the provider batches a run cuts the rest into:
+/// per candidate batch of the scan (a stretch of a bucket), the users it sends in batches of
+/// `batch_max_messages`.
 async fn batches_as_run_cuts(
     ledger: &crate::store::Ledger,
     members: &[u32],
-    holdout: &Holdout,
+    policy: &Policy<'_>,
     buckets: Buckets,
     sizing: &Sizing,
 ) -> Result<Cut> {
@@ -202,6 +229,7 @@ async fn batches_as_run_cuts(
     let mut cut = Cut {
         eligible: 0,
         held_out: 0,
+        quiet_held: 0,
         batches: 0,
     };
     for group in members.chunk_by(|a, b| stretch_of(&buckets, *a) == stretch_of(&buckets, *b)) {
@@ -223,10 +251,19 @@ async fn batches_as_run_cuts(
                 open
             }
         };
-        let held = open.iter().filter(|&&id| holdout.holds(id)).count() as u64;
         cut.eligible += open.len() as u64;
-        cut.held_out += held;
-        cut.batches += (open.len() as u64 - held).div_ceil(sizing.batch_max_messages as u64);
+        let (held, open): (Vec<u32>, Vec<u32>) =
+            open.into_iter().partition(|&id| policy.holdout.holds(id));
+        cut.held_out += held.len() as u64;
+        let send = match &policy.quiet {
+            Some(quiet) => {
+                let (quiet, send) = quiet.split(open, |&id| id, |id| policy.source.tz(id));
+                cut.quiet_held += quiet.len() as u64;
+                send
+            }
+            None => open,
+        };
+        cut.batches += (send.len() as u64).div_ceil(sizing.batch_max_messages as u64);
     }
     Ok(cut)
 }
@@ -248,22 +285,27 @@ fn seconds(s: f64) -> String {
 /// The plan as a table for people.
 pub fn render(plan: &Plan) -> String {
     let mut out = format!(
-        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
-        "campaign", "audience", "granted", "dead", "eligible", "held out", "batches"
+        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
+        "campaign", "audience", "granted", "dead", "eligible", "held out", "quiet", "batches"
     );
     for l in &plan.campaigns {
         let name = super::display_name(&l.id, l.occurrence.as_deref());
         match &l.skipped {
             Some(why) => out.push_str(&format!("{name:<32} skipped: {why}\n")),
             None => out.push_str(&format!(
-                "{name:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}{}\n",
+                "{name:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}{}{}\n",
                 l.audience,
                 l.already_granted,
                 l.dead_lettered,
                 l.eligible,
                 l.held_out,
+                l.quiet_held,
                 l.batches,
-                if l.at_login { "  (at next login)" } else { "" }
+                if l.at_login { "  (at next login)" } else { "" },
+                match &l.releases_at {
+                    Some(t) => format!("  (quiet hours end for the first at {t})"),
+                    None => String::new(),
+                }
             )),
         }
     }

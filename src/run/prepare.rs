@@ -169,12 +169,14 @@ impl Targets {
 /// What the users `campaigns` held for their quiet hours need at `now` beyond what their
 /// admissions do: a [`Admission::Release`] for each earlier occurrence of a scheduled campaign
 /// still in its window, an [`Admission::Expire`] for each ledger whose window ended. Only
-/// ledgers holding someone; none without quiet hours in `policy`.
+/// ledgers with such users unsettled ([`Store::quiet_unsettled`]; dead-lettered ones too
+/// when `revive_dead`); none without quiet hours in `policy`.
 pub async fn held_admissions(
     store: &Store,
     campaigns: &[Arc<Campaign>],
     policy: &Policy,
     now: DateTime<Utc>,
+    revive_dead: bool,
 ) -> Result<Vec<Admission>> {
     let mut out = Vec::new();
     if policy.quiet_hours.is_none() {
@@ -183,7 +185,9 @@ pub async fn held_admissions(
     for campaign in campaigns {
         for (occurrence, open) in super::targets::held_ledgers(campaign, now) {
             let target = Target::new(campaign.clone(), occurrence);
-            let held = store.quiet_held(&target.ledger_key()).await?;
+            let held = store
+                .quiet_unsettled(&target.ledger_key(), revive_dead)
+                .await?;
             if held.is_empty() {
                 continue;
             }

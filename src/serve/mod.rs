@@ -352,6 +352,7 @@ impl<'a> Server<'a> {
             &campaigns,
             &self.job.policy,
             now,
+            false,
         ))?;
         for admission in held {
             if let Admission::Release(t, _) | Admission::Expire(t, _) = &admission {

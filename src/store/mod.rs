@@ -328,16 +328,18 @@ impl Store {
         }
     }
 
-    /// The users of ledger `key` held for their quiet hours and not claimed since. Empty
-    /// (and nothing created) if the ledger doesn't exist.
-    pub async fn quiet_held(&self, key: &str) -> Result<RoaringBitmap> {
+    /// The users of ledger `key` ever held for their quiet hours whose send is not settled:
+    /// still held, or claimed by a release that did not finish (a crash: the claim hands them
+    /// out once more), and with `with_dead` the dead-lettered ones too (about to be revived by
+    /// `--retry-dead-letters`). Empty (and nothing created) if the ledger doesn't exist.
+    pub async fn quiet_unsettled(&self, key: &str, with_dead: bool) -> Result<RoaringBitmap> {
         match self {
             Store::File(store) => {
                 let store = Arc::clone(store);
                 let key = key.to_owned();
-                off_runtime(move || store.quiet_held(&key)).await
+                off_runtime(move || store.quiet_unsettled(&key, with_dead)).await
             }
-            Store::Redis(store) => store.quiet_held(key).await,
+            Store::Redis(store) => store.quiet_unsettled(key, with_dead).await,
         }
     }
 

@@ -588,14 +588,18 @@ impl RedisStore {
         }
     }
 
-    /// The users of ledger `key` held for their quiet hours and not claimed since: one
-    /// EXISTS when there are none.
-    pub async fn quiet_held(&self, key: &str) -> Result<RoaringBitmap> {
+    /// See [`super::Store::quiet_unsettled`]: one EXISTS when nobody was ever held.
+    pub async fn quiet_unsettled(&self, key: &str, with_dead: bool) -> Result<RoaringBitmap> {
         if !self.any_key(&format!("fanout:quiet:{key}:")).await? {
             return Ok(RoaringBitmap::new());
         }
         let ledger = self.ledger(key).await?;
-        Ok(ledger.bits(&ledger.quiet).await? - ledger.bits(&ledger.granted).await?)
+        // Done is "claimed and in no run's in-flight bitmap".
+        let mut settled = ledger.bits(&ledger.granted).await? - ledger.in_flight().await?;
+        if with_dead {
+            settled -= ledger.bits(&ledger.dead).await?;
+        }
+        Ok(ledger.bits(&ledger.quiet).await? - settled)
     }
 
     /// Whether any id was ever claimed in ledger `key`: one EXISTS over its chunks' keys.

@@ -246,13 +246,19 @@ impl FileStore {
         Ok((sets.claimed - sets.held_out).iter().collect())
     }
 
-    /// The users of ledger `key` held for their quiet hours and not claimed since; empty
-    /// (and nothing created) if the ledger does not exist.
-    pub fn quiet_held(&self, key: &str) -> Result<roaring::RoaringBitmap> {
-        if lock(&self.open).get(key).is_none() && !self.has_ledger(key)? {
-            return Ok(roaring::RoaringBitmap::new());
-        }
-        Ok(self.outcomes(key)?.quiet_held)
+    /// See [`crate::store::Store::quiet_unsettled`]; empty (and nothing created) if the
+    /// ledger does not exist.
+    pub fn quiet_unsettled(&self, key: &str, with_dead: bool) -> Result<roaring::RoaringBitmap> {
+        let sets = match lock(&self.open).get(key) {
+            Some(ledger) => ledger.sets(),
+            None if !self.has_ledger(key)? => return Ok(roaring::RoaringBitmap::new()),
+            None => self.read_sets(key)?,
+        };
+        let settled = match with_dead {
+            true => &sets.done - &sets.dead,
+            false => sets.done,
+        };
+        Ok(sets.quiet - settled)
     }
 
     /// The users of ledger `key` by recorded outcome.
