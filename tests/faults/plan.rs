@@ -392,7 +392,8 @@ pub fn plan(seed: u64) -> Schedule {
     };
     let control_group = [0.0, 0.0, 0.05, 0.2][r.below(4) as usize];
     // Night quiet hours in each user's zone: held now, released at a later tick (or not).
-    let quiet = match r.chance(50) {
+    // Not in a cluster, which releases held users of the current occurrence only (README).
+    let quiet = match processes == 1 && r.chance(50) {
         true => {
             "quiet_hours = { start = \"21:00\", end = \"08:00\" }\ndefault_tz = \"Asia/Shanghai\"\n"
         }
