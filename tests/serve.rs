@@ -396,3 +396,93 @@ fn run_reads_the_login_stream_once_and_acknowledges_it() {
     );
     assert_eq!(pending(&redis, "fanout:logins"), 0);
 }
+
+/// SPEC "Priority": a transactional campaign submitted to `serve` while a bulk fan-out runs
+/// starts delivering at once — the running generation is cut short (its queued bulk work
+/// left unclaimed for the next one) — and still every user gets each campaign once.
+#[test]
+fn a_transactional_campaign_submitted_during_a_bulk_fan_out_starts_at_once() {
+    const USERS: u64 = 200_000;
+    let redis = RedisServer::start();
+    let s = Scratch::new();
+    let count_arg = USERS.to_string();
+    s.fanout_ok(&[
+        "gen",
+        "users",
+        "--count",
+        &count_arg,
+        "--seed",
+        "3",
+        "--out",
+        "users.jsonl",
+    ]);
+    let users = naive_users_jsonl(&std::fs::read_to_string(s.path("users.jsonl")).unwrap());
+    // The rate makes the bulk fan-out last (bulk gets 80% of it: ~20 s), the log provider
+    // writes every delivery as it happens.
+    s.write(
+        "job.toml",
+        "[inputs]\nusers = \"users.jsonl\"\n[provider]\nurl = \"log:deliveries.jsonl\"\n\
+         rate_per_s = 12000\nconcurrency = 64\n",
+    );
+    let url = redis.url(0);
+    let args = [
+        "serve",
+        "job.toml",
+        "--campaigns",
+        &url,
+        "--store",
+        &url,
+        "--quiet",
+    ];
+    let bulk = promotion("blast", 0, "Hi {user.id}").replace(
+        "[campaign.audience]",
+        "priority = \"bulk\"\n[campaign.audience]",
+    );
+    let reset = promotion("password-reset", 0, "Reset {user.id}").replace(
+        "[campaign.audience]\nmin_level = 0",
+        "priority = \"transactional\"\n[campaign.audience]\nmin_level = 9",
+    );
+    let (serve, _port, _reserved) = start_serve(&s, &args);
+    let mut serve = serving::KillOnDrop(serve);
+    redis.cli(&["XADD", "fanout:campaigns", "*", "job", &bulk]);
+    // Whole lines only: the file grows while it is read.
+    let count = |campaign: &str| {
+        let text = std::fs::read_to_string(s.path("deliveries.jsonl")).unwrap_or_default();
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        let tag = format!("\"campaign\":\"{campaign}\"");
+        whole
+            .lines()
+            .filter(|l| l.replace(' ', "").contains(&tag))
+            .count() as u64
+    };
+    wait_until("the bulk fan-out delivers", &mut serve.0, || {
+        count("blast") > 5_000
+    });
+    redis.cli(&["XADD", "fanout:campaigns", "*", "job", &reset]);
+    let submitted = Instant::now();
+    wait_until("the transactional campaign delivers", &mut serve.0, || {
+        count("password-reset") > 0
+    });
+    let waited = submitted.elapsed();
+    let bulk_then = count("blast");
+    eprintln!("transactional after {waited:?}, the blast at {bulk_then} of {USERS}");
+    // Queued behind the bulk generation it would wait for the rest of the blast, over 10 s.
+    assert!(
+        bulk_then < USERS * 8 / 10,
+        "the blast was nearly done ({bulk_then}) before the transactional campaign started"
+    );
+    assert!(
+        waited < Duration::from_secs(4),
+        "the transactional campaign waited {waited:?}"
+    );
+    // Both finish, each user once.
+    let resets = users.values().filter(|u| u.level >= 9).count() as u64;
+    wait_until("both finish", &mut serve.0, || {
+        count("blast") == users.len() as u64 && count("password-reset") == resets
+    });
+    let recs = read_deliveries(&s.path("deliveries.jsonl"));
+    let pairs = pairs_once(&recs);
+    assert_eq!(pairs.len(), recs.len(), "a pair delivered twice");
+    let (status, _, err) = sigterm(&mut serve.0);
+    assert!(status.success(), "{err}");
+}

@@ -146,9 +146,26 @@ pub async fn dead_letter(ctx: &Context, rendered: Rendered, error: &str) -> Resu
 
 /// Pushes rendered messages and records each one's outcome in the store. `ready` is when
 /// their candidates reached the push operator: each lane's latency is counted from there.
+///
+/// In a generation cut short, the messages the dispatcher left unattempted go back to the
+/// store ([`crate::store::Ledger::unclaim`]) for the next generation.
 pub async fn send(ctx: &Context, rendered: Rendered, ready: Instant) -> Result<()> {
     let rt = &ctx.targets[rendered.target as usize];
-    push_and_record(rt, ctx, &rendered.messages(), ready).await
+    push_and_record(rt, ctx, &rendered.messages(), ready).await?;
+    if ctx.is_cut() && !ctx.dispatcher.stopping() {
+        let done = rt.ledger.are_done(&rendered.users).await?;
+        let open: Vec<u32> = (rendered.users.iter().zip(done))
+            .filter(|(_, done)| !done)
+            .map(|(id, _)| *id)
+            .collect();
+        if !open.is_empty() {
+            rt.ledger.unclaim(&open).await?;
+            let n = open.len() as u64;
+            rt.stats.eligible.fetch_sub(n, Relaxed);
+            ctx.metrics.count.claimed.fetch_sub(n, Relaxed);
+        }
+    }
+    Ok(())
 }
 
 /// Pushes `messages` in provider batches and records each one's outcome in the store.

@@ -138,6 +138,11 @@ pub struct Context {
     pub max_in_flight: usize,
     /// The first fatal error any task hit; the driver stops when it is set.
     pub fatal: Mutex<Option<Error>>,
+    /// Set to cut a `serve` generation short (a transactional campaign waits): fan-out
+    /// candidates still queued are dropped unclaimed, and messages of the other lanes not yet
+    /// attempted are handed back to the store ([`crate::store::Ledger::unclaim`]) — the next
+    /// generation sends them; login grants and attempts under way finish.
+    pub cut: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Context {
@@ -151,6 +156,17 @@ impl Context {
     /// Whether a fatal error was recorded.
     pub fn failed(&self) -> bool {
         self.fatal.lock().map(|f| f.is_some()).unwrap_or(true)
+    }
+
+    /// Whether the generation is being cut short ([`Context::cut`]).
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether target `t` is a lazy coupon (granted at login, never scanned).
+    pub fn is_lazy(&self, t: u32) -> bool {
+        let c = &self.targets[t as usize].target.campaign;
+        c.coupon.as_ref().map(|k| k.delivery) == Some(crate::model::CouponDelivery::OnLogin)
     }
 
     /// Of `scan_targets`, those bucket `bucket` is scanned for: every target of a whole

@@ -158,6 +158,21 @@ pub fn push<'s>(
                     // and each epoch completes once its tasks under way are acknowledged.
                     queues.iter_mut().for_each(VecDeque::clear);
                     epochs.values_mut().for_each(|e| e.queued = 0);
+                } else if ctx.is_cut() {
+                    // A generation cut short: queued fan-out work of the lanes below
+                    // transactional is left unclaimed for the next one; login grants (their
+                    // stream entries are acknowledged with the epoch) are kept.
+                    for queue in &mut queues[Priority::Normal.lane()..] {
+                        queue.retain(|(time, c, _)| {
+                            let keep = ctx.is_lazy(c.target);
+                            if !keep {
+                                if let Some(e) = epochs.get_mut(time) {
+                                    e.queued -= 1;
+                                }
+                            }
+                            keep
+                        });
+                    }
                 }
                 for (lane, queue) in queues.iter_mut().enumerate() {
                     while in_flight[lane] < ctx.max_in_flight && !ctx.failed() {

@@ -21,7 +21,7 @@
 //! returns the same error, the push tasks fail, and the run stops with exit 1. Whatever was
 //! not delivered stays not done in the store, so a re-run sends it.
 
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -93,6 +93,9 @@ pub struct Dispatcher {
     stop: watch::Sender<bool>,
     /// Whether this process may still send; checked before every attempt.
     guard: Option<Guard>,
+    /// Set while a transactional campaign waits for its generation (`serve`): the other
+    /// lanes start no attempt, leaving their messages unsettled, as a stop does.
+    cut: Arc<AtomicBool>,
 }
 
 /// What a round of attempts leaves for the next one.
@@ -145,7 +148,20 @@ impl Dispatcher {
             halt: watch::Sender::new(false),
             stop: watch::Sender::new(false),
             guard: None,
+            cut: Arc::default(),
         }
+    }
+
+    /// Shares `flag` as the cut ([`Dispatcher::yields`]).
+    pub fn with_cut(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cut = flag;
+        self
+    }
+
+    /// Whether messages of `lane` start no attempt now: a stop, or a cut for any lane but
+    /// transactional.
+    pub fn yields(&self, lane: Priority) -> bool {
+        self.stopping() || (lane != Priority::Transactional && self.cut.load(Relaxed))
     }
 
     /// Messages being pushed right now (slots taken).
@@ -196,7 +212,7 @@ impl Dispatcher {
         let mut stop = self.stop.subscribe();
         let mut which: Vec<usize> = (0..batch.len()).collect();
         let mut attempt = 1;
-        while !which.is_empty() && !self.stopping() {
+        while !which.is_empty() && !self.yields(lane) {
             self.check_halted()?;
             let round = self.attempt(lane, batch, &which, attempt, settle);
             let (mut retry, wait) = tokio::select! {
@@ -240,7 +256,7 @@ impl Dispatcher {
                     // A halt while waiting for the slot sends nothing more; a stop leaves
                     // the message unsettled.
                     self.check_halted()?;
-                    if self.stopping() {
+                    if self.yields(lane) {
                         return Ok(None);
                     }
                     self.check_guard()?;
@@ -270,7 +286,7 @@ impl Dispatcher {
             for chunk in which.chunks(self.slots.most(lane)) {
                 let slots = Some(self.slots.acquire(lane, chunk.len()).await);
                 self.check_halted()?;
-                if self.stopping() {
+                if self.yields(lane) {
                     break;
                 }
                 self.check_guard()?;

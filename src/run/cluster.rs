@@ -556,6 +556,7 @@ mod tests {
                 task_users: 10,
                 max_in_flight: 10,
             },
+            cut: Default::default(),
         };
         engine.context(Vec::new())
     }

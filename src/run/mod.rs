@@ -178,10 +178,11 @@ fn fan_out(
     let engine = Engine {
         source: loaded.source,
         placement,
-        dispatcher: prepare::dispatcher(job, provider, metrics.clone(), store),
+        dispatcher: prepare::dispatcher(job, provider, metrics.clone(), store, Default::default()),
         metrics: metrics.clone(),
         runtime: runtime.handle().clone(),
         sizing,
+        cut: Default::default(),
     };
     let lines = targets.lines;
     let ctx = engine.context(targets.run);

@@ -221,12 +221,14 @@ pub fn granted_pairs(granted: &[(String, u32)], targets: &[RunTarget]) -> Vec<(u
 }
 
 /// The dispatcher of `job`'s provider: its slots, rate and retries, fenced by `store`'s
-/// lease (a run that may have lost it sends nothing more).
+/// lease (a run that may have lost it sends nothing more), yielding to `cut` (`serve`'s
+/// generations cut short for a transactional campaign; `run` never sets it).
 pub fn dispatcher(
     job: &Job,
     provider: Provider,
     metrics: Arc<Metrics>,
     store: &Store,
+    cut: Arc<std::sync::atomic::AtomicBool>,
 ) -> Arc<Dispatcher> {
     let fence = store.fence();
     Arc::new(
@@ -238,7 +240,8 @@ pub fn dispatcher(
             &job.provider.dead_letter,
             metrics,
         )
-        .with_guard(Arc::new(move || fence.check())),
+        .with_guard(Arc::new(move || fence.check()))
+        .with_cut(cut),
     )
 }
 
@@ -256,6 +259,8 @@ pub struct Engine {
     pub runtime: tokio::runtime::Handle,
     /// Sizes.
     pub sizing: Sizing,
+    /// The flag that cuts a `serve` generation short ([`Context::cut`]); never set by `run`.
+    pub cut: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Engine {
@@ -273,6 +278,7 @@ impl Engine {
             batch_max_bytes: self.sizing.batch_max_bytes,
             max_in_flight: self.sizing.max_in_flight,
             fatal: Mutex::new(None),
+            cut: self.cut.clone(),
         })
     }
 }

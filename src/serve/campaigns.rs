@@ -167,8 +167,17 @@ pub(super) async fn read(
             std::mem::take(&mut first)
         };
         for entry in &entries {
-            if tx.send(submitted::submitted(entry)).is_err() {
+            let submitted = submitted::submitted(entry);
+            let transactional = submitted
+                .campaign
+                .as_ref()
+                .is_ok_and(|c| c.priority == crate::model::Priority::Transactional);
+            if tx.send(submitted).is_err() {
                 return;
+            }
+            if transactional {
+                // After the send: the generation cut short finds it waiting.
+                flags.urgent.store(true, Relaxed);
             }
         }
         if !entries.is_empty() {

@@ -83,6 +83,9 @@ struct Flags {
     shutdown: AtomicBool,
     /// A campaign arrived: end the generation to admit it.
     replan: AtomicBool,
+    /// A transactional campaign arrived: cut the generation short to admit it at once
+    /// (shared with the dispatcher and every generation's context as their cut).
+    urgent: Arc<AtomicBool>,
 }
 
 /// Runs `serve` until SIGINT or SIGTERM (then drains and returns `Ok`) or a fatal error.
@@ -141,8 +144,9 @@ impl<'a> Server<'a> {
     ) -> Result<(Server<'a>, mpsc::UnboundedReceiver<Submitted>)> {
         let metrics = Arc::new(Metrics::new());
         let counters = Arc::new(ServeCounters::default());
-        let dispatcher = prepare::dispatcher(job, provider, metrics.clone(), &store);
         let flags = Arc::new(Flags::default());
+        let dispatcher =
+            prepare::dispatcher(job, provider, metrics.clone(), &store, flags.urgent.clone());
         let (login_acker, logins) = open_logins(job, opts, &loaded, runtime, &flags, &counters)?;
         let campaigns = match &job.inputs.campaigns {
             Some(url) => {
@@ -186,6 +190,7 @@ impl<'a> Server<'a> {
             metrics,
             runtime: runtime.handle().clone(),
             sizing,
+            cut: flags.urgent.clone(),
         };
         let server = Server {
             job,
@@ -236,6 +241,7 @@ impl<'a> Server<'a> {
         let mut waiting = Waiting::new();
         while !self.flags.shutdown.load(Relaxed) {
             self.flags.replan.store(false, Relaxed);
+            self.flags.urgent.store(false, Relaxed);
             while let Ok(s) = submissions.try_recv() {
                 self.admit(s, active)?;
             }
@@ -402,6 +408,10 @@ impl<'a> Server<'a> {
             shutting_down: {
                 let flags = self.flags.clone();
                 Box::new(move || flags.shutdown.load(Relaxed))
+            },
+            cut_short: {
+                let flags = self.flags.clone();
+                Box::new(move || flags.urgent.load(Relaxed))
             },
             on_durable: self.on_durable(ctx.clone()),
         });

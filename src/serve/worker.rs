@@ -43,6 +43,9 @@ pub struct Generation {
     pub should_end: Box<dyn Fn() -> bool + Send + Sync>,
     /// True on shutdown: stop feeding at once, even scans.
     pub shutting_down: Box<dyn Fn() -> bool + Send + Sync>,
+    /// True once a transactional campaign waits: stop feeding (the context's cut then
+    /// sheds the rest of the generation's fan-out work), so it starts in the next one.
+    pub cut_short: Box<dyn Fn() -> bool + Send + Sync>,
     /// Called with the entry ids of every completed epoch (possibly none): make the store
     /// durable, then acknowledge them.
     pub on_durable: Box<dyn Fn(Vec<String>) + Send + Sync>,
@@ -86,7 +89,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
         inputs.advance_to(epoch);
         let mut buckets = generation.epochs.iter().peekable();
         loop {
-            if (generation.shutting_down)() || ctx.failed() {
+            if (generation.shutting_down)() || ctx.failed() || (generation.cut_short)() {
                 break;
             }
             let next_scan = buckets.next();
@@ -127,7 +130,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
     if drain(worker, inputs.close(), &ctx) {
         release(&mut acks, true);
     }
-    if ctx.failed() || ctx.dispatcher.stopping() {
+    if ctx.failed() || ctx.dispatcher.stopping() || ctx.is_cut() {
         fed.scans_complete = false;
     }
     fed

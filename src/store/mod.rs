@@ -451,6 +451,19 @@ impl Ledger {
         }
     }
 
+    /// Hands `ids` — claimed by this process and left unsettled (never attempted) — out once
+    /// more at their next claim, as if a crash had left them in flight: `serve` cuts a
+    /// generation short this way and sends them in the next.
+    pub async fn unclaim(&self, ids: &[u32]) -> Result<()> {
+        match self {
+            Ledger::File(ledger) => {
+                ledger.unclaim(ids);
+                Ok(())
+            }
+            Ledger::Redis(ledger) => ledger.unclaim(ids).await,
+        }
+    }
+
     /// Records `ids` as unreachable (no push token): settled, never sent.
     pub async fn mark_unreachable(&self, ids: &[u32]) -> Result<()> {
         match self {

@@ -59,7 +59,7 @@ use tokio::sync::OnceCell;
 use super::{Claim, LedgerCounts, Member};
 use scripts::{
     Segments, ADMIT, ADOPT_SCRIPT, CLAIM_SCRIPT, COMPACT, DROP_EMPTY, HOLD_QUIET_SCRIPT,
-    MARK_SCRIPT, REVIVE,
+    MARK_SCRIPT, REVIVE, UNCLAIM_SCRIPT,
 };
 
 mod campaigns;
@@ -856,6 +856,36 @@ impl RedisLedger {
             }
         }
         Ok(out)
+    }
+
+    /// See [`super::Ledger::unclaim`].
+    pub async fn unclaim(&self, ids: &[u32]) -> Result<()> {
+        let lease = self.lease()?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let groups: Vec<(u32, Segments)> = by_chunk(ids)
+            .into_iter()
+            .map(|(chunk, offsets)| (chunk, Segments::new(&offsets)))
+            .collect();
+        lease
+            .guarded("hand out again", || {
+                let mut con = self.con.clone();
+                let groups = &groups;
+                async move {
+                    for (chunk, segments) in groups {
+                        let mut call = UNCLAIM_SCRIPT.prepare_invoke();
+                        call.key(format!("{}{chunk}", self.inflight))
+                            .key(format!("{}{chunk}", self.resend))
+                            .key(&lease.key)
+                            .arg(&lease.token);
+                        segments.args(&mut call);
+                        call.invoke_async::<i64>(&mut con).await?;
+                    }
+                    Ok(())
+                }
+            })
+            .await
     }
 
     /// Holds the unclaimed of `ids` for their quiet hours; see [`super::Ledger::hold_quiet`].

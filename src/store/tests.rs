@@ -483,3 +483,22 @@ async fn a_file_stores_fence_always_passes_and_abandon_does_nothing() {
     // Still this process's: the lock is held until the store is dropped.
     assert_eq!(l.claim(&[2, 3]).await.expect("claim").claimed, vec![3]);
 }
+
+/// An unclaimed id (claimed here, never settled) is handed out once more by the next claim;
+/// a settled one is not, and an id never claimed stays a plain new claim.
+#[tokio::test]
+async fn unclaimed_ids_are_handed_out_once_more() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let l = ledger(&store, "cut").await;
+    assert_eq!(
+        l.claim(&[1, 2, 3, 4]).await.expect("claim").claimed,
+        [1, 2, 3, 4]
+    );
+    l.mark_done(&[2]).await.expect("done");
+    l.unclaim(&[1, 2, 3, 9]).await.expect("unclaim");
+    let c = l.claim(&[1, 2, 3, 4, 9]).await.expect("claim");
+    assert_eq!((c.claimed, c.already), (vec![1, 3, 9], vec![2, 4]));
+    // Once only.
+    assert_eq!(l.claim(&[1, 3]).await.expect("claim").already, [1, 3]);
+}

@@ -201,6 +201,13 @@ impl FileLedger {
         self.claim_as(Kind::HeldOut, ids)
     }
 
+    /// See [`crate::store::Ledger::unclaim`].
+    pub fn unclaim(&self, ids: &[u32]) {
+        for (k, part) in self.parts(ids) {
+            self.shards[k].unclaim(&part);
+        }
+    }
+
     /// Holds the unclaimed of `ids` for their quiet hours; see
     /// [`crate::store::Ledger::hold_quiet`].
     pub fn hold_quiet(&self, ids: &[u32]) -> Result<Claim> {

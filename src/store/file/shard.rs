@@ -246,6 +246,20 @@ impl Shard {
         Ok(())
     }
 
+    /// Hands `ids` (all of this shard) out once more at their next claim, where they are
+    /// claimed and not settled; see [`crate::store::Ledger::unclaim`]. Nothing is written:
+    /// the log holds their claim, and a reopen hands them out again anyway.
+    pub(super) fn unclaim(&self, ids: &[u32]) {
+        let mut st = lock(&self.state);
+        let open = &st.sets.claimed - &st.sets.done;
+        let ids: RoaringBitmap = ids
+            .iter()
+            .copied()
+            .filter(|&id| open.contains(id))
+            .collect();
+        st.pending |= ids;
+    }
+
     /// Holds `ids` (all of this shard) for their quiet hours; see
     /// [`crate::store::Ledger::hold_quiet`].
     pub(super) fn hold_quiet(&self, key: &str, ids: &[u32]) -> Result<Claim> {

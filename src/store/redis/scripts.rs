@@ -149,6 +149,24 @@ end
 return table.concat(out)
 ";
 
+/// Hands one chunk's segments (ARGV[2..]) out once more, for the run whose lease (KEYS[3])
+/// must hold token ARGV[1]: each id in its in-flight bitmap (KEYS[1]) is set in its resend
+/// bitmap (KEYS[2]), so its next claim answers it "claimed" once more.
+const UNCLAIM: &str = r"
+local fenced = guard(3, ARGV[1])
+if fenced then return fenced end
+for s = 2, #ARGV, 2 do
+  local first, want = tonumber(ARGV[s]), ARGV[s + 1]
+  local n = #want
+  local w, f, r = bytes(want, n), load(1, first, n), load(2, first, n)
+  for j = 1, n do
+    r[j] = bit.bor(r[j], bit.band(w[j], f[j]))
+  end
+  redis.call('SETRANGE', KEYS[2], first, text(r))
+end
+return 0
+";
+
 /// Deletes the run's in-flight bitmap (KEYS[1]) if no bit is left in it.
 pub const DROP_EMPTY: &str = r"
 if redis.call('BITCOUNT', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) return 1 end
@@ -265,6 +283,9 @@ pub static MARK_SCRIPT: LazyLock<Script> =
 /// The quiet-hours hold script, hashed once.
 pub static HOLD_QUIET_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{SEGMENTS}{GUARD}{HOLD_QUIET}")));
+/// The unclaim script, hashed once.
+pub static UNCLAIM_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{SEGMENTS}{GUARD}{UNCLAIM}")));
 /// The adopt script, hashed once.
 pub static ADOPT_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{SEGMENTS}{GUARD}{ADOPT}")));
