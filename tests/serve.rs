@@ -486,3 +486,75 @@ fn a_transactional_campaign_submitted_during_a_bulk_fan_out_starts_at_once() {
     let (status, _, err) = sigterm(&mut serve.0);
     assert!(status.success(), "{err}");
 }
+
+/// SPEC "Quiet hours": `serve` holds users inside their quiet hours and sends them on its own
+/// clock once the hours end, without being told. Quiet hours are set to the next 30–90 s in
+/// UTC (from this minute to a minute boundary at least 30 s away): users in UTC are held,
+/// users in Pacific/Kiritimati (14 hours ahead, far outside them) are sent at once; the held
+/// ones arrive once the hours end, each once.
+#[test]
+fn serve_sends_held_users_when_their_quiet_hours_end() {
+    use chrono::Timelike;
+    let redis = RedisServer::start();
+    let s = Scratch::new();
+    let mut users = String::new();
+    for id in 1..=400u64 {
+        let tz = if id % 2 == 0 {
+            "UTC"
+        } else {
+            "Pacific/Kiritimati"
+        };
+        users.push_str(&format!(
+            "{{\"id\": {id}, \"level\": 1, \"points\": 0, \"tz\": \"{tz}\"}}\n"
+        ));
+    }
+    s.write("users.jsonl", users);
+    let now = Utc::now();
+    let hm = |t: DateTime<Utc>| format!("{:02}:{:02}", t.hour(), t.minute());
+    let end = now + chrono::Duration::minutes(if now.second() < 30 { 1 } else { 2 });
+    s.write(
+        "job.toml",
+        format!(
+            "[inputs]\nusers = \"users.jsonl\"\n[provider]\nurl = \"log:deliveries.jsonl\"\n\
+             [policy]\nquiet_hours = {{ start = \"{}\", end = \"{}\" }}\n\n{}",
+            hm(now),
+            hm(end),
+            promotion("night-owl", 0, "Hi {user.id}")
+        ),
+    );
+    let url = redis.url(0);
+    let args = ["serve", "job.toml", "--store", &url, "--quiet"];
+    let (serve, _port, _reserved) = start_serve(&s, &args);
+    let mut serve = serving::KillOnDrop(serve);
+    let delivered = || delivered(&s.path("deliveries.jsonl"));
+    let ids = |d: &BTreeSet<Pair>| d.iter().map(|p| p.2).collect::<BTreeSet<u64>>();
+    wait_until(
+        "the users outside their quiet hours are sent",
+        &mut serve.0,
+        || delivered().len() == 200,
+    );
+    let first = ids(&delivered());
+    assert!(
+        first.iter().all(|id| id % 2 == 1),
+        "a UTC user was sent in quiet hours"
+    );
+    // Held until the quiet hours end (the minute `end` starts), then sent without a prompt.
+    let quiet_end = end.with_second(0).unwrap().with_nanosecond(0).unwrap();
+    let started = Instant::now();
+    while delivered().len() < 400 {
+        assert!(
+            Utc::now() < quiet_end + chrono::Duration::seconds(60),
+            "held users not sent a minute after their quiet hours ended"
+        );
+        assert!(started.elapsed() < Duration::from_secs(200));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        Utc::now() >= quiet_end,
+        "held users sent before their quiet hours ended"
+    );
+    let all = ids(&delivered());
+    assert_eq!(all, (1..=400).collect::<BTreeSet<u64>>());
+    let (status, _, err) = sigterm(&mut serve.0);
+    assert!(status.success(), "{err}");
+}
