@@ -36,6 +36,9 @@ use crate::store::{Claim, Ledger};
 /// Candidate queues, one per priority lane.
 const LANES: usize = Priority::ALL.len();
 
+/// One lane's candidate batches waiting for a push task: (epoch, batch, when it arrived).
+type Queue = VecDeque<(Time, Candidates, Instant)>;
+
 /// One finished batch.
 struct Ack {
     time: Time,
@@ -116,7 +119,7 @@ pub fn push<'s>(
             });
             let (ack_tx, ack_rx) = mpsc::channel::<Ack>();
             let (answer_tx, answer_rx) = mpsc::channel::<Answered>();
-            let mut queues: [VecDeque<(Time, Candidates, Instant)>; LANES] = Default::default();
+            let mut queues: [Queue; LANES] = Default::default();
             let mut epochs: BTreeMap<Time, Epoch> = BTreeMap::new();
             let mut in_flight = [0usize; LANES];
 
@@ -153,27 +156,7 @@ pub fn push<'s>(
                     }
                 }
 
-                if ctx.dispatcher.stopping() {
-                    // A graceful stop: nothing queued is claimed; it is left for the next run,
-                    // and each epoch completes once its tasks under way are acknowledged.
-                    queues.iter_mut().for_each(VecDeque::clear);
-                    epochs.values_mut().for_each(|e| e.queued = 0);
-                } else if ctx.is_cut() {
-                    // A generation cut short: queued fan-out work of the lanes below
-                    // transactional is left unclaimed for the next one; login grants (their
-                    // stream entries are acknowledged with the epoch) are kept.
-                    for queue in &mut queues[Priority::Normal.lane()..] {
-                        queue.retain(|(time, c, _)| {
-                            let keep = ctx.is_lazy(c.target);
-                            if !keep {
-                                if let Some(e) = epochs.get_mut(time) {
-                                    e.queued -= 1;
-                                }
-                            }
-                            keep
-                        });
-                    }
-                }
+                shed(&ctx, &mut queues, &mut epochs);
                 for (lane, queue) in queues.iter_mut().enumerate() {
                     while in_flight[lane] < ctx.max_in_flight && !ctx.failed() {
                         let Some((time, target, users, ready)) =
@@ -201,10 +184,34 @@ pub fn push<'s>(
     )
 }
 
+/// Drops queued work that must not be claimed now: everything on a graceful stop (left for
+/// the next run; each epoch completes once its tasks under way are acknowledged), and in a
+/// generation cut short the fan-out work of the lanes below transactional (left unclaimed for
+/// the next generation; login grants, whose stream entries are acknowledged with the epoch,
+/// are kept).
+fn shed(ctx: &Context, queues: &mut [Queue; LANES], epochs: &mut BTreeMap<Time, Epoch>) {
+    if ctx.dispatcher.stopping() {
+        queues.iter_mut().for_each(VecDeque::clear);
+        epochs.values_mut().for_each(|e| e.queued = 0);
+    } else if ctx.is_cut() {
+        for queue in &mut queues[Priority::Normal.lane()..] {
+            queue.retain(|(time, c, _)| {
+                let keep = ctx.is_lazy(c.target);
+                if !keep {
+                    if let Some(e) = epochs.get_mut(time) {
+                        e.queued -= 1;
+                    }
+                }
+                keep
+            });
+        }
+    }
+}
+
 /// Takes the next task's users off a lane's queue: a whole candidate batch if it is small
 /// enough, else one provider batch's worth of it. Counts the task in its epoch.
 fn next_task(
-    queue: &mut VecDeque<(Time, Candidates, Instant)>,
+    queue: &mut Queue,
     epochs: &mut BTreeMap<Time, Epoch>,
     ctx: &Context,
 ) -> Option<(Time, u32, Vec<Candidate>, Instant)> {

@@ -141,34 +141,11 @@ fn fan_out(
     runtime: &tokio::runtime::Runtime,
 ) -> Result<Summary> {
     let login_stream = read_login_stream(job, opts, &mut loaded, runtime)?;
-    let mut admissions = std::mem::take(&mut loaded.admissions);
-    // Users held for their quiet hours in earlier occurrences, or past their window. Not in a
-    // cluster: every process must admit the same targets, and each sees only its own users.
-    if !opts.cluster.is_cluster() {
-        admissions.extend(runtime.block_on(prepare::held_admissions(
-            store,
-            &job.campaigns,
-            &job.policy,
-            job.engine.now,
-            opts.retry_dead_letters,
-        ))?);
-    }
+    let admissions = std::mem::take(&mut loaded.admissions);
     let sizing = Sizing::of(job);
     let buckets = Buckets::new(job.engine.bucket_size);
     let placement = opts.cluster.placement(buckets, sizing.workers);
-    let targets = runtime.block_on(Targets::open(
-        store,
-        admissions,
-        &placement,
-        &job.policy,
-        job.engine.now,
-    ))?;
-    // The repeated-campaign guard, before anything is pushed; then what was let in is
-    // recorded, so `fanout report` knows each campaign's window without the job file.
-    runtime.block_on(async {
-        store.admit(&targets.admissions()).await?;
-        store.save_campaigns(&targets.campaigns()).await
-    })?;
+    let targets = open_targets(job, opts, admissions, &placement, store, runtime)?;
     let fingerprint = cluster_fingerprint(job, &targets);
     if opts.retry_dead_letters {
         revive_dead_letters(&targets.run, runtime)?;
@@ -237,6 +214,40 @@ fn fan_out(
     let mut summary = summary(job, &lines, &ctx, &metrics, loaded.report.skipped);
     summary.interrupted = interrupted;
     Ok(summary)
+}
+
+/// The run's targets: the job's admissions and, outside a cluster, the releases and
+/// expiries of users held for their quiet hours in earlier occurrences (in a cluster every
+/// process must admit the same targets, and each sees only its own users), with their
+/// ledgers open; admitted through the repeated-campaign guard before anything is pushed and
+/// recorded, so `fanout report` knows each campaign's window without the job file.
+fn open_targets(
+    job: &Job,
+    opts: &RunOptions,
+    mut admissions: Vec<Admission>,
+    placement: &crate::model::Placement,
+    store: &Store,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<Targets> {
+    runtime.block_on(async {
+        if !opts.cluster.is_cluster() {
+            admissions.extend(
+                prepare::held_admissions(
+                    store,
+                    &job.campaigns,
+                    &job.policy,
+                    job.engine.now,
+                    opts.retry_dead_letters,
+                )
+                .await?,
+            );
+        }
+        let targets =
+            Targets::open(store, admissions, placement, &job.policy, job.engine.now).await?;
+        store.admit(&targets.admissions()).await?;
+        store.save_campaigns(&targets.campaigns()).await?;
+        Ok(targets)
+    })
 }
 
 /// Waits for SIGINT or SIGTERM, then stops the dispatcher: nothing more is claimed or handed

@@ -18,7 +18,7 @@ use crate::providers::ProviderSpec;
 use crate::store::Store;
 
 /// One campaign's line of the plan.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct PlanLine {
     /// Campaign id.
     pub id: String,
@@ -89,24 +89,14 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
     let sizing = Sizing::of(job);
     let source = &loaded.source;
     let mut lines = Vec::new();
-    let mut total = 0u64;
     let mut scan_s: Option<f64> = None;
-    for (campaign, admission) in job.campaigns.iter().zip(loaded.admissions) {
+    for (campaign, admission) in job.campaigns.iter().zip(&loaded.admissions) {
         let (target, at_login) = match admission {
             Admission::Skip(why) => {
                 lines.push(PlanLine {
                     id: campaign.id.clone(),
-                    occurrence: None,
-                    skipped: Some(why),
-                    at_login: false,
-                    audience: 0,
-                    already_granted: 0,
-                    dead_lettered: 0,
-                    eligible: 0,
-                    held_out: 0,
-                    quiet_held: 0,
-                    releases_at: None,
-                    batches: 0,
+                    skipped: Some(why.clone()),
+                    ..PlanLine::default()
                 });
                 continue;
             }
@@ -115,60 +105,23 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             // Not among a job's own admissions (see `prepare::held_admissions`).
             Admission::Release(..) | Admission::Expire(..) => continue,
         };
-        let ledger = runtime.block_on(store.ledger(&target.ledger_key()))?;
-        // The same pairs `run` drops (none for a hot product's occurrence).
-        let pre: HashSet<u32> = loaded
-            .granted
-            .iter()
-            .filter(|(c, _)| granted_covers(c, &target))
-            .map(|(_, u)| *u)
-            .collect();
-        let filter = AudienceFilter::compile(&campaign.audience, source.tags());
-        let mut members = Vec::new();
-        let started = std::time::Instant::now();
-        source.for_each_in(0, u64::MAX, |u| {
-            if filter.matches(&u) {
-                members.push(u.id);
-            }
-        });
-        scan_s.get_or_insert(started.elapsed().as_secs_f64());
-        let audience = members.len() as u64;
-        members.retain(|id| !pre.contains(id));
-        let policy = Policy {
-            holdout: Holdout::new(campaign, &job.policy),
-            quiet: QuietAt::new(campaign, &job.policy, job.engine.now),
-            source,
+        let scan = Scan {
+            job,
+            loaded: &loaded,
+            store: &store,
+            buckets,
+            sizing: &sizing,
         };
-        let cut = runtime.block_on(batches_as_run_cuts(
-            &ledger, &members, &policy, buckets, &sizing,
-        ))?;
-        let (eligible_ids, held_out, batches) = (cut.eligible, cut.held_out, cut.batches);
-        let releases_at = policy
-            .quiet
-            .as_ref()
-            .and_then(QuietAt::release)
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-        let granted = audience - eligible_ids;
-        let eligible = eligible_ids;
-        let dead_lettered = runtime.block_on(ledger.counts())?.dead;
-        if !at_login {
-            total += eligible - held_out - cut.quiet_held;
-        }
-        lines.push(PlanLine {
-            id: campaign.id.clone(),
-            occurrence: target.occurrence.as_deref().map(str::to_owned),
-            skipped: None,
-            at_login,
-            audience,
-            already_granted: granted,
-            dead_lettered,
-            eligible,
-            held_out,
-            quiet_held: cut.quiet_held,
-            releases_at,
-            batches: if at_login { 0 } else { batches },
-        });
+        let (line, took) = runtime.block_on(scan.line(target, at_login))?;
+        scan_s.get_or_insert(took);
+        lines.push(line);
     }
+    // What the run pushes: every fan-out's eligible users it neither holds out nor holds.
+    let total: u64 = lines
+        .iter()
+        .filter(|l| !l.at_login)
+        .map(|l| l.eligible - l.held_out - l.quiet_held)
+        .sum();
     let latency = provider.typical_latency();
     let latency_guessed = matches!(provider, ProviderSpec::Http(_) | ProviderSpec::Fcm(_));
     let mut per_s =
@@ -193,6 +146,66 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
         latency_ms: latency.as_secs_f64() * 1e3,
         latency_guessed,
     })
+}
+
+/// What one campaign's line of the plan reads.
+struct Scan<'a> {
+    job: &'a Job,
+    loaded: &'a super::Loaded,
+    store: &'a Store,
+    buckets: Buckets,
+    sizing: &'a Sizing,
+}
+
+impl Scan<'_> {
+    /// The line of `target` (`at_login`: a lazy coupon), and the seconds its scan of the
+    /// users took.
+    async fn line(&self, target: &crate::model::Target, at_login: bool) -> Result<(PlanLine, f64)> {
+        let (job, source) = (self.job, &self.loaded.source);
+        let campaign = &target.campaign;
+        let ledger = self.store.ledger(&target.ledger_key()).await?;
+        // The same pairs `run` drops (none for a hot product's occurrence).
+        let pre: HashSet<u32> = (self.loaded.granted.iter())
+            .filter(|(c, _)| granted_covers(c, target))
+            .map(|(_, u)| *u)
+            .collect();
+        let filter = AudienceFilter::compile(&campaign.audience, source.tags());
+        let mut members = Vec::new();
+        let started = std::time::Instant::now();
+        source.for_each_in(0, u64::MAX, |u| {
+            if filter.matches(&u) {
+                members.push(u.id);
+            }
+        });
+        let took = started.elapsed().as_secs_f64();
+        let audience = members.len() as u64;
+        members.retain(|id| !pre.contains(id));
+        let policy = Policy {
+            holdout: Holdout::new(campaign, &job.policy),
+            quiet: QuietAt::new(campaign, &job.policy, job.engine.now),
+            source,
+        };
+        let cut =
+            batches_as_run_cuts(&ledger, &members, &policy, self.buckets, self.sizing).await?;
+        let releases_at = (policy.quiet.as_ref())
+            .and_then(QuietAt::release)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        let line = PlanLine {
+            id: campaign.id.clone(),
+            occurrence: target.occurrence.as_deref().map(str::to_owned),
+            skipped: None,
+            at_login,
+            audience,
+            already_granted: audience - cut.eligible,
+            dead_lettered: ledger.counts().await?.dead,
+            eligible: cut.eligible,
+            held_out: cut.held_out,
+            quiet_held: cut.quiet_held,
+            releases_at,
+            batches: if at_login { 0 } else { cut.batches },
+        };
+        Ok((line, took))
+    }
 }
 
 /// What a run would do with a campaign's members not yet settled.

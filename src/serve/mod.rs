@@ -338,35 +338,7 @@ impl<'a> Server<'a> {
         waiting: &mut Waiting,
     ) -> Result<(bool, Vec<Finishing>)> {
         let now = Utc::now();
-        let mut admissions = Vec::new();
-        let mut finishing = Vec::new();
-        let due = |key: &String| waiting.get(key).is_none_or(|at| *at <= now);
-        for a in active {
-            match targets::admit(&a.campaign, now) {
-                Admission::Run(t) if !ran.contains(&t.ledger_key()) && due(&t.ledger_key()) => {
-                    finishing.push((t.ledger_key(), a.entry.clone()));
-                    admissions.push(Admission::Run(t));
-                }
-                lazy @ Admission::AtLogin(_) => admissions.push(lazy),
-                _ => {}
-            }
-        }
-        // Users held for their quiet hours in earlier occurrences, or past their window.
-        let campaigns: Vec<Arc<Campaign>> = active.iter().map(|a| a.campaign.clone()).collect();
-        let held = self.runtime.block_on(prepare::held_admissions(
-            &self.store,
-            &campaigns,
-            &self.job.policy,
-            now,
-            false,
-        ))?;
-        for admission in held {
-            if let Admission::Release(t, _) | Admission::Expire(t, _) = &admission {
-                if due(&t.ledger_key()) {
-                    admissions.push(admission);
-                }
-            }
-        }
+        let (admissions, mut finishing) = self.admissions(active, ran, waiting, now)?;
         let targets = self.runtime.block_on(Targets::open(
             &self.store,
             admissions,
@@ -374,14 +346,9 @@ impl<'a> Server<'a> {
             &self.job.policy,
             now,
         ))?;
-        let deadline = next_change(active, now).min(
-            waiting
-                .values()
-                .filter(|at| **at > now)
-                .min()
-                .copied()
-                .unwrap_or(DateTime::<Utc>::MAX_UTC),
-        );
+        let first_release = waiting.values().filter(|at| **at > now).min().copied();
+        let deadline =
+            next_change(active, now).min(first_release.unwrap_or(DateTime::<Utc>::MAX_UTC));
         tracing::info!(
             fan_outs = targets.scan.len(),
             lazy = targets.lazy(),
@@ -397,40 +364,69 @@ impl<'a> Server<'a> {
             scan_targets,
             epochs,
             logins: self.logins.clone(),
-            should_end: {
-                let flags = self.flags.clone();
-                Box::new(move || {
-                    flags.replan.load(Relaxed)
-                        || flags.shutdown.load(Relaxed)
-                        || Utc::now() >= deadline
-                })
-            },
-            shutting_down: {
-                let flags = self.flags.clone();
-                Box::new(move || flags.shutdown.load(Relaxed))
-            },
-            cut_short: {
-                let flags = self.flags.clone();
-                Box::new(move || flags.urgent.load(Relaxed))
-            },
+            should_end: self.flag(move |f| {
+                f.replan.load(Relaxed) || f.shutdown.load(Relaxed) || Utc::now() >= deadline
+            }),
+            shutting_down: self.flag(|f| f.shutdown.load(Relaxed)),
+            cut_short: self.flag(|f| f.urgent.load(Relaxed)),
             on_durable: self.on_durable(ctx.clone()),
         });
         self.counters.generations.fetch_add(1, Relaxed);
         let complete = execute(self.engine.sizing.workers, ctx.clone(), generation)?;
         ctx.take_failure()?;
         log_generation(&ctx);
-        // Held users keep their fan-out (and its stream entry) open until they are sent.
-        for rt in &ctx.targets {
-            let key = rt.target.ledger_key();
-            match rt.quiet.as_ref().and_then(|q| q.release()) {
-                Some(at) => {
-                    waiting.insert(key.clone(), at);
-                    finishing.retain(|(k, _)| *k != key);
+        note_held(&ctx, waiting, &mut finishing);
+        Ok((complete, finishing))
+    }
+
+    /// What a generation at `now` admits: the fan-outs not yet `ran` and not waiting for
+    /// quiet hours to end (with their (ledger key, stream entry)), every lazy coupon, and the
+    /// releases and expiries of users held in earlier occurrences that are due.
+    fn admissions(
+        &self,
+        active: &[Active],
+        ran: &HashSet<String>,
+        waiting: &Waiting,
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<Admission>, Vec<Finishing>)> {
+        let mut admissions = Vec::new();
+        let mut finishing = Vec::new();
+        let due = |key: &String| waiting.get(key).is_none_or(|at| *at <= now);
+        for a in active {
+            match targets::admit(&a.campaign, now) {
+                Admission::Run(t) if !ran.contains(&t.ledger_key()) && due(&t.ledger_key()) => {
+                    finishing.push((t.ledger_key(), a.entry.clone()));
+                    admissions.push(Admission::Run(t));
                 }
-                None => drop(waiting.remove(&key)),
+                lazy @ Admission::AtLogin(_) => admissions.push(lazy),
+                _ => {}
             }
         }
-        Ok((complete, finishing))
+        let campaigns: Vec<Arc<Campaign>> = active.iter().map(|a| a.campaign.clone()).collect();
+        let held = self.runtime.block_on(prepare::held_admissions(
+            &self.store,
+            &campaigns,
+            &self.job.policy,
+            now,
+            false,
+        ))?;
+        for admission in held {
+            if let Admission::Release(t, _) | Admission::Expire(t, _) = &admission {
+                if due(&t.ledger_key()) {
+                    admissions.push(admission);
+                }
+            }
+        }
+        Ok((admissions, finishing))
+    }
+
+    /// A test of the shared flags, for a generation to call.
+    fn flag(
+        &self,
+        test: impl Fn(&Flags) -> bool + Send + Sync + 'static,
+    ) -> Box<dyn Fn() -> bool + Send + Sync> {
+        let flags = self.flags.clone();
+        Box::new(move || test(&flags))
     }
 
     /// The fan-outs' bucket scans, cut into epochs (none without a fan-out).
@@ -568,6 +564,21 @@ fn log_generation(ctx: &Context) {
                 already_granted = n.already_granted,
                 "generation done"
             );
+        }
+    }
+}
+
+/// After a generation: a fan-out that held users for their quiet hours waits (with its
+/// stream entry unacknowledged) until the first of them is sendable; the others wait no more.
+fn note_held(ctx: &Context, waiting: &mut Waiting, finishing: &mut Vec<Finishing>) {
+    for rt in &ctx.targets {
+        let key = rt.target.ledger_key();
+        match rt.quiet.as_ref().and_then(|q| q.release()) {
+            Some(at) => {
+                waiting.insert(key.clone(), at);
+                finishing.retain(|(k, _)| *k != key);
+            }
+            None => drop(waiting.remove(&key)),
         }
     }
 }
