@@ -837,15 +837,7 @@ impl RedisLedger {
             .await?;
         let mut claimed = Vec::with_capacity(ids.len());
         for ((_, offsets, segments, _), reply) in groups.iter().zip(&replies) {
-            let bits = segments.claimed(offsets, reply).ok_or_else(|| {
-                Error::runtime(format!(
-                    "store {}: the claim script answered {} bytes for {} segments",
-                    self.url,
-                    reply.len(),
-                    segments.len()
-                ))
-            })?;
-            claimed.extend(bits);
+            claimed.extend(self.answered("claim", segments, offsets, reply)?);
         }
         let mut out = Claim::default();
         for (&id, yes) in ids.iter().zip(claimed) {
@@ -858,63 +850,70 @@ impl RedisLedger {
         Ok(out)
     }
 
-    /// See [`super::Ledger::unclaim`].
-    pub async fn unclaim(&self, ids: &[u32]) -> Result<()> {
-        let lease = self.lease()?;
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let groups: Vec<(u32, Segments)> = by_chunk(ids)
-            .into_iter()
-            .map(|(chunk, offsets)| (chunk, Segments::new(&offsets)))
-            .collect();
-        lease
-            .guarded("hand out again", || {
-                let mut con = self.con.clone();
-                let groups = &groups;
-                async move {
-                    for (chunk, segments) in groups {
-                        let mut call = UNCLAIM_SCRIPT.prepare_invoke();
-                        call.key(format!("{}{chunk}", self.inflight))
-                            .key(format!("{}{chunk}", self.resend))
-                            .key(&lease.key)
-                            .arg(&lease.token);
-                        segments.args(&mut call);
-                        call.invoke_async::<i64>(&mut con).await?;
-                    }
-                    Ok(())
-                }
-            })
-            .await
+    /// Per offset, whether a script's reply (a byte mask per segment) set its bit; an error if
+    /// the reply does not fit the segments.
+    fn answered(
+        &self,
+        script: &str,
+        segments: &Segments,
+        offsets: &[u32],
+        reply: &[u8],
+    ) -> Result<Vec<bool>> {
+        segments.claimed(offsets, reply).ok_or_else(|| {
+            Error::runtime(format!(
+                "store {}: the {script} script answered {} bytes for {} segments",
+                self.url,
+                reply.len(),
+                segments.len()
+            ))
+        })
     }
 
-    /// Holds the unclaimed of `ids` for their quiet hours; see [`super::Ledger::hold_quiet`].
-    pub async fn hold_quiet(&self, ids: &[u32]) -> Result<Claim> {
+    /// See [`super::Ledger::unclaim`].
+    pub async fn unclaim(&self, ids: &[u32]) -> Result<()> {
+        self.per_chunk::<i64>("hand out again", &UNCLAIM_SCRIPT, ids, |chunk| {
+            vec![
+                format!("{}{chunk}", self.inflight),
+                format!("{}{chunk}", self.resend),
+            ]
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Runs `script` under the run's lease once per chunk of `ids` (none for no ids): its keys
+    /// `keys(chunk)` and then the lease key, its arguments the lease token and the chunk's
+    /// segments. Returns each chunk's offsets and segments with the script's reply.
+    async fn per_chunk<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &Script,
+        ids: &[u32],
+        keys: impl Fn(u32) -> Vec<String>,
+    ) -> Result<Vec<(Vec<u32>, Segments, T)>> {
         let lease = self.lease()?;
-        if ids.is_empty() {
-            return Ok(Claim::default());
-        }
-        self.touch(ids);
-        let groups: Vec<(u32, Vec<u32>, Segments)> = by_chunk(ids)
+        let groups: Vec<(Vec<String>, Vec<u32>, Segments)> = by_chunk(ids)
             .into_iter()
             .map(|(chunk, offsets)| {
                 let segments = Segments::new(&offsets);
-                (chunk, offsets, segments)
+                (keys(chunk), offsets, segments)
             })
             .collect();
-        // Idempotent: a retry sets the same bits and answers the same (claims only add).
-        let replies: Vec<Vec<u8>> = lease
-            .guarded("hold for quiet hours", || {
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies: Vec<T> = lease
+            .guarded(what, || {
                 let mut con = self.con.clone();
                 let groups = &groups;
                 async move {
                     let mut replies = Vec::with_capacity(groups.len());
-                    for (chunk, _, segments) in groups {
-                        let mut call = HOLD_QUIET_SCRIPT.prepare_invoke();
-                        call.key(format!("{}{chunk}", self.granted))
-                            .key(format!("{}{chunk}", self.quiet))
-                            .key(&lease.key)
-                            .arg(&lease.token);
+                    for (keys, _, segments) in groups {
+                        let mut call = script.prepare_invoke();
+                        for key in keys {
+                            call.key(key);
+                        }
+                        call.key(&lease.key).arg(&lease.token);
                         segments.args(&mut call);
                         replies.push(call.invoke_async(&mut con).await?);
                     }
@@ -922,17 +921,28 @@ impl RedisLedger {
                 }
             })
             .await?;
+        Ok(groups
+            .into_iter()
+            .zip(replies)
+            .map(|((_, offsets, segments), reply)| (offsets, segments, reply))
+            .collect())
+    }
+
+    /// Holds the unclaimed of `ids` for their quiet hours; see [`super::Ledger::hold_quiet`].
+    /// Idempotent: a retry sets the same bits and answers the same (claims only add).
+    pub async fn hold_quiet(&self, ids: &[u32]) -> Result<Claim> {
+        self.touch(ids);
+        let replies = self
+            .per_chunk::<Vec<u8>>("hold for quiet hours", &HOLD_QUIET_SCRIPT, ids, |chunk| {
+                vec![
+                    format!("{}{chunk}", self.granted),
+                    format!("{}{chunk}", self.quiet),
+                ]
+            })
+            .await?;
         let mut open = Vec::with_capacity(ids.len());
-        for ((_, offsets, segments), reply) in groups.iter().zip(&replies) {
-            let bits = segments.claimed(offsets, reply).ok_or_else(|| {
-                Error::runtime(format!(
-                    "store {}: the quiet-hours script answered {} bytes for {} segments",
-                    self.url,
-                    reply.len(),
-                    segments.len()
-                ))
-            })?;
-            open.extend(bits);
+        for (offsets, segments, reply) in &replies {
+            open.extend(self.answered("quiet-hours", segments, offsets, reply)?);
         }
         let mut out = Claim::default();
         let mut seen = std::collections::HashSet::new();
@@ -949,35 +959,15 @@ impl RedisLedger {
     /// Settles `ids`: clears them from the run's in-flight bitmap and, with `outcome` (an
     /// outcome bitmap's prefix), sets them there.
     async fn mark(&self, ids: &[u32], outcome: Option<&str>) -> Result<()> {
-        let lease = self.lease()?;
-        if ids.is_empty() {
-            return Ok(());
-        }
         self.touch(ids);
-        let groups: Vec<(u32, Segments)> = by_chunk(ids)
-            .into_iter()
-            .map(|(chunk, offsets)| (chunk, Segments::new(&offsets)))
-            .collect();
-        lease
-            .guarded("mark done", || {
-                let mut con = self.con.clone();
-                let groups = &groups;
-                async move {
-                    for (chunk, segments) in groups {
-                        let outcome_key =
-                            outcome.map_or_else(String::new, |p| format!("{p}{chunk}"));
-                        let mut call = MARK_SCRIPT.prepare_invoke();
-                        call.key(outcome_key)
-                            .key(format!("{}{chunk}", self.inflight))
-                            .key(&lease.key)
-                            .arg(&lease.token);
-                        segments.args(&mut call);
-                        call.invoke_async::<i64>(&mut con).await?;
-                    }
-                    Ok(())
-                }
-            })
-            .await
+        self.per_chunk::<i64>("mark done", &MARK_SCRIPT, ids, |chunk| {
+            vec![
+                outcome.map_or_else(String::new, |p| format!("{p}{chunk}")),
+                format!("{}{chunk}", self.inflight),
+            ]
+        })
+        .await
+        .map(drop)
     }
 
     /// Records `ids` as delivered.
