@@ -367,6 +367,11 @@ pub struct Campaign {
 }
 
 impl Campaign {
+    /// Whether it is a coupon granted at the user's next login (never fanned out).
+    pub fn is_lazy(&self) -> bool {
+        self.coupon.as_ref().map(|c| c.delivery) == Some(CouponDelivery::OnLogin)
+    }
+
     /// Whether `t` lies in the campaign's window `[start, end)`.
     pub fn is_live_at(&self, t: DateTime<Utc>) -> bool {
         self.start <= t && t < self.end

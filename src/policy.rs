@@ -10,7 +10,7 @@ use chrono_tz::Tz;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use crate::model::{Campaign, CouponDelivery, Priority, UserId};
+use crate::model::{Campaign, Priority, UserId};
 
 /// The `[policy]` table of a job.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,9 +168,7 @@ impl QuietHours {
 
 /// FNV-1a, 64 bits, over `bytes` (SPEC "Holdouts": anyone can recompute a holdout with it).
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    continue_fnv(0xcbf2_9ce4_8422_2325, bytes)
 }
 
 /// A share in parts per million, as SPEC rounds it: `round(share × 1000000)`.
@@ -184,44 +182,41 @@ fn in_share(hash: u64, share: f64) -> bool {
 }
 
 /// Decides holdouts for one campaign: its own holdout and, unless it is transactional, the
-/// global control group. Precomputes what does not depend on the user.
+/// global control group. Each is the `fnv1a64` state after its prefix (`"{campaign}:"`,
+/// `"control:"`) and its share in ppm, computed once: a user costs the hash of its digits.
 #[derive(Debug, Clone)]
 pub struct Holdout {
-    /// `fnv1a64` state after `"{campaign}:"`, or `None` without a holdout.
-    own: Option<(u64, u64)>,
-    /// The control group's share in ppm, `0` where it does not apply.
-    control: u64,
+    rules: Vec<(u64, u64)>,
 }
 
 impl Holdout {
     /// The holdout rule of `campaign` under `policy`.
     pub fn new(campaign: &Campaign, policy: &Policy) -> Self {
-        let own = (ppm(campaign.holdout) > 0).then(|| {
-            let prefix = format!("{}:", campaign.id);
-            (fnv1a64(prefix.as_bytes()), ppm(campaign.holdout))
-        });
         let control = match campaign.priority {
-            Priority::Transactional => 0,
-            _ => ppm(policy.control_group),
+            Priority::Transactional => 0.0,
+            _ => policy.control_group,
         };
-        Holdout { own, control }
+        let rules = [
+            (format!("{}:", campaign.id), campaign.holdout),
+            ("control:".to_owned(), control),
+        ]
+        .into_iter()
+        .filter(|(_, share)| ppm(*share) > 0)
+        .map(|(prefix, share)| (fnv1a64(prefix.as_bytes()), ppm(share)))
+        .collect();
+        Holdout { rules }
     }
 
     /// Whether no user can be held out.
     pub fn is_none(&self) -> bool {
-        self.own.is_none() && self.control == 0
+        self.rules.is_empty()
     }
 
     /// Whether `user` is held out of the campaign (its holdout or the control group).
     pub fn holds(&self, user: UserId) -> bool {
         let mut digits = itoa::Buffer::new();
         let digits = digits.format(user).as_bytes();
-        if let Some((state, share)) = self.own {
-            if continue_fnv(state, digits) % 1_000_000 < share {
-                return true;
-            }
-        }
-        self.control > 0 && in_control_group(digits, self.control)
+        (self.rules.iter()).any(|&(state, share)| continue_fnv(state, digits) % 1_000_000 < share)
     }
 }
 
@@ -239,8 +234,7 @@ pub struct QuietAt {
 impl QuietAt {
     /// The rule of `campaign` sending at `at` under `policy`; `None` where no user can be held.
     pub fn new(campaign: &Campaign, policy: &Policy, at: DateTime<Utc>) -> Option<QuietAt> {
-        let lazy = campaign.coupon.as_ref().map(|c| c.delivery) == Some(CouponDelivery::OnLogin);
-        let exempt = lazy || campaign.priority == Priority::Transactional;
+        let exempt = campaign.is_lazy() || campaign.priority == Priority::Transactional;
         (policy.quiet_hours.is_some() && !exempt).then(|| QuietAt {
             policy: policy.clone(),
             at,
@@ -289,11 +283,6 @@ fn continue_fnv(state: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(state, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
-}
-
-fn in_control_group(digits: &[u8], share_ppm: u64) -> bool {
-    let state = continue_fnv(0xcbf2_9ce4_8422_2325, b"control:");
-    continue_fnv(state, digits) % 1_000_000 < share_ppm
 }
 
 /// Whether `user` is in the control group of share `control_group` (for reports).

@@ -30,7 +30,6 @@ use timely::dataflow::Stream;
 
 use super::{Candidate, Candidates, Context, Control, Time};
 use crate::audience::AudienceFilter;
-use crate::model::{CouponDelivery, Kind};
 use crate::sources::logins::Login;
 
 /// An admitted lazy coupon: what a login is tested against.
@@ -132,7 +131,7 @@ fn apply(ctx: &Context, active: &mut Vec<Active>, pairs: &mut HashMap<u32, Pairs
             }
         }
         Control::Granted(t, user, diff) => {
-            if is_lazy(ctx, t) {
+            if ctx.is_lazy(t) {
                 let granted = &mut pairs.entry(t).or_default().granted;
                 if diff > 0 {
                     granted.insert(user);
@@ -219,20 +218,9 @@ fn match_epoch(
     out
 }
 
-/// Whether target `t` is a coupon granted at login.
-fn is_lazy(ctx: &Context, t: u32) -> bool {
-    ctx.targets.get(t as usize).is_some_and(|rt| {
-        let c = &rt.target.campaign;
-        c.kind == Kind::Coupon
-            && c.coupon
-                .as_ref()
-                .is_some_and(|k| k.delivery == CouponDelivery::OnLogin)
-    })
-}
-
 /// Target `t` as an active lazy coupon: its audience and window, if it is one.
 fn lazy_coupon(ctx: &Context, t: u32) -> Option<Active> {
-    if !is_lazy(ctx, t) {
+    if !ctx.is_lazy(t) {
         return None;
     }
     let c = &ctx.targets[t as usize].target.campaign;

@@ -165,8 +165,9 @@ impl Context {
 
     /// Whether target `t` is a lazy coupon (granted at login, never scanned).
     pub fn is_lazy(&self, t: u32) -> bool {
-        let c = &self.targets[t as usize].target.campaign;
-        c.coupon.as_ref().map(|k| k.delivery) == Some(crate::model::CouponDelivery::OnLogin)
+        self.targets
+            .get(t as usize)
+            .is_some_and(|rt| rt.target.campaign.is_lazy())
     }
 
     /// Of `scan_targets`, those bucket `bucket` is scanned for: every target of a whole

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use chrono::{DateTime, SecondsFormat, Utc};
 use roaring::RoaringBitmap;
 
-use crate::model::{Campaign, CouponDelivery, Kind, Target};
+use crate::model::{Campaign, Kind, Target};
 
 /// A campaign's fate in this run.
 #[derive(Debug)]
@@ -32,8 +32,7 @@ pub const WINDOW_ENDED: &str = "window ended during quiet hours";
 /// A campaign whose window ended: its one ledger, or every tick's. A scheduled campaign in
 /// its window: every tick before the current one. Lazy coupons are never held.
 pub fn held_ledgers(campaign: &Campaign, now: DateTime<Utc>) -> Vec<(Option<String>, bool)> {
-    let lazy = campaign.coupon.as_ref().map(|c| c.delivery) == Some(CouponDelivery::OnLogin);
-    if lazy || now < campaign.start {
+    if campaign.is_lazy() || now < campaign.start {
         return Vec::new();
     }
     let open = campaign.is_live_at(now);
@@ -62,8 +61,7 @@ pub fn held_ledgers(campaign: &Campaign, now: DateTime<Utc>) -> Vec<(Option<Stri
 
 /// Decides what `campaign` sends at `now`.
 pub fn admit(campaign: &Arc<Campaign>, now: DateTime<Utc>) -> Admission {
-    let lazy = campaign.coupon.as_ref().map(|c| c.delivery) == Some(CouponDelivery::OnLogin);
-    if lazy {
+    if campaign.is_lazy() {
         // Logins count by their own time, so a lazy coupon is active whatever `now` is.
         return Admission::AtLogin(Target::new(campaign.clone(), None));
     }

@@ -186,6 +186,17 @@ pub fn pairs_once(recs: &[Rec]) -> BTreeSet<(String, u64)> {
     seen
 }
 
+/// SPEC's outcomes of an eligible pair: a summary line's `eligible` is their sum.
+pub const OUTCOMES: [&str; 7] = [
+    "delivered",
+    "dead_lettered",
+    "unreachable",
+    "capped",
+    "quiet_held",
+    "held_out",
+    "cancelled",
+];
+
 /// Reads a summary file and checks SPEC's invariant: eligible is the sum of delivered,
 /// dead_lettered, unreachable, capped, quiet_held, held_out and cancelled (of an interrupted
 /// run, ≥: claimed users may be left for the re-run).
@@ -195,18 +206,7 @@ pub fn read_summary(path: &Path) -> Value {
     let interrupted = v["interrupted"].as_bool().expect("interrupted");
     for c in v["campaigns"].as_array().expect("campaigns") {
         let n = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k} in {c}"));
-        let settled = [
-            "delivered",
-            "dead_lettered",
-            "unreachable",
-            "capped",
-            "quiet_held",
-            "held_out",
-            "cancelled",
-        ]
-        .iter()
-        .map(|k| n(k))
-        .sum::<u64>();
+        let settled = OUTCOMES.iter().map(|k| n(k)).sum::<u64>();
         match interrupted {
             false => assert_eq!(n("eligible"), settled, "invariant broken in {c}"),
             true => assert!(n("eligible") >= settled, "invariant broken in {c}"),

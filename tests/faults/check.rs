@@ -5,6 +5,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::common::OUTCOMES;
+
 /// One delivery as the provider saw it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -153,15 +155,6 @@ pub fn summary(path: &Path, violations: &mut Vec<String>) {
         violations.push("summary without campaigns".into());
         return;
     };
-    const OUTCOMES: [&str; 7] = [
-        "delivered",
-        "dead_lettered",
-        "unreachable",
-        "capped",
-        "quiet_held",
-        "held_out",
-        "cancelled",
-    ];
     for c in campaigns {
         let n = |k: &str| c[k].as_u64();
         let sum: Option<u64> = OUTCOMES.iter().map(|k| n(k)).sum();
