@@ -16,6 +16,7 @@
 //! - [`job`]: the job file (serde, unknown keys refused), validation, CLI overrides.
 //! - [`model`]: plain data (users, tags, buckets, campaigns, deliveries); the bucket math.
 //! - [`policy`]: holdouts, frequency caps, quiet hours (SPEC "Policy").
+//! - [`history`]: each user's recent capped sends in 8 bytes, for frequency caps.
 //! - [`audience`]: persona matching. [`template`]: message templates. [`render`]: a
 //!   target's message straight into its JSON delivery record (the per-user hot path).
 //! - [`sources`]: users from JSON Lines, CSV or a synthetic generator, by id range.
@@ -40,6 +41,7 @@ pub mod dataflow;
 pub mod error;
 pub mod gen;
 pub mod grants;
+pub mod history;
 pub mod job;
 pub mod metrics;
 pub mod model;

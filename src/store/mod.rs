@@ -79,6 +79,59 @@ pub struct Outcomes {
     pub in_flight: RoaringBitmap,
     /// Held for their quiet hours and not claimed since: a later run sends them.
     pub quiet_held: RoaringBitmap,
+    /// A frequency cap bound: recorded, never sent for this occurrence.
+    pub capped: RoaringBitmap,
+}
+
+/// A send time's slot in the store's send-time table ([`crate::history::SendTimes`]), from
+/// [`Store::send_slot`]: what a capped claim records in each user's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendAt {
+    /// The slot.
+    pub slot: u16,
+    /// The send time, unix seconds.
+    pub t: i64,
+}
+
+/// One ledger's part of a capped claim ([`claim_capped`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CappedClaim {
+    /// Claimed for sending (their send recorded in each user's history), and ids in flight
+    /// at a dead process's crash handed out once more (their send was recorded then).
+    pub claim: Claim,
+    /// A cap bound: claimed and settled as capped in the same step, never sent.
+    pub capped: Vec<u32>,
+}
+
+/// Claims frequency-capped sends at `at` (SPEC "Policy → Frequency caps"): for each member
+/// `(ledger, ids)` in order — the run's decision order, priority then job order — each id not
+/// claimed before is claimed for sending if its history admits a send at `at.t` under `caps`
+/// ([`crate::history::History::admits`]), its history recording the send in the same atomic
+/// step; else it is claimed and settled as capped. Ids claimed before answer as
+/// [`Ledger::claim`] does (in flight at a crash: handed out once more, history untouched).
+/// Members are ledgers of one store; their ids are sorted.
+pub async fn claim_capped(
+    members: &[(Ledger, Vec<u32>)],
+    at: SendAt,
+    caps: &[crate::history::Window],
+) -> Result<Vec<CappedClaim>> {
+    match members.first() {
+        None => Ok(Vec::new()),
+        Some((Ledger::File(_), _)) => file::claim_capped(members, at, caps),
+        Some((Ledger::Redis(_), _)) => redis::claim_capped(members, at, caps).await,
+    }
+}
+
+/// [`claim_capped`] without waiting where the store is local (see [`Ledger::claim_local`]).
+pub fn claim_capped_local(
+    members: &[(Ledger, Vec<u32>)],
+    at: SendAt,
+    caps: &[crate::history::Window],
+) -> Option<Result<Vec<CappedClaim>>> {
+    match members.first() {
+        Some((Ledger::Redis(_), _)) => None,
+        _ => Some(file::claim_capped(members, at, caps)),
+    }
 }
 
 /// Which process of a cluster opens a store, and which users it owns: on Redis it adopts,
@@ -353,6 +406,19 @@ impl Store {
             }
             Store::Redis(store) => store.outcomes(key).await,
         }
+    }
+
+    /// The slot of send time `t` (unix seconds) in the store's send-time table, added if new;
+    /// `horizon_s` is the longest window of the caps it is for ([`crate::history`]).
+    pub async fn send_slot(&self, t: i64, horizon_s: i64) -> Result<SendAt> {
+        let slot = match self {
+            Store::File(store) => {
+                let store = Arc::clone(store);
+                off_runtime(move || store.send_slot(t, horizon_s)).await?
+            }
+            Store::Redis(store) => store.send_slot(t, horizon_s).await?,
+        };
+        Ok(SendAt { slot, t })
     }
 
     /// Whether the store has a ledger for `key`, without creating it: on the embedded store,

@@ -638,7 +638,13 @@ impl RedisStore {
             held_out,
             in_flight,
             quiet_held,
+            capped: RoaringBitmap::new(),
         })
+    }
+
+    /// The slot of send time `t`; see [`super::Store::send_slot`].
+    pub async fn send_slot(&self, _t: i64, _horizon_s: i64) -> Result<u16> {
+        Err(Error::runtime("frequency caps on the Redis store: not built yet"))
     }
 
     /// Every id of ledger `key` claimed and not held out, sorted.
@@ -1129,4 +1135,13 @@ mod tests {
         let other = ledger.claim(&ids).await.unwrap();
         assert_eq!(other.already, ids);
     }
+}
+
+/// Capped claims on Redis; see [`super::claim_capped`].
+pub async fn claim_capped(
+    _members: &[(super::Ledger, Vec<u32>)],
+    _at: super::SendAt,
+    _caps: &[crate::history::Window],
+) -> Result<Vec<super::CappedClaim>> {
+    Err(Error::runtime("frequency caps on the Redis store: not built yet"))
 }
