@@ -166,6 +166,7 @@ impl Sets {
             held_out: self.held_out.clone(),
             in_flight: &self.claimed - &self.done,
             quiet_held: &self.quiet - &self.claimed,
+            capped: RoaringBitmap::new(),
         }
     }
 

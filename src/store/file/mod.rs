@@ -280,3 +280,19 @@ impl FileStore {
         Ok(sets)
     }
 }
+
+/// Capped claims on the embedded store; see [`crate::store::claim_capped`].
+pub fn claim_capped(
+    _members: &[(crate::store::Ledger, Vec<u32>)],
+    _at: crate::store::SendAt,
+    _caps: &[crate::history::Window],
+) -> Result<Vec<crate::store::CappedClaim>> {
+    Err(Error::runtime("frequency caps on the embedded store: not built yet"))
+}
+
+impl FileStore {
+    /// The slot of send time `t`; see [`crate::store::Store::send_slot`].
+    pub fn send_slot(&self, _t: i64, _horizon_s: i64) -> Result<u16> {
+        Err(Error::runtime("frequency caps on the embedded store: not built yet"))
+    }
+}
