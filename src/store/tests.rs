@@ -389,6 +389,7 @@ impl Model {
             held_out: self.held_out.clone(),
             in_flight: &claimed - &done,
             quiet_held: &self.quiet - &claimed,
+            capped: RoaringBitmap::new(),
         }
     }
 }
