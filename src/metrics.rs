@@ -136,6 +136,8 @@ counters! {
         held_out => "fanout_held_out_total",
         /// Users held for the end of their quiet hours.
         quiet_held => "fanout_quiet_held_total",
+        /// Users a frequency cap kept from a campaign occurrence.
+        capped => "fanout_capped_total",
     }
 }
 

@@ -82,6 +82,8 @@ pub struct OutcomeCounts {
     pub in_flight: u64,
     /// Held for their quiet hours, not sent yet.
     pub quiet_held: u64,
+    /// A frequency cap bound: never sent for this occurrence.
+    pub capped: u64,
 }
 
 /// Conversion rates of delivered and held-out users, and the lift.
@@ -215,6 +217,7 @@ pub fn report(q: &Question<'_>) -> Result<Report> {
                 outcomes.held_out |= part.held_out;
                 outcomes.in_flight |= part.in_flight;
                 outcomes.quiet_held |= part.quiet_held;
+                outcomes.capped |= part.capped;
             }
             Ok::<_, Error>(())
         })?;
@@ -245,6 +248,7 @@ pub fn report(q: &Question<'_>) -> Result<Report> {
             held_out: outcomes.held_out.len(),
             in_flight: outcomes.in_flight.len(),
             quiet_held: outcomes.quiet_held.len(),
+            capped: outcomes.capped.len(),
         },
         conversions,
     })
@@ -353,6 +357,7 @@ pub fn render(r: &Report) -> String {
         ("held_out", o.held_out),
         ("in_flight", o.in_flight),
         ("quiet_held", o.quiet_held),
+        ("capped", o.capped),
     ] {
         let _ = writeln!(out, "  {name:<14}{n:>12}");
     }

@@ -37,6 +37,18 @@ pub fn count_claim(ctx: &Context, target: u32, claim: &Claim) {
     ctx.metrics.count.pairs_settled.fetch_add(already, Relaxed);
 }
 
+/// Counts `n` users a frequency cap bound in target `target`: eligible, and capped.
+pub fn count_capped(ctx: &Context, target: u32, n: u64) {
+    if n == 0 {
+        return;
+    }
+    let rt = &ctx.targets[target as usize];
+    rt.stats.eligible.fetch_add(n, Relaxed);
+    rt.stats.capped.fetch_add(n, Relaxed);
+    ctx.metrics.count.capped.fetch_add(n, Relaxed);
+    ctx.metrics.count.pairs_settled.fetch_add(n, Relaxed);
+}
+
 /// What policy decided for users it set apart before the claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

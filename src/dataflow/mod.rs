@@ -85,7 +85,7 @@ pub struct Candidate {
 }
 
 /// Candidates of one target from one stretch of a bucket, in id order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Candidates {
     /// Index into [`Context::targets`].
     pub target: u32,
@@ -112,6 +112,20 @@ pub struct RunTarget {
     pub only: Option<roaring::RoaringBitmap>,
     /// Dead-letter its users instead of sending: their window ended during quiet hours.
     pub expire: bool,
+    /// Its sends count against the frequency caps ([`Context::caps`]).
+    pub capped: bool,
+    /// Where its offers to one user come in the run's decision order (SPEC "Frequency caps":
+    /// priority, then job-file order, then tick): lower first.
+    pub order: (usize, usize),
+}
+
+/// The frequency caps of a run and the send time they are checked at.
+#[derive(Debug, Clone)]
+pub struct CapsAt {
+    /// The run's send time in the store's table.
+    pub at: crate::store::SendAt,
+    /// The caps.
+    pub windows: Vec<crate::history::Window>,
 }
 
 /// Everything the operators share within a process.
@@ -143,6 +157,8 @@ pub struct Context {
     /// attempted are handed back to the store ([`crate::store::Ledger::unclaim`]) — the next
     /// generation sends them; login grants and attempts under way finish.
     pub cut: Arc<std::sync::atomic::AtomicBool>,
+    /// The frequency caps, where any target is capped.
+    pub caps: Option<CapsAt>,
 }
 
 impl Context {

@@ -31,13 +31,23 @@ use super::deliver::Outcome;
 use super::{deliver, Candidate, Candidates, Context, RunTarget, Time};
 use crate::error::Result;
 use crate::model::Priority;
-use crate::store::{Claim, Ledger};
+use crate::store::{CappedClaim, Claim, Ledger};
 
 /// Candidate queues, one per priority lane.
 const LANES: usize = Priority::ALL.len();
 
-/// One lane's candidate batches waiting for a push task: (epoch, batch, when it arrived).
-type Queue = VecDeque<(Time, Candidates, Instant)>;
+/// One lane's work waiting for a push task: (epoch, work, when it arrived).
+type Queue = VecDeque<(Time, Work, Instant)>;
+
+/// Work for push tasks.
+enum Work {
+    /// One target's candidates.
+    One(Candidates),
+    /// Frequency-capped targets' candidates that arrived together (one scan stretch or
+    /// more), one entry per target, in the run's decision order: claimed in one step, so
+    /// each user meets its capped offers in that order ([`crate::store::claim_capped`]).
+    Capped(Vec<Candidates>),
+}
 
 /// One finished batch.
 struct Ack {
@@ -96,11 +106,12 @@ impl Drop for AckOnDrop {
 
 /// A claim a remote store answered, back on the worker to be rendered and pushed.
 struct Answered {
-    target: u32,
-    users: Vec<Candidate>,
-    claim: Result<Claim>,
-    /// The task's acknowledgement, passed on to its push.
-    ack: AckOnDrop,
+    /// Each target claimed, with its users.
+    members: Vec<(u32, Vec<Candidate>)>,
+    /// One answer per member.
+    claims: Result<Vec<CappedClaim>>,
+    /// The task's acknowledgement, passed on to its pushes.
+    ack: Arc<AckOnDrop>,
 }
 
 /// Pushes `candidates`; the output carries no data, only the epochs' progress.
@@ -140,18 +151,28 @@ pub fn push<'s>(
                             tasks: 0,
                         });
                         let now = Instant::now();
+                        let mut capped = Vec::new();
                         for batch in data {
-                            epoch.queued += batch.len();
                             for c in batch.drain(..) {
-                                let lane = ctx.targets[c.target as usize].target.campaign.priority;
-                                queues[lane.lane()].push_back((time, c, now));
+                                let rt = &ctx.targets[c.target as usize];
+                                if rt.capped {
+                                    capped.push(c);
+                                    continue;
+                                }
+                                epoch.queued += 1;
+                                let lane = rt.target.campaign.priority.lane();
+                                queues[lane].push_back((time, Work::One(c), now));
                             }
+                        }
+                        if let Some((lane, group)) = capped_group(&ctx, capped) {
+                            epoch.queued += 1;
+                            queues[lane].push_back((time, Work::Capped(group), now));
                         }
                     }
                 });
                 while let Ok(a) = answer_rx.try_recv() {
-                    match a.claim {
-                        Ok(claim) => render_and_push(&ctx, a.target, &a.users, claim, a.ack),
+                    match a.claims {
+                        Ok(claims) => push_members(&ctx, a.members, claims, &a.ack),
                         Err(e) => ctx.fail(e),
                     }
                 }
@@ -159,21 +180,21 @@ pub fn push<'s>(
                 shed(&ctx, &mut queues, &mut epochs);
                 for (lane, queue) in queues.iter_mut().enumerate() {
                     while in_flight[lane] < ctx.max_in_flight && !ctx.failed() {
-                        let Some((time, target, users, ready)) =
-                            next_task(queue, &mut epochs, &ctx)
+                        let Some((time, members, ready)) = next_task(queue, &mut epochs, &ctx)
                         else {
                             break;
                         };
-                        in_flight[lane] += users.len();
-                        let ack = AckOnDrop {
+                        let messages = members.iter().map(|c| c.users.len()).sum();
+                        in_flight[lane] += messages;
+                        let ack = Arc::new(AckOnDrop {
                             tx: ack_tx.clone(),
                             waker: waker.clone(),
                             time,
                             lane,
-                            messages: users.len(),
+                            messages,
                             ready,
-                        };
-                        claim(&ctx, target, users, ack, &answer_tx);
+                        });
+                        claim(&ctx, members, ack, &answer_tx);
                     }
                 }
 
@@ -195,8 +216,8 @@ fn shed(ctx: &Context, queues: &mut [Queue; LANES], epochs: &mut BTreeMap<Time, 
         epochs.values_mut().for_each(|e| e.queued = 0);
     } else if ctx.is_cut() {
         for queue in &mut queues[Priority::Normal.lane()..] {
-            queue.retain(|(time, c, _)| {
-                let keep = ctx.is_lazy(c.target);
+            queue.retain(|(time, work, _)| {
+                let keep = matches!(work, Work::One(c) if ctx.is_lazy(c.target));
                 if !keep {
                     if let Some(e) = epochs.get_mut(time) {
                         e.queued -= 1;
@@ -208,20 +229,67 @@ fn shed(ctx: &Context, queues: &mut [Queue; LANES], epochs: &mut BTreeMap<Time, 
     }
 }
 
-/// Takes the next task's users off a lane's queue: a whole candidate batch if it is small
-/// enough, else one provider batch's worth of it. Counts the task in its epoch.
+/// The capped candidates that arrived together as one [`Work::Capped`] entry: one member per
+/// target, users in id order, members in the run's decision order; with the lane of its
+/// first. `None` if there are none.
+fn capped_group(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<Candidates>)> {
+    let mut by_target: BTreeMap<((usize, usize), u32), Vec<Candidate>> = BTreeMap::new();
+    for c in capped {
+        let order = ctx.targets[c.target as usize].order;
+        by_target.entry((order, c.target)).or_default().extend(c.users);
+    }
+    let lane = by_target.keys().next()?.0 .0;
+    let group = by_target
+        .into_iter()
+        .map(|((_, target), mut users)| {
+            users.sort_unstable_by_key(|c| c.id);
+            Candidates { target, users }
+        })
+        .collect();
+    Some((lane, group))
+}
+
+/// Takes the next task's users off a lane's queue: a whole entry if it is small enough, else
+/// one provider batch's worth of a target's candidates — or, of a capped group, every member's
+/// users below one id, so that each user's capped offers stay in one task. Counts the task
+/// in its epoch.
 fn next_task(
     queue: &mut Queue,
     epochs: &mut BTreeMap<Time, Epoch>,
     ctx: &Context,
-) -> Option<(Time, u32, Vec<Candidate>, Instant)> {
+) -> Option<(Time, Vec<Candidates>, Instant)> {
     let (time, front, ready) = queue.front_mut()?;
-    let (time, target, ready) = (*time, front.target, *ready);
-    let whole = front.users.len() <= ctx.task_users;
-    let users = if whole {
-        std::mem::take(&mut front.users)
-    } else {
-        front.users.drain(..ctx.batch_max_messages).collect()
+    let (time, ready) = (*time, *ready);
+    let (members, whole) = match front {
+        Work::One(c) if c.users.len() <= ctx.task_users => (vec![std::mem::take(c)], true),
+        Work::One(c) => {
+            let users = c.users.drain(..ctx.batch_max_messages).collect();
+            let part = Candidates {
+                target: c.target,
+                users,
+            };
+            (vec![part], false)
+        }
+        Work::Capped(group) => {
+            let total: usize = group.iter().map(|c| c.users.len()).sum();
+            match cut_below(group, ctx.task_users) {
+                Some(cut) if total > ctx.task_users => {
+                    let part = group
+                        .iter_mut()
+                        .map(|c| {
+                            let at = c.users.partition_point(|u| u.id < cut);
+                            Candidates {
+                                target: c.target,
+                                users: c.users.drain(..at).collect(),
+                            }
+                        })
+                        .filter(|c| !c.users.is_empty())
+                        .collect();
+                    (part, false)
+                }
+                _ => (std::mem::take(group), true),
+            }
+        }
     };
     if whole {
         queue.pop_front();
@@ -230,56 +298,87 @@ fn next_task(
         e.queued -= usize::from(whole);
         e.tasks += 1;
     }
-    Some((time, target, users, ready))
+    Some((time, members, ready))
 }
 
-/// Claims a task's users: at once on a local store, else on the runtime, the answer coming
-/// back over `answers` (and waking the worker). Users held out of the target are claimed
-/// apart, settled as held out in the same step, and never rendered.
+/// An id such that the users of `group` below it are about `users` (at least one user);
+/// `None` when every user has the same id.
+fn cut_below(group: &[Candidates], users: usize) -> Option<u32> {
+    let mut ids: Vec<u32> = group.iter().flat_map(|c| c.users.iter().map(|u| u.id)).collect();
+    let lowest = *ids.iter().min()?;
+    let nth = users.min(ids.len() - 1);
+    let (_, &mut at, _) = ids.select_nth_unstable(nth);
+    match at > lowest {
+        true => Some(at),
+        false => ids.into_iter().filter(|&id| id > lowest).min(),
+    }
+}
+
+/// Claims a task's users (of one target, or of a capped group's members): at once on a
+/// local store, else on the runtime, the answer coming back over `answers` (and waking the
+/// worker). Users held out of a target are claimed apart, settled as held out in the same
+/// step, and never rendered; users in their quiet hours are held, not claimed.
 fn claim(
     ctx: &Arc<Context>,
-    target: u32,
-    users: Vec<Candidate>,
-    ack: AckOnDrop,
+    members: Vec<Candidates>,
+    ack: Arc<AckOnDrop>,
     answers: &mpsc::Sender<Answered>,
 ) {
     if ctx.dispatcher.stopping() {
         // A graceful stop: nothing more is claimed; the users stay unclaimed for the next run.
         return;
     }
-    let rt = &ctx.targets[target as usize];
-    let mut users = users;
-    if let Some(only) = &rt.only {
-        users.retain(|c| only.contains(c.id));
+    let mut aparts = Vec::with_capacity(members.len());
+    let mut sending = Vec::with_capacity(members.len());
+    for c in members {
+        let rt = &ctx.targets[c.target as usize];
+        let mut users = c.users;
+        if let Some(only) = &rt.only {
+            users.retain(|u| only.contains(u.id));
+        }
+        let (apart, users) = SetApart::decide(ctx, rt, users);
+        aparts.push((c.target, apart));
+        if !users.is_empty() {
+            sending.push((c.target, users));
+        }
     }
-    let (apart, users) = SetApart::decide(ctx, rt, users);
-    let ids: Vec<u32> = users.iter().map(|c| c.id).collect();
-    let local = match apart.record_local(ctx, target) {
-        Some(Ok(())) if ids.is_empty() => Some(Ok(Claim::default())),
-        Some(Ok(())) => rt.ledger.claim_local(&ids),
+    let ledgers: Vec<(Ledger, Vec<u32>)> = sending
+        .iter()
+        .map(|(t, users)| {
+            let ids = users.iter().map(|u| u.id).collect();
+            (ctx.targets[*t as usize].ledger.clone(), ids)
+        })
+        .collect();
+    let capped = sending
+        .first()
+        .is_some_and(|(t, _)| ctx.targets[*t as usize].capped);
+    let recorded: Option<Result<()>> = aparts
+        .iter()
+        .map(|(t, apart)| apart.record_local(ctx, *t))
+        .collect();
+    let local = match recorded {
+        Some(Ok(())) => claim_local(ctx, &ledgers, capped),
         Some(Err(e)) => Some(Err(e)),
         None => None,
     };
     match local {
-        Some(Ok(claim)) => render_and_push(ctx, target, &users, claim, ack),
+        Some(Ok(claims)) => push_members(ctx, sending, claims, &ack),
         // The task ends here; its ack goes back as it drops.
         Some(Err(e)) => ctx.fail(e),
         None => {
             let (answers, ctx) = (answers.clone(), ctx.clone());
             ctx.runtime.clone().spawn(async move {
-                let claim = async {
-                    apart.record(&ctx, target).await?;
-                    match ids.is_empty() {
-                        true => Ok(Claim::default()),
-                        false => ctx.targets[target as usize].ledger.claim(&ids).await,
+                let claims = async {
+                    for (t, apart) in &aparts {
+                        apart.record(&ctx, *t).await?;
                     }
+                    claim_remote(&ctx, &ledgers, capped).await
                 }
                 .await;
                 let waker = ack.waker.clone();
                 let answer = Answered {
-                    target,
-                    users,
-                    claim,
+                    members: sending,
+                    claims,
                     ack,
                 };
                 // Nobody listens once the dataflow is gone: the ack drops with the answer.
@@ -287,6 +386,63 @@ fn claim(
                 waker.wake();
             });
         }
+    }
+}
+
+/// The claim of `ledgers` on a local store; `None` where the store is remote. A capped
+/// group's members are claimed in one step, under the caps at the run's send time.
+fn claim_local(
+    ctx: &Context,
+    ledgers: &[(Ledger, Vec<u32>)],
+    capped: bool,
+) -> Option<Result<Vec<CappedClaim>>> {
+    match (capped, &ctx.caps) {
+        (true, Some(caps)) => crate::store::claim_capped_local(ledgers, caps.at, &caps.windows),
+        _ => ledgers
+            .iter()
+            .map(|(ledger, ids)| {
+                ledger.claim_local(ids).map(|claim| {
+                    claim.map(|claim| CappedClaim {
+                        claim,
+                        capped: Vec::new(),
+                    })
+                })
+            })
+            .collect(),
+    }
+}
+
+/// [`claim_local`] on a remote store.
+async fn claim_remote(
+    ctx: &Context,
+    ledgers: &[(Ledger, Vec<u32>)],
+    capped: bool,
+) -> Result<Vec<CappedClaim>> {
+    match (capped, &ctx.caps) {
+        (true, Some(caps)) => crate::store::claim_capped(ledgers, caps.at, &caps.windows).await,
+        _ => {
+            let mut out = Vec::with_capacity(ledgers.len());
+            for (ledger, ids) in ledgers {
+                out.push(CappedClaim {
+                    claim: ledger.claim(ids).await?,
+                    capped: Vec::new(),
+                });
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Counts each member's capped users, then renders and pushes what its claim granted.
+fn push_members(
+    ctx: &Arc<Context>,
+    members: Vec<(u32, Vec<Candidate>)>,
+    claims: Vec<CappedClaim>,
+    ack: &Arc<AckOnDrop>,
+) {
+    for ((target, users), answer) in members.into_iter().zip(claims) {
+        deliver::count_capped(ctx, target, answer.capped.len() as u64);
+        render_and_push(ctx, target, &users, answer.claim, ack.clone());
     }
 }
 
@@ -364,7 +520,7 @@ fn render_and_push(
     target: u32,
     users: &[Candidate],
     claim: Claim,
-    ack: AckOnDrop,
+    ack: Arc<AckOnDrop>,
 ) {
     deliver::count_claim(ctx, target, &claim);
     if claim.claimed.is_empty() {

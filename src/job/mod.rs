@@ -97,26 +97,6 @@ pub struct Job {
 }
 
 impl Job {
-    /// Refuses policy this build parses but does not yet apply (frequency caps),
-    /// rather than run as if it did: a user who asked for a cap must not get sends past it.
-    pub fn require_enforced_policy(&self) -> Result<()> {
-        let unapplied = [(
-            "policy.frequency_caps",
-            !self.policy.frequency_caps.is_empty(),
-        )];
-        match unapplied.iter().find(|(_, set)| *set) {
-            None => Ok(()),
-            Some((field, _)) => Err(InputError::new(
-                &self.path,
-                None,
-                *field,
-                "not applied by this version of fanout yet (holdouts, the control group and \
-                 quiet hours are): remove it to run",
-            )
-            .into()),
-        }
-    }
-
     /// SPEC: "A job without campaigns is bad input" — a run of one would send nothing and say
     /// nothing. `serve` calls this only when it follows no campaigns stream
     /// ([`Inputs::campaigns`]), since campaigns may all arrive on the stream.

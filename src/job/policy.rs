@@ -15,6 +15,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::campaign::period;
+use crate::history::KEEP;
 use super::locate::Doc;
 use crate::error::Result;
 use crate::policy::{parse_zone, Cap, Policy, QuietHours};
@@ -66,10 +67,11 @@ impl RawPolicy {
                 let field = |name: &str| format!("policy.frequency_caps[{i}].{name}");
                 let max = u32::try_from(*cap.max.get_ref())
                     .ok()
-                    .filter(|&m| m >= 1)
+                    .filter(|&m| m >= 1 && m as usize <= KEEP)
                     .ok_or_else(|| {
                         let msg = format!(
-                            "expected a count of sends 1..=4294967295, got {}",
+                            "expected a count of sends 1..={KEEP} (the store keeps each user's \
+                             last {KEEP} sends), got {}",
                             cap.max.get_ref()
                         );
                         doc.error(cap.max.span().start, field("max"), msg)

@@ -54,7 +54,6 @@ pub struct Loaded {
 
 /// Loads and checks every input of `job`.
 pub fn load(job: &Job, opts: &RunOptions) -> Result<Loaded> {
-    job.require_enforced_policy()?;
     let load_opts = LoadOptions {
         skip_bad_lines: opts.skip_bad_lines,
         bucket_size: job.engine.bucket_size,
@@ -162,7 +161,7 @@ fn fan_out(
         cut: Default::default(),
     };
     let lines = targets.lines;
-    let ctx = engine.context(targets.run);
+    let ctx = engine.context(targets.run, targets.caps);
     tracing::info!(
         users = ctx.source.len(),
         targets = ctx.targets.len(),

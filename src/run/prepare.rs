@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 
 use super::targets::Admission;
-use crate::dataflow::{Context, RunTarget};
+use crate::dataflow::{CapsAt, Context, RunTarget};
 use crate::error::Result;
 use crate::job::{content_hash, Job};
 use crate::metrics::{CampaignStats, Metrics};
-use crate::model::{Campaign, Placement, Target};
+use crate::history::Window;
+use crate::model::{Campaign, Placement, Priority, Target};
 use crate::policy::{Holdout, Policy, QuietAt};
 use crate::providers::{dispatch::Dispatcher, Provider};
 use crate::render::Renderer;
@@ -96,6 +97,8 @@ pub struct Targets {
     pub scan: Vec<u32>,
     /// One per admission, in order.
     pub lines: Vec<Line>,
+    /// The frequency caps and the run's send time, where any target is capped.
+    pub caps: Option<CapsAt>,
 }
 
 impl Targets {
@@ -113,7 +116,9 @@ impl Targets {
             run: Vec::new(),
             scan: Vec::new(),
             lines: Vec::new(),
+            caps: None,
         };
+        let mut ranks: Vec<String> = Vec::new();
         for admission in admissions {
             let (target, at_login, only, expire) = match admission {
                 Admission::Run(target) => (target, false, None, false),
@@ -130,7 +135,21 @@ impl Targets {
             }
             let ledger = store.ledger(&target.ledger_key()).await?;
             targets.lines.push(Line::Target(targets.run.len()));
+            let campaign = &target.campaign;
+            let capped = !policy.frequency_caps.is_empty()
+                && !at_login
+                && !expire
+                && campaign.priority != Priority::Transactional;
+            let rank = match ranks.iter().position(|id| *id == campaign.id) {
+                Some(rank) => rank,
+                None => {
+                    ranks.push(campaign.id.clone());
+                    ranks.len() - 1
+                }
+            };
             targets.run.push(RunTarget {
+                capped,
+                order: (campaign.priority.lane(), rank),
                 renderer: Renderer::new(&target),
                 holdout: Holdout::new(&target.campaign, policy),
                 quiet: QuietAt::new(&target.campaign, policy, now).filter(|_| !expire),
@@ -139,6 +158,16 @@ impl Targets {
                 target,
                 ledger,
                 stats: CampaignStats::default(),
+            });
+        }
+        if targets.run.iter().any(|rt| rt.capped) {
+            let caps = &policy.frequency_caps;
+            let at = store
+                .send_slot(now.timestamp(), Window::horizon_s(caps))
+                .await?;
+            targets.caps = Some(CapsAt {
+                at,
+                windows: Window::of(caps),
             });
         }
         Ok(targets)
@@ -264,8 +293,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// The dataflow's context for `targets`.
-    pub fn context(&self, targets: Vec<RunTarget>) -> Arc<Context> {
+    /// The dataflow's context for `targets`, capped by `caps`.
+    pub fn context(&self, targets: Vec<RunTarget>, caps: Option<CapsAt>) -> Arc<Context> {
         Arc::new(Context {
             source: self.source.clone(),
             placement: self.placement,
@@ -279,6 +308,7 @@ impl Engine {
             max_in_flight: self.sizing.max_in_flight,
             fatal: Mutex::new(None),
             cut: self.cut.clone(),
+            caps,
         })
     }
 }

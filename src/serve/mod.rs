@@ -357,7 +357,7 @@ impl<'a> Server<'a> {
         );
         let epochs = self.epochs(&targets);
         let scan_targets = targets.scan.clone();
-        let ctx = self.engine.context(targets.run);
+        let ctx = self.engine.context(targets.run, targets.caps);
         let generation = Arc::new(Generation {
             admit: (0..ctx.targets.len() as u32).collect(),
             granted: prepare::granted_pairs(&self.granted, &ctx.targets),

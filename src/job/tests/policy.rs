@@ -55,7 +55,7 @@ fn other_spellings_of_good_values() {
     let job = ok(&format!(
         "{BASE}[policy]\ncontrol_group = 1\ndefault_tz = \"America/New_York\"\n\
          quiet_hours = {{ start = \"00:00\", end = \"23:59\" }}\n\
-         [[policy.frequency_caps]]\nmax = 4294967295\nper = \"1s\"\n\
+         [[policy.frequency_caps]]\nmax = 5\nper = \"1s\"\n\
          [[policy.frequency_caps]]\nmax = 1\nper = \"366d\"\n"
     ));
     let p = job.policy;
@@ -72,7 +72,7 @@ fn other_spellings_of_good_values() {
         p.frequency_caps,
         [
             Cap {
-                max: u32::MAX,
+                max: 5,
                 per: Duration::from_secs(1)
             },
             Cap {
@@ -102,8 +102,9 @@ fn bad_caps_name_the_cap_and_its_field() {
         (
             "{ max = 0, per = \"1h\" }",
             "max",
-            "expected a count of sends 1..=4294967295, got 0",
+            "expected a count of sends 1..=5 (the store keeps each user's last 5 sends), got 0",
         ),
+        ("{ max = 6, per = \"1h\" }", "max", "got 6"),
         ("{ max = -2, per = \"1h\" }", "max", "got -2"),
         (
             "{ max = 4294967296, per = \"1h\" }",

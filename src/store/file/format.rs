@@ -12,8 +12,10 @@ use super::io_error;
 use crate::error::{Error, Result};
 
 /// First bytes of a snapshot; the digit is the format version. Version 2 added the
-/// unreachable, held-out and quiet sets after the three of version 1, which it still reads.
-const SNAP_MAGIC: &[u8; 8] = b"FANOUTS2";
+/// unreachable, held-out and quiet sets after the three of version 1, version 3 the capped
+/// set; both earlier versions are still read.
+const SNAP_MAGIC: &[u8; 8] = b"FANOUTS3";
+const SNAP_MAGIC_V2: &[u8; 8] = b"FANOUTS2";
 const SNAP_MAGIC_V1: &[u8; 8] = b"FANOUTS1";
 /// Magic, body length, crc.
 const SNAP_HEADER: usize = 8 + 8 + 4;
@@ -23,8 +25,9 @@ pub(super) const RECORD_HEADER: usize = 8;
 const MAX_STEM: usize = 200;
 
 /// What a log record says about its ids. Every kind but `Claim` and `Quiet` settles them
-/// (done), and `Dead`, `Unreachable` and `HeldOut` also tag their outcome; a `HeldOut` record
-/// is a claim and its settlement in one, so no crash can leave a held-out user to be sent.
+/// (done), and `Dead`, `Unreachable`, `HeldOut` and `Capped` also tag their outcome; a
+/// `HeldOut` or `Capped` record is a claim and its settlement in one, so no crash can leave
+/// such a user to be sent.
 /// `Quiet` claims nothing: it records users held for their quiet hours, who stay claimable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -34,6 +37,7 @@ pub(super) enum Kind {
     Unreachable = 4,
     HeldOut = 5,
     Quiet = 6,
+    Capped = 7,
 }
 
 impl Kind {
@@ -45,13 +49,14 @@ impl Kind {
             4 => Some(Kind::Unreachable),
             5 => Some(Kind::HeldOut),
             6 => Some(Kind::Quiet),
+            7 => Some(Kind::Capped),
             _ => None,
         }
     }
 }
 
-/// The durable sets of one ledger: done ⊆ claimed; dead, unreachable and held_out ⊆ done,
-/// disjoint; quiet: ever held for quiet hours (those not claimed are held now).
+/// The durable sets of one ledger: done ⊆ claimed; dead, unreachable, held_out and capped ⊆
+/// done, disjoint; quiet: ever held for quiet hours (those not claimed are held now).
 #[derive(Default, Debug, PartialEq)]
 pub(super) struct Sets {
     pub(super) claimed: RoaringBitmap,
@@ -60,10 +65,11 @@ pub(super) struct Sets {
     pub(super) unreachable: RoaringBitmap,
     pub(super) held_out: RoaringBitmap,
     pub(super) quiet: RoaringBitmap,
+    pub(super) capped: RoaringBitmap,
 }
 
 /// How many sets a snapshot holds.
-const SETS: usize = 6;
+const SETS: usize = 7;
 
 impl Sets {
     /// Every set, in snapshot order.
@@ -75,6 +81,7 @@ impl Sets {
             &self.unreachable,
             &self.held_out,
             &self.quiet,
+            &self.capped,
         ]
     }
 
@@ -86,6 +93,7 @@ impl Sets {
             &mut self.unreachable,
             &mut self.held_out,
             &mut self.quiet,
+            &mut self.capped,
         ]
     }
 
@@ -118,6 +126,7 @@ impl Sets {
             Kind::Unreachable => Some(&self.unreachable),
             Kind::HeldOut => Some(&self.held_out),
             Kind::Quiet => Some(&self.quiet),
+            Kind::Capped => Some(&self.capped),
         }
     }
 
@@ -128,6 +137,7 @@ impl Sets {
             Kind::Unreachable => Some(&mut self.unreachable),
             Kind::HeldOut => Some(&mut self.held_out),
             Kind::Quiet => Some(&mut self.quiet),
+            Kind::Capped => Some(&mut self.capped),
         }
     }
 
@@ -160,13 +170,14 @@ impl Sets {
     /// The ids by recorded outcome.
     pub(super) fn outcomes(&self) -> crate::store::Outcomes {
         crate::store::Outcomes {
-            delivered: &(&(&self.done - &self.dead) - &self.unreachable) - &self.held_out,
+            delivered: &(&(&(&self.done - &self.dead) - &self.unreachable) - &self.held_out)
+                - &self.capped,
             dead_lettered: self.dead.clone(),
             unreachable: self.unreachable.clone(),
             held_out: self.held_out.clone(),
             in_flight: &self.claimed - &self.done,
             quiet_held: &self.quiet - &self.claimed,
-            capped: RoaringBitmap::new(),
+            capped: self.capped.clone(),
         }
     }
 
@@ -190,6 +201,7 @@ impl Sets {
     fn decode(bytes: &[u8]) -> std::result::Result<Sets, String> {
         let count = match bytes.get(..8) {
             Some(m) if m == SNAP_MAGIC => SETS,
+            Some(m) if m == SNAP_MAGIC_V2 => 6,
             Some(m) if m == SNAP_MAGIC_V1 => 3,
             _ => return Err("not a fanout ledger snapshot (bad header)".into()),
         };
@@ -230,6 +242,7 @@ impl Sets {
             unreachable: next(),
             held_out: next(),
             quiet: next(),
+            capped: next(),
         })
     }
 }

@@ -26,6 +26,8 @@ pub struct FileLedger {
     shards: Vec<Shard>,
     /// Keeps the store locked while any ledger handle lives.
     _lock: Option<Arc<File>>,
+    /// The store's send history (frequency caps).
+    history: Arc<super::history::Histories>,
 }
 
 impl fmt::Debug for FileLedger {
@@ -108,6 +110,7 @@ impl FileLedger {
         store_lock: Option<Arc<File>>,
         auto_checkpoint_bytes: u64,
         shard_of: Shards,
+        history: Arc<super::history::Histories>,
     ) -> Result<FileLedger> {
         let stem = file_stem(key)?;
         let snap_path = dir.join(format!("{stem}.snap"));
@@ -139,6 +142,7 @@ impl FileLedger {
             shard_of,
             shards,
             _lock: store_lock,
+            history,
         };
         let logged: u64 = lens.iter().map(|(good, _)| good).sum();
         let surplus = &found[found.len().min(ledger.shards.len())..];
@@ -199,6 +203,47 @@ impl FileLedger {
     /// [`crate::store::Ledger::claim_held_out`].
     pub fn claim_held_out(&self, ids: &[u32]) -> Result<Claim> {
         self.claim_as(Kind::HeldOut, ids)
+    }
+
+    /// The store's send history, opened (created) if need be.
+    pub(super) fn history(&self) -> Result<Arc<super::history::SendHistory>> {
+        self.history.get()
+    }
+
+    /// This ledger's part of a capped claim; see [`crate::store::claim_capped`].
+    pub fn claim_capped(
+        &self,
+        ids: &[u32],
+        history: &mut super::history::State,
+        at: crate::store::SendAt,
+        caps: &[crate::history::Window],
+    ) -> Result<crate::store::CappedClaim> {
+        let parts = self.parts(ids);
+        let mut out = crate::store::CappedClaim::default();
+        for (k, part) in &parts {
+            let one = self.shards[*k].claim_capped(&self.key, part, history, at, caps)?;
+            if parts.len() == 1 {
+                return Ok(one);
+            }
+            out.claim.claimed.extend(one.claim.claimed);
+            out.claim.already.extend(one.claim.already);
+            out.capped.extend(one.capped);
+        }
+        out.claim.claimed.sort_unstable();
+        out.claim.already.sort_unstable();
+        out.capped.sort_unstable();
+        Ok(out)
+    }
+
+    /// Takes sends a crash left only in the send history's log as claimed and in flight.
+    pub(super) fn adopt_sent(&self, ids: &RoaringBitmap) -> Result<()> {
+        for (k, mask) in self.shard_of.masks(ids).iter().enumerate() {
+            let part = ids & mask;
+            if !part.is_empty() {
+                self.shards[k].adopt_sent(&self.key, &part)?;
+            }
+        }
+        Ok(())
     }
 
     /// See [`crate::store::Ledger::unclaim`].

@@ -8,8 +8,8 @@
 //!                               done, dead, unreachable, held_out as (len u64 LE, roaring
 //!                               bitmap) ("FANOUTS1": the first three; still read)
 //! ```
-//! Record kinds: 1 claim, 2 done (delivered), 3 dead, 4 unreachable, 5 held out (a claim and
-//! its settlement in one record).
+//! Record kinds: 1 claim, 2 done (delivered), 3 dead, 4 unreachable, 5 held out and 7 capped
+//! (each a claim and its settlement in one record), 6 held for quiet hours.
 //! `<key>` is the ledger key with every byte outside `[A-Za-z0-9_-]` written `%XX`.
 //!
 //! Each record is written with one `write` on an append-mode file, so a claim survives a
@@ -24,6 +24,7 @@
 mod admitted;
 mod campaigns;
 mod format;
+mod history;
 mod ledger;
 mod shard;
 #[cfg(test)]
@@ -95,6 +96,8 @@ pub struct FileStore {
     shards: Mutex<Shards>,
     /// A ledger whose log is longer than this when opened is checkpointed right away.
     auto_checkpoint_bytes: u64,
+    /// Users' send history, for frequency caps.
+    history: Arc<history::Histories>,
 }
 
 impl fmt::Debug for FileStore {
@@ -142,6 +145,7 @@ impl FileStore {
             open: Mutex::new(HashMap::new()),
             shards: Mutex::new(Shards::default()),
             auto_checkpoint_bytes: AUTO_CHECKPOINT_BYTES,
+            history: Arc::new(history::Histories::open(dir)?),
         })
     }
 
@@ -162,6 +166,7 @@ impl FileStore {
             open: Mutex::new(HashMap::new()),
             shards: Mutex::new(Shards::default()),
             auto_checkpoint_bytes: AUTO_CHECKPOINT_BYTES,
+            history: Arc::new(history::Histories::none(dir)),
         })
     }
 
@@ -211,7 +216,15 @@ impl FileStore {
             self.lock.clone(),
             self.auto_checkpoint_bytes,
             *lock(&self.shards),
+            Arc::clone(&self.history),
         )?);
+        if let Some(sent) = self
+            .history
+            .existing()
+            .and_then(|h| h.take_unreconciled(key))
+        {
+            ledger.adopt_sent(&sent)?;
+        }
         open.insert(key.to_owned(), Arc::clone(&ledger));
         Ok(ledger)
     }
@@ -220,14 +233,29 @@ impl FileStore {
         lock(&self.open).values().cloned().collect()
     }
 
-    /// Fsyncs the log of every ledger written since the last sync.
+    /// Fsyncs the log of every ledger written since the last sync — the send history's
+    /// first, as a send is recorded there before its claim is.
     pub fn sync(&self) -> Result<()> {
+        if let Some(h) = self.history.existing() {
+            h.sync()?;
+        }
         each_ledger(self.open_ledgers(), FileLedger::sync)
     }
 
-    /// Folds every open ledger's log into its snapshot.
+    /// Folds every open ledger's log into its snapshot, and the send history's log into its
+    /// own, once every send it holds is in its ledger.
     pub fn checkpoint(&self) -> Result<()> {
-        each_ledger(self.open_ledgers(), FileLedger::checkpoint)
+        let history = self.history.existing();
+        if let Some(h) = &history {
+            for key in h.unreconciled_keys() {
+                self.ledger(&key)?;
+            }
+        }
+        each_ledger(self.open_ledgers(), FileLedger::checkpoint)?;
+        match history {
+            Some(h) => h.checkpoint(),
+            None => Ok(()),
+        }
     }
 
     /// Whether `key` has a ledger here (a snapshot or a log), without opening it.
@@ -243,7 +271,7 @@ impl FileStore {
             Some(ledger) => ledger.sets(),
             None => self.read_sets(key)?,
         };
-        Ok((sets.claimed - sets.held_out).iter().collect())
+        Ok((sets.claimed - sets.held_out - sets.capped).iter().collect())
     }
 
     /// See [`crate::store::Store::quiet_unsettled`]; empty (and nothing created) if the
@@ -283,16 +311,42 @@ impl FileStore {
 
 /// Capped claims on the embedded store; see [`crate::store::claim_capped`].
 pub fn claim_capped(
-    _members: &[(crate::store::Ledger, Vec<u32>)],
-    _at: crate::store::SendAt,
-    _caps: &[crate::history::Window],
+    members: &[(crate::store::Ledger, Vec<u32>)],
+    at: crate::store::SendAt,
+    caps: &[crate::history::Window],
 ) -> Result<Vec<crate::store::CappedClaim>> {
-    Err(Error::runtime("frequency caps on the embedded store: not built yet"))
+    let mut ledgers = Vec::with_capacity(members.len());
+    for (ledger, ids) in members {
+        match ledger {
+            crate::store::Ledger::File(l) => ledgers.push((l, ids)),
+            crate::store::Ledger::Redis(_) => {
+                return Err(Error::runtime("a capped claim across two stores"))
+            }
+        }
+    }
+    let Some((first, _)) = ledgers.first() else {
+        return Ok(Vec::new());
+    };
+    let history = first.history()?;
+    let mut st = history.lock();
+    if st.table.time(at.slot) != Some(at.t) {
+        return Err(Error::runtime(format!(
+            "send-time slot {} no longer holds the run's send time {}",
+            at.slot, at.t
+        )));
+    }
+    ledgers
+        .iter()
+        .map(|(l, ids)| l.claim_capped(ids, &mut st, at, caps))
+        .collect()
 }
 
 impl FileStore {
     /// The slot of send time `t`; see [`crate::store::Store::send_slot`].
-    pub fn send_slot(&self, _t: i64, _horizon_s: i64) -> Result<u16> {
-        Err(Error::runtime("frequency caps on the embedded store: not built yet"))
+    pub fn send_slot(&self, t: i64, horizon_s: i64) -> Result<u16> {
+        if self.lock.is_none() {
+            return Err(Error::runtime(format!("store {} is open read-only", self.url)));
+        }
+        self.history.get()?.send_slot(t, horizon_s)
     }
 }

@@ -246,6 +246,72 @@ impl Shard {
         Ok(())
     }
 
+    /// The capped claim of `ids` (all of this shard, sorted) at `at`; see
+    /// [`crate::store::claim_capped`]. The sends go to `history`'s write-ahead log before this
+    /// ledger's claim record, so a crash between the two loses no send.
+    pub(super) fn claim_capped(
+        &self,
+        key: &str,
+        ids: &[u32],
+        history: &mut super::history::State,
+        at: crate::store::SendAt,
+        caps: &[crate::history::Window],
+    ) -> Result<crate::store::CappedClaim> {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let mut out = crate::store::CappedClaim::default();
+        let (mut sent, mut resend, mut seen) = (Vec::new(), RoaringBitmap::new(), RoaringBitmap::new());
+        for &id in ids {
+            if !seen.insert(id) || st.sets.done.contains(id) {
+                out.claim.already.push(id);
+            } else if st.sets.claimed.contains(id) {
+                match st.pending.contains(id) {
+                    true => {
+                        resend.insert(id);
+                        out.claim.claimed.push(id);
+                    }
+                    false => out.claim.already.push(id),
+                }
+            } else if history.get(id).admits(&history.table, at.t, caps) {
+                sent.push(id);
+                out.claim.claimed.push(id);
+            } else {
+                out.capped.push(id);
+            }
+        }
+        if !sent.is_empty() {
+            history.record(key, at.slot, &sent)?;
+            if let Err(e) = self.append(key, st, Kind::Claim, &sent) {
+                history.must_replay();
+                return Err(e);
+            }
+            st.sets.apply_all(Kind::Claim, &sent.iter().copied().collect());
+        }
+        if !out.capped.is_empty() {
+            self.append(key, st, Kind::Capped, &out.capped)?;
+            st.sets
+                .apply_all(Kind::Capped, &out.capped.iter().copied().collect());
+        }
+        st.pending -= &resend;
+        Ok(out)
+    }
+
+    /// Takes `ids` as claimed and in flight: sends a crash left in the send history's log
+    /// and not in this ledger's (see [`super::history`]). Those not claimed yet are written.
+    pub(super) fn adopt_sent(&self, key: &str, ids: &RoaringBitmap) -> Result<()> {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let new = ids - &st.sets.claimed;
+        if new.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<u32> = new.iter().collect();
+        self.append(key, st, Kind::Claim, &list)?;
+        st.sets.apply_all(Kind::Claim, &new);
+        st.pending |= &new;
+        Ok(())
+    }
+
     /// Hands `ids` (all of this shard) out once more at their next claim, where they are
     /// claimed and not settled; see [`crate::store::Ledger::unclaim`]. Nothing is written:
     /// the log holds their claim, and a reopen hands them out again anyway.

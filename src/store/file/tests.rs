@@ -558,3 +558,65 @@ fn shard_masks_cost_a_step_per_block_with_ids_however_far_apart() {
         }
     }
 }
+
+/// Capped claims on the embedded store: sends count across ledgers and reopens (from the
+/// log, then from the snapshot), and a send whose ledger record a crash lost is handed to its
+/// ledger as in flight when the store reopens — counted once, sent once more.
+#[test]
+fn capped_claims_survive_reopens_and_a_crash_between_the_two_records() {
+    use crate::history::Window;
+    use crate::store::{claim_capped_local, Ledger, SendAt};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let caps = [Window { max: 1, per_s: 100 }];
+    let slot = |store: &FileStore, t: i64| SendAt {
+        slot: store.send_slot(t, 100).expect("slot"),
+        t,
+    };
+    let ledger = |store: &FileStore, key: &str| Ledger::File(store.ledger(key).expect("ledger"));
+    let run = |store: &FileStore, at: SendAt, members: &[(&str, &[u32])]| {
+        let members: Vec<(Ledger, Vec<u32>)> = members
+            .iter()
+            .map(|(k, ids)| (ledger(store, k), ids.to_vec()))
+            .collect();
+        claim_capped_local(&members, at, &caps)
+            .expect("local")
+            .expect("claim")
+            .into_iter()
+            .map(|c| (c.claim.claimed, c.capped))
+            .collect::<Vec<_>>()
+    };
+    {
+        let store = open(dir);
+        let at = slot(&store, 1_000);
+        let got = run(&store, at, &[("a", &[1, 2, 3]), ("b", &[2, 3, 4])]);
+        assert_eq!(got, [(vec![1, 2, 3], vec![]), (vec![4], vec![2, 3])]);
+        // A crash between a send's history record and its ledger record.
+        let history = store.history.get().expect("history");
+        history.lock().record("e", at.slot, &[9]).expect("record");
+    }
+    {
+        // Reopened from the log: user 1 was sent at 1000, so a send at 1050 is capped.
+        let store = open(dir);
+        let at = slot(&store, 1_050);
+        let got = run(&store, at, &[("c", &[1, 4, 5, 9])]);
+        assert_eq!(got, [(vec![5], vec![1, 4, 9])]);
+        // The lost claim is in flight: handed out once more, not capped, not counted again.
+        let e = store.ledger("e").expect("ledger e");
+        assert_eq!(e.sets().claimed.iter().collect::<Vec<_>>(), [9]);
+        assert_eq!(run(&store, at, &[("e", &[9])]), [(vec![9], vec![])]);
+        store.checkpoint().expect("checkpoint");
+    }
+    {
+        // Reopened from the snapshot: the window (1001, 1101] no longer holds 1000, but it
+        // holds 1050 for user 5.
+        let store = open(dir);
+        let at = slot(&store, 1_101);
+        let got = run(&store, at, &[("d", &[1, 5])]);
+        assert_eq!(got, [(vec![1], vec![5])]);
+        let outcomes = store.outcomes("b").expect("outcomes");
+        assert_eq!(outcomes.capped.iter().collect::<Vec<_>>(), [2, 3]);
+        assert!(!outcomes.delivered.contains(2));
+        assert_eq!(store.granted("b").expect("granted"), [4]);
+    }
+}

@@ -1,0 +1,483 @@
+//! The embedded store's send history (frequency caps, [`crate::history`]): every user's
+//! [`History`] in memory, in pages of consecutive ids, and on disk as:
+//!
+//! ```text
+//! DIR/history/sendtimes         the send-time table: "FANOUTT1", era u32, horizon i64, then
+//!                               4096 × i64 LE (unix seconds by slot, 0 free), crc32 u32 LE
+//! DIR/history/history.snap      "FANOUTH1", covered log generation u64, page count u64, per
+//!                               page: page number u32, 65536 × u64 LE histories; crc32 u32 LE
+//! DIR/history/sent.<gen>.log    records [len u32][crc32 u32][slot u16][key len u16][key]
+//!                               [ids u32 LE…]: sends recorded since the snapshot
+//! ```
+//! A capped claim writes its `sent` record *before* the ledger's own claim record: the `sent`
+//! log is the write-ahead record of the send. A crash between the two leaves a send the
+//! ledger does not know; opening the store replays the log and hands those ids to their
+//! ledger as claimed (in flight at the crash, so the next run sends them once — the send was
+//! already counted). Replaying a record twice would count a send twice, so logs are numbered:
+//! the snapshot names the generation it covers, and older logs are ignored, then removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::Context;
+use roaring::RoaringBitmap;
+
+use super::{io_error, lock};
+use crate::error::{Error, Result};
+use crate::history::{History, SendTimes, SLOTS};
+
+/// Ids per page.
+const PAGE: usize = 1 << 16;
+const TABLE_MAGIC: &[u8; 8] = b"FANOUTT1";
+const SNAP_MAGIC: &[u8; 8] = b"FANOUTH1";
+/// Longest ledger key a record names.
+const MAX_KEY: usize = u16::MAX as usize;
+
+/// The send histories of a writable embedded store.
+pub struct SendHistory {
+    dir: PathBuf,
+    state: Mutex<State>,
+}
+
+/// Everything behind the lock.
+pub struct State {
+    /// The send-time table.
+    pub table: SendTimes,
+    pages: HashMap<u32, Box<[u64]>>,
+    log: File,
+    log_path: PathBuf,
+    /// The generation of the log being appended to.
+    gen: u64,
+    /// Sends replayed from the logs and not yet handed to their ledgers, by ledger key.
+    unreconciled: BTreeMap<String, RoaringBitmap>,
+    /// A `sent` record was written and its ledger's record failed: the log must be replayed
+    /// at the next open, so it is not folded into a snapshot.
+    must_replay: bool,
+    buf: Vec<u8>,
+}
+
+impl State {
+    /// The history of `id`.
+    pub fn get(&self, id: u32) -> History {
+        let (page, at) = (id >> 16, id as usize & (PAGE - 1));
+        History(self.pages.get(&page).map_or(0, |p| p[at]))
+    }
+
+    fn set(&mut self, id: u32, h: History) {
+        let (page, at) = (id >> 16, id as usize & (PAGE - 1));
+        self.pages
+            .entry(page)
+            .or_insert_with(|| vec![0u64; PAGE].into_boxed_slice())[at] = h.0;
+    }
+
+    /// Records sends at `slot` to `ids` of ledger `key`: the write-ahead record first, then
+    /// each history.
+    pub fn record(&mut self, key: &str, slot: u16, ids: &[u32]) -> Result<()> {
+        encode(&mut self.buf, key, slot, ids)?;
+        if let Err(e) = self.log.write_all(&self.buf) {
+            // What reached the file is either a torn tail or a whole record the next open
+            // replays; either way this run stops.
+            self.must_replay = true;
+            return Err(io_error(e, "cannot append to", &self.log_path));
+        }
+        for &id in ids {
+            let h = self.get(id).with_send(&self.table, slot);
+            self.set(id, h);
+        }
+        Ok(())
+    }
+
+    /// Marks the log as needed at the next open (a ledger record after a `sent` one failed).
+    pub fn must_replay(&mut self) {
+        self.must_replay = true;
+    }
+}
+
+/// Fills `buf` with one `sent` record.
+fn encode(buf: &mut Vec<u8>, key: &str, slot: u16, ids: &[u32]) -> Result<()> {
+    if key.len() > MAX_KEY {
+        return Err(Error::runtime(format!("ledger key too long: {key}")));
+    }
+    buf.clear();
+    buf.extend_from_slice(&[0; 8]);
+    buf.extend_from_slice(&slot.to_le_bytes());
+    buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    buf.extend_from_slice(key.as_bytes());
+    for id in ids {
+        buf.extend_from_slice(&id.to_le_bytes());
+    }
+    let len = (buf.len() - 8) as u32;
+    let crc = crc32fast::hash(&buf[8..]);
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// One decoded `sent` record.
+struct Sent {
+    slot: u16,
+    key: String,
+    ids: Vec<u32>,
+}
+
+/// The whole records of a log, and the bytes they fill; a bad record ends the log (what a
+/// crash mid-append leaves).
+fn read_log(path: &Path) -> Result<(Vec<Sent>, u64)> {
+    let bytes = fs::read(path).map_err(|e| io_error(e, "cannot read", path))?;
+    let (mut out, mut at) = (Vec::new(), 0usize);
+    while let Some(header) = bytes.get(at..at + 8) {
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let Some(body) = bytes.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        if len < 4 || crc32fast::hash(body) != crc {
+            break;
+        }
+        let slot = u16::from_le_bytes([body[0], body[1]]);
+        let key_len = usize::from(u16::from_le_bytes([body[2], body[3]]));
+        let Some(key) = body.get(4..4 + key_len) else {
+            break;
+        };
+        let ids = &body[4 + key_len..];
+        if !ids.len().is_multiple_of(4) {
+            break;
+        }
+        out.push(Sent {
+            slot,
+            key: String::from_utf8_lossy(key).into_owned(),
+            ids: ids
+                .chunks_exact(4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                .collect(),
+        });
+        at += 8 + len;
+    }
+    if at < bytes.len() {
+        tracing::warn!(log = %path.display(), kept_bytes = at, "torn tail in a send-history log; cut");
+    }
+    Ok((out, at as u64))
+}
+
+/// Writes `bytes` to `path` through a temporary file, durably.
+fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads a file that ends in a crc32 of the rest, after `magic`; `None` if it is missing.
+fn read_checked(path: &Path, magic: &[u8; 8]) -> Result<Option<Vec<u8>>> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(e, "cannot read", path)),
+    };
+    let corrupt = || Error::runtime(format!("{} is corrupt", path.display()));
+    if bytes.len() < 12 || &bytes[..8] != magic {
+        return Err(corrupt());
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err(corrupt());
+    }
+    Ok(Some(body[8..].to_vec()))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn load_table(path: &Path) -> Result<SendTimes> {
+    let Some(body) = read_checked(path, TABLE_MAGIC)? else {
+        return Ok(SendTimes::default());
+    };
+    let corrupt = || Error::runtime(format!("{} is corrupt", path.display()));
+    if body.len() != 4 + 8 + 8 * SLOTS {
+        return Err(corrupt());
+    }
+    let era = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+    let horizon = u64_at(&body, 4).ok_or_else(corrupt)? as i64;
+    let times = (0..SLOTS)
+        .map(|s| u64_at(&body, 12 + 8 * s).map(|t| t as i64))
+        .collect::<Option<Vec<i64>>>()
+        .ok_or_else(corrupt)?;
+    SendTimes::from_parts(times, era, horizon).ok_or_else(corrupt)
+}
+
+fn encode_table(table: &SendTimes) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 12 + 8 * SLOTS + 4);
+    out.extend_from_slice(TABLE_MAGIC);
+    out.extend_from_slice(&table.era().to_le_bytes());
+    out.extend_from_slice(&table.horizon_s().to_le_bytes());
+    for t in table.times() {
+        out.extend_from_slice(&t.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// The pages of a snapshot and the log generation it covers.
+fn load_snapshot(path: &Path) -> Result<(u64, HashMap<u32, Box<[u64]>>)> {
+    let Some(body) = read_checked(path, SNAP_MAGIC)? else {
+        return Ok((0, HashMap::new()));
+    };
+    let corrupt = || Error::runtime(format!("{} is corrupt", path.display()));
+    let gen = u64_at(&body, 0).ok_or_else(corrupt)?;
+    let count = u64_at(&body, 8).ok_or_else(corrupt)?;
+    let mut pages = HashMap::new();
+    let mut at = 16;
+    for _ in 0..count {
+        let page = body.get(at..at + 4).ok_or_else(corrupt)?;
+        let page = u32::from_le_bytes([page[0], page[1], page[2], page[3]]);
+        let words = body.get(at + 4..at + 4 + 8 * PAGE).ok_or_else(corrupt)?;
+        let words: Box<[u64]> = words
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+            .collect();
+        pages.insert(page, words);
+        at += 4 + 8 * PAGE;
+    }
+    if at != body.len() {
+        return Err(corrupt());
+    }
+    Ok((gen, pages))
+}
+
+/// `sent.<gen>.log` files in `dir`, by generation.
+fn logs(dir: &Path) -> Result<BTreeMap<u64, PathBuf>> {
+    let mut out = BTreeMap::new();
+    let entries = fs::read_dir(dir).map_err(|e| io_error(e, "cannot list", dir))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(e, "cannot list", dir))?;
+        let name = entry.file_name();
+        let Some(gen) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("sent."))
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.insert(gen, entry.path());
+    }
+    Ok(out)
+}
+
+fn open_log(path: &Path, good: u64) -> Result<File> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .len();
+    if good < len {
+        file.set_len(good)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("cannot truncate {}", path.display()))?;
+    }
+    Ok(file)
+}
+
+impl SendHistory {
+    /// Opens (creating) the histories under `store_dir/history`: the table, the snapshot, and
+    /// the logs after it replayed.
+    pub fn open(store_dir: &Path) -> Result<SendHistory> {
+        let dir = store_dir.join("history");
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let table = load_table(&dir.join("sendtimes"))?;
+        let (covered, pages) = load_snapshot(&dir.join("history.snap"))?;
+        let found = logs(&dir)?;
+        let mut state = State {
+            table,
+            pages,
+            log: open_log(&dir.join(format!("sent.{}.log", covered + 1)), u64::MAX)?,
+            log_path: dir.join(format!("sent.{}.log", covered + 1)),
+            gen: covered + 1,
+            unreconciled: BTreeMap::new(),
+            must_replay: false,
+            buf: Vec::new(),
+        };
+        for (&gen, path) in found.range(covered + 1..) {
+            let (records, good) = read_log(path)?;
+            for sent in records {
+                if state.table.time(sent.slot).is_none() {
+                    return Err(Error::runtime(format!(
+                        "{} names send-time slot {} that {} does not hold",
+                        path.display(),
+                        sent.slot,
+                        dir.join("sendtimes").display()
+                    )));
+                }
+                for &id in &sent.ids {
+                    let h = state.get(id).with_send(&state.table, sent.slot);
+                    state.set(id, h);
+                }
+                state
+                    .unreconciled
+                    .entry(sent.key)
+                    .or_default()
+                    .extend(sent.ids);
+            }
+            state.log = open_log(path, good)?;
+            state.log_path = path.clone();
+            state.gen = gen;
+        }
+        Ok(SendHistory {
+            dir,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The state, locked.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// See [`crate::store::Store::send_slot`]: the table is durable before the slot is used.
+    pub fn send_slot(&self, t: i64, horizon_s: i64) -> Result<u16> {
+        let mut st = self.lock();
+        let before = st.table.clone();
+        let slot = st.table.alloc(t, horizon_s).map_err(Error::runtime)?;
+        if st.table != before {
+            if let Err(e) = write_atomic(&self.dir, &self.dir.join("sendtimes"), &encode_table(&st.table)) {
+                st.table = before;
+                return Err(e);
+            }
+        }
+        Ok(slot)
+    }
+
+    /// Sends of ledger `key` replayed from the logs and not yet handed to it (taken out).
+    pub fn take_unreconciled(&self, key: &str) -> Option<RoaringBitmap> {
+        self.lock().unreconciled.remove(key)
+    }
+
+    /// The keys with sends not yet handed to their ledgers.
+    pub fn unreconciled_keys(&self) -> Vec<String> {
+        self.lock().unreconciled.keys().cloned().collect()
+    }
+
+    /// Folds the log into a new snapshot and starts the next generation — unless sends are
+    /// still to be handed to their ledgers, or a ledger record after a `sent` one failed.
+    pub fn checkpoint(&self) -> Result<()> {
+        let mut st = self.lock();
+        if st.must_replay || !st.unreconciled.is_empty() {
+            return Ok(());
+        }
+        let empty = st
+            .log
+            .metadata()
+            .with_context(|| format!("cannot stat {}", st.log_path.display()))?
+            .len()
+            == 0;
+        if empty {
+            return Ok(());
+        }
+        let mut pages: Vec<(&u32, &Box<[u64]>)> = st.pages.iter().collect();
+        pages.sort_unstable_by_key(|(n, _)| **n);
+        let mut out = Vec::with_capacity(8 + 16 + pages.len() * (4 + 8 * PAGE) + 4);
+        out.extend_from_slice(SNAP_MAGIC);
+        out.extend_from_slice(&st.gen.to_le_bytes());
+        out.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+        for (n, words) in pages {
+            out.extend_from_slice(&n.to_le_bytes());
+            for w in words.iter() {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        write_atomic(&self.dir, &self.dir.join("history.snap"), &out)?;
+        for (_, path) in logs(&self.dir)?.range(..=st.gen) {
+            fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+        st.gen += 1;
+        st.log_path = self.dir.join(format!("sent.{}.log", st.gen));
+        st.log = open_log(&st.log_path, u64::MAX)?;
+        Ok(())
+    }
+
+    /// Fsyncs the log.
+    pub fn sync(&self) -> Result<()> {
+        let st = self.lock();
+        st.log
+            .sync_data()
+            .map_err(|e| io_error(e, "cannot fsync", &st.log_path))
+    }
+}
+
+/// A store's [`SendHistory`], opened when the store is (if it has one) or at its first capped
+/// claim; shared by the store and its ledgers.
+#[derive(Debug)]
+pub struct Histories {
+    store_dir: PathBuf,
+    writable: bool,
+    opened: Mutex<Option<std::sync::Arc<SendHistory>>>,
+}
+
+impl std::fmt::Debug for SendHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendHistory").field("dir", &self.dir).finish()
+    }
+}
+
+impl Histories {
+    /// The histories of the store in `store_dir`, opened now if it has any.
+    pub fn open(store_dir: &Path) -> Result<Histories> {
+        let opened = match store_dir.join("history").exists() {
+            true => Some(std::sync::Arc::new(SendHistory::open(store_dir)?)),
+            false => None,
+        };
+        Ok(Histories {
+            store_dir: store_dir.to_owned(),
+            writable: true,
+            opened: Mutex::new(opened),
+        })
+    }
+
+    /// A read-only store's: none.
+    pub fn none(store_dir: &Path) -> Histories {
+        Histories {
+            store_dir: store_dir.to_owned(),
+            writable: false,
+            opened: Mutex::new(None),
+        }
+    }
+
+    /// The histories, opened (created) if need be.
+    pub fn get(&self) -> Result<std::sync::Arc<SendHistory>> {
+        let mut opened = lock(&self.opened);
+        if let Some(h) = opened.as_ref() {
+            return Ok(h.clone());
+        }
+        if !self.writable {
+            return Err(Error::runtime(format!(
+                "store {} is open read-only",
+                self.store_dir.display()
+            )));
+        }
+        let h = std::sync::Arc::new(SendHistory::open(&self.store_dir)?);
+        *opened = Some(h.clone());
+        Ok(h)
+    }
+
+    /// The histories if open.
+    pub fn existing(&self) -> Option<std::sync::Arc<SendHistory>> {
+        lock(&self.opened).clone()
+    }
+}
