@@ -299,9 +299,7 @@ mod tests {
         let a = table.alloc(1_000, 0).unwrap();
         let b = table.alloc(2_000, 0).unwrap();
         assert_eq!((a, b), (1, 2));
-        let h = History::default()
-            .with_send(&table, a)
-            .with_send(&table, b);
+        let h = History::default().with_send(&table, a).with_send(&table, b);
         // Tag 0, slot 1 at bits 4.., slot 2 at bits 16...
         assert_eq!(h.0, (1 << 4) | (2 << 16));
         assert_eq!(h.0.to_le_bytes(), [0x10, 0, 2, 0, 0, 0, 0, 0]);
@@ -314,15 +312,20 @@ mod tests {
         let mut times = Vec::new();
         let mut x: u64 = 7;
         for _ in 0..400 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             t += (x >> 33) as i64 % 40_000;
             times.push(t);
-            if x % 5 == 0 {
+            if x.is_multiple_of(5) {
                 times.push(t); // two campaigns in one run
             }
         }
         let mut table = SendTimes::default();
-        assert_eq!(replay(&mut table, &times, &caps, 7 * 86_400), naive(&times, &caps));
+        assert_eq!(
+            replay(&mut table, &times, &caps, 7 * 86_400),
+            naive(&times, &caps)
+        );
     }
 
     #[test]

@@ -236,7 +236,10 @@ fn capped_group(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<Ca
     let mut by_target: BTreeMap<((usize, usize), u32), Vec<Candidate>> = BTreeMap::new();
     for c in capped {
         let order = ctx.targets[c.target as usize].order;
-        by_target.entry((order, c.target)).or_default().extend(c.users);
+        by_target
+            .entry((order, c.target))
+            .or_default()
+            .extend(c.users);
     }
     let lane = by_target.keys().next()?.0 .0;
     let group = by_target
@@ -304,7 +307,10 @@ fn next_task(
 /// An id such that the users of `group` below it are about `users` (at least one user);
 /// `None` when every user has the same id.
 fn cut_below(group: &[Candidates], users: usize) -> Option<u32> {
-    let mut ids: Vec<u32> = group.iter().flat_map(|c| c.users.iter().map(|u| u.id)).collect();
+    let mut ids: Vec<u32> = group
+        .iter()
+        .flat_map(|c| c.users.iter().map(|u| u.id))
+        .collect();
     let lowest = *ids.iter().min()?;
     let nth = users.min(ids.len() - 1);
     let (_, &mut at, _) = ids.select_nth_unstable(nth);

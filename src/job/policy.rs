@@ -15,9 +15,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::campaign::period;
-use crate::history::KEEP;
 use super::locate::Doc;
 use crate::error::Result;
+use crate::history::KEEP;
 use crate::policy::{parse_zone, Cap, Policy, QuietHours};
 
 /// Most frequency caps a job may set: each is checked for every capped send.

@@ -644,7 +644,9 @@ impl RedisStore {
 
     /// The slot of send time `t`; see [`super::Store::send_slot`].
     pub async fn send_slot(&self, _t: i64, _horizon_s: i64) -> Result<u16> {
-        Err(Error::runtime("frequency caps on the Redis store: not built yet"))
+        Err(Error::runtime(
+            "frequency caps on the Redis store: not built yet",
+        ))
     }
 
     /// Every id of ledger `key` claimed and not held out, sorted.
@@ -1143,5 +1145,7 @@ pub async fn claim_capped(
     _at: super::SendAt,
     _caps: &[crate::history::Window],
 ) -> Result<Vec<super::CappedClaim>> {
-    Err(Error::runtime("frequency caps on the Redis store: not built yet"))
+    Err(Error::runtime(
+        "frequency caps on the Redis store: not built yet",
+    ))
 }

@@ -354,7 +354,11 @@ impl SendHistory {
         let before = st.table.clone();
         let slot = st.table.alloc(t, horizon_s).map_err(Error::runtime)?;
         if st.table != before {
-            if let Err(e) = write_atomic(&self.dir, &self.dir.join("sendtimes"), &encode_table(&st.table)) {
+            if let Err(e) = write_atomic(
+                &self.dir,
+                &self.dir.join("sendtimes"),
+                &encode_table(&st.table),
+            ) {
                 st.table = before;
                 return Err(e);
             }
@@ -432,7 +436,9 @@ pub struct Histories {
 
 impl std::fmt::Debug for SendHistory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SendHistory").field("dir", &self.dir).finish()
+        f.debug_struct("SendHistory")
+            .field("dir", &self.dir)
+            .finish()
     }
 }
 

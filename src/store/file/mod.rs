@@ -271,7 +271,9 @@ impl FileStore {
             Some(ledger) => ledger.sets(),
             None => self.read_sets(key)?,
         };
-        Ok((sets.claimed - sets.held_out - sets.capped).iter().collect())
+        Ok((sets.claimed - sets.held_out - sets.capped)
+            .iter()
+            .collect())
     }
 
     /// See [`crate::store::Store::quiet_unsettled`]; empty (and nothing created) if the
@@ -345,7 +347,10 @@ impl FileStore {
     /// The slot of send time `t`; see [`crate::store::Store::send_slot`].
     pub fn send_slot(&self, t: i64, horizon_s: i64) -> Result<u16> {
         if self.lock.is_none() {
-            return Err(Error::runtime(format!("store {} is open read-only", self.url)));
+            return Err(Error::runtime(format!(
+                "store {} is open read-only",
+                self.url
+            )));
         }
         self.history.get()?.send_slot(t, horizon_s)
     }

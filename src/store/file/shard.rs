@@ -260,7 +260,8 @@ impl Shard {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let mut out = crate::store::CappedClaim::default();
-        let (mut sent, mut resend, mut seen) = (Vec::new(), RoaringBitmap::new(), RoaringBitmap::new());
+        let (mut sent, mut resend, mut seen) =
+            (Vec::new(), RoaringBitmap::new(), RoaringBitmap::new());
         for &id in ids {
             if !seen.insert(id) || st.sets.done.contains(id) {
                 out.claim.already.push(id);
@@ -285,7 +286,8 @@ impl Shard {
                 history.must_replay();
                 return Err(e);
             }
-            st.sets.apply_all(Kind::Claim, &sent.iter().copied().collect());
+            st.sets
+                .apply_all(Kind::Claim, &sent.iter().copied().collect());
         }
         if !out.capped.is_empty() {
             self.append(key, st, Kind::Capped, &out.capped)?;
