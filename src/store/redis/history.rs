@@ -654,4 +654,64 @@ mod tests {
             "{err}"
         );
     }
+
+    /// Two runs allocating the same times at once agree on every slot; two runs offering
+    /// the same users a send at once under a one-send cap send each user once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_runs_share_one_table_and_one_history() {
+        let redis = RedisServer::start();
+        redis.cli(&["CONFIG", "SET", "appendfsync", "no"]);
+        let url = redis.url(0);
+        let (a, b) = tokio::join!(
+            RedisStore::open_with(&url, false, None, LEASE),
+            RedisStore::open_with(&url, false, None, LEASE)
+        );
+        let (a, b) = (
+            std::sync::Arc::new(a.unwrap()),
+            std::sync::Arc::new(b.unwrap()),
+        );
+        let times: Vec<i64> = (1..=300).map(|i| 1_000 + i).collect();
+        let alloc = |store: std::sync::Arc<RedisStore>, times: Vec<i64>| {
+            tokio::spawn(async move {
+                let mut slots = std::collections::BTreeMap::new();
+                for t in times {
+                    slots.insert(t, store.send_slot(t, 100).await.unwrap());
+                }
+                slots
+            })
+        };
+        let backwards = times.iter().rev().copied().collect();
+        let (x, y) = (alloc(a.clone(), times.clone()), alloc(b.clone(), backwards));
+        let (x, y) = (x.await.unwrap(), y.await.unwrap());
+        assert_eq!(x, y);
+        let table = a.send_times().await.unwrap();
+        for (t, slot) in &x {
+            assert_eq!(table.time(*slot), Some(*t));
+        }
+        let t = 1_300;
+        let at = SendAt { slot: x[&t], t };
+        let caps = [Window { max: 1, per_s: 100 }];
+        let users: Vec<u32> = (0..2_000).collect();
+        let offer = |store: std::sync::Arc<RedisStore>, key: &'static str, users: Vec<u32>| {
+            tokio::spawn(async move {
+                let mut sent = Vec::new();
+                let ledger = Ledger::Redis(store.ledger(key).await.unwrap());
+                for batch in users.chunks(100) {
+                    let got = claim_capped(&[(ledger.clone(), batch.to_vec())], at, &caps)
+                        .await
+                        .unwrap();
+                    sent.extend(got[0].claim.claimed.iter().copied());
+                }
+                sent
+            })
+        };
+        let (x, y) = (
+            offer(a.clone(), "a", users.clone()),
+            offer(b.clone(), "b", users.iter().rev().copied().collect()),
+        );
+        let mut sent = x.await.unwrap();
+        sent.extend(y.await.unwrap());
+        sent.sort_unstable();
+        assert_eq!(sent, users, "each user sent exactly once");
+    }
 }
