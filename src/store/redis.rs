@@ -7,6 +7,10 @@
 //! fanout:unreachable:{ledger}:{chunk}   bitmap: settled without a push (no token)
 //! fanout:held_out:{ledger}:{chunk}      bitmap: held out (claimed and settled in one call)
 //! fanout:quiet:{ledger}:{chunk}         bitmap: ever held for quiet hours (not claimed by it)
+//! fanout:capped:{ledger}:{chunk}        bitmap: a frequency cap bound (claimed and settled
+//!                                       in one call)
+//! fanout:history:{chunk}                string: 8 bytes of send history a user ([`history`])
+//! fanout:sendtimes                      hash: the send-time table the histories point into
 //! fanout:inflight:{ledger}:{run}:{chunk}  bitmap: ids run holds, not yet done
 //! fanout:resend:{ledger}:{run}:{chunk}  bitmap: ids run adopted and has not handed out again
 //! fanout:lease:next                     counter: the last lease token handed out
@@ -28,6 +32,9 @@
 //!   unreachable users also set their bit in that outcome's bitmap): *done* is "claimed and in
 //!   no in-flight bitmap". A held-out claim sets the held-out bit instead of the in-flight
 //!   one, in the claim's own call, so no crash leaves a held-out user to be sent.
+//! - **Frequency caps** ([`history`]): a capped claim is the claim's script with each new
+//!   user's send history checked and written in the same call, under the same lease, nonce
+//!   and stored reply; a user a cap binds is claimed and settled in the capped bitmap.
 //! - **Adoption.** Before a ledger is first handed out, every other run's in-flight bitmap of
 //!   it is looked at: if the run's lease is gone it is dead; if the lease exists (and the set
 //!   holds ids), it is polled until its PTTL goes up or the set changes (alive: left alone)
@@ -64,6 +71,7 @@ use scripts::{
 
 mod campaigns;
 mod conn;
+mod history;
 mod lease;
 mod scripts;
 
@@ -73,6 +81,7 @@ pub use conn::{
     client, connect, env_duration, retry_budget, shown, CA_ENV, RETRY_BUDGET, RETRY_ENV,
 };
 pub(crate) use conn::{retrying, retrying_as};
+pub use history::claim_capped;
 use lease::spawn_heartbeat;
 pub use lease::Lease;
 
@@ -190,6 +199,7 @@ pub struct RedisLedger {
     unreachable: String,
     held_out: String,
     quiet: String,
+    capped: String,
     /// `fanout:inflight:{ledger}:`: every run's in-flight bitmaps of this ledger start so.
     inflight_all: String,
     /// `fanout:inflight:{ledger}:{run}:`, ours.
@@ -201,6 +211,8 @@ pub struct RedisLedger {
     lease: Option<Arc<Lease>>,
     /// The chunks this process claimed or marked in, to compact at the end of the run.
     chunks: Mutex<BTreeSet<u32>>,
+    /// The chunks whose send histories this process's capped claims wrote, likewise.
+    histories: Mutex<BTreeSet<u32>>,
 }
 
 impl RedisStore {
@@ -325,11 +337,13 @@ impl RedisStore {
                     unreachable: format!("fanout:unreachable:{key}:"),
                     held_out: format!("fanout:held_out:{key}:"),
                     quiet: format!("fanout:quiet:{key}:"),
+                    capped: format!("fanout:capped:{key}:"),
                     inflight: format!("fanout:inflight:{key}:{}:", self.run),
                     resend: format!("fanout:resend:{key}:{}:", self.run),
                     read_only: self.read_only,
                     lease: self.lease.clone(),
                     chunks: Mutex::new(BTreeSet::new()),
+                    histories: Mutex::new(BTreeSet::new()),
                 };
                 if let Some(lease) = &self.lease {
                     let adopted = self.adopt_orphans(key, &ledger, lease).await?;
@@ -629,32 +643,27 @@ impl RedisStore {
         let dead = ledger.bits(&ledger.dead).await?;
         let unreachable = ledger.bits(&ledger.unreachable).await?;
         let held_out = ledger.bits(&ledger.held_out).await?;
+        let capped = ledger.bits(&ledger.capped).await?;
         let quiet_held = ledger.bits(&ledger.quiet).await? - &claimed;
         let settled = &claimed - &in_flight;
         Ok(super::Outcomes {
-            delivered: &(&(&settled - &dead) - &unreachable) - &held_out,
+            delivered: &(&(&(&settled - &dead) - &unreachable) - &held_out) - &capped,
             dead_lettered: dead,
             unreachable,
             held_out,
             in_flight,
             quiet_held,
-            capped: RoaringBitmap::new(),
+            capped,
         })
     }
 
-    /// The slot of send time `t`; see [`super::Store::send_slot`].
-    pub async fn send_slot(&self, _t: i64, _horizon_s: i64) -> Result<u16> {
-        Err(Error::runtime(
-            "frequency caps on the Redis store: not built yet",
-        ))
-    }
-
-    /// Every id of ledger `key` claimed and not held out, sorted.
+    /// Every id of ledger `key` claimed and neither held out nor capped (never sent), sorted.
     pub async fn granted(&self, key: &str) -> Result<Vec<u32>> {
         let ledger = self.ledger(key).await?;
         let claimed = ledger.bits(&ledger.granted).await?;
         let held_out = ledger.bits(&ledger.held_out).await?;
-        Ok((claimed - held_out).iter().collect())
+        let capped = ledger.bits(&ledger.capped).await?;
+        Ok((claimed - held_out - capped).iter().collect())
     }
 
     /// The ledgers opened so far.
@@ -674,8 +683,17 @@ impl RedisStore {
             return Ok(());
         };
         let drop_empty = Script::new(DROP_EMPTY);
+        let mut histories = BTreeSet::new();
         for ledger in self.opened() {
             ledger.compact().await?;
+            histories.extend(
+                ledger
+                    .histories
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .copied(),
+            );
             for (prefix, drop) in [(&ledger.inflight, false), (&ledger.resend, true)] {
                 let keys = scan(&self.con, &self.url, &format!("{}*", glob_escape(prefix))).await?;
                 // Exactly ours: `{prefix}{chunk}`.
@@ -699,6 +717,7 @@ impl RedisStore {
                 }
             }
         }
+        self.compact_histories(&histories).await?;
         if lease.release(&self.con).await? {
             return Ok(());
         }
@@ -759,6 +778,7 @@ impl RedisLedger {
                 &self.unreachable,
                 &self.held_out,
                 &self.quiet,
+                &self.capped,
             ]
             .map(|set| format!("{set}{chunk}"));
             retrying(&self.url, "compact the ledger", || {
@@ -1099,7 +1119,7 @@ impl RedisLedger {
 /// The integration tests' real redis-server helper, for the unit tests below.
 #[cfg(test)]
 #[path = "../../tests/redis_server/mod.rs"]
-mod redis_server;
+pub(super) mod redis_server;
 
 #[cfg(test)]
 mod tests {
@@ -1137,15 +1157,4 @@ mod tests {
         let other = ledger.claim(&ids).await.unwrap();
         assert_eq!(other.already, ids);
     }
-}
-
-/// Capped claims on Redis; see [`super::claim_capped`].
-pub async fn claim_capped(
-    _members: &[(super::Ledger, Vec<u32>)],
-    _at: super::SendAt,
-    _caps: &[crate::history::Window],
-) -> Result<Vec<super::CappedClaim>> {
-    Err(Error::runtime(
-        "frequency caps on the Redis store: not built yet",
-    ))
 }

@@ -12,7 +12,7 @@ use redis::Script;
 
 /// Lua shared by [`CLAIM`], [`MARK`] and [`ADOPT`]: after their own leading ARGV, the rest is
 /// `first byte, mask, first byte, mask, …`.
-const SEGMENTS: &str = r"
+pub(super) const SEGMENTS: &str = r"
 -- A byte string of n bytes as a table of numbers (0 past the string's end).
 local function bytes(s, n)
   local t = {}
@@ -43,7 +43,7 @@ end
 pub const FENCED: &str = "FENCED";
 
 /// Lua shared by the scripts that act for a run: fails unless lease key `k` holds token `t`.
-const GUARD: &str = r"
+pub(super) const GUARD: &str = r"
 local function guard(k, t)
   if redis.call('GET', KEYS[k]) ~= t then
     return redis.error_reply('FENCED lease lost')
@@ -330,6 +330,11 @@ impl Segments {
         self.0.len()
     }
 
+    /// How many mask bytes all segments hold together (a claim's reply is this long).
+    pub fn bytes(&self) -> usize {
+        self.0.iter().map(|(_, m)| m.len()).sum()
+    }
+
     /// Adds the segments to a script call as `first byte, mask` argument pairs.
     pub fn args(&self, call: &mut redis::ScriptInvocation<'_>) {
         for (first, mask) in &self.0 {
@@ -340,8 +345,7 @@ impl Segments {
     /// Reads a claim's reply (the claimed masks, concatenated in segment order): whether each
     /// of `offsets` was claimed, in order. A duplicate offset is claimed once, the first time.
     pub fn claimed(&self, offsets: &[u32], reply: &[u8]) -> Option<Vec<bool>> {
-        let total: usize = self.0.iter().map(|(_, m)| m.len()).sum();
-        if reply.len() != total {
+        if reply.len() != self.bytes() {
             return None;
         }
         let mut reply = reply.to_vec();
