@@ -328,6 +328,56 @@ fn two_processes_deliver_the_naive_set_once_and_both_do_work() {
     assert_eq!(again, want.len(), "a re-run delivered again");
 }
 
+/// [`job`] under a cap of one send a day, with a bulk promotion to everyone listed before
+/// `sporty` (normal): sporty's audience is capped for the blast, wherever each user's bucket
+/// runs; the lazy coupon is not capped.
+fn capped_job() -> String {
+    job(50).replace(
+        "[policy]\ncontrol_group = 0.05\n",
+        "[policy]\ncontrol_group = 0.05\nfrequency_caps = [{ max = 1, per = \"24h\" }]\n\n\
+         [[campaign]]\nid = \"blast\"\nkind = \"promotion\"\npriority = \"bulk\"\n\
+         start = \"2026-03-01T00:00:00Z\"\nend = \"2026-03-08T00:00:00Z\"\ntitle = \"Blast\"\n\
+         body = \"All in, {user.id}\"\n",
+    )
+}
+
+#[test]
+fn two_processes_apply_a_frequency_cap_as_the_naive_reading_says() {
+    let s = Scratch::new();
+    let users = inputs(&s);
+    let job = capped_job();
+    s.write("job.toml", &job);
+    run_cluster(&s, &["--summary", "summary.json"]);
+
+    let want = expected_run_in(&job, s.dir.path(), &users);
+    let d0 = delivered(&s.path("deliveries-0.jsonl"));
+    let d1 = delivered(&s.path("deliveries-1.jsonl"));
+    assert!(d0.is_disjoint(&d1), "a pair delivered by both processes");
+    let all: BTreeSet<_> = d0.union(&d1).cloned().collect();
+    assert_eq!(all, want.delivered);
+    let summary = read_summary(&s.path("summary.json"));
+    let of = |set: &BTreeSet<Pair>, c: &str| set.iter().filter(|w| w.0 == c).count() as u64;
+    assert!(of(&want.capped, "blast") > 0, "the cap should bind");
+    for c in ["blast", "sporty", "welcome"] {
+        let line = campaign_line(&summary, c);
+        assert_eq!(line["delivered"], of(&want.delivered, c), "{c}: {line}");
+        assert_eq!(line["capped"], of(&want.capped, c), "{c}: {line}");
+        assert_eq!(line["held_out"], of(&want.held_out, c), "{c}: {line}");
+    }
+
+    // A re-run finds every pair settled, the capped ones included.
+    run_cluster_with(&s, &["-w", "1", "--summary", "again.json"], &["-w", "1"]);
+    let again = delivered(&s.path("deliveries-0.jsonl")).len()
+        + delivered(&s.path("deliveries-1.jsonl")).len();
+    assert_eq!(again, want.delivered.len(), "a re-run delivered again");
+    for c in read_summary(&s.path("again.json"))["campaigns"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(c["eligible"], 0, "re-run: {c}");
+    }
+}
+
 const USERS: u64 = 150_000;
 
 fn slow_job() -> String {

@@ -5,6 +5,11 @@
 //! provider 5xx/429/timeouts and a credential stop), then a clean run, and checks the
 //! deliveries over all runs against the naive reading of the job: nothing lost, nothing
 //! unexpected, repeated keys carry identical records, duplicates within what was in flight.
+//! Jobs draw holdouts, a control group, night quiet hours and (about a quarter of them, where
+//! a user is offered two capped sends) frequency caps; under caps every run's `--now` is
+//! non-decreasing (the fault runs all at the first tick), a Redis restart keeps its data, and
+//! no user's distinct deliveries may exceed a cap, whatever was killed between a claim and
+//! its record in the send history.
 //!
 //! ```text
 //! cargo test --release --test faults                          # the CI set: seeds 1..=200

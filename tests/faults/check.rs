@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::common::OUTCOMES;
+use crate::naive::{keeps_caps, NCap};
 
 /// One delivery as the provider saw it.
 #[derive(Debug, Clone)]
@@ -17,6 +18,8 @@ pub struct Delivery {
     pub record: Value,
     /// Where it was seen (log file or "http").
     pub source: String,
+    /// The run that sent it (the first run for a key sent again).
+    pub run: usize,
 }
 
 /// Parses a delivery record; None if it is not one (a torn line).
@@ -32,6 +35,7 @@ pub fn parse(bytes: &[u8]) -> Option<Delivery> {
         key: v.get("key")?.as_str()?.to_owned(),
         record: v,
         source: String::new(),
+        run: 0,
     })
 }
 
@@ -163,5 +167,47 @@ pub fn summary(path: &Path, violations: &mut Vec<String>) {
                 "summary: eligible != the sum of the outcomes in {c}"
             ));
         }
+    }
+}
+
+/// SPEC "Frequency caps", on what was actually sent: each user's distinct deliveries of the
+/// `capped` campaigns, each at the `--now` of the first run that sent it (`ticks[run]`), keep
+/// every cap, whatever crashed between a claim and its record in the send history.
+pub fn caps(
+    got: &[Delivery],
+    ticks: &[String],
+    caps: &[NCap],
+    capped: &BTreeSet<String>,
+    violations: &mut Vec<String>,
+) {
+    let mut first: BTreeMap<Pair, usize> = BTreeMap::new();
+    for d in got.iter().filter(|d| capped.contains(&d.campaign)) {
+        let run = first
+            .entry((d.campaign.clone(), d.occurrence.clone(), d.user))
+            .or_insert(d.run);
+        *run = (*run).min(d.run);
+    }
+    let mut sends: BTreeMap<u64, Vec<(chrono::DateTime<chrono::Utc>, &Pair)>> = BTreeMap::new();
+    for (pair, run) in &first {
+        let t = chrono::DateTime::parse_from_rfc3339(&ticks[*run]).unwrap();
+        sends.entry(pair.2).or_default().push((t.to_utc(), pair));
+    }
+    let over: Vec<String> = sends
+        .iter()
+        .filter(|(_, s)| !keeps_caps(caps, &s.iter().map(|(t, _)| *t).collect::<Vec<_>>()))
+        .take(3)
+        .map(|(user, s)| {
+            let list: Vec<String> = s
+                .iter()
+                .map(|(t, p)| format!("{} at {t}", show(p)))
+                .collect();
+            format!("user {user}: {}", list.join(", "))
+        })
+        .collect();
+    if !over.is_empty() {
+        violations.push(format!(
+            "a frequency cap {caps:?} exceeded: {}",
+            over.join("; ")
+        ));
     }
 }

@@ -167,6 +167,8 @@ struct Ctx<'a> {
     interruptions: Vec<String>,
     /// A Redis restart without persistence: re-sends of expected pairs are allowed.
     forgetful: bool,
+    /// Each run's start and `--now`, by run number.
+    runs: Vec<(Instant, String)>,
 }
 
 impl Ctx<'_> {
@@ -207,6 +209,7 @@ impl Ctx<'_> {
     ) -> (Vec<Proc>, usize) {
         let run = self.run_no;
         self.run_no += 1;
+        self.runs.push((Instant::now(), tick.to_owned()));
         let n = self.s.processes;
         if n > 1 {
             let listeners: Vec<_> = (0..n)
@@ -570,6 +573,10 @@ impl Ctx<'_> {
                                     ));
                                 }
                                 d.source = "http".into();
+                                // Runs follow one another (a stalled one resumes at the
+                                // tick of the run that took over): the latest run started.
+                                let started = self.runs.iter().filter(|r| r.0 <= hit.at);
+                                d.run = started.count().saturating_sub(1);
                                 out.push(d);
                             }
                             None => self.violations.push(format!(
@@ -594,6 +601,7 @@ impl Ctx<'_> {
                             match check::parse(l) {
                                 Some(mut d) => {
                                     d.source = name.clone();
+                                    d.run = run;
                                     out.push(d);
                                 }
                                 // A torn final line (killed mid-write) is not a delivery.
@@ -669,13 +677,18 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
         violations: Vec::new(),
         interruptions: Vec::new(),
         forgetful: false,
+        runs: Vec::new(),
     };
     cx.note(format!("{} expected deliveries", expected.len()));
     // The faults walk through the ticks in order; the final phase runs every tick cleanly.
     let nf = s.faults.len().max(1);
     let faults: &[Fault] = if env.clean { &[] } else { &s.faults };
     for (k, &fault) in faults.iter().enumerate() {
-        let tick = &s.ticks[k * s.ticks.len() / nf];
+        // Under caps `--now` never goes back (the final phase starts at the first tick).
+        let tick = match s.capped {
+            true => &s.ticks[0],
+            false => &s.ticks[k * s.ticks.len() / nf],
+        };
         cx.note(format!("fault {k}: {fault} at --now {tick}"));
         cx.fault_step(fault, tick);
     }
@@ -695,6 +708,11 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
         &mut cx.violations,
     );
     cx.note(stats);
+    if s.capped {
+        let (caps, capped) = s.caps();
+        let ticks: Vec<String> = cx.runs.iter().map(|r| r.1.clone()).collect();
+        check::caps(&deliveries, &ticks, &caps, &capped, &mut cx.violations);
+    }
     keep_dir_if(&cx);
     cx.violations
 }

@@ -156,6 +156,9 @@ pub struct Schedule {
     /// `--now` of the runs; the final phase is one clean run per tick.
     pub ticks: Vec<String>,
     pub faults: Vec<Fault>,
+    /// Frequency caps drawn (`[policy] frequency_caps`): every run's `--now` then stays
+    /// non-decreasing (the fault runs all at the first tick).
+    pub capped: bool,
     pub job: String,
     pub users_text: String,
     pub logins_text: Option<String>,
@@ -327,6 +330,46 @@ fn logins_text(r: &mut Rng, users: &BTreeMap<u64, TUser>, max_id: u64) -> String
     out
 }
 
+/// The `frequency_caps` line of schedule `seed` (None for 40% of the schedules that offer a
+/// user two capped sends, and for the others), and some of its capped campaigns at bulk priority: a short cap (an hour
+/// or two lets a later tick send again) and often a long one. From a sequence of its own.
+fn frequency_caps(
+    seed: u64,
+    ids: &[(String, Kind)],
+    ticks: usize,
+    campaigns: &mut String,
+) -> Option<String> {
+    let mut r = Rng::new(seed ^ 0xca95);
+    let capped: Vec<&String> = ids
+        .iter()
+        .filter(|(_, k)| *k != Kind::LazyCoupon)
+        .map(|(id, _)| id)
+        .collect();
+    // A cap binds only where a user is offered two capped sends: two campaigns or two ticks.
+    if (capped.len() < 2 && ticks < 2) || capped.is_empty() || !r.chance(60) {
+        return None;
+    }
+    let mut caps = vec![format!(
+        "{{ max = {}, per = \"{}\" }}",
+        r.pick(&[1, 1, 2]),
+        r.pick(&["1h", "2h", "6h", "24h"])
+    )];
+    if r.chance(60) {
+        caps.push(format!(
+            "{{ max = {}, per = \"{}\" }}",
+            r.range(2, 5),
+            r.pick(&["24h", "7d"])
+        ));
+    }
+    for id in capped {
+        if r.chance(35) {
+            let line = format!("id = \"{id}\"\n");
+            *campaigns = campaigns.replace(&line, &format!("{line}priority = \"bulk\"\n"));
+        }
+    }
+    Some(format!("frequency_caps = [{}]\n", caps.join(", ")))
+}
+
 pub fn plan(seed: u64) -> Schedule {
     let mut r = Rng::new(seed);
     let all = [
@@ -357,7 +400,7 @@ pub fn plan(seed: u64) -> Schedule {
     } else {
         ProviderKind::Log
     };
-    let redis_persist = r.chance(50);
+    let mut redis_persist = r.chance(50);
     let n = r.range(1000, 20_000);
     let spread = r.range(1, 4);
     let bucket = r.range(50, 500);
@@ -406,6 +449,14 @@ pub fn plan(seed: u64) -> Schedule {
         campaigns.push_str(&campaign(&mut r, k, &id));
         ids.push((id, k));
     }
+    // Caps come from a sequence of their own: a schedule that draws none is the one its seed
+    // drew before caps existed.
+    let caps = frequency_caps(seed, &ids, ticks.len(), &mut campaigns);
+    if caps.is_some() {
+        // A Redis that forgets (no persistence) forgets the send history too, and no cap can
+        // hold across that: capped schedules restart a persistent Redis only.
+        redis_persist = true;
+    }
     let granted_text = r.chance(30).then(|| {
         let mut out = String::new();
         for (id, k) in &ids {
@@ -434,8 +485,9 @@ pub fn plan(seed: u64) -> Schedule {
              logins_per_epoch = {logins_per_epoch}\n\n[store]\nurl = \"file:store\"\n\n\
              [provider]\nurl = \"log:deliveries.jsonl\"\nconcurrency = {concurrency}\n\
              rate_per_s = {rate}\nmax_attempts = 6\ndead_letter = \"dead-letters.jsonl\"\n\n\
-             [policy]\ncontrol_group = {control_group}\n{quiet}\n",
-            ticks[0]
+             [policy]\ncontrol_group = {control_group}\n{quiet}{}\n",
+            ticks[0],
+            caps.as_deref().unwrap_or_default(),
         );
         j.push_str(&campaigns);
         j
@@ -503,13 +555,17 @@ pub fn plan(seed: u64) -> Schedule {
 
     let mut summary = format!(
         "workload [{}] users={} ids<={} bucket={bucket} batch={batch} conc={concurrency} rate={rate}/s \
-         granted={} logins={} epoch={logins_per_epoch} ticks=[{}] | store={}{} procs={processes} w={workers:?} provider={}",
+         granted={} logins={} epoch={logins_per_epoch} ticks=[{}]{} | store={}{} procs={processes} w={workers:?} provider={}",
         kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(","),
         users.len(),
         n * spread,
         granted_text.is_some(),
         logins_text.as_deref().map(|t| t.lines().count()).unwrap_or(0),
         ticks.join(","),
+        match &caps {
+            Some(c) => format!(" {}", c.trim_end().replace(' ', "")),
+            None => String::new(),
+        },
         match store {
             StoreKind::File => "file",
             StoreKind::Redis => "redis",
@@ -548,6 +604,7 @@ pub fn plan(seed: u64) -> Schedule {
         workers,
         ticks,
         faults,
+        capped: caps.is_some(),
         job,
         users_text,
         logins_text,
@@ -562,8 +619,14 @@ impl Schedule {
         &self.summary
     }
 
-    /// The naive expectation: (campaign, occurrence, user) over every tick.
+    /// The naive expectation: (campaign, occurrence, user) over a run at every tick in turn
+    /// (holdouts, quiet hours across the users' zones, caps: [`naive::runs`]).
     pub fn expected(&self) -> BTreeSet<(String, Option<String>, u64)> {
+        self.runs().into_iter().flat_map(|r| r.delivered).collect()
+    }
+
+    /// The naive reading of one run at each tick.
+    fn runs(&self) -> Vec<naive::NRun> {
         let granted = self
             .granted_text
             .as_deref()
@@ -574,37 +637,23 @@ impl Schedule {
             .as_deref()
             .map(naive::logins_jsonl)
             .unwrap_or_default();
-        let mut all = BTreeSet::new();
         let nows: Vec<_> = self
             .ticks
             .iter()
             .map(|t| chrono::DateTime::parse_from_rfc3339(t).unwrap().to_utc())
             .collect();
-        for &now in &nows {
-            all.extend(naive::expected(
-                &self.job,
-                &self.users,
-                &logins,
-                &granted,
-                Some(now),
-            ));
-        }
-        if !self.job.contains("quiet_hours") {
-            return all;
-        }
-        // Quiet hours: fan-outs as a sequence of runs at the ticks (held, then released);
-        // lazy coupons are exempt and keep the reading above.
-        let lazy: BTreeSet<String> = naive::campaigns(&self.job)
+        let zones = naive::zones_jsonl(&self.users_text);
+        naive::runs(&self.job, &self.users, &zones, &logins, &granted, &nows)
+    }
+
+    /// Of the job's caps, (caps, the campaigns they limit): what [`crate::check::caps`] checks.
+    pub fn caps(&self) -> (Vec<naive::NCap>, BTreeSet<String>) {
+        let capped = naive::campaigns(&self.job)
             .0
             .into_iter()
-            .filter(|c| c.on_login)
+            .filter(|c| c.capped())
             .map(|c| c.id)
             .collect();
-        all.retain(|p| lazy.contains(&p.0));
-        let zones = naive::zones_jsonl(&self.users_text);
-        for run in naive::fan_out_runs(&self.job, &self.users, &zones, &granted, &nows) {
-            all.extend(run.delivered);
-        }
-        all
+        (naive::frequency_caps(&self.job), capped)
     }
 }

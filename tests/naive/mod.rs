@@ -22,8 +22,19 @@ pub struct NCampaign {
     pub goods_name: Option<String>,
     /// Share held out of this campaign.
     pub holdout: f64,
-    /// `priority = "transactional"`: the control group does not apply.
+    /// `priority = "transactional"`: the control group, quiet hours and caps do not apply.
     pub transactional: bool,
+    /// The order a run offers a user capped campaigns in: 0 transactional, 1 normal (the
+    /// default), 2 bulk.
+    pub priority: u8,
+}
+
+impl NCampaign {
+    /// SPEC "Frequency caps": whether caps limit this campaign's sends and count them
+    /// (fan-outs of normal or bulk priority; not lazy coupons, not transactional ones).
+    pub fn capped(&self) -> bool {
+        !self.on_login && !self.transactional
+    }
 }
 
 fn time(v: &Value) -> DateTime<Utc> {
@@ -102,6 +113,12 @@ pub fn campaigns(job: &str) -> (Vec<NCampaign>, Option<DateTime<Utc>>) {
                     .map(str::to_owned),
                 holdout: c.get("holdout").map(share).unwrap_or(0.0),
                 transactional: c.get("priority").and_then(Value::as_str) == Some("transactional"),
+                priority: match c.get("priority").and_then(Value::as_str) {
+                    Some("transactional") => 0,
+                    None | Some("normal") => 1,
+                    Some("bulk") => 2,
+                    Some(other) => panic!("priority {other} not understood by the naive reader"),
+                },
             }
         })
         .collect();
@@ -167,8 +184,7 @@ pub fn expected(
     expected_outcomes(job, users, logins, granted, now).0
 }
 
-/// What should be (delivered, held out): the pairs of users in each campaign's audience and
-/// window, not granted before, split by SPEC's holdout rule.
+/// What should be (delivered, held out): [`expected_run`]'s delivered and held-out pairs.
 pub fn expected_outcomes(
     job: &str,
     users: &BTreeMap<u64, TUser>,
@@ -176,39 +192,23 @@ pub fn expected_outcomes(
     granted: &BTreeSet<(String, u64)>,
     now: Option<DateTime<Utc>>,
 ) -> (BTreeSet<Pair>, BTreeSet<Pair>) {
-    let (campaigns, job_now) = campaigns(job);
-    let control = control_group(job);
-    let now = now.or(job_now).expect("a clock");
-    let mut want = BTreeSet::new();
-    for c in &campaigns {
-        let pre = |u: u64| granted.contains(&(c.id.clone(), u));
-        if c.on_login {
-            for &(user, ts) in logins {
-                if let Some(u) = users.get(&user) {
-                    if c.start <= ts && ts < c.end && c.persona.matches(u) && !pre(user) {
-                        want.insert((c.id.clone(), None, user));
-                    }
-                }
-            }
-        } else if c.start <= now && now < c.end {
-            let occurrence = (c.kind == "hot_product").then(|| tick(c, now));
-            for u in users.values() {
-                let granted_before = occurrence.is_none() && pre(u.id);
-                if c.persona.matches(u) && !granted_before {
-                    want.insert((c.id.clone(), occurrence.clone(), u.id));
-                }
-            }
-        }
-    }
-    let held = want
-        .iter()
-        .filter(|(id, _, user)| {
-            let c = campaigns.iter().find(|c| &c.id == id).unwrap();
-            is_held_out(c, control, *user)
-        })
-        .cloned()
-        .collect::<BTreeSet<Pair>>();
-    (&want - &held, held)
+    let run = expected_run(job, users, logins, granted, now);
+    (run.delivered, run.held_out)
+}
+
+/// One run of `job` at `now` (else the job's `[engine] now`) against a fresh store: the pairs
+/// of users in each campaign's audience and window, not granted before, by outcome ([`runs`]
+/// with every user in `default_tz`).
+pub fn expected_run(
+    job: &str,
+    users: &BTreeMap<u64, TUser>,
+    logins: &[NLogin],
+    granted: &BTreeSet<(String, u64)>,
+    now: Option<DateTime<Utc>>,
+) -> NRun {
+    let now = now.or(campaigns(job).1).expect("a clock");
+    let mut all = runs(job, users, &BTreeMap::new(), logins, granted, &[now]);
+    all.pop().unwrap()
 }
 
 /// What `job` should deliver with its logins and granted inputs read from `dir` (where the
@@ -227,6 +227,18 @@ pub fn expected_outcomes_in(
     dir: &std::path::Path,
     users: &BTreeMap<u64, TUser>,
 ) -> (BTreeSet<Pair>, BTreeSet<Pair>) {
+    let run = expected_run_in(job, dir, users);
+    (run.delivered, run.held_out)
+}
+
+/// [`expected_run`] with the inputs read from `dir`, as [`expected_in`] does.
+pub fn expected_run_in(job: &str, dir: &std::path::Path, users: &BTreeMap<u64, TUser>) -> NRun {
+    let (logins, granted) = inputs_in(job, dir);
+    expected_run(job, users, &logins, &granted, None)
+}
+
+/// The job's logins and granted pairs, read from `dir` (none where the job names none).
+pub fn inputs_in(job: &str, dir: &std::path::Path) -> (Vec<NLogin>, BTreeSet<(String, u64)>) {
     let doc: Value = toml::from_str(job).expect("test job is TOML");
     let input = |k: &str| {
         doc["inputs"]
@@ -240,7 +252,7 @@ pub fn expected_outcomes_in(
     let granted = input("granted")
         .map(|t| granted_jsonl(&t))
         .unwrap_or_default();
-    expected_outcomes(job, users, &logins, &granted, None)
+    (logins, granted)
 }
 
 /// Reads login events the naive way.
@@ -295,12 +307,15 @@ pub fn delivered(path: &std::path::Path) -> BTreeSet<(String, Option<String>, u6
 /// What one run of a sequence does, as the naive reading sees it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct NRun {
+    /// Sent (with the `log:` provider, users without a token too).
     pub delivered: BTreeSet<Pair>,
     pub held_out: BTreeSet<Pair>,
     /// Held for quiet hours by this run (again, if an earlier run held them too).
     pub quiet_held: BTreeSet<Pair>,
     /// Dead-lettered: their campaign's window ended during their quiet hours.
     pub expired: BTreeSet<Pair>,
+    /// A frequency cap bound: never sent for this occurrence.
+    pub capped: BTreeSet<Pair>,
 }
 
 /// Each user's zone name, from users JSON Lines (users without one are absent; the last
@@ -338,9 +353,93 @@ fn is_quiet(zone: &str, t: DateTime<Utc>, (start, end): (u32, u32)) -> bool {
     }
 }
 
-/// Fan-out runs of `job` at each of `nows` in turn against one store, with the pairs of
-/// `granted` granted before, holdouts, the control group and quiet hours (lazy coupons are
-/// left out: quiet hours exempt them).
+/// A `{ max, per }` frequency cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NCap {
+    pub max: usize,
+    pub per_s: i64,
+}
+
+/// The job's `[policy] frequency_caps` (none without).
+pub fn frequency_caps(job: &str) -> Vec<NCap> {
+    let doc: Value = toml::from_str(job).expect("test job is TOML");
+    doc.get("policy")
+        .and_then(|p| p.get("frequency_caps"))
+        .and_then(Value::as_array)
+        .map(|caps| {
+            caps.iter()
+                .map(|c| NCap {
+                    max: c["max"].as_integer().unwrap() as usize,
+                    per_s: every_seconds(c["per"].as_str().unwrap()),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every capped send of every user so far, with its time: exact, unlike a store's.
+#[derive(Debug, Default, Clone)]
+pub struct SendHistory(BTreeMap<u64, Vec<DateTime<Utc>>>);
+
+impl SendHistory {
+    /// SPEC "Frequency caps": a send to `user` at `t` is allowed iff, for every cap, fewer
+    /// than `max` of the user's sends fall in `(t − per, t]`.
+    pub fn allows(&self, caps: &[NCap], user: u64, t: DateTime<Utc>) -> bool {
+        let sends = self.0.get(&user).map(Vec::as_slice).unwrap_or_default();
+        caps.iter().all(|cap| {
+            let from = t - chrono::Duration::seconds(cap.per_s);
+            sends.iter().filter(|&&s| from < s && s <= t).count() < cap.max
+        })
+    }
+
+    pub fn record(&mut self, user: u64, t: DateTime<Utc>) {
+        self.0.entry(user).or_default().push(t);
+    }
+}
+
+/// Whether `sends` (the times of one user's capped sends) keep every cap: no window
+/// `(s − per, s]` ending at a send holds more than `max` of them.
+pub fn keeps_caps(caps: &[NCap], sends: &[DateTime<Utc>]) -> bool {
+    caps.iter().all(|cap| {
+        sends.iter().all(|&t| {
+            let from = t - chrono::Duration::seconds(cap.per_s);
+            sends.iter().filter(|&&s| from < s && s <= t).count() <= cap.max
+        })
+    })
+}
+
+/// The job's `[policy]` as the naive reading applies it.
+struct NPolicy {
+    control: f64,
+    quiet: Option<(u32, u32)>,
+    default_tz: String,
+    caps: Vec<NCap>,
+}
+
+impl NPolicy {
+    fn of(job: &str) -> NPolicy {
+        let doc: Value = toml::from_str(job).unwrap();
+        let policy = doc.get("policy");
+        NPolicy {
+            control: control_group(job),
+            quiet: policy.and_then(|p| p.get("quiet_hours")).map(|q| {
+                (
+                    minutes(q["start"].as_str().unwrap()),
+                    minutes(q["end"].as_str().unwrap()),
+                )
+            }),
+            default_tz: policy
+                .and_then(|p| p.get("default_tz"))
+                .and_then(Value::as_str)
+                .unwrap_or("UTC")
+                .to_owned(),
+            caps: frequency_caps(job),
+        }
+    }
+}
+
+/// Fan-out runs of `job` at each of `nows` in turn against one store (lazy coupons are left
+/// out): [`runs`] without logins.
 pub fn fan_out_runs(
     job: &str,
     users: &BTreeMap<u64, TUser>,
@@ -348,32 +447,62 @@ pub fn fan_out_runs(
     granted: &BTreeSet<(String, u64)>,
     nows: &[DateTime<Utc>],
 ) -> Vec<NRun> {
+    runs(job, users, zones, &[], granted, nows)
+}
+
+/// Runs of `job` at each of `nows` in turn (non-decreasing) against one store, with the pairs
+/// of `granted` granted before: the one place of SPEC's order of decisions. For a pair
+/// matching the audience: already settled (granted, held out, capped, sent, expired) → held
+/// out (the campaign's holdout, then the control group, which skips transactional campaigns)
+/// → quiet hours (held; released by a later run outside them, its caps checked then) →
+/// frequency caps → sent. A run decides each user's capped offers in priority order (normal
+/// before bulk), then job-file order, then tick order (a hot product's released occurrences
+/// before the current one); every allowed capped send is recorded at the run's time, whatever
+/// the push then does. Lazy coupons (exempt from quiet hours and caps, counted by no cap) are
+/// granted to `logins` by the first run.
+pub fn runs(
+    job: &str,
+    users: &BTreeMap<u64, TUser>,
+    zones: &BTreeMap<u64, String>,
+    logins: &[NLogin],
+    granted: &BTreeSet<(String, u64)>,
+    nows: &[DateTime<Utc>],
+) -> Vec<NRun> {
+    assert!(nows.is_sorted(), "runs at non-decreasing times");
     let (campaigns, _) = campaigns(job);
-    let control = control_group(job);
-    let doc: Value = toml::from_str(job).unwrap();
-    let policy = doc.get("policy");
-    let quiet = policy.and_then(|p| p.get("quiet_hours")).map(|q| {
-        (
-            minutes(q["start"].as_str().unwrap()),
-            minutes(q["end"].as_str().unwrap()),
-        )
-    });
-    let default_tz = policy
-        .and_then(|p| p.get("default_tz"))
-        .and_then(Value::as_str)
-        .unwrap_or("UTC")
-        .to_owned();
-    let zone = |u: u64| zones.get(&u).cloned().unwrap_or(default_tz.clone());
-    // Every pair settled for good (sent, held out, dead-lettered), and those held now.
-    // Granted pairs cover a campaign, not a scheduled campaign's occurrences.
+    let policy = NPolicy::of(job);
+    let zone = |u: u64| zones.get(&u).unwrap_or(&policy.default_tz);
+    // Every pair settled for good (sent, held out, capped, dead-lettered), and those held
+    // now. Granted pairs cover a campaign, not a scheduled campaign's occurrences.
     let mut settled: BTreeSet<Pair> = granted.iter().map(|(c, u)| (c.clone(), None, *u)).collect();
     let mut held: BTreeSet<Pair> = BTreeSet::new();
-    let mut runs = Vec::new();
-    for &t in nows {
+    let mut history = SendHistory::default();
+    let mut out = Vec::new();
+    for (k, &t) in nows.iter().enumerate() {
         let mut run = NRun::default();
-        for c in campaigns.iter().filter(|c| !c.on_login) {
-            let quiet_now =
-                |u: u64| quiet.is_some_and(|q| !c.transactional && is_quiet(&zone(u), t, q));
+        if k == 0 {
+            for c in campaigns.iter().filter(|c| c.on_login) {
+                for &(user, ts) in logins {
+                    let p = (c.id.clone(), None, user);
+                    let in_window = c.start <= ts && ts < c.end;
+                    let fits = users.get(&user).is_some_and(|u| c.persona.matches(u));
+                    if in_window && fits && settled.insert(p.clone()) {
+                        match is_held_out(c, policy.control, user) {
+                            true => run.held_out.insert(p),
+                            false => run.delivered.insert(p),
+                        };
+                    }
+                }
+            }
+        }
+        // Pairs past every rule but the caps, with their campaign's position in the job.
+        let mut offers: Vec<(usize, Pair)> = Vec::new();
+        for (at, c) in campaigns.iter().enumerate().filter(|(_, c)| !c.on_login) {
+            let quiet_now = |u: u64| {
+                policy
+                    .quiet
+                    .is_some_and(|q| !c.transactional && is_quiet(zone(u), t, q))
+            };
             let live = c.start <= t && t < c.end;
             let mine: Vec<Pair> = held.iter().filter(|p| p.0 == c.id).cloned().collect();
             if !live {
@@ -387,14 +516,12 @@ pub fn fan_out_runs(
                 continue;
             }
             let occurrence = (c.kind == "hot_product").then(|| tick(c, t));
-            // Earlier occurrences' held users: sent now unless still quiet.
+            // Earlier occurrences' held users: offered now unless still quiet.
             for p in mine.into_iter().filter(|p| p.1 != occurrence) {
                 if quiet_now(p.2) {
                     run.quiet_held.insert(p);
                 } else {
-                    held.remove(&p);
-                    settled.insert(p.clone());
-                    run.delivered.insert(p);
+                    offers.push((at, p));
                 }
             }
             for u in users.values().filter(|u| c.persona.matches(u)) {
@@ -402,20 +529,34 @@ pub fn fan_out_runs(
                 if settled.contains(&p) {
                     continue;
                 }
-                if is_held_out(c, control, u.id) {
+                if is_held_out(c, policy.control, u.id) {
                     settled.insert(p.clone());
                     run.held_out.insert(p);
                 } else if quiet_now(u.id) {
                     held.insert(p.clone());
                     run.quiet_held.insert(p);
                 } else {
-                    held.remove(&p);
-                    settled.insert(p.clone());
-                    run.delivered.insert(p);
+                    offers.push((at, p));
                 }
             }
         }
-        runs.push(run);
+        // Users are independent: one sort puts each user's offers in SPEC's order (an
+        // occurrence is its tick's RFC 3339 time, so its text sorts by time).
+        offers.sort_by_key(|(at, p)| (p.2, campaigns[*at].priority, *at, p.1.clone()));
+        for (at, p) in offers {
+            held.remove(&p);
+            settled.insert(p.clone());
+            let user = p.2;
+            if !campaigns[at].capped() {
+                run.delivered.insert(p);
+            } else if history.allows(&policy.caps, user, t) {
+                history.record(user, t);
+                run.delivered.insert(p);
+            } else {
+                run.capped.insert(p);
+            }
+        }
+        out.push(run);
     }
-    runs
+    out
 }
