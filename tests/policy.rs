@@ -610,7 +610,16 @@ fn check_runs(seed: u64, store: &str, workers: &str, mix: Mix) {
         ]);
         let run = format!("seed {seed} -w {w} {store} run {k} at {now}");
         let got = delivered(&s.path(&out));
-        assert_eq!(got, want.delivered, "{run}: deliveries");
+        if got != want.delivered {
+            let extra: Vec<_> = got.difference(&want.delivered).take(10).collect();
+            let missing: Vec<_> = want.delivered.difference(&got).take(10).collect();
+            panic!(
+                "{run}: deliveries: {} sent, {} expected; sent and not expected (first 10): \
+                 {extra:?}; expected and not sent (first 10): {missing:?}",
+                got.len(),
+                want.delivered.len()
+            );
+        }
         let summary = read_summary(&s.path(&summary));
         for (field, pairs) in [
             ("quiet_held", &want.quiet_held),

@@ -116,7 +116,7 @@ pub struct RunTarget {
     pub capped: bool,
     /// Where its offers to one user come in the run's decision order (SPEC "Frequency caps":
     /// priority, then job-file order, then tick): lower first.
-    pub order: (usize, usize),
+    pub order: usize,
 }
 
 /// The frequency caps of a run and the send time they are checked at.

@@ -233,7 +233,7 @@ fn shed(ctx: &Context, queues: &mut [Queue; LANES], epochs: &mut BTreeMap<Time, 
 /// target, users in id order, members in the run's decision order; with the lane of its
 /// first. `None` if there are none.
 fn capped_group(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<Candidates>)> {
-    let mut by_target: BTreeMap<((usize, usize), u32), Vec<Candidate>> = BTreeMap::new();
+    let mut by_target: BTreeMap<(usize, u32), Vec<Candidate>> = BTreeMap::new();
     for c in capped {
         let order = ctx.targets[c.target as usize].order;
         by_target
@@ -241,7 +241,8 @@ fn capped_group(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<Ca
             .or_default()
             .extend(c.users);
     }
-    let lane = by_target.keys().next()?.0 .0;
+    let first = by_target.keys().next()?.1;
+    let lane = ctx.targets[first as usize].target.campaign.priority.lane();
     let group = by_target
         .into_iter()
         .map(|((_, target), mut users)| {

@@ -1,6 +1,6 @@
 //! `fanout plan`: what a run would do, without pushing anything.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -12,7 +12,8 @@ use crate::audience::AudienceFilter;
 use crate::dataflow::scan::stretch_of;
 use crate::error::Result;
 use crate::job::Job;
-use crate::model::Buckets;
+use crate::history::{History, Window};
+use crate::model::{Buckets, Priority};
 use crate::policy::{Holdout, QuietAt};
 use crate::providers::ProviderSpec;
 use crate::store::Store;
@@ -43,7 +44,9 @@ pub struct PlanLine {
     pub quiet_held: u64,
     /// When the first of them leaves their quiet hours (RFC 3339), if any is held.
     pub releases_at: Option<String>,
-    /// Provider batches that takes (at least).
+    /// Of those, kept from it by a frequency cap.
+    pub capped: u64,
+    /// Provider batches that takes (at least; before frequency caps).
     pub batches: u64,
 }
 
@@ -89,6 +92,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
     let sizing = Sizing::of(job);
     let source = &loaded.source;
     let mut lines = Vec::new();
+    let mut sends = Vec::new();
     let mut scan_s: Option<f64> = None;
     for (campaign, admission) in job.campaigns.iter().zip(&loaded.admissions) {
         let (target, at_login) = match admission {
@@ -112,15 +116,21 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             buckets,
             sizing: &sizing,
         };
-        let (line, took) = runtime.block_on(scan.line(target, at_login))?;
+        let (line, took, send) = runtime.block_on(scan.line(target, at_login))?;
         scan_s.get_or_insert(took);
+        if !at_login && campaign.priority != Priority::Transactional {
+            sends.push((campaign.priority.lane(), lines.len(), send));
+        }
         lines.push(line);
+    }
+    if !job.policy.frequency_caps.is_empty() {
+        runtime.block_on(apply_caps(&store, job, &mut lines, sends))?;
     }
     // What the run pushes: every fan-out's eligible users it neither holds out nor holds.
     let total: u64 = lines
         .iter()
         .filter(|l| !l.at_login)
-        .map(|l| l.eligible - l.held_out - l.quiet_held)
+        .map(|l| l.eligible - l.held_out - l.quiet_held - l.capped)
         .sum();
     let latency = provider.typical_latency();
     let latency_guessed = matches!(provider, ProviderSpec::Http(_) | ProviderSpec::Fcm(_));
@@ -158,9 +168,13 @@ struct Scan<'a> {
 }
 
 impl Scan<'_> {
-    /// The line of `target` (`at_login`: a lazy coupon), and the seconds its scan of the
-    /// users took.
-    async fn line(&self, target: &crate::model::Target, at_login: bool) -> Result<(PlanLine, f64)> {
+    /// The line of `target` (`at_login`: a lazy coupon), the seconds its scan of the users
+    /// took, and the users a run would claim for sending (before frequency caps).
+    async fn line(
+        &self,
+        target: &crate::model::Target,
+        at_login: bool,
+    ) -> Result<(PlanLine, f64, Vec<u32>)> {
         let (job, source) = (self.job, &self.loaded.source);
         let campaign = &target.campaign;
         let ledger = self.store.ledger(&target.ledger_key()).await?;
@@ -202,9 +216,10 @@ impl Scan<'_> {
             held_out: cut.held_out,
             quiet_held: cut.quiet_held,
             releases_at,
+            capped: 0,
             batches: if at_login { 0 } else { cut.batches },
         };
-        Ok((line, took))
+        Ok((line, took, cut.send))
     }
 }
 
@@ -218,6 +233,8 @@ struct Cut {
     quiet_held: u64,
     /// Provider batches for the rest.
     batches: u64,
+    /// The rest: the users a run would claim for sending.
+    send: Vec<u32>,
 }
 
 /// The policy a plan applies to one campaign, as `run` would.
@@ -244,6 +261,7 @@ async fn batches_as_run_cuts(
         held_out: 0,
         quiet_held: 0,
         batches: 0,
+        send: Vec::new(),
     };
     for group in members.chunk_by(|a, b| stretch_of(&buckets, *a) == stretch_of(&buckets, *b)) {
         let open: Vec<u32> = match &done {
@@ -277,8 +295,44 @@ async fn batches_as_run_cuts(
             None => open,
         };
         cut.batches += (send.len() as u64).div_ceil(sizing.batch_max_messages as u64);
+        cut.send.extend(send);
     }
     Ok(cut)
+}
+
+/// Counts in each line the users a frequency cap would keep from it: `sends` are the capped
+/// lines' users to claim `(lane, line, users)`; each user's offers are decided as `run`
+/// decides them — by lane, then job order — against the user's history in the store and
+/// the sends decided before, at the run's send time.
+async fn apply_caps(
+    store: &Store,
+    job: &Job,
+    lines: &mut [PlanLine],
+    mut sends: Vec<(usize, usize, Vec<u32>)>,
+) -> Result<()> {
+    let caps = &job.policy.frequency_caps;
+    let mut ids: Vec<u32> = sends.iter().flat_map(|(_, _, u)| u.iter().copied()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let (mut table, stored) = store.histories(&ids).await?;
+    let t = job.engine.now.timestamp();
+    let slot = table
+        .alloc(t, Window::horizon_s(caps))
+        .map_err(crate::error::Error::runtime)?;
+    let windows = Window::of(caps);
+    let mut histories: HashMap<u32, History> = ids.into_iter().zip(stored).collect();
+    sends.sort_by_key(|(lane, line, _)| (*lane, *line));
+    for (_, line, users) in sends {
+        for id in users {
+            let h = histories.entry(id).or_default();
+            if h.admits(&table, t, &windows) {
+                *h = h.with_send(&table, slot);
+            } else {
+                lines[line].capped += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `s` to the millisecond (a plan's JSON says 0.001, not 7.7e-07).
@@ -298,21 +352,30 @@ fn seconds(s: f64) -> String {
 /// The plan as a table for people.
 pub fn render(plan: &Plan) -> String {
     let mut out = format!(
-        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
-        "campaign", "audience", "granted", "dead", "eligible", "held out", "quiet", "batches"
+        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
+        "campaign",
+        "audience",
+        "granted",
+        "dead",
+        "eligible",
+        "held out",
+        "quiet",
+        "capped",
+        "batches"
     );
     for l in &plan.campaigns {
         let name = super::display_name(&l.id, l.occurrence.as_deref());
         match &l.skipped {
             Some(why) => out.push_str(&format!("{name:<32} skipped: {why}\n")),
             None => out.push_str(&format!(
-                "{name:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}{}{}\n",
+                "{name:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}{}{}\n",
                 l.audience,
                 l.already_granted,
                 l.dead_lettered,
                 l.eligible,
                 l.held_out,
                 l.quiet_held,
+                l.capped,
                 l.batches,
                 if l.at_login { "  (at next login)" } else { "" },
                 match &l.releases_at {

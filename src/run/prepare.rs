@@ -118,7 +118,6 @@ impl Targets {
             lines: Vec::new(),
             caps: None,
         };
-        let mut ranks: Vec<String> = Vec::new();
         for admission in admissions {
             let (target, at_login, only, expire) = match admission {
                 Admission::Run(target) => (target, false, None, false),
@@ -140,16 +139,9 @@ impl Targets {
                 && !at_login
                 && !expire
                 && campaign.priority != Priority::Transactional;
-            let rank = match ranks.iter().position(|id| *id == campaign.id) {
-                Some(rank) => rank,
-                None => {
-                    ranks.push(campaign.id.clone());
-                    ranks.len() - 1
-                }
-            };
             targets.run.push(RunTarget {
                 capped,
-                order: (campaign.priority.lane(), rank),
+                order: 0,
                 renderer: Renderer::new(&target),
                 holdout: Holdout::new(&target.campaign, policy),
                 quiet: QuietAt::new(&target.campaign, policy, now).filter(|_| !expire),
@@ -160,6 +152,7 @@ impl Targets {
                 stats: CampaignStats::default(),
             });
         }
+        decision_order(&mut targets.run);
         if targets.run.iter().any(|rt| rt.capped) {
             let caps = &policy.frequency_caps;
             let at = store
@@ -192,6 +185,29 @@ impl Targets {
                 (content_hash(c), c.id.clone())
             })
             .collect()
+    }
+}
+
+/// Numbers `targets` in the order a user's offers are decided (SPEC "Frequency caps"):
+/// priority, then the campaign's place in the job (its first target's), then the occurrence
+/// (RFC 3339 ticks, so in time order) — a release of an earlier tick before the current one.
+fn decision_order(targets: &mut [RunTarget]) {
+    let mut first_seen: Vec<&str> = Vec::new();
+    let mut keys = Vec::with_capacity(targets.len());
+    for (i, rt) in targets.iter().enumerate() {
+        let c = &rt.target.campaign;
+        let rank = match first_seen.iter().position(|id| *id == c.id) {
+            Some(rank) => rank,
+            None => {
+                first_seen.push(&c.id);
+                first_seen.len() - 1
+            }
+        };
+        keys.push((c.priority.lane(), rank, rt.target.occurrence.clone(), i));
+    }
+    keys.sort();
+    for (order, (_, _, _, i)) in keys.into_iter().enumerate() {
+        targets[i].order = order;
     }
 }
 

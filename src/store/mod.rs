@@ -421,6 +421,21 @@ impl Store {
         Ok(SendAt { slot, t })
     }
 
+    /// The store's send-time table and the send histories of `ids` (sorted), as the store
+    /// holds them now (for `fanout plan`).
+    pub async fn histories(
+        &self,
+        ids: &[u32],
+    ) -> Result<(crate::history::SendTimes, Vec<crate::history::History>)> {
+        match self {
+            Store::File(store) => {
+                let (store, ids) = (Arc::clone(store), ids.to_vec());
+                off_runtime(move || store.histories(&ids)).await
+            }
+            Store::Redis(store) => Ok((store.send_times().await?, store.histories(ids).await?)),
+        }
+    }
+
     /// Whether the store has a ledger for `key`, without creating it: on the embedded store,
     /// whether its files exist (a campaign admitted to nobody has one); on Redis, whether any
     /// id was ever claimed in it (a ledger nobody was claimed in leaves no key there).

@@ -293,6 +293,52 @@ fn open_log(path: &Path, good: u64) -> Result<File> {
     Ok(file)
 }
 
+/// A store's send histories as its files hold them, read without the store's lock (for
+/// `fanout plan`): the table, and every history of the snapshot with the logs after it.
+pub struct Snapshot {
+    /// The send-time table.
+    pub table: SendTimes,
+    pages: HashMap<u32, Box<[u64]>>,
+}
+
+impl Snapshot {
+    /// Reads the histories under `store_dir/history` (none if missing).
+    pub fn read(store_dir: &Path) -> Result<Snapshot> {
+        let dir = store_dir.join("history");
+        if !dir.exists() {
+            return Ok(Snapshot {
+                table: SendTimes::default(),
+                pages: HashMap::new(),
+            });
+        }
+        let table = load_table(&dir.join("sendtimes"))?;
+        let (covered, pages) = load_snapshot(&dir.join("history.snap"))?;
+        let mut snap = Snapshot { table, pages };
+        for path in logs(&dir)?.range(covered + 1..).map(|(_, p)| p) {
+            for sent in read_log(path)?.0 {
+                if snap.table.time(sent.slot).is_none() {
+                    continue;
+                }
+                for id in sent.ids {
+                    let h = snap.get(id).with_send(&snap.table, sent.slot);
+                    let page = snap
+                        .pages
+                        .entry(id >> 16)
+                        .or_insert_with(|| vec![0u64; PAGE].into_boxed_slice());
+                    page[id as usize & (PAGE - 1)] = h.0;
+                }
+            }
+        }
+        Ok(snap)
+    }
+
+    /// The history of `id`.
+    pub fn get(&self, id: u32) -> History {
+        let (page, at) = (id >> 16, id as usize & (PAGE - 1));
+        History(self.pages.get(&page).map_or(0, |p| p[at]))
+    }
+}
+
 impl SendHistory {
     /// Opens (creating) the histories under `store_dir/history`: the table, the snapshot, and
     /// the logs after it replayed.

@@ -344,6 +344,20 @@ pub fn claim_capped(
 }
 
 impl FileStore {
+    /// The send-time table and the histories of `ids`, as the store holds them now.
+    pub fn histories(
+        &self,
+        ids: &[u32],
+    ) -> Result<(crate::history::SendTimes, Vec<crate::history::History>)> {
+        if let Some(h) = self.history.existing() {
+            let st = h.lock();
+            return Ok((st.table.clone(), ids.iter().map(|&id| st.get(id)).collect()));
+        }
+        let dir = self.ledgers_dir.parent().unwrap_or(Path::new("."));
+        let snap = history::Snapshot::read(dir)?;
+        Ok((snap.table.clone(), ids.iter().map(|&id| snap.get(id)).collect()))
+    }
+
     /// The slot of send time `t`; see [`crate::store::Store::send_slot`].
     pub fn send_slot(&self, t: i64, horizon_s: i64) -> Result<u16> {
         if self.lock.is_none() {

@@ -392,6 +392,37 @@ impl RedisStore {
         SendTimes::from_parts(times, era, horizon).ok_or_else(bad)
     }
 
+    /// The send histories of `ids` (sorted), as the store holds them (empty where none).
+    pub async fn histories(&self, ids: &[u32]) -> Result<Vec<crate::history::History>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunk_by(|a, b| a >> 24 == b >> 24) {
+            let (first, last) = (chunk[0] & 0xFF_FFFF, chunk[chunk.len() - 1] & 0xFF_FFFF);
+            let key = history_key(chunk[0] >> 24);
+            let (from, to) = (u64::from(first) * 8, u64::from(last) * 8 + 7);
+            let bytes: Vec<u8> = retrying(&self.url, "read send histories", || {
+                let (mut con, key) = (self.con.clone(), key.clone());
+                async move {
+                    redis::cmd("GETRANGE")
+                        .arg(key)
+                        .arg(from)
+                        .arg(to)
+                        .query_async(&mut con)
+                        .await
+                }
+            })
+            .await?;
+            for &id in chunk {
+                let at = (u64::from(id & 0xFF_FFFF) * 8 - from) as usize;
+                let mut word = [0u8; 8];
+                if let Some(b) = bytes.get(at..at + 8) {
+                    word.copy_from_slice(b);
+                }
+                out.push(crate::history::History(u64::from_le_bytes(word)));
+            }
+        }
+        Ok(out)
+    }
+
     /// Rewrites the history strings of `chunks` at their exact size (see [`COMPACT_HISTORY`]).
     pub(super) async fn compact_histories(&self, chunks: &BTreeSet<u32>) -> Result<()> {
         let script = Script::new(COMPACT_HISTORY);
