@@ -46,7 +46,9 @@ pub struct PlanLine {
     pub releases_at: Option<String>,
     /// Of those, kept from it by a frequency cap.
     pub capped: u64,
-    /// Provider batches that takes (at least; before frequency caps).
+    /// Provider batches that takes: as a run cuts them, per stretch of a bucket; with frequency
+    /// caps at most that (a run claims the capped campaigns' users of several stretches
+    /// together, and packs them into fewer batches).
     pub batches: u64,
 }
 
