@@ -134,7 +134,11 @@ fn plan_and_run_agree_on_every_sample_job() {
                 naive_held,
                 "{name} {id}: plan vs naive"
             );
-            assert_eq!(n(line, "capped"), naive_capped, "{name} {id}: plan vs naive");
+            assert_eq!(
+                n(line, "capped"),
+                naive_capped,
+                "{name} {id}: plan vs naive"
+            );
             assert_eq!(
                 n(line, "already_granted"),
                 n(ran, "already_granted"),
@@ -158,7 +162,10 @@ fn plan_and_run_agree_on_every_sample_job() {
             if job.contains("frequency_caps") {
                 // A run claims the capped campaigns' users of a whole scan activation as one
                 // group, packing several stretches into a batch: the plan is an upper bound.
-                assert!(ran <= planned, "{name}: batches, run {ran} > plan {planned}");
+                assert!(
+                    ran <= planned,
+                    "{name}: batches, run {ran} > plan {planned}"
+                );
             } else {
                 assert_eq!(planned, ran, "{name}: batches, plan vs run");
             }

@@ -11,8 +11,8 @@ use super::{load, RunOptions};
 use crate::audience::AudienceFilter;
 use crate::dataflow::scan::stretch_of;
 use crate::error::Result;
-use crate::job::Job;
 use crate::history::{History, Window};
+use crate::job::Job;
 use crate::model::{Buckets, Priority};
 use crate::policy::{Holdout, QuietAt};
 use crate::providers::ProviderSpec;
@@ -313,7 +313,10 @@ async fn apply_caps(
     mut sends: Vec<(usize, usize, Vec<u32>)>,
 ) -> Result<()> {
     let caps = &job.policy.frequency_caps;
-    let mut ids: Vec<u32> = sends.iter().flat_map(|(_, _, u)| u.iter().copied()).collect();
+    let mut ids: Vec<u32> = sends
+        .iter()
+        .flat_map(|(_, _, u)| u.iter().copied())
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     let (mut table, stored) = store.histories(&ids).await?;

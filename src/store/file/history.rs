@@ -31,6 +31,9 @@ use crate::history::{History, SendTimes, SLOTS};
 
 /// Ids per page.
 const PAGE: usize = 1 << 16;
+
+/// Histories by page number (`id >> 16`), each page a history per id.
+type Pages = HashMap<u32, Box<[u64]>>;
 const TABLE_MAGIC: &[u8; 8] = b"FANOUTT1";
 const SNAP_MAGIC: &[u8; 8] = b"FANOUTH1";
 /// Longest ledger key a record names.
@@ -46,7 +49,7 @@ pub struct SendHistory {
 pub struct State {
     /// The send-time table.
     pub table: SendTimes,
-    pages: HashMap<u32, Box<[u64]>>,
+    pages: Pages,
     log: File,
     log_path: PathBuf,
     /// The generation of the log being appended to.
@@ -229,7 +232,7 @@ fn encode_table(table: &SendTimes) -> Vec<u8> {
 }
 
 /// The pages of a snapshot and the log generation it covers.
-fn load_snapshot(path: &Path) -> Result<(u64, HashMap<u32, Box<[u64]>>)> {
+fn load_snapshot(path: &Path) -> Result<(u64, Pages)> {
     let Some(body) = read_checked(path, SNAP_MAGIC)? else {
         return Ok((0, HashMap::new()));
     };
@@ -298,7 +301,7 @@ fn open_log(path: &Path, good: u64) -> Result<File> {
 pub struct Snapshot {
     /// The send-time table.
     pub table: SendTimes,
-    pages: HashMap<u32, Box<[u64]>>,
+    pages: Pages,
 }
 
 impl Snapshot {

@@ -355,7 +355,10 @@ impl FileStore {
         }
         let dir = self.ledgers_dir.parent().unwrap_or(Path::new("."));
         let snap = history::Snapshot::read(dir)?;
-        Ok((snap.table.clone(), ids.iter().map(|&id| snap.get(id)).collect()))
+        Ok((
+            snap.table.clone(),
+            ids.iter().map(|&id| snap.get(id)).collect(),
+        ))
     }
 
     /// The slot of send time `t`; see [`crate::store::Store::send_slot`].
