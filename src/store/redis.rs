@@ -9,7 +9,7 @@
 //! fanout:quiet:{ledger}:{chunk}         bitmap: ever held for quiet hours (not claimed by it)
 //! fanout:capped:{ledger}:{chunk}        bitmap: a frequency cap bound (claimed and settled
 //!                                       in one call)
-//! fanout:history:{chunk}                string: 8 bytes of send history a user ([`history`])
+//! fanout:history:{id / 65528}           string: 8 bytes of send history a user ([`history`])
 //! fanout:sendtimes                      hash: the send-time table the histories point into
 //! fanout:inflight:{ledger}:{run}:{chunk}  bitmap: ids run holds, not yet done
 //! fanout:resend:{ledger}:{run}:{chunk}  bitmap: ids run adopted and has not handed out again
@@ -71,7 +71,7 @@ use scripts::{
 
 mod campaigns;
 mod conn;
-mod history;
+pub(super) mod history;
 mod lease;
 mod scripts;
 
@@ -211,7 +211,7 @@ pub struct RedisLedger {
     lease: Option<Arc<Lease>>,
     /// The chunks this process claimed or marked in, to compact at the end of the run.
     chunks: Mutex<BTreeSet<u32>>,
-    /// The chunks whose send histories this process's capped claims wrote, likewise.
+    /// The history strings (`id / HISTORY_USERS`) this process's capped claims wrote, likewise.
     histories: Mutex<BTreeSet<u32>>,
 }
 

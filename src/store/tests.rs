@@ -507,6 +507,9 @@ async fn unclaimed_ids_are_handed_out_once_more() {
 // --- Frequency caps on the Redis store, against `crate::history` as the reference. ---
 
 use super::redis::redis_server::RedisServer;
+use std::collections::BTreeSet;
+
+use super::redis::history::HISTORY_USERS;
 use crate::history::{History, SendTimes, Window};
 
 /// A Redis store of `server` for one run, with a 1 s lease.
@@ -618,14 +621,18 @@ impl CapModel {
         }
     }
 
-    /// The history string of chunk `chunk` as the store must hold it, up to `len` bytes.
-    fn history_bytes(&self, chunk: u32, len: usize) -> Vec<u8> {
+    /// The history strings the store must hold (`id / HISTORY_USERS`).
+    fn history_keys(&self) -> BTreeSet<u32> {
+        self.histories.keys().map(|id| id / HISTORY_USERS).collect()
+    }
+
+    /// History string `key` as the store must hold it, up to `len` bytes.
+    fn history_bytes(&self, key: u32, len: usize) -> Vec<u8> {
         let mut out = vec![0u8; len];
-        for (&id, h) in self
-            .histories
-            .range(chunk << 24..=(chunk << 24 | 0xFF_FFFF))
-        {
-            let at = (id & 0xFF_FFFF) as usize * 8;
+        let first = u64::from(key) * u64::from(HISTORY_USERS);
+        let last = (first + u64::from(HISTORY_USERS) - 1).min(u64::from(u32::MAX)) as u32;
+        for (&id, h) in self.histories.range(first as u32..=last) {
+            let at = (u64::from(id) - first) as usize * 8;
             if let Some(bytes) = out.get_mut(at..at + 8) {
                 bytes.copy_from_slice(&h.0.to_le_bytes());
             }
@@ -759,14 +766,14 @@ async fn capped_claims_on_redis_follow_the_reference_model() {
                 .collect();
             assert_eq!(store.granted(key).await.expect("granted"), granted);
         }
-        for chunk in [0, 1] {
-            let bytes = redis_get(&mut con, &format!("fanout:history:{chunk}")).await;
+        for key in model.history_keys() {
+            let bytes = redis_get(&mut con, &format!("fanout:history:{key}")).await;
             assert_eq!(
                 bytes,
-                model.history_bytes(chunk, bytes.len()),
-                "chunk {chunk}"
+                model.history_bytes(key, bytes.len()),
+                "history string {key}"
             );
-            assert!(model.history_bytes(chunk, bytes.len() + 64)[bytes.len()..]
+            assert!(model.history_bytes(key, bytes.len() + 64)[bytes.len()..]
                 .iter()
                 .all(|&b| b == 0));
         }
@@ -869,8 +876,14 @@ async fn the_redis_send_time_table_allocates_as_the_reference_across_eras() {
     }
     assert!(refused, "the refusal was never reached");
     assert_eq!(store.send_times().await.expect("table"), model.table);
-    let bytes = redis_get(&mut con, "fanout:history:0").await;
-    assert_eq!(bytes, model.history_bytes(0, bytes.len()));
+    for key in model.history_keys() {
+        let bytes = redis_get(&mut con, &format!("fanout:history:{key}")).await;
+        assert_eq!(
+            bytes,
+            model.history_bytes(key, bytes.len()),
+            "history {key}"
+        );
+    }
     eprintln!(
         "send-time table: {calls} allocations, era {}",
         model.table.era()
@@ -899,26 +912,38 @@ async fn a_users_send_history_costs_eight_bytes_on_redis() {
             .expect("capped claim");
         assert_eq!(got[0].claim.claimed, batch);
     }
-    let grown: u64 = server
-        .cli(&["MEMORY", "USAGE", "fanout:history:0"])
-        .parse()
-        .expect("MEMORY USAGE");
-    // The end of the run rewrites the string at its exact size.
+    let keys: Vec<String> = (0..=(n - 1) / HISTORY_USERS)
+        .map(|k| format!("fanout:history:{k}"))
+        .collect();
+    let sum = |cmd: &str| -> u64 {
+        keys.iter()
+            .map(|k| {
+                let args: Vec<&str> = cmd.split(' ').chain([k.as_str()]).collect();
+                server.cli(&args).parse::<u64>().expect(cmd)
+            })
+            .sum()
+    };
+    let grown = sum("MEMORY USAGE");
+    // The end of the run rewrites each string at its exact size.
     store.close().await.expect("close");
-    let len: u64 = server
-        .cli(&["STRLEN", "fanout:history:0"])
-        .parse()
-        .expect("STRLEN");
-    let usage: u64 = server
+    let (len, usage) = (sum("STRLEN"), sum("MEMORY USAGE"));
+    let full: u64 = server
         .cli(&["MEMORY", "USAGE", "fanout:history:0"])
         .parse()
         .expect("MEMORY USAGE");
     eprintln!(
         "history of {n} users: {len} bytes ({:.2} a user), MEMORY USAGE {usage} ({:.3} a \
-         user; {grown} before the end of the run compacted it)",
+         user; {grown} before the end of the run compacted it); a full string: {full} for \
+         {HISTORY_USERS} users ({:.4} a user)",
         len as f64 / f64::from(n),
-        usage as f64 / f64::from(n)
+        usage as f64 / f64::from(n),
+        full as f64 / f64::from(HISTORY_USERS)
     );
     assert_eq!(len, 8 * u64::from(n));
+    // A full string fills its allocation exactly: 8 bytes a user and the key's own cost.
+    assert!(
+        full <= 8 * u64::from(HISTORY_USERS) + 256,
+        "{full} bytes for a full history string"
+    );
     assert!(usage <= len + len / 4 + 256, "{usage} bytes for {n} users");
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! fanout:sendtimes                    hash: era, horizon (s), "1".."4095" → unix seconds
-//! fanout:history:{chunk}              string: 8 bytes a user at (id & 0xFFFFFF) * 8
+//! fanout:history:{id / 65528}         string: 8 bytes a user at (id % 65528) * 8
 //! fanout:capped:{ledger}:{chunk}      bitmap: a cap bound (claimed and settled in one call)
 //! ```
 //! - **Send times** ([`SendTimes`]): [`RedisStore::send_slot`] runs [`ALLOC`], which fills
@@ -38,9 +38,15 @@ const EXACT_S: i64 = 1 << 53;
 /// string by at most 1 MiB ahead (≤ 1/8 here), and copying it would block the server longer.
 const COMPACT_HISTORY_BYTES: u64 = 8 << 20;
 
-/// The history string of chunk `chunk`.
-pub(super) fn history_key(chunk: u32) -> String {
-    format!("fanout:history:{chunk}")
+/// Users per history string. 8 × 65,528 = 524,224 bytes, which with Redis's string header
+/// fills jemalloc's 512 KiB size class exactly, so a full string costs 8 bytes a user (one
+/// string per chunk of 2^24 users cost 8.4: the allocator rounds 80 MB up to 80 MiB). A
+/// multiple of 8, so no byte of a ledger's bitmap straddles two history strings.
+pub const HISTORY_USERS: u32 = 65_528;
+
+/// The history string of the users `key × HISTORY_USERS ..` (`key = id / HISTORY_USERS`).
+pub(super) fn history_key(key: u32) -> String {
+    format!("fanout:history:{key}")
 }
 
 /// [`SendTimes::alloc`] on the table KEYS[1] for time ARGV[1] (unix seconds) and horizon
@@ -197,9 +203,10 @@ end
 
 /// The capped claim of one chunk for the run whose lease KEYS[1] must hold token ARGV[1]. A
 /// reply stored under KEYS[2] (the call's nonce) is answered again unchanged. KEYS[3] is the
-/// chunk's history string, KEYS[4] the send-time table; then per member four bitmaps:
-/// granted, the run's in-flight and resend, capped. ARGV: token, reply ms, slot, t, the
-/// number of caps, `max, per_s` per cap, then per member its segment count and segments.
+/// history string of the call's users, KEYS[4] the send-time table; then per member four
+/// bitmaps: granted, the run's in-flight and resend, capped. ARGV: token, reply ms, slot, t,
+/// the chunk offset of the history string's first user (a multiple of 8, maybe negative),
+/// the number of caps, `max, per_s` per cap, then per member its segment count and segments.
 /// Members run in order, each id as: granted and in resend → claimed (cleared there);
 /// granted → already; else if its history admits a send at t → granted, in flight, claimed,
 /// its history recording the send; else → granted, capped. The reply, per member: the
@@ -214,10 +221,10 @@ if redis.call('HGET', KEYS[4], ARGV[3]) ~= ARGV[4] then
     ' of the send-time table no longer holds send time ' .. ARGV[4] ..
     ' (reused: more distinct send times than the table keeps within the longest cap window)')
 end
-local slot, t = tonumber(ARGV[3]), tonumber(ARGV[4])
+local slot, t, hoff = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local era = tonumber(redis.call('HGET', KEYS[4], 'era') or '0')
-local caps, a = {}, 6
-for i = 1, tonumber(ARGV[5]) do
+local caps, a = {}, 7
+for i = 1, tonumber(ARGV[6]) do
   caps[i] = {tonumber(ARGV[a]), tonumber(ARGV[a + 1])}
   a = a + 2
 end
@@ -226,7 +233,7 @@ local h = history(era, caps, t)
 -- Decides the candidates (cand: per byte j1..j2 of the segment at byte first) from their
 -- histories, into adm (admitted) and cap; records the admitted sends.
 local function decide(first, j1, j2, cand, adm, cap)
-  local base = 64 * (first + j1 - 1)
+  local base = 64 * (first + j1 - 1) - 8 * hoff
   local hs = redis.call('GETRANGE', KEYS[3], base, base + 64 * (j2 - j1 + 1) - 1)
   local new, lo, hi = {}, nil, nil
   for j = j1, j2 do
@@ -395,9 +402,12 @@ impl RedisStore {
     /// The send histories of `ids` (sorted), as the store holds them (empty where none).
     pub async fn histories(&self, ids: &[u32]) -> Result<Vec<crate::history::History>> {
         let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunk_by(|a, b| a >> 24 == b >> 24) {
-            let (first, last) = (chunk[0] & 0xFF_FFFF, chunk[chunk.len() - 1] & 0xFF_FFFF);
-            let key = history_key(chunk[0] >> 24);
+        for part in ids.chunk_by(|a, b| a / HISTORY_USERS == b / HISTORY_USERS) {
+            let (first, last) = (
+                part[0] % HISTORY_USERS,
+                part[part.len() - 1] % HISTORY_USERS,
+            );
+            let key = history_key(part[0] / HISTORY_USERS);
             let (from, to) = (u64::from(first) * 8, u64::from(last) * 8 + 7);
             let bytes: Vec<u8> = retrying(&self.url, "read send histories", || {
                 let (mut con, key) = (self.con.clone(), key.clone());
@@ -411,8 +421,8 @@ impl RedisStore {
                 }
             })
             .await?;
-            for &id in chunk {
-                let at = (u64::from(id & 0xFF_FFFF) * 8 - from) as usize;
+            for &id in part {
+                let at = (u64::from(id % HISTORY_USERS) * 8 - from) as usize;
                 let mut word = [0u8; 8];
                 if let Some(b) = bytes.get(at..at + 8) {
                     word.copy_from_slice(b);
@@ -423,14 +433,14 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Rewrites the history strings of `chunks` at their exact size (see [`COMPACT_HISTORY`]).
-    pub(super) async fn compact_histories(&self, chunks: &BTreeSet<u32>) -> Result<()> {
+    /// Rewrites the history strings `keys` at their exact size (see [`COMPACT_HISTORY`]).
+    pub(super) async fn compact_histories(&self, keys: &BTreeSet<u32>) -> Result<()> {
         let script = Script::new(COMPACT_HISTORY);
-        for &chunk in chunks {
+        for &key in keys {
             retrying(&self.url, "compact send histories", || {
                 let mut con = self.con.clone();
                 let mut call = script.prepare_invoke();
-                call.key(history_key(chunk)).arg(COMPACT_HISTORY_BYTES);
+                call.key(history_key(key)).arg(COMPACT_HISTORY_BYTES);
                 async move { call.invoke_async::<i64>(&mut con).await }
             })
             .await?;
@@ -454,8 +464,8 @@ struct Part {
 }
 
 /// Capped claims on Redis; see [`crate::store::claim_capped`]. One [`CLAIM_CAPPED`] call per
-/// chunk holds every member's ids of that chunk, so a user's checks and sends across members
-/// are one atomic step, in member order.
+/// piece ([`pieces_of`]) holds every member's ids of that piece, so a user's checks and sends
+/// across members are one atomic step, in member order.
 pub async fn claim_capped(
     members: &[(Ledger, Vec<u32>)],
     at: SendAt,
@@ -465,25 +475,30 @@ pub async fn claim_capped(
         return capped_with(members, at, caps, &[]).await;
     };
     let lease = first.lease()?;
-    let nonces: Vec<u64> = chunks_of(members)
+    let nonces: Vec<u64> = pieces_of(members)
         .iter()
         .map(|_| lease.nonce.fetch_add(1, Ordering::Relaxed))
         .collect();
     capped_with(members, at, caps, &nonces).await
 }
 
-/// The chunks of every member's ids, sorted: one script call each.
-fn chunks_of(members: &[(Ledger, Vec<u32>)]) -> Vec<u32> {
+/// The piece of `id`: its ledger chunk and its history string.
+fn piece(id: u32) -> (u32, u32) {
+    (id >> CHUNK_BITS, id / HISTORY_USERS)
+}
+
+/// The pieces of every member's ids, sorted: one script call each.
+fn pieces_of(members: &[(Ledger, Vec<u32>)]) -> Vec<(u32, u32)> {
     members
         .iter()
-        .flat_map(|(_, ids)| ids.iter().map(|id| id >> CHUNK_BITS))
-        .collect::<BTreeSet<u32>>()
+        .flat_map(|(_, ids)| ids.iter().map(|&id| piece(id)))
+        .collect::<BTreeSet<(u32, u32)>>()
         .into_iter()
         .collect()
 }
 
-/// [`claim_capped`] with the nonce of each chunk's call given (one per chunk of
-/// [`chunks_of`]): a call repeated with the same nonce (a retry whose reply was lost) gets the
+/// [`claim_capped`] with the nonce of each piece's call given (one per piece of
+/// [`pieces_of`]): a call repeated with the same nonce (a retry whose reply was lost) gets the
 /// first call's answer.
 async fn capped_with(
     members: &[(Ledger, Vec<u32>)],
@@ -511,11 +526,11 @@ async fn capped_with(
             ));
         }
     }
-    let chunks = chunks_of(members);
-    if chunks.len() != nonces.len() {
+    let pieces = pieces_of(members);
+    if pieces.len() != nonces.len() {
         return Err(Error::runtime(format!(
-            "a capped claim over {} chunks got {} nonces",
-            chunks.len(),
+            "a capped claim over {} pieces got {} nonces",
+            pieces.len(),
             nonces.len()
         )));
     }
@@ -525,26 +540,26 @@ async fn capped_with(
             .histories
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .extend(chunks.iter().copied());
+            .extend(pieces.iter().map(|&(_, key)| key));
     }
-    // Per chunk: its call's reply key (a nonce) and each member's part.
-    let calls: Vec<(u32, String, Vec<Part>)> = chunks
+    // Per piece: its call's reply key (a nonce) and each member's part.
+    let calls: Vec<((u32, u32), String, Vec<Part>)> = pieces
         .iter()
         .zip(nonces)
-        .map(|(&chunk, nonce)| {
+        .map(|(&here, nonce)| {
             let parts = members
                 .iter()
                 .map(|(_, ids)| {
                     let offsets: Vec<u32> = ids
                         .iter()
-                        .filter(|id| *id >> CHUNK_BITS == chunk)
+                        .filter(|&&id| piece(id) == here)
                         .map(|id| id & CHUNK_MASK)
                         .collect();
                     let segments = Segments::new(&offsets);
                     Part { offsets, segments }
                 })
                 .collect();
-            (chunk, format!("fanout:reply:{}:{nonce}", lease.run), parts)
+            (here, format!("fanout:reply:{}:{nonce}", lease.run), parts)
         })
         .collect();
     // A retry repeats every call with the same nonces: those that had run answer as they did.
@@ -555,16 +570,20 @@ async fn capped_with(
             let ledgers = &ledgers;
             async move {
                 let mut replies = Vec::with_capacity(calls.len());
-                for (chunk, reply, parts) in calls {
+                for ((chunk, key), reply, parts) in calls {
+                    // Where the history string starts, in users from the chunk's start.
+                    let hoff = i64::from(*key) * i64::from(HISTORY_USERS)
+                        - (i64::from(*chunk) << CHUNK_BITS);
                     let mut call = CLAIM_CAPPED_SCRIPT.prepare_invoke();
                     call.key(&lease.key)
                         .key(reply)
-                        .key(history_key(*chunk))
+                        .key(history_key(*key))
                         .key(SEND_TIMES)
                         .arg(&lease.token)
                         .arg(REPLY_TTL_MS)
                         .arg(at.slot)
                         .arg(at.t)
+                        .arg(hoff)
                         .arg(caps.len());
                     for cap in caps {
                         call.arg(cap.max).arg(cap.per_s);
@@ -617,7 +636,7 @@ async fn capped_with(
     for ((_, ids), mut per_call) in members.iter().zip(answers) {
         let mut claim = CappedClaim::default();
         for &id in ids {
-            let call = chunks.binary_search(&(id >> CHUNK_BITS)).ok();
+            let call = pieces.binary_search(&piece(id)).ok();
             let answer = call
                 .and_then(|c| per_call.get_mut(c))
                 .and_then(Iterator::next)
