@@ -417,9 +417,10 @@ mod tests {
             let s = status("hot".into(), gathered(kept, &[]), after_end).unwrap();
             assert_eq!(s.state, kept);
         }
+        let cancelled = status("hot".into(), gathered(State::Cancelled, &[]), after_end).unwrap();
         let table = render_table(&Listing {
             store: "file:s".into(),
-            campaigns: vec![s],
+            campaigns: vec![cancelled],
         });
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2, "{table}");
