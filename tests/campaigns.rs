@@ -405,3 +405,46 @@ fn an_unreachable_redis_store_exits_1() {
     );
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn a_split_file_store_is_read_and_changed_part_by_part() {
+    let s = Scratch::new();
+    s.write("job.toml", job());
+    // Two parts as a cluster leaves them (here both saw every user: their sets join).
+    for i in 0..2 {
+        s.fanout_ok(&[
+            "run",
+            "job.toml",
+            "--store",
+            &format!("file:split/process-{i}"),
+            "--now",
+            "2026-03-02T00:00:00Z",
+            "--quiet",
+            "--summary",
+            "summary.json",
+        ]);
+    }
+    s.write("split/PROCESSES", "2\n");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("summary.json")).unwrap()).unwrap();
+    let spring = summary["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "spring")
+        .unwrap()
+        .clone();
+    let list = listing(&s, "file:split");
+    assert_eq!(list["spring"]["outcomes"]["delivered"], spring["delivered"]);
+    assert_eq!(list["spring"]["outcomes"]["held_out"], spring["held_out"]);
+    ok(&campaigns(&s, "file:split", &["pause", "gift"]));
+    for i in 0..2 {
+        let (version, states) = states(&format!(
+            "file:{}",
+            s.path(&format!("split/process-{i}")).display()
+        ));
+        assert_eq!(version, 1, "part {i}");
+        assert_eq!(states.get("gift"), Some(&State::Paused), "part {i}");
+    }
+    assert_eq!(listing(&s, "file:split")["gift"]["state"], "paused");
+}

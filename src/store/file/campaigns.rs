@@ -362,6 +362,37 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_control_writers_lose_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_str().unwrap().to_owned();
+        let ids = ["a", "b", "c", "d"];
+        let records: Vec<CampaignRecord> = ids.iter().map(|id| record(id, 1, 1)).collect();
+        FileStore::open("file:s", &path)
+            .unwrap()
+            .save_campaigns(&records)
+            .unwrap();
+        std::thread::scope(|scope| {
+            for id in ids {
+                let path = &path;
+                scope.spawn(move || {
+                    let store = FileStore::open_read_only("file:s", path).unwrap();
+                    for _ in 0..25 {
+                        store.set_state(id, State::Paused).unwrap();
+                        store.set_state(id, State::Running).unwrap();
+                    }
+                });
+            }
+        });
+        let control = FileStore::open_read_only("file:s", &path)
+            .unwrap()
+            .control()
+            .unwrap();
+        assert_eq!(control.version, 4 * 50);
+        assert!(control.states.values().all(|s| *s == State::Running));
+        assert_eq!(control.states.len(), 4);
+    }
+
+    #[test]
     fn ledger_keys_find_a_campaigns_occurrences_and_no_other_campaigns() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_str().unwrap();
