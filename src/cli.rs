@@ -2,7 +2,8 @@
 //!
 //! Each subcommand shows and accepts exactly the flags it uses. Flags that several share are
 //! defined once, in a group flattened into each of them: [`JobArgs`] (run, serve, plan),
-//! [`PushArgs`] (run, serve), [`ClockArgs`] (run, plan), [`ClusterArgs`] (run).
+//! [`PushArgs`] (run, serve), [`ClockArgs`] (run, plan), [`ClusterArgs`] (run), [`StoreArg`]
+//! (the `campaigns` commands).
 //!
 //! Every flag may also come from the environment variable `FANOUT_<FLAG>` (`--store` from
 //! `FANOUT_STORE`, `-w` from `FANOUT_WORKERS`); a flag on the command line wins. Help never
@@ -100,6 +101,80 @@ pub enum Command {
     Grants(GrantsArgs),
     /// A campaign's outcome counts; with --conversions, its lift against the held-out users.
     Report(ReportArgs),
+    /// The campaigns a store admitted: list them, show one, pause, resume or cancel one.
+    #[command(subcommand, after_help = CAMPAIGNS_AFTER_HELP)]
+    Campaigns(CampaignsCommand),
+}
+
+/// What `fanout campaigns --help` says after the commands.
+const CAMPAIGNS_AFTER_HELP: &str = "\
+A change (pause, resume, cancel) is durable when the command returns and reaches every run
+and serve process using the store within one epoch; it needs no lock, so it works while a
+run holds the store. cancel is final. done is derived: the window ended, nothing in flight.
+Exit codes: 0 done, 1 store unreachable, 2 bad usage or an unknown campaign id.";
+
+/// `fanout campaigns …`
+#[derive(Debug, Subcommand)]
+pub enum CampaignsCommand {
+    /// Every campaign the store has a record of: kind, priority, state, window, outcomes.
+    List {
+        /// Which store.
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print JSON instead of the table.
+        #[arg(
+            long,
+            env = "FANOUT_JSON",
+            hide_env_values = true,
+            value_parser = BoolishValueParser::new()
+        )]
+        json: bool,
+    },
+    /// One campaign: state, outcome counts, window; rate and ETA where known.
+    Show {
+        /// The campaign id.
+        id: String,
+        /// Which store.
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print JSON instead of text.
+        #[arg(
+            long,
+            env = "FANOUT_JSON",
+            hide_env_values = true,
+            value_parser = BoolishValueParser::new()
+        )]
+        json: bool,
+    },
+    /// Stop claiming users for a campaign (pushes in flight finish); resume continues.
+    Pause(ChangeArgs),
+    /// Claim users for a paused campaign again, where it stopped.
+    Resume(ChangeArgs),
+    /// Stop a campaign for good: its unclaimed users count as cancelled.
+    Cancel(ChangeArgs),
+}
+
+/// The store a `campaigns` command reads or changes.
+#[derive(Debug, Args)]
+pub struct StoreArg {
+    /// The store: file:DIR, redis://[user:pass@]host:port/db or rediss://….
+    #[arg(
+        long,
+        default_value = "file:.fanout",
+        env = "FANOUT_STORE",
+        hide_env_values = true
+    )]
+    pub store: String,
+}
+
+/// `fanout campaigns pause|resume|cancel ID`
+#[derive(Debug, Args)]
+pub struct ChangeArgs {
+    /// The campaign id.
+    pub id: String,
+    /// Which store.
+    #[command(flatten)]
+    pub store: StoreArg,
 }
 
 /// `fanout gen …`
@@ -500,5 +575,30 @@ mod tests {
             (o.campaigns.as_deref(), o.workers, o.now),
             (Some("redis://h:1/0"), Some(3), None)
         );
+    }
+
+    #[test]
+    fn campaigns_commands_take_a_store_an_id_and_json_where_it_fits() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["fanout", "campaigns"].iter().chain(args));
+        let Ok(Cli {
+            command: Command::Campaigns(CampaignsCommand::List { store, json }),
+            ..
+        }) = parse(&["list"])
+        else {
+            panic!("list did not parse");
+        };
+        assert_eq!((store.store.as_str(), json), ("file:.fanout", false));
+        assert!(parse(&["list", "--json", "--store", "redis://h:1/0"]).is_ok());
+        assert!(parse(&["show", "spring", "--json"]).is_ok());
+        for cmd in ["show", "pause", "resume", "cancel"] {
+            assert!(parse(&[cmd]).is_err(), "{cmd} without an id");
+            assert!(
+                parse(&[cmd, "spring", "--store", "file:s"]).is_ok(),
+                "{cmd}"
+            );
+        }
+        assert!(parse(&["pause", "spring", "--json"]).is_err());
+        assert!(parse(&["list", "spring"]).is_err());
+        assert!(parse(&["stop", "spring"]).is_err());
     }
 }

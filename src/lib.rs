@@ -30,6 +30,8 @@
 //! - [`grants`]: `fanout grants`, the audit trail of who a campaign was granted to.
 //! - [`report`]: `fanout report`, a campaign's outcome counts and its lift against the
 //!   held-out users.
+//! - [`control`]: `fanout campaigns`, every campaign's state and outcomes; pause, resume,
+//!   cancel.
 //! - [`serve`]: `fanout serve`: the same dataflow, generation after generation, fed by Redis
 //!   streams ([`streams`]) and schedules, with /metrics and /healthz.
 #![forbid(unsafe_code)]
@@ -37,6 +39,7 @@
 
 pub mod audience;
 pub mod cli;
+pub mod control;
 pub mod dataflow;
 pub mod error;
 pub mod gen;

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use fanout::cli::{Cli, Command, GenCommand, LogFormat};
+use fanout::cli::{CampaignsCommand, Cli, Command, GenCommand, LogFormat};
 use fanout::error::{Error, Result};
 use fanout::run::{self, RunOptions};
 
@@ -150,5 +150,52 @@ fn execute(cli: Cli) -> Result<()> {
             print!("{}", fanout::report::render(&report));
             Ok(())
         }
+        Command::Campaigns(command) => campaigns(command),
     }
+}
+
+/// `fanout campaigns …`: reads or changes the store, prints the answer on stdout.
+fn campaigns(command: CampaignsCommand) -> Result<()> {
+    use fanout::control;
+    use fanout::store::campaigns::State;
+    let (args, state) = match command {
+        CampaignsCommand::List { store, json: true } => {
+            print!("{}", json(&control::list(&store.store)?)?);
+            return Ok(());
+        }
+        CampaignsCommand::List { store, json: false } => {
+            print!("{}", control::render_table(&control::list(&store.store)?));
+            return Ok(());
+        }
+        CampaignsCommand::Show {
+            id,
+            store,
+            json: true,
+        } => {
+            print!("{}", json(&control::show(&store.store, &id)?)?);
+            return Ok(());
+        }
+        CampaignsCommand::Show {
+            id,
+            store,
+            json: false,
+        } => {
+            print!(
+                "{}",
+                control::render_status(&control::show(&store.store, &id)?)
+            );
+            return Ok(());
+        }
+        CampaignsCommand::Pause(args) => (args, State::Paused),
+        CampaignsCommand::Resume(args) => (args, State::Running),
+        CampaignsCommand::Cancel(args) => (args, State::Cancelled),
+    };
+    let change = control::set(&args.store.store, &args.id, state)?;
+    print!("{}", control::render_change(&args.id, state, change));
+    Ok(())
+}
+
+/// `value` as pretty JSON and a newline.
+fn json<T: serde::Serialize>(value: &T) -> Result<String> {
+    Ok(serde_json::to_string_pretty(value).map_err(anyhow::Error::from)? + "\n")
 }

@@ -5,17 +5,36 @@
 //! A record is written when a run or `serve` admits the campaign (right after the
 //! repeated-campaign guard lets it in) and rewritten on every later admission of the same id:
 //! the fields follow the newest admission, except `admitted_at`, which stays the first one's.
-//! Records are where a campaign's state (running, paused, cancelled, done) will live, so they
-//! are kept per campaign id, never per occurrence.
+//! Records are kept per campaign id, never per occurrence.
 //!
 //! The embedded store keeps one JSON file per campaign ([`file`](super::file) `campaigns/`);
 //! Redis one hash per campaign (`fanout:campaign:{id}`, see [`redis`](super::redis)).
+//!
+//! # Control state
+//! Beside the records, each store keeps the *control state* an operator set with `fanout
+//! campaigns pause|resume|cancel` ([`State`]): small, in one place per store, with a version
+//! that grows on every change, so a run or `serve` can poll one thing per epoch
+//! ([`Store::control_version`]) and read every state ([`Store::states`]) only when it moved.
+//! - embedded store: `DIR/control.json`, `{"version": N, "states": {"<id>": "paused", …}}`,
+//!   replaced whole (temp file, fsync, rename, directory fsync) under its own lock file
+//!   `DIR/CONTROL.LOCK` — never the store's `DIR/LOCK`, which a running `run` or `serve` holds
+//!   for its whole life: a control command writes beside it and the run reads the file.
+//! - Redis: the hash `fanout:control` (campaign id → state) and the counter
+//!   `fanout:control:version`, changed together by one script (see
+//!   [`redis`](super::redis) `campaigns`).
+//!
+//! A campaign without an entry is `running`. `cancelled` is final. `done` is never stored: it
+//! is derived where it is shown (see [`State::Done`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::Store;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Campaign, Kind, Priority};
 
 /// What the store keeps of one admitted campaign.
@@ -55,6 +74,114 @@ impl CampaignRecord {
             holdout: campaign.holdout,
             admitted_at: at,
         }
+    }
+}
+
+/// A campaign's control state (SPEC "Campaign control and status").
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Claimed and sent as usual: every admitted campaign until an operator says otherwise.
+    #[default]
+    Running,
+    /// Nothing new is claimed for it; `resume` continues where it stopped.
+    Paused,
+    /// Final: nothing new is claimed, its unclaimed users count as `cancelled`, a lazy coupon
+    /// stops granting. It cannot be resumed.
+    Cancelled,
+    /// Derived, never stored: a `running` campaign whose window has ended and whose ledgers
+    /// hold nobody in flight or held for quiet hours — nothing more will be sent
+    /// ([`State::derive`]).
+    Done,
+}
+
+impl State {
+    /// Every state, in the order above.
+    pub const ALL: [State; 4] = [State::Running, State::Paused, State::Cancelled, State::Done];
+
+    /// The name as the CLI and the stores write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Cancelled => "cancelled",
+            State::Done => "done",
+        }
+    }
+
+    /// Whether a run may claim users for a campaign in this state (`running` only; `done`
+    /// has nothing left to claim).
+    pub fn claims(self) -> bool {
+        self == State::Running
+    }
+
+    /// The state to show for a campaign whose stored state is `self`: `done` instead of
+    /// `running` once `now` is at or past the window's `end` and `unsettled` (users in
+    /// flight or held for quiet hours, over all its ledgers) is 0. A paused or cancelled
+    /// campaign keeps its state: it says more than `done` would.
+    pub fn derive(self, end: DateTime<Utc>, now: DateTime<Utc>, unsettled: u64) -> State {
+        match self {
+            State::Running if now >= end && unsettled == 0 => State::Done,
+            s => s,
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        State::ALL
+            .into_iter()
+            .find(|state| state.name() == s)
+            .ok_or_else(|| {
+                format!("{s:?} is not a campaign state (running, paused, cancelled, done)")
+            })
+    }
+}
+
+/// The stored control states of a store and their version (see the [module docs](self)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Control {
+    /// Grows by one on every change of any state; 0 before the first.
+    pub version: u64,
+    /// Campaign id → state, for every campaign an operator ever set; any other is running.
+    pub states: BTreeMap<String, State>,
+}
+
+/// What [`Store::set_state`] found before it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// The state changed from the one given (the version grew).
+    Changed(State),
+    /// It already was the state asked for: nothing written.
+    Unchanged,
+}
+
+/// Refuses what no store may record: `done` (derived) and leaving `cancelled` (final).
+pub(crate) fn check_transition(id: &str, from: State, to: State) -> Result<()> {
+    match (from, to) {
+        (_, State::Done) => Err(Error::Usage(format!(
+            "campaign {id:?}: done is not set, it is derived (the window ended and nothing is \
+             in flight)"
+        ))),
+        (State::Cancelled, State::Running | State::Paused) => Err(Error::Usage(format!(
+            "campaign {id:?} is cancelled, and cancelling is final: it cannot be {}; submit it \
+             again under a new id to send it",
+            match to {
+                State::Running => "resumed",
+                _ => "paused",
+            }
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -112,6 +239,69 @@ impl Store {
         match self {
             Store::File(store) => store.campaign(id),
             Store::Redis(store) => store.campaign(id).await,
+        }
+    }
+
+    /// Sets campaign `id`'s control state to `state` and returns once the change is durable:
+    /// on the embedded store `DIR/control.json` is fsynced and renamed into place; on Redis
+    /// the server acknowledged it (as durable as its `appendfsync` makes any write).
+    ///
+    /// It needs neither the store's lock nor a Redis lease, so it works on a store opened
+    /// read-only ([`Store::connect_read_only`]) while a run or `serve` holds the store: that
+    /// is how `fanout campaigns pause` reaches them. Refused with a usage error (exit 2):
+    /// a campaign this store has no record of (naming it), `done` (derived, see
+    /// [`State::Done`]), and resuming or pausing a cancelled campaign (final).
+    pub async fn set_state(&self, id: &str, state: State) -> Result<Transition> {
+        check_transition(id, State::Running, state)?;
+        match self {
+            Store::File(store) => {
+                let store = std::sync::Arc::clone(store);
+                let id = id.to_owned();
+                super::off_runtime(move || store.set_state(&id, state)).await
+            }
+            Store::Redis(store) => store.set_state(id, state).await,
+        }
+    }
+
+    /// Every stored control state with its version, read at once (one file read; on Redis
+    /// one `HGETALL` and one `GET` in a transaction).
+    pub async fn control(&self) -> Result<Control> {
+        match self {
+            Store::File(store) => store.control(),
+            Store::Redis(store) => store.control().await,
+        }
+    }
+
+    /// Every stored control state: campaign id → `running`, `paused` or `cancelled`. A
+    /// campaign missing from the map is running.
+    pub async fn states(&self) -> Result<BTreeMap<String, State>> {
+        Ok(self.control().await?.states)
+    }
+
+    /// The control version: grows on every state change, 0 before the first. Cheap enough to
+    /// poll once an epoch (one small file read; one Redis `GET`): when it moved, read
+    /// [`Store::control`] or [`Store::states`].
+    pub async fn control_version(&self) -> Result<u64> {
+        match self {
+            Store::File(store) => Ok(store.control()?.version),
+            Store::Redis(store) => store.control_version().await,
+        }
+    }
+
+    /// The ids of every campaign this store has a record of, sorted.
+    pub async fn campaign_ids(&self) -> Result<Vec<String>> {
+        match self {
+            Store::File(store) => store.campaign_ids(),
+            Store::Redis(store) => store.campaign_ids().await,
+        }
+    }
+
+    /// The ledger keys of campaign `id` found in the store, sorted: `id` itself when it has a
+    /// ledger, and one `id:occurrence` per occurrence of a scheduled campaign (hot product).
+    pub async fn ledger_keys(&self, id: &str) -> Result<Vec<String>> {
+        match self {
+            Store::File(store) => store.ledger_keys(id),
+            Store::Redis(store) => store.ledger_keys(id).await,
         }
     }
 }

@@ -11,12 +11,42 @@
 //! read-modify-write of the whole record racing another process. Saving is one `MULTI`: `HSET`
 //! of every field but `admitted_at`, and `HSETNX` of `admitted_at`, so it stays the first
 //! admission's. Fields a newer fanout adds are ignored when read.
+//!
+//! Control states ([`Control`]) are kept apart from the records, where a run polls them:
+//!
+//! ```text
+//! fanout:control            hash: campaign id → running | paused | cancelled
+//! fanout:control:version    counter: grows by one on every change of any state
+//! ```
+//! One script ([`SET_STATE`]) checks that the record exists and that the change is allowed
+//! (cancelled is final), and writes the state and bumps the version together; it writes
+//! nothing when the state is already the one asked for, so a retried call is harmless. It
+//! needs no lease: a control command is not a run.
 
 use std::collections::HashMap;
 
-use super::{retrying, RedisStore};
+use super::{conn::scan, retrying, RedisStore};
 use crate::error::{Error, Result};
-use crate::store::campaigns::CampaignRecord;
+use crate::store::campaigns::{check_transition, CampaignRecord, Control, State, Transition};
+
+/// The hash of control states.
+const CONTROL: &str = "fanout:control";
+/// The control version counter.
+const CONTROL_VERSION: &str = "fanout:control:version";
+
+/// KEYS: the campaign's record, [`CONTROL`], [`CONTROL_VERSION`]; ARGV: id, new state.
+/// Answers `{"unknown"}` (no record), `{"refused", from}` (leaving cancelled),
+/// `{"unchanged"}`, or `{"changed", from}`.
+const SET_STATE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+local from = redis.call('HGET', KEYS[2], ARGV[1])
+if not from then from = 'running' end
+if from == ARGV[2] then return {'unchanged'} end
+if from == 'cancelled' then return {'refused', from} end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[3])
+return {'changed', from}
+"#;
 
 /// The key of campaign `id`'s record.
 fn key(id: &str) -> String {
@@ -107,6 +137,132 @@ impl RedisStore {
             return Ok(None);
         }
         from_fields(&key, hash).map(Some)
+    }
+}
+
+impl RedisStore {
+    /// Sets campaign `id`'s state (see the module docs); works on a store opened read-only.
+    pub async fn set_state(&self, id: &str, state: State) -> Result<Transition> {
+        let script = redis::Script::new(SET_STATE);
+        let record = key(id);
+        let answer: Vec<String> = retrying(&self.url, "set a campaign state", || {
+            let mut con = self.con.clone();
+            let mut call = script.prepare_invoke();
+            call.key(&record)
+                .key(CONTROL)
+                .key(CONTROL_VERSION)
+                .arg(id)
+                .arg(state.name());
+            async move { call.invoke_async(&mut con).await }
+        })
+        .await?;
+        let from = |text: &str| {
+            text.parse::<State>()
+                .map_err(|e| Error::runtime(format!("store {}: {CONTROL} {id}: {e}", self.url)))
+        };
+        match answer.as_slice() {
+            [verdict] if verdict == "unknown" => Err(Error::Usage(format!(
+                "store {} has no campaign {id:?}: no run or serve admitted it there",
+                self.url
+            ))),
+            [verdict] if verdict == "unchanged" => Ok(Transition::Unchanged),
+            [verdict, was] if verdict == "refused" => {
+                check_transition(id, from(was)?, state)?;
+                Err(Error::runtime(format!(
+                    "store {}: the state script refused {id:?} {was} → {state}",
+                    self.url
+                )))
+            }
+            [verdict, was] if verdict == "changed" => Ok(Transition::Changed(from(was)?)),
+            other => Err(Error::runtime(format!(
+                "store {}: the state script answered {other:?}",
+                self.url
+            ))),
+        }
+    }
+
+    /// Every stored state and the version, read in one transaction.
+    pub async fn control(&self) -> Result<Control> {
+        let (hash, version): (HashMap<String, String>, Option<u64>) =
+            retrying(&self.url, "read the campaign states", || {
+                let mut con = self.con.clone();
+                async move {
+                    redis::pipe()
+                        .atomic()
+                        .cmd("HGETALL")
+                        .arg(CONTROL)
+                        .cmd("GET")
+                        .arg(CONTROL_VERSION)
+                        .query_async(&mut con)
+                        .await
+                }
+            })
+            .await?;
+        let mut states = std::collections::BTreeMap::new();
+        for (id, text) in hash {
+            let state = text
+                .parse::<State>()
+                .map_err(|e| Error::runtime(format!("store {}: {CONTROL} {id}: {e}", self.url)))?;
+            states.insert(id, state);
+        }
+        Ok(Control {
+            version: version.unwrap_or(0),
+            states,
+        })
+    }
+
+    /// The control version: one `GET`.
+    pub async fn control_version(&self) -> Result<u64> {
+        let version: Option<u64> = retrying(&self.url, "read the control version", || {
+            let mut con = self.con.clone();
+            async move {
+                redis::cmd("GET")
+                    .arg(CONTROL_VERSION)
+                    .query_async(&mut con)
+                    .await
+            }
+        })
+        .await?;
+        Ok(version.unwrap_or(0))
+    }
+
+    /// The ids of every campaign with a record, sorted (a `SCAN` of `fanout:campaign:*`).
+    pub async fn campaign_ids(&self) -> Result<Vec<String>> {
+        let keys = scan(&self.con, &self.url, "fanout:campaign:*").await?;
+        let mut ids: Vec<String> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix("fanout:campaign:"))
+            .filter(|id| crate::job::is_valid_id(id))
+            .map(str::to_owned)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// The ledger keys of campaign `id` with a claimed or quiet-held user, sorted: a `SCAN` of
+    /// `fanout:granted:{id}:*` and `fanout:quiet:{id}:*`, each key read as `{ledger}:{chunk}`.
+    pub async fn ledger_keys(&self, id: &str) -> Result<Vec<String>> {
+        let mut ledgers = std::collections::BTreeSet::new();
+        for set in ["granted", "quiet"] {
+            let prefix = format!("fanout:{set}:");
+            // Ids are [A-Za-z0-9_-]: nothing in them is a glob character.
+            for k in scan(&self.con, &self.url, &format!("{prefix}{id}:*")).await? {
+                let Some((ledger, chunk)) = k
+                    .strip_prefix(&prefix)
+                    .and_then(|rest| rest.rsplit_once(':'))
+                else {
+                    continue;
+                };
+                let occurrence_of_id = ledger
+                    .strip_prefix(id)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'));
+                if occurrence_of_id && chunk.parse::<u32>().is_ok() {
+                    ledgers.insert(ledger.to_owned());
+                }
+            }
+        }
+        Ok(ledgers.into_iter().collect())
     }
 }
 

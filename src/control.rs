@@ -1,0 +1,437 @@
+//! `fanout campaigns list|show|pause|resume|cancel`: every campaign a store admitted, with its
+//! state and outcome counts, and the operator's switch on each.
+//!
+//! **What is read.** A campaign is one the store has a [record](crate::store::campaigns) of.
+//! Its outcome counts are summed over every ledger of it the store holds: the campaign's own,
+//! and for a hot product one per occurrence (each occurrence is its own set of (occurrence,
+//! user) pairs, so the sum counts pairs, as the run summary does). A store that a cluster split
+//! (`file:DIR` with `DIR/PROCESSES`) is read part by part; each part's users are its own, so
+//! the parts' sets are joined.
+//!
+//! **State.** The stored state (running unless an operator set another) is shown as `done`
+//! when it is running, the window's end has passed on the system clock, and no user is in
+//! flight or held for quiet hours ([`State::derive`]).
+//!
+//! **Rate and ETA.** The store keeps no send times per campaign and no eligible total, so
+//! neither is derived yet: `show` says so, and the JSON has `null` for `first_send`,
+//! `last_send`, `rate_per_s` and `eta_s`.
+//!
+//! **Changes** (`pause`, `resume`, `cancel`) are written to every part of the store and are
+//! durable when the command returns ([`Store::set_state`]); they need no lock and no lease,
+//! so they reach a run or `serve` that holds the store.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::grants::reading_runtime;
+use crate::model::{Kind, Priority};
+use crate::report::OutcomeCounts;
+use crate::store::campaigns::{rfc3339_text, CampaignRecord, State, Transition};
+use crate::store::{Outcomes, Store};
+
+/// One campaign as `list` and `show` print it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// The campaign id.
+    pub id: String,
+    /// What it does.
+    pub kind: Kind,
+    /// Its lane.
+    pub priority: Priority,
+    /// The state to act on: the stored one, or `done` ([`State::derive`]).
+    pub state: State,
+    /// The state an operator set (`running` if none).
+    pub stored_state: State,
+    /// Start of the window, RFC 3339.
+    pub start: String,
+    /// End of the window (exclusive), RFC 3339.
+    pub end: String,
+    /// When the store first admitted it.
+    pub admitted_at: String,
+    /// Its holdout share.
+    pub holdout: f64,
+    /// The ledgers counted: the campaign id, or `id:occurrence` for each occurrence.
+    pub ledgers: Vec<String>,
+    /// Users by outcome, summed over `ledgers`.
+    pub outcomes: OutcomeCounts,
+    /// Users settled (every outcome but in flight and quiet-held).
+    pub settled: u64,
+    /// The first send; not recorded by the store yet (`null`).
+    pub first_send: Option<String>,
+    /// The last send; not recorded by the store yet (`null`).
+    pub last_send: Option<String>,
+    /// Settled users per second; needs send times (`null`).
+    pub rate_per_s: Option<f64>,
+    /// Seconds left; needs a rate and an eligible total (`null`).
+    pub eta_s: Option<f64>,
+}
+
+/// What `fanout campaigns list --json` prints.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Listing {
+    /// The store, without its password.
+    pub store: String,
+    /// Every campaign it has a record of, by id.
+    pub campaigns: Vec<Status>,
+}
+
+/// Checks an id given on the command line (exit 2 when it is not one).
+fn check_id(id: &str) -> Result<()> {
+    if crate::job::is_valid_id(id) {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "campaign {id:?}: not a campaign id: expected [A-Za-z0-9_-], 1 to 64 characters"
+    )))
+}
+
+/// The parts of the store at `url` (one unless a cluster split it); a store directory that
+/// does not exist is a usage error (exit 2).
+fn parts(url: &str) -> Result<Vec<String>> {
+    if let Some(dir) = crate::store::file_dir(url) {
+        if !std::path::Path::new(dir).is_dir() {
+            return Err(Error::Usage(format!(
+                "store {url}: no such directory (no run has used this store)"
+            )));
+        }
+    }
+    crate::run::cluster::store_parts(url)
+}
+
+/// What one campaign's reading gathers over the parts.
+#[derive(Default)]
+struct Gathered {
+    record: Option<CampaignRecord>,
+    state: State,
+    /// Ledger key → its users by outcome, joined over the parts.
+    ledgers: BTreeMap<String, Outcomes>,
+}
+
+/// Joins `part` into `into`.
+fn join(into: &mut Outcomes, part: Outcomes) {
+    into.delivered |= part.delivered;
+    into.dead_lettered |= part.dead_lettered;
+    into.unreachable |= part.unreachable;
+    into.held_out |= part.held_out;
+    into.in_flight |= part.in_flight;
+    into.quiet_held |= part.quiet_held;
+    into.capped |= part.capped;
+}
+
+/// Reads campaigns `only` (every one with a record when `None`) from every part of `url`.
+fn gather(url: &str, only: Option<&str>) -> Result<BTreeMap<String, Gathered>> {
+    let runtime = reading_runtime()?;
+    let mut found: BTreeMap<String, Gathered> = BTreeMap::new();
+    for part in parts(url)? {
+        runtime.block_on(async {
+            let store = Store::connect_read_only(&part).await?;
+            let ids = match only {
+                Some(id) => vec![id.to_owned()],
+                None => store.campaign_ids().await?,
+            };
+            let states = store.states().await?;
+            for id in ids {
+                let Some(record) = store.campaign(&id).await? else {
+                    continue;
+                };
+                let g = found.entry(id.clone()).or_default();
+                g.record.get_or_insert(record);
+                // Parts disagree only when a change reached some of them: show the
+                // stronger state (cancelled over paused over running).
+                g.state = g.state.max(states.get(&id).copied().unwrap_or_default());
+                for key in store.ledger_keys(&id).await? {
+                    let outcomes = store.outcomes(&key).await?;
+                    join(g.ledgers.entry(key).or_default(), outcomes);
+                }
+            }
+            Ok::<_, Error>(())
+        })?;
+    }
+    Ok(found)
+}
+
+/// The status of one gathered campaign, its state derived at `now`.
+fn status(id: String, g: Gathered, now: DateTime<Utc>) -> Option<Status> {
+    let record = g.record?;
+    let mut o = OutcomeCounts::default();
+    for l in g.ledgers.values() {
+        o.delivered += l.delivered.len();
+        o.dead_lettered += l.dead_lettered.len();
+        o.unreachable += l.unreachable.len();
+        o.held_out += l.held_out.len();
+        o.in_flight += l.in_flight.len();
+        o.quiet_held += l.quiet_held.len();
+        o.capped += l.capped.len();
+    }
+    let settled = o.delivered + o.dead_lettered + o.unreachable + o.held_out + o.capped;
+    Some(Status {
+        id,
+        kind: record.kind,
+        priority: record.priority,
+        state: g.state.derive(record.end, now, o.in_flight + o.quiet_held),
+        stored_state: g.state,
+        start: rfc3339_text(&record.start),
+        end: rfc3339_text(&record.end),
+        admitted_at: rfc3339_text(&record.admitted_at),
+        holdout: record.holdout,
+        ledgers: g.ledgers.into_keys().collect(),
+        outcomes: o,
+        settled,
+        first_send: None,
+        last_send: None,
+        rate_per_s: None,
+        eta_s: None,
+    })
+}
+
+/// Every campaign of the store at `url`, by id (`fanout campaigns list`).
+pub fn list(url: &str) -> Result<Listing> {
+    let now = Utc::now();
+    let campaigns = gather(url, None)?
+        .into_iter()
+        .filter_map(|(id, g)| status(id, g, now))
+        .collect();
+    Ok(Listing {
+        store: crate::store::redis::shown(url),
+        campaigns,
+    })
+}
+
+/// Campaign `id` of the store at `url` (`fanout campaigns show`); a usage error naming it
+/// when the store has no record of it.
+pub fn show(url: &str, id: &str) -> Result<Status> {
+    check_id(id)?;
+    gather(url, Some(id))?
+        .remove(id)
+        .and_then(|g| status(id.to_owned(), g, Utc::now()))
+        .ok_or_else(|| unknown(url, id))
+}
+
+/// The error for a campaign the store at `url` has no record of.
+fn unknown(url: &str, id: &str) -> Error {
+    Error::Usage(format!(
+        "store {} has no campaign {id:?}: no run or serve admitted it there",
+        crate::store::redis::shown(url)
+    ))
+}
+
+/// Sets campaign `id`'s state in every part of the store at `url`
+/// (`fanout campaigns pause|resume|cancel`); durable when it returns. Returns what the first
+/// part that knows the campaign held before.
+pub fn set(url: &str, id: &str, state: State) -> Result<Transition> {
+    check_id(id)?;
+    let runtime = reading_runtime()?;
+    let stores = parts(url)?
+        .into_iter()
+        .map(|part| runtime.block_on(Store::connect_read_only(&part)))
+        .collect::<Result<Vec<_>>>()?;
+    // Every part first, so an unknown id or a cancelled campaign changes no part.
+    let mut known = Vec::new();
+    for store in &stores {
+        if runtime.block_on(store.campaign(id))?.is_some() {
+            let from = runtime
+                .block_on(store.states())?
+                .get(id)
+                .copied()
+                .unwrap_or_default();
+            crate::store::campaigns::check_transition(id, from, state)?;
+            known.push(store);
+        }
+    }
+    if known.is_empty() {
+        return Err(unknown(url, id));
+    }
+    let mut first = None;
+    for store in known {
+        let t = runtime.block_on(store.set_state(id, state))?;
+        first.get_or_insert(t);
+    }
+    Ok(first.unwrap_or(Transition::Unchanged))
+}
+
+/// What a state change prints.
+pub fn render_change(id: &str, state: State, t: Transition) -> String {
+    match t {
+        Transition::Unchanged => format!("campaign {id} was already {state}\n"),
+        Transition::Changed(from) => format!("campaign {id}: {from} → {state}\n"),
+    }
+}
+
+/// The outcome columns of the table, in order.
+fn outcome_columns(o: &OutcomeCounts) -> [(&'static str, u64); 7] {
+    [
+        ("delivered", o.delivered),
+        ("dead_lettered", o.dead_lettered),
+        ("unreachable", o.unreachable),
+        ("held_out", o.held_out),
+        ("capped", o.capped),
+        ("quiet_held", o.quiet_held),
+        ("in_flight", o.in_flight),
+    ]
+}
+
+/// The listing as a table, one campaign a line; a line saying so when there is none.
+pub fn render_table(l: &Listing) -> String {
+    if l.campaigns.is_empty() {
+        return format!("store {} has no campaigns\n", l.store);
+    }
+    let header: Vec<&str> = ["ID", "KIND", "PRIORITY", "STATE", "WINDOW"]
+        .into_iter()
+        .chain(
+            outcome_columns(&OutcomeCounts::default())
+                .iter()
+                .map(|(n, _)| *n),
+        )
+        .collect();
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_uppercase()).collect()];
+    for c in &l.campaigns {
+        let mut row = vec![
+            c.id.clone(),
+            c.kind.name().to_owned(),
+            c.priority.name().to_owned(),
+            c.state.name().to_owned(),
+            format!("{} .. {}", c.start, c.end),
+        ];
+        row.extend(
+            outcome_columns(&c.outcomes)
+                .iter()
+                .map(|(_, n)| n.to_string()),
+        );
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            // Text columns left, counts right.
+            if i < 5 {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad));
+            } else {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            }
+            line.push_str("  ");
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// One campaign, for people.
+pub fn render_status(c: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "campaign {}", c.id);
+    let stored = match c.state == c.stored_state {
+        true => String::new(),
+        false => format!(
+            " (stored {}; window ended, nothing in flight)",
+            c.stored_state
+        ),
+    };
+    let _ = writeln!(out, "  state        {}{stored}", c.state);
+    let _ = writeln!(
+        out,
+        "  {}, priority {}, holdout {}",
+        c.kind.name(),
+        c.priority.name(),
+        c.holdout
+    );
+    let _ = writeln!(out, "  window       {} .. {}", c.start, c.end);
+    let _ = writeln!(out, "  admitted     {}", c.admitted_at);
+    let _ = writeln!(
+        out,
+        "  ledgers      {}",
+        match c.ledgers.len() {
+            0 => "none yet".to_owned(),
+            n if c.kind == Kind::HotProduct => format!("{n} occurrence(s), summed"),
+            _ => "1".to_owned(),
+        }
+    );
+    out.push_str("outcomes:\n");
+    for (name, n) in outcome_columns(&c.outcomes) {
+        let _ = writeln!(out, "  {name:<14}{n:>12}");
+    }
+    let _ = writeln!(out, "  {:<14}{:>12}", "settled", c.settled);
+    out.push_str(
+        "first/last send, rate, ETA: not known (the store keeps no send times per campaign)\n",
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    fn gathered(state: State, in_flight: &[u32]) -> Gathered {
+        let t = |d| Utc.with_ymd_and_hms(2026, 3, d, 0, 0, 0).unwrap();
+        let mut ledger = Outcomes::default();
+        ledger.delivered.insert_range(1..11);
+        ledger.in_flight.extend(in_flight.iter().copied());
+        let mut other = Outcomes::default();
+        other.delivered.insert_range(1..4);
+        other.capped.insert(7);
+        Gathered {
+            record: Some(CampaignRecord {
+                id: "hot".into(),
+                kind: Kind::HotProduct,
+                start: t(1),
+                end: t(8),
+                priority: Priority::Bulk,
+                holdout: 0.0,
+                admitted_at: t(1),
+            }),
+            state,
+            ledgers: [
+                ("hot:2026-03-02T00:00:00Z".to_owned(), ledger),
+                ("hot:2026-03-02T01:00:00Z".to_owned(), other),
+            ]
+            .into(),
+        }
+    }
+
+    #[test]
+    fn occurrences_are_summed_and_done_is_derived_from_the_window_and_in_flight() {
+        let before_end = Utc.with_ymd_and_hms(2026, 3, 7, 0, 0, 0).unwrap();
+        let after_end = Utc.with_ymd_and_hms(2026, 3, 8, 0, 0, 0).unwrap();
+        let s = status("hot".into(), gathered(State::Running, &[]), after_end).unwrap();
+        assert_eq!((s.outcomes.delivered, s.outcomes.capped), (13, 1));
+        assert_eq!(s.settled, 14);
+        assert_eq!((s.state, s.stored_state), (State::Done, State::Running));
+        let s = status("hot".into(), gathered(State::Running, &[20]), after_end).unwrap();
+        assert_eq!(s.state, State::Running);
+        let s = status("hot".into(), gathered(State::Running, &[]), before_end).unwrap();
+        assert_eq!(s.state, State::Running);
+        for kept in [State::Paused, State::Cancelled] {
+            let s = status("hot".into(), gathered(kept, &[]), after_end).unwrap();
+            assert_eq!(s.state, kept);
+        }
+        let cancelled = status("hot".into(), gathered(State::Cancelled, &[]), after_end).unwrap();
+        let table = render_table(&Listing {
+            store: "file:s".into(),
+            campaigns: vec![cancelled],
+        });
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2, "{table}");
+        assert!(lines[0].starts_with("ID ") && lines[0].contains("DELIVERED"));
+        assert!(lines[1].split_whitespace().any(|w| w == "cancelled"));
+        assert!(lines[1].split_whitespace().any(|w| w == "13"));
+    }
+
+    #[test]
+    fn ids_that_are_not_ids_are_refused_with_exit_2() {
+        assert_eq!(check_id("not an id").unwrap_err().exit_code(), 2);
+        assert!(check_id("spring-sale_2026").is_ok());
+    }
+}
