@@ -108,9 +108,10 @@ pub enum Command {
 
 /// What `fanout campaigns --help` says after the commands.
 const CAMPAIGNS_AFTER_HELP: &str = "\
-A change (pause, resume, cancel) is durable when the command returns and reaches every run
-and serve process using the store within one epoch; it needs no lock, so it works while a
-run holds the store. cancel is final. done is derived: the window ended, nothing in flight.
+A change (pause, resume, cancel) is recorded durably when the command returns; it needs no
+lock, so it works while a run holds the store. Not yet enforced: this version's run and
+serve do not read the state yet (issue #15). cancel is final. done is derived: the window
+ended, nothing in flight.
 Exit codes: 0 done, 1 store unreachable, 2 bad usage or an unknown campaign id.";
 
 /// `fanout campaigns …`
@@ -146,11 +147,11 @@ pub enum CampaignsCommand {
         )]
         json: bool,
     },
-    /// Stop claiming users for a campaign (pushes in flight finish); resume continues.
+    /// Record a campaign as paused (not yet enforced by run and serve).
     Pause(ChangeArgs),
-    /// Claim users for a paused campaign again, where it stopped.
+    /// Record a paused campaign as running again.
     Resume(ChangeArgs),
-    /// Stop a campaign for good: its unclaimed users count as cancelled.
+    /// Record a campaign as cancelled, for good (not yet enforced by run and serve).
     Cancel(ChangeArgs),
 }
 
