@@ -222,11 +222,22 @@ impl History {
 
     /// Whether a send at `t` stays within every cap (see the module docs).
     pub fn admits(self, table: &SendTimes, t: i64, caps: &[Window]) -> bool {
-        let sends = self.sends(table);
+        if self.0 == 0 {
+            // No send yet (a cap's max is at least 1).
+            return caps.iter().all(|cap| cap.max >= 1);
+        }
+        let mut times = [0i64; KEEP];
+        let mut n = 0;
+        for (_, time) in self.kept(table) {
+            times[n] = time;
+            n += 1;
+        }
+        let sends = &times[..n];
+        let oldest = sends.iter().copied().min();
         caps.iter().all(|cap| {
             let from = t.saturating_sub(cap.per_s);
             let within = sends.iter().filter(|&&s| s > from && s <= t).count();
-            let lost = sends.len() == KEEP && sends.last().is_some_and(|&oldest| oldest > from);
+            let lost = n == KEEP && oldest.is_some_and(|oldest| oldest > from);
             (within as u64) < u64::from(cap.max) && !lost
         })
     }
@@ -234,15 +245,22 @@ impl History {
     /// This history with a send at `slot` (a slot of the table's current or previous half)
     /// added: stale slots dropped, the oldest send dropped when all are taken.
     pub fn with_send(self, table: &SendTimes, slot: u16) -> History {
-        let mut kept: Vec<(u16, i64)> = self.kept(table).collect();
-        if kept.len() == KEEP {
-            if let Some(oldest) = (0..kept.len()).min_by_key(|&i| kept[i].1) {
-                kept.swap_remove(oldest);
+        let mut kept = [(0u16, 0i64); KEEP];
+        let mut n = 0;
+        for k in self.kept(table) {
+            kept[n] = k;
+            n += 1;
+        }
+        if n == KEEP {
+            if let Some(oldest) = (0..n).min_by_key(|&i| kept[i].1) {
+                kept[oldest] = kept[n - 1];
+                n -= 1;
             }
         }
-        kept.push((slot, table.time(slot).unwrap_or(0)));
+        kept[n] = (slot, table.time(slot).unwrap_or(0));
+        n += 1;
         let mut bits = u64::from(table.era % (1 << TAG_BITS));
-        for (i, (s, _)) in kept.iter().enumerate() {
+        for (i, (s, _)) in kept[..n].iter().enumerate() {
             bits |= u64::from(*s) << (TAG_BITS + SLOT_BITS * i as u32);
         }
         History(bits)

@@ -164,9 +164,11 @@ pub fn push<'s>(
                                 queues[lane].push_back((time, Work::One(c), now));
                             }
                         }
-                        if let Some((lane, group)) = capped_group(&ctx, capped) {
-                            epoch.queued += 1;
-                            queues[lane].push_back((time, Work::Capped(group), now));
+                        if let Some((lane, groups)) = capped_groups(&ctx, capped) {
+                            epoch.queued += groups.len();
+                            for group in groups {
+                                queues[lane].push_back((time, Work::Capped(group), now));
+                            }
                         }
                     }
                 });
@@ -229,10 +231,11 @@ fn shed(ctx: &Context, queues: &mut [Queue; LANES], epochs: &mut BTreeMap<Time, 
     }
 }
 
-/// The capped candidates that arrived together as one [`Work::Capped`] entry: one member per
-/// target, users in id order, members in the run's decision order; with the lane of its
-/// first. `None` if there are none.
-fn capped_group(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<Candidates>)> {
+/// The capped candidates that arrived together as [`Work::Capped`] entries of at most about
+/// `task_users` users each, cut at user ids so that each user's capped offers stay in one
+/// entry: per entry one member per target, users in id order, members in the run's decision
+/// order; with the lane of the first. `None` if there are none.
+fn capped_groups(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<Vec<Candidates>>)> {
     let mut by_target: BTreeMap<(usize, u32), Vec<Candidate>> = BTreeMap::new();
     for c in capped {
         let order = ctx.targets[c.target as usize].order;
@@ -243,20 +246,46 @@ fn capped_group(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<Ca
     }
     let first = by_target.keys().next()?.1;
     let lane = ctx.targets[first as usize].target.campaign.priority.lane();
-    let group = by_target
+    let mut members: Vec<Candidates> = by_target
         .into_iter()
         .map(|((_, target), mut users)| {
             users.sort_unstable_by_key(|c| c.id);
             Candidates { target, users }
         })
         .collect();
-    Some((lane, group))
+    let mut ids: Vec<u32> = members
+        .iter()
+        .flat_map(|c| c.users.iter().map(|u| u.id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    // Cut before every `per`-th distinct user, from the back so each cut moves only its tail.
+    let per = (ctx.task_users / members.len()).max(1);
+    let cuts: Vec<u32> = ids.iter().copied().skip(per).step_by(per).collect();
+    let mut groups = Vec::with_capacity(cuts.len() + 1);
+    for &cut in cuts.iter().rev() {
+        let tail: Vec<Candidates> = members
+            .iter_mut()
+            .map(|c| {
+                let at = c.users.partition_point(|u| u.id < cut);
+                Candidates {
+                    target: c.target,
+                    users: c.users.split_off(at),
+                }
+            })
+            .filter(|c| !c.users.is_empty())
+            .collect();
+        groups.push(tail);
+    }
+    members.retain(|c| !c.users.is_empty());
+    groups.push(members);
+    groups.reverse();
+    Some((lane, groups))
 }
 
-/// Takes the next task's users off a lane's queue: a whole entry if it is small enough, else
-/// one provider batch's worth of a target's candidates — or, of a capped group, every member's
-/// users below one id, so that each user's capped offers stay in one task. Counts the task
-/// in its epoch.
+/// Takes the next task's users off a lane's queue: a whole entry if it is small enough (a
+/// capped group always is), else one provider batch's worth of a target's candidates. Counts
+/// the task in its epoch.
 fn next_task(
     queue: &mut Queue,
     epochs: &mut BTreeMap<Time, Epoch>,
@@ -274,26 +303,7 @@ fn next_task(
             };
             (vec![part], false)
         }
-        Work::Capped(group) => {
-            let total: usize = group.iter().map(|c| c.users.len()).sum();
-            match cut_below(group, ctx.task_users) {
-                Some(cut) if total > ctx.task_users => {
-                    let part = group
-                        .iter_mut()
-                        .map(|c| {
-                            let at = c.users.partition_point(|u| u.id < cut);
-                            Candidates {
-                                target: c.target,
-                                users: c.users.drain(..at).collect(),
-                            }
-                        })
-                        .filter(|c| !c.users.is_empty())
-                        .collect();
-                    (part, false)
-                }
-                _ => (std::mem::take(group), true),
-            }
-        }
+        Work::Capped(group) => (std::mem::take(group), true),
     };
     if whole {
         queue.pop_front();
@@ -303,22 +313,6 @@ fn next_task(
         e.tasks += 1;
     }
     Some((time, members, ready))
-}
-
-/// An id such that the users of `group` below it are about `users` (at least one user);
-/// `None` when every user has the same id.
-fn cut_below(group: &[Candidates], users: usize) -> Option<u32> {
-    let mut ids: Vec<u32> = group
-        .iter()
-        .flat_map(|c| c.users.iter().map(|u| u.id))
-        .collect();
-    let lowest = *ids.iter().min()?;
-    let nth = users.min(ids.len() - 1);
-    let (_, &mut at, _) = ids.select_nth_unstable(nth);
-    match at > lowest {
-        true => Some(at),
-        false => ids.into_iter().filter(|&id| id > lowest).min(),
-    }
 }
 
 /// Claims a task's users (of one target, or of a capped group's members): at once on a

@@ -253,7 +253,7 @@ impl FileStore {
         }
         each_ledger(self.open_ledgers(), FileLedger::checkpoint)?;
         match history {
-            Some(h) => h.checkpoint(),
+            Some(h) => h.checkpoint(self.auto_checkpoint_bytes),
             None => Ok(()),
         }
     }

@@ -260,10 +260,22 @@ impl Shard {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let mut out = crate::store::CappedClaim::default();
-        let (mut sent, mut resend, mut seen) =
-            (Vec::new(), RoaringBitmap::new(), RoaringBitmap::new());
+        let (mut sent, mut resend) = (Vec::new(), RoaringBitmap::new());
+        // A batch none of whose ids was ever claimed (a first run) skips the per-id lookups.
+        let fresh = ascending_bitmap(ids).is_some_and(|b| b.is_disjoint(&st.sets.claimed));
+        // Repeats (ids are sorted, so a repeat follows its first) answer as already granted.
+        let mut last = None;
         for &id in ids {
-            if !seen.insert(id) || st.sets.done.contains(id) {
+            let repeat = last.replace(id) == Some(id);
+            if fresh {
+                match history.get(id).admits(&history.table, at.t, caps) {
+                    true => {
+                        sent.push(id);
+                        out.claim.claimed.push(id);
+                    }
+                    false => out.capped.push(id),
+                }
+            } else if repeat || st.sets.done.contains(id) {
                 out.claim.already.push(id);
             } else if st.sets.claimed.contains(id) {
                 match st.pending.contains(id) {
@@ -286,13 +298,15 @@ impl Shard {
                 history.must_replay();
                 return Err(e);
             }
-            st.sets
-                .apply_all(Kind::Claim, &sent.iter().copied().collect());
+            let bits = RoaringBitmap::from_sorted_iter(sent.iter().copied())
+                .unwrap_or_else(|_| sent.iter().copied().collect());
+            st.sets.apply_all(Kind::Claim, &bits);
         }
         if !out.capped.is_empty() {
             self.append(key, st, Kind::Capped, &out.capped)?;
-            st.sets
-                .apply_all(Kind::Capped, &out.capped.iter().copied().collect());
+            let bits = RoaringBitmap::from_sorted_iter(out.capped.iter().copied())
+                .unwrap_or_else(|_| out.capped.iter().copied().collect());
+            st.sets.apply_all(Kind::Capped, &bits);
         }
         st.pending -= &resend;
         Ok(out)
