@@ -16,7 +16,7 @@
 //! already counted). Replaying a record twice would count a send twice, so logs are numbered:
 //! the snapshot names the generation it covers, and older logs are ignored, then removed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,22 +32,11 @@ use crate::history::{History, SendTimes, SLOTS};
 /// Ids per page.
 const PAGE: usize = 1 << 16;
 
-/// Histories by page number (`id >> 16`), each page a history per id.
-type Pages = HashMap<u32, Box<[u64]>>;
-
-/// [`Pages`] as the running store keeps them: indexed by page number, no hashing per id.
+/// Histories in pages of [`PAGE`] ids, indexed by page number (`id >> 16`): no hashing per id.
 #[derive(Default)]
 struct PageTable(Vec<Option<Box<[u64]>>>);
 
 impl PageTable {
-    fn from_pages(pages: Pages) -> PageTable {
-        let mut table = PageTable::default();
-        for (n, page) in pages {
-            *table.slot(n) = Some(page);
-        }
-        table
-    }
-
     fn slot(&mut self, n: u32) -> &mut Option<Box<[u64]>> {
         let n = n as usize;
         if self.0.len() <= n {
@@ -68,6 +57,14 @@ impl PageTable {
             .slot(id >> 16)
             .get_or_insert_with(|| vec![0u64; PAGE].into_boxed_slice());
         page[id as usize & (PAGE - 1)] = h;
+    }
+
+    /// Adds a send at `slot` to the history of each of `ids`.
+    fn add_sends(&mut self, table: &SendTimes, slot: u16, ids: &[u32]) {
+        for &id in ids {
+            let h = History(self.get(id)).with_send(table, slot);
+            self.set(id, h.0);
+        }
     }
 
     /// The pages in use, by number.
@@ -112,10 +109,6 @@ impl State {
         History(self.pages.get(id))
     }
 
-    fn set(&mut self, id: u32, h: History) {
-        self.pages.set(id, h.0);
-    }
-
     /// Records sends at `slot` to `ids` of ledger `key`: the write-ahead record first, then
     /// each history.
     pub fn record(&mut self, key: &str, slot: u16, ids: &[u32]) -> Result<()> {
@@ -126,10 +119,7 @@ impl State {
             self.must_replay = true;
             return Err(io_error(e, "cannot append to", &self.log_path));
         }
-        for &id in ids {
-            let h = self.get(id).with_send(&self.table, slot);
-            self.set(id, h);
-        }
+        self.pages.add_sends(&self.table, slot, ids);
         Ok(())
     }
 
@@ -205,6 +195,21 @@ fn read_log(path: &Path) -> Result<(Vec<Sent>, u64)> {
     Ok((out, at as u64))
 }
 
+/// The `sent` records of the log at `path` (in `dir`), each naming a slot `table` holds, and
+/// the bytes they fill.
+fn replay_log(path: &Path, dir: &Path, table: &SendTimes) -> Result<(Vec<Sent>, u64)> {
+    let (records, good) = read_log(path)?;
+    if let Some(bad) = records.iter().find(|r| table.time(r.slot).is_none()) {
+        return Err(Error::runtime(format!(
+            "{} names send-time slot {} that {} does not hold",
+            path.display(),
+            bad.slot,
+            dir.join("sendtimes").display()
+        )));
+    }
+    Ok((records, good))
+}
+
 /// Writes `bytes` to `path` through a temporary file, durably.
 fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
@@ -272,14 +277,14 @@ fn encode_table(table: &SendTimes) -> Vec<u8> {
 }
 
 /// The pages of a snapshot and the log generation it covers.
-fn load_snapshot(path: &Path) -> Result<(u64, Pages)> {
+fn load_snapshot(path: &Path) -> Result<(u64, PageTable)> {
     let Some(body) = read_checked(path, SNAP_MAGIC)? else {
-        return Ok((0, HashMap::new()));
+        return Ok((0, PageTable::default()));
     };
     let corrupt = || Error::runtime(format!("{} is corrupt", path.display()));
     let gen = u64_at(&body, 0).ok_or_else(corrupt)?;
     let count = u64_at(&body, 8).ok_or_else(corrupt)?;
-    let mut pages = HashMap::new();
+    let mut pages = PageTable::default();
     let mut at = 16;
     for _ in 0..count {
         let page = body.get(at..at + 4).ok_or_else(corrupt)?;
@@ -289,7 +294,7 @@ fn load_snapshot(path: &Path) -> Result<(u64, Pages)> {
             .chunks_exact(8)
             .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
             .collect();
-        pages.insert(page, words);
+        *pages.slot(page) = Some(words);
         at += 4 + 8 * PAGE;
     }
     if at != body.len() {
@@ -341,7 +346,7 @@ fn open_log(path: &Path, good: u64) -> Result<File> {
 pub struct Snapshot {
     /// The send-time table.
     pub table: SendTimes,
-    pages: Pages,
+    pages: PageTable,
 }
 
 impl Snapshot {
@@ -351,34 +356,22 @@ impl Snapshot {
         if !dir.exists() {
             return Ok(Snapshot {
                 table: SendTimes::default(),
-                pages: HashMap::new(),
+                pages: PageTable::default(),
             });
         }
         let table = load_table(&dir.join("sendtimes"))?;
-        let (covered, pages) = load_snapshot(&dir.join("history.snap"))?;
-        let mut snap = Snapshot { table, pages };
+        let (covered, mut pages) = load_snapshot(&dir.join("history.snap"))?;
         for path in logs(&dir)?.range(covered + 1..).map(|(_, p)| p) {
-            for sent in read_log(path)?.0 {
-                if snap.table.time(sent.slot).is_none() {
-                    continue;
-                }
-                for id in sent.ids {
-                    let h = snap.get(id).with_send(&snap.table, sent.slot);
-                    let page = snap
-                        .pages
-                        .entry(id >> 16)
-                        .or_insert_with(|| vec![0u64; PAGE].into_boxed_slice());
-                    page[id as usize & (PAGE - 1)] = h.0;
-                }
+            for sent in replay_log(path, &dir, &table)?.0 {
+                pages.add_sends(&table, sent.slot, &sent.ids);
             }
         }
-        Ok(snap)
+        Ok(Snapshot { table, pages })
     }
 
     /// The history of `id`.
     pub fn get(&self, id: u32) -> History {
-        let (page, at) = (id >> 16, id as usize & (PAGE - 1));
-        History(self.pages.get(&page).map_or(0, |p| p[at]))
+        History(self.pages.get(id))
     }
 }
 
@@ -393,7 +386,7 @@ impl SendHistory {
         let found = logs(&dir)?;
         let mut state = State {
             table,
-            pages: PageTable::from_pages(pages),
+            pages,
             log: open_log(&dir.join(format!("sent.{}.log", covered + 1)), u64::MAX)?,
             log_path: dir.join(format!("sent.{}.log", covered + 1)),
             gen: covered + 1,
@@ -402,20 +395,9 @@ impl SendHistory {
             buf: Vec::new(),
         };
         for (&gen, path) in found.range(covered + 1..) {
-            let (records, good) = read_log(path)?;
+            let (records, good) = replay_log(path, &dir, &state.table)?;
             for sent in records {
-                if state.table.time(sent.slot).is_none() {
-                    return Err(Error::runtime(format!(
-                        "{} names send-time slot {} that {} does not hold",
-                        path.display(),
-                        sent.slot,
-                        dir.join("sendtimes").display()
-                    )));
-                }
-                for &id in &sent.ids {
-                    let h = state.get(id).with_send(&state.table, sent.slot);
-                    state.set(id, h);
-                }
+                state.pages.add_sends(&state.table, sent.slot, &sent.ids);
                 state
                     .unreconciled
                     .entry(sent.key)

@@ -131,6 +131,12 @@ fn ascending_bitmap(ids: &[u32]) -> Option<RoaringBitmap> {
     }
 }
 
+/// `ids` as a bitmap: built in order when they are ascending (a capped claim's are).
+fn bitmap_of(ids: &[u32]) -> RoaringBitmap {
+    RoaringBitmap::from_sorted_iter(ids.iter().copied())
+        .unwrap_or_else(|_| ids.iter().copied().collect())
+}
+
 impl Shard {
     /// A shard over `log` (`None`: read-only) holding `sets`, of which `log_len` bytes of
     /// records are in its log.
@@ -267,17 +273,9 @@ impl Shard {
         let mut last = None;
         for &id in ids {
             let repeat = last.replace(id) == Some(id);
-            if fresh {
-                match history.get(id).admits(&history.table, at.t, caps) {
-                    true => {
-                        sent.push(id);
-                        out.claim.claimed.push(id);
-                    }
-                    false => out.capped.push(id),
-                }
-            } else if repeat || st.sets.done.contains(id) {
+            if !fresh && (repeat || st.sets.done.contains(id)) {
                 out.claim.already.push(id);
-            } else if st.sets.claimed.contains(id) {
+            } else if !fresh && st.sets.claimed.contains(id) {
                 match st.pending.contains(id) {
                     true => {
                         resend.insert(id);
@@ -298,15 +296,11 @@ impl Shard {
                 history.must_replay();
                 return Err(e);
             }
-            let bits = RoaringBitmap::from_sorted_iter(sent.iter().copied())
-                .unwrap_or_else(|_| sent.iter().copied().collect());
-            st.sets.apply_all(Kind::Claim, &bits);
+            st.sets.apply_all(Kind::Claim, &bitmap_of(&sent));
         }
         if !out.capped.is_empty() {
             self.append(key, st, Kind::Capped, &out.capped)?;
-            let bits = RoaringBitmap::from_sorted_iter(out.capped.iter().copied())
-                .unwrap_or_else(|_| out.capped.iter().copied().collect());
-            st.sets.apply_all(Kind::Capped, &bits);
+            st.sets.apply_all(Kind::Capped, &bitmap_of(&out.capped));
         }
         st.pending -= &resend;
         Ok(out)
