@@ -111,17 +111,6 @@ struct Gathered {
     ledgers: BTreeMap<String, Outcomes>,
 }
 
-/// Joins `part` into `into`.
-fn join(into: &mut Outcomes, part: Outcomes) {
-    into.delivered |= part.delivered;
-    into.dead_lettered |= part.dead_lettered;
-    into.unreachable |= part.unreachable;
-    into.held_out |= part.held_out;
-    into.in_flight |= part.in_flight;
-    into.quiet_held |= part.quiet_held;
-    into.capped |= part.capped;
-}
-
 /// Reads campaigns `only` (every one with a record when `None`) from every part of `url`.
 fn gather(url: &str, only: Option<&str>) -> Result<BTreeMap<String, Gathered>> {
     let runtime = reading_runtime()?;
@@ -145,7 +134,7 @@ fn gather(url: &str, only: Option<&str>) -> Result<BTreeMap<String, Gathered>> {
                 g.state = g.state.max(states.get(&id).copied().unwrap_or_default());
                 for key in store.ledger_keys(&id).await? {
                     let outcomes = store.outcomes(&key).await?;
-                    join(g.ledgers.entry(key).or_default(), outcomes);
+                    g.ledgers.entry(key).or_default().join(outcomes);
                 }
             }
             Ok::<_, Error>(())

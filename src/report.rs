@@ -210,14 +210,7 @@ pub fn report(q: &Question<'_>) -> Result<Report> {
             }
             if store.has_ledger(&key).await? {
                 has_ledger = true;
-                let part = store.outcomes(&key).await?;
-                outcomes.delivered |= part.delivered;
-                outcomes.dead_lettered |= part.dead_lettered;
-                outcomes.unreachable |= part.unreachable;
-                outcomes.held_out |= part.held_out;
-                outcomes.in_flight |= part.in_flight;
-                outcomes.quiet_held |= part.quiet_held;
-                outcomes.capped |= part.capped;
+                outcomes.join(store.outcomes(&key).await?);
             }
             Ok::<_, Error>(())
         })?;

@@ -83,6 +83,19 @@ pub struct Outcomes {
     pub capped: RoaringBitmap,
 }
 
+impl Outcomes {
+    /// Adds `part`'s users to each outcome (the parts of a store a cluster split).
+    pub fn join(&mut self, part: Outcomes) {
+        self.delivered |= part.delivered;
+        self.dead_lettered |= part.dead_lettered;
+        self.unreachable |= part.unreachable;
+        self.held_out |= part.held_out;
+        self.in_flight |= part.in_flight;
+        self.quiet_held |= part.quiet_held;
+        self.capped |= part.capped;
+    }
+}
+
 /// A send time's slot in the store's send-time table ([`crate::history::SendTimes`]), from
 /// [`Store::send_slot`]: what a capped claim records in each user's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
