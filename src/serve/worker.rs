@@ -39,7 +39,7 @@ pub struct Generation {
     /// Login batches; shared by the generations of one `serve`.
     pub logins: Arc<Mutex<Receiver<LoginBatch>>>,
     /// True once the generation should end (after its scans are fed): a new campaign, a
-    /// schedule tick, or shutdown.
+    /// schedule tick, or shutdown. A generation with scans also ends once they are done.
     pub should_end: Box<dyn Fn() -> bool + Send + Sync>,
     /// True on shutdown: stop feeding at once, even scans.
     pub shutting_down: Box<dyn Fn() -> bool + Send + Sync>,
@@ -88,6 +88,9 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
         let mut epoch: Time = 1;
         inputs.advance_to(epoch);
         let mut buckets = generation.epochs.iter().peekable();
+        // The epoch the last scan was fed in: once the probe passes it the fan-outs are
+        // done, and the generation ends so that their entries are acknowledged at once.
+        let mut last_scan: Option<Time> = None;
         loop {
             if (generation.shutting_down)() || ctx.failed() || (generation.cut_short)() {
                 break;
@@ -95,7 +98,8 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
             let next_scan = buckets.next();
             // Checked before taking a batch, so a steady flow of logins cannot keep a
             // generation from ending, and no batch is taken that would not be fed.
-            if next_scan.is_none() && (generation.should_end)() {
+            let scans_done = last_scan.is_some_and(|e| !probe.less_than(&(e + 1)));
+            if next_scan.is_none() && (scans_done || (generation.should_end)()) {
                 break;
             }
             let batch = next_batch(&generation.logins);
@@ -103,6 +107,9 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>
                 worker.step_or_park(Some(IDLE));
                 release(&mut acks, false);
                 continue;
+            }
+            if next_scan.is_some() {
+                last_scan = Some(epoch);
             }
             for &bucket in next_scan.into_iter().flatten() {
                 inputs.scans.send(Scan {
