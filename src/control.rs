@@ -148,15 +148,9 @@ fn status(id: String, g: Gathered, now: DateTime<Utc>) -> Option<Status> {
     let record = g.record?;
     let mut o = OutcomeCounts::default();
     for l in g.ledgers.values() {
-        o.delivered += l.delivered.len();
-        o.dead_lettered += l.dead_lettered.len();
-        o.unreachable += l.unreachable.len();
-        o.held_out += l.held_out.len();
-        o.in_flight += l.in_flight.len();
-        o.quiet_held += l.quiet_held.len();
-        o.capped += l.capped.len();
+        o.add(OutcomeCounts::of(l));
     }
-    let settled = o.delivered + o.dead_lettered + o.unreachable + o.held_out + o.capped;
+    let settled = o.settled();
     Some(Status {
         id,
         kind: record.kind,
@@ -251,13 +245,14 @@ pub fn render_change(id: &str, state: State, t: Transition) -> String {
 }
 
 /// The outcome columns of the table, in order.
-fn outcome_columns(o: &OutcomeCounts) -> [(&'static str, u64); 7] {
+fn outcome_columns(o: &OutcomeCounts) -> [(&'static str, u64); 8] {
     [
         ("delivered", o.delivered),
         ("dead_lettered", o.dead_lettered),
         ("unreachable", o.unreachable),
         ("held_out", o.held_out),
         ("capped", o.capped),
+        ("cancelled", o.cancelled),
         ("quiet_held", o.quiet_held),
         ("in_flight", o.in_flight),
     ]

@@ -138,6 +138,8 @@ counters! {
         quiet_held => "fanout_quiet_held_total",
         /// Users a frequency cap kept from a campaign occurrence.
         capped => "fanout_capped_total",
+        /// Users not yet claimed when their campaign was cancelled.
+        cancelled => "fanout_cancelled_total",
     }
 }
 

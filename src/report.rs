@@ -84,6 +84,46 @@ pub struct OutcomeCounts {
     pub quiet_held: u64,
     /// A frequency cap bound: never sent for this occurrence.
     pub capped: u64,
+    /// Not claimed when the campaign was cancelled: never sent.
+    pub cancelled: u64,
+}
+
+impl OutcomeCounts {
+    /// How many users each outcome set holds.
+    pub fn of(o: &Outcomes) -> OutcomeCounts {
+        OutcomeCounts {
+            delivered: o.delivered.len(),
+            dead_lettered: o.dead_lettered.len(),
+            unreachable: o.unreachable.len(),
+            held_out: o.held_out.len(),
+            in_flight: o.in_flight.len(),
+            quiet_held: o.quiet_held.len(),
+            capped: o.capped.len(),
+            cancelled: o.cancelled.len(),
+        }
+    }
+
+    /// Adds `other`'s counts to these (the ledgers of one campaign's occurrences).
+    pub fn add(&mut self, other: OutcomeCounts) {
+        self.delivered += other.delivered;
+        self.dead_lettered += other.dead_lettered;
+        self.unreachable += other.unreachable;
+        self.held_out += other.held_out;
+        self.in_flight += other.in_flight;
+        self.quiet_held += other.quiet_held;
+        self.capped += other.capped;
+        self.cancelled += other.cancelled;
+    }
+
+    /// Users settled: every outcome but in flight and quiet-held.
+    pub fn settled(&self) -> u64 {
+        self.delivered
+            + self.dead_lettered
+            + self.unreachable
+            + self.held_out
+            + self.capped
+            + self.cancelled
+    }
 }
 
 /// Conversion rates of delivered and held-out users, and the lift.
@@ -234,15 +274,7 @@ pub fn report(q: &Question<'_>) -> Result<Report> {
         campaign: q.campaign.to_owned(),
         occurrence,
         record,
-        outcomes: OutcomeCounts {
-            delivered: outcomes.delivered.len(),
-            dead_lettered: outcomes.dead_lettered.len(),
-            unreachable: outcomes.unreachable.len(),
-            held_out: outcomes.held_out.len(),
-            in_flight: outcomes.in_flight.len(),
-            quiet_held: outcomes.quiet_held.len(),
-            capped: outcomes.capped.len(),
-        },
+        outcomes: OutcomeCounts::of(&outcomes),
         conversions,
     })
 }
@@ -351,6 +383,7 @@ pub fn render(r: &Report) -> String {
         ("in_flight", o.in_flight),
         ("quiet_held", o.quiet_held),
         ("capped", o.capped),
+        ("cancelled", o.cancelled),
     ] {
         let _ = writeln!(out, "  {name:<14}{n:>12}");
     }

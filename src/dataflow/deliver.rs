@@ -16,6 +16,7 @@ use std::time::Instant;
 use futures::stream::{self, StreamExt};
 use tokio::sync::Notify;
 
+use super::halts::{Halt, OnPause};
 use super::{Candidate, Context, RunTarget};
 use crate::error::Result;
 use crate::providers::dispatch::{Fate, Settled};
@@ -56,6 +57,8 @@ pub enum Outcome {
     HeldOut,
     /// Inside their quiet hours.
     QuietHeld,
+    /// Not claimed when the campaign was cancelled.
+    Cancelled,
 }
 
 /// Counts users set apart: those the store recorded are eligible with `outcome`, the others
@@ -72,6 +75,10 @@ pub fn count_set_apart(ctx: &Context, target: u32, claim: &Claim, outcome: Outco
         Outcome::QuietHeld => {
             rt.stats.quiet_held.fetch_add(n, Relaxed);
             ctx.metrics.count.quiet_held.fetch_add(n, Relaxed);
+        }
+        Outcome::Cancelled => {
+            rt.stats.cancelled.fetch_add(n, Relaxed);
+            ctx.metrics.count.cancelled.fetch_add(n, Relaxed);
         }
     }
     ctx.metrics.count.pairs_settled.fetch_add(n, Relaxed);
@@ -159,41 +166,95 @@ pub async fn dead_letter(ctx: &Context, rendered: Rendered, error: &str) -> Resu
 /// Pushes rendered messages and records each one's outcome in the store. `ready` is when
 /// their candidates reached the push operator: each lane's latency is counted from there.
 ///
-/// In a generation cut short, the messages the dispatcher left unattempted go back to the
-/// store ([`crate::store::Ledger::unclaim`]) for the next generation.
-pub async fn send(ctx: &Context, rendered: Rendered, ready: Instant) -> Result<()> {
-    let rt = &ctx.targets[rendered.target as usize];
-    push_and_record(rt, ctx, &rendered.messages(), ready).await?;
-    if ctx.is_cut() && !ctx.dispatcher.stopping() {
-        let done = rt.ledger.are_done(&rendered.users).await?;
-        let open: Vec<u32> = (rendered.users.iter().zip(done))
+/// The dispatcher starts no attempt for a campaign that is paused or cancelled, nor for the
+/// lanes below transactional in a generation cut short ([`Context::cut`]); what it left
+/// unattempted is then settled here: a cancelled campaign's as cancelled; a paused one's
+/// waits for the campaign to be resumed or cancelled in a `run` ([`OnPause::Wait`]) and goes
+/// back to the store ([`crate::store::Ledger::unclaim`]) in `serve`, as a cut's does, for a
+/// later generation to send.
+///
+/// A task waiting for its paused campaign gives its messages' share of the lane's budget back
+/// through `lend`, so that the other campaigns of its lane go on meanwhile.
+pub async fn send(
+    ctx: &Context,
+    rendered: Rendered,
+    ready: Instant,
+    lend: &(dyn Fn(usize) + Sync),
+) -> Result<()> {
+    let target = rendered.target;
+    let rt = &ctx.targets[target as usize];
+    let all = rendered.messages();
+    let mut open: Vec<u32> = Vec::new();
+    loop {
+        let seen = ctx.halts.changes();
+        let messages: Vec<Message<'_>> = if open.is_empty() {
+            all.clone()
+        } else {
+            all.iter()
+                .filter(|m| open.binary_search(&m.user).is_ok())
+                .cloned()
+                .collect()
+        };
+        push_and_record(rt, ctx, target, &messages, ready).await?;
+        let halt = ctx.halts.of(target);
+        // A change since the push began may have held some of it back, even if it is undone.
+        let calm = halt == Halt::Running && !ctx.is_cut() && ctx.halts.changes() == seen;
+        if ctx.dispatcher.stopping() || calm {
+            return Ok(());
+        }
+        let users: Vec<u32> = messages.iter().map(|m| m.user).collect();
+        let done = rt.ledger.are_done(&users).await?;
+        open = (users.iter().zip(done))
             .filter(|(_, done)| !done)
             .map(|(id, _)| *id)
             .collect();
-        if !open.is_empty() {
-            rt.ledger.unclaim(&open).await?;
-            let n = open.len() as u64;
-            rt.stats.eligible.fetch_sub(n, Relaxed);
-            ctx.metrics.count.claimed.fetch_sub(n, Relaxed);
+        if open.is_empty() {
+            return Ok(());
+        }
+        let n = open.len() as u64;
+        match (halt, ctx.on_pause) {
+            (Halt::Cancelled, _) => {
+                rt.ledger.mark_cancelled(&open).await?;
+                rt.stats.cancelled.fetch_add(n, Relaxed);
+                ctx.metrics.count.cancelled.fetch_add(n, Relaxed);
+                ctx.metrics.count.pairs_settled.fetch_add(n, Relaxed);
+                return Ok(());
+            }
+            (Halt::Paused, OnPause::Wait) => {
+                lend(open.len());
+                ctx.halts.changed(seen).await;
+            }
+            // Resumed meanwhile: push the rest.
+            (Halt::Running, _) if !ctx.is_cut() => {}
+            (Halt::Paused, OnPause::Drop) | (Halt::Running, _) => {
+                if halt == Halt::Paused {
+                    ctx.halts.note_dropped(target);
+                }
+                rt.ledger.unclaim(&open).await?;
+                rt.stats.eligible.fetch_sub(n, Relaxed);
+                ctx.metrics.count.claimed.fetch_sub(n, Relaxed);
+                return Ok(());
+            }
         }
     }
-    Ok(())
 }
 
 /// Pushes `messages` in provider batches and records each one's outcome in the store.
 async fn push_and_record(
     rt: &RunTarget,
     ctx: &Context,
+    target: u32,
     messages: &[Message<'_>],
     ready: Instant,
 ) -> Result<()> {
+    let held = || ctx.halts.of(target) != Halt::Running;
     let batches = batch_bounds(messages, ctx.batch_max_messages, ctx.batch_max_bytes);
     ctx.metrics
         .count
         .batches
         .fetch_add(batches.len() as u64, Relaxed);
     if !ctx.dispatcher.provider().sends_each() {
-        return write_and_record(rt, ctx, messages, ready).await;
+        return write_and_record(rt, ctx, messages, ready, &held).await;
     }
     // Batches go out together. Each message's fate is recorded in the store as soon as it is
     // known — whatever has settled since the last write goes in the next one — and only then
@@ -207,7 +268,7 @@ async fn push_and_record(
                 async move {
                     let lane = rt.target.campaign.priority;
                     ctx.dispatcher
-                        .deliver(lane, &messages[range.clone()], &settle)
+                        .deliver(lane, &messages[range.clone()], &settle, &held)
                         .await
                 }
             })
@@ -257,6 +318,7 @@ async fn write_and_record(
     ctx: &Context,
     messages: &[Message<'_>],
     ready: Instant,
+    held: &(dyn Fn() -> bool + Sync),
 ) -> Result<()> {
     let slice = (ctx.dispatcher.capacity() / 2).max(1);
     let lane = rt.target.campaign.priority;
@@ -264,9 +326,12 @@ async fn write_and_record(
         let settled = Mutex::new(Vec::new());
         let sent = ctx
             .dispatcher
-            .deliver(lane, part, &|s: Settled| {
-                lock(&settled).push((k * slice, s))
-            })
+            .deliver(
+                lane,
+                part,
+                &|s: Settled| lock(&settled).push((k * slice, s)),
+                held,
+            )
             .await;
         let settled = settled.into_inner().unwrap_or_else(PoisonError::into_inner);
         record(rt, ctx, messages, &settled, ready).await?;

@@ -22,6 +22,7 @@
 
 pub mod deliver;
 pub mod gather;
+pub mod halts;
 pub mod login;
 pub mod push;
 pub mod scan;
@@ -159,6 +160,10 @@ pub struct Context {
     pub cut: Arc<std::sync::atomic::AtomicBool>,
     /// The frequency caps, where any target is capped.
     pub caps: Option<CapsAt>,
+    /// Each target's control state (paused, cancelled), as last read from the store.
+    pub halts: halts::Halts,
+    /// What a paused target's candidates become.
+    pub on_pause: halts::OnPause,
 }
 
 impl Context {

@@ -16,7 +16,7 @@
 //! never wait behind a bulk backlog here, and reach the dispatcher's own lane budget at once.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,7 +28,8 @@ use timely::dataflow::Stream;
 use timely::scheduling::SyncActivator;
 
 use super::deliver::Outcome;
-use super::{deliver, Candidate, Candidates, Context, RunTarget, Time};
+use super::halts::{Halt, OnPause};
+use super::{deliver, Candidate, Candidates, Context, Time};
 use crate::error::Result;
 use crate::model::Priority;
 use crate::store::{CappedClaim, Claim, Ledger};
@@ -38,6 +39,11 @@ const LANES: usize = Priority::ALL.len();
 
 /// One lane's work waiting for a push task: (epoch, work, when it arrived).
 type Queue = VecDeque<(Time, Work, Instant)>;
+
+/// Candidates of paused targets waiting for their campaign to be resumed or cancelled
+/// ([`OnPause::Wait`]): (epoch, one target's candidates, when they arrived). Each counts as
+/// queued work of its epoch, so the epoch stays open.
+type Parked = Vec<(Time, Candidates, Instant)>;
 
 /// Work for push tasks.
 enum Work {
@@ -49,11 +55,13 @@ enum Work {
     Capped(Vec<Candidates>),
 }
 
-/// One finished batch.
+/// Messages of a task given back to its lane's budget: all that are left when the task
+/// ends (`ended`), or those it waits with for a paused campaign ([`AckOnDrop::lend`]).
 struct Ack {
     time: Time,
     lane: usize,
     messages: usize,
+    ended: bool,
 }
 
 /// An epoch the operator still holds.
@@ -87,20 +95,40 @@ struct AckOnDrop {
     waker: Arc<Waker>,
     time: Time,
     lane: usize,
-    messages: usize,
+    /// Messages it still counts in its lane's budget.
+    messages: AtomicUsize,
     /// When the task's candidates reached the operator: its lane latency counts from here.
     ready: Instant,
 }
 
-impl Drop for AckOnDrop {
-    fn drop(&mut self) {
+impl AckOnDrop {
+    /// Gives `n` of the task's messages back to the lane's budget while they wait for their
+    /// paused campaign: the lane's other campaigns go on. When resumed they are sent beyond
+    /// the budget (at most what was claimed before the pause).
+    fn lend(&self, n: usize) {
+        let n = n.min(self.messages.load(Ordering::Acquire));
+        if n == 0 {
+            return;
+        }
+        self.messages.fetch_sub(n, Ordering::AcqRel);
+        self.send(n, false);
+    }
+
+    fn send(&self, messages: usize, ended: bool) {
         // The receiver lives as long as the dataflow; after that nobody listens.
         let _ = self.tx.send(Ack {
             time: self.time,
             lane: self.lane,
-            messages: self.messages,
+            messages,
+            ended,
         });
         self.waker.wake();
+    }
+}
+
+impl Drop for AckOnDrop {
+    fn drop(&mut self) {
+        self.send(self.messages.load(Ordering::Acquire), true);
     }
 }
 
@@ -133,12 +161,16 @@ pub fn push<'s>(
             let mut queues: [Queue; LANES] = Default::default();
             let mut epochs: BTreeMap<Time, Epoch> = BTreeMap::new();
             let mut in_flight = [0usize; LANES];
+            let mut parked: Parked = Vec::new();
+            let mut halts_seen = ctx.halts.changes();
+            let wake = waker.clone();
+            ctx.halts.on_change(Box::new(move || wake.wake()));
 
             move |(input, frontier), _output| {
                 waker.pending.store(false, Ordering::Release);
                 while let Ok(ack) = ack_rx.try_recv() {
                     in_flight[ack.lane] -= ack.messages;
-                    if let Some(e) = epochs.get_mut(&ack.time) {
+                    if let (true, Some(e)) = (ack.ended, epochs.get_mut(&ack.time)) {
                         e.tasks -= 1;
                     }
                 }
@@ -155,6 +187,10 @@ pub fn push<'s>(
                         for batch in data {
                             for c in batch.drain(..) {
                                 let rt = &ctx.targets[c.target as usize];
+                                if ctx.halts.of(c.target) == Halt::Paused {
+                                    epoch.queued += park(&ctx, (time, c, now), &mut parked);
+                                    continue;
+                                }
                                 if rt.capped {
                                     capped.push(c);
                                     continue;
@@ -179,10 +215,16 @@ pub fn push<'s>(
                     }
                 }
 
-                shed(&ctx, &mut queues, &mut epochs);
-                for (lane, queue) in queues.iter_mut().enumerate() {
+                shed(&ctx, &mut queues, &mut epochs, &mut parked);
+                for lane in 0..LANES {
                     while in_flight[lane] < ctx.max_in_flight && !ctx.failed() {
-                        let Some((time, members, ready)) = next_task(queue, &mut epochs, &ctx)
+                        // Looked at before every task: the watcher runs on another thread.
+                        if ctx.halts.changes() != halts_seen {
+                            halts_seen = ctx.halts.changes();
+                            repark(&ctx, &mut queues, &mut parked, &mut epochs);
+                        }
+                        let Some((time, members, ready)) =
+                            next_task(&mut queues[lane], &mut epochs, &ctx)
                         else {
                             break;
                         };
@@ -193,7 +235,7 @@ pub fn push<'s>(
                             waker: waker.clone(),
                             time,
                             lane,
-                            messages,
+                            messages: AtomicUsize::new(messages),
                             ready,
                         });
                         claim(&ctx, members, ack, &answer_tx);
@@ -212,9 +254,15 @@ pub fn push<'s>(
 /// generation cut short the fan-out work of the lanes below transactional (left unclaimed for
 /// the next generation; login grants, whose stream entries are acknowledged with the epoch,
 /// are kept).
-fn shed(ctx: &Context, queues: &mut [Queue; LANES], epochs: &mut BTreeMap<Time, Epoch>) {
+fn shed(
+    ctx: &Context,
+    queues: &mut [Queue; LANES],
+    epochs: &mut BTreeMap<Time, Epoch>,
+    parked: &mut Parked,
+) {
     if ctx.dispatcher.stopping() {
         queues.iter_mut().for_each(VecDeque::clear);
+        parked.clear();
         epochs.values_mut().for_each(|e| e.queued = 0);
     } else if ctx.is_cut() {
         for queue in &mut queues[Priority::Normal.lane()..] {
@@ -227,6 +275,93 @@ fn shed(ctx: &Context, queues: &mut [Queue; LANES], epochs: &mut BTreeMap<Time, 
                 }
                 keep
             });
+        }
+    }
+}
+
+/// A paused target's candidates: parked, counting as one entry of queued work of their
+/// epoch (returns 1), or — in `serve` ([`OnPause::Drop`]) — dropped unclaimed (returns 0).
+fn park(ctx: &Context, entry: (Time, Candidates, Instant), parked: &mut Parked) -> usize {
+    match ctx.on_pause {
+        OnPause::Wait => {
+            parked.push(entry);
+            1
+        }
+        OnPause::Drop => {
+            ctx.halts.note_dropped(entry.1.target);
+            0
+        }
+    }
+}
+
+/// After the control states changed: queued work of targets now paused is parked (or
+/// dropped), and parked work of targets no longer paused goes back to its lane — a cancelled
+/// target's to be settled as cancelled when it is claimed ([`SetApart::decide`]). Each epoch's
+/// count of queued entries follows.
+fn repark(
+    ctx: &Context,
+    queues: &mut [Queue; LANES],
+    parked: &mut Parked,
+    epochs: &mut BTreeMap<Time, Epoch>,
+) {
+    let paused = |t: u32| ctx.halts.of(t) == Halt::Paused;
+    let mut recount = |time: Time, added: usize, removed: usize| {
+        if let Some(e) = epochs.get_mut(&time) {
+            e.queued = (e.queued + added).saturating_sub(removed);
+        }
+    };
+    for queue in queues.iter_mut() {
+        let mut kept = VecDeque::with_capacity(queue.len());
+        for (time, work, ready) in queue.drain(..) {
+            match work {
+                Work::One(c) if paused(c.target) => {
+                    recount(time, park(ctx, (time, c, ready), parked), 1);
+                }
+                Work::Capped(group) if group.iter().any(|c| paused(c.target)) => {
+                    let (stop, go): (Vec<Candidates>, Vec<Candidates>) =
+                        group.into_iter().partition(|c| paused(c.target));
+                    let added: usize = stop
+                        .into_iter()
+                        .map(|c| park(ctx, (time, c, ready), parked))
+                        .sum();
+                    if go.is_empty() {
+                        recount(time, added, 1);
+                    } else {
+                        recount(time, added, 0);
+                        kept.push_back((time, Work::Capped(go), ready));
+                    }
+                }
+                work => kept.push_back((time, work, ready)),
+            }
+        }
+        *queue = kept;
+    }
+    let (still, going): (Parked, Parked) = std::mem::take(parked)
+        .into_iter()
+        .partition(|(_, c, _)| paused(c.target));
+    *parked = still;
+    let mut capped: BTreeMap<Time, (Vec<Candidates>, Instant)> = BTreeMap::new();
+    for (time, c, ready) in going {
+        if ctx.targets[c.target as usize].capped {
+            recount(time, 0, 1);
+            let entry = capped.entry(time).or_insert((Vec::new(), ready));
+            entry.0.push(c);
+            entry.1 = entry.1.min(ready);
+            continue;
+        }
+        let lane = ctx.targets[c.target as usize]
+            .target
+            .campaign
+            .priority
+            .lane();
+        queues[lane].push_back((time, Work::One(c), ready));
+    }
+    for (time, (members, ready)) in capped {
+        if let Some((lane, groups)) = capped_groups(ctx, members) {
+            recount(time, groups.len(), 0);
+            for group in groups {
+                queues[lane].push_back((time, Work::Capped(group), ready));
+            }
         }
     }
 }
@@ -337,7 +472,7 @@ fn claim(
         if let Some(only) = &rt.only {
             users.retain(|u| only.contains(u.id));
         }
-        let (apart, users) = SetApart::decide(ctx, rt, users);
+        let (apart, users) = SetApart::decide(ctx, c.target, users);
         aparts.push((c.target, apart));
         if !users.is_empty() {
             sending.push((c.target, users));
@@ -451,14 +586,21 @@ fn push_members(
 /// granted", which each store answers): held out, then inside their quiet hours.
 #[derive(Default)]
 struct SetApart {
+    cancelled: Vec<u32>,
     held_out: Vec<u32>,
     quiet: Vec<u32>,
 }
 
 impl SetApart {
-    /// Splits `users` into those set apart and those to claim for sending.
-    fn decide(ctx: &Context, rt: &RunTarget, users: Vec<Candidate>) -> (SetApart, Vec<Candidate>) {
+    /// Splits `users` of target `target` into those set apart and those to claim for
+    /// sending. Every user of a cancelled campaign is set apart as cancelled.
+    fn decide(ctx: &Context, target: u32, users: Vec<Candidate>) -> (SetApart, Vec<Candidate>) {
+        let rt = &ctx.targets[target as usize];
         let mut apart = SetApart::default();
+        if ctx.halts.of(target) == Halt::Cancelled {
+            apart.cancelled = users.into_iter().map(|c| c.id).collect();
+            return (apart, Vec::new());
+        }
         let mut users = users;
         if !rt.holdout.is_none() {
             let (held, send): (Vec<Candidate>, Vec<Candidate>) =
@@ -477,7 +619,12 @@ impl SetApart {
     /// Records them in a local store at once; `None` where the store is remote.
     fn record_local(&self, ctx: &Context, target: u32) -> Option<Result<()>> {
         let ledger = &ctx.targets[target as usize].ledger;
-        let steps: [(&[u32], LocalStep, Outcome); 2] = [
+        let steps: [(&[u32], LocalStep, Outcome); 3] = [
+            (
+                &self.cancelled,
+                Ledger::claim_cancelled_local,
+                Outcome::Cancelled,
+            ),
             (
                 &self.held_out,
                 Ledger::claim_held_out_local,
@@ -500,6 +647,10 @@ impl SetApart {
     /// Records them in the store.
     async fn record(&self, ctx: &Context, target: u32) -> Result<()> {
         let ledger = &ctx.targets[target as usize].ledger;
+        if !self.cancelled.is_empty() {
+            let claim = ledger.claim_cancelled(&self.cancelled).await?;
+            deliver::count_set_apart(ctx, target, &claim, Outcome::Cancelled);
+        }
         if !self.held_out.is_empty() {
             let claim = ledger.claim_held_out(&self.held_out).await?;
             deliver::count_set_apart(ctx, target, &claim, Outcome::HeldOut);
@@ -541,13 +692,14 @@ fn render_and_push(
         return;
     }
     ctx.runtime.spawn(async move {
-        let _ack = ack;
         // Out of tokio's cooperative budget: a task holds thousands of pushes, and with the
         // budget a wake-up polled only 128 of its ready ones before going to the back of the
         // queue, so a 200 ms push was recorded late (200,000 in flight on 2 cores: 0.33–0.44
         // of concurrency ÷ latency, p99 606–846 ms; without: 0.47, p99 500–546 ms). Each
         // push still awaits its I/O, so the task yields whenever it waits.
-        if let Err(e) = tokio::task::unconstrained(deliver::send(&ctx2, rendered, ready)).await {
+        let lend = |n| ack.lend(n);
+        let sent = deliver::send(&ctx2, rendered, ready, &lend);
+        if let Err(e) = tokio::task::unconstrained(sent).await {
             ctx2.fail(e);
         }
     });

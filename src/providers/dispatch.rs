@@ -201,20 +201,22 @@ impl Dispatcher {
     /// delivered or dead, handing each message's fate to `settle` the moment it is known — a
     /// delivered message never waits for a batch-mate's retry. Dead letters are written before
     /// their fate is handed over. Fails once the dispatcher has halted (see the module docs)
-    /// or the guard refuses.
+    /// or the guard refuses. While `held` says so (the campaign was paused or cancelled), no
+    /// attempt starts: the messages not yet attempted are left unsettled for the caller.
     pub async fn deliver(
         &self,
         lane: Priority,
         batch: &[Message<'_>],
         settle: &(dyn Fn(Settled) + Sync),
+        held: &(dyn Fn() -> bool + Sync),
     ) -> Result<()> {
         let mut halt = self.halt.subscribe();
         let mut stop = self.stop.subscribe();
         let mut which: Vec<usize> = (0..batch.len()).collect();
         let mut attempt = 1;
-        while !which.is_empty() && !self.yields(lane) {
+        while !which.is_empty() && !self.yields(lane) && !held() {
             self.check_halted()?;
-            let round = self.attempt(lane, batch, &which, attempt, settle);
+            let round = self.attempt(lane, batch, &which, attempt, settle, held);
             let (mut retry, wait) = tokio::select! {
                 round = round => round?,
                 _ = halt.wait_for(|halted| *halted) => return Err(self.halt_error()),
@@ -246,6 +248,7 @@ impl Dispatcher {
         which: &[usize],
         attempt: u32,
         settle: &(dyn Fn(Settled) + Sync),
+        held: &(dyn Fn() -> bool + Sync),
     ) -> Result<(Vec<usize>, Duration)> {
         let mut next = Next::default();
         if self.provider.sends_each() {
@@ -256,7 +259,7 @@ impl Dispatcher {
                     // A halt while waiting for the slot sends nothing more; a stop leaves
                     // the message unsettled.
                     self.check_halted()?;
-                    if self.yields(lane) {
+                    if self.yields(lane) || held() {
                         return Ok(None);
                     }
                     self.check_guard()?;
@@ -286,7 +289,7 @@ impl Dispatcher {
             for chunk in which.chunks(self.slots.most(lane)) {
                 let slots = Some(self.slots.acquire(lane, chunk.len()).await);
                 self.check_halted()?;
-                if self.yields(lane) {
+                if self.yields(lane) || held() {
                     break;
                 }
                 self.check_guard()?;
@@ -559,9 +562,12 @@ mod tests {
         let recs = records(2000);
         let msgs = messages(&recs);
         let fates = Mutex::new(Vec::new());
-        d.deliver(Priority::Normal, &msgs, &|s: Settled| {
-            fates.lock().unwrap().extend(s.fates)
-        })
+        d.deliver(
+            Priority::Normal,
+            &msgs,
+            &|s: Settled| fates.lock().unwrap().extend(s.fates),
+            &|| false,
+        )
         .await
         .unwrap();
         let mut fates = fates.into_inner().unwrap();
@@ -613,12 +619,17 @@ mod tests {
         let started = tokio::time::Instant::now();
         let seen = Mutex::new(Vec::new());
         let held = Mutex::new(Vec::new());
-        d.deliver(Priority::Normal, &msgs, &|s: Settled| {
-            let at = started.elapsed();
-            let mut seen = seen.lock().unwrap();
-            seen.extend(s.fates.iter().map(|(i, f)| (*i, f.clone(), at)));
-            held.lock().unwrap().push(s);
-        })
+        d.deliver(
+            Priority::Normal,
+            &msgs,
+            &|s: Settled| {
+                let at = started.elapsed();
+                let mut seen = seen.lock().unwrap();
+                seen.extend(s.fates.iter().map(|(i, f)| (*i, f.clone(), at)));
+                held.lock().unwrap().push(s);
+            },
+            &|| false,
+        )
         .await
         .unwrap();
         let seen = seen.into_inner().unwrap();
@@ -644,9 +655,12 @@ mod tests {
     async fn answered(d: &Dispatcher, lane: Priority, batch: &[Message<'_>]) -> Duration {
         let t0 = tokio::time::Instant::now();
         let last = Mutex::new(Duration::ZERO);
-        d.deliver(lane, batch, &|_: Settled| {
-            *last.lock().unwrap() = t0.elapsed()
-        })
+        d.deliver(
+            lane,
+            batch,
+            &|_: Settled| *last.lock().unwrap() = t0.elapsed(),
+            &|| false,
+        )
         .await
         .unwrap();
         last.into_inner().unwrap()

@@ -558,7 +558,7 @@ mod tests {
             },
             cut: Default::default(),
         };
-        engine.context(Vec::new(), None)
+        engine.context(Vec::new(), None, crate::dataflow::halts::OnPause::Wait)
     }
 
     /// Seed 1740's hang, the second one: a worker of a failed cluster process panicked (its

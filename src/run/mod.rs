@@ -11,6 +11,7 @@ pub mod targets;
 
 use std::sync::{Arc, Mutex};
 
+use crate::dataflow::halts::{OnPause, Watching};
 use crate::dataflow::{Context, RunTarget};
 use crate::error::Result;
 use crate::job::{content_hash, Job};
@@ -161,7 +162,7 @@ fn fan_out(
         cut: Default::default(),
     };
     let lines = targets.lines;
-    let ctx = engine.context(targets.run, targets.caps);
+    let ctx = engine.context(targets.run, targets.caps, OnPause::Wait);
     tracing::info!(
         users = ctx.source.len(),
         targets = ctx.targets.len(),
@@ -170,6 +171,7 @@ fn fan_out(
         workers = sizing.workers,
         "fan-out starting"
     );
+    let watching = runtime.block_on(Watching::start(store, &ctx, Box::new(|| {})))?;
     let signals = runtime.spawn(on_interrupt(ctx.dispatcher.clone()));
     let progress = Progress::start(metrics.clone(), total_pairs, opts.quiet);
     let shared = Arc::new(cluster::Shared {
@@ -185,6 +187,7 @@ fn fan_out(
     );
     progress.finish();
     signals.abort();
+    drop(watching);
     result?;
     ctx.take_failure()?;
     let interrupted = ctx.dispatcher.stopping();

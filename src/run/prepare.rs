@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 
 use super::targets::Admission;
+use crate::dataflow::halts::{Halts, OnPause};
 use crate::dataflow::{CapsAt, Context, RunTarget};
 use crate::error::Result;
 use crate::history::Window;
@@ -309,9 +310,17 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// The dataflow's context for `targets`, capped by `caps`.
-    pub fn context(&self, targets: Vec<RunTarget>, caps: Option<CapsAt>) -> Arc<Context> {
+    /// The dataflow's context for `targets`, capped by `caps`, its paused targets' candidates
+    /// handled as `on_pause` says.
+    pub fn context(
+        &self,
+        targets: Vec<RunTarget>,
+        caps: Option<CapsAt>,
+        on_pause: OnPause,
+    ) -> Arc<Context> {
         Arc::new(Context {
+            halts: Halts::new(targets.len()),
+            on_pause,
             source: self.source.clone(),
             placement: self.placement,
             targets,

@@ -33,6 +33,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
+use crate::dataflow::halts::{Halt, OnPause, Watching};
 use crate::dataflow::Context;
 use crate::error::{Error, Result};
 use crate::job::{content_hash, Job};
@@ -43,6 +44,7 @@ use crate::providers::{Provider, ProviderSpec};
 use crate::run::prepare::{self, Engine, Sizing, Targets};
 use crate::run::targets::{self, Admission};
 use crate::run::{self, display_name, is_redis, RunOptions};
+use crate::store::campaigns::State;
 use crate::store::Store;
 use crate::streams::{login_of, StreamReader, LOGINS};
 use campaigns::{Admitted, CampaignStream};
@@ -357,7 +359,9 @@ impl<'a> Server<'a> {
         );
         let epochs = self.epochs(&targets);
         let scan_targets = targets.scan.clone();
-        let ctx = self.engine.context(targets.run, targets.caps);
+        let ctx = self
+            .engine
+            .context(targets.run, targets.caps, OnPause::Drop);
         let generation = Arc::new(Generation {
             admit: (0..ctx.targets.len() as u32).collect(),
             granted: prepare::granted_pairs(&self.granted, &ctx.targets),
@@ -372,16 +376,27 @@ impl<'a> Server<'a> {
             on_durable: self.on_durable(ctx.clone()),
         });
         self.counters.generations.fetch_add(1, Relaxed);
+        let replan = self.flags.clone();
+        let watching = self.runtime.block_on(Watching::start(
+            &self.store,
+            &ctx,
+            Box::new(move || replan.replan.store(true, Relaxed)),
+        ))?;
         let complete = execute(self.engine.sizing.workers, ctx.clone(), generation)?;
+        drop(watching);
         ctx.take_failure()?;
         log_generation(&ctx);
         note_held(&ctx, waiting, &mut finishing);
+        note_paused(&ctx, &mut finishing);
         Ok((complete, finishing))
     }
 
     /// What a generation at `now` admits: the fan-outs not yet `ran` and not waiting for
     /// quiet hours to end (with their (ledger key, stream entry)), every lazy coupon, and the
-    /// releases and expiries of users held in earlier occurrences that are due.
+    /// releases and expiries of users held in earlier occurrences that are due — of campaigns
+    /// an operator has not paused (`states`). A cancelled fan-out is admitted, to settle its
+    /// users not yet claimed as cancelled; a cancelled lazy coupon or hot product is not, and
+    /// is forgotten where it was kept.
     fn admissions(
         &self,
         active: &[Active],
@@ -389,10 +404,24 @@ impl<'a> Server<'a> {
         waiting: &Waiting,
         now: DateTime<Utc>,
     ) -> Result<(Vec<Admission>, Vec<Finishing>)> {
+        let states = self.runtime.block_on(self.store.states())?;
+        let state = |id: &str| states.get(id).copied().unwrap_or(State::Running);
         let mut admissions = Vec::new();
         let mut finishing = Vec::new();
         let due = |key: &String| waiting.get(key).is_none_or(|at| *at <= now);
         for a in active {
+            match state(&a.campaign.id) {
+                State::Paused => continue,
+                State::Cancelled if a.campaign.is_lazy() => {
+                    self.forget_cancelled(&a.campaign)?;
+                    continue;
+                }
+                State::Cancelled if a.campaign.kind == Kind::HotProduct => {
+                    self.forget_cancelled(&a.campaign)?;
+                    continue;
+                }
+                _ => {}
+            }
             match targets::admit(&a.campaign, now) {
                 Admission::Run(t) if !ran.contains(&t.ledger_key()) && due(&t.ledger_key()) => {
                     finishing.push((t.ledger_key(), a.entry.clone()));
@@ -412,12 +441,21 @@ impl<'a> Server<'a> {
         ))?;
         for admission in held {
             if let Admission::Release(t, _) | Admission::Expire(t, _) = &admission {
-                if due(&t.ledger_key()) {
+                if due(&t.ledger_key()) && state(&t.campaign.id) != State::Paused {
                     admissions.push(admission);
                 }
             }
         }
         Ok((admissions, finishing))
+    }
+
+    /// Forgets cancelled campaign `c` where it was kept (a lazy coupon, a hot product), so a
+    /// restarted `serve` does not load it again.
+    fn forget_cancelled(&self, c: &Campaign) -> Result<()> {
+        match &self.campaigns {
+            Some(stream) => self.runtime.block_on(stream.registry.forget(c)),
+            None => Ok(()),
+        }
     }
 
     /// A test of the shared flags, for a generation to call.
@@ -579,6 +617,18 @@ fn note_held(ctx: &Context, waiting: &mut Waiting, finishing: &mut Vec<Finishing
                 finishing.retain(|(k, _)| *k != key);
             }
             None => drop(waiting.remove(&key)),
+        }
+    }
+}
+
+/// Keeps from `finishing` every fan-out the generation dropped candidates of because it was
+/// paused, or that is paused now: it runs again once resumed.
+fn note_paused(ctx: &Context, finishing: &mut Vec<Finishing>) {
+    for (t, rt) in ctx.targets.iter().enumerate() {
+        let t = t as u32;
+        if ctx.halts.dropped(t) || ctx.halts.of(t) == Halt::Paused {
+            let key = rt.target.ledger_key();
+            finishing.retain(|(k, _)| *k != key);
         }
     }
 }

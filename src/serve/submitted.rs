@@ -158,6 +158,18 @@ impl Registry {
         Ok(true)
     }
 
+    /// Forgets `c` if it was kept (cancelled: no longer active); no error if it was not.
+    pub async fn forget(&self, c: &Campaign) -> Result<()> {
+        let Some((hash, field)) = kept_as(c) else {
+            return Ok(());
+        };
+        retrying_as("redis", &self.url, "HDEL", || {
+            let (mut con, field) = (self.con.clone(), field.clone());
+            async move { con.hdel::<_, _, ()>(hash, field).await }
+        })
+        .await
+    }
+
     /// Every kept campaign; one that no longer parses, or is over the size limits (kept before
     /// they were checked), is logged and left out. A campaign kept
     /// twice (under its coupon id by an older `serve`, and under its campaign id) is loaded once.

@@ -81,6 +81,8 @@ pub struct Outcomes {
     pub quiet_held: RoaringBitmap,
     /// A frequency cap bound: recorded, never sent for this occurrence.
     pub capped: RoaringBitmap,
+    /// Not claimed when the campaign was cancelled: recorded, never sent.
+    pub cancelled: RoaringBitmap,
 }
 
 impl Outcomes {
@@ -93,6 +95,7 @@ impl Outcomes {
         self.in_flight |= part.in_flight;
         self.quiet_held |= part.quiet_held;
         self.capped |= part.capped;
+        self.cancelled |= part.cancelled;
     }
 }
 
@@ -526,6 +529,24 @@ impl Ledger {
         }
     }
 
+    /// Claims `ids` as [`Ledger::claim`] does and settles the claimed ones as cancelled in
+    /// the same atomic step (SPEC "Campaign control": a cancelled campaign's unclaimed users
+    /// are `cancelled`, never sent). Done ids are `already`.
+    pub async fn claim_cancelled(&self, ids: &[u32]) -> Result<Claim> {
+        match self {
+            Ledger::File(ledger) => ledger.claim_cancelled(ids),
+            Ledger::Redis(ledger) => ledger.claim_cancelled(ids).await,
+        }
+    }
+
+    /// [`Ledger::claim_cancelled`] without waiting where the store is local.
+    pub fn claim_cancelled_local(&self, ids: &[u32]) -> Option<Result<Claim>> {
+        match self {
+            Ledger::File(ledger) => Some(ledger.claim_cancelled(ids)),
+            Ledger::Redis(_) => None,
+        }
+    }
+
     /// Holds users for their quiet hours (SPEC "Quiet hours"): each of `ids` not claimed is
     /// recorded as held (in `claimed` of the answer) and stays claimable, for the run that
     /// finds it outside its quiet hours; a claimed one is `already`.
@@ -563,6 +584,15 @@ impl Ledger {
         match self {
             Ledger::File(ledger) => ledger.mark_unreachable(ids),
             Ledger::Redis(ledger) => ledger.mark_unreachable(ids).await,
+        }
+    }
+
+    /// Records claimed `ids` as cancelled: their campaign was cancelled before they were
+    /// pushed (SPEC "Campaign control"); done, never sent.
+    pub async fn mark_cancelled(&self, ids: &[u32]) -> Result<()> {
+        match self {
+            Ledger::File(ledger) => ledger.mark_cancelled(ids),
+            Ledger::Redis(ledger) => ledger.mark_cancelled(ids).await,
         }
     }
 

@@ -9,6 +9,8 @@
 //! fanout:quiet:{ledger}:{chunk}         bitmap: ever held for quiet hours (not claimed by it)
 //! fanout:capped:{ledger}:{chunk}        bitmap: a frequency cap bound (claimed and settled
 //!                                       in one call)
+//! fanout:cancelled:{ledger}:{chunk}     bitmap: not claimed when the campaign was cancelled
+//!                                       (claimed and settled in one call)
 //! fanout:history:{id / 65528}           string: 8 bytes of send history a user ([`history`])
 //! fanout:sendtimes                      hash: the send-time table the histories point into
 //! fanout:inflight:{ledger}:{run}:{chunk}  bitmap: ids run holds, not yet done
@@ -200,6 +202,7 @@ pub struct RedisLedger {
     held_out: String,
     quiet: String,
     capped: String,
+    cancelled: String,
     /// `fanout:inflight:{ledger}:`: every run's in-flight bitmaps of this ledger start so.
     inflight_all: String,
     /// `fanout:inflight:{ledger}:{run}:`, ours.
@@ -338,6 +341,7 @@ impl RedisStore {
                     held_out: format!("fanout:held_out:{key}:"),
                     quiet: format!("fanout:quiet:{key}:"),
                     capped: format!("fanout:capped:{key}:"),
+                    cancelled: format!("fanout:cancelled:{key}:"),
                     inflight: format!("fanout:inflight:{key}:{}:", self.run),
                     resend: format!("fanout:resend:{key}:{}:", self.run),
                     read_only: self.read_only,
@@ -644,26 +648,30 @@ impl RedisStore {
         let unreachable = ledger.bits(&ledger.unreachable).await?;
         let held_out = ledger.bits(&ledger.held_out).await?;
         let capped = ledger.bits(&ledger.capped).await?;
+        let cancelled = ledger.bits(&ledger.cancelled).await?;
         let quiet_held = ledger.bits(&ledger.quiet).await? - &claimed;
         let settled = &claimed - &in_flight;
         Ok(super::Outcomes {
-            delivered: &(&(&(&settled - &dead) - &unreachable) - &held_out) - &capped,
+            delivered: &(&(&(&(&settled - &dead) - &unreachable) - &held_out) - &capped)
+                - &cancelled,
             dead_lettered: dead,
             unreachable,
             held_out,
             in_flight,
             quiet_held,
             capped,
+            cancelled,
         })
     }
 
-    /// Every id of ledger `key` claimed and neither held out nor capped (never sent), sorted.
+    /// Every id of ledger `key` claimed and sent (not held out, capped or cancelled), sorted.
     pub async fn granted(&self, key: &str) -> Result<Vec<u32>> {
         let ledger = self.ledger(key).await?;
         let claimed = ledger.bits(&ledger.granted).await?;
         let held_out = ledger.bits(&ledger.held_out).await?;
         let capped = ledger.bits(&ledger.capped).await?;
-        Ok((claimed - held_out - capped).iter().collect())
+        let cancelled = ledger.bits(&ledger.cancelled).await?;
+        Ok((claimed - held_out - capped - cancelled).iter().collect())
     }
 
     /// The ledgers opened so far.
@@ -779,6 +787,7 @@ impl RedisLedger {
                 &self.held_out,
                 &self.quiet,
                 &self.capped,
+                &self.cancelled,
             ]
             .map(|set| format!("{set}{chunk}"));
             retrying(&self.url, "compact the ledger", || {
@@ -810,6 +819,11 @@ impl RedisLedger {
     /// The claim settled at once as held out; see [`super::Ledger::claim_held_out`].
     pub async fn claim_held_out(&self, ids: &[u32]) -> Result<Claim> {
         self.claim_into(ids, Some(&self.held_out)).await
+    }
+
+    /// The claim settled at once as cancelled; see [`super::Ledger::claim_cancelled`].
+    pub async fn claim_cancelled(&self, ids: &[u32]) -> Result<Claim> {
+        self.claim_into(ids, Some(&self.cancelled)).await
     }
 
     async fn claim_into(&self, ids: &[u32], settle: Option<&str>) -> Result<Claim> {
@@ -1011,6 +1025,11 @@ impl RedisLedger {
     /// Records `ids` as unreachable (and done).
     pub async fn mark_unreachable(&self, ids: &[u32]) -> Result<()> {
         self.mark(ids, Some(&self.unreachable)).await
+    }
+
+    /// Records claimed `ids` as cancelled before their push (and done).
+    pub async fn mark_cancelled(&self, ids: &[u32]) -> Result<()> {
+        self.mark(ids, Some(&self.cancelled)).await
     }
 
     /// Makes every dead-lettered id claimable again (`--retry-dead-letters`); returns how many.

@@ -329,7 +329,11 @@ struct Model {
     unreachable: RoaringBitmap,
     held_out: RoaringBitmap,
     quiet: RoaringBitmap,
+    cancelled: RoaringBitmap,
 }
+
+/// Which outcome set of the [`Model`] a settling step tags.
+type Tag = fn(&mut Model) -> &mut RoaringBitmap;
 
 impl Model {
     /// A hold for quiet hours: (held, already), per id in order.
@@ -347,17 +351,18 @@ impl Model {
         (held, already)
     }
 
-    /// A claim (settled as held out when `held`): (claimed, already), per id in order.
-    fn claim(&mut self, ids: &[u32], held: bool) -> (Vec<u32>, Vec<u32>) {
+    /// A claim (settled at once in `settle` unless `None`: held out, cancelled): (claimed,
+    /// already), per id in order.
+    fn claim(&mut self, ids: &[u32], settle: Option<Tag>) -> (Vec<u32>, Vec<u32>) {
         let (mut claimed, mut already) = (Vec::new(), Vec::new());
         for &id in ids {
             if self.done.contains(&id) {
                 already.push(id);
             } else if self.claimed.insert(id) || self.pending.remove(&id) {
                 claimed.push(id);
-                if held {
+                if let Some(tag) = settle {
                     self.done.insert(id);
-                    self.held_out.insert(id);
+                    tag(self).insert(id);
                 }
             } else {
                 already.push(id);
@@ -367,7 +372,7 @@ impl Model {
     }
 
     /// A mark: done, and tagged in `tag` unless `None`.
-    fn mark(&mut self, ids: &[u32], tag: Option<fn(&mut Model) -> &mut RoaringBitmap>) {
+    fn mark(&mut self, ids: &[u32], tag: Option<Tag>) {
         for &id in ids {
             self.claimed.insert(id);
             self.done.insert(id);
@@ -383,19 +388,22 @@ impl Model {
         let claimed: RoaringBitmap = self.claimed.iter().copied().collect();
         let done: RoaringBitmap = self.done.iter().copied().collect();
         Outcomes {
-            delivered: &(&(&done - &self.dead) - &self.unreachable) - &self.held_out,
+            delivered: &(&(&(&done - &self.dead) - &self.unreachable) - &self.held_out)
+                - &self.cancelled,
             dead_lettered: self.dead.clone(),
             unreachable: self.unreachable.clone(),
             held_out: self.held_out.clone(),
             in_flight: &claimed - &done,
             quiet_held: &self.quiet - &claimed,
             capped: RoaringBitmap::new(),
+            cancelled: self.cancelled.clone(),
         }
     }
 }
 
 /// The set-operation path (ascending batches) and the per-id path (any order) follow the
-/// same rules, for claims, held-out claims, quiet-hours holds and every kind of mark: both
+/// same rules, for claims, held-out and cancelled claims, quiet-hours holds and every kind of
+/// mark: both
 /// checked against a naive model over random operations and crashes (a reopen: what was
 /// claimed and not settled is handed out once more).
 #[tokio::test]
@@ -422,18 +430,28 @@ async fn claims_follow_the_naive_model_in_any_batch_order() {
                 ids.reverse();
                 ids.extend(ids.clone().iter().take(5));
             }
-            match next(8) {
+            match next(10) {
+                8 => {
+                    let c = l.claim_cancelled(&ids).await.expect("claim cancelled");
+                    let want = model.claim(&ids, Some(|m| &mut m.cancelled));
+                    assert_eq!((c.claimed, c.already), want);
+                }
+                9 => {
+                    l.mark_cancelled(&ids).await.expect("cancelled");
+                    model.mark(&ids, Some(|m| &mut m.cancelled));
+                }
                 7 => {
                     let c = l.hold_quiet(&ids).await.expect("hold");
                     assert_eq!((c.claimed, c.already), model.hold_quiet(&ids));
                 }
                 0..=2 => {
                     let c = l.claim(&ids).await.expect("claim");
-                    assert_eq!((c.claimed, c.already), model.claim(&ids, false));
+                    assert_eq!((c.claimed, c.already), model.claim(&ids, None));
                 }
                 3 => {
                     let c = l.claim_held_out(&ids).await.expect("claim held out");
-                    assert_eq!((c.claimed, c.already), model.claim(&ids, true));
+                    let want = model.claim(&ids, Some(|m| &mut m.held_out));
+                    assert_eq!((c.claimed, c.already), want);
                 }
                 4 => {
                     l.mark_done(&ids).await.expect("done");

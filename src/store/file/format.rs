@@ -13,8 +13,9 @@ use crate::error::{Error, Result};
 
 /// First bytes of a snapshot; the digit is the format version. Version 2 added the
 /// unreachable, held-out and quiet sets after the three of version 1, version 3 the capped
-/// set; both earlier versions are still read.
-const SNAP_MAGIC: &[u8; 8] = b"FANOUTS3";
+/// set, version 4 the cancelled set; every earlier version is still read.
+const SNAP_MAGIC: &[u8; 8] = b"FANOUTS4";
+const SNAP_MAGIC_V3: &[u8; 8] = b"FANOUTS3";
 const SNAP_MAGIC_V2: &[u8; 8] = b"FANOUTS2";
 const SNAP_MAGIC_V1: &[u8; 8] = b"FANOUTS1";
 /// Magic, body length, crc.
@@ -25,9 +26,9 @@ pub(super) const RECORD_HEADER: usize = 8;
 const MAX_STEM: usize = 200;
 
 /// What a log record says about its ids. Every kind but `Claim` and `Quiet` settles them
-/// (done), and `Dead`, `Unreachable`, `HeldOut` and `Capped` also tag their outcome; a
-/// `HeldOut` or `Capped` record is a claim and its settlement in one, so no crash can leave
-/// such a user to be sent.
+/// (done), and `Dead`, `Unreachable`, `HeldOut`, `Capped` and `Cancelled` also tag their
+/// outcome; a `HeldOut`, `Capped` or `Cancelled` record is a claim and its settlement in one,
+/// so no crash can leave such a user to be sent.
 /// `Quiet` claims nothing: it records users held for their quiet hours, who stay claimable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -38,6 +39,7 @@ pub(super) enum Kind {
     HeldOut = 5,
     Quiet = 6,
     Capped = 7,
+    Cancelled = 8,
 }
 
 impl Kind {
@@ -50,13 +52,14 @@ impl Kind {
             5 => Some(Kind::HeldOut),
             6 => Some(Kind::Quiet),
             7 => Some(Kind::Capped),
+            8 => Some(Kind::Cancelled),
             _ => None,
         }
     }
 }
 
-/// The durable sets of one ledger: done ⊆ claimed; dead, unreachable, held_out and capped ⊆
-/// done, disjoint; quiet: ever held for quiet hours (those not claimed are held now).
+/// The durable sets of one ledger: done ⊆ claimed; dead, unreachable, held_out, capped and
+/// cancelled ⊆ done, disjoint; quiet: ever held for quiet hours (those not claimed are held now).
 #[derive(Default, Debug, PartialEq)]
 pub(super) struct Sets {
     pub(super) claimed: RoaringBitmap,
@@ -66,10 +69,11 @@ pub(super) struct Sets {
     pub(super) held_out: RoaringBitmap,
     pub(super) quiet: RoaringBitmap,
     pub(super) capped: RoaringBitmap,
+    pub(super) cancelled: RoaringBitmap,
 }
 
 /// How many sets a snapshot holds.
-const SETS: usize = 7;
+const SETS: usize = 8;
 
 impl Sets {
     /// Every set, in snapshot order.
@@ -82,6 +86,7 @@ impl Sets {
             &self.held_out,
             &self.quiet,
             &self.capped,
+            &self.cancelled,
         ]
     }
 
@@ -94,6 +99,7 @@ impl Sets {
             &mut self.held_out,
             &mut self.quiet,
             &mut self.capped,
+            &mut self.cancelled,
         ]
     }
 
@@ -127,6 +133,7 @@ impl Sets {
             Kind::HeldOut => Some(&self.held_out),
             Kind::Quiet => Some(&self.quiet),
             Kind::Capped => Some(&self.capped),
+            Kind::Cancelled => Some(&self.cancelled),
         }
     }
 
@@ -138,6 +145,7 @@ impl Sets {
             Kind::HeldOut => Some(&mut self.held_out),
             Kind::Quiet => Some(&mut self.quiet),
             Kind::Capped => Some(&mut self.capped),
+            Kind::Cancelled => Some(&mut self.cancelled),
         }
     }
 
@@ -171,13 +179,15 @@ impl Sets {
     pub(super) fn outcomes(&self) -> crate::store::Outcomes {
         crate::store::Outcomes {
             delivered: &(&(&(&self.done - &self.dead) - &self.unreachable) - &self.held_out)
-                - &self.capped,
+                - &self.capped
+                - &self.cancelled,
             dead_lettered: self.dead.clone(),
             unreachable: self.unreachable.clone(),
             held_out: self.held_out.clone(),
             in_flight: &self.claimed - &self.done,
             quiet_held: &self.quiet - &self.claimed,
             capped: self.capped.clone(),
+            cancelled: self.cancelled.clone(),
         }
     }
 
@@ -201,6 +211,7 @@ impl Sets {
     fn decode(bytes: &[u8]) -> std::result::Result<Sets, String> {
         let count = match bytes.get(..8) {
             Some(m) if m == SNAP_MAGIC => SETS,
+            Some(m) if m == SNAP_MAGIC_V3 => 7,
             Some(m) if m == SNAP_MAGIC_V2 => 6,
             Some(m) if m == SNAP_MAGIC_V1 => 3,
             _ => return Err("not a fanout ledger snapshot (bad header)".into()),
@@ -243,6 +254,7 @@ impl Sets {
             held_out: next(),
             quiet: next(),
             capped: next(),
+            cancelled: next(),
         })
     }
 }

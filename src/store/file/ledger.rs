@@ -205,6 +205,12 @@ impl FileLedger {
         self.claim_as(Kind::HeldOut, ids)
     }
 
+    /// The claim of `ids` settled at once as cancelled; see
+    /// [`crate::store::Ledger::claim_cancelled`].
+    pub fn claim_cancelled(&self, ids: &[u32]) -> Result<Claim> {
+        self.claim_as(Kind::Cancelled, ids)
+    }
+
     /// The store's send history, opened (created) if need be.
     pub(super) fn history(&self) -> Result<Arc<super::history::SendHistory>> {
         self.history.get()
@@ -291,6 +297,11 @@ impl FileLedger {
     /// Records `ids` as unreachable (no push token; done).
     pub fn mark_unreachable(&self, ids: &[u32]) -> Result<()> {
         self.mark(Kind::Unreachable, ids)
+    }
+
+    /// Records claimed `ids` as cancelled before their push (and so done).
+    pub fn mark_cancelled(&self, ids: &[u32]) -> Result<()> {
+        self.mark(Kind::Cancelled, ids)
     }
 
     fn mark(&self, kind: Kind, ids: &[u32]) -> Result<()> {

@@ -4,12 +4,13 @@
 //! DIR/LOCK                      exclusive lock (flock) while a writer has the store open
 //! DIR/ledgers/<key>.log         shard 0's log: records [len u32 LE][crc32 u32 LE][kind u8, ids u32 LE…]
 //! DIR/ledgers/<key>.<k>.log     shard k's log (k ≥ 1), the same records
-//! DIR/ledgers/<key>.snap        "FANOUTS2", body len u64 LE, crc32 u32 LE, body: claimed,
-//!                               done, dead, unreachable, held_out as (len u64 LE, roaring
-//!                               bitmap) ("FANOUTS1": the first three; still read)
+//! DIR/ledgers/<key>.snap        "FANOUTS4", body len u64 LE, crc32 u32 LE, body: claimed,
+//!                               done, dead, unreachable, held_out, quiet, capped, cancelled
+//!                               as (len u64 LE, roaring bitmap) (versions 1–3, with the
+//!                               first 3, 6 and 7 of them, are still read)
 //! ```
-//! Record kinds: 1 claim, 2 done (delivered), 3 dead, 4 unreachable, 5 held out and 7 capped
-//! (each a claim and its settlement in one record), 6 held for quiet hours.
+//! Record kinds: 1 claim, 2 done (delivered), 3 dead, 4 unreachable, 5 held out, 7 capped and
+//! 8 cancelled (each a claim and its settlement in one record), 6 held for quiet hours.
 //! `<key>` is the ledger key with every byte outside `[A-Za-z0-9_-]` written `%XX`.
 //!
 //! Each record is written with one `write` on an append-mode file, so a claim survives a
@@ -265,15 +266,18 @@ impl FileStore {
         Ok(file("snap").exists() || file("log").exists())
     }
 
-    /// Every id of `key` claimed and not held out, sorted; empty if the ledger does not exist.
+    /// Every id of `key` claimed and sent (not held out, capped or cancelled), sorted; empty
+    /// if the ledger does not exist.
     pub fn granted(&self, key: &str) -> Result<Vec<u32>> {
         let sets = match lock(&self.open).get(key) {
             Some(ledger) => ledger.sets(),
             None => self.read_sets(key)?,
         };
-        Ok((sets.claimed - sets.held_out - sets.capped)
-            .iter()
-            .collect())
+        Ok(
+            (sets.claimed - sets.held_out - sets.capped - sets.cancelled)
+                .iter()
+                .collect(),
+        )
     }
 
     /// See [`crate::store::Store::quiet_unsettled`]; empty (and nothing created) if the

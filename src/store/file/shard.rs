@@ -164,8 +164,9 @@ impl Shard {
     }
 
     /// The atomic claim of `ids` (all of this shard); see [`crate::store::Ledger::claim`].
-    /// With `kind` [`Kind::HeldOut`] the ids claimed are settled as held out in the same
-    /// record ([`crate::store::Ledger::claim_held_out`]); else `kind` is [`Kind::Claim`].
+    /// With `kind` [`Kind::HeldOut`] or [`Kind::Cancelled`] the ids claimed are settled as
+    /// held out or cancelled in the same record ([`crate::store::Ledger::claim_held_out`],
+    /// [`crate::store::Ledger::claim_cancelled`]); else `kind` is [`Kind::Claim`].
     pub(super) fn claim(&self, key: &str, kind: Kind, ids: &[u32]) -> Result<Claim> {
         let batch = ascending_bitmap(ids);
         let mut guard = lock(&self.state);
