@@ -109,9 +109,10 @@ pub enum Command {
 /// What `fanout campaigns --help` says after the commands.
 const CAMPAIGNS_AFTER_HELP: &str = "\
 A change (pause, resume, cancel) is recorded durably when the command returns; it needs no
-lock, so it works while a run holds the store. Not yet enforced: this version's run and
-serve do not read the state yet (issue #15). cancel is final. done is derived: the window
-ended, nothing in flight.
+lock, so it works while a run holds the store. Every run and serve using the store sees it
+within 50 ms: a paused campaign is claimed no more and its pushes not yet attempted wait (a
+run waits for resume or cancel); a cancelled one's users not yet pushed end as cancelled.
+cancel is final. done is derived: the window ended, nothing in flight.
 Exit codes: 0 done, 1 store unreachable, 2 bad usage or an unknown campaign id.";
 
 /// `fanout campaigns …`
@@ -147,11 +148,11 @@ pub enum CampaignsCommand {
         )]
         json: bool,
     },
-    /// Record a campaign as paused (not yet enforced by run and serve).
+    /// Pause a campaign: nothing more of it is claimed or pushed until it is resumed.
     Pause(ChangeArgs),
-    /// Record a paused campaign as running again.
+    /// Resume a paused campaign where it stopped.
     Resume(ChangeArgs),
-    /// Record a campaign as cancelled, for good (not yet enforced by run and serve).
+    /// Cancel a campaign for good: its users not yet pushed end as cancelled.
     Cancel(ChangeArgs),
 }
 

@@ -159,7 +159,7 @@ impl Halts {
 }
 
 /// Polls `store`'s control version every [`POLL`] from `version` on, and applies each change
-/// to `ctx`'s targets, logging it and calling `changed`. Runs until aborted ([`Watching`]);
+/// to `ctx`'s targets, logging it; calls `changed` whenever the version moved. Runs until aborted ([`Watching`]);
 /// a failed read is logged once per streak and retried at the next poll.
 pub async fn watch(
     store: Store,
@@ -183,9 +183,9 @@ pub async fn watch(
                 for (id, halt) in &applied {
                     tracing::warn!(campaign = %id, state = ?halt, "campaign control changed");
                 }
-                if !applied.is_empty() {
-                    changed();
-                }
+                // Also when none of `ctx`'s targets changed: `serve` re-plans when a campaign
+                // it left out (paused) is resumed.
+                changed();
             }
             Err(e) if !failing => {
                 failing = true;
