@@ -12,9 +12,11 @@
 //! when it is running, the window's end has passed on the system clock, and no user is in
 //! flight or held for quiet hours ([`State::derive`]).
 //!
-//! **Rate and ETA.** The store keeps no send times per campaign and no eligible total, so
-//! neither is derived yet: `show` says so, and the JSON has `null` for `first_send`,
-//! `last_send`, `rate_per_s` and `eta_s`.
+//! **Activity, rate and ETA.** The store keeps each campaign's first and last push and the
+//! runs and `serve` processes that pushed it ([`crate::store::campaigns::Activity`], written
+//! when a run or generation ends). The rate is the settled users over that span. The store
+//! keeps no eligible total (how many users a fan-out will reach is known only once its scan
+//! is over), so the ETA is `null` here; `serve`'s status page estimates one from its scan.
 //!
 //! **Changes** (`pause`, `resume`, `cancel`) are written to every part of the store and are
 //! durable when the command returns ([`Store::set_state`]); they need no lock and no lease,
@@ -30,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::grants::reading_runtime;
 use crate::model::{Kind, Priority};
 use crate::report::OutcomeCounts;
-use crate::store::campaigns::{rfc3339_text, CampaignRecord, State, Transition};
+use crate::store::campaigns::{rfc3339_text, Activity, CampaignRecord, State, Transition};
 use crate::store::{Outcomes, Store};
 
 /// One campaign as `list` and `show` print it.
@@ -60,14 +62,16 @@ pub struct Status {
     pub outcomes: OutcomeCounts,
     /// Users settled (every outcome but in flight and quiet-held).
     pub settled: u64,
-    /// The first send; not recorded by the store yet (`null`).
+    /// The first push any run or `serve` recorded, RFC 3339 (`null` before one ended).
     pub first_send: Option<String>,
-    /// The last send; not recorded by the store yet (`null`).
+    /// The last push recorded, likewise.
     pub last_send: Option<String>,
-    /// Settled users per second; needs send times (`null`).
+    /// Settled users per second from the first push to the last (`null` with no span).
     pub rate_per_s: Option<f64>,
-    /// Seconds left; needs a rate and an eligible total (`null`).
+    /// Seconds left; needs an eligible total the store does not keep (`null`).
     pub eta_s: Option<f64>,
+    /// The runs and `serve` processes that pushed it, oldest first (the last 16).
+    pub workers: Vec<String>,
 }
 
 /// What `fanout campaigns list --json` prints.
@@ -107,6 +111,7 @@ fn parts(url: &str) -> Result<Vec<String>> {
 struct Gathered {
     record: Option<CampaignRecord>,
     state: State,
+    activity: Activity,
     /// Ledger key → its users by outcome, joined over the parts.
     ledgers: BTreeMap<String, Outcomes>,
 }
@@ -132,6 +137,12 @@ fn gather(url: &str, only: Option<&str>) -> Result<BTreeMap<String, Gathered>> {
                 // Parts disagree only when a change reached some of them: show the
                 // stronger state (cancelled over paused over running).
                 g.state = g.state.max(states.get(&id).copied().unwrap_or_default());
+                let activity = store.activity(&id).await?;
+                if let Some((first, last)) = activity.first_send_ms.zip(activity.last_send_ms) {
+                    for worker in &activity.workers {
+                        g.activity.merge(first, last, worker);
+                    }
+                }
                 for key in store.ledger_keys(&id).await? {
                     let outcomes = store.outcomes(&key).await?;
                     g.ledgers.entry(key).or_default().join(outcomes);
@@ -151,6 +162,11 @@ fn status(id: String, g: Gathered, now: DateTime<Utc>) -> Option<Status> {
         o.add(OutcomeCounts::of(l));
     }
     let settled = o.settled();
+    let span = g.activity.span();
+    let rate_per_s = span.and_then(|(first, last)| {
+        let secs = (last - first).num_milliseconds() as f64 / 1000.0;
+        (secs > 0.0).then(|| settled as f64 / secs)
+    });
     Some(Status {
         id,
         kind: record.kind,
@@ -164,10 +180,11 @@ fn status(id: String, g: Gathered, now: DateTime<Utc>) -> Option<Status> {
         ledgers: g.ledgers.into_keys().collect(),
         outcomes: o,
         settled,
-        first_send: None,
-        last_send: None,
-        rate_per_s: None,
+        first_send: span.map(|(first, _)| rfc3339_text(&first)),
+        last_send: span.map(|(_, last)| rfc3339_text(&last)),
+        rate_per_s,
         eta_s: None,
+        workers: g.activity.workers,
     })
 }
 
@@ -346,9 +363,22 @@ pub fn render_status(c: &Status) -> String {
         let _ = writeln!(out, "  {name:<14}{n:>12}");
     }
     let _ = writeln!(out, "  {:<14}{:>12}", "settled", c.settled);
-    out.push_str(
-        "first/last send, rate, ETA: not known (the store keeps no send times per campaign)\n",
-    );
+    match (&c.first_send, &c.last_send) {
+        (Some(first), Some(last)) => {
+            let _ = writeln!(out, "sends        {first} .. {last}");
+        }
+        _ => out.push_str("sends        none recorded yet (a run records them as it ends)\n"),
+    }
+    if let Some(rate) = c.rate_per_s {
+        let _ = writeln!(
+            out,
+            "rate         {rate:.1} users/s (settled over that span)"
+        );
+    }
+    out.push_str("ETA          not kept by the store (serve's status page estimates one)\n");
+    if !c.workers.is_empty() {
+        let _ = writeln!(out, "worked on by {}", c.workers.join("; "));
+    }
     out
 }
 
@@ -377,12 +407,44 @@ mod tests {
                 admitted_at: t(1),
             }),
             state,
+            activity: Activity::default(),
             ledgers: [
                 ("hot:2026-03-02T00:00:00Z".to_owned(), ledger),
                 ("hot:2026-03-02T01:00:00Z".to_owned(), other),
             ]
             .into(),
         }
+    }
+
+    /// The rate is the settled users over the span of the recorded pushes; workers merge
+    /// newest last, each once, the last 16 kept.
+    #[test]
+    fn rate_and_workers_come_from_the_recorded_activity() {
+        let now = Utc.with_ymd_and_hms(2026, 3, 7, 0, 0, 0).unwrap();
+        let s = status("hot".into(), gathered(State::Running, &[]), now).unwrap();
+        assert_eq!((s.first_send, s.rate_per_s), (None, None));
+        let mut g = gathered(State::Running, &[]);
+        let t0 = Utc
+            .with_ymd_and_hms(2026, 3, 2, 0, 0, 0)
+            .unwrap()
+            .timestamp_millis();
+        g.activity.merge(t0 + 1000, t0 + 2000, "run pid 2");
+        g.activity.merge(t0, t0 + 1500, "run pid 1");
+        g.activity.merge(t0, t0 + 1000, "run pid 2");
+        let s = status("hot".into(), g, now).unwrap();
+        assert_eq!(s.first_send.as_deref(), Some("2026-03-02T00:00:00Z"));
+        assert_eq!(s.last_send.as_deref(), Some("2026-03-02T00:00:02Z"));
+        assert_eq!(s.rate_per_s, Some(7.0), "14 settled over 2 s");
+        assert_eq!(s.workers, ["run pid 1", "run pid 2"]);
+        let mut a = Activity::default();
+        for i in 0..20 {
+            a.merge(t0, t0, &format!("w{i}"));
+        }
+        assert_eq!(a.workers.len(), 16);
+        assert_eq!(
+            (a.workers[0].as_str(), a.workers[15].as_str()),
+            ("w4", "w19")
+        );
     }
 
     #[test]

@@ -143,6 +143,31 @@ counters! {
     }
 }
 
+/// When a target's pushes were answered, first and last (ms since the Unix epoch), for the
+/// store's record of a campaign's activity ([`crate::store::campaigns::Activity`]).
+#[derive(Debug, Default)]
+pub struct SendSpan {
+    first: std::sync::atomic::AtomicI64,
+    last: std::sync::atomic::AtomicI64,
+}
+
+impl SendSpan {
+    /// Notes an answer now.
+    pub fn note(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = chrono::Utc::now().timestamp_millis();
+        let _ = self.first.compare_exchange(0, now, Relaxed, Relaxed);
+        self.last.fetch_max(now, Relaxed);
+    }
+
+    /// The first and last answer, if any.
+    pub fn get(&self) -> Option<(i64, i64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (first, last) = (self.first.load(Relaxed), self.last.load(Relaxed));
+        (first > 0).then_some((first, last.max(first)))
+    }
+}
+
 /// One process's counters at the end of a run, sent to process 0 of a cluster for the summary.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Tally {

@@ -264,6 +264,19 @@ fn cancelled_mid_run(store: &str) {
     let again = campaign_line(&read_summary(&s.path("again.json")), "a").clone();
     assert_eq!(again["eligible"], 0, "{again}");
     assert_eq!(again["already_granted"], audience.len() as u64, "{again}");
+    // The store tells when it was pushed and by whom: the first run only (the re-run pushed
+    // nothing), over a span that holds the provider's own arrivals.
+    let show = stdout(&s, &["campaigns", "show", "a", "--store", store, "--json"]);
+    let show: serde_json::Value = serde_json::from_str(&show).unwrap();
+    let workers = show["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 1, "{show}");
+    assert!(
+        workers[0].as_str().unwrap().starts_with("run pid "),
+        "{show}"
+    );
+    let at = |k: &str| chrono::DateTime::parse_from_rfc3339(show[k].as_str().unwrap()).unwrap();
+    assert!(at("first_send") < at("last_send"), "{show}");
+    assert!(show["rate_per_s"].as_f64().unwrap() > 0.0, "{show}");
 }
 
 /// A lazy coupon cancelled before the logins come grants nothing at them: every login of a

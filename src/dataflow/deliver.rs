@@ -393,6 +393,7 @@ async fn record(
         return Ok(());
     }
     let answered = ready.elapsed();
+    rt.sends.note();
     let (mut done, mut dead, mut unreachable) = (Vec::new(), Vec::new(), Vec::new());
     for (offset, s) in settled {
         for (i, fate) in &s.fates {

@@ -103,6 +103,8 @@ pub struct RunTarget {
     pub ledger: Ledger,
     /// Its counters.
     pub stats: CampaignStats,
+    /// When its pushes were answered, first and last.
+    pub sends: crate::metrics::SendSpan,
     /// Renders its messages.
     pub renderer: Renderer,
     /// Who is held out of it (SPEC "Holdouts").

@@ -191,8 +191,18 @@ fn fan_out(
     result?;
     ctx.take_failure()?;
     let interrupted = ctx.dispatcher.stopping();
+    let worker = match opts.cluster.is_cluster() {
+        true => format!(
+            "run pid {} (process {} of {})",
+            std::process::id(),
+            opts.cluster.process,
+            opts.cluster.processes
+        ),
+        false => format!("run pid {}", std::process::id()),
+    };
     runtime.block_on(async {
         ctx.dispatcher.flush().await?;
+        prepare::note_activity(store, &ctx, &worker).await?;
         store.checkpoint().await?;
         match &login_stream {
             // Cut short, not every login was matched: they stay pending, read again next time.

@@ -151,6 +151,7 @@ impl Targets {
                 target,
                 ledger,
                 stats: CampaignStats::default(),
+                sends: Default::default(),
             });
         }
         decision_order(&mut targets.run);
@@ -336,6 +337,26 @@ impl Engine {
             caps,
         })
     }
+}
+
+/// Records in `store` what each campaign of `ctx` pushed, first and last, as `worker`'s
+/// ([`Store::note_activity`]): at the end of a run or a `serve` generation.
+pub async fn note_activity(store: &Store, ctx: &Context, worker: &str) -> Result<()> {
+    let mut spans: Vec<(&str, i64, i64)> = Vec::new();
+    for rt in &ctx.targets {
+        let Some((first, last)) = rt.sends.get() else {
+            continue;
+        };
+        let id = rt.target.campaign.id.as_str();
+        match spans.iter_mut().find(|(c, _, _)| *c == id) {
+            Some(span) => *span = (id, span.1.min(first), span.2.max(last)),
+            None => spans.push((id, first, last)),
+        }
+    }
+    for (id, first, last) in spans {
+        store.note_activity(id, first, last, worker).await?;
+    }
+    Ok(())
 }
 
 /// The tokio runtime pushes run on, one thread per core of the machine (at least two): the

@@ -132,6 +132,8 @@ struct Server<'a> {
     logins: Arc<Mutex<mpsc::Receiver<LoginBatch>>>,
     /// No report on stderr.
     quiet: bool,
+    /// Who this process is in the store's campaign activity records.
+    worker: String,
 }
 
 impl<'a> Server<'a> {
@@ -206,6 +208,7 @@ impl<'a> Server<'a> {
             login_acker,
             logins: Arc::new(Mutex::new(logins)),
             quiet: opts.run.quiet,
+            worker: format!("serve {} pid {}", opts.consumer, std::process::id()),
         };
         Ok((server, campaign_rx))
     }
@@ -385,6 +388,8 @@ impl<'a> Server<'a> {
         let complete = execute(self.engine.sizing.workers, ctx.clone(), generation)?;
         drop(watching);
         ctx.take_failure()?;
+        let noted = prepare::note_activity(&self.store, &ctx, &self.worker);
+        self.runtime.block_on(noted)?;
         log_generation(&ctx);
         note_held(&ctx, waiting, &mut finishing);
         note_paused(&ctx, &mut finishing);

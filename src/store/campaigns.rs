@@ -25,6 +25,15 @@
 //!
 //! A campaign without an entry is `running`. `cancelled` is final. `done` is never stored: it
 //! is derived where it is shown (see [`State::Done`]).
+//!
+//! # Activity
+//! Each run and `serve` generation that pushed something of a campaign records, when it ends,
+//! the first and last push it saw and who it was ([`Activity`], [`Store::note_activity`]):
+//! merged (earliest first, latest last, the last [`MAX_WORKERS`] workers), so `fanout
+//! campaigns show` can tell when a campaign was sent, at what rate and by which processes.
+//! - embedded store: `DIR/activity/<id>.json`, replaced whole by the writer holding the store;
+//! - Redis: the hash `fanout:activity:{id}` (`first`, `last`: ms since the Unix epoch) and the
+//!   list `fanout:activity:{id}:workers`, merged by one script.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -74,6 +83,39 @@ impl CampaignRecord {
             holdout: campaign.holdout,
             admitted_at: at,
         }
+    }
+}
+
+/// Workers an [`Activity`] remembers, the newest.
+pub const MAX_WORKERS: usize = 16;
+
+/// When a campaign was pushed and by whom, over every run and `serve` that pushed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    /// The first push recorded (ms since the Unix epoch, system clock).
+    pub first_send_ms: Option<i64>,
+    /// The last push recorded, likewise.
+    pub last_send_ms: Option<i64>,
+    /// The runs and `serve` processes that pushed it, oldest first, at most [`MAX_WORKERS`].
+    #[serde(default)]
+    pub workers: Vec<String>,
+}
+
+impl Activity {
+    /// Adds a worker's pushes from `first_ms` to `last_ms`.
+    pub fn merge(&mut self, first_ms: i64, last_ms: i64, worker: &str) {
+        self.first_send_ms = Some(self.first_send_ms.map_or(first_ms, |f| f.min(first_ms)));
+        self.last_send_ms = Some(self.last_send_ms.map_or(last_ms, |l| l.max(last_ms)));
+        self.workers.retain(|w| w != worker);
+        self.workers.push(worker.to_owned());
+        let over = self.workers.len().saturating_sub(MAX_WORKERS);
+        self.workers.drain(..over);
+    }
+
+    /// `first_send_ms` and `last_send_ms` as instants.
+    pub fn span(&self) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        let at = |ms: Option<i64>| ms.and_then(DateTime::<Utc>::from_timestamp_millis);
+        at(self.first_send_ms).zip(at(self.last_send_ms))
     }
 }
 
@@ -285,6 +327,37 @@ impl Store {
         match self {
             Store::File(store) => Ok(store.control()?.version),
             Store::Redis(store) => store.control_version().await,
+        }
+    }
+
+    /// Records that `worker` pushed campaign `id` from `first_ms` to `last_ms` (ms since the
+    /// Unix epoch), merged into its [`Activity`]; refused on a store opened read-only.
+    pub async fn note_activity(
+        &self,
+        id: &str,
+        first_ms: i64,
+        last_ms: i64,
+        worker: &str,
+    ) -> Result<()> {
+        match self {
+            Store::File(store) => {
+                let (store, id, worker) = (
+                    std::sync::Arc::clone(store),
+                    id.to_owned(),
+                    worker.to_owned(),
+                );
+                super::off_runtime(move || store.note_activity(&id, first_ms, last_ms, &worker))
+                    .await
+            }
+            Store::Redis(store) => store.note_activity(id, first_ms, last_ms, worker).await,
+        }
+    }
+
+    /// Campaign `id`'s [`Activity`] (empty when nothing of it was pushed yet).
+    pub async fn activity(&self, id: &str) -> Result<Activity> {
+        match self {
+            Store::File(store) => store.activity(id),
+            Store::Redis(store) => store.activity(id).await,
         }
     }
 

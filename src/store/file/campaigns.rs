@@ -21,7 +21,9 @@ use anyhow::Context;
 use super::format::file_stem;
 use super::FileStore;
 use crate::error::{Error, Result};
-use crate::store::campaigns::{check_transition, CampaignRecord, Control, State, Transition};
+use crate::store::campaigns::{
+    check_transition, Activity, CampaignRecord, Control, State, Transition,
+};
 
 /// The largest record file read: a record is a few hundred bytes, and a bigger file is not one.
 const MAX_RECORD_BYTES: u64 = 1 << 20;
@@ -248,6 +250,53 @@ fn unescape(stem: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok().filter(|s| !s.is_empty())
+}
+
+impl FileStore {
+    /// The file of campaign `id`'s activity.
+    fn activity_path(&self, id: &str) -> Result<PathBuf> {
+        let dir = self
+            .ledgers_dir
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("activity");
+        Ok(dir.join(format!("{}.json", file_stem(id)?)))
+    }
+
+    /// See [`crate::store::Store::activity`]; an unreadable file is a runtime error naming it.
+    pub fn activity(&self, id: &str) -> Result<Activity> {
+        let path = self.activity_path(id)?;
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a campaign's activity", path.display()))
+                .map_err(Error::from),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Activity::default()),
+            Err(e) => Err(anyhow::Error::from(e)
+                .context(format!("cannot read {}", path.display()))
+                .into()),
+        }
+    }
+
+    /// See [`crate::store::Store::note_activity`]: read, merged and replaced whole (only the
+    /// writer holding the store writes it).
+    pub fn note_activity(&self, id: &str, first_ms: i64, last_ms: i64, worker: &str) -> Result<()> {
+        if self.lock.is_none() {
+            return Err(Error::runtime(format!(
+                "store {} is open read-only",
+                self.url
+            )));
+        }
+        let mut activity = self.activity(id)?;
+        activity.merge(first_ms, last_ms, worker);
+        let path = self.activity_path(id)?;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let mut text =
+            serde_json::to_string_pretty(&activity).context("cannot serialize an activity")?;
+        text.push('\n');
+        replace(&path, text.as_bytes())
+    }
 }
 
 /// Replaces `path` with `bytes`: temp file, fsync, rename.

@@ -27,7 +27,9 @@ use std::collections::HashMap;
 
 use super::{conn::scan, retrying, RedisStore};
 use crate::error::{Error, Result};
-use crate::store::campaigns::{check_transition, CampaignRecord, Control, State, Transition};
+use crate::store::campaigns::{
+    check_transition, Activity, CampaignRecord, Control, State, Transition, MAX_WORKERS,
+};
 
 /// The hash of control states.
 const CONTROL: &str = "fanout:control";
@@ -47,6 +49,26 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('INCR', KEYS[3])
 return {'changed', from}
 "#;
+
+/// KEYS: `fanout:activity:{id}`, its `:workers` list; ARGV: first ms, last ms, worker, how
+/// many workers to keep. Merges one worker's pushes (see [`crate::store::campaigns`]).
+const NOTE_ACTIVITY: &str = r#"
+local first, last = ARGV[1], ARGV[2]
+local f = redis.call('HGET', KEYS[1], 'first')
+if f and tonumber(f) < tonumber(first) then first = f end
+local l = redis.call('HGET', KEYS[1], 'last')
+if l and tonumber(l) > tonumber(last) then last = l end
+redis.call('HSET', KEYS[1], 'first', first, 'last', last)
+redis.call('LREM', KEYS[2], 0, ARGV[3])
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+return 0
+"#;
+
+/// The key of campaign `id`'s activity (its workers: the same with `:workers`).
+fn activity_key(id: &str) -> String {
+    format!("fanout:activity:{id}")
+}
 
 /// The key of campaign `id`'s record.
 fn key(id: &str) -> String {
@@ -137,6 +159,57 @@ impl RedisStore {
             return Ok(None);
         }
         from_fields(&key, hash).map(Some)
+    }
+}
+
+impl RedisStore {
+    /// See [`crate::store::Store::note_activity`].
+    pub async fn note_activity(
+        &self,
+        id: &str,
+        first_ms: i64,
+        last_ms: i64,
+        worker: &str,
+    ) -> Result<()> {
+        if self.read_only {
+            return Err(Error::runtime(format!(
+                "store {} is open read-only",
+                self.url
+            )));
+        }
+        let key = activity_key(id);
+        let script = redis::Script::new(NOTE_ACTIVITY);
+        retrying(&self.url, "record a campaign's activity", || {
+            let mut con = self.con.clone();
+            let mut call = script.prepare_invoke();
+            call.key(&key).key(format!("{key}:workers"));
+            call.arg(first_ms).arg(last_ms).arg(worker).arg(MAX_WORKERS);
+            async move { call.invoke_async::<i64>(&mut con).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// See [`crate::store::Store::activity`].
+    pub async fn activity(&self, id: &str) -> Result<Activity> {
+        let key = activity_key(id);
+        let (span, workers): (HashMap<String, i64>, Vec<String>) =
+            retrying(&self.url, "read a campaign's activity", || {
+                let mut con = self.con.clone();
+                let mut pipe = redis::pipe();
+                pipe.cmd("HGETALL").arg(&key);
+                pipe.cmd("LRANGE")
+                    .arg(format!("{key}:workers"))
+                    .arg(0)
+                    .arg(-1);
+                async move { pipe.query_async(&mut con).await }
+            })
+            .await?;
+        Ok(Activity {
+            first_send_ms: span.get("first").copied(),
+            last_send_ms: span.get("last").copied(),
+            workers,
+        })
     }
 }
 
