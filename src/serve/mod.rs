@@ -21,6 +21,8 @@ pub mod attempts;
 pub mod campaigns;
 pub mod health;
 pub mod http;
+pub mod live;
+pub mod status;
 pub mod submitted;
 pub mod worker;
 
@@ -54,7 +56,7 @@ use worker::{Generation, LoginBatch};
 /// How `serve` behaves, beyond the job file.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// Where `/metrics` and `/healthz` are served.
+    /// Where the status page, `/metrics` and `/healthz` are served.
     pub listen: SocketAddr,
     /// This process's consumer name in the group `fanout`.
     pub consumer: String,
@@ -130,6 +132,8 @@ struct Server<'a> {
     logins: Arc<Mutex<mpsc::Receiver<LoginBatch>>>,
     /// No report on stderr.
     quiet: bool,
+    /// Per-campaign counters across generations, for the status page and `/metrics`.
+    live: Arc<live::Live>,
 }
 
 impl<'a> Server<'a> {
@@ -168,17 +172,21 @@ impl<'a> Server<'a> {
             ("logins", job.inputs.logins.as_deref()),
             ("campaigns", job.inputs.campaigns.as_deref()),
         ]))?;
+        let live = Arc::new(live::Live::new(metrics.clone()));
+        let status = status::StatusApi::open(&store, &job.store, live.clone(), metrics.clone());
         let exposition = Arc::new(Exposition {
             metrics: metrics.clone(),
             dispatcher: dispatcher.clone(),
             counters: counters.clone(),
             health,
+            live: live.clone(),
+            status: runtime.block_on(status)?,
         });
         runtime.spawn(http::serve(listener, exposition));
         runtime.spawn(on_signals(flags.clone(), dispatcher.clone()));
         if !opts.run.quiet {
             eprintln!(
-                "fanout: serving; metrics on http://{}/metrics; SIGINT or SIGTERM stops (pushes in flight finish)",
+                "fanout: serving; status on http://{}/ (metrics on /metrics); SIGINT or SIGTERM stops (pushes in flight finish)",
                 opts.listen
             );
         }
@@ -204,6 +212,7 @@ impl<'a> Server<'a> {
             login_acker,
             logins: Arc::new(Mutex::new(logins)),
             quiet: opts.run.quiet,
+            live,
         };
         Ok((server, campaign_rx))
     }
@@ -372,7 +381,9 @@ impl<'a> Server<'a> {
             on_durable: self.on_durable(ctx.clone()),
         });
         self.counters.generations.fetch_add(1, Relaxed);
+        self.live.begin(&ctx);
         let complete = execute(self.engine.sizing.workers, ctx.clone(), generation)?;
+        self.live.end(&ctx);
         ctx.take_failure()?;
         log_generation(&ctx);
         note_held(&ctx, waiting, &mut finishing);
