@@ -15,11 +15,15 @@
 //! **Changes.** A `POST` is refused unless it comes from the page itself: its `Origin` must be
 //! this listener's (`http://` or `https://` and the request's `Host`) and `Sec-Fetch-Site`,
 //! when sent, `same-origin` — else 403, so no other site can make an operator's browser pause
-//! or cancel anything. The id must be a campaign id (400), the store must know it (404); the
+//! or cancel anything. On a loopback listener (the default) the `Host` must name the loopback
+//! too (`localhost`, `127.x.x.x`, `[::1]`), so a site whose DNS name is made to point at
+//! 127.0.0.1 (DNS rebinding) is refused as well. Nothing here authenticates: whoever can reach
+//! the listener can use the buttons (bind it to loopback or a private network). The id must be a campaign id (400), the store must know it (404); the
 //! body, which nothing needs, may be at most [`MAX_BODY`] bytes (413). The answer comes once
 //! [`Store::set_state`] returned, that is once the change is durable; cancelling is final, so
 //! pausing or resuming a cancelled campaign is a 409.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +63,8 @@ pub struct StatusApi {
     store: Store,
     /// The store's URL without its password.
     shown: String,
+    /// The listener is on a loopback address: changes must name it so ([`same_origin`]).
+    loopback: bool,
     live: Arc<Live>,
     metrics: Arc<Metrics>,
     cache: Mutex<Option<Reading>>,
@@ -132,10 +138,12 @@ struct Changed<'a> {
 }
 
 impl StatusApi {
-    /// The API over `store` (at `url`); on Redis it opens a read-only connection of its own.
+    /// The API over `store` (at `url`) for the listener on `listen`; on Redis it opens a
+    /// read-only connection of its own.
     pub async fn open(
         store: &Store,
         url: &str,
+        listen: SocketAddr,
         live: Arc<Live>,
         metrics: Arc<Metrics>,
     ) -> Result<StatusApi> {
@@ -146,6 +154,7 @@ impl StatusApi {
         Ok(StatusApi {
             store,
             shown: crate::store::redis::shown(url),
+            loopback: listen.ip().is_loopback(),
             live,
             metrics,
             cache: Mutex::new(None),
@@ -188,7 +197,7 @@ impl StatusApi {
         if req.method() != Method::POST {
             return Reply::text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n").allow("POST");
         }
-        if let Err(why) = same_origin(req.headers()) {
+        if let Err(why) = same_origin(req.headers(), self.loopback) {
             return Reply::text(StatusCode::FORBIDDEN, format!("refused: {why}\n"));
         }
         if !crate::job::is_valid_id(id) {
@@ -365,8 +374,9 @@ fn state_of(action: &str) -> Option<State> {
     }
 }
 
-/// `Ok` when the request comes from a page of this listener (see the [module docs](self)).
-pub fn same_origin(headers: &HeaderMap) -> std::result::Result<(), &'static str> {
+/// `Ok` when the request comes from a page of this listener (see the [module docs](self));
+/// `loopback`: the listener is on a loopback address.
+pub fn same_origin(headers: &HeaderMap, loopback: bool) -> std::result::Result<(), &'static str> {
     if let Some(site) = headers.get("sec-fetch-site") {
         if site.as_bytes() != b"same-origin" {
             return Err("the request comes from another site (Sec-Fetch-Site)");
@@ -377,6 +387,9 @@ pub fn same_origin(headers: &HeaderMap) -> std::result::Result<(), &'static str>
         .and_then(|h| h.to_str().ok())
         .filter(|h| !h.is_empty())
         .ok_or("no Host header")?;
+    if loopback && !names_loopback(host) {
+        return Err("the Host does not name the loopback this listener is on");
+    }
     let origin = headers
         .get(ORIGIN)
         .and_then(|o| o.to_str().ok())
@@ -388,6 +401,19 @@ pub fn same_origin(headers: &HeaderMap) -> std::result::Result<(), &'static str>
         true => Ok(()),
         false => Err("the Origin is not this listener"),
     }
+}
+
+/// Whether `host` (a `Host` header: a name or address, maybe a port) names the loopback.
+fn names_loopback(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // `[::1]:9898`
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Reads a control request's body: at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`].
@@ -440,13 +466,29 @@ mod tests {
     #[test]
     fn only_the_pages_own_origin_may_change_a_state() {
         let host = ("host", "127.0.0.1:9898");
-        assert!(same_origin(&headers(&[host, ("origin", "http://127.0.0.1:9898")])).is_ok());
-        assert!(same_origin(&headers(&[
+        let ok = |h: &[(&'static str, &'static str)]| same_origin(&headers(h), true).is_ok();
+        assert!(ok(&[host, ("origin", "http://127.0.0.1:9898")]));
+        assert!(ok(&[
             host,
             ("origin", "https://127.0.0.1:9898"),
             ("sec-fetch-site", "same-origin")
-        ]))
-        .is_ok());
+        ]));
+        assert!(ok(&[
+            ("host", "localhost:80"),
+            ("origin", "http://localhost:80")
+        ]));
+        assert!(ok(&[
+            ("host", "[::1]:9898"),
+            ("origin", "http://[::1]:9898")
+        ]));
+        // A name pointed at the loopback by another site's DNS (rebinding): refused on a
+        // loopback listener, taken on one bound elsewhere.
+        let rebound = [
+            ("host", "evil.example:9898"),
+            ("origin", "http://evil.example:9898"),
+        ];
+        assert!(!ok(&rebound));
+        assert!(same_origin(&headers(&rebound), false).is_ok());
         for refused in [
             vec![host],
             vec![host, ("origin", "null")],
@@ -460,7 +502,7 @@ mod tests {
             ],
             vec![("origin", "http://127.0.0.1:9898")],
         ] {
-            assert!(same_origin(&headers(&refused)).is_err(), "{refused:?}");
+            assert!(!ok(&refused), "{refused:?}");
         }
     }
 
