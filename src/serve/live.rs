@@ -153,6 +153,11 @@ impl Live {
         }
     }
 
+    /// The process's counters and latency histogram.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every update leaves the maps whole: a panic elsewhere cannot leave them half-done.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)

@@ -173,13 +173,7 @@ impl<'a> Server<'a> {
             ("campaigns", job.inputs.campaigns.as_deref()),
         ]))?;
         let live = Arc::new(live::Live::new(metrics.clone()));
-        let status = status::StatusApi::open(
-            &store,
-            &job.store,
-            opts.listen,
-            live.clone(),
-            metrics.clone(),
-        );
+        let status = status::StatusApi::open(&store, &job.store, opts.listen, live.clone());
         let exposition = Arc::new(Exposition {
             metrics: metrics.clone(),
             dispatcher: dispatcher.clone(),

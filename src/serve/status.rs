@@ -66,7 +66,6 @@ pub struct StatusApi {
     /// The listener is on a loopback address: changes must name it so ([`same_origin`]).
     loopback: bool,
     live: Arc<Live>,
-    metrics: Arc<Metrics>,
     cache: Mutex<Option<Reading>>,
 }
 
@@ -145,7 +144,6 @@ impl StatusApi {
         url: &str,
         listen: SocketAddr,
         live: Arc<Live>,
-        metrics: Arc<Metrics>,
     ) -> Result<StatusApi> {
         let store = match store {
             Store::Redis(_) => Store::connect_read_only(url).await?,
@@ -156,7 +154,6 @@ impl StatusApi {
             shown: crate::store::redis::shown(url),
             loopback: listen.ip().is_loopback(),
             live,
-            metrics,
             cache: Mutex::new(None),
         })
     }
@@ -184,7 +181,7 @@ impl StatusApi {
             campaigns,
             sample_every_s: super::live::SAMPLE_EVERY.as_secs_f64(),
             deliveries_per_s: self.live.deliveries_per_s(),
-            push_latency: latency(&self.metrics),
+            push_latency: latency(self.live.metrics()),
         };
         match serde_json::to_string(&api) {
             Ok(body) => Reply::json(StatusCode::OK, body),
