@@ -88,7 +88,8 @@ pub enum Command {
     /// One pass: admit the job's campaigns, fan out, drain, exit.
     #[command(after_help = JOB_AFTER_HELP)]
     Run(RunArgs),
-    /// Long-running: campaigns and logins as Redis streams, schedules, /metrics and /healthz.
+    /// Long-running: campaigns and logins as Redis streams, schedules, a status page, /metrics
+    /// and /healthz.
     #[command(after_help = JOB_AFTER_HELP)]
     Serve(ServeArgs),
     /// Dry run: audience sizes, buckets, batches and an ETA; pushes nothing.

@@ -123,35 +123,57 @@ fn gather(url: &str, only: Option<&str>) -> Result<BTreeMap<String, Gathered>> {
     for part in parts(url)? {
         runtime.block_on(async {
             let store = Store::connect_read_only(&part).await?;
-            let ids = match only {
-                Some(id) => vec![id.to_owned()],
-                None => store.campaign_ids().await?,
-            };
-            let states = store.states().await?;
-            for id in ids {
-                let Some(record) = store.campaign(&id).await? else {
-                    continue;
-                };
-                let g = found.entry(id.clone()).or_default();
-                g.record.get_or_insert(record);
-                // Parts disagree only when a change reached some of them: show the
-                // stronger state (cancelled over paused over running).
-                g.state = g.state.max(states.get(&id).copied().unwrap_or_default());
-                let activity = store.activity(&id).await?;
-                if let Some((first, last)) = activity.first_send_ms.zip(activity.last_send_ms) {
-                    for worker in &activity.workers {
-                        g.activity.merge(first, last, worker);
-                    }
-                }
-                for key in store.ledger_keys(&id).await? {
-                    let outcomes = store.outcomes(&key).await?;
-                    g.ledgers.entry(key).or_default().join(outcomes);
-                }
-            }
-            Ok::<_, Error>(())
+            gather_part(&store, only, &mut found).await
         })?;
     }
     Ok(found)
+}
+
+/// Adds campaigns `only` (every one with a record when `None`) of one part of a store to
+/// `found`.
+async fn gather_part(
+    store: &Store,
+    only: Option<&str>,
+    found: &mut BTreeMap<String, Gathered>,
+) -> Result<()> {
+    let ids = match only {
+        Some(id) => vec![id.to_owned()],
+        None => store.campaign_ids().await?,
+    };
+    let states = store.states().await?;
+    for id in ids {
+        let Some(record) = store.campaign(&id).await? else {
+            continue;
+        };
+        let g = found.entry(id.clone()).or_default();
+        g.record.get_or_insert(record);
+        // Parts disagree only when a change reached some of them: show the stronger state
+        // (cancelled over paused over running).
+        g.state = g.state.max(states.get(&id).copied().unwrap_or_default());
+        let activity = store.activity(&id).await?;
+        if let Some((first, last)) = activity.first_send_ms.zip(activity.last_send_ms) {
+            for worker in &activity.workers {
+                g.activity.merge(first, last, worker);
+            }
+        }
+        for key in store.ledger_keys(&id).await? {
+            let outcomes = store.outcomes(&key).await?;
+            g.ledgers.entry(key).or_default().join(outcomes);
+        }
+    }
+    Ok(())
+}
+
+/// Every campaign `store` (one part) has a record of, by id, as `list` shows them: what
+/// `serve`'s status page reads from the store it holds.
+pub async fn statuses(store: &Store) -> Result<Vec<Status>> {
+    let mut found = BTreeMap::new();
+    gather_part(store, None, &mut found).await?;
+    let now = Utc::now();
+    Ok(found
+        .into_iter()
+        .filter_map(|(id, g)| status(id, g, now))
+        .collect())
 }
 
 /// The status of one gathered campaign, its state derived at `now`.

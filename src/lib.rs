@@ -33,7 +33,8 @@
 //! - [`control`]: `fanout campaigns`, every campaign's state and outcomes; pause, resume,
 //!   cancel.
 //! - [`serve`]: `fanout serve`: the same dataflow, generation after generation, fed by Redis
-//!   streams ([`streams`]) and schedules, with /metrics and /healthz.
+//!   streams ([`streams`]) and schedules, with a live status page (pause, resume, cancel),
+//!   /metrics and /healthz.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -42,6 +42,15 @@ macro_rules! counters {
             $( $(#[doc = $doc])+ pub $field: u64, )*
         }
 
+        impl $snap {
+            /// Every counter as (field name, doc comment, value), in declaration order: for
+            /// what reports each counter without naming them all (per-campaign Prometheus
+            /// series).
+            pub fn fields(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![ $( (stringify!($field), concat!($($doc),+), self.$field), )* ]
+            }
+        }
+
         impl $name {
             /// Every counter's value now.
             pub fn snapshot(&self) -> $snap {

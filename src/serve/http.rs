@@ -1,4 +1,7 @@
-//! `GET /metrics` (Prometheus text format) and `GET /healthz` on `--listen`.
+//! What `serve` answers on `--listen`: `GET /` the status page and `GET /api/campaigns` its
+//! JSON, `POST /api/campaigns/{id}/pause|resume|cancel` its buttons (all in [`status`]),
+//! `GET /metrics` (Prometheus text format, per campaign too: [`live`](super::live)) and `GET /healthz`.
+//! A known path asked with another method is a 405, any other path a 404.
 //!
 //! The listener is exposed to whatever can reach it, so it holds nothing for long: a client
 //! has [`HEADER_TIMEOUT`] to send each request's headers (an idle keep-alive connection is
@@ -13,14 +16,17 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::health::Health;
+use super::live::Live;
+use super::status::{self, StatusApi};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::providers::dispatch::Dispatcher;
@@ -31,8 +37,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 256;
 
-/// Upper bounds (seconds) of the push-latency histogram's buckets.
-const LATENCY_BOUNDS_S: [f64; 12] = [
+/// Upper bounds (seconds) of the push-latency histogram's buckets (`/metrics` and the status
+/// page).
+pub const LATENCY_BOUNDS_S: [f64; 12] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
@@ -67,6 +74,10 @@ pub struct Exposition {
     pub counters: Arc<ServeCounters>,
     /// What `/healthz` checks.
     pub health: Health,
+    /// Per-campaign counters, rates and progress of this process.
+    pub live: Arc<Live>,
+    /// The status page's data and its buttons.
+    pub status: StatusApi,
 }
 
 impl Exposition {
@@ -93,6 +104,7 @@ impl Exposition {
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(out, "{name}_sum {sum}");
         let _ = writeln!(out, "{name}_count {count}");
+        self.live.expose(&mut out);
         out
     }
 }
@@ -104,8 +116,10 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .map_err(|e| Error::runtime(format!("cannot listen on {addr}: {e}")))
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until the runtime stops.
+/// Serves the status page, `/metrics` and `/healthz` on `listener` until the runtime stops
+/// (and samples the counters the page draws, once a second).
 pub async fn serve(listener: TcpListener, exposition: Arc<Exposition>) {
+    tokio::spawn(exposition.live.clone().sample_every_second());
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
@@ -139,37 +153,136 @@ async fn respond(
     exposition: Arc<Exposition>,
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Full<Bytes>>, Infallible> {
-    let (status, content_type, body) = match (req.method().as_str(), req.uri().path()) {
-        ("GET", "/metrics") => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            exposition.render(),
-        ),
-        ("GET", "/healthz") => match exposition.health.check().await {
-            Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-            Err(why) => (
+    let path = req.uri().path().to_owned();
+    // HEAD is a GET whose body hyper leaves out.
+    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    let reply = match path.as_str() {
+        "/" if get => Reply::page(status::PAGE),
+        "/api/campaigns" if get => {
+            let in_flight = exposition.dispatcher.in_flight();
+            exposition.status.campaigns(in_flight).await
+        }
+        "/metrics" if get => Reply {
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            ..Reply::text(StatusCode::OK, exposition.render())
+        },
+        "/healthz" if get => match exposition.health.check().await {
+            Ok(()) => Reply::text(StatusCode::OK, "ok\n"),
+            Err(why) => Reply::text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
                 format!("unavailable\n{why}\n"),
             ),
         },
-        ("GET", _) => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
-        _ => (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
+        "/" | "/api/campaigns" | "/metrics" | "/healthz" => {
+            Reply::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n").allow("GET, HEAD")
+        }
+        p => match control_path(p) {
+            Some((id, action)) => exposition.status.control(req, id, action).await,
+            None => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+        },
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, v);
+    Ok(reply.into_response())
+}
+
+/// `(id, action)` of a control path, `/api/campaigns/{id}/{action}`.
+fn control_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/api/campaigns/")?;
+    let (id, action) = rest.split_once('/')?;
+    (!action.contains('/')).then_some((id, action))
+}
+
+/// An answer: status, content type, body, and the methods allowed where that is the point.
+pub struct Reply {
+    /// The status code.
+    pub status: StatusCode,
+    /// The `Content-Type`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: Bytes,
+    /// The `Allow` header of a 405.
+    pub allow: Option<&'static str>,
+    /// Served as the status page (with its content security policy).
+    pub page: bool,
+}
+
+impl Reply {
+    /// A plain-text answer.
+    pub fn text(status: StatusCode, body: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: Bytes::from(body.into()),
+            allow: None,
+            page: false,
+        }
     }
-    Ok(response)
+
+    /// A JSON answer.
+    pub fn json(status: StatusCode, body: String) -> Reply {
+        Reply {
+            content_type: "application/json",
+            ..Reply::text(status, body)
+        }
+    }
+
+    /// The status page.
+    fn page(html: &'static str) -> Reply {
+        Reply {
+            content_type: "text/html; charset=utf-8",
+            body: Bytes::from_static(html.as_bytes()),
+            page: true,
+            ..Reply::text(StatusCode::OK, "")
+        }
+    }
+
+    /// With `Allow: methods`.
+    pub fn allow(self, methods: &'static str) -> Reply {
+        Reply {
+            allow: Some(methods),
+            ..self
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(self.body));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        let mut set = |name: HeaderName, value: &'static str| {
+            headers.insert(name, HeaderValue::from_static(value));
+        };
+        set(header::CONTENT_TYPE, self.content_type);
+        set(header::CACHE_CONTROL, "no-store");
+        set(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+        if let Some(methods) = self.allow {
+            set(header::ALLOW, methods);
+        }
+        if self.page {
+            // Nothing but this page's own inline script and style, and requests to this
+            // listener; no framing (the buttons cannot be clicked through another site).
+            set(header::CONTENT_SECURITY_POLICY, PAGE_POLICY);
+            set(header::X_FRAME_OPTIONS, "DENY");
+        }
+        response
+    }
+}
+
+/// The status page's content security policy.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; \
+    base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_paths_name_one_id_and_one_action() {
+        assert_eq!(
+            control_path("/api/campaigns/spring-1/pause"),
+            Some(("spring-1", "pause"))
+        );
+        assert_eq!(control_path("/api/campaigns/spring-1"), None);
+        assert_eq!(control_path("/api/campaigns/a/b/c"), None);
+        assert_eq!(control_path("/api/other/a/pause"), None);
+    }
 }

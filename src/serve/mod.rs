@@ -21,6 +21,8 @@ pub mod attempts;
 pub mod campaigns;
 pub mod health;
 pub mod http;
+pub mod live;
+pub mod status;
 pub mod submitted;
 pub mod worker;
 
@@ -56,7 +58,7 @@ use worker::{Generation, LoginBatch};
 /// How `serve` behaves, beyond the job file.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// Where `/metrics` and `/healthz` are served.
+    /// Where the status page, `/metrics` and `/healthz` are served.
     pub listen: SocketAddr,
     /// This process's consumer name in the group `fanout`.
     pub consumer: String,
@@ -134,6 +136,8 @@ struct Server<'a> {
     quiet: bool,
     /// Who this process is in the store's campaign activity records.
     worker: String,
+    /// Per-campaign counters across generations, for the status page and `/metrics`.
+    live: Arc<live::Live>,
 }
 
 impl<'a> Server<'a> {
@@ -172,17 +176,21 @@ impl<'a> Server<'a> {
             ("logins", job.inputs.logins.as_deref()),
             ("campaigns", job.inputs.campaigns.as_deref()),
         ]))?;
+        let live = Arc::new(live::Live::new(metrics.clone()));
+        let status = status::StatusApi::open(&store, &job.store, opts.listen, live.clone());
         let exposition = Arc::new(Exposition {
             metrics: metrics.clone(),
             dispatcher: dispatcher.clone(),
             counters: counters.clone(),
             health,
+            live: live.clone(),
+            status: runtime.block_on(status)?,
         });
         runtime.spawn(http::serve(listener, exposition));
         runtime.spawn(on_signals(flags.clone(), dispatcher.clone()));
         if !opts.run.quiet {
             eprintln!(
-                "fanout: serving; metrics on http://{}/metrics; SIGINT or SIGTERM stops (pushes in flight finish)",
+                "fanout: serving; status on http://{}/ (metrics on /metrics); SIGINT or SIGTERM stops (pushes in flight finish)",
                 opts.listen
             );
         }
@@ -209,6 +217,7 @@ impl<'a> Server<'a> {
             logins: Arc::new(Mutex::new(logins)),
             quiet: opts.run.quiet,
             worker: format!("serve {} pid {}", opts.consumer, std::process::id()),
+            live,
         };
         Ok((server, campaign_rx))
     }
@@ -385,7 +394,9 @@ impl<'a> Server<'a> {
             &ctx,
             Box::new(move || replan.replan.store(true, Relaxed)),
         ))?;
+        self.live.begin(&ctx);
         let complete = execute(self.engine.sizing.workers, ctx.clone(), generation)?;
+        self.live.end(&ctx);
         drop(watching);
         ctx.take_failure()?;
         let noted = prepare::note_activity(&self.store, &ctx, &self.worker);

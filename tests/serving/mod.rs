@@ -163,3 +163,160 @@ pub fn pending(redis: &crate::redis_server::RedisServer, stream: &str) -> u64 {
         .parse()
         .unwrap_or(u64::MAX)
 }
+
+/// One request over HTTP/1.0 with `headers` (a `Host` of the listener unless given) and an
+/// empty body: the status code, the response's header block and its body; `None` when
+/// nothing answered.
+pub fn request_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String, String)> {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method == "POST" {
+        head.push_str("Content-Length: 0\r\n");
+    }
+    head.push_str("\r\n");
+    c.write_all(head.as_bytes()).ok()?;
+    let mut out = String::new();
+    if c.read_to_string(&mut out).is_err() || out.is_empty() {
+        return None;
+    }
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    Some((status, head.to_owned(), body.to_owned()))
+}
+
+/// What the status page's buttons send: `POST /api/campaigns/{id}/{action}` from the page's
+/// own origin. Returns the status code and the body.
+pub fn page_action(port: u16, id: &str, action: &str) -> (u16, String) {
+    let origin = format!("http://127.0.0.1:{port}");
+    let (status, _, body) = request_with(
+        port,
+        "POST",
+        &format!("/api/campaigns/{id}/{action}"),
+        &[("Origin", &origin), ("Sec-Fetch-Site", "same-origin")],
+    )
+    .expect("serve answers");
+    (status, body)
+}
+
+/// The headless browser the status page tests load the page in: `$FANOUT_CHROMIUM`, else the
+/// first of `chromium`, `chromium-browser`, `google-chrome` on the PATH. Fails the test (it
+/// does not skip) when there is none: CI installs `chromium`.
+pub fn chromium() -> String {
+    if let Ok(c) = std::env::var("FANOUT_CHROMIUM") {
+        return c;
+    }
+    for c in ["chromium", "chromium-browser", "google-chrome"] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {c}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if found {
+            return c.to_owned();
+        }
+    }
+    panic!(
+        "no headless browser: the status page tests need chromium (apt-get install chromium, \
+         as scripts/test and .ci/run do) or FANOUT_CHROMIUM=/path/to/chrome"
+    );
+}
+
+/// `url` loaded in headless Chromium, its scripts run for `budget_ms` of virtual time (their
+/// fetches to the listener take what they take): the rendered DOM. `profile` is a directory
+/// for the browser's profile, one per test.
+pub fn rendered_dom(url: &str, profile: &std::path::Path, budget_ms: u32) -> String {
+    let browser = chromium();
+    let mut child = std::process::Command::new(&browser)
+        .args([
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            &format!("--user-data-dir={}", profile.display()),
+            &format!("--virtual-time-budget={budget_ms}"),
+            "--dump-dom",
+            url,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {browser} (the status page tests need it): {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut dom = String::new();
+        stdout.read_to_string(&mut dom).ok();
+        dom
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("chromium did not render {url} in 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let dom = reader.join().unwrap();
+    assert!(
+        status.success() && dom.contains("</html>"),
+        "chromium failed on {url} ({status:?}):\n{}",
+        stderr_of(&mut child)
+    );
+    dom
+}
+
+/// The text of the element of `dom` that carries `data-campaign="{campaign}"
+/// data-field="{field}"` (its tags stripped, entities of plain text decoded); `None` when the
+/// page has no such element.
+pub fn dom_field(dom: &str, campaign: &str, field: &str) -> Option<String> {
+    let attrs = format!("data-campaign=\"{campaign}\" data-field=\"{field}\"");
+    let at = dom.find(&attrs)?;
+    let open = dom[..at].rfind('<')?;
+    let tag: String = dom[open + 1..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let inner_start = at + dom[at..].find('>')? + 1;
+    let inner_end = inner_start + dom[inner_start..].find(&format!("</{tag}>"))?;
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in dom[inner_start..inner_end].chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    Some(
+        text.replace("&nbsp;", " ")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
+            .trim()
+            .to_owned(),
+    )
+}
+
+/// [`dom_field`] as a count, the page's thousands separators removed.
+pub fn dom_count(dom: &str, campaign: &str, field: &str) -> Option<u64> {
+    dom_field(dom, campaign, field)?
+        .replace(',', "")
+        .parse()
+        .ok()
+}
