@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use super::halts::{Halt, OnPause};
 use super::{Candidate, Context, RunTarget};
 use crate::error::Result;
-use crate::providers::dispatch::{Fate, Settled};
+use crate::providers::dispatch::{Fate, Hold, Settled};
 use crate::providers::Message;
 use crate::store::Claim;
 use crate::template::UserVars;
@@ -248,13 +248,17 @@ async fn push_and_record(
     ready: Instant,
 ) -> Result<()> {
     let held = || ctx.halts.of(target) != Halt::Running;
+    let hold = Hold {
+        held: &held,
+        changes: Some(ctx.halts.watch()),
+    };
     let batches = batch_bounds(messages, ctx.batch_max_messages, ctx.batch_max_bytes);
     ctx.metrics
         .count
         .batches
         .fetch_add(batches.len() as u64, Relaxed);
     if !ctx.dispatcher.provider().sends_each() {
-        return write_and_record(rt, ctx, messages, ready, &held).await;
+        return write_and_record(rt, ctx, messages, ready, &hold).await;
     }
     // Batches go out together. Each message's fate is recorded in the store as soon as it is
     // known — whatever has settled since the last write goes in the next one — and only then
@@ -268,7 +272,7 @@ async fn push_and_record(
                 async move {
                     let lane = rt.target.campaign.priority;
                     ctx.dispatcher
-                        .deliver(lane, &messages[range.clone()], &settle, &held)
+                        .deliver(lane, &messages[range.clone()], &settle, &hold)
                         .await
                 }
             })
@@ -318,7 +322,7 @@ async fn write_and_record(
     ctx: &Context,
     messages: &[Message<'_>],
     ready: Instant,
-    held: &(dyn Fn() -> bool + Sync),
+    hold: &Hold<'_>,
 ) -> Result<()> {
     let slice = (ctx.dispatcher.capacity() / 2).max(1);
     let lane = rt.target.campaign.priority;
@@ -330,7 +334,7 @@ async fn write_and_record(
                 lane,
                 part,
                 &|s: Settled| lock(&settled).push((k * slice, s)),
-                held,
+                hold,
             )
             .await;
         let settled = settled.into_inner().unwrap_or_else(PoisonError::into_inner);

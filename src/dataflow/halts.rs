@@ -118,6 +118,11 @@ impl Halts {
         let _ = rx.wait_for(|now| *now != seen).await;
     }
 
+    /// The count of changes, to subscribe to ([`crate::providers::dispatch::Hold`]).
+    pub fn watch(&self) -> &tokio::sync::watch::Sender<u64> {
+        &self.watch
+    }
+
     /// Registers `wake`, called after every change.
     pub fn on_change(&self, wake: Box<dyn Fn() + Send + Sync>) {
         self.wakers

@@ -56,6 +56,35 @@ pub enum Fate {
     Dead,
 }
 
+/// What holds a batch's pushes back besides a stop or a cut: its campaign paused or cancelled
+/// ([`crate::dataflow::halts`]). No attempt starts while held; what was not attempted is left
+/// unsettled for the caller.
+#[derive(Clone, Copy)]
+pub struct Hold<'a> {
+    /// Whether the batch is held back now.
+    pub held: &'a (dyn Fn() -> bool + Sync),
+    /// Told of every change that may flip `held`: a message waiting for a slot leaves the
+    /// queue as soon as it is held, instead of when its turn comes.
+    pub changes: Option<&'a tokio::sync::watch::Sender<u64>>,
+}
+
+impl Hold<'_> {
+    /// Never held.
+    pub fn never() -> Hold<'static> {
+        fn no() -> bool {
+            false
+        }
+        Hold {
+            held: &no,
+            changes: None,
+        }
+    }
+
+    fn is_held(&self) -> bool {
+        (self.held)()
+    }
+}
+
 /// Messages whose fate is settled, with the concurrency slots they held. The slots go back
 /// when this is dropped, which the caller does once it has recorded the fates in the store:
 /// so at most `concurrency` messages are ever handed to the provider and not yet recorded —
@@ -208,15 +237,15 @@ impl Dispatcher {
         lane: Priority,
         batch: &[Message<'_>],
         settle: &(dyn Fn(Settled) + Sync),
-        held: &(dyn Fn() -> bool + Sync),
+        hold: &Hold<'_>,
     ) -> Result<()> {
         let mut halt = self.halt.subscribe();
         let mut stop = self.stop.subscribe();
         let mut which: Vec<usize> = (0..batch.len()).collect();
         let mut attempt = 1;
-        while !which.is_empty() && !self.yields(lane) && !held() {
+        while !which.is_empty() && !self.yields(lane) && !hold.is_held() {
             self.check_halted()?;
-            let round = self.attempt(lane, batch, &which, attempt, settle, held);
+            let round = self.attempt(lane, batch, &which, attempt, settle, hold);
             let (mut retry, wait) = tokio::select! {
                 round = round => round?,
                 _ = halt.wait_for(|halted| *halted) => return Err(self.halt_error()),
@@ -239,6 +268,37 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// `n` slots of `lane` once free, or `None` as soon as `hold` holds the batch back.
+    async fn acquire_unless_held(
+        &self,
+        lane: Priority,
+        n: usize,
+        hold: &Hold<'_>,
+    ) -> Option<LaneSlots> {
+        let Some(changes) = hold.changes else {
+            return Some(self.slots.acquire(lane, n).await);
+        };
+        let mut changed = changes.subscribe();
+        if hold.is_held() {
+            return None;
+        }
+        let held = async {
+            loop {
+                if changed.changed().await.is_err() {
+                    // Nobody can change it any more: wait for the slot alone.
+                    std::future::pending::<()>().await;
+                }
+                if hold.is_held() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            slots = self.slots.acquire(lane, n) => Some(slots),
+            () = held => None,
+        }
+    }
+
     /// One attempt at each of `which`: settles what it can, returns what to retry and the
     /// longest `Retry-After` asked for.
     async fn attempt(
@@ -248,18 +308,22 @@ impl Dispatcher {
         which: &[usize],
         attempt: u32,
         settle: &(dyn Fn(Settled) + Sync),
-        held: &(dyn Fn() -> bool + Sync),
+        hold: &Hold<'_>,
     ) -> Result<(Vec<usize>, Duration)> {
         let mut next = Next::default();
         if self.provider.sends_each() {
             let mut pending: FuturesUnordered<_> = which
                 .iter()
                 .map(|&i| async move {
-                    let slot = Some(self.slots.acquire(lane, 1).await);
+                    // Held meanwhile (paused, cancelled): it leaves the queue unsettled.
+                    let Some(slot) = self.acquire_unless_held(lane, 1, hold).await else {
+                        return Ok(None);
+                    };
+                    let slot = Some(slot);
                     // A halt while waiting for the slot sends nothing more; a stop leaves
                     // the message unsettled.
                     self.check_halted()?;
-                    if self.yields(lane) || held() {
+                    if self.yields(lane) || hold.is_held() {
                         return Ok(None);
                     }
                     self.check_guard()?;
@@ -287,9 +351,12 @@ impl Dispatcher {
             }
         } else {
             for chunk in which.chunks(self.slots.most(lane)) {
-                let slots = Some(self.slots.acquire(lane, chunk.len()).await);
+                let Some(slots) = self.acquire_unless_held(lane, chunk.len(), hold).await else {
+                    break;
+                };
+                let slots = Some(slots);
                 self.check_halted()?;
-                if self.yields(lane) || held() {
+                if self.yields(lane) || hold.is_held() {
                     break;
                 }
                 self.check_guard()?;
@@ -566,7 +633,7 @@ mod tests {
             Priority::Normal,
             &msgs,
             &|s: Settled| fates.lock().unwrap().extend(s.fates),
-            &|| false,
+            &Hold::never(),
         )
         .await
         .unwrap();
@@ -628,7 +695,7 @@ mod tests {
                 seen.extend(s.fates.iter().map(|(i, f)| (*i, f.clone(), at)));
                 held.lock().unwrap().push(s);
             },
-            &|| false,
+            &Hold::never(),
         )
         .await
         .unwrap();
@@ -659,7 +726,7 @@ mod tests {
             lane,
             batch,
             &|_: Settled| *last.lock().unwrap() = t0.elapsed(),
-            &|| false,
+            &Hold::never(),
         )
         .await
         .unwrap();

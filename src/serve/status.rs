@@ -267,6 +267,8 @@ impl StatusApi {
 fn campaign(mut status: Status, view: View) -> Campaign {
     let progress = match status.state {
         State::Done => Some(1.0),
+        // Its users not claimed yet were left out of the scan: it has no share to show.
+        State::Paused => None,
         _ => view.progress,
     };
     // This process's rate over the last minute where it has one, else the store's average
@@ -499,5 +501,6 @@ mod tests {
         assert_eq!((c.progress, c.status.eta_s), (Some(1.0), Some(0.0)));
         let c = campaign(status(State::Paused), view);
         assert_eq!((c.status.rate_per_s, c.status.eta_s), (Some(2.0), None));
+        assert_eq!(c.progress, None, "a paused fan-out has no share to show");
     }
 }
