@@ -247,14 +247,23 @@ fn unknown(url: &str, id: &str) -> Error {
 pub fn set(url: &str, id: &str, state: State) -> Result<Transition> {
     check_id(id)?;
     let runtime = reading_runtime()?;
-    let stores = parts(url)?
-        .into_iter()
-        .map(|part| runtime.block_on(Store::connect_read_only(&part)))
+    let parts = parts(url)?;
+    let stores = parts
+        .iter()
+        .map(|part| runtime.block_on(Store::connect_read_only(part)))
         .collect::<Result<Vec<_>>>()?;
     // Every part first, so an unknown id or a cancelled campaign changes no part.
     let mut known = Vec::new();
-    for store in &stores {
-        if runtime.block_on(store.campaign(id))?.is_some() {
+    let mut unknown_parts = Vec::new();
+    for (part, store) in parts.iter().zip(&stores) {
+        if runtime.block_on(store.campaign(id))?.is_none() {
+            // A part of a split store whose process has not admitted it yet (or never
+            // will: not every process's users are in every audience) gets the state too,
+            // so that process honours it from its first epoch.
+            if stores.len() > 1 {
+                unknown_parts.extend(crate::store::file_dir(part));
+            }
+        } else {
             let from = runtime
                 .block_on(store.states())?
                 .get(id)
@@ -271,6 +280,9 @@ pub fn set(url: &str, id: &str, state: State) -> Result<Transition> {
     for store in known {
         let t = runtime.block_on(store.set_state(id, state))?;
         first.get_or_insert(t);
+    }
+    for dir in unknown_parts {
+        crate::store::file::set_state_in(std::path::Path::new(dir), id, state)?;
     }
     Ok(first.unwrap_or(Transition::Unchanged))
 }

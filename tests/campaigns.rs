@@ -448,3 +448,32 @@ fn a_split_file_store_is_read_and_changed_part_by_part() {
     }
     assert_eq!(listing(&s, "file:split")["gift"]["state"], "paused");
 }
+
+/// A cluster's part whose process has not admitted a campaign yet (it has not started, or is
+/// behind) gets the state too: otherwise that process would send its share of a cancelled
+/// campaign. An id no part knows is still refused.
+#[test]
+fn a_change_reaches_the_parts_of_a_split_store_that_do_not_know_the_campaign_yet() {
+    let s = Scratch::new();
+    s.write("job.toml", job());
+    s.fanout_ok(&[
+        "run",
+        "job.toml",
+        "--store",
+        "file:split/process-0",
+        "--now",
+        "2026-03-02T00:00:00Z",
+        "--quiet",
+    ]);
+    s.write("split/PROCESSES", "2\n");
+    ok(&campaigns(&s, "file:split", &["cancel", "spring"]));
+    let part1 = format!("file:{}", s.path("split/process-1").display());
+    let (version, states_1) = states(&part1);
+    assert_eq!(
+        (version, states_1.get("spring")),
+        (1, Some(&State::Cancelled))
+    );
+    let out = campaigns(&s, "file:split", &["cancel", "nobody"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(states(&part1).0, 1, "an unknown id changed a part");
+}

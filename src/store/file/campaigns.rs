@@ -109,29 +109,9 @@ impl FileStore {
 }
 
 impl FileStore {
-    /// `DIR/control.json`.
-    fn control_path(&self) -> PathBuf {
-        self.dir().join("control.json")
-    }
-
     /// The control states (see the module docs); empty at version 0 when there is no file.
     pub fn control(&self) -> Result<Control> {
-        let path = self.control_path();
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Control::default()),
-            Err(e) => return Err(super::io_error(e, "cannot open", &path)),
-        };
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_CONTROL_BYTES), &mut text)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| {
-            Error::runtime(format!(
-                "store {}: {} is not a control file: {e}",
-                self.url,
-                path.display()
-            ))
-        })
+        read_control(self.dir())
     }
 
     /// Sets campaign `id`'s state under `DIR/CONTROL.LOCK` (see the module docs); durable
@@ -144,35 +124,7 @@ impl FileStore {
                 self.url
             )));
         }
-        let lock_path = self.dir().join("CONTROL.LOCK");
-        let lock = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        lock.lock()
-            .map_err(|e| super::io_error(e, "cannot lock", &lock_path))?;
-        let mut control = self.control()?;
-        let from = control.states.get(id).copied().unwrap_or_default();
-        check_transition(id, from, state)?;
-        if from == state {
-            return Ok(Transition::Unchanged);
-        }
-        control.states.insert(id.to_owned(), state);
-        control.version += 1;
-        let mut text =
-            serde_json::to_string_pretty(&control).context("cannot serialize the control file")?;
-        text.push('\n');
-        let path = self.control_path();
-        replace(&path, text.as_bytes())?;
-        File::open(self.dir())
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot sync {}", self.dir().display()))?;
-        // Dropping `lock` closes it, which releases the flock.
-        drop(lock);
-        Ok(Transition::Changed(from))
+        set_state_in(self.dir(), id, state)
     }
 
     /// The ids of every campaign with a record here, sorted; none when there is no
@@ -297,6 +249,58 @@ impl FileStore {
         text.push('\n');
         replace(&path, text.as_bytes())
     }
+}
+
+/// The control states of the store in `dir` (`dir/control.json`); empty at version 0 when
+/// there is none.
+fn read_control(dir: &Path) -> Result<Control> {
+    let path = dir.join("control.json");
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Control::default()),
+        Err(e) => return Err(super::io_error(e, "cannot open", &path)),
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_CONTROL_BYTES), &mut text)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::runtime(format!("{} is not a control file: {e}", path.display())))
+}
+
+/// Sets campaign `id`'s state in the store directory `dir` (created if missing) under
+/// `dir/CONTROL.LOCK`, whether or not `dir` holds a record of it — so that a part of a split
+/// store that has not admitted the campaign yet holds the state before the process owning
+/// it does ([`crate::control::set`]). Durable when it returns.
+pub fn set_state_in(dir: &Path, id: &str, state: State) -> Result<Transition> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let lock_path = dir.join("CONTROL.LOCK");
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    lock.lock()
+        .map_err(|e| super::io_error(e, "cannot lock", &lock_path))?;
+    let mut control = read_control(dir)?;
+    let from = control.states.get(id).copied().unwrap_or_default();
+    check_transition(id, from, state)?;
+    if from == state {
+        return Ok(Transition::Unchanged);
+    }
+    control.states.insert(id.to_owned(), state);
+    control.version += 1;
+    let mut text =
+        serde_json::to_string_pretty(&control).context("cannot serialize the control file")?;
+    text.push('\n');
+    replace(&dir.join("control.json"), text.as_bytes())?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))?;
+    // Dropping `lock` closes it, which releases the flock.
+    drop(lock);
+    Ok(Transition::Changed(from))
 }
 
 /// Replaces `path` with `bytes`: temp file, fsync, rename.

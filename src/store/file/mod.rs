@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use anyhow::{anyhow, Context};
 
 use crate::error::{Error, Result};
+pub use campaigns::set_state_in;
 use format::{file_stem, load};
 pub use ledger::FileLedger;
 pub use shard::Shards;
