@@ -1,4 +1,5 @@
-//! The checks of a schedule, against the naive reading only.
+//! The checks of a schedule, against the naive reading (and, for a cancelled campaign, what
+//! the store recorded of it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -53,11 +54,13 @@ fn examples<'a>(it: impl Iterator<Item = &'a Pair>) -> String {
 }
 
 /// Lost, unexpected, repeated keys with differing records, and duplicates beyond `bound`
-/// (None: re-sends of expected pairs are allowed, after a Redis that forgot). Returns a
-/// one-line account.
+/// (None: re-sends of expected pairs are allowed, after a Redis that forgot). A `cancelled`
+/// campaign's pairs cannot be lost (the engine chose which were sent before the cancel:
+/// [`cancelled`] checks them). Returns a one-line account.
 pub fn deliveries(
     got: &[Delivery],
     want: &BTreeSet<Pair>,
+    cancelled: &BTreeSet<String>,
     bound: Option<u64>,
     interruptions: &[String],
     violations: &mut Vec<String>,
@@ -94,7 +97,10 @@ pub fn deliveries(
         .iter()
         .map(|d| (d.campaign.clone(), d.occurrence.clone(), d.user))
         .collect();
-    let lost: Vec<&Pair> = want.difference(&got_set).collect();
+    let lost: Vec<&Pair> = want
+        .difference(&got_set)
+        .filter(|p| !cancelled.contains(&p.0))
+        .collect();
     let extra: Vec<&Pair> = got_set.difference(want).collect();
     if !lost.is_empty() {
         violations.push(format!(
@@ -168,6 +174,129 @@ pub fn summary(path: &Path, violations: &mut Vec<String>) {
             ));
         }
     }
+}
+
+/// A final run's summary sends nothing for a cancelled campaign: every user of it is settled
+/// already or settled now as cancelled.
+pub fn summary_cancelled(path: &Path, cancelled: &BTreeSet<String>, violations: &mut Vec<String>) {
+    let Some(v) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+    else {
+        return;
+    };
+    for c in v["campaigns"].as_array().into_iter().flatten() {
+        let id = c["id"].as_str().unwrap_or_default();
+        let sent = ["delivered", "dead_lettered", "unreachable"]
+            .iter()
+            .map(|k| c[k].as_u64().unwrap_or(0))
+            .sum::<u64>();
+        if cancelled.contains(id) && sent > 0 {
+            violations.push(format!(
+                "the clean run after the cancel of {id} pushed {sent} of it: {c}"
+            ));
+        }
+    }
+}
+
+/// What the store holds of one campaign: each outcome's pairs (`fanout::store::Outcomes`
+/// over its ledgers, every part of a split store).
+pub type StoreOutcomes = BTreeMap<&'static str, BTreeSet<Pair>>;
+
+/// A cancelled campaign, against the naive reading and the provider: (a) the store settled
+/// each of its naive eligible pairs exactly once (delivered, cancelled, held out, …) and no
+/// other, nothing left in flight; (c) every pair it records as delivered was sent, and the
+/// pairs sent beyond those (in flight at an interruption, then settled as cancelled by the
+/// run that claimed them again) are cancelled in the store and within `bound`. Returns a
+/// one-line account.
+pub fn cancelled(
+    campaign: &str,
+    store: &StoreOutcomes,
+    eligible: &BTreeSet<Pair>,
+    got: &[Delivery],
+    bound: u64,
+    violations: &mut Vec<String>,
+) -> String {
+    let empty = BTreeSet::new();
+    let of = |name: &str| store.get(name).unwrap_or(&empty);
+    let mut all: BTreeSet<Pair> = BTreeSet::new();
+    let mut counted = 0;
+    for set in store.values() {
+        counted += set.len();
+        all.extend(set.iter().cloned());
+    }
+    let mine: BTreeSet<Pair> = eligible
+        .iter()
+        .filter(|p| p.0 == campaign)
+        .cloned()
+        .collect();
+    if counted != all.len() {
+        violations.push(format!(
+            "cancelled {campaign}: the store's outcomes overlap ({counted} counted, {} pairs)",
+            all.len()
+        ));
+    }
+    if !of("in_flight").is_empty() {
+        violations.push(format!(
+            "cancelled {campaign}: {} still in flight after the clean runs (e.g. {})",
+            of("in_flight").len(),
+            examples(of("in_flight").iter())
+        ));
+    }
+    let missing: Vec<&Pair> = mine.difference(&all).collect();
+    let extra: Vec<&Pair> = all.difference(&mine).collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        violations.push(format!(
+            "cancelled {campaign}: the store settles {} pairs, the naive reading {} eligible: \
+             {} unsettled (e.g. {}), {} not eligible (e.g. {})",
+            all.len(),
+            mine.len(),
+            missing.len(),
+            examples(missing.iter().copied()),
+            extra.len(),
+            examples(extra.iter().copied())
+        ));
+    }
+    let sent: BTreeSet<Pair> = got
+        .iter()
+        .filter(|d| d.campaign == campaign)
+        .map(|d| (d.campaign.clone(), d.occurrence.clone(), d.user))
+        .collect();
+    let unsent: Vec<&Pair> = of("delivered").difference(&sent).collect();
+    if !unsent.is_empty() {
+        violations.push(format!(
+            "cancelled {campaign}: {} recorded delivered, never sent (e.g. {})",
+            unsent.len(),
+            examples(unsent.iter().copied())
+        ));
+    }
+    let unrecorded: Vec<&Pair> = sent.difference(of("delivered")).collect();
+    let not_cancelled: Vec<&Pair> = unrecorded
+        .iter()
+        .copied()
+        .filter(|p| !of("cancelled").contains(*p))
+        .collect();
+    if !not_cancelled.is_empty() || unrecorded.len() as u64 > bound {
+        violations.push(format!(
+            "cancelled {campaign}: {} sent and not recorded delivered (in-flight bound {bound}), \
+             {} of them not cancelled either (e.g. {})",
+            unrecorded.len(),
+            not_cancelled.len(),
+            examples(unrecorded.iter().copied())
+        ));
+    }
+    format!(
+        "cancelled {campaign}: {} eligible; store {}; {} sent, {} of them not recorded delivered",
+        mine.len(),
+        store
+            .iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(k, s)| format!("{k} {}", s.len()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        sent.len(),
+        unrecorded.len()
+    )
 }
 
 /// SPEC "Frequency caps", on what was actually sent: each user's distinct deliveries of the

@@ -1,5 +1,7 @@
-//! Runs one schedule: the fault runs, then one clean run per tick, then the checks.
+//! Runs one schedule: the fault runs (with the operators' commands drawn for them), then one
+//! clean run per tick, then the checks.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -9,8 +11,12 @@ use std::time::{Duration, Instant};
 
 use crate::check::{self, Delivery};
 use crate::http_server::{fault_bucket, Answer, Reply, Req, RetryAfter, TestServer};
-use crate::plan::{Fault, ProviderKind, Schedule, StoreKind, Trigger};
+use crate::plan::{Act, Fault, ProviderKind, Schedule, StoreKind, Trigger};
 use crate::redis::Redis;
+
+#[path = "control.rs"]
+mod control;
+use control::Silence;
 
 /// What every schedule of one invocation shares.
 pub struct Env {
@@ -19,6 +25,9 @@ pub struct Env {
     pub lease_text: String,
     /// `FANOUT_HTTP_TIMEOUT` of the children, in ms.
     pub http_timeout_ms: u64,
+    /// How late an attempt of a paused or cancelled campaign may begin after the command
+    /// returned, before the rate gate's queue is added (see [`Ctx::grace`]).
+    pub grace: Duration,
     pub verbose: bool,
     /// Control runs: no faults, a provider that never fails (checks the naive reading
     /// against the binary on every workload).
@@ -169,6 +178,12 @@ struct Ctx<'a> {
     forgetful: bool,
     /// Each run's start and `--now`, by run number.
     runs: Vec<(Instant, String)>,
+    /// Stretches in which a campaign must start no provider attempt (paused, cancelled).
+    silences: Vec<Silence>,
+    /// A paused campaign's silence and when to resume it in the next run (ms after its start).
+    resume_next: Option<(usize, u64)>,
+    /// Campaigns an operator cancelled.
+    cancelled: BTreeSet<String>,
 }
 
 impl Ctx<'_> {
@@ -396,17 +411,70 @@ impl Ctx<'_> {
         }
     }
 
-    /// A fault run; retried (as a new run) when a cluster's port was taken.
-    fn fault_step(&mut self, fault: Fault, tick: &str) {
+    /// Fault run `k`, with the operator's command drawn for it; retried (as a new run) when a
+    /// cluster's port was taken.
+    fn fault_step(&mut self, k: usize, fault: Fault, tick: &str) {
         let w = self.next_w();
+        let mut control = self.s.controls.iter().find(|c| c.step == k).cloned();
         for attempt in 0..3 {
             let (mut procs, run) = self.start(tick, w, false, None);
-            let retry = self.fault_run(fault, tick, &mut procs, run);
-            if !(retry && self.addr_in_use(run)) {
+            if let Some((silence, ms)) = self.resume_next.take() {
+                // This run starts with the campaign paused: it waits for the resume.
+                std::thread::sleep(Duration::from_millis(ms));
+                self.resume(silence);
+            }
+            let left = match control.take() {
+                Some(c) if c.act == Act::CancelBetween => {
+                    let retry = self.fault_run(fault, tick, &mut procs, run);
+                    self.cancel(&c.campaign, None);
+                    retry
+                }
+                Some(c) => match self.control(&c, fault, &mut procs, run) {
+                    Some(fault) => self.fault_run(fault, tick, &mut procs, run),
+                    None => false,
+                },
+                None => self.fault_run(fault, tick, &mut procs, run),
+            };
+            if !(left && self.addr_in_use(run)) {
                 return;
             }
             self.note(format!("run {run}: address in use, retrying ({attempt})"));
         }
+    }
+
+    /// kill -9 of process `victim` now (if it still runs); its peers may exit 1. Returns
+    /// whether some process ended on its own with an error while the victim was gone already.
+    fn kill(&mut self, procs: &mut [Proc], run: usize, victim: usize, delayed_rerun: bool) -> bool {
+        let fired = procs[victim].poll().is_none();
+        if fired {
+            procs[victim].child.kill().ok();
+            let st = procs[victim].child.wait().ok();
+            procs[victim].status = st;
+            if st.and_then(|s| s.code()).is_none() {
+                self.interruptions
+                    .push(format!("run {run} p{victim} kill -9"));
+                self.note(format!("run {run} p{victim}: kill -9"));
+            } else {
+                self.judge(run, victim, st, &[], "ended at the kill");
+            }
+        }
+        let mut early_error = false;
+        for (i, p) in procs.iter_mut().enumerate() {
+            if fired && i == victim {
+                continue;
+            }
+            let st = self.wait_exit(p);
+            early_error |= st.is_some_and(|s| !s.success());
+            if !fired && self.s.processes > 1 && self.addr_in_use(run) {
+                continue;
+            }
+            let allowed: &[i32] = if fired { &[1] } else { &[] };
+            self.judge(run, i, st, allowed, "peer of a killed process");
+        }
+        if delayed_rerun {
+            std::thread::sleep(self.env.lease + Duration::from_millis(300));
+        }
+        !fired && early_error
     }
 
     /// Returns true when the run ended on its own with an error before the fault (so the
@@ -418,36 +486,20 @@ impl Ctx<'_> {
                 victim,
                 delayed_rerun,
             } => {
-                let fired = self.wait_trigger(procs, run, victim, at);
-                if fired {
-                    procs[victim].child.kill().ok();
-                    let st = procs[victim].child.wait().ok();
-                    procs[victim].status = st;
-                    if st.and_then(|s| s.code()).is_none() {
-                        self.interruptions
-                            .push(format!("run {run} p{victim} kill -9"));
-                        self.note(format!("run {run} p{victim}: kill -9"));
-                    } else {
-                        self.judge(run, victim, st, &[], "ended at the kill");
-                    }
-                }
+                self.wait_trigger(procs, run, victim, at);
+                self.kill(procs, run, victim, delayed_rerun)
+            }
+            Fault::Calm => {
                 let mut early_error = false;
                 for (i, p) in procs.iter_mut().enumerate() {
-                    if fired && i == victim {
-                        continue;
-                    }
                     let st = self.wait_exit(p);
                     early_error |= st.is_some_and(|s| !s.success());
-                    if !fired && self.s.processes > 1 && self.addr_in_use(run) {
+                    if self.s.processes > 1 && self.addr_in_use(run) {
                         continue;
                     }
-                    let allowed: &[i32] = if fired { &[1] } else { &[] };
-                    self.judge(run, i, st, allowed, "peer of a killed process");
+                    self.judge(run, i, st, &[], "a calm run");
                 }
-                if delayed_rerun {
-                    std::thread::sleep(self.env.lease + Duration::from_millis(300));
-                }
-                !fired && early_error
+                early_error
             }
             Fault::Stall { at } => {
                 let fired = self.wait_trigger(procs, run, 0, at);
@@ -678,6 +730,9 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
         interruptions: Vec::new(),
         forgetful: false,
         runs: Vec::new(),
+        silences: Vec::new(),
+        resume_next: None,
+        cancelled: BTreeSet::new(),
     };
     cx.note(format!("{} expected deliveries", expected.len()));
     // The faults walk through the ticks in order; the final phase runs every tick cleanly.
@@ -690,24 +745,32 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
             false => &s.ticks[k * s.ticks.len() / nf],
         };
         cx.note(format!("fault {k}: {fault} at --now {tick}"));
-        cx.fault_step(fault, tick);
+        cx.fault_step(k, fault, tick);
     }
+    if let Some((silence, _)) = cx.resume_next.take() {
+        // The plan resumes before the clean runs; a paused campaign would hold them for ever.
+        cx.resume(silence);
+    }
+    let clean_from = cx.run_no;
     for (k, tick) in s.ticks.iter().enumerate() {
         let summary = format!("summary-{k}.json");
         cx.note(format!("clean run at --now {tick}"));
         cx.clean_step(tick, &summary);
         check::summary(&cx.path(&summary), &mut cx.violations);
+        check::summary_cancelled(&cx.path(&summary), &cx.cancelled, &mut cx.violations);
     }
     let deliveries = cx.deliveries();
     let bound = s.concurrency * cx.interruptions.len() as u64;
     let stats = check::deliveries(
         &deliveries,
         &expected,
+        &cx.cancelled,
         (!cx.forgetful).then_some(bound),
         &cx.interruptions,
         &mut cx.violations,
     );
     cx.note(stats);
+    cx.check_control(&deliveries, bound, clean_from);
     if s.capped {
         let (caps, capped) = s.caps();
         let ticks: Vec<String> = cx.runs.iter().map(|r| r.1.clone()).collect();

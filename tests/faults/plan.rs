@@ -107,6 +107,52 @@ pub enum Fault {
     RedisRestart { at: Trigger, down_ms: u64 },
     /// The HTTP provider answers 401 from some point on: the run stops with exit 1.
     CredStop { at: Trigger },
+    /// No fault: a run that must end well, drawn only to carry a [`Control`] in a schedule
+    /// that drew no fault.
+    Calm,
+}
+
+/// An operator's command on one campaign of the job (`fanout campaigns pause|resume|cancel`),
+/// in fault run `step`: at `at` (counted as a fault's trigger) the act begins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    pub campaign: String,
+    pub step: usize,
+    pub at: Trigger,
+    pub act: Act,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// Pause, `hold_ms` while the run goes on with the job's other campaigns, resume; then
+    /// the run's own fault.
+    PauseResume { hold_ms: u64 },
+    /// Pause; `hold_ms` later the step's kill -9 lands while paused (instead of at its own
+    /// trigger); resumed `resume_ms` after the next run started (a fault run, which waits
+    /// for it), or, when `None`, before the next run starts.
+    PauseKill {
+        hold_ms: u64,
+        resume_ms: Option<u64>,
+    },
+    /// Pause, `hold_ms`, cancel: the parked users settle as cancelled.
+    PauseCancel { hold_ms: u64 },
+    /// Cancel; then the run's own fault.
+    Cancel,
+    /// Cancel, and `kill_ms` after the command returned the step's kill -9 (before the run's
+    /// next poll or epoch, for the small ones); the step's rerun follows.
+    CancelKill { kill_ms: u64 },
+    /// Cancel once the step's processes ended (after its kill, before the restart).
+    CancelBetween,
+}
+
+impl Act {
+    /// Whether the act ends in a cancel.
+    pub fn cancels(self) -> bool {
+        matches!(
+            self,
+            Act::PauseCancel { .. } | Act::Cancel | Act::CancelKill { .. } | Act::CancelBetween
+        )
+    }
 }
 
 impl std::fmt::Display for Trigger {
@@ -139,6 +185,43 @@ impl std::fmt::Display for Fault {
                 write!(f, "redis-restart(@{at},down={down_ms}ms)")
             }
             Fault::CredStop { at } => write!(f, "http-401(@{at})"),
+            Fault::Calm => write!(f, "calm-run"),
+        }
+    }
+}
+
+impl std::fmt::Display for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (c, at, step) = (&self.campaign, self.at, self.step);
+        match self.act {
+            Act::PauseResume { hold_ms } => {
+                write!(
+                    f,
+                    "pause({c}@{at},hold={hold_ms}ms)+resume in fault run {step}"
+                )
+            }
+            Act::PauseKill { hold_ms, resume_ms } => write!(
+                f,
+                "pause({c}@{at},hold={hold_ms}ms)+kill9 in fault run {step}, resume {}",
+                match resume_ms {
+                    Some(ms) => format!("{ms}ms into the next run"),
+                    None => "before the next run".into(),
+                }
+            ),
+            Act::PauseCancel { hold_ms } => {
+                write!(
+                    f,
+                    "pause({c}@{at},hold={hold_ms}ms)+cancel in fault run {step}"
+                )
+            }
+            Act::Cancel => write!(f, "cancel({c}@{at}) in fault run {step}"),
+            Act::CancelKill { kill_ms } => {
+                write!(
+                    f,
+                    "cancel({c}@{at})+kill9 {kill_ms}ms later in fault run {step}"
+                )
+            }
+            Act::CancelBetween => write!(f, "cancel({c}) after fault run {step} ended"),
         }
     }
 }
@@ -156,6 +239,10 @@ pub struct Schedule {
     /// `--now` of the runs; the final phase is one clean run per tick.
     pub ticks: Vec<String>,
     pub faults: Vec<Fault>,
+    /// Operators' commands, in step order (see [`controls`]).
+    pub controls: Vec<Control>,
+    /// The job's `rate_per_s` (of each process).
+    pub rate: u64,
     /// Frequency caps drawn (`[policy] frequency_caps`): every run's `--now` then stays
     /// non-decreasing (the fault runs all at the first tick).
     pub capped: bool,
@@ -370,6 +457,95 @@ fn frequency_caps(
     Some(format!("frequency_caps = [{}]\n", caps.join(", ")))
 }
 
+/// The operators' commands of schedule `seed`, from a sequence of their own (a schedule that
+/// draws none is the one its seed drew before campaign control existed): about 28% of the
+/// schedules without caps, one command in one fault run, sometimes a second one in a later
+/// run. A schedule that drew no fault gets a calm run to carry it. Not under caps: a paused
+/// campaign's parked offers are decided after the other campaigns' (the engine lets those go
+/// on), and a cancelled one frees cap room, so the naive reading of the other campaigns would
+/// no longer be the job's. Never a cancel in a stalled run: its process, stopped past the
+/// lease, sends what it had in flight when continued, seconds after any cancel.
+fn controls(
+    seed: u64,
+    ids: &[(String, Kind)],
+    faults: &mut Vec<Fault>,
+    capped: bool,
+) -> Vec<Control> {
+    let mut r = Rng::new(seed ^ 0xc0_4701);
+    if capped || !r.chance(28) {
+        return Vec::new();
+    }
+    if faults.is_empty() {
+        faults.push(Fault::Calm);
+    }
+    let mut out: Vec<Control> = Vec::new();
+    let mut step = r.below(faults.len() as u64) as usize;
+    while step < faults.len() {
+        let open: Vec<&String> = ids
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| !out.iter().any(|c| c.act.cancels() && c.campaign == **id))
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        let campaign = open[r.below(open.len() as u64) as usize].clone();
+        let kill = matches!(faults[step], Fault::Kill { .. });
+        let stall = matches!(faults[step], Fault::Stall { .. });
+        let mut options = vec![0, 0];
+        if !stall {
+            options.extend([1, 2]);
+        }
+        // After a run that finished its work a cancel has little left to settle.
+        if faults[step] != Fault::Calm {
+            options.push(3);
+        }
+        if kill {
+            options.extend([4, 4, 5, 5]);
+        }
+        let at = if r.chance(25) {
+            Trigger::Delay(r.range(30, 400))
+        } else {
+            Trigger::Lines(r.range(50, 700))
+        };
+        let act = match r.pick(&options) {
+            0 => Act::PauseResume {
+                hold_ms: r.range(100, 1500),
+            },
+            1 => Act::PauseCancel {
+                hold_ms: r.range(100, 1000),
+            },
+            2 => Act::Cancel,
+            3 => Act::CancelBetween,
+            4 => Act::PauseKill {
+                hold_ms: r.range(50, 700),
+                resume_ms: (step + 1 < faults.len() && r.chance(60)).then(|| r.range(100, 900)),
+            },
+            _ => Act::CancelKill {
+                kill_ms: r.pick(&[0, 5, 20, 40]),
+            },
+        };
+        out.push(Control {
+            campaign,
+            step,
+            at,
+            act,
+        });
+        // A resume in the next run leaves that run to it.
+        let next = match act {
+            Act::PauseKill {
+                resume_ms: Some(_), ..
+            } => step + 2,
+            _ => step + 1,
+        };
+        if next >= faults.len() || !r.chance(30) {
+            break;
+        }
+        step = r.range(next as u64, faults.len() as u64 - 1) as usize;
+    }
+    out
+}
+
 pub fn plan(seed: u64) -> Schedule {
     let mut r = Rng::new(seed);
     let all = [
@@ -552,6 +728,12 @@ pub fn plan(seed: u64) -> Schedule {
     // Any run may use another `-w`: which process owns a bucket depends only on the process
     // count, so a split file store and a Redis re-run find their users where they left them.
     let workers: Vec<usize> = (0..runs).map(|_| r.range(1, 4) as usize).collect();
+    let controls = controls(seed, &ids, &mut faults, caps.is_some());
+    if !controls.is_empty() {
+        // A Redis that forgets also forgets the control state (and the ledgers): no cancel
+        // holds across that.
+        redis_persist = true;
+    }
 
     let mut summary = format!(
         "workload [{}] users={} ids<={} bucket={bucket} batch={batch} conc={concurrency} rate={rate}/s \
@@ -593,6 +775,17 @@ pub fn plan(seed: u64) -> Schedule {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if !controls.is_empty() {
+        let _ = write!(
+            summary,
+            " | control: {}",
+            controls
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
 
     Schedule {
         seed,
@@ -604,6 +797,8 @@ pub fn plan(seed: u64) -> Schedule {
         workers,
         ticks,
         faults,
+        controls,
+        rate,
         capped: caps.is_some(),
         job,
         users_text,
@@ -623,6 +818,19 @@ impl Schedule {
     /// (holdouts, quiet hours across the users' zones, caps: [`naive::runs`]).
     pub fn expected(&self) -> BTreeSet<(String, Option<String>, u64)> {
         self.runs().into_iter().flat_map(|r| r.delivered).collect()
+    }
+
+    /// Every pair the naive reading settles in the store (sent, held out, quiet-held,
+    /// dead-lettered, capped) over the runs at every tick: a campaign's eligible pairs.
+    pub fn eligible(&self) -> BTreeSet<(String, Option<String>, u64)> {
+        self.runs()
+            .into_iter()
+            .flat_map(|r| {
+                [r.delivered, r.held_out, r.quiet_held, r.expired, r.capped]
+                    .into_iter()
+                    .flatten()
+            })
+            .collect()
     }
 
     /// The naive reading of one run at each tick.
