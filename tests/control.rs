@@ -217,6 +217,46 @@ fn paused_then_resumed(store: &str) {
     }
 }
 
+/// Ctrl-C while a campaign is paused stops the run as ever (exit 130, nothing of the paused
+/// campaign sent after the pause); a re-run after `resume` finishes it exactly once.
+#[test]
+fn an_interrupted_paused_run_exits_130_and_a_re_run_finishes_it() {
+    let _one = serial();
+    let server = provider();
+    let s = Scratch::new();
+    let audience = users(&s);
+    s.write(
+        "job.toml",
+        job(&server.url("/push"), "file:store", &promotion("a")),
+    );
+    let mut run = s.start(&["run", "job.toml", "--quiet"]);
+    wait_for_hits(&server, "a", 300, &mut run);
+    let paused = control(&s, "pause", "a", "file:store");
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = run.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a paused run did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130), "{}", serving::stderr_of(&mut run));
+    nothing_after(&server, "a", paused);
+    s.fanout_ok(&["campaigns", "resume", "a", "--store", "file:store"]);
+    s.fanout_ok(&["run", "job.toml", "--quiet"]);
+    each_once(&server, "a", &audience);
+}
+
 #[test]
 fn a_cancel_stops_a_run_and_settles_the_rest_as_cancelled() {
     cancelled_mid_run("file:store");

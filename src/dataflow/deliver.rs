@@ -222,7 +222,12 @@ pub async fn send(
             }
             (Halt::Paused, OnPause::Wait) => {
                 lend(open.len());
-                ctx.halts.changed(seen).await;
+                // Until resumed or cancelled — or the run is stopped: then they stay claimed
+                // and unsettled, for a re-run to send.
+                tokio::select! {
+                    () = ctx.halts.changed(seen) => {}
+                    () = ctx.dispatcher.stopped() => {}
+                }
             }
             // Resumed meanwhile: push the rest.
             (Halt::Running, _) if !ctx.is_cut() => {}

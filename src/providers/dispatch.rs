@@ -193,6 +193,13 @@ impl Dispatcher {
         self.stopping() || (lane != Priority::Transactional && self.cut.load(Relaxed))
     }
 
+    /// Returns once the dispatcher has stopped (SIGINT, SIGTERM).
+    pub async fn stopped(&self) {
+        let mut stop = self.stop.subscribe();
+        // The sender lives as long as `self`.
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    }
+
     /// Messages being pushed right now (slots taken).
     pub fn in_flight(&self) -> usize {
         self.slots.in_flight()
