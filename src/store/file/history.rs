@@ -27,7 +27,7 @@ use roaring::RoaringBitmap;
 
 use super::{io_error, lock};
 use crate::error::{Error, Result};
-use crate::history::{History, SendTimes, SLOTS};
+use crate::history::{History, SendTimes, Window, SLOTS};
 
 /// Ids per page.
 const PAGE: usize = 1 << 16;
@@ -52,18 +52,29 @@ impl PageTable {
         }
     }
 
-    fn set(&mut self, id: u32, h: u64) {
-        let page = self
-            .slot(id >> 16)
-            .get_or_insert_with(|| vec![0u64; PAGE].into_boxed_slice());
-        page[id as usize & (PAGE - 1)] = h;
-    }
-
-    /// Adds a send at `slot` to the history of each of `ids`.
+    /// Adds a send at `slot` to the history of each of `ids`, a page's run of ids at a time
+    /// (a claim's ids are sorted). A history with no send yet — every one in a first run —
+    /// becomes the same word, computed once.
     fn add_sends(&mut self, table: &SendTimes, slot: u16, ids: &[u32]) {
-        for &id in ids {
-            let h = History(self.get(id)).with_send(table, slot);
-            self.set(id, h.0);
+        let first = History::default().with_send(table, slot).0;
+        let mut rest = ids;
+        while let Some(&id) = rest.first() {
+            let n = id >> 16;
+            let run = rest
+                .iter()
+                .position(|&x| x >> 16 != n)
+                .unwrap_or(rest.len());
+            let page = self
+                .slot(n)
+                .get_or_insert_with(|| vec![0u64; PAGE].into_boxed_slice());
+            for &id in &rest[..run] {
+                let h = &mut page[id as usize & (PAGE - 1)];
+                *h = match *h {
+                    0 => first,
+                    sent => History(sent).with_send(table, slot).0,
+                };
+            }
+            rest = &rest[run..];
         }
     }
 
@@ -107,6 +118,15 @@ impl State {
     /// The history of `id`.
     pub fn get(&self, id: u32) -> History {
         History(self.pages.get(id))
+    }
+
+    /// Those of `ids` whose history refuses a send at `t` under `caps`, in order: none in a
+    /// first run, where every history is empty.
+    pub fn refused(&self, ids: &[u32], t: i64, caps: &[Window]) -> Vec<u32> {
+        ids.iter()
+            .copied()
+            .filter(|&id| !self.get(id).admits(&self.table, t, caps))
+            .collect()
     }
 
     /// Records sends at `slot` to `ids` of ledger `key`: the write-ahead record first, then
