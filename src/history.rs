@@ -220,12 +220,20 @@ impl History {
         times
     }
 
-    /// Whether a send at `t` stays within every cap (see the module docs).
+    /// Whether a send at `t` stays within every cap (see the module docs). Inlined for the
+    /// common case, a history with no send yet (each user's first capped send), which costs
+    /// a test; the others are checked by [`History::admits_kept`].
+    #[inline]
     pub fn admits(self, table: &SendTimes, t: i64, caps: &[Window]) -> bool {
         if self.0 == 0 {
             // No send yet (a cap's max is at least 1).
             return caps.iter().all(|cap| cap.max >= 1);
         }
+        self.admits_kept(table, t, caps)
+    }
+
+    /// [`History::admits`] for a history with sends.
+    fn admits_kept(self, table: &SendTimes, t: i64, caps: &[Window]) -> bool {
         let mut times = [0i64; KEEP];
         let mut n = 0;
         for (_, time) in self.kept(table) {

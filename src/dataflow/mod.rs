@@ -16,10 +16,12 @@
 //!   tokio runtime, never blocking the worker; it holds each epoch until every push of that
 //!   epoch is acknowledged, so the probe behind it means "delivered".
 //! - [`deliver`]: the async work of one batch (claim → render → push → mark done).
+//! - [`capped`]: frequency-capped candidates cut into push tasks, a user's offers together.
 //!
 //! Times are epochs (`u64`): the driver feeds a fixed number of users per epoch and keeps only
 //! a few epochs open, which bounds memory (timely has no backpressure of its own).
 
+pub mod capped;
 pub mod deliver;
 pub mod gather;
 pub mod halts;

@@ -369,53 +369,23 @@ fn repark(
 /// The capped candidates that arrived together as [`Work::Capped`] entries of at most about
 /// `task_users` users each, cut at user ids so that each user's capped offers stay in one
 /// entry: per entry one member per target, users in id order, members in the run's decision
-/// order; with the lane of the first. `None` if there are none.
+/// order ([`super::capped::cut`]); with the lane of the first. `None` if there are none.
 fn capped_groups(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<Vec<Candidates>>)> {
-    let mut by_target: BTreeMap<(usize, u32), Vec<Candidate>> = BTreeMap::new();
+    let mut by_target: BTreeMap<(usize, u32), Vec<Vec<Candidate>>> = BTreeMap::new();
     for c in capped {
         let order = ctx.targets[c.target as usize].order;
         by_target
             .entry((order, c.target))
             .or_default()
-            .extend(c.users);
+            .push(c.users);
     }
     let first = by_target.keys().next()?.1;
     let lane = ctx.targets[first as usize].target.campaign.priority.lane();
-    let mut members: Vec<Candidates> = by_target
+    let members = by_target
         .into_iter()
-        .map(|((_, target), mut users)| {
-            users.sort_unstable_by_key(|c| c.id);
-            Candidates { target, users }
-        })
+        .map(|((_, target), batches)| (target, batches))
         .collect();
-    let mut ids: Vec<u32> = members
-        .iter()
-        .flat_map(|c| c.users.iter().map(|u| u.id))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    // Cut before every `per`-th distinct user, from the back so each cut moves only its tail.
-    let per = (ctx.task_users / members.len()).max(1);
-    let cuts: Vec<u32> = ids.iter().copied().skip(per).step_by(per).collect();
-    let mut groups = Vec::with_capacity(cuts.len() + 1);
-    for &cut in cuts.iter().rev() {
-        let tail: Vec<Candidates> = members
-            .iter_mut()
-            .map(|c| {
-                let at = c.users.partition_point(|u| u.id < cut);
-                Candidates {
-                    target: c.target,
-                    users: c.users.split_off(at),
-                }
-            })
-            .filter(|c| !c.users.is_empty())
-            .collect();
-        groups.push(tail);
-    }
-    members.retain(|c| !c.users.is_empty());
-    groups.push(members);
-    groups.reverse();
-    Some((lane, groups))
+    Some((lane, super::capped::cut(members, ctx.task_users)))
 }
 
 /// Takes the next task's users off a lane's queue: a whole entry if it is small enough (a

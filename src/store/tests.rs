@@ -559,28 +559,29 @@ async fn redis_get(con: &mut ::redis::aio::ConnectionManager, key: &str) -> Vec<
 
 /// The model of one ledger under capped claims.
 #[derive(Default)]
-struct CapLedger {
-    granted: std::collections::BTreeSet<u32>,
+pub(super) struct CapLedger {
+    pub(super) granted: std::collections::BTreeSet<u32>,
     /// Claimed for sending (in flight until done).
-    sent: std::collections::BTreeSet<u32>,
-    done: std::collections::BTreeSet<u32>,
+    pub(super) sent: std::collections::BTreeSet<u32>,
+    pub(super) done: std::collections::BTreeSet<u32>,
     /// In flight at a dead run's end: handed out once more.
-    pending: std::collections::BTreeSet<u32>,
-    dead: RoaringBitmap,
-    capped: RoaringBitmap,
+    pub(super) pending: std::collections::BTreeSet<u32>,
+    pub(super) dead: RoaringBitmap,
+    pub(super) capped: RoaringBitmap,
 }
 
-/// The naive model of capped claims: the reference table and histories, plain sets per ledger.
+/// The naive model of capped claims: the reference table and histories, plain sets per ledger
+/// (each store is held to it: this module's Redis tests, `file::tests` the embedded store's).
 #[derive(Default)]
-struct CapModel {
-    table: SendTimes,
-    histories: std::collections::BTreeMap<u32, History>,
-    ledgers: Vec<CapLedger>,
+pub(super) struct CapModel {
+    pub(super) table: SendTimes,
+    pub(super) histories: std::collections::BTreeMap<u32, History>,
+    pub(super) ledgers: Vec<CapLedger>,
 }
 
 impl CapModel {
     /// A capped claim of `(ledger index, ids)` members, in order.
-    fn claim(
+    pub(super) fn claim(
         &mut self,
         members: &[(usize, Vec<u32>)],
         at: SendAt,
@@ -620,13 +621,13 @@ impl CapModel {
     }
 
     /// A new run: what was in flight is handed out once more.
-    fn crash(&mut self) {
+    pub(super) fn crash(&mut self) {
         for led in &mut self.ledgers {
             led.pending = led.sent.difference(&led.done).copied().collect();
         }
     }
 
-    fn outcomes(&self, l: usize) -> Outcomes {
+    pub(super) fn outcomes(&self, l: usize) -> Outcomes {
         let led = &self.ledgers[l];
         let done: RoaringBitmap = led.done.iter().copied().collect();
         let sent: RoaringBitmap = led.sent.iter().copied().collect();

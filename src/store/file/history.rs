@@ -7,7 +7,8 @@
 //! DIR/history/history.snap      "FANOUTH1", covered log generation u64, page count u64, per
 //!                               page: page number u32, 65536 × u64 LE histories; crc32 u32 LE
 //! DIR/history/sent.<gen>.log    records [len u32][crc32 u32][slot u16][key len u16][key]
-//!                               [ids u32 LE…]: sends recorded since the snapshot
+//!                               [ids]: sends recorded since the snapshot ([`log`]: the ids
+//!                               as runs of consecutive ids, or four bytes each)
 //! ```
 //! A capped claim writes its `sent` record *before* the ledger's own claim record: the `sent`
 //! log is the write-ahead record of the send. A crash between the two leaves a send the
@@ -25,9 +26,13 @@ use std::sync::{Mutex, MutexGuard};
 use anyhow::Context;
 use roaring::RoaringBitmap;
 
+mod log;
+
+use log::{encode, read_log, Sent};
+
 use super::{io_error, lock};
 use crate::error::{Error, Result};
-use crate::history::{History, SendTimes, SLOTS};
+use crate::history::{History, SendTimes, Window, SLOTS};
 
 /// Ids per page.
 const PAGE: usize = 1 << 16;
@@ -52,18 +57,22 @@ impl PageTable {
         }
     }
 
-    fn set(&mut self, id: u32, h: u64) {
-        let page = self
-            .slot(id >> 16)
-            .get_or_insert_with(|| vec![0u64; PAGE].into_boxed_slice());
-        page[id as usize & (PAGE - 1)] = h;
-    }
-
-    /// Adds a send at `slot` to the history of each of `ids`.
+    /// Adds a send at `slot` to the history of each of `ids`, a page's run of ids at a time
+    /// (a claim's ids are sorted). A history with no send yet — every one in a first run —
+    /// becomes the same word, computed once.
     fn add_sends(&mut self, table: &SendTimes, slot: u16, ids: &[u32]) {
-        for &id in ids {
-            let h = History(self.get(id)).with_send(table, slot);
-            self.set(id, h.0);
+        let first = History::default().with_send(table, slot).0;
+        for run in ids.chunk_by(|a, b| a >> 16 == b >> 16) {
+            let page = self
+                .slot(run[0] >> 16)
+                .get_or_insert_with(|| vec![0u64; PAGE].into_boxed_slice());
+            for &id in run {
+                let h = &mut page[id as usize & (PAGE - 1)];
+                *h = match *h {
+                    0 => first,
+                    sent => History(sent).with_send(table, slot).0,
+                };
+            }
         }
     }
 
@@ -77,8 +86,6 @@ impl PageTable {
 }
 const TABLE_MAGIC: &[u8; 8] = b"FANOUTT1";
 const SNAP_MAGIC: &[u8; 8] = b"FANOUTH1";
-/// Longest ledger key a record names.
-const MAX_KEY: usize = u16::MAX as usize;
 
 /// The send histories of a writable embedded store.
 pub struct SendHistory {
@@ -100,6 +107,8 @@ pub struct State {
     /// A `sent` record was written and its ledger's record failed: the log must be replayed
     /// at the next open, so it is not folded into a snapshot.
     must_replay: bool,
+    /// Sends in the logs after the snapshot: what the next open replays.
+    logged: u64,
     buf: Vec<u8>,
 }
 
@@ -107,6 +116,15 @@ impl State {
     /// The history of `id`.
     pub fn get(&self, id: u32) -> History {
         History(self.pages.get(id))
+    }
+
+    /// Those of `ids` whose history refuses a send at `t` under `caps`, in order: none in a
+    /// first run, where every history is empty.
+    pub fn refused(&self, ids: &[u32], t: i64, caps: &[Window]) -> Vec<u32> {
+        ids.iter()
+            .copied()
+            .filter(|&id| !self.get(id).admits(&self.table, t, caps))
+            .collect()
     }
 
     /// Records sends at `slot` to `ids` of ledger `key`: the write-ahead record first, then
@@ -119,6 +137,7 @@ impl State {
             self.must_replay = true;
             return Err(io_error(e, "cannot append to", &self.log_path));
         }
+        self.logged += ids.len() as u64;
         self.pages.add_sends(&self.table, slot, ids);
         Ok(())
     }
@@ -127,72 +146,6 @@ impl State {
     pub fn must_replay(&mut self) {
         self.must_replay = true;
     }
-}
-
-/// Fills `buf` with one `sent` record.
-fn encode(buf: &mut Vec<u8>, key: &str, slot: u16, ids: &[u32]) -> Result<()> {
-    if key.len() > MAX_KEY {
-        return Err(Error::runtime(format!("ledger key too long: {key}")));
-    }
-    buf.clear();
-    buf.extend_from_slice(&[0; 8]);
-    buf.extend_from_slice(&slot.to_le_bytes());
-    buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
-    buf.extend_from_slice(key.as_bytes());
-    for id in ids {
-        buf.extend_from_slice(&id.to_le_bytes());
-    }
-    let len = (buf.len() - 8) as u32;
-    let crc = crc32fast::hash(&buf[8..]);
-    buf[..4].copy_from_slice(&len.to_le_bytes());
-    buf[4..8].copy_from_slice(&crc.to_le_bytes());
-    Ok(())
-}
-
-/// One decoded `sent` record.
-struct Sent {
-    slot: u16,
-    key: String,
-    ids: Vec<u32>,
-}
-
-/// The whole records of a log, and the bytes they fill; a bad record ends the log (what a
-/// crash mid-append leaves).
-fn read_log(path: &Path) -> Result<(Vec<Sent>, u64)> {
-    let bytes = fs::read(path).map_err(|e| io_error(e, "cannot read", path))?;
-    let (mut out, mut at) = (Vec::new(), 0usize);
-    while let Some(header) = bytes.get(at..at + 8) {
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let Some(body) = bytes.get(at + 8..at + 8 + len) else {
-            break;
-        };
-        if len < 4 || crc32fast::hash(body) != crc {
-            break;
-        }
-        let slot = u16::from_le_bytes([body[0], body[1]]);
-        let key_len = usize::from(u16::from_le_bytes([body[2], body[3]]));
-        let Some(key) = body.get(4..4 + key_len) else {
-            break;
-        };
-        let ids = &body[4 + key_len..];
-        if !ids.len().is_multiple_of(4) {
-            break;
-        }
-        out.push(Sent {
-            slot,
-            key: String::from_utf8_lossy(key).into_owned(),
-            ids: ids
-                .chunks_exact(4)
-                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-                .collect(),
-        });
-        at += 8 + len;
-    }
-    if at < bytes.len() {
-        tracing::warn!(log = %path.display(), kept_bytes = at, "torn tail in a send-history log; cut");
-    }
-    Ok((out, at as u64))
 }
 
 /// The `sent` records of the log at `path` (in `dir`), each naming a slot `table` holds, and
@@ -392,11 +345,13 @@ impl SendHistory {
             gen: covered + 1,
             unreconciled: BTreeMap::new(),
             must_replay: false,
+            logged: 0,
             buf: Vec::new(),
         };
         for (&gen, path) in found.range(covered + 1..) {
             let (records, good) = replay_log(path, &dir, &state.table)?;
             for sent in records {
+                state.logged += sent.ids.len() as u64;
                 state.pages.add_sends(&state.table, sent.slot, &sent.ids);
                 state
                     .unreconciled
@@ -447,21 +402,17 @@ impl SendHistory {
         self.lock().unreconciled.keys().cloned().collect()
     }
 
-    /// Folds the log into a new snapshot and starts the next generation, once the log holds
-    /// at least `min_log_bytes` (a snapshot writes every page: 80 MB for 10M users, while
-    /// replaying a log at open reads 4 bytes a send) — unless sends are still to be handed to
-    /// their ledgers, or a ledger record after a `sent` one failed.
+    /// Folds the log into a new snapshot and starts the next generation, once the logs hold
+    /// as many sends as `min_log_bytes` of four-byte ids would (a snapshot writes every page:
+    /// 80 MB for 10M users, while replaying the logs at open updates a history per send, however
+    /// few bytes its runs take) — unless sends are still to be handed to their ledgers, or a
+    /// ledger record after a `sent` one failed.
     pub fn checkpoint(&self, min_log_bytes: u64) -> Result<()> {
         let mut st = self.lock();
         if st.must_replay || !st.unreconciled.is_empty() {
             return Ok(());
         }
-        let len = st
-            .log
-            .metadata()
-            .with_context(|| format!("cannot stat {}", st.log_path.display()))?
-            .len();
-        if len == 0 || len < min_log_bytes {
+        if st.logged == 0 || st.logged.saturating_mul(4) < min_log_bytes {
             return Ok(());
         }
         let pages: Vec<(u32, &[u64])> = st.pages.pages().collect();
@@ -484,6 +435,7 @@ impl SendHistory {
         st.gen += 1;
         st.log_path = self.dir.join(format!("sent.{}.log", st.gen));
         st.log = open_log(&st.log_path, u64::MAX)?;
+        st.logged = 0;
         Ok(())
     }
 

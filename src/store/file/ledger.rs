@@ -193,6 +193,38 @@ impl FileLedger {
             .collect()
     }
 
+    /// [`Self::parts`] for ascending ids (a capped claim's), found a bucket-sized block at a
+    /// time rather than an id at a time.
+    fn sorted_parts<'a>(&self, ids: &'a [u32]) -> Vec<(usize, Cow<'a, [u32]>)> {
+        debug_assert!(ids.windows(2).all(|w| w[0] <= w[1]), "unsorted ids");
+        // Runs of consecutive blocks in one shard: (shard, end of the run in `ids`).
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        let mut at = 0;
+        while let Some(&id) = ids.get(at) {
+            let (k, end) = self.shard_of.of_block(id);
+            at += ids[at..].partition_point(|&x| u64::from(x) < end);
+            match runs.last_mut() {
+                Some(run) if run.0 == k => run.1 = at,
+                _ => runs.push((k, at)),
+            }
+        }
+        if let [(k, _)] = runs[..] {
+            return vec![(k, Cow::Borrowed(ids))];
+        }
+        let mut parts = vec![Vec::new(); self.shards.len()];
+        let mut from = 0;
+        for (k, end) in runs {
+            parts[k].extend_from_slice(&ids[from..end]);
+            from = end;
+        }
+        parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, part)| !part.is_empty())
+            .map(|(k, part)| (k, Cow::Owned(part)))
+            .collect()
+    }
+
     /// The atomic claim; see [`crate::store::Ledger::claim`]. Each shard's part is atomic on
     /// its own; the engine's batches (the users of one bucket) lie in one shard.
     pub fn claim(&self, ids: &[u32]) -> Result<Claim> {
@@ -224,7 +256,7 @@ impl FileLedger {
         at: crate::store::SendAt,
         caps: &[crate::history::Window],
     ) -> Result<crate::store::CappedClaim> {
-        let parts = self.parts(ids);
+        let parts = self.sorted_parts(ids);
         let mut out = crate::store::CappedClaim::default();
         for (k, part) in &parts {
             let one = self.shards[*k].claim_capped(&self.key, part, history, at, caps)?;

@@ -62,6 +62,14 @@ impl Shards {
         ((id / self.bucket_size / self.processes) % self.count) as usize
     }
 
+    /// The shard of `id`, and the end (exclusive) of its bucket-sized block: every id from
+    /// `id` up to there is in the same shard.
+    #[inline]
+    pub fn of_block(&self, id: u32) -> (usize, u64) {
+        let size = u64::from(self.bucket_size);
+        (self.of(id), (u64::from(id) / size + 1) * size)
+    }
+
     /// Per shard, a bitmap covering the whole bucket-sized block of every id of `ids` that
     /// belongs to it: `ids & masks[k]` is shard `k`'s part. It costs a step per block holding
     /// ids, however far apart they are.
@@ -264,19 +272,33 @@ impl Shard {
         at: crate::store::SendAt,
         caps: &[crate::history::Window],
     ) -> Result<crate::store::CappedClaim> {
+        let batch = ascending_bitmap(ids);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let mut out = crate::store::CappedClaim::default();
+        // A batch none of whose ids was ever claimed (a first run) skips the per-id ledger
+        // lookups: every id goes to its history, and usually every one is sent.
+        if let Some(batch) = batch.filter(|b| b.is_disjoint(&st.sets.claimed)) {
+            out.capped = history.refused(ids, at.t, caps);
+            if out.capped.is_empty() {
+                self.settle_capped(key, st, history, at.slot, (ids, &batch), &[])?;
+                out.claim.claimed = ids.to_vec();
+            } else {
+                let sent = batch - bitmap_of(&out.capped);
+                out.claim.claimed = sent.iter().collect();
+                let sent = (out.claim.claimed.as_slice(), &sent);
+                self.settle_capped(key, st, history, at.slot, sent, &out.capped)?;
+            }
+            return Ok(out);
+        }
         let (mut sent, mut resend) = (Vec::new(), RoaringBitmap::new());
-        // A batch none of whose ids was ever claimed (a first run) skips the per-id lookups.
-        let fresh = ascending_bitmap(ids).is_some_and(|b| b.is_disjoint(&st.sets.claimed));
         // Repeats (ids are sorted, so a repeat follows its first) answer as already granted.
         let mut last = None;
         for &id in ids {
             let repeat = last.replace(id) == Some(id);
-            if !fresh && (repeat || st.sets.done.contains(id)) {
+            if repeat || st.sets.done.contains(id) {
                 out.claim.already.push(id);
-            } else if !fresh && st.sets.claimed.contains(id) {
+            } else if st.sets.claimed.contains(id) {
                 match st.pending.contains(id) {
                     true => {
                         resend.insert(id);
@@ -291,20 +313,37 @@ impl Shard {
                 out.capped.push(id);
             }
         }
+        let sent_set = bitmap_of(&sent);
+        self.settle_capped(key, st, history, at.slot, (&sent, &sent_set), &out.capped)?;
+        st.pending -= &resend;
+        Ok(out)
+    }
+
+    /// Records a capped claim's decisions: the sends at `slot` (`sent`, as a list and as a
+    /// set) first in `history` (its write-ahead record, then each history), then as claims
+    /// here; the `capped` ids as claimed and settled capped in one record.
+    fn settle_capped(
+        &self,
+        key: &str,
+        st: &mut State,
+        history: &mut super::history::State,
+        slot: u16,
+        (sent, sent_set): (&[u32], &RoaringBitmap),
+        capped: &[u32],
+    ) -> Result<()> {
         if !sent.is_empty() {
-            history.record(key, at.slot, &sent)?;
-            if let Err(e) = self.append(key, st, Kind::Claim, &sent) {
+            history.record(key, slot, sent)?;
+            if let Err(e) = self.append(key, st, Kind::Claim, sent) {
                 history.must_replay();
                 return Err(e);
             }
-            st.sets.apply_all(Kind::Claim, &bitmap_of(&sent));
+            st.sets.apply_all(Kind::Claim, sent_set);
         }
-        if !out.capped.is_empty() {
-            self.append(key, st, Kind::Capped, &out.capped)?;
-            st.sets.apply_all(Kind::Capped, &bitmap_of(&out.capped));
+        if !capped.is_empty() {
+            self.append(key, st, Kind::Capped, capped)?;
+            st.sets.apply_all(Kind::Capped, &bitmap_of(capped));
         }
-        st.pending -= &resend;
-        Ok(out)
+        Ok(())
     }
 
     /// Takes `ids` as claimed and in flight: sends a crash left in the send history's log
