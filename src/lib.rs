@@ -62,3 +62,15 @@ pub mod streams;
 pub mod template;
 
 pub use error::{Error, Result};
+
+/// The tests' random numbers: a xorshift64 generator from `seed`, each call a number below
+/// its argument (reproducible, no dependency).
+#[cfg(test)]
+pub(crate) fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}

@@ -173,13 +173,7 @@ mod tests {
 
     #[test]
     fn cuts_as_the_rule_says_whatever_the_batches() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1du64);
         for round in 0..2_000 {
             let task_users = 1 + next(40) as usize;
             let members: Vec<Member> = (0..1 + next(3))

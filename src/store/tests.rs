@@ -409,13 +409,7 @@ impl Model {
 #[tokio::test]
 async fn claims_follow_the_naive_model_in_any_batch_order() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = crate::xorshift(0x2545_f491_4f6c_dd1du64);
     let mut model = Model::default();
     for _crash in 0..4 {
         let store = open(tmp.path());
@@ -669,13 +663,7 @@ async fn capped_claims_on_redis_follow_the_reference_model() {
     let server = RedisServer::start();
     server.cli(&["CONFIG", "SET", "appendfsync", "no"]);
     let mut con = redis_con(&server).await;
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
     let caps = [
         Window { max: 2, per_s: 100 },
         Window {
@@ -822,13 +810,7 @@ async fn the_redis_send_time_table_allocates_as_the_reference_across_eras() {
     server.cli(&["CONFIG", "SET", "appendfsync", "no"]);
     let mut con = redis_con(&server).await;
     let store = redis_run(&server).await;
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = crate::xorshift(0x2545_f491_4f6c_dd1du64);
     let mut model = CapModel::default();
     let caps = [
         Window { max: 2, per_s: 500 },

@@ -638,13 +638,7 @@ fn capped_claims_follow_the_reference_model_across_shards_and_crashes() {
     use crate::store::{claim_capped_local, Ledger, SendAt};
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
     let caps = [
         Window { max: 2, per_s: 100 },
         Window {

@@ -200,13 +200,7 @@ mod tests {
 
     #[test]
     fn any_ids_read_back_as_written() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1du64);
         let edges = [
             vec![],
             vec![0],
