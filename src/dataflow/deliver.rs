@@ -184,18 +184,12 @@ pub async fn send(
     let target = rendered.target;
     let rt = &ctx.targets[target as usize];
     let all = rendered.messages();
-    let mut open: Vec<u32> = Vec::new();
+    // The messages left to push after a hold (all of them at first).
+    let mut left: Option<Vec<Message<'_>>> = None;
     loop {
         let seen = ctx.halts.changes();
-        let messages: Vec<Message<'_>> = if open.is_empty() {
-            all.clone()
-        } else {
-            all.iter()
-                .filter(|m| open.binary_search(&m.user).is_ok())
-                .cloned()
-                .collect()
-        };
-        push_and_record(rt, ctx, target, &messages, ready).await?;
+        let messages: &[Message<'_>] = left.as_deref().unwrap_or(&all);
+        push_and_record(rt, ctx, target, messages, ready).await?;
         let halt = ctx.halts.of(target);
         // A change since the push began may have held some of it back, even if it is undone.
         let calm = halt == Halt::Running && !ctx.is_cut() && ctx.halts.changes() == seen;
@@ -204,7 +198,7 @@ pub async fn send(
         }
         let users: Vec<u32> = messages.iter().map(|m| m.user).collect();
         let done = rt.ledger.are_done(&users).await?;
-        open = (users.iter().zip(done))
+        let open: Vec<u32> = (users.iter().zip(done))
             .filter(|(_, done)| !done)
             .map(|(id, _)| *id)
             .collect();
@@ -241,6 +235,12 @@ pub async fn send(
                 return Ok(());
             }
         }
+        let rest = messages
+            .iter()
+            .filter(|m| open.binary_search(&m.user).is_ok())
+            .copied()
+            .collect();
+        left = Some(rest);
     }
 }
 

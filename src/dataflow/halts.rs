@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::{Context, RunTarget};
-use crate::store::campaigns::State;
+use crate::store::campaigns::{Control, State};
 use crate::store::Store;
 
 /// How often the store's control version is read.
@@ -212,13 +212,24 @@ impl Watching {
         changed: Box<dyn Fn() + Send + Sync>,
     ) -> crate::error::Result<Watching> {
         let control = store.control().await?;
+        Ok(Watching::from(store, ctx, control, changed))
+    }
+
+    /// [`Watching::start`] from `control`, read by the caller: a change after that reading
+    /// is one the watcher reports.
+    pub fn from(
+        store: &Store,
+        ctx: &Arc<Context>,
+        control: Control,
+        changed: Box<dyn Fn() + Send + Sync>,
+    ) -> Watching {
         for (id, halt) in ctx.halts.apply(&ctx.targets, &control.states) {
             tracing::warn!(campaign = %id, state = ?halt, "campaign is not running");
         }
         let task = ctx
             .runtime
             .spawn(watch(store.clone(), ctx.clone(), control.version, changed));
-        Ok(Watching(task))
+        Watching(task)
     }
 }
 

@@ -26,7 +26,7 @@ pub mod status;
 pub mod submitted;
 pub mod worker;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -352,7 +352,11 @@ impl<'a> Server<'a> {
         waiting: &mut Waiting,
     ) -> Result<(bool, Vec<Finishing>)> {
         let now = Utc::now();
-        let (admissions, mut finishing) = self.admissions(active, ran, waiting, now)?;
+        // One reading of the control states for the admissions and the watcher, so that a
+        // change after it (a resume of a campaign left out) is one the watcher reports.
+        let control = self.runtime.block_on(self.store.control())?;
+        let (admissions, mut finishing) =
+            self.admissions(active, ran, waiting, &control.states, now)?;
         let targets = self.runtime.block_on(Targets::open(
             &self.store,
             admissions,
@@ -389,11 +393,12 @@ impl<'a> Server<'a> {
         });
         self.counters.generations.fetch_add(1, Relaxed);
         let replan = self.flags.clone();
-        let watching = self.runtime.block_on(Watching::start(
+        let watching = Watching::from(
             &self.store,
             &ctx,
+            control,
             Box::new(move || replan.replan.store(true, Relaxed)),
-        ))?;
+        );
         self.live.begin(&ctx);
         let complete = execute(self.engine.sizing.workers, ctx.clone(), generation)?;
         self.live.end(&ctx);
@@ -418,9 +423,9 @@ impl<'a> Server<'a> {
         active: &[Active],
         ran: &HashSet<String>,
         waiting: &Waiting,
+        states: &BTreeMap<String, State>,
         now: DateTime<Utc>,
     ) -> Result<(Vec<Admission>, Vec<Finishing>)> {
-        let states = self.runtime.block_on(self.store.states())?;
         let state = |id: &str| states.get(id).copied().unwrap_or(State::Running);
         let mut admissions = Vec::new();
         let mut finishing = Vec::new();
