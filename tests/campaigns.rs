@@ -4,6 +4,7 @@
 //! process that holds the store (the embedded store's lock; a second Redis client).
 
 mod common;
+mod naive;
 mod redis_server;
 
 use std::collections::BTreeMap;
@@ -476,4 +477,147 @@ fn a_change_reaches_the_parts_of_a_split_store_that_do_not_know_the_campaign_yet
     let out = campaigns(&s, "file:split", &["cancel", "nobody"]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(states(&part1).0, 1, "an unknown id changed a part");
+}
+
+/// `fanout plan` reads the control states as a run applies them: a cancelled campaign's
+/// eligible users are all `cancelled` (none held out, no batches), a paused one is marked,
+/// and the next run settles exactly what the plan said. The counts come from the naive
+/// reading of the users (the users the first run saw, taken from the rest).
+#[test]
+fn plan_reads_the_control_states_and_the_run_agrees() {
+    let s = Scratch::new();
+    let all = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/inputs/users.jsonl"))
+        .unwrap();
+    let first: String = all.lines().take(80).map(|l| format!("{l}\n")).collect();
+    s.write("users.jsonl", &all);
+    s.write("first.jsonl", &first);
+    let job = r#"[inputs]
+users = "users.jsonl"
+
+[provider]
+url = "log:deliveries.jsonl"
+
+[engine]
+now = "2026-03-02T00:00:00Z"
+
+[[campaign]]
+id = "keep"
+kind = "promotion"
+start = "2026-03-01T00:00:00Z"
+end = "2026-03-08T00:00:00Z"
+holdout = 0.1
+body = "Hi {{user.id}}"
+[campaign.audience]
+min_level = 2
+
+[[campaign]]
+id = "stop"
+kind = "promotion"
+start = "2026-03-01T00:00:00Z"
+end = "2026-03-08T00:00:00Z"
+holdout = 0.2
+body = "Stop {{user.id}}"
+
+[[campaign]]
+id = "wait"
+kind = "coupon"
+start = "2026-03-01T00:00:00Z"
+end = "2099-01-01T00:00:00Z"
+body = "A gift"
+[campaign.coupon]
+coupon_id = "G-1"
+amount = 5
+delivery = "push"
+"#;
+    s.write("job.toml", job);
+    let store = format!("file:{}", s.path("store").display());
+    let run = |users: &str, summary: &str| {
+        s.fanout_ok(&[
+            "run",
+            "job.toml",
+            "--users",
+            users,
+            "--store",
+            &store,
+            "--quiet",
+            "--summary",
+            summary,
+        ]);
+        read_summary(&s.path(summary))
+    };
+    run("first.jsonl", "first.json");
+    ok(&campaigns(&s, &store, &["cancel", "stop"]));
+    ok(&campaigns(&s, &store, &["pause", "wait"]));
+    s.fanout_ok(&[
+        "plan",
+        "job.toml",
+        "--store",
+        &store,
+        "--summary",
+        "plan.json",
+    ]);
+    let plan: Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("plan.json")).unwrap()).unwrap();
+    let text = ok(&s.fanout(&["plan", "job.toml", "--store", &store]));
+    assert!(text.contains("cancelled: nothing sent"), "{text}");
+    assert!(text.contains("paused: a run waits"), "{text}");
+
+    // What is left for each campaign: its pairs over every user less those over the first.
+    let left = |id: &str| {
+        let pairs = |text: &str| {
+            let run = naive::expected_run(
+                job,
+                &naive_users_jsonl(text),
+                &[],
+                &Default::default(),
+                None,
+            );
+            let settled = run.delivered.into_iter().chain(run.held_out);
+            settled
+                .filter(|(c, _, _)| c == id)
+                .map(|(_, _, u)| u)
+                .collect::<std::collections::BTreeSet<u64>>()
+        };
+        let (every, seen) = (pairs(&all), pairs(&first));
+        assert!(seen.is_subset(&every));
+        (every.len() - seen.len()) as u64
+    };
+    let line = |id: &str| {
+        plan["campaigns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap();
+    let stop = line("stop");
+    assert_eq!(stop["state"], "cancelled");
+    assert!(left("stop") > 0);
+    assert_eq!(n(&stop, "eligible"), left("stop"));
+    assert_eq!(n(&stop, "cancelled"), left("stop"));
+    assert_eq!((n(&stop, "held_out"), n(&stop, "batches")), (0, 0));
+    let (keep, wait) = (line("keep"), line("wait"));
+    assert_eq!(
+        (keep["state"].as_str(), wait["state"].as_str()),
+        (Some("running"), Some("paused"))
+    );
+    assert_eq!((n(&keep, "cancelled"), n(&wait, "cancelled")), (0, 0));
+    assert_eq!(n(&keep, "eligible"), left("keep"));
+    assert_eq!(n(&wait, "eligible"), left("wait"));
+
+    ok(&campaigns(&s, &store, &["resume", "wait"]));
+    let second = run("users.jsonl", "second.json");
+    for id in ["keep", "stop", "wait"] {
+        let (ran, planned) = (campaign_line(&second, id), line(id));
+        for k in ["eligible", "held_out", "cancelled"] {
+            assert_eq!(
+                ran[k].as_u64().unwrap_or(0),
+                n(&planned, k),
+                "{id} {k}: run vs plan"
+            );
+        }
+    }
+    assert_eq!(n(campaign_line(&second, "stop"), "delivered"), 0);
 }

@@ -16,6 +16,7 @@ use crate::job::Job;
 use crate::model::{Buckets, Priority};
 use crate::policy::{Holdout, QuietAt};
 use crate::providers::ProviderSpec;
+use crate::store::campaigns::State;
 use crate::store::Store;
 
 /// One campaign's line of the plan.
@@ -27,6 +28,10 @@ pub struct PlanLine {
     pub occurrence: Option<String>,
     /// Why it would send nothing.
     pub skipped: Option<String>,
+    /// Its control state in the store (`running`, `paused` or `cancelled`): a run waits for a
+    /// paused campaign to be resumed or cancelled, and settles a cancelled one's eligible
+    /// users as `cancelled` without sending.
+    pub state: State,
     /// A lazy coupon: `eligible` users get it at their next login inside its window.
     pub at_login: bool,
     /// Users in the audience.
@@ -46,10 +51,25 @@ pub struct PlanLine {
     pub releases_at: Option<String>,
     /// Of those, kept from it by a frequency cap.
     pub capped: u64,
+    /// Of those, settled `cancelled` (every one, when the campaign is cancelled).
+    pub cancelled: u64,
     /// Provider batches that takes: as a run cuts them, per stretch of a bucket; with frequency
     /// caps at most that (a run claims the capped campaigns' users of several stretches
     /// together, and packs them into fewer batches).
     pub batches: u64,
+}
+
+impl PlanLine {
+    /// What a run does with a cancelled campaign: every eligible user settled `cancelled`
+    /// before any policy decision, nothing sent (SPEC's order of decisions).
+    fn cancel(&mut self) {
+        self.cancelled = self.eligible;
+        self.held_out = 0;
+        self.quiet_held = 0;
+        self.releases_at = None;
+        self.capped = 0;
+        self.batches = 0;
+    }
 }
 
 /// The plan of a job.
@@ -90,6 +110,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
         .build()
         .map_err(|e| crate::error::Error::runtime(format!("cannot start tokio: {e}")))?;
     let store = runtime.block_on(Store::connect_read_only(&job.store))?;
+    let states = runtime.block_on(store.states())?;
     let buckets = Buckets::new(job.engine.bucket_size);
     let sizing = Sizing::of(job);
     let source = &loaded.source;
@@ -118,8 +139,14 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
             buckets,
             sizing: &sizing,
         };
-        let (line, took, send) = runtime.block_on(scan.line(target, at_login))?;
+        let (mut line, took, send) = runtime.block_on(scan.line(target, at_login))?;
         scan_s.get_or_insert(took);
+        line.state = states.get(&campaign.id).copied().unwrap_or_default();
+        if line.state == State::Cancelled {
+            line.cancel();
+            lines.push(line);
+            continue;
+        }
         if !at_login && campaign.priority != Priority::Transactional {
             sends.push((campaign.priority.lane(), lines.len(), send));
         }
@@ -132,7 +159,7 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
     let total: u64 = lines
         .iter()
         .filter(|l| !l.at_login)
-        .map(|l| l.eligible - l.held_out - l.quiet_held - l.capped)
+        .map(|l| l.eligible - l.held_out - l.quiet_held - l.capped - l.cancelled)
         .sum();
     let latency = provider.typical_latency();
     let latency_guessed = matches!(provider, ProviderSpec::Http(_) | ProviderSpec::Fcm(_));
@@ -219,6 +246,8 @@ impl Scan<'_> {
             quiet_held: cut.quiet_held,
             releases_at,
             capped: 0,
+            cancelled: 0,
+            state: State::Running,
             batches: if at_login { 0 } else { cut.batches },
         };
         Ok((line, took, cut.send))
@@ -373,7 +402,7 @@ pub fn render(plan: &Plan) -> String {
         match &l.skipped {
             Some(why) => out.push_str(&format!("{name:<32} skipped: {why}\n")),
             None => out.push_str(&format!(
-                "{name:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}{}{}\n",
+                "{name:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}{}{}{}\n",
                 l.audience,
                 l.already_granted,
                 l.dead_lettered,
@@ -386,6 +415,15 @@ pub fn render(plan: &Plan) -> String {
                 match &l.releases_at {
                     Some(t) => format!("  (quiet hours end for the first at {t})"),
                     None => String::new(),
+                },
+                match l.state {
+                    State::Paused =>
+                        "  (paused: a run waits until it is resumed or cancelled)".to_owned(),
+                    State::Cancelled => format!(
+                        "  (cancelled: nothing sent, {} settled cancelled)",
+                        l.cancelled
+                    ),
+                    _ => String::new(),
                 }
             )),
         }
