@@ -156,97 +156,150 @@ pub fn push<'s>(
                 activator: scope.worker().sync_activator_for(info.address.to_vec()),
                 pending: AtomicBool::new(false),
             });
-            let (ack_tx, ack_rx) = mpsc::channel::<Ack>();
-            let (answer_tx, answer_rx) = mpsc::channel::<Answered>();
-            let mut queues: [Queue; LANES] = Default::default();
-            let mut epochs: BTreeMap<Time, Epoch> = BTreeMap::new();
-            let mut in_flight = [0usize; LANES];
-            let mut parked: Parked = Vec::new();
-            let mut halts_seen = ctx.halts.changes();
             let wake = waker.clone();
             ctx.halts.on_change(Box::new(move || wake.wake()));
-
+            let mut op = Pusher::new(ctx.clone(), waker);
             move |(input, frontier), _output| {
-                waker.pending.store(false, Ordering::Release);
-                while let Ok(ack) = ack_rx.try_recv() {
-                    in_flight[ack.lane] -= ack.messages;
-                    if let (true, Some(e)) = (ack.ended, epochs.get_mut(&ack.time)) {
-                        e.tasks -= 1;
-                    }
-                }
+                op.waker.pending.store(false, Ordering::Release);
+                op.take_acks();
                 input.for_each_stamp(|cap, data| {
                     if let Some(cap) = cap.retain_least(0) {
-                        let time = *cap.time();
-                        let epoch = epochs.entry(time).or_insert(Epoch {
-                            _cap: cap,
-                            queued: 0,
-                            tasks: 0,
-                        });
-                        let now = Instant::now();
-                        let mut capped = Vec::new();
-                        for batch in data {
-                            for c in batch.drain(..) {
-                                let rt = &ctx.targets[c.target as usize];
-                                if ctx.halts.of(c.target) == Halt::Paused {
-                                    epoch.queued += park(&ctx, (time, c, now), &mut parked);
-                                    continue;
-                                }
-                                if rt.capped {
-                                    capped.push(c);
-                                    continue;
-                                }
-                                epoch.queued += 1;
-                                let lane = rt.target.campaign.priority.lane();
-                                queues[lane].push_back((time, Work::One(c), now));
-                            }
-                        }
-                        if let Some((lane, groups)) = capped_groups(&ctx, capped) {
-                            epoch.queued += groups.len();
-                            for group in groups {
-                                queues[lane].push_back((time, Work::Capped(group), now));
-                            }
-                        }
+                        op.stash(cap, data);
                     }
                 });
-                while let Ok(a) = answer_rx.try_recv() {
-                    match a.claims {
-                        Ok(claims) => push_members(&ctx, a.members, claims, &a.ack),
-                        Err(e) => ctx.fail(e),
-                    }
-                }
-
-                shed(&ctx, &mut queues, &mut epochs, &mut parked);
-                for lane in 0..LANES {
-                    while in_flight[lane] < ctx.max_in_flight && !ctx.failed() {
-                        // Looked at before every task: the watcher runs on another thread.
-                        if ctx.halts.changes() != halts_seen {
-                            halts_seen = ctx.halts.changes();
-                            repark(&ctx, &mut queues, &mut parked, &mut epochs);
-                        }
-                        let Some((time, members, ready)) =
-                            next_task(&mut queues[lane], &mut epochs, &ctx)
-                        else {
-                            break;
-                        };
-                        let messages = members.iter().map(|c| c.users.len()).sum();
-                        in_flight[lane] += messages;
-                        let ack = Arc::new(AckOnDrop {
-                            tx: ack_tx.clone(),
-                            waker: waker.clone(),
-                            time,
-                            lane,
-                            messages: AtomicUsize::new(messages),
-                            ready,
-                        });
-                        claim(&ctx, members, ack, &answer_tx);
-                    }
-                }
-
+                op.take_answers();
+                shed(&ctx, &mut op.queues, &mut op.epochs, &mut op.parked);
+                op.start_tasks();
                 // An epoch is released once its input is complete and all its work acknowledged.
-                epochs.retain(|time, e| e.queued > 0 || e.tasks > 0 || frontier.less_equal(time));
+                op.epochs
+                    .retain(|time, e| e.queued > 0 || e.tasks > 0 || frontier.less_equal(time));
             }
         },
     )
+}
+
+/// The push operator's state between activations.
+struct Pusher {
+    ctx: Arc<Context>,
+    waker: Arc<Waker>,
+    ack_tx: mpsc::Sender<Ack>,
+    ack_rx: mpsc::Receiver<Ack>,
+    answer_tx: mpsc::Sender<Answered>,
+    answer_rx: mpsc::Receiver<Answered>,
+    queues: [Queue; LANES],
+    epochs: BTreeMap<Time, Epoch>,
+    /// Messages out per lane: handed to tasks, not yet acknowledged.
+    in_flight: [usize; LANES],
+    parked: Parked,
+    /// The control states' change count last applied to the queues.
+    halts_seen: u64,
+}
+
+impl Pusher {
+    fn new(ctx: Arc<Context>, waker: Arc<Waker>) -> Pusher {
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let (answer_tx, answer_rx) = mpsc::channel();
+        Pusher {
+            halts_seen: ctx.halts.changes(),
+            ctx,
+            waker,
+            ack_tx,
+            ack_rx,
+            answer_tx,
+            answer_rx,
+            queues: Default::default(),
+            epochs: BTreeMap::new(),
+            in_flight: [0; LANES],
+            parked: Vec::new(),
+        }
+    }
+
+    /// Gives acknowledged messages back to their lanes' budgets and ended tasks to their
+    /// epochs.
+    fn take_acks(&mut self) {
+        while let Ok(ack) = self.ack_rx.try_recv() {
+            self.in_flight[ack.lane] -= ack.messages;
+            if let (true, Some(e)) = (ack.ended, self.epochs.get_mut(&ack.time)) {
+                e.tasks -= 1;
+            }
+        }
+    }
+
+    /// Queues an epoch's arriving candidates in their lanes: a paused target's are parked,
+    /// capped targets' are grouped ([`capped_groups`]).
+    fn stash<'a>(
+        &mut self,
+        cap: Capability<Time>,
+        data: impl Iterator<Item = &'a mut Vec<Candidates>>,
+    ) {
+        let ctx = &self.ctx;
+        let time = *cap.time();
+        let epoch = self.epochs.entry(time).or_insert(Epoch {
+            _cap: cap,
+            queued: 0,
+            tasks: 0,
+        });
+        let now = Instant::now();
+        let mut capped = Vec::new();
+        for c in data.flat_map(|batch| batch.drain(..)) {
+            let rt = &ctx.targets[c.target as usize];
+            if ctx.halts.of(c.target) == Halt::Paused {
+                epoch.queued += park(ctx, (time, c, now), &mut self.parked);
+            } else if rt.capped {
+                capped.push(c);
+            } else {
+                epoch.queued += 1;
+                let lane = rt.target.campaign.priority.lane();
+                self.queues[lane].push_back((time, Work::One(c), now));
+            }
+        }
+        if let Some((lane, groups)) = capped_groups(ctx, capped) {
+            epoch.queued += groups.len();
+            for group in groups {
+                self.queues[lane].push_back((time, Work::Capped(group), now));
+            }
+        }
+    }
+
+    /// Renders and pushes what remote claims answered.
+    fn take_answers(&mut self) {
+        while let Ok(a) = self.answer_rx.try_recv() {
+            match a.claims {
+                Ok(claims) => push_members(&self.ctx, a.members, claims, &a.ack),
+                Err(e) => self.ctx.fail(e),
+            }
+        }
+    }
+
+    /// Starts tasks, transactional lane first, while each lane has room in its budget.
+    fn start_tasks(&mut self) {
+        let ctx = self.ctx.clone();
+        for lane in 0..LANES {
+            while self.in_flight[lane] < ctx.max_in_flight && !ctx.failed() {
+                // Looked at before every task: the watcher runs on another thread.
+                if ctx.halts.changes() != self.halts_seen {
+                    self.halts_seen = ctx.halts.changes();
+                    repark(&ctx, &mut self.queues, &mut self.parked, &mut self.epochs);
+                }
+                let Some((time, members, ready)) =
+                    next_task(&mut self.queues[lane], &mut self.epochs, &ctx)
+                else {
+                    break;
+                };
+                let messages = members.iter().map(|c| c.users.len()).sum();
+                self.in_flight[lane] += messages;
+                let ack = Arc::new(AckOnDrop {
+                    tx: self.ack_tx.clone(),
+                    waker: self.waker.clone(),
+                    time,
+                    lane,
+                    messages: AtomicUsize::new(messages),
+                    ready,
+                });
+                claim(&ctx, members, ack, &self.answer_tx);
+            }
+        }
+    }
 }
 
 /// Drops queued work that must not be claimed now: everything on a graceful stop (left for

@@ -191,25 +191,8 @@ fn fan_out(
     result?;
     ctx.take_failure()?;
     let interrupted = ctx.dispatcher.stopping();
-    let worker = match opts.cluster.is_cluster() {
-        true => format!(
-            "run pid {} (process {} of {})",
-            std::process::id(),
-            opts.cluster.process,
-            opts.cluster.processes
-        ),
-        false => format!("run pid {}", std::process::id()),
-    };
-    runtime.block_on(async {
-        ctx.dispatcher.flush().await?;
-        prepare::note_activity(store, &ctx, &worker).await?;
-        store.checkpoint().await?;
-        match &login_stream {
-            // Cut short, not every login was matched: they stay pending, read again next time.
-            Some((reader, ids)) if !interrupted => reader.ack(ids).await,
-            _ => Ok(()),
-        }
-    })?;
+    let worker = worker_label(&opts.cluster);
+    runtime.block_on(settle(store, &ctx, &worker, login_stream, interrupted))?;
     tracing::info!(
         elapsed_s = metrics.elapsed().as_secs_f64(),
         "fan-out drained, store checkpointed"
@@ -226,6 +209,38 @@ fn fan_out(
     let mut summary = summary(job, &lines, &ctx, &metrics, loaded.report.skipped);
     summary.interrupted = interrupted;
     Ok(summary)
+}
+
+/// Who pushed, as a campaign's activity records it.
+fn worker_label(cluster: &cluster::Cluster) -> String {
+    match cluster.is_cluster() {
+        true => format!(
+            "run pid {} (process {} of {})",
+            std::process::id(),
+            cluster.process,
+            cluster.processes
+        ),
+        false => format!("run pid {}", std::process::id()),
+    }
+}
+
+/// After the dataflow: the provider flushed, the campaigns' activity noted, the store
+/// checkpointed, and the logins read from a stream acknowledged — unless the run was cut
+/// short, when not every login was matched and they stay pending, read again next time.
+async fn settle(
+    store: &Store,
+    ctx: &Context,
+    worker: &str,
+    login_stream: Option<(crate::streams::StreamReader, Vec<String>)>,
+    interrupted: bool,
+) -> Result<()> {
+    ctx.dispatcher.flush().await?;
+    prepare::note_activity(store, ctx, worker).await?;
+    store.checkpoint().await?;
+    match &login_stream {
+        Some((reader, ids)) if !interrupted => reader.ack(ids).await,
+        _ => Ok(()),
+    }
 }
 
 /// The run's targets: the job's admissions and, outside a cluster, the releases and

@@ -155,24 +155,10 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
     if !job.policy.frequency_caps.is_empty() {
         runtime.block_on(apply_caps(&store, job, &mut lines, sends))?;
     }
-    // What the run pushes: every fan-out's eligible users it neither holds out nor holds.
-    let total: u64 = lines
-        .iter()
-        .filter(|l| !l.at_login)
-        .map(|l| l.eligible - l.held_out - l.quiet_held - l.capped - l.cancelled)
-        .sum();
+    let users = source.len();
+    let (engine_s, push_s) = estimate(job, &provider, &lines, scan_s, users, sizing.workers);
     let latency = provider.typical_latency();
     let latency_guessed = matches!(provider, ProviderSpec::Http(_) | ProviderSpec::Fcm(_));
-    let mut per_s =
-        job.provider.concurrency as f64 / latency.max(Duration::from_micros(1)).as_secs_f64();
-    if job.provider.rate_per_s > 0 {
-        per_s = per_s.min(job.provider.rate_per_s as f64);
-    }
-    let users = source.len();
-    let per_user_s = scan_s.unwrap_or(0.0) / users.max(1) as f64;
-    let engine_s =
-        per_user_s * (users as f64 + PAIR_COST * total as f64) / sizing.workers.max(1) as f64;
-    let push_s = total as f64 / per_s;
     let active_lazy_coupons = lines.iter().filter(|l| l.at_login).count() as u64;
     Ok(Plan {
         active_lazy_coupons,
@@ -185,6 +171,34 @@ pub fn plan(job: &Job, opts: &RunOptions) -> Result<Plan> {
         latency_ms: latency.as_secs_f64() * 1e3,
         latency_guessed,
     })
+}
+
+/// Seconds the engine's work and the pushes take: the users scanned at the rate the plan
+/// scanned them plus every pair a run pushes at [`PAIR_COST`], over the workers; those pairs at
+/// the provider's rate (concurrency ÷ latency, at most `rate_per_s`).
+fn estimate(
+    job: &Job,
+    provider: &ProviderSpec,
+    lines: &[PlanLine],
+    scan_s: Option<f64>,
+    users: u64,
+    workers: usize,
+) -> (f64, f64) {
+    // What the run pushes: every fan-out's eligible users it neither holds out nor holds.
+    let total: u64 = lines
+        .iter()
+        .filter(|l| !l.at_login)
+        .map(|l| l.eligible - l.held_out - l.quiet_held - l.capped - l.cancelled)
+        .sum();
+    let latency = provider.typical_latency();
+    let mut per_s =
+        job.provider.concurrency as f64 / latency.max(Duration::from_micros(1)).as_secs_f64();
+    if job.provider.rate_per_s > 0 {
+        per_s = per_s.min(job.provider.rate_per_s as f64);
+    }
+    let per_user_s = scan_s.unwrap_or(0.0) / users.max(1) as f64;
+    let engine_s = per_user_s * (users as f64 + PAIR_COST * total as f64) / workers.max(1) as f64;
+    (engine_s, total as f64 / per_s)
 }
 
 /// What one campaign's line of the plan reads.

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use timely::dataflow::ProbeHandle;
 use timely::worker::Worker;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::Receiver;
@@ -61,86 +62,112 @@ pub struct Fed {
 /// Runs one worker of a generation until it ends and drains (or a fatal error anywhere).
 pub fn drive(worker: &mut Worker, ctx: Arc<Context>, generation: Arc<Generation>) -> Fed {
     let mut inputs = worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone()));
-    let probe = inputs.probe.clone();
-    let mut fed = Fed::default();
-    let mut acks: VecDeque<(Time, Vec<String>)> = VecDeque::new();
-    // Acknowledges, oldest first, every epoch the probe has passed (all of them once drained).
-    // Nothing once the dispatcher has stopped: an epoch that completes after that may have
-    // dropped work unclaimed, so its entries stay pending for the next run.
-    let release = |acks: &mut VecDeque<(Time, Vec<String>)>, all: bool| {
-        if ctx.dispatcher.stopping() {
-            return;
-        }
-        let done = acks
-            .iter()
-            .take_while(|(t, _)| all || !probe.less_than(&(t + 1)))
-            .count();
-        if done > 0 {
-            let ids = acks.drain(..done).flat_map(|(_, ids)| ids).collect();
-            (generation.on_durable)(ids);
-        }
+    let mut acks = Acks {
+        pending: VecDeque::new(),
+        probe: inputs.probe.clone(),
+        ctx: ctx.clone(),
+        generation: generation.clone(),
     };
-
+    let mut fed = Fed::default();
     if worker.index() == 0 {
         feed_time_zero(&mut inputs, &generation);
-        // Inputs always stand at the epoch to be fed next, so every fed epoch can complete
-        // without waiting for the next batch to arrive.
-        let mut epoch: Time = 1;
-        inputs.advance_to(epoch);
-        let mut buckets = generation.epochs.iter().peekable();
-        // The epoch the last scan was fed in: once the probe passes it the fan-outs are
-        // done, and the generation ends so that their entries are acknowledged at once.
-        let mut last_scan: Option<Time> = None;
-        loop {
-            if (generation.shutting_down)() || ctx.failed() || (generation.cut_short)() {
-                break;
-            }
-            let next_scan = buckets.next();
-            // Checked before taking a batch, so a steady flow of logins cannot keep a
-            // generation from ending, and no batch is taken that would not be fed.
-            let scans_done = last_scan.is_some_and(|e| !probe.less_than(&(e + 1)));
-            if next_scan.is_none() && (scans_done || (generation.should_end)()) {
-                break;
-            }
-            let batch = next_batch(&generation.logins);
-            if next_scan.is_none() && batch.is_none() {
-                worker.step_or_park(Some(IDLE));
-                release(&mut acks, false);
-                continue;
-            }
-            if next_scan.is_some() {
-                last_scan = Some(epoch);
-            }
-            for &bucket in next_scan.into_iter().flatten() {
-                inputs.scans.send(Scan {
-                    bucket,
-                    targets: ctx.targets_for(bucket, &generation.scan_targets),
-                });
-            }
-            // Every epoch is acknowledged when it completes, login ids or not: that is also
-            // when the store is made durable.
-            let mut ids = Vec::new();
-            if let Some(b) = batch {
-                for login in b.logins {
-                    inputs.logins.send(login);
-                }
-                ids = b.ids;
-            }
-            acks.push_back((epoch, ids));
-            epoch += 1;
-            inputs.advance_to(epoch);
-            wait_for_open_epochs(worker, &probe, &ctx, epoch);
-            release(&mut acks, false);
-        }
-        fed.scans_complete = buckets.peek().is_none();
+        fed.scans_complete = feed(worker, &mut inputs, &mut acks);
     }
     if drain(worker, inputs.close(), &ctx) {
-        release(&mut acks, true);
+        acks.release(true);
     }
     if ctx.failed() || ctx.dispatcher.stopping() || ctx.is_cut() {
         fed.scans_complete = false;
     }
     fed
+}
+
+/// The fed epochs whose stream entries wait for them to complete.
+struct Acks {
+    /// (epoch, entry ids), oldest first.
+    pending: VecDeque<(Time, Vec<String>)>,
+    probe: ProbeHandle<Time>,
+    ctx: Arc<Context>,
+    generation: Arc<Generation>,
+}
+
+impl Acks {
+    /// Acknowledges, oldest first, every epoch the probe has passed (all of them once
+    /// drained). Nothing once the dispatcher has stopped: an epoch that completes after that
+    /// may have dropped work unclaimed, so its entries stay pending for the next run.
+    fn release(&mut self, all: bool) {
+        if self.ctx.dispatcher.stopping() {
+            return;
+        }
+        let done = (self.pending.iter())
+            .take_while(|(t, _)| all || !self.probe.less_than(&(t + 1)))
+            .count();
+        if done > 0 {
+            let ids = self
+                .pending
+                .drain(..done)
+                .flat_map(|(_, ids)| ids)
+                .collect();
+            (self.generation.on_durable)(ids);
+        }
+    }
+}
+
+/// Worker 0's loop: feeds the generation's scans and the login batches as they arrive, an
+/// epoch each, until the generation should end; whether every scan was fed.
+fn feed(worker: &mut Worker, inputs: &mut Handles, acks: &mut Acks) -> bool {
+    let (ctx, generation) = (acks.ctx.clone(), acks.generation.clone());
+    let probe = acks.probe.clone();
+    // Inputs always stand at the epoch to be fed next, so every fed epoch can complete
+    // without waiting for the next batch to arrive.
+    let mut epoch: Time = 1;
+    inputs.advance_to(epoch);
+    let mut buckets = generation.epochs.iter().peekable();
+    // The epoch the last scan was fed in: once the probe passes it the fan-outs are
+    // done, and the generation ends so that their entries are acknowledged at once.
+    let mut last_scan: Option<Time> = None;
+    loop {
+        if (generation.shutting_down)() || ctx.failed() || (generation.cut_short)() {
+            break;
+        }
+        let next_scan = buckets.next();
+        // Checked before taking a batch, so a steady flow of logins cannot keep a
+        // generation from ending, and no batch is taken that would not be fed.
+        let scans_done = last_scan.is_some_and(|e| !probe.less_than(&(e + 1)));
+        if next_scan.is_none() && (scans_done || (generation.should_end)()) {
+            break;
+        }
+        let batch = next_batch(&generation.logins);
+        if next_scan.is_none() && batch.is_none() {
+            worker.step_or_park(Some(IDLE));
+            acks.release(false);
+            continue;
+        }
+        if next_scan.is_some() {
+            last_scan = Some(epoch);
+        }
+        for &bucket in next_scan.into_iter().flatten() {
+            inputs.scans.send(Scan {
+                bucket,
+                targets: ctx.targets_for(bucket, &generation.scan_targets),
+            });
+        }
+        // Every epoch is acknowledged when it completes, login ids or not: that is also
+        // when the store is made durable.
+        let mut ids = Vec::new();
+        if let Some(b) = batch {
+            for login in b.logins {
+                inputs.logins.send(login);
+            }
+            ids = b.ids;
+        }
+        acks.pending.push_back((epoch, ids));
+        epoch += 1;
+        inputs.advance_to(epoch);
+        wait_for_open_epochs(worker, &probe, &ctx, epoch);
+        acks.release(false);
+    }
+    buckets.peek().is_none()
 }
 
 /// Feeds the generation's admitted targets and pre-existing grants, at time 0.
