@@ -127,7 +127,7 @@ pub enum CampaignsCommand {
         /// Print JSON instead of the table.
         #[arg(
             long,
-            env = "FANOUT_JSON",
+            env = "FANOUT_CAMPAIGNS_JSON",
             hide_env_values = true,
             value_parser = BoolishValueParser::new()
         )]
@@ -143,7 +143,7 @@ pub enum CampaignsCommand {
         /// Print JSON instead of text.
         #[arg(
             long,
-            env = "FANOUT_JSON",
+            env = "FANOUT_CAMPAIGNS_JSON",
             hide_env_values = true,
             value_parser = BoolishValueParser::new()
         )]

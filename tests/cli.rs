@@ -622,3 +622,54 @@ fn log_format_json_writes_one_json_object_a_line() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("wrote 3 users") && !stderr.trim_start().starts_with('{'));
 }
+
+/// `report --json` takes a path and `campaigns --json` is a switch: their variables differ,
+/// so an environment that sets both serves both (one `FANOUT_JSON=true` used to make
+/// `report` write a file named `true`).
+#[test]
+fn report_and_campaigns_read_their_own_json_variables() {
+    let s = Scratch::new();
+    let job = repo("dataflows/coupon-segment.toml");
+    let users = repo("inputs/users.jsonl");
+    let granted = repo("inputs/granted.jsonl");
+    s.fanout_ok(&[
+        "run",
+        &job,
+        "--users",
+        &users,
+        "--granted",
+        &granted,
+        "--store",
+        "file:st",
+        "--quiet",
+    ]);
+    let with_env = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .args(args)
+            .current_dir(s.dir.path())
+            .env("FANOUT_JSON", "report.json")
+            .env("FANOUT_CAMPAIGNS_JSON", "true")
+            .output()
+            .unwrap()
+    };
+    let report = with_env(&["report", "--store", "file:st", "--campaign", "vip-c300"]);
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("report.json")).unwrap()).unwrap();
+    assert!(written.is_object(), "{written}");
+    let listing = with_env(&["campaigns", "list", "--store", "file:st"]);
+    assert!(
+        listing.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listing.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap();
+    let ids: Vec<&str> = (listed["campaigns"].as_array().unwrap().iter())
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"vip-c300"), "{ids:?}");
+}
