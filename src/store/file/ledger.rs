@@ -172,18 +172,25 @@ impl FileLedger {
     }
 
     /// `ids` by shard, each part in the order given: the whole slice when it lies in one shard
-    /// (the engine's batches, one bucket's users), else one part per shard it touches.
+    /// (the engine's batches, one bucket's users), else one part per shard it touches. An id
+    /// costs a comparison while it stays in the bucket-sized block of the id before it (the
+    /// shard's arithmetic, three divisions, was 8% of the engine job's CPU once per id).
     fn parts<'a>(&self, ids: &'a [u32]) -> Vec<(usize, Cow<'a, [u32]>)> {
         let Some(&first) = ids.first() else {
             return Vec::new();
         };
-        let home = self.shard_of.of(first);
-        if ids.iter().all(|&id| self.shard_of.of(id) == home) {
+        let mut block = Block::of(&self.shard_of, first);
+        let home = block.shard;
+        if self.shards.len() == 1
+            || ids
+                .iter()
+                .all(|&id| block.locate(&self.shard_of, id) == home)
+        {
             return vec![(home, Cow::Borrowed(ids))];
         }
         let mut parts = vec![Vec::new(); self.shards.len()];
         for &id in ids {
-            parts[self.shard_of.of(id)].push(id);
+            parts[block.locate(&self.shard_of, id)].push(id);
         }
         parts
             .into_iter()
@@ -477,4 +484,29 @@ fn fsync_dir(dir: &Path) -> Result<()> {
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot fsync directory {}", dir.display()))?;
     Ok(())
+}
+
+/// The bucket-sized block of ids last looked up, and its shard.
+struct Block {
+    shard: usize,
+    start: u64,
+    end: u64,
+}
+
+impl Block {
+    fn of(shards: &Shards, id: u32) -> Block {
+        let (shard, end) = shards.of_block(id);
+        let start = end - u64::from(shards.bucket_size());
+        Block { shard, start, end }
+    }
+
+    /// The shard of `id`: this block's, or that of the block `id` moves it to.
+    #[inline]
+    fn locate(&mut self, shards: &Shards, id: u32) -> usize {
+        let at = u64::from(id);
+        if at < self.start || at >= self.end {
+            *self = Block::of(shards, id);
+        }
+        self.shard
+    }
 }

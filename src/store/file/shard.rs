@@ -51,6 +51,11 @@ impl Shards {
     /// Shards a ledger has at most (each is a log file).
     pub const MAX: u32 = 256;
 
+    /// Ids per bucket-sized block (a block's ids share a shard).
+    pub fn bucket_size(&self) -> u32 {
+        self.bucket_size
+    }
+
     /// How many shards.
     pub fn count(&self) -> usize {
         self.count as usize
