@@ -510,3 +510,26 @@ impl Block {
         self.shard
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block remembered from any earlier id answers every id as the shard arithmetic does.
+    #[test]
+    fn a_remembered_block_locates_ids_as_the_shards_do() {
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1du64);
+        for (size, processes, count) in [(1, 1, 4), (10, 1, 3), (1000, 3, 5), (7, 2, 2)] {
+            let shards = Shards::new(size, processes, count);
+            let mut block = Block::of(&shards, 0);
+            for _ in 0..20_000 {
+                // Mostly near the last id (runs within a block), sometimes far away.
+                let id = match next(4) {
+                    0 => next(u64::from(u32::MAX)) as u32,
+                    _ => (block.start + next(2 * u64::from(size))).min(u64::from(u32::MAX)) as u32,
+                };
+                assert_eq!(block.locate(&shards, id), shards.of(id), "id {id}");
+            }
+        }
+    }
+}
