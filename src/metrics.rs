@@ -449,6 +449,18 @@ impl Metrics {
         let _ = h.record_n((latency.as_micros() as u64).max(1), n as u64);
     }
 
+    /// Records pushes that took `latencies`, each its own (one lock for the lot), and samples
+    /// the delivered counter for the timeline.
+    pub fn record_latencies(&self, latencies: impl IntoIterator<Item = Duration>) {
+        let Ok(mut r) = self.recorded.lock() else {
+            return;
+        };
+        r.sample(self.elapsed(), self.count.delivered.load(Relaxed));
+        for latency in latencies {
+            let _ = r.latency_us.record((latency.as_micros() as u64).max(1));
+        }
+    }
+
     /// Records `n` messages of priority `lane` delivered `latency` after they were ready to
     /// push.
     pub fn record_lane_latency(&self, lane: Priority, latency: Duration, n: usize) {
