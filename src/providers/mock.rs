@@ -180,13 +180,22 @@ impl Stream for Answers {
     }
 }
 
-/// A quick hash of a message, eight bytes at a time.
+/// A quick hash of a message, eight bytes at a time (the last word padded with zeros).
 fn hash_bytes(bytes: &[u8]) -> u64 {
-    bytes.chunks(8).fold(bytes.len() as u64, |h, chunk| {
-        let mut word = [0u8; 8];
-        word[..chunk.len()].copy_from_slice(chunk);
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    // Whole words need no copy (copying each into a padded word called memmove per word:
+    // a sixth of the mock's CPU with 200,000 pushes in flight).
+    let h = words.fold(bytes.len() as u64, |h, word| {
+        let word: [u8; 8] = word.try_into().unwrap_or_default();
         splitmix(h ^ u64::from_le_bytes(word))
-    })
+    });
+    if tail.is_empty() {
+        return h;
+    }
+    let mut word = [0u8; 8];
+    word[..tail.len()].copy_from_slice(tail);
+    splitmix(h ^ u64::from_le_bytes(word))
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -290,6 +299,26 @@ mod tests {
         }
         assert!(seen.iter().all(|s| *s));
         assert!(lists > 20 && lists <= 41, "{lists} lists");
+    }
+
+    /// The hash is the same as when each word was copied into a padded one: the same
+    /// messages fail in every version.
+    #[test]
+    fn the_hash_pads_the_last_word() {
+        let padded = |bytes: &[u8]| {
+            bytes.chunks(8).fold(bytes.len() as u64, |h, chunk| {
+                let mut word = [0u8; 8];
+                word[..chunk.len()].copy_from_slice(chunk);
+                splitmix(h ^ u64::from_le_bytes(word))
+            })
+        };
+        let text = "{\"campaign\":\"c\",\"user\":12345,\"key\":\"c:12345\"}";
+        for n in 0..text.len() {
+            assert_eq!(
+                hash_bytes(&text.as_bytes()[..n]),
+                padded(&text.as_bytes()[..n])
+            );
+        }
     }
 
     #[test]
