@@ -127,6 +127,16 @@ pub struct Dispatcher {
     cut: Arc<AtomicBool>,
 }
 
+/// How a batch takes its slots.
+#[derive(Clone, Copy)]
+enum Take {
+    /// All it asks for at once.
+    All,
+    /// As many as are free once one is ([`Lanes::acquire_some`]); `rest`: for the rest of a
+    /// batch, which waits where the batch did.
+    Free { rest: bool },
+}
+
 /// What a round of attempts leaves for the next one.
 #[derive(Default)]
 struct Next {
@@ -275,19 +285,19 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// `n` slots of `lane` once free — or, when `some`, as many of them as are free once one
-    /// is — or `None` as soon as `hold` holds the batch back.
+    /// `n` slots of `lane` taken as `take` says, or `None` as soon as `hold` holds the batch
+    /// back.
     async fn acquire_unless_held(
         &self,
         lane: Priority,
         n: usize,
-        some: bool,
+        take: Take,
         hold: &Hold<'_>,
     ) -> Option<LaneSlots> {
         let acquire = || async move {
-            match some {
-                true => self.slots.acquire_some(lane, n).await,
-                false => self.slots.acquire(lane, n).await,
+            match take {
+                Take::Free { rest } => self.slots.acquire_some(lane, n, rest).await,
+                Take::All => self.slots.acquire(lane, n).await,
             }
         };
         let Some(changes) = hold.changes else {
@@ -332,7 +342,7 @@ impl Dispatcher {
         } else {
             for chunk in which.chunks(self.slots.most(lane)) {
                 let Some(slots) = self
-                    .acquire_unless_held(lane, chunk.len(), false, hold)
+                    .acquire_unless_held(lane, chunk.len(), Take::All, hold)
                     .await
                 else {
                     break;
@@ -394,8 +404,9 @@ impl Dispatcher {
         let mut groups: Vec<(usize, usize, LaneSlots)> = Vec::new();
         let mut sends = SelectAll::new();
         let (mut started, mut starting) = (0, !which.is_empty());
-        let take = |n: usize| self.acquire_unless_held(lane, n, true, hold);
-        let mut taking = std::pin::pin!(take(which.len()));
+        // After the first group, the rest of the batch waits where the batch did.
+        let take = |n: usize, rest| self.acquire_unless_held(lane, n, Take::Free { rest }, hold);
+        let mut taking = std::pin::pin!(take(which.len(), false));
         loop {
             tokio::select! {
                 biased;
@@ -428,7 +439,7 @@ impl Dispatcher {
                     started += len;
                     starting = started < which.len();
                     if starting {
-                        taking.set(take(which.len() - started));
+                        taking.set(take(which.len() - started, true));
                     }
                 }
                 else => return Ok(()),

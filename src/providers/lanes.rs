@@ -97,34 +97,51 @@ impl Lanes {
     /// Waits for `n` slots of `lane` (at most [`Lanes::most`]; at least one).
     pub async fn acquire(self: &Arc<Self>, lane: Priority, n: usize) -> LaneSlots {
         let n = n.clamp(1, self.most(lane));
-        self.acquire_between(lane, n, n).await
+        self.acquire_between(lane, n, n, false).await
     }
 
     /// Waits for at least one slot of `lane`, and takes as many as are free then, up to `n`:
     /// for messages that each hold a slot of their own but may start together. Queued like
-    /// any other waiter: it passes no waiter of its own or a higher lane.
-    pub async fn acquire_some(self: &Arc<Self>, lane: Priority, n: usize) -> LaneSlots {
+    /// any other waiter: it passes no waiter of its own or a higher lane. `rest`: these are
+    /// the rest of a request that was granted only part of what it asked for — they wait at
+    /// the head of their lane, where they were (as if each message had queued on its own).
+    pub async fn acquire_some(self: &Arc<Self>, lane: Priority, n: usize, rest: bool) -> LaneSlots {
         let n = n.clamp(1, self.most(lane));
-        self.acquire_between(lane, 1, n).await
+        self.acquire_between(lane, 1, n, rest).await
     }
 
     /// Waits for at least `min` slots of `lane` and takes as many as fit up to `n` (`min` ≤
-    /// `n` ≤ [`Lanes::most`]).
-    async fn acquire_between(self: &Arc<Self>, lane: Priority, min: usize, n: usize) -> LaneSlots {
+    /// `n` ≤ [`Lanes::most`]), queued at the head of its lane when `front`.
+    async fn acquire_between(
+        self: &Arc<Self>,
+        lane: Priority,
+        min: usize,
+        n: usize,
+        front: bool,
+    ) -> LaneSlots {
         let l = lane.lane();
         let granted = {
             let mut s = self.lock();
-            if s.waiting[..=l].iter().all(VecDeque::is_empty) && self.fits(&s, l, min) {
+            let ahead = if front {
+                &s.waiting[..l]
+            } else {
+                &s.waiting[..=l]
+            };
+            if ahead.iter().all(VecDeque::is_empty) && self.fits(&s, l, min) {
                 let n = self.room(&s, l).min(n);
                 s.held[l] += n;
                 return self.slots(l, n);
             }
             let (tx, rx) = oneshot::channel();
-            s.waiting[l].push_back(Waiter {
+            let waiter = Waiter {
                 min,
                 n,
                 granted: tx,
-            });
+            };
+            match front {
+                true => s.waiting[l].push_front(waiter),
+                false => s.waiting[l].push_back(waiter),
+            }
             rx
         };
         let mut pending = Pending {
@@ -365,17 +382,17 @@ mod tests {
     async fn some_takes_what_is_free_and_waits_its_turn_for_at_least_one() {
         let lanes = Lanes::new(20);
         let mut bulk = lanes
-            .acquire_some(B, 100)
+            .acquire_some(B, 100, false)
             .now_or_never()
             .expect("free slots");
         assert_eq!(bulk.len(), 18, "all but transactional's reserve");
         let normal = lanes
-            .acquire_some(N, 100)
+            .acquire_some(N, 100, false)
             .now_or_never()
             .expect("the reserve");
         assert_eq!((normal.len(), lanes.in_flight()), (2, 20));
-        let mut first = Box::pin(lanes.acquire_some(N, 5));
-        let mut second = Box::pin(lanes.acquire_some(N, 5));
+        let mut first = Box::pin(lanes.acquire_some(N, 5, false));
+        let mut second = Box::pin(lanes.acquire_some(N, 5, false));
         assert!((&mut first).now_or_never().is_none());
         assert!((&mut second).now_or_never().is_none());
         drop(bulk.split(3));
@@ -388,6 +405,31 @@ mod tests {
         assert_eq!(lanes.in_flight(), 5 + 2 + 3 + 5);
         drop((bulk, normal, first, second));
         assert_eq!(lanes.in_flight(), 0);
+    }
+
+    /// The rest of a request granted in part waits at the head of its lane, before those that
+    /// queued after the request — but still behind a higher lane.
+    #[tokio::test]
+    async fn the_rest_of_a_request_waits_where_it_did() {
+        let lanes = Lanes::new(10);
+        let mut held = lanes
+            .acquire_some(N, 10, false)
+            .now_or_never()
+            .expect("free");
+        let mut later = Box::pin(lanes.acquire_some(N, 4, false));
+        assert!((&mut later).now_or_never().is_none());
+        let mut rest = Box::pin(lanes.acquire_some(N, 4, true));
+        assert!((&mut rest).now_or_never().is_none());
+        let mut tx = Box::pin(lanes.acquire(T, 1));
+        assert!((&mut tx).now_or_never().is_none());
+        drop(held.split(1));
+        let _tx = tx.now_or_never().expect("transactional first");
+        drop(held.split(3));
+        let rest = rest.now_or_never().expect("the rest next");
+        assert_eq!(rest.len(), 3);
+        assert!((&mut later).now_or_never().is_none());
+        drop(held.split(2));
+        assert_eq!(later.now_or_never().expect("then the later one").len(), 2);
     }
 
     #[tokio::test]
