@@ -3,7 +3,7 @@
 //! bar.
 //!
 //! Counters are atomics shared by every worker and tokio task of a process; the histogram and
-//! the timeline's samples sit behind a mutex taken once per provider call.
+//! the timeline's samples sit behind a mutex taken once per provider call or list of answers.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
