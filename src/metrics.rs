@@ -3,7 +3,7 @@
 //! bar.
 //!
 //! Counters are atomics shared by every worker and tokio task of a process; the histogram and
-//! the timeline's samples sit behind a mutex taken once per provider call.
+//! the timeline's samples sit behind a mutex taken once per provider call or list of answers.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -447,6 +447,18 @@ impl Metrics {
         r.sample(self.elapsed(), self.count.delivered.load(Relaxed));
         let h = &mut r.latency_us;
         let _ = h.record_n((latency.as_micros() as u64).max(1), n as u64);
+    }
+
+    /// Records pushes that took `latencies`, each its own (one lock for the lot), and samples
+    /// the delivered counter for the timeline.
+    pub fn record_latencies(&self, latencies: impl IntoIterator<Item = Duration>) {
+        let Ok(mut r) = self.recorded.lock() else {
+            return;
+        };
+        r.sample(self.elapsed(), self.count.delivered.load(Relaxed));
+        for latency in latencies {
+            let _ = r.latency_us.record((latency.as_micros() as u64).max(1));
+        }
     }
 
     /// Records `n` messages of priority `lane` delivered `latency` after they were ready to

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{SelectAll, StreamExt};
 use rand::Rng;
 use tokio::sync::watch;
 
@@ -33,7 +33,7 @@ use super::breaker::Breaker;
 use super::dead_letters::DeadLetters;
 use super::lanes::{LaneSlots, Lanes};
 use super::rate::RateLimiter;
-use super::{Gate, Message, Outcome, Provider};
+use super::{Attempt, Gate, Message, Outcome, Provider};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::Priority;
@@ -125,6 +125,16 @@ pub struct Dispatcher {
     /// Set while a transactional campaign waits for its generation (`serve`): the other
     /// lanes start no attempt, leaving their messages unsettled, as a stop does.
     cut: Arc<AtomicBool>,
+}
+
+/// How a batch takes its slots.
+#[derive(Clone, Copy)]
+enum Take {
+    /// All it asks for at once.
+    All,
+    /// As many as are free once one is ([`Lanes::acquire_some`]); `rest`: for the rest of a
+    /// batch, which waits where the batch did.
+    Free { rest: bool },
 }
 
 /// What a round of attempts leaves for the next one.
@@ -275,15 +285,23 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// `n` slots of `lane` once free, or `None` as soon as `hold` holds the batch back.
+    /// `n` slots of `lane` taken as `take` says, or `None` as soon as `hold` holds the batch
+    /// back.
     async fn acquire_unless_held(
         &self,
         lane: Priority,
         n: usize,
+        take: Take,
         hold: &Hold<'_>,
     ) -> Option<LaneSlots> {
+        let acquire = || async move {
+            match take {
+                Take::Free { rest } => self.slots.acquire_some(lane, n, rest).await,
+                Take::All => self.slots.acquire(lane, n).await,
+            }
+        };
         let Some(changes) = hold.changes else {
-            return Some(self.slots.acquire(lane, n).await);
+            return Some(acquire().await);
         };
         let mut changed = changes.subscribe();
         if hold.is_held() {
@@ -301,7 +319,7 @@ impl Dispatcher {
             }
         };
         tokio::select! {
-            slots = self.slots.acquire(lane, n) => Some(slots),
+            slots = acquire() => Some(slots),
             () = held => None,
         }
     }
@@ -319,46 +337,14 @@ impl Dispatcher {
     ) -> Result<(Vec<usize>, Duration)> {
         let mut next = Next::default();
         if self.provider.sends_each() {
-            let mut pending: FuturesUnordered<_> = which
-                .iter()
-                .map(|&i| async move {
-                    // Held meanwhile (paused, cancelled): it leaves the queue unsettled.
-                    let Some(slot) = self.acquire_unless_held(lane, 1, hold).await else {
-                        return Ok(None);
-                    };
-                    let slot = Some(slot);
-                    // A halt while waiting for the slot sends nothing more; a stop leaves
-                    // the message unsettled.
-                    self.check_halted()?;
-                    if self.yields(lane) || hold.is_held() {
-                        return Ok(None);
-                    }
-                    self.check_guard()?;
-                    let (outcome, latency) = self
-                        .provider
-                        .send_one(&batch[i], attempt, Gate::new(self.rate.as_ref(), lane))
-                        .await;
-                    Ok::<_, Error>(Some((i, outcome, latency, slot)))
-                })
-                .collect();
-            while let Some(sent) = pending.next().await {
-                let Some((i, outcome, latency, slot)) = sent? else {
-                    continue;
-                };
-                self.metrics.record_latency(latency, 1);
-                let mut fates = Vec::with_capacity(1);
-                self.judge(batch, i, outcome, attempt, &mut fates, &mut next)?;
-                self.observe(&mut next, false)?;
-                if !fates.is_empty() {
-                    settle(Settled {
-                        fates,
-                        _slots: slot,
-                    });
-                }
-            }
+            self.attempt_each(lane, batch, which, attempt, settle, hold, &mut next)
+                .await?;
         } else {
             for chunk in which.chunks(self.slots.most(lane)) {
-                let Some(slots) = self.acquire_unless_held(lane, chunk.len(), hold).await else {
+                let Some(slots) = self
+                    .acquire_unless_held(lane, chunk.len(), Take::All, hold)
+                    .await
+                else {
                     break;
                 };
                 let slots = Some(slots);
@@ -396,6 +382,103 @@ impl Dispatcher {
         }
         self.observe(&mut next, true)?;
         Ok((next.retry, next.wait))
+    }
+
+    /// [`Dispatcher::attempt`] for a provider whose every message is its own request: the
+    /// messages take slots as they come free — as many together as are free, one each — and
+    /// those that took theirs together start together; each answer is judged as it comes, and
+    /// what it settles handed over with as many of the slots.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt_each(
+        &self,
+        lane: Priority,
+        batch: &[Message<'_>],
+        which: &[usize],
+        attempt: u32,
+        settle: &(dyn Fn(Settled) + Sync),
+        hold: &Hold<'_>,
+        next: &mut Next,
+    ) -> Result<()> {
+        // Each group of messages sent together: where it starts in `which`, how many, and
+        // the slots of those not answered yet.
+        let mut groups: Vec<(usize, usize, LaneSlots)> = Vec::new();
+        let mut sends = SelectAll::new();
+        let (mut started, mut starting) = (0, !which.is_empty());
+        // After the first group, the rest of the batch waits where the batch did.
+        let take = |n: usize, rest| self.acquire_unless_held(lane, n, Take::Free { rest }, hold);
+        let mut taking = std::pin::pin!(take(which.len(), false));
+        loop {
+            tokio::select! {
+                biased;
+                Some((g, answers)) = sends.next(), if !sends.is_empty() => {
+                    let (start, len, slots): &mut (usize, usize, LaneSlots) = &mut groups[g];
+                    let group = &which[*start..*start + *len];
+                    self.answered(batch, group, slots, answers, attempt, settle, next)?;
+                }
+                slots = &mut taking, if starting => {
+                    // Held meanwhile (paused, cancelled): the rest leave the queue unsettled.
+                    let Some(slots) = slots.filter(|s| !s.is_empty()) else {
+                        starting = false;
+                        continue;
+                    };
+                    // A halt while waiting for the slots sends nothing more; a stop leaves
+                    // the messages unsettled.
+                    self.check_halted()?;
+                    if self.yields(lane) || hold.is_held() {
+                        starting = false;
+                        continue;
+                    }
+                    self.check_guard()?;
+                    let len = slots.len().min(which.len() - started);
+                    let group = &which[started..started + len];
+                    let gate = Gate::new(self.rate.as_ref(), lane);
+                    let g = groups.len();
+                    groups.push((started, len, slots));
+                    let answers = self.provider.send_each(batch, group, attempt, gate);
+                    sends.push(answers.map(move |a| (g, a)));
+                    started += len;
+                    starting = started < which.len();
+                    if starting {
+                        taking.set(take(which.len() - started, true));
+                    }
+                }
+                else => return Ok(()),
+            }
+        }
+    }
+
+    /// Judges the `answers` of messages of `group` (positions in it); settles those whose
+    /// fate is known with as many of the group's `slots`, and gives back the slots of those
+    /// to retry.
+    #[allow(clippy::too_many_arguments)]
+    fn answered(
+        &self,
+        batch: &[Message<'_>],
+        group: &[usize],
+        slots: &mut LaneSlots,
+        answers: Vec<(usize, Attempt)>,
+        attempt: u32,
+        settle: &(dyn Fn(Settled) + Sync),
+        next: &mut Next,
+    ) -> Result<()> {
+        self.metrics
+            .record_latencies(answers.iter().map(|(_, (_, latency))| *latency));
+        let answered = answers.len();
+        let mut fates = Vec::with_capacity(answered);
+        for (k, (outcome, _)) in answers {
+            self.judge(batch, group[k], outcome, attempt, &mut fates, next)?;
+            self.observe(next, false)?;
+        }
+        let settled = slots.split(fates.len());
+        // Those to retry wait holding no slot.
+        drop(slots.split(answered - fates.len()));
+        if !fates.is_empty() {
+            settle(Settled {
+                fates,
+                _slots: Some(settled),
+            });
+        }
+        Ok(())
     }
 
     /// Shows the breaker the attempts counted in `next` (all of them when `now`, else once

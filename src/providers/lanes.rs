@@ -50,10 +50,13 @@ struct State {
     waiting: [VecDeque<Waiter>; LANES],
 }
 
+/// A queued request: at least `min` slots, as many as fit up to `n`.
 #[derive(Debug)]
 struct Waiter {
+    min: usize,
     n: usize,
-    granted: oneshot::Sender<()>,
+    /// Told how many were granted.
+    granted: oneshot::Sender<usize>,
 }
 
 impl State {
@@ -94,29 +97,65 @@ impl Lanes {
     /// Waits for `n` slots of `lane` (at most [`Lanes::most`]; at least one).
     pub async fn acquire(self: &Arc<Self>, lane: Priority, n: usize) -> LaneSlots {
         let n = n.clamp(1, self.most(lane));
+        self.acquire_between(lane, n, n, false).await
+    }
+
+    /// Waits for at least one slot of `lane`, and takes as many as are free then, up to `n`:
+    /// for messages that each hold a slot of their own but may start together. Queued like
+    /// any other waiter: it passes no waiter of its own or a higher lane. `rest`: these are
+    /// the rest of a request that was granted only part of what it asked for — they wait at
+    /// the head of their lane, where they were (as if each message had queued on its own).
+    pub async fn acquire_some(self: &Arc<Self>, lane: Priority, n: usize, rest: bool) -> LaneSlots {
+        let n = n.clamp(1, self.most(lane));
+        self.acquire_between(lane, 1, n, rest).await
+    }
+
+    /// Waits for at least `min` slots of `lane` and takes as many as fit up to `n` (`min` ≤
+    /// `n` ≤ [`Lanes::most`]), queued at the head of its lane when `front`.
+    async fn acquire_between(
+        self: &Arc<Self>,
+        lane: Priority,
+        min: usize,
+        n: usize,
+        front: bool,
+    ) -> LaneSlots {
         let l = lane.lane();
         let granted = {
             let mut s = self.lock();
-            if s.waiting[..=l].iter().all(VecDeque::is_empty) && self.fits(&s, l, n) {
+            let ahead = if front {
+                &s.waiting[..l]
+            } else {
+                &s.waiting[..=l]
+            };
+            if ahead.iter().all(VecDeque::is_empty) && self.fits(&s, l, min) {
+                let n = self.room(&s, l).min(n);
                 s.held[l] += n;
                 return self.slots(l, n);
             }
             let (tx, rx) = oneshot::channel();
-            s.waiting[l].push_back(Waiter { n, granted: tx });
+            let waiter = Waiter {
+                min,
+                n,
+                granted: tx,
+            };
+            match front {
+                true => s.waiting[l].push_front(waiter),
+                false => s.waiting[l].push_back(waiter),
+            }
             rx
         };
         let mut pending = Pending {
             lanes: self,
             lane: l,
-            n,
             granted: Some(granted),
         };
-        if let Some(rx) = pending.granted.as_mut() {
-            // The sender lives in the queue until it grants (or the waiter is found gone).
-            let _ = rx.await;
-        }
+        // The sender lives in the queue until it grants (or the waiter is found gone).
+        let got = match pending.granted.as_mut() {
+            Some(rx) => rx.await.unwrap_or(0),
+            None => 0,
+        };
         pending.granted = None;
-        self.slots(l, n)
+        self.slots(l, got)
     }
 
     fn slots(self: &Arc<Self>, lane: usize, n: usize) -> LaneSlots {
@@ -129,12 +168,17 @@ impl Lanes {
 
     /// Whether `lane` may take `n` more slots now.
     fn fits(&self, s: &State, lane: usize, n: usize) -> bool {
+        n <= self.room(s, lane)
+    }
+
+    /// How many more slots `lane` may take now.
+    fn room(&self, s: &State, lane: usize) -> usize {
         let free = self.capacity - s.total();
         let kept = match lane {
             BULK => self.reserve.saturating_sub(s.held[TRANSACTIONAL]),
             _ => 0,
         };
-        n + kept <= free
+        free.saturating_sub(kept)
     }
 
     /// Hands free slots to waiters, lane by lane, first come first served within a lane; stops
@@ -146,21 +190,25 @@ impl Lanes {
                     s.waiting[lane].pop_front();
                     continue;
                 }
-                if !self.fits(s, lane, w.n) {
+                if !self.fits(s, lane, w.min) {
                     return;
                 }
                 let Some(w) = s.waiting[lane].pop_front() else {
                     break;
                 };
-                s.held[lane] += w.n;
-                if w.granted.send(()).is_err() {
-                    s.held[lane] -= w.n;
+                let n = self.room(s, lane).min(w.n);
+                s.held[lane] += n;
+                if w.granted.send(n).is_err() {
+                    s.held[lane] -= n;
                 }
             }
         }
     }
 
     fn release(&self, lane: usize, n: usize) {
+        if n == 0 {
+            return;
+        }
         let mut s = self.lock();
         s.held[lane] -= n;
         self.grant(&mut s);
@@ -176,16 +224,15 @@ impl Lanes {
 struct Pending<'a> {
     lanes: &'a Arc<Lanes>,
     lane: usize,
-    n: usize,
-    granted: Option<oneshot::Receiver<()>>,
+    granted: Option<oneshot::Receiver<usize>>,
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if let Some(mut rx) = self.granted.take() {
             rx.close();
-            if rx.try_recv().is_ok() {
-                self.lanes.release(self.lane, self.n);
+            if let Ok(n) = rx.try_recv() {
+                self.lanes.release(self.lane, n);
             } else {
                 let mut s = self.lanes.lock();
                 self.lanes.grant(&mut s);
@@ -200,6 +247,29 @@ pub struct LaneSlots {
     lanes: Arc<Lanes>,
     lane: usize,
     n: usize,
+}
+
+impl LaneSlots {
+    /// How many slots these are.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether these are no slots at all.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Takes `n` of these slots (at most all) apart, to be given back on their own.
+    pub fn split(&mut self, n: usize) -> LaneSlots {
+        let n = n.min(self.n);
+        self.n -= n;
+        LaneSlots {
+            lanes: self.lanes.clone(),
+            lane: self.lane,
+            n,
+        }
+    }
 }
 
 impl Drop for LaneSlots {
@@ -304,6 +374,62 @@ mod tests {
             drop(t.await.unwrap());
         }
         assert_eq!(*order.lock().unwrap(), vec![T, N, N, B, B]);
+    }
+
+    /// `acquire_some` takes what is free (bulk: never the reserve), queues for at least one
+    /// behind the waiters before it, and is granted as many as have come back by its turn.
+    #[tokio::test]
+    async fn some_takes_what_is_free_and_waits_its_turn_for_at_least_one() {
+        let lanes = Lanes::new(20);
+        let mut bulk = lanes
+            .acquire_some(B, 100, false)
+            .now_or_never()
+            .expect("free slots");
+        assert_eq!(bulk.len(), 18, "all but transactional's reserve");
+        let normal = lanes
+            .acquire_some(N, 100, false)
+            .now_or_never()
+            .expect("the reserve");
+        assert_eq!((normal.len(), lanes.in_flight()), (2, 20));
+        let mut first = Box::pin(lanes.acquire_some(N, 5, false));
+        let mut second = Box::pin(lanes.acquire_some(N, 5, false));
+        assert!((&mut first).now_or_never().is_none());
+        assert!((&mut second).now_or_never().is_none());
+        drop(bulk.split(3));
+        assert_eq!(bulk.len(), 15);
+        let first = first.now_or_never().expect("granted");
+        assert_eq!(first.len(), 3, "what came back, not all it asked for");
+        drop(bulk.split(10));
+        let second = second.now_or_never().expect("granted");
+        assert_eq!(second.len(), 5, "at most what it asked for");
+        assert_eq!(lanes.in_flight(), 5 + 2 + 3 + 5);
+        drop((bulk, normal, first, second));
+        assert_eq!(lanes.in_flight(), 0);
+    }
+
+    /// The rest of a request granted in part waits at the head of its lane, before those that
+    /// queued after the request — but still behind a higher lane.
+    #[tokio::test]
+    async fn the_rest_of_a_request_waits_where_it_did() {
+        let lanes = Lanes::new(10);
+        let mut held = lanes
+            .acquire_some(N, 10, false)
+            .now_or_never()
+            .expect("free");
+        let mut later = Box::pin(lanes.acquire_some(N, 4, false));
+        assert!((&mut later).now_or_never().is_none());
+        let mut rest = Box::pin(lanes.acquire_some(N, 4, true));
+        assert!((&mut rest).now_or_never().is_none());
+        let mut tx = Box::pin(lanes.acquire(T, 1));
+        assert!((&mut tx).now_or_never().is_none());
+        drop(held.split(1));
+        let _tx = tx.now_or_never().expect("transactional first");
+        drop(held.split(3));
+        let rest = rest.now_or_never().expect("the rest next");
+        assert_eq!(rest.len(), 3);
+        assert!((&mut later).now_or_never().is_none());
+        drop(held.split(2));
+        assert_eq!(later.now_or_never().expect("then the later one").len(), 2);
     }
 
     #[tokio::test]

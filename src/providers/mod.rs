@@ -26,7 +26,8 @@ pub mod remote;
 
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::{BoxStream, FuturesUnordered, StreamExt};
 
 use crate::error::{Error, Result};
 use crate::model::Priority;
@@ -99,6 +100,11 @@ impl<'a> Gate<'a> {
         Gate(rate, lane)
     }
 
+    /// Whether the gate ever makes a message wait (a rate is set).
+    pub fn limits(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Waits for `messages` tokens.
     pub async fn pass(self, messages: usize) {
         if let Some(rate) = self.0 {
@@ -141,6 +147,22 @@ pub trait Push: std::fmt::Debug + Send + Sync {
         })
     }
 
+    /// Pushes `batch[i]` for every `i` in `which`, each its own request and all at once (each
+    /// passing `gate` right before it goes, as [`Push::send_one`] does); yields each answer
+    /// as it comes, as `(position in which, what the attempt came to)` — the answers that
+    /// came together in one list. The dispatcher calls this for a provider that
+    /// [`Push::sends_each`], with the messages that took their slots together. The default
+    /// runs [`Push::send_one`] for each ([`one_by_one`]).
+    fn send_each<'a>(
+        &'a self,
+        batch: &'a [Message<'a>],
+        which: &'a [usize],
+        attempt: u32,
+        gate: Gate<'a>,
+    ) -> BoxStream<'a, Vec<(usize, Attempt)>> {
+        one_by_one(self, batch, which, attempt, gate)
+    }
+
     /// Pushes `batch[i]` for every `i` in `which` (passing `gate` for all of them); returns
     /// `(position in which, outcome)` of each message not delivered, and how long it took.
     fn send_all<'a>(
@@ -170,6 +192,40 @@ pub trait Push: std::fmt::Debug + Send + Sync {
 
 /// A configured push provider.
 pub type Provider = Box<dyn Push>;
+
+/// [`Push::send_each`] as one [`Push::send_one`] future per message, all polled together;
+/// each poll yields every answer ready by then.
+pub fn one_by_one<'a, P: Push + ?Sized>(
+    provider: &'a P,
+    batch: &'a [Message<'a>],
+    which: &'a [usize],
+    attempt: u32,
+    gate: Gate<'a>,
+) -> BoxStream<'a, Vec<(usize, Attempt)>> {
+    let mut sends: FuturesUnordered<_> = which
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            provider
+                .send_one(&batch[i], attempt, gate)
+                .map(move |answer| (k, answer))
+        })
+        .collect();
+    let answers = futures::stream::poll_fn(move |cx| {
+        let mut ready = Vec::new();
+        loop {
+            match sends.poll_next_unpin(cx) {
+                std::task::Poll::Ready(Some(answer)) => ready.push(answer),
+                std::task::Poll::Ready(None) if ready.is_empty() => {
+                    return std::task::Poll::Ready(None)
+                }
+                std::task::Poll::Pending if ready.is_empty() => return std::task::Poll::Pending,
+                _ => return std::task::Poll::Ready(Some(ready)),
+            }
+        }
+    });
+    Box::pin(answers)
+}
 
 /// A provider as the job names it: parsed and checked, nothing opened yet (so `plan` and a
 /// run that stops on bad input touch no output).
