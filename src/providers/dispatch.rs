@@ -355,9 +355,15 @@ impl Dispatcher {
                 self.check_guard()?;
                 let (failed, latency) = self
                     .provider
-                    .send_all(batch, chunk, attempt, Gate::new(self.rate.as_ref(), lane))
+                    .send_all(
+                        batch,
+                        chunk,
+                        attempt,
+                        Gate::new(self.rate.as_ref(), lane).unless(hold.held),
+                    )
                     .await;
-                self.metrics.record_latency(latency, chunk.len());
+                let sent = chunk.len() - failed.iter().filter(|(_, o)| *o == Outcome::Held).count();
+                self.metrics.record_latency(latency, sent);
                 if failed.len() < chunk.len() {
                     // Some were delivered: the chunk's refusals are about their users.
                     self.breaker.saw_delivery();
@@ -431,7 +437,7 @@ impl Dispatcher {
                     self.check_guard()?;
                     let len = slots.len().min(which.len() - started);
                     let group = &which[started..started + len];
-                    let gate = Gate::new(self.rate.as_ref(), lane);
+                    let gate = Gate::new(self.rate.as_ref(), lane).unless(hold.held);
                     let g = groups.len();
                     groups.push((started, len, slots));
                     let answers = self.provider.send_each(batch, group, attempt, gate);
@@ -461,8 +467,11 @@ impl Dispatcher {
         settle: &(dyn Fn(Settled) + Sync),
         next: &mut Next,
     ) -> Result<()> {
-        self.metrics
-            .record_latencies(answers.iter().map(|(_, (_, latency))| *latency));
+        self.metrics.record_latencies(
+            (answers.iter())
+                .filter(|(_, (outcome, _))| *outcome != Some(Outcome::Held))
+                .map(|(_, (_, latency))| *latency),
+        );
         let answered = answers.len();
         let mut fates = Vec::with_capacity(answered);
         for (k, (outcome, _)) in answers {
@@ -538,6 +547,8 @@ impl Dispatcher {
                 Fate::Delivered
             }
             Some(Outcome::Unreachable) => Fate::Unreachable,
+            // Not sent (held while it waited for its rate token): left unsettled.
+            Some(Outcome::Held) => return Ok(()),
             Some(Outcome::Fatal(error)) => return Err(self.halt_for(error)),
             // Until the provider has delivered once, a refusal may be the provider's (a wrong
             // URL), not the user's: tried again rather than dead-lettered.
@@ -700,6 +711,67 @@ mod tests {
             .map(|_| retry_wait(8, Duration::from_millis(1)))
             .collect();
         assert!(waits.iter().any(|w| *w > Duration::from_secs(1)));
+    }
+
+    /// A campaign paused while its messages wait for rate tokens (holding their slots) sends
+    /// none of them once their token comes: each is answered `Held`, settled by nobody here
+    /// (its caller settles it as it does one held before its attempt). A provider whose every
+    /// message is a request (`mock:latency=1ms`); a list write passes its gate once, for the
+    /// whole list, and goes or not as one.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_that_lands_while_messages_wait_for_rate_tokens_sends_no_more() {
+        for mock in ["latency=1ms", "latency=1ms,jitter=1ms"] {
+            let dir = tempfile::tempdir().unwrap();
+            let dead = dir.path().join("dead.jsonl");
+            let provider: Provider =
+                Box::new(super::super::mock::MockProvider::parse(mock).unwrap());
+            let d = Dispatcher::new(
+                provider,
+                1000,
+                100,
+                3,
+                dead.to_str().unwrap(),
+                Arc::new(Metrics::new()),
+            );
+            let recs = records(400);
+            let msgs = messages(&recs);
+            let held = AtomicBool::new(false);
+            let is_held = || held.load(Relaxed);
+            let hold = Hold {
+                held: &is_held,
+                changes: None,
+            };
+            let start = tokio::time::Instant::now();
+            let settled_at = Mutex::new(Vec::new());
+            let pause = async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                held.store(true, Relaxed);
+            };
+            let settle = |s: Settled| {
+                let at = start.elapsed();
+                let fates = s.fates.iter().map(|(i, f)| (*i, f.clone(), at));
+                settled_at.lock().unwrap().extend(fates);
+            };
+            let send = d.deliver(Priority::Normal, &msgs, &settle, &hold);
+            let (sent, ()) = futures::future::join(send, pause).await;
+            sent.unwrap();
+            let settled = settled_at.into_inner().unwrap();
+            // Nothing was attempted after the pause (the mock answers within 1 ms), and most
+            // of the 400 never were: at 100 a second, 4 s of tokens.
+            assert!(
+                settled
+                    .iter()
+                    .all(|(_, f, at)| *f == Fate::Delivered && *at <= Duration::from_millis(502)),
+                "{mock}: {:?}",
+                settled
+                    .iter()
+                    .filter(|(_, _, at)| *at > Duration::from_millis(502))
+                    .take(3)
+                    .collect::<Vec<_>>()
+            );
+            assert!(settled.len() < 100, "{mock}: {} settled", settled.len());
+            assert!(!dead.exists() || std::fs::read_to_string(&dead).unwrap().is_empty());
+        }
     }
 
     #[tokio::test(start_paused = true)]

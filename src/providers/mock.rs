@@ -77,7 +77,9 @@ impl MockProvider {
         attempt: u32,
         gate: Gate<'_>,
     ) -> (Vec<(usize, Outcome)>, Duration) {
-        gate.pass(which.len()).await;
+        if !gate.pass(which.len()).await {
+            return (super::held(which), Duration::ZERO);
+        }
         if self.fail == 0.0 && self.permanent == 0.0 {
             return (Vec::new(), Duration::ZERO);
         }
@@ -91,7 +93,9 @@ impl MockProvider {
 
     /// Simulates pushing one message: waits its drawn latency, then answers.
     async fn push_one(&self, message: &Message<'_>, attempt: u32, gate: Gate<'_>) -> Attempt {
-        gate.pass(1).await;
+        if !gate.pass(1).await {
+            return (Some(Outcome::Held), Duration::ZERO);
+        }
         let (wait, outcome) = self.draw(message.json, attempt);
         let started = tokio::time::Instant::now();
         tokio::time::sleep(wait).await;

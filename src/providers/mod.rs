@@ -59,6 +59,10 @@ pub enum Outcome {
     /// The provider cannot work for the rest of the run (its output is gone: a broken pipe):
     /// stops the run at once, never a dead letter.
     Fatal(String),
+    /// Not sent: its campaign was paused or cancelled while it waited for a rate token
+    /// ([`Gate::pass`]). No I/O happened; it stays unsettled, for the dispatcher's caller to
+    /// settle as it does a message held before its attempt started.
+    Held,
 }
 
 /// What one attempt at one message came to: `None` delivered, else why not; and how long
@@ -91,26 +95,62 @@ impl Message<'_> {
 /// I/O, once per message it sends, and not for a message it refuses without sending (no
 /// token, too big). The tokens, like the slots, retries and dead letters, are the
 /// dispatcher's ([`dispatch`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Gate<'a>(Option<&'a rate::RateLimiter>, Priority);
+#[derive(Clone, Copy)]
+pub struct Gate<'a> {
+    rate: Option<&'a rate::RateLimiter>,
+    lane: Priority,
+    /// Whether the message's campaign is held back now (paused, cancelled).
+    held: Option<&'a (dyn Fn() -> bool + Sync)>,
+}
+
+impl std::fmt::Debug for Gate<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("lane", &self.lane)
+            .field("limits", &self.rate.is_some())
+            .finish()
+    }
+}
 
 impl<'a> Gate<'a> {
     /// A gate that takes `lane`'s tokens of `rate` (none: always open).
     pub fn new(rate: Option<&'a rate::RateLimiter>, lane: Priority) -> Self {
-        Gate(rate, lane)
+        Gate {
+            rate,
+            lane,
+            held: None,
+        }
+    }
+
+    /// The same gate, closed to a message whose campaign `held` holds back once its token
+    /// came: a pause that lands while it waits for a token sends nothing more.
+    pub fn unless(self, held: &'a (dyn Fn() -> bool + Sync)) -> Self {
+        Gate {
+            held: Some(held),
+            ..self
+        }
     }
 
     /// Whether the gate ever makes a message wait (a rate is set).
     pub fn limits(&self) -> bool {
-        self.0.is_some()
+        self.rate.is_some()
     }
 
-    /// Waits for `messages` tokens.
-    pub async fn pass(self, messages: usize) {
-        if let Some(rate) = self.0 {
-            rate.acquire(self.1, messages).await;
-        }
+    /// Waits for `messages` tokens; false when their campaign was held back meanwhile: then
+    /// the provider sends nothing and answers [`Outcome::Held`].
+    #[must_use]
+    pub async fn pass(self, messages: usize) -> bool {
+        let Some(rate) = self.rate else {
+            return true;
+        };
+        rate.acquire(self.lane, messages).await;
+        !self.held.is_some_and(|held| held())
     }
+}
+
+/// A list provider's answer when its gate was closed: every selected message [`Outcome::Held`].
+pub fn held(which: &[usize]) -> Vec<(usize, Outcome)> {
+    (0..which.len()).map(|k| (k, Outcome::Held)).collect()
 }
 
 /// What a provider does: the I/O of pushing messages and nothing else. Slots, rate tokens,

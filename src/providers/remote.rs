@@ -93,7 +93,9 @@ where
         Ok(r) => r,
         Err(outcome) => return (Some(outcome), Duration::ZERO),
     };
-    gate.pass(1).await;
+    if !gate.pass(1).await {
+        return (Some(Outcome::Held), Duration::ZERO);
+    }
     let started = Instant::now();
     let outcome = send(request).await;
     (outcome, started.elapsed())

@@ -195,6 +195,7 @@ impl FcmProvider {
             Outcome::InvalidToken(e) => Outcome::InvalidToken(cut(e)),
             Outcome::Unauthorized(e) => Outcome::Unauthorized(cut(e)),
             Outcome::Unreachable => Outcome::Unreachable,
+            Outcome::Held => Outcome::Held,
             Outcome::Fatal(e) => Outcome::Fatal(cut(e)),
         }
     }
