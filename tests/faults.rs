@@ -25,8 +25,8 @@
 //! flight; (b) no provider attempt of it (an HTTP request, any answer; a `log:` line) begins
 //! later than a grace after the command returned — nor after a pause's, until the resume —
 //! the grace being `--grace` (1 s: the run polls every 50 ms, and a loaded machine may hold
-//! a process back) plus the attempts that already held a concurrency slot waiting for their
-//! rate tokens (`concurrency / rate_per_s`); (c) every pair it records as delivered was sent,
+//! a process back; an attempt already waiting for its slot or its rate token sends nothing
+//! once the run has seen the change); (c) every pair it records as delivered was sent,
 //! and what was sent beyond those (in flight at an interruption, then settled as cancelled)
 //! is cancelled in the store and within the in-flight bound; (d) the clean runs push none of
 //! it. The job's other campaigns stay exact. Not under caps (a pause reorders a user's capped

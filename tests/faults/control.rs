@@ -44,15 +44,14 @@ fn log_lengths(dir: &Path) -> BTreeMap<String, u64> {
 
 impl Ctx<'_> {
     /// How late after a pause or cancel command returned a provider attempt of its campaign
-    /// may still start: the run reads the control version every 50 ms, and an attempt that
-    /// took its concurrency slot before (checked for the pause there) may still wait for its
-    /// rate token: up to `concurrency` of them at `rate_per_s`. The base (`--grace`, 1 s)
-    /// covers the poll and a process descheduled for most of a second on a loaded 2-core
-    /// machine (the CI set also passes with `--grace 150`: no attempt came later than that);
-    /// the queue at the rate gate is added to it (64 / 50/s at most).
+    /// may still start: the run reads the control version every 50 ms, and no attempt starts
+    /// once it has (one waiting for its slot or for its rate token sends nothing more). The
+    /// grace (`--grace`, 1 s) covers the poll and a process descheduled for most of a second on
+    /// a loaded 2-core machine (the CI set also passes with `--grace 150`: no attempt came
+    /// later than that). Before the rate gate checked the hold, the queue at the gate
+    /// (`concurrency` ÷ `rate_per_s`) was added to it.
     fn grace(&self) -> Duration {
-        let queue_ms = self.s.concurrency * 1000 / self.s.rate.max(1);
-        self.env.grace + Duration::from_millis(queue_ms)
+        self.env.grace
     }
 
     /// `fanout campaigns VERB CAMPAIGN` on the schedule's store; when it returned, or `None`

@@ -26,7 +26,7 @@ pub struct Env {
     /// `FANOUT_HTTP_TIMEOUT` of the children, in ms.
     pub http_timeout_ms: u64,
     /// How late an attempt of a paused or cancelled campaign may begin after the command
-    /// returned, before the rate gate's queue is added (see [`Ctx::grace`]).
+    /// returned (see [`Ctx::grace`]).
     pub grace: Duration,
     pub verbose: bool,
     /// Control runs: no faults, a provider that never fails (checks the naive reading
