@@ -241,8 +241,6 @@ pub struct Schedule {
     pub faults: Vec<Fault>,
     /// Operators' commands, in step order (see [`controls`]).
     pub controls: Vec<Control>,
-    /// The job's `rate_per_s` (of each process).
-    pub rate: u64,
     /// Frequency caps drawn (`[policy] frequency_caps`): every run's `--now` then stays
     /// non-decreasing (the fault runs all at the first tick).
     pub capped: bool,
@@ -798,7 +796,6 @@ pub fn plan(seed: u64) -> Schedule {
         ticks,
         faults,
         controls,
-        rate,
         capped: caps.is_some(),
         job,
         users_text,
