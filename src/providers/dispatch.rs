@@ -368,14 +368,20 @@ impl Dispatcher {
                     // Some were delivered: the chunk's refusals are about their users.
                     self.breaker.saw_delivery();
                 }
-                let mut failed = failed.into_iter().peekable();
                 let mut fates = Vec::with_capacity(chunk.len());
-                for (k, &i) in chunk.iter().enumerate() {
-                    let outcome = match failed.peek() {
-                        Some((at, _)) if *at == k => failed.next().map(|(_, o)| o),
-                        _ => None,
-                    };
-                    self.judge(batch, i, outcome, attempt, &mut fates, &mut next)?;
+                if failed.is_empty() {
+                    // The usual answer, every one delivered: judged together.
+                    self.delivered(chunk.len() as u64, &mut next);
+                    fates.extend(chunk.iter().map(|&i| (i, Fate::Delivered)));
+                } else {
+                    let mut failed = failed.into_iter().peekable();
+                    for (k, &i) in chunk.iter().enumerate() {
+                        let outcome = match failed.peek() {
+                            Some((at, _)) if *at == k => failed.next().map(|(_, o)| o),
+                            _ => None,
+                        };
+                        self.judge(batch, i, outcome, attempt, &mut fates, &mut next)?;
+                    }
                 }
                 self.observe(&mut next, true)?;
                 if !fates.is_empty() {
@@ -542,8 +548,7 @@ impl Dispatcher {
         };
         let fate = match outcome {
             None => {
-                self.unauthorized.store(0, Relaxed);
-                next.delivered += 1;
+                self.delivered(1, next);
                 Fate::Delivered
             }
             Some(Outcome::Unreachable) => Fate::Unreachable,
@@ -594,6 +599,15 @@ impl Dispatcher {
         };
         fates.push((i, fate));
         Ok(())
+    }
+
+    /// Notes `n` messages delivered in this attempt: refusals in a row are over.
+    fn delivered(&self, n: u64, next: &mut Next) {
+        // Read first: a store on every delivery bounced the line between cores.
+        if self.unauthorized.load(Relaxed) != 0 {
+            self.unauthorized.store(0, Relaxed);
+        }
+        next.delivered += n;
     }
 
     fn check_guard(&self) -> Result<()> {

@@ -3,6 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -151,27 +152,34 @@ impl Sets {
 
     /// Applies one record (replay) or one mark.
     pub(super) fn apply(&mut self, kind: Kind, id: u32) {
-        if kind != Kind::Quiet {
-            self.claimed.insert(id);
-        }
-        if !matches!(kind, Kind::Claim | Kind::Quiet) {
-            self.done.insert(id);
-        }
-        if let Some(tag) = self.tag_mut(kind) {
-            tag.insert(id);
-        }
+        self.apply_with(kind, |set| {
+            set.insert(id);
+        });
     }
 
     /// [`Sets::apply`] for a whole set of ids.
     pub(super) fn apply_all(&mut self, kind: Kind, ids: &RoaringBitmap) {
+        self.apply_with(kind, |set| *set |= ids);
+    }
+
+    /// [`Sets::apply`] for a range of ids.
+    pub(super) fn apply_range(&mut self, kind: Kind, ids: &RangeInclusive<u32>) {
+        self.apply_with(kind, |set| {
+            set.insert_range(ids.clone());
+        });
+    }
+
+    /// Adds ids, with `add`, to each set a record of `kind` puts them in: every kind but
+    /// quiet claims, every kind but claim and quiet settles (done), and a tagged kind tags.
+    fn apply_with(&mut self, kind: Kind, add: impl Fn(&mut RoaringBitmap)) {
         if kind != Kind::Quiet {
-            self.claimed |= ids;
+            add(&mut self.claimed);
         }
         if !matches!(kind, Kind::Claim | Kind::Quiet) {
-            self.done |= ids;
+            add(&mut self.done);
         }
         if let Some(tag) = self.tag_mut(kind) {
-            *tag |= ids;
+            add(tag);
         }
     }
 

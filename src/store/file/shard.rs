@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -124,23 +125,69 @@ pub(super) struct Shard {
     pub(super) state: Mutex<State>,
 }
 
-/// Ids per roaring container below which a batch goes id by id (see [`ascending_bitmap`]).
+/// Ids per roaring container below which a batch goes id by id (see [`Batch::of`]).
 const SET_OPS_MIN_IDS_PER_CONTAINER: usize = 8;
 
-/// `ids` as a bitmap, if they are strictly ascending (no repeats) and dense enough for whole-
-/// container set operations. Those cost about the size of every ledger container the batch
-/// touches; the per-id rules cost a lookup per id. A fan-out batch (ids of a few buckets)
-/// fills a container or two; a lazy coupon's batch (one epoch's logins) has a few ids in each
-/// of many containers, and id by id it is several times cheaper (measured on lazy_logins).
-fn ascending_bitmap(ids: &[u32]) -> Option<RoaringBitmap> {
-    let containers = 1 + ids.windows(2).filter(|w| w[0] >> 16 != w[1] >> 16).count();
-    if ids.len() < SET_OPS_MIN_IDS_PER_CONTAINER * containers {
-        return None;
+/// Strictly ascending ids, dense enough for whole-set operations: one range when they are
+/// consecutive (a synthetic or densely numbered population's batch: tested and applied with
+/// no set built), else a bitmap.
+enum Batch {
+    Range(RangeInclusive<u32>),
+    Set(RoaringBitmap),
+}
+
+impl Batch {
+    /// `ids` as a batch, if they are strictly ascending (no repeats) and dense enough.
+    /// Set operations cost about the size of every ledger container the batch touches; the
+    /// per-id rules cost a lookup per id. A fan-out batch (ids of a few buckets) fills a
+    /// container or two; a lazy coupon's batch (one epoch's logins) has a few ids in each of
+    /// many containers, and id by id it is several times cheaper (measured on lazy_logins).
+    fn of(ids: &[u32]) -> Option<Batch> {
+        let containers = 1 + ids.windows(2).filter(|w| w[0] >> 16 != w[1] >> 16).count();
+        if ids.len() < SET_OPS_MIN_IDS_PER_CONTAINER * containers
+            || !ids.windows(2).all(|w| w[0] < w[1])
+        {
+            return None;
+        }
+        match (ids.first(), ids.last()) {
+            (Some(&first), Some(&last)) if (last - first) as usize + 1 == ids.len() => {
+                Some(Batch::Range(first..=last))
+            }
+            _ => RoaringBitmap::from_sorted_iter(ids.iter().copied())
+                .ok()
+                .map(Batch::Set),
+        }
     }
-    if ids.windows(2).all(|w| w[0] < w[1]) {
-        RoaringBitmap::from_sorted_iter(ids.iter().copied()).ok()
-    } else {
-        None
+
+    /// Whether no id of the batch is in `set`.
+    fn is_disjoint(&self, set: &RoaringBitmap) -> bool {
+        match self {
+            // Ids come mostly in ascending order: past the set's last id, nothing to count.
+            Batch::Range(r) => {
+                set.max().is_none_or(|max| max < *r.start())
+                    || set.range_cardinality(r.clone()) == 0
+            }
+            Batch::Set(b) => b.is_disjoint(set),
+        }
+    }
+
+    /// Applies the batch to `sets` as a record of `kind` (see [`Sets::apply_all`]).
+    fn apply_to(&self, sets: &mut Sets, kind: Kind) {
+        match self {
+            Batch::Range(r) => sets.apply_range(kind, r),
+            Batch::Set(b) => sets.apply_all(kind, b),
+        }
+    }
+
+    fn into_set(self) -> RoaringBitmap {
+        match self {
+            Batch::Range(r) => {
+                let mut set = RoaringBitmap::new();
+                set.insert_range(r);
+                set
+            }
+            Batch::Set(b) => b,
+        }
     }
 }
 
@@ -181,7 +228,7 @@ impl Shard {
     /// held out or cancelled in the same record ([`crate::store::Ledger::claim_held_out`],
     /// [`crate::store::Ledger::claim_cancelled`]); else `kind` is [`Kind::Claim`].
     pub(super) fn claim(&self, key: &str, kind: Kind, ids: &[u32]) -> Result<Claim> {
-        let batch = ascending_bitmap(ids);
+        let batch = Batch::of(ids);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         if let Some(batch) = batch {
@@ -218,20 +265,21 @@ impl Shard {
         st: &mut State,
         kind: Kind,
         ids: &[u32],
-        batch: RoaringBitmap,
+        batch: Batch,
     ) -> Result<Claim> {
-        let done = &batch & &st.sets.done;
-        let open = batch - &done;
-        let fresh = &open - &st.sets.claimed;
-        if fresh.len() == ids.len() as u64 {
-            // The common case, a first run: every id is new.
+        if batch.is_disjoint(&st.sets.claimed) && batch.is_disjoint(&st.sets.done) {
+            // The common case, a first run: every id is new (tested without building a set).
             self.append(key, st, kind, ids)?;
-            st.sets.apply_all(kind, &fresh);
+            batch.apply_to(&mut st.sets, kind);
             return Ok(Claim {
                 claimed: ids.to_vec(),
                 already: Vec::new(),
             });
         }
+        let batch = batch.into_set();
+        let done = &batch & &st.sets.done;
+        let open = batch - &done;
+        let fresh = &open - &st.sets.claimed;
         let claimed_before = open - &fresh;
         let resend = &claimed_before & &st.pending;
         let taken = claimed_before - &resend;
@@ -277,7 +325,7 @@ impl Shard {
         at: crate::store::SendAt,
         caps: &[crate::history::Window],
     ) -> Result<crate::store::CappedClaim> {
-        let batch = ascending_bitmap(ids);
+        let batch = Batch::of(ids).map(Batch::into_set);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let mut out = crate::store::CappedClaim::default();
@@ -410,22 +458,34 @@ impl Shard {
     /// Records `ids` (all of this shard) as settled: done, or done with the outcome `kind`
     /// tags (dead, unreachable).
     pub(super) fn mark(&self, key: &str, kind: Kind, ids: &[u32]) -> Result<()> {
-        let batch =
-            ascending_bitmap(ids).unwrap_or_else(|| ids.iter().copied().collect::<RoaringBitmap>());
+        let batch = Batch::of(ids);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        let new = batch - st.sets.tag(kind).unwrap_or(&st.sets.done);
-        if new.is_empty() {
-            return Ok(());
+        let settled = st.sets.tag(kind).unwrap_or(&st.sets.done);
+        match batch {
+            // None settled before (the common case): written as given, no difference built.
+            Some(batch) if batch.is_disjoint(settled) => {
+                self.append(key, st, kind, ids)?;
+                batch.apply_to(&mut st.sets, kind);
+                if !st.pending.is_empty() {
+                    st.pending -= batch.into_set();
+                }
+            }
+            batch => {
+                let batch = match batch {
+                    Some(batch) => batch.into_set(),
+                    None => ids.iter().copied().collect(),
+                };
+                let new = batch - settled;
+                if new.is_empty() {
+                    return Ok(());
+                }
+                let ids: Vec<u32> = new.iter().collect();
+                self.append(key, st, kind, &ids)?;
+                st.sets.apply_all(kind, &new);
+                st.pending -= &new;
+            }
         }
-        if new.len() == ids.len() as u64 && ids.windows(2).all(|w| w[0] < w[1]) {
-            self.append(key, st, kind, ids)?;
-        } else {
-            let ids: Vec<u32> = new.iter().collect();
-            self.append(key, st, kind, &ids)?;
-        }
-        st.sets.apply_all(kind, &new);
-        st.pending -= &new;
         Ok(())
     }
 
