@@ -746,3 +746,43 @@ fn run_or_spawn(runtime: &tokio::runtime::Handle, task: impl Future<Output = ()>
         runtime.spawn(task);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A task that never waits ends on the calling thread (the worker); one that waits for a
+    /// timer goes on on the runtime, whose waker replaces the first poll's, and ends there.
+    #[test]
+    fn a_task_runs_here_until_it_waits_then_on_the_runtime() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("test-runtime")
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (tx, rx) = mpsc::channel();
+        let here = std::thread::current().id();
+
+        let done = tx.clone();
+        run_or_spawn(runtime.handle(), async move {
+            let _ = done.send(("instant", std::thread::current().id()));
+        });
+        // Ended before run_or_spawn returned, on this thread.
+        assert_eq!(rx.try_recv(), Ok(("instant", here)));
+
+        let (started, waited) = (tx.clone(), tx);
+        run_or_spawn(runtime.handle(), async move {
+            let _ = started.send(("started", std::thread::current().id()));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = waited.send(("waited", std::thread::current().id()));
+        });
+        assert_eq!(rx.try_recv(), Ok(("started", here)));
+        let (what, thread) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("never woken");
+        assert_eq!(what, "waited");
+        assert_ne!(thread, here, "the rest ran on the runtime");
+    }
+}

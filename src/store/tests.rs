@@ -417,8 +417,10 @@ async fn claims_follow_the_naive_model_in_any_batch_order() {
         model.pending = model.claimed.difference(&model.done).copied().collect();
         for _ in 0..300 {
             let start = next(3000) as u32;
+            // A quarter of the batches are consecutive ids (the stores take those as a range).
+            let consecutive = next(4) == 0;
             let mut ids: Vec<u32> = (0..next(300) as u32)
-                .map(|i| start + i * (1 + next(3) as u32))
+                .map(|i| start + i * (1 + if consecutive { 0 } else { next(3) as u32 }))
                 .collect();
             if next(3) == 0 {
                 ids.reverse();

@@ -224,6 +224,53 @@ fn a_million_sequential_claims_make_a_small_snapshot() {
     );
 }
 
+/// Consecutive ids (taken as a range, not a set) that run into ids claimed or settled before
+/// — past the start of a range, up to its end, or only at its start — claim and mark only the
+/// new ones, and a reopen reads back the same sets.
+#[test]
+fn consecutive_batches_over_earlier_ids_claim_and_mark_only_the_new_ones() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let ledger = store.ledger("ranges").expect("ledger");
+    let range = |a: u32, b: u32| (a..=b).collect::<Vec<u32>>();
+    let claim = |ledger: &FileLedger, ids: &[u32]| {
+        let c = ledger.claim(ids).expect("claim");
+        (c.claimed, c.already)
+    };
+    assert_eq!(claim(&ledger, &range(100, 199)), (range(100, 199), vec![]));
+    // Over the tail of what is claimed: the set's last id lies inside the range.
+    assert_eq!(
+        claim(&ledger, &range(150, 249)),
+        (range(200, 249), range(150, 199))
+    );
+    // Below everything claimed, touching its first id only.
+    assert_eq!(claim(&ledger, &range(90, 100)), (range(90, 99), vec![100]));
+    // Claimed in the middle of the range, free on both sides.
+    assert_eq!(claim(&ledger, &range(250, 259)), (range(250, 259), vec![]));
+    assert_eq!(
+        claim(&ledger, &range(240, 270)),
+        (range(260, 270), range(240, 259))
+    );
+    ledger.mark_done(&range(100, 149)).expect("done");
+    // Partly settled already: marked again, changes nothing for those.
+    ledger.mark_done(&range(140, 159)).expect("done");
+    ledger.mark_dead(&range(160, 169)).expect("dead");
+    // Done ids claim as already granted, wherever they sit in the range.
+    assert_eq!(claim(&ledger, &range(95, 104)), (vec![], range(95, 104)));
+    let want = (range(90, 270), range(100, 169), range(160, 169));
+    assert_eq!(sets_of(&ledger), want);
+    drop((ledger, store));
+    let store = open(tmp.path());
+    let ledger = store.ledger("ranges").expect("ledger");
+    assert_eq!(sets_of(&ledger), want);
+    // Claimed and not settled before the reopen: handed out once more, then already.
+    assert_eq!(
+        claim(&ledger, &range(165, 174)),
+        (range(170, 174), range(165, 169))
+    );
+    assert_eq!(claim(&ledger, &range(170, 174)), (vec![], range(170, 174)));
+}
+
 #[test]
 fn a_long_log_is_checkpointed_on_open() {
     let tmp = tempfile::tempdir().expect("tempdir");
