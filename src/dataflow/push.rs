@@ -4,8 +4,10 @@
 //! `task_users` users while fewer than `max_in_flight` messages are out. The CPU work of a
 //! task happens here, on the worker that owns the users: the claim (on the embedded store, a
 //! set operation and a log append; on Redis, network I/O that a tokio task issues and hands
-//! back over a channel) and the rendering. Only the provider calls and the records of their
-//! outcomes run on the tokio runtime. Tasks report back over channels and wake the operator
+//! back over a channel) and the rendering. The provider calls and the records of their
+//! outcomes start here too, and go on on the tokio runtime from their first wait (I/O, a
+//! timer, a slot): an instant provider on a local store never leaves the worker
+//! ([`run_or_spawn`]). Tasks report back over channels and wake the operator
 //! through a `SyncActivator` (guarded by a flag, so a burst of acks wakes it once). Each
 //! epoch's capability is held until every task of that epoch is acknowledged: the probe
 //! downstream means "delivered" — or, once the dispatcher stops gracefully, that the epoch's
@@ -736,6 +738,7 @@ fn render_and_push(
 /// waits for I/O, a timer, a slot or a rate token — goes on on the runtime. A provider that
 /// answers at once and a local store complete a push task right here, with its records still
 /// in this core's cache (handing every task to the runtime's threads made them cross cores).
+/// A `log:` provider's write, an ordinary file write, is made here too.
 fn run_or_spawn(runtime: &tokio::runtime::Handle, task: impl Future<Output = ()> + Send + 'static) {
     let mut task = Box::pin(task);
     // Inside the runtime's context: timers and I/O made in the first poll belong to it.
