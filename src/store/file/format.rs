@@ -279,23 +279,68 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
-/// Fills `buf` with one log record of `kind` for `ids`.
-pub(super) fn encode_record(
-    buf: &mut Vec<u8>,
-    kind: Kind,
-    ids: impl ExactSizeIterator<Item = u32>,
-) {
+/// Set in a record's kind byte when its ids are written as runs: (first, last) pairs, both
+/// inclusive, instead of one by one.
+const RUNS: u8 = 0x80;
+
+/// Fills `buf` with one log record of `kind` for `ids`: as runs of consecutive ids when that
+/// takes at most half the bytes (an id-ordered batch of a densely numbered population is one
+/// run: 8 bytes for thousands of ids), else id by id.
+pub(super) fn encode_record(buf: &mut Vec<u8>, kind: Kind, ids: &[u32]) {
+    let runs = 1 + ids
+        .windows(2)
+        .filter(|w| w[0].checked_add(1) != Some(w[1]))
+        .count();
+    let as_runs = 4 * runs <= ids.len();
     buf.clear();
-    buf.reserve(RECORD_HEADER + 1 + 4 * ids.len());
     buf.extend_from_slice(&[0; RECORD_HEADER]);
-    buf.push(kind as u8);
-    for id in ids {
-        buf.extend_from_slice(&id.to_le_bytes());
+    if as_runs {
+        buf.reserve(1 + 8 * runs);
+        buf.push(kind as u8 | RUNS);
+        for run in ids.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
+            if let (Some(first), Some(last)) = (run.first(), run.last()) {
+                buf.extend_from_slice(&first.to_le_bytes());
+                buf.extend_from_slice(&last.to_le_bytes());
+            }
+        }
+    } else {
+        buf.reserve(1 + 4 * ids.len());
+        buf.push(kind as u8);
+        for id in ids {
+            buf.extend_from_slice(&id.to_le_bytes());
+        }
     }
     let len = (buf.len() - RECORD_HEADER) as u32;
     let crc = crc32fast::hash(&buf[RECORD_HEADER..]);
     buf[..4].copy_from_slice(&len.to_le_bytes());
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Applies one record's payload (its kind byte, then its ids) to `sets`; an error says why
+/// the payload is not a record.
+fn apply_record(payload: &[u8], sets: &mut Sets) -> std::result::Result<(), &'static str> {
+    let (&tag, body) = payload.split_first().ok_or("bad length")?;
+    let kind = Kind::from_byte(tag & !RUNS).ok_or("bad record kind")?;
+    if tag & RUNS == 0 {
+        for id in body.chunks_exact(4) {
+            sets.apply(kind, u32_at(id, 0));
+        }
+        return Ok(());
+    }
+    if !body.len().is_multiple_of(8) {
+        return Err("bad length");
+    }
+    let runs: Vec<RangeInclusive<u32>> = body
+        .chunks_exact(8)
+        .map(|run| u32_at(run, 0)..=u32_at(run, 4))
+        .collect();
+    if runs.iter().any(|r| r.is_empty()) {
+        return Err("bad run");
+    }
+    for run in &runs {
+        sets.apply_range(kind, run);
+    }
+    Ok(())
 }
 
 /// Replays the log at `path` into `sets`; returns (bytes of whole good records, file length).
@@ -335,16 +380,17 @@ fn replay(path: &Path, sets: &mut Sets) -> Result<(u64, u64)> {
             // The file shrank under a reader (a writer's checkpoint emptied it): stop here.
             break;
         }
-        let Some(kind) = Kind::from_byte(payload[0]) else {
+        if Kind::from_byte(payload[0] & !RUNS).is_none() {
             check_torn_tail(path, &stamp, good, extent, "bad record kind")?;
             break;
-        };
+        }
         if crc32fast::hash(&payload) != u32_at(&header, 4) {
             check_torn_tail(path, &stamp, good, extent, "checksum mismatch")?;
             break;
         }
-        for id in payload[1..].chunks_exact(4) {
-            sets.apply(kind, u32_at(id, 0));
+        if let Err(why) = apply_record(&payload, sets) {
+            check_torn_tail(path, &stamp, good, extent, why)?;
+            break;
         }
         good = extent;
     }

@@ -10,7 +10,9 @@
 //!                               first 3, 6 and 7 of them, are still read)
 //! ```
 //! Record kinds: 1 claim, 2 done (delivered), 3 dead, 4 unreachable, 5 held out, 7 capped and
-//! 8 cancelled (each a claim and its settlement in one record), 6 held for quiet hours.
+//! 8 cancelled (each a claim and its settlement in one record), 6 held for quiet hours. A kind
+//! byte with its high bit set (0x80) says the ids follow as runs, (first u32 LE, last u32 LE)
+//! both inclusive: a record of consecutive ids is 17 bytes however many it holds.
 //! `<key>` is the ledger key with every byte outside `[A-Za-z0-9_-]` written `%XX`.
 //!
 //! Each record is written with one `write` on an append-mode file, so a claim survives a

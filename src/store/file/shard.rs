@@ -500,7 +500,7 @@ impl Shard {
                 self.log_path.display()
             )));
         }
-        encode_record(&mut st.buf, kind, ids.iter().copied());
+        encode_record(&mut st.buf, kind, ids);
         if let Err(e) = log.write_all(&st.buf) {
             if log.set_len(st.log_len).is_err() {
                 st.broken = true;

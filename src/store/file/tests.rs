@@ -271,6 +271,44 @@ fn consecutive_batches_over_earlier_ids_claim_and_mark_only_the_new_ones() {
     assert_eq!(claim(&ledger, &range(170, 174)), (vec![], range(170, 174)));
 }
 
+/// Consecutive ids are logged as runs — a record of 17 bytes however long its run — and read
+/// back as the same sets; ids with no run among them are logged one by one. A run record that
+/// is no run (first past last) with a record after it is corruption, as any bad record is.
+#[test]
+fn consecutive_ids_are_logged_as_runs_and_read_back_whole() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let ledger = store.ledger("runs").expect("ledger");
+    let claimed: Vec<u32> = (1000..=4999).collect();
+    ledger.claim(&claimed).expect("claim");
+    // Two runs: 1000..=1999 and 2001..=2999.
+    let done: Vec<u32> = (1000..=2999).filter(|&id| id != 2000).collect();
+    ledger.mark_done(&done).expect("done");
+    let dead: Vec<u32> = (3000..3010).step_by(2).collect();
+    ledger.mark_dead(&dead).expect("dead");
+    let log = log_of(tmp.path(), "runs");
+    let records = [1 + 8, 1 + 2 * 8, 1 + 4 * dead.len()];
+    let want_len: usize = records.iter().map(|r| RECORD_HEADER + r).sum();
+    assert_eq!(fs::metadata(&log).expect("stat").len(), want_len as u64);
+    let mut settled = [done.clone(), dead.clone()].concat();
+    settled.sort_unstable();
+    let want = (claimed, settled, dead);
+    assert_eq!(sets_of(&ledger), want);
+    drop((ledger, store));
+    let store = open(tmp.path());
+    assert_eq!(sets_of(&store.ledger("runs").expect("ledger")), want);
+    drop(store);
+    // The claim's run made 5000..=4999, its checksum made good again.
+    let mut bytes = fs::read(&log).expect("read log");
+    bytes[RECORD_HEADER + 1..RECORD_HEADER + 5].copy_from_slice(&5000u32.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[RECORD_HEADER..RECORD_HEADER + records[0]]);
+    bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&log, &bytes).expect("write log");
+    let store = open(tmp.path());
+    let msg = format!("{:#}", store.ledger("runs").expect_err("bad run opened"));
+    assert!(msg.contains("offset 0 (bad run)"), "{msg}");
+}
+
 #[test]
 fn a_long_log_is_checkpointed_on_open() {
     let tmp = tempfile::tempdir().expect("tempdir");
