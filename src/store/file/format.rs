@@ -283,24 +283,50 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// inclusive, instead of one by one.
 const RUNS: u8 = 0x80;
 
+/// `ids` as one run of consecutive ascending ids, if they are one: an id-ordered batch of a
+/// densely numbered population is. One pass with no early exit, which the compiler turns
+/// into vector compares: a few hundred nanoseconds for a push task's ids.
+pub(super) fn run_of(ids: &[u32]) -> Option<RangeInclusive<u32>> {
+    let (&first, &last) = (ids.first()?, ids.last()?);
+    // Every step +1 (wrapping) and the span as long as the ids: no step wrapped.
+    let steps =
+        (ids[1..].iter().zip(ids)).fold(true, |ok, (next, id)| ok & (next.wrapping_sub(*id) == 1));
+    let span = u64::from(last).checked_sub(u64::from(first))? + 1;
+    (steps && span == ids.len() as u64).then_some(first..=last)
+}
+
 /// Fills `buf` with one log record of `kind` for `ids`: as runs of consecutive ids when that
 /// takes at most half the bytes (an id-ordered batch of a densely numbered population is one
 /// run: 8 bytes for thousands of ids), else id by id.
 pub(super) fn encode_record(buf: &mut Vec<u8>, kind: Kind, ids: &[u32]) {
-    let runs = 1 + ids
-        .windows(2)
-        .filter(|w| w[0].checked_add(1) != Some(w[1]))
-        .count();
+    let run = run_of(ids);
+    let runs = match run {
+        Some(_) => 1,
+        None => {
+            1 + ids
+                .windows(2)
+                .filter(|w| w[0].checked_add(1) != Some(w[1]))
+                .count()
+        }
+    };
     let as_runs = 4 * runs <= ids.len();
     buf.clear();
     buf.extend_from_slice(&[0; RECORD_HEADER]);
     if as_runs {
         buf.reserve(1 + 8 * runs);
         buf.push(kind as u8 | RUNS);
-        for run in ids.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
-            if let (Some(first), Some(last)) = (run.first(), run.last()) {
-                buf.extend_from_slice(&first.to_le_bytes());
-                buf.extend_from_slice(&last.to_le_bytes());
+        let mut put = |first: u32, last: u32| {
+            buf.extend_from_slice(&first.to_le_bytes());
+            buf.extend_from_slice(&last.to_le_bytes());
+        };
+        match run {
+            Some(run) => put(*run.start(), *run.end()),
+            None => {
+                for run in ids.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
+                    if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
+                        put(first, last);
+                    }
+                }
             }
         }
     } else {

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use roaring::RoaringBitmap;
 
-use super::format::{encode_record, Kind, Sets};
+use super::format::{encode_record, run_of, Kind, Sets};
 use super::{io_error, lock};
 use crate::error::{Error, Result};
 use crate::store::Claim;
@@ -143,20 +143,18 @@ impl Batch {
     /// container or two; a lazy coupon's batch (one epoch's logins) has a few ids in each of
     /// many containers, and id by id it is several times cheaper (measured on lazy_logins).
     fn of(ids: &[u32]) -> Option<Batch> {
+        if let Some(run) = run_of(ids) {
+            return (ids.len() >= SET_OPS_MIN_IDS_PER_CONTAINER).then_some(Batch::Range(run));
+        }
         let containers = 1 + ids.windows(2).filter(|w| w[0] >> 16 != w[1] >> 16).count();
         if ids.len() < SET_OPS_MIN_IDS_PER_CONTAINER * containers
             || !ids.windows(2).all(|w| w[0] < w[1])
         {
             return None;
         }
-        match (ids.first(), ids.last()) {
-            (Some(&first), Some(&last)) if (last - first) as usize + 1 == ids.len() => {
-                Some(Batch::Range(first..=last))
-            }
-            _ => RoaringBitmap::from_sorted_iter(ids.iter().copied())
-                .ok()
-                .map(Batch::Set),
-        }
+        RoaringBitmap::from_sorted_iter(ids.iter().copied())
+            .ok()
+            .map(Batch::Set)
     }
 
     /// Whether no id of the batch is in `set`.

@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::format::{check_torn_tail, file_stem, Stamp, RECORD_HEADER};
+use super::format::{check_torn_tail, file_stem, run_of, Stamp, RECORD_HEADER};
 use super::*;
 use crate::store::LedgerCounts;
 
@@ -269,6 +269,28 @@ fn consecutive_batches_over_earlier_ids_claim_and_mark_only_the_new_ones() {
         (range(170, 174), range(165, 169))
     );
     assert_eq!(claim(&ledger, &range(170, 174)), (vec![], range(170, 174)));
+}
+
+/// A run is consecutive ascending ids, and nothing else: not a repeat, a gap, a step down, or
+/// a step over the top of the id space.
+#[test]
+fn a_run_is_consecutive_ascending_ids() {
+    let max = u32::MAX;
+    let cases: [(&[u32], Option<(u32, u32)>); 9] = [
+        (&[], None),
+        (&[5], Some((5, 5))),
+        (&[1, 2, 3], Some((1, 3))),
+        (&[max - 1, max], Some((max - 1, max))),
+        (&[1, 3], None),
+        (&[3, 2], None),
+        (&[1, 2, 2, 3], None),
+        (&[max, 0], None),
+        (&[max - 1, max, 0, 1], None),
+    ];
+    for (ids, want) in cases {
+        let got = run_of(ids).map(|r| (*r.start(), *r.end()));
+        assert_eq!(got, want, "{ids:?}");
+    }
 }
 
 /// Consecutive ids are logged as runs — a record of 17 bytes however long its run — and read
