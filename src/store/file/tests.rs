@@ -276,7 +276,8 @@ fn consecutive_batches_over_earlier_ids_claim_and_mark_only_the_new_ones() {
 #[test]
 fn a_run_is_consecutive_ascending_ids() {
     let max = u32::MAX;
-    let cases: [(&[u32], Option<(u32, u32)>); 9] = [
+    type Case<'a> = (&'a [u32], Option<(u32, u32)>);
+    let cases: [Case; 9] = [
         (&[], None),
         (&[5], Some((5, 5))),
         (&[1, 2, 3], Some((1, 3))),
