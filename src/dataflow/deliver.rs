@@ -405,7 +405,12 @@ async fn record(
     rt.sends.note();
     let (mut done, mut dead, mut unreachable) = (Vec::new(), Vec::new(), Vec::new());
     for (offset, s) in settled {
-        for (i, fate) in &s.fates {
+        if let Some(range) = s.delivered() {
+            let range = offset + range.start..offset + range.end;
+            done.extend(messages[range].iter().map(|m| m.user));
+            continue;
+        }
+        for (i, fate) in s.fates() {
             let user = messages[offset + i].user;
             match fate {
                 Fate::Delivered => done.push(user),

@@ -21,6 +21,7 @@
 //! returns the same error, the push tasks fail, and the run stops with exit 1. Whatever was
 //! not delivered stays not done in the store, so a re-run sends it.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -46,7 +47,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 pub const UNAUTHORIZED_IN_A_ROW: u32 = 3;
 
 /// What became of one message, for good.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fate {
     /// The provider accepted it.
     Delivered,
@@ -91,10 +92,44 @@ impl Hold<'_> {
 /// all that a crash can make a re-run send twice.
 #[derive(Debug)]
 pub struct Settled {
-    /// `(position in the batch, fate)`.
-    pub fates: Vec<(usize, Fate)>,
+    fates: Fates,
     /// The slots of these messages' last attempt.
     _slots: Option<LaneSlots>,
+}
+
+#[derive(Debug)]
+enum Fates {
+    /// Every position of the range delivered: a chunk of consecutive positions sent whole
+    /// (a list provider's usual answer), kept as its range rather than a fate per message.
+    Delivered(Range<usize>),
+    /// `(position in the batch, fate)`.
+    Each(Vec<(usize, Fate)>),
+}
+
+impl Settled {
+    /// Each message's `(position in the batch, fate)`.
+    pub fn fates(&self) -> impl Iterator<Item = (usize, Fate)> + '_ {
+        let (range, each) = match &self.fates {
+            Fates::Delivered(r) => (r.clone(), &[][..]),
+            Fates::Each(each) => (0..0, &each[..]),
+        };
+        (range.map(|i| (i, Fate::Delivered))).chain(each.iter().copied())
+    }
+
+    /// The positions, when every one was delivered and they are consecutive.
+    pub fn delivered(&self) -> Option<Range<usize>> {
+        match &self.fates {
+            Fates::Delivered(r) => Some(r.clone()),
+            Fates::Each(_) => None,
+        }
+    }
+}
+
+/// `positions` (strictly ascending, as `which` always is) as one range, if they are
+/// consecutive.
+fn consecutive(positions: &[usize]) -> Option<Range<usize>> {
+    let (&first, &last) = (positions.first()?, positions.last()?);
+    (last - first + 1 == positions.len()).then_some(first..last + 1)
 }
 
 /// Checked right before every attempt: fails once this process may no longer send (its
@@ -368,11 +403,15 @@ impl Dispatcher {
                     // Some were delivered: the chunk's refusals are about their users.
                     self.breaker.saw_delivery();
                 }
-                let mut fates = Vec::with_capacity(chunk.len());
+                let mut fates = Vec::new();
+                let mut whole = None;
                 if failed.is_empty() {
                     // The usual answer, every one delivered: judged together.
                     self.delivered(chunk.len() as u64, &mut next);
-                    fates.extend(chunk.iter().map(|&i| (i, Fate::Delivered)));
+                    match consecutive(chunk) {
+                        Some(range) => whole = Some(range),
+                        None => fates.extend(chunk.iter().map(|&i| (i, Fate::Delivered))),
+                    }
                 } else {
                     let mut failed = failed.into_iter().peekable();
                     for (k, &i) in chunk.iter().enumerate() {
@@ -384,12 +423,15 @@ impl Dispatcher {
                     }
                 }
                 self.observe(&mut next, true)?;
-                if !fates.is_empty() {
-                    settle(Settled {
-                        fates,
-                        _slots: slots,
-                    });
-                }
+                let fates = match whole {
+                    Some(range) => Fates::Delivered(range),
+                    None if fates.is_empty() => continue,
+                    None => Fates::Each(fates),
+                };
+                settle(Settled {
+                    fates,
+                    _slots: slots,
+                });
             }
         }
         self.observe(&mut next, true)?;
@@ -489,7 +531,7 @@ impl Dispatcher {
         drop(slots.split(answered - fates.len()));
         if !fates.is_empty() {
             settle(Settled {
-                fates,
+                fates: Fates::Each(fates),
                 _slots: Some(settled),
             });
         }
@@ -763,7 +805,7 @@ mod tests {
             };
             let settle = |s: Settled| {
                 let at = start.elapsed();
-                let fates = s.fates.iter().map(|(i, f)| (*i, f.clone(), at));
+                let fates = s.fates().map(|(i, f)| (i, f, at));
                 settled_at.lock().unwrap().extend(fates);
             };
             let send = d.deliver(Priority::Normal, &msgs, &settle, &hold);
@@ -808,7 +850,7 @@ mod tests {
         d.deliver(
             Priority::Normal,
             &msgs,
-            &|s: Settled| fates.lock().unwrap().extend(s.fates),
+            &|s: Settled| fates.lock().unwrap().extend(s.fates()),
             &Hold::never(),
         )
         .await
@@ -868,7 +910,7 @@ mod tests {
             &|s: Settled| {
                 let at = started.elapsed();
                 let mut seen = seen.lock().unwrap();
-                seen.extend(s.fates.iter().map(|(i, f)| (*i, f.clone(), at)));
+                seen.extend(s.fates().map(|(i, f)| (i, f, at)));
                 held.lock().unwrap().push(s);
             },
             &Hold::never(),
