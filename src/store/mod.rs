@@ -373,12 +373,14 @@ impl Store {
         }
     }
 
-    /// Folds every open ledger's log into its snapshot (at the end of a run).
+    /// At the end of a run or `serve`: makes every claim and mark durable, folding each
+    /// ledger's log into its snapshot once the log has grown enough to be worth it
+    /// ([`FileStore::checkpoint_due`]).
     pub async fn checkpoint(&self) -> Result<()> {
         match self {
             Store::File(store) => {
                 let store = Arc::clone(store);
-                off_runtime(move || store.checkpoint()).await
+                off_runtime(move || store.checkpoint_due()).await
             }
             Store::Redis(store) => store.close().await,
         }

@@ -104,6 +104,11 @@ impl Sets {
         ]
     }
 
+    /// The bytes of the sets in a snapshot, less its header.
+    pub(super) fn serialized_size(&self) -> usize {
+        self.all().iter().map(|m| 8 + m.serialized_size()).sum()
+    }
+
     /// Every id any set holds (the claimed, and those only held for quiet hours).
     pub(super) fn ids(&self) -> RoaringBitmap {
         &self.claimed | &self.quiet
@@ -201,7 +206,7 @@ impl Sets {
 
     pub(super) fn encode(&self) -> Result<Vec<u8>> {
         let maps = self.all();
-        let body_len: usize = maps.iter().map(|m| 8 + m.serialized_size()).sum();
+        let body_len = self.serialized_size();
         let mut out = Vec::with_capacity(SNAP_HEADER + body_len);
         out.extend_from_slice(SNAP_MAGIC);
         out.extend_from_slice(&(body_len as u64).to_le_bytes());

@@ -249,13 +249,24 @@ impl FileStore {
     /// Folds every open ledger's log into its snapshot, and the send history's log into its
     /// own, once every send it holds is in its ledger.
     pub fn checkpoint(&self) -> Result<()> {
+        self.fold_logs(FileLedger::checkpoint)
+    }
+
+    /// [`Self::checkpoint`] of the ledgers whose logs have grown to a quarter of their
+    /// snapshot; the others' logs are fsynced ([`FileLedger::checkpoint_if_due`]). How a run
+    /// and `serve` end.
+    pub fn checkpoint_due(&self) -> Result<()> {
+        self.fold_logs(FileLedger::checkpoint_if_due)
+    }
+
+    fn fold_logs(&self, fold: fn(&FileLedger) -> Result<()>) -> Result<()> {
         let history = self.history.existing();
         if let Some(h) = &history {
             for key in h.unreconciled_keys() {
                 self.ledger(&key)?;
             }
         }
-        each_ledger(self.open_ledgers(), FileLedger::checkpoint)?;
+        each_ledger(self.open_ledgers(), fold)?;
         match history {
             Some(h) => h.checkpoint(self.auto_checkpoint_bytes),
             None => Ok(()),

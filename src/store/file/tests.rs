@@ -332,6 +332,46 @@ fn consecutive_ids_are_logged_as_runs_and_read_back_whole() {
     assert!(msg.contains("offset 0 (bad run)"), "{msg}");
 }
 
+/// How a run ends: a ledger is folded into a new snapshot only once its log holds a quarter
+/// of what the snapshot would; else the log stays (fsynced), and either reopens to its sets.
+#[test]
+fn the_closing_checkpoint_folds_only_logs_worth_folding() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dense: Vec<u32> = (0..200_000).collect();
+    let sparse: Vec<u32> = (0..1000).map(|i| i * 3).collect();
+    {
+        let store = open(tmp.path());
+        // 50 records of one run each, beside four full bitmap containers.
+        let runs = store.ledger("dense").expect("ledger");
+        for batch in dense.chunks(4000) {
+            runs.claim(batch).expect("claim");
+        }
+        runs.mark_done(&dense[..1000]).expect("done");
+        // One record of 1,000 ids, beside one array container of the same ids.
+        let ids = store.ledger("sparse").expect("ledger");
+        ids.claim(&sparse).expect("claim");
+        store.checkpoint_due().expect("checkpoint");
+    }
+    let len = |key| fs::metadata(log_of(tmp.path(), key)).expect("stat").len();
+    assert!(len("dense") > 0 && !snap_of(tmp.path(), "dense").exists());
+    assert!(len("sparse") == 0 && snap_of(tmp.path(), "sparse").exists());
+    let store = open(tmp.path());
+    let counts = |key, claimed, done| {
+        let ledger = store.ledger(key).expect("ledger");
+        assert_eq!(
+            ledger.counts(),
+            LedgerCounts {
+                claimed,
+                done,
+                dead: 0
+            },
+            "{key}"
+        );
+    };
+    counts("dense", 200_000, 1000);
+    counts("sparse", 1000, 0);
+}
+
 #[test]
 fn a_long_log_is_checkpointed_on_open() {
     let tmp = tempfile::tempdir().expect("tempdir");
