@@ -100,12 +100,12 @@ pub struct Rendered {
 impl Rendered {
     /// The messages, in id order.
     fn messages(&self) -> Vec<Message<'_>> {
-        self.users
-            .iter()
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        (self.users.iter().zip(starts).zip(&self.ends))
             .enumerate()
-            .map(|(k, &user)| Message {
+            .map(|(k, ((&user, start), &end))| Message {
                 user,
-                json: &self.records[if k == 0 { 0 } else { self.ends[k - 1] }..self.ends[k]],
+                json: &self.records[start..end],
                 token: self.tokens.get(k).and_then(|t| t.as_deref()),
             })
             .collect()
@@ -114,40 +114,46 @@ impl Rendered {
 
 /// Renders the messages of the `claimed` users among `users` (both in id order).
 pub fn render(ctx: &Context, target: u32, users: &[Candidate], claimed: &[u32]) -> Rendered {
+    if claimed.len() == users.len() {
+        return render_each(ctx, target, users.iter());
+    }
+    let chosen = claimed
+        .iter()
+        .filter_map(|id| users.binary_search_by_key(id, |c| c.id).ok())
+        .map(|i| &users[i]);
+    render_each(ctx, target, chosen)
+}
+
+/// [`render`] of the users `chosen`.
+fn render_each<'a>(
+    ctx: &Context,
+    target: u32,
+    chosen: impl Iterator<Item = &'a Candidate>,
+) -> Rendered {
     let rt = &ctx.targets[target as usize];
-    let chosen: Vec<&Candidate> = if claimed.len() == users.len() {
-        users.iter().collect()
-    } else {
-        claimed
-            .iter()
-            .filter_map(|id| users.binary_search_by_key(id, |c| c.id).ok())
-            .map(|i| &users[i])
-            .collect()
-    };
-    let mut records = String::with_capacity(chosen.len() * rt.renderer.typical_len());
-    let mut ends = Vec::with_capacity(chosen.len());
-    for c in &chosen {
-        rt.renderer.render_into(
-            UserVars {
-                id: c.id,
-                level: c.level,
-                points: c.points,
-            },
-            &mut records,
-        );
-        ends.push(records.len());
-    }
-    let tokens = match ctx.dispatcher.provider().needs_token() {
-        true => chosen.iter().map(|c| ctx.source.token(c.id)).collect(),
-        false => Vec::new(),
-    };
-    Rendered {
+    let tokens = ctx.dispatcher.provider().needs_token();
+    let n = chosen.size_hint().0;
+    let mut rendered = Rendered {
         target,
-        users: chosen.iter().map(|c| c.id).collect(),
-        records,
-        ends,
-        tokens,
+        users: Vec::with_capacity(n),
+        records: String::with_capacity(n * rt.renderer.typical_len()),
+        ends: Vec::with_capacity(n),
+        tokens: Vec::new(),
+    };
+    for c in chosen {
+        let vars = UserVars {
+            id: c.id,
+            level: c.level,
+            points: c.points,
+        };
+        rt.renderer.render_into(vars, &mut rendered.records);
+        rendered.ends.push(rendered.records.len());
+        rendered.users.push(c.id);
+        if tokens {
+            rendered.tokens.push(ctx.source.token(c.id));
+        }
     }
+    rendered
 }
 
 /// Dead-letters rendered messages with `error` instead of pushing them, and records them
