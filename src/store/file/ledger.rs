@@ -396,8 +396,8 @@ impl FileLedger {
 
     /// [`Self::checkpoint`] once the logs hold a quarter of what the snapshot would, else
     /// [`Self::sync`]. A snapshot is rewritten whole, at the cost of the ledger's size, while a
-    /// log costs its own length to replay: a 10M-user campaign's run logs ~0.6 MB of runs, and
-    /// its 2.5 MB snapshot took longer to write than the run's last 2% of sends.
+    /// log costs its own length to replay: a 10M-user campaign's run logs ~0.5 MB of runs, and
+    /// writing and fsyncing its 2.5 MB snapshot was ~25 ms at the end of a ~1 s run.
     pub(super) fn checkpoint_if_due(&self) -> Result<()> {
         let due = {
             let guards = self.lock_all();
