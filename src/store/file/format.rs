@@ -304,8 +304,8 @@ pub(super) fn run_of(ids: &[u32]) -> Option<RangeInclusive<u32>> {
 /// takes at most half the bytes (an id-ordered batch of a densely numbered population is one
 /// run: 8 bytes for thousands of ids), else id by id.
 pub(super) fn encode_record(buf: &mut Vec<u8>, kind: Kind, ids: &[u32]) {
-    let run = run_of(ids);
-    let runs = match run {
+    let runs = match run_of(ids) {
+        Some(run) if 4 <= ids.len() => return encode_run(buf, kind, &run),
         Some(_) => 1,
         None => {
             1 + ids
@@ -314,24 +314,13 @@ pub(super) fn encode_record(buf: &mut Vec<u8>, kind: Kind, ids: &[u32]) {
                 .count()
         }
     };
-    let as_runs = 4 * runs <= ids.len();
-    buf.clear();
-    buf.extend_from_slice(&[0; RECORD_HEADER]);
-    if as_runs {
+    begin_record(buf);
+    if 4 * runs <= ids.len() {
         buf.reserve(1 + 8 * runs);
         buf.push(kind as u8 | RUNS);
-        let mut put = |first: u32, last: u32| {
-            buf.extend_from_slice(&first.to_le_bytes());
-            buf.extend_from_slice(&last.to_le_bytes());
-        };
-        match run {
-            Some(run) => put(*run.start(), *run.end()),
-            None => {
-                for run in ids.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
-                    if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
-                        put(first, last);
-                    }
-                }
+        for run in ids.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
+            if let (Some(&first), Some(&last)) = (run.first(), run.last()) {
+                put_run(buf, first, last);
             }
         }
     } else {
@@ -341,6 +330,29 @@ pub(super) fn encode_record(buf: &mut Vec<u8>, kind: Kind, ids: &[u32]) {
             buf.extend_from_slice(&id.to_le_bytes());
         }
     }
+    seal_record(buf);
+}
+
+/// [`encode_record`] of ids known to be the one run `run`.
+pub(super) fn encode_run(buf: &mut Vec<u8>, kind: Kind, run: &RangeInclusive<u32>) {
+    begin_record(buf);
+    buf.push(kind as u8 | RUNS);
+    put_run(buf, *run.start(), *run.end());
+    seal_record(buf);
+}
+
+fn begin_record(buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.extend_from_slice(&[0; RECORD_HEADER]);
+}
+
+fn put_run(buf: &mut Vec<u8>, first: u32, last: u32) {
+    buf.extend_from_slice(&first.to_le_bytes());
+    buf.extend_from_slice(&last.to_le_bytes());
+}
+
+/// Writes the record's length and checksum in front of it.
+fn seal_record(buf: &mut [u8]) {
     let len = (buf.len() - RECORD_HEADER) as u32;
     let crc = crc32fast::hash(&buf[RECORD_HEADER..]);
     buf[..4].copy_from_slice(&len.to_le_bytes());
@@ -361,16 +373,12 @@ fn apply_record(payload: &[u8], sets: &mut Sets) -> std::result::Result<(), &'st
     if !body.len().is_multiple_of(8) {
         return Err("bad length");
     }
-    let runs: Vec<RangeInclusive<u32>> = body
-        .chunks_exact(8)
-        .map(|run| u32_at(run, 0)..=u32_at(run, 4))
-        .collect();
-    if runs.iter().any(|r| r.is_empty()) {
+    let runs = || body.chunks_exact(8).map(|r| u32_at(r, 0)..=u32_at(r, 4));
+    // Every run checked before any is applied: a bad record changes nothing.
+    if runs().any(|run| run.is_empty()) {
         return Err("bad run");
     }
-    for run in &runs {
-        sets.apply_range(kind, run);
-    }
+    runs().for_each(|run| sets.apply_range(kind, &run));
     Ok(())
 }
 

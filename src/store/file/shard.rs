@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use roaring::RoaringBitmap;
 
-use super::format::{encode_record, run_of, Kind, Sets};
+use super::format::{encode_record, encode_run, run_of, Kind, Sets};
 use super::{io_error, lock};
 use crate::error::{Error, Result};
 use crate::store::Claim;
@@ -177,6 +177,16 @@ impl Batch {
         }
     }
 
+    /// Takes the batch's ids out of `set`.
+    fn remove_from(&self, set: &mut RoaringBitmap) {
+        match self {
+            Batch::Range(r) => {
+                set.remove_range(r.clone());
+            }
+            Batch::Set(b) => *set -= b,
+        }
+    }
+
     fn into_set(self) -> RoaringBitmap {
         match self {
             Batch::Range(r) => {
@@ -267,7 +277,7 @@ impl Shard {
     ) -> Result<Claim> {
         if batch.is_disjoint(&st.sets.claimed) && batch.is_disjoint(&st.sets.done) {
             // The common case, a first run: every id is new (tested without building a set).
-            self.append(key, st, kind, ids)?;
+            self.append_batch(key, st, kind, ids, &batch)?;
             batch.apply_to(&mut st.sets, kind);
             return Ok(Claim {
                 claimed: ids.to_vec(),
@@ -463,10 +473,10 @@ impl Shard {
         match batch {
             // None settled before (the common case): written as given, no difference built.
             Some(batch) if batch.is_disjoint(settled) => {
-                self.append(key, st, kind, ids)?;
+                self.append_batch(key, st, kind, ids, &batch)?;
                 batch.apply_to(&mut st.sets, kind);
                 if !st.pending.is_empty() {
-                    st.pending -= batch.into_set();
+                    batch.remove_from(&mut st.pending);
                 }
             }
             batch => {
@@ -487,8 +497,30 @@ impl Shard {
         Ok(())
     }
 
-    /// Appends one record with one write; on failure cuts the log back to its last whole record.
+    /// Appends one record of `ids` with one write; on failure cuts the log back to its last
+    /// whole record.
     fn append(&self, key: &str, st: &mut State, kind: Kind, ids: &[u32]) -> Result<()> {
+        self.write(key, st, |buf| encode_record(buf, kind, ids))
+    }
+
+    /// [`Self::append`] of `ids` taken as `batch`: a range is written as its run, not looked
+    /// for again.
+    fn append_batch(
+        &self,
+        key: &str,
+        st: &mut State,
+        kind: Kind,
+        ids: &[u32],
+        batch: &Batch,
+    ) -> Result<()> {
+        match batch {
+            Batch::Range(run) => self.write(key, st, |buf| encode_run(buf, kind, run)),
+            Batch::Set(_) => self.append(key, st, kind, ids),
+        }
+    }
+
+    /// Writes the record `encode` puts in the buffer (see [`Self::append`]).
+    fn write(&self, key: &str, st: &mut State, encode: impl FnOnce(&mut Vec<u8>)) -> Result<()> {
         let Some(log) = st.log.as_mut() else {
             return Err(Error::runtime(format!("ledger {key} is open read-only")));
         };
@@ -498,7 +530,7 @@ impl Shard {
                 self.log_path.display()
             )));
         }
-        encode_record(&mut st.buf, kind, ids);
+        encode(&mut st.buf);
         if let Err(e) = log.write_all(&st.buf) {
             if log.set_len(st.log_len).is_err() {
                 st.broken = true;
