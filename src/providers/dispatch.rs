@@ -106,6 +106,15 @@ enum Fates {
     Each(Vec<(usize, Fate)>),
 }
 
+impl Fates {
+    fn is_empty(&self) -> bool {
+        match self {
+            Fates::Delivered(r) => r.is_empty(),
+            Fates::Each(each) => each.is_empty(),
+        }
+    }
+}
+
 impl Settled {
     /// Each message's `(position in the batch, fate)`.
     pub fn fates(&self) -> impl Iterator<Item = (usize, Fate)> + '_ {
@@ -403,17 +412,16 @@ impl Dispatcher {
                     // Some were delivered: the chunk's refusals are about their users.
                     self.breaker.saw_delivery();
                 }
-                let mut fates = Vec::new();
-                let mut whole = None;
-                if failed.is_empty() {
+                let fates = if failed.is_empty() {
                     // The usual answer, every one delivered: judged together.
                     self.delivered(chunk.len() as u64, &mut next);
                     match consecutive(chunk) {
-                        Some(range) => whole = Some(range),
-                        None => fates.extend(chunk.iter().map(|&i| (i, Fate::Delivered))),
+                        Some(range) => Fates::Delivered(range),
+                        None => Fates::Each(chunk.iter().map(|&i| (i, Fate::Delivered)).collect()),
                     }
                 } else {
                     let mut failed = failed.into_iter().peekable();
+                    let mut fates = Vec::with_capacity(chunk.len());
                     for (k, &i) in chunk.iter().enumerate() {
                         let outcome = match failed.peek() {
                             Some((at, _)) if *at == k => failed.next().map(|(_, o)| o),
@@ -421,17 +429,15 @@ impl Dispatcher {
                         };
                         self.judge(batch, i, outcome, attempt, &mut fates, &mut next)?;
                     }
-                }
-                self.observe(&mut next, true)?;
-                let fates = match whole {
-                    Some(range) => Fates::Delivered(range),
-                    None if fates.is_empty() => continue,
-                    None => Fates::Each(fates),
+                    Fates::Each(fates)
                 };
-                settle(Settled {
-                    fates,
-                    _slots: slots,
-                });
+                self.observe(&mut next, true)?;
+                if !fates.is_empty() {
+                    settle(Settled {
+                        fates,
+                        _slots: slots,
+                    });
+                }
             }
         }
         self.observe(&mut next, true)?;
