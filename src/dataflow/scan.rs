@@ -20,6 +20,7 @@ use timely::dataflow::Stream;
 
 use super::{Candidate, Candidates, Context, Control, Scan, Time};
 use crate::audience::AudienceFilter;
+use crate::model::UserRef;
 
 /// Users expanded per activation, at most (roughly: a stretch is finished once started).
 pub const USERS_PER_ACTIVATION: u64 = 1 << 15;
@@ -188,6 +189,35 @@ fn apply(ctx: &Context, known: &mut [Known], c: Control) {
     }
 }
 
+/// One target a stretch is tested against: its audience, the users granted it before
+/// fanout existed (`None` if nobody), and what the stretch found for it.
+struct Offer<'a> {
+    target: u32,
+    filter: &'a AudienceFilter,
+    granted: Option<&'a RoaringBitmap>,
+    found: Vec<Candidate>,
+    already: u64,
+}
+
+impl Offer<'_> {
+    /// Tests `user`: in the audience and not granted before, a candidate.
+    #[inline(always)]
+    fn test(&mut self, user: &UserRef<'_>) {
+        if !self.filter.matches(user) {
+            return;
+        }
+        if self.granted.is_some_and(|g| g.contains(user.id)) {
+            self.already += 1;
+        } else {
+            self.found.push(Candidate {
+                id: user.id,
+                level: user.level,
+                points: user.points,
+            });
+        }
+    }
+}
+
 /// Expands ids `[from, to)` of `scan`'s bucket: one pass over the users, every named target
 /// tested against each. Returns the users visited and the candidates per target.
 fn expand(
@@ -197,56 +227,55 @@ fn expand(
     from: u64,
     to: u64,
 ) -> (u64, Vec<Candidates>) {
-    let live: Vec<(u32, &AudienceFilter, &RoaringBitmap)> = scan
+    let mut offers: Vec<Offer<'_>> = scan
         .targets
         .iter()
         .filter_map(|&t| {
             let k = known.get(t as usize)?;
-            Some((t, k.filter.as_ref()?, &k.granted))
+            let filter = k.filter.as_ref().filter(|f| !f.is_impossible())?;
+            Some(Offer {
+                target: t,
+                filter,
+                granted: (!k.granted.is_empty()).then_some(&k.granted),
+                found: Vec::new(),
+                already: 0,
+            })
         })
-        .filter(|(_, filter, _)| !filter.is_impossible())
         .collect();
-    if live.is_empty() {
+    if offers.is_empty() {
         return (0, Vec::new());
     }
-    let mut found: Vec<Vec<Candidate>> = vec![Vec::new(); live.len()];
-    let mut granted = vec![0u64; live.len()];
     let mut visited = 0u64;
-    ctx.source.for_each_in(from, to, |user| {
-        visited += 1;
-        for (k, (_, filter, pre)) in live.iter().enumerate() {
-            if filter.matches(&user) {
-                if pre.contains(user.id) {
-                    granted[k] += 1;
-                } else {
-                    found[k].push(Candidate {
-                        id: user.id,
-                        level: user.level,
-                        points: user.points,
-                    });
-                }
-            }
-        }
-    });
+    // One target (the usual case) gets a loop of its own, with the test inlined in it.
+    match offers.as_mut_slice() {
+        [one] => ctx.source.for_each_in(from, to, |user| {
+            visited += 1;
+            one.test(&user);
+        }),
+        many => ctx.source.for_each_in(from, to, |user| {
+            visited += 1;
+            many.iter_mut().for_each(|o| o.test(&user));
+        }),
+    }
     ctx.metrics.count.users_scanned.fetch_add(visited, Relaxed);
-    let candidates: u64 = found.iter().map(|f| f.len() as u64).sum();
+    let candidates: u64 = offers.iter().map(|o| o.found.len() as u64).sum();
     ctx.metrics
         .count
         .pairs_settled
-        .fetch_add(visited * live.len() as u64 - candidates, Relaxed);
-    for (k, (t, _, _)) in live.iter().enumerate() {
-        if granted[k] > 0 {
-            ctx.targets[*t as usize]
-                .stats
-                .already_granted
-                .fetch_add(granted[k], Relaxed);
-        }
+        .fetch_add(visited * offers.len() as u64 - candidates, Relaxed);
+    for o in offers.iter().filter(|o| o.already > 0) {
+        ctx.targets[o.target as usize]
+            .stats
+            .already_granted
+            .fetch_add(o.already, Relaxed);
     }
-    let out = live
-        .iter()
-        .zip(found)
-        .filter(|(_, users)| !users.is_empty())
-        .map(|((t, _, _), users)| Candidates { target: *t, users })
+    let out = offers
+        .into_iter()
+        .filter(|o| !o.found.is_empty())
+        .map(|o| Candidates {
+            target: o.target,
+            users: o.found,
+        })
         .collect();
     (visited, out)
 }
