@@ -105,7 +105,7 @@ impl Rendered {
             .enumerate()
             .map(|(k, ((&user, start), &end))| Message {
                 user,
-                json: &self.records[start..end],
+                json: &self.records.as_bytes()[start..end],
                 token: self.tokens.get(k).and_then(|t| t.as_deref()),
             })
             .collect()
@@ -113,29 +113,34 @@ impl Rendered {
 }
 
 /// Renders the messages of the `claimed` users among `users` (both in id order).
-pub fn render(ctx: &Context, target: u32, users: &[Candidate], claimed: &[u32]) -> Rendered {
+pub fn render(ctx: &Context, target: u32, users: &[Candidate], claimed: Vec<u32>) -> Rendered {
     if claimed.len() == users.len() {
-        return render_each(ctx, target, users.iter());
+        // Every one: the claim's list is the users' ids.
+        return render_each(ctx, target, users.iter(), claimed);
     }
-    let chosen = claimed
+    let chosen: Vec<&Candidate> = claimed
         .iter()
         .filter_map(|id| users.binary_search_by_key(id, |c| c.id).ok())
-        .map(|i| &users[i]);
-    render_each(ctx, target, chosen)
+        .map(|i| &users[i])
+        .collect();
+    let ids = chosen.iter().map(|c| c.id).collect();
+    render_each(ctx, target, chosen.into_iter(), ids)
 }
 
-/// [`render`] of the users `chosen`.
+/// [`render`] of the users `chosen`, whose ids are `ids`.
 fn render_each<'a>(
     ctx: &Context,
     target: u32,
-    chosen: impl Iterator<Item = &'a Candidate>,
+    chosen: impl ExactSizeIterator<Item = &'a Candidate>,
+    ids: Vec<u32>,
 ) -> Rendered {
     let rt = &ctx.targets[target as usize];
     let tokens = ctx.dispatcher.provider().needs_token();
-    let n = chosen.size_hint().0;
+    let n = chosen.len();
+    debug_assert_eq!(n, ids.len());
     let mut rendered = Rendered {
         target,
-        users: Vec::with_capacity(n),
+        users: ids,
         records: String::with_capacity(n * rt.renderer.typical_len()),
         ends: Vec::with_capacity(n),
         tokens: Vec::new(),
@@ -148,7 +153,6 @@ fn render_each<'a>(
         };
         rt.renderer.render_into(vars, &mut rendered.records);
         rendered.ends.push(rendered.records.len());
-        rendered.users.push(c.id);
         if tokens {
             rendered.tokens.push(ctx.source.token(c.id));
         }
@@ -425,10 +429,13 @@ async fn record(
             }
         }
     }
-    // Id order: the stores apply sorted ids as whole-set operations.
-    done.sort_unstable();
-    dead.sort_unstable();
-    unreachable.sort_unstable();
+    // Id order: the stores apply sorted ids as whole-set operations. One delivered range
+    // is in id order already (so are `messages`); fates answered one by one may not be.
+    if !matches!(settled, [(_, s)] if s.delivered().is_some()) {
+        done.sort_unstable();
+        dead.sort_unstable();
+        unreachable.sort_unstable();
+    }
     let delivered = done.len() as u64;
     ctx.metrics
         .record_lane_latency(rt.target.campaign.priority, answered, delivered as usize);
@@ -510,7 +517,7 @@ mod tests {
             .zip(1..)
             .map(|(json, user)| Message {
                 user,
-                json,
+                json: json.as_bytes(),
                 token: None,
             })
             .collect();

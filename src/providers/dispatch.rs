@@ -748,7 +748,7 @@ mod tests {
             .iter()
             .map(|(user, json)| Message {
                 user: *user,
-                json,
+                json: json.as_bytes(),
                 token: None,
             })
             .collect()

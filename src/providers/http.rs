@@ -144,7 +144,7 @@ impl HttpProvider {
         let bad =
             |what: &str| Outcome::Unsendable(format!("{}: user {}: {what}", self.name(), m.user));
         let keyed: Keyed<'_> =
-            serde_json::from_str(m.json).map_err(|_| bad("the delivery record has no key"))?;
+            serde_json::from_slice(m.json).map_err(|_| bad("the delivery record has no key"))?;
         HeaderValue::from_str(&keyed.key).map_err(|_| bad("the key cannot be sent as a header"))
     }
 
@@ -155,7 +155,7 @@ impl HttpProvider {
         m: &Message<'_>,
     ) -> std::result::Result<Request<http1::Body>, Outcome> {
         let key = self.key(m)?;
-        let body = Bytes::copy_from_slice(m.json.as_bytes());
+        let body = Bytes::copy_from_slice(m.json);
         let mut request = Request::new(http1::Body::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = wire.target.clone();
@@ -204,7 +204,7 @@ impl HttpProvider {
             .post(self.spec.url.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(IDEMPOTENCY_KEY, key)
-            .body(m.json.to_owned()))
+            .body(m.json.to_vec()))
     }
 
     /// What a reqwest response (or its absence) means.
@@ -323,7 +323,7 @@ mod tests {
     fn message(json: &str) -> Message<'_> {
         Message {
             user: 7,
-            json,
+            json: json.as_bytes(),
             token: None,
         }
     }

@@ -75,7 +75,7 @@ impl LogProvider {
         let started = Instant::now();
         let mut buf = Vec::with_capacity(which.iter().map(|&i| batch[i].json.len() + 1).sum());
         for &i in which {
-            buf.extend_from_slice(batch[i].json.as_bytes());
+            buf.extend_from_slice(batch[i].json);
             buf.push(b'\n');
         }
         let written = match self.sink.lock() {
@@ -156,7 +156,7 @@ mod tests {
         let json = r#"{"campaign":"c","user":1,"title":"","body":"","key":"c:1"}"#;
         let m = Message {
             user: 1,
-            json,
+            json: json.as_bytes(),
             token: None,
         };
         let (failed, _) = p

@@ -127,9 +127,8 @@ impl MockProvider {
 
     /// The latency and outcome (`None`: delivered) of one attempt, from a hash of the message
     /// and attempt.
-    fn draw(&self, message: &str, attempt: u32) -> (Duration, Option<Outcome>) {
-        let h =
-            splitmix(hash_bytes(message.as_bytes()) ^ u64::from(attempt).wrapping_mul(0x9E37_79B9));
+    fn draw(&self, message: &[u8], attempt: u32) -> (Duration, Option<Outcome>) {
+        let h = splitmix(hash_bytes(message) ^ u64::from(attempt).wrapping_mul(0x9E37_79B9));
         let u = (h >> 11) as f64 / (1u64 << 53) as f64;
         let v = (splitmix(h) >> 11) as f64 / (1u64 << 53) as f64;
         let spread = self.jitter.as_secs_f64() * (2.0 * v - 1.0);
@@ -280,7 +279,7 @@ mod tests {
             .iter()
             .map(|json| Message {
                 user: 1,
-                json,
+                json: json.as_bytes(),
                 token: None,
             })
             .collect();
@@ -330,7 +329,7 @@ mod tests {
         let m = MockProvider::parse("fail=0.1,permanent=0.01,latency=10ms,jitter=5ms").unwrap();
         let (mut retry, mut perm) = (0, 0);
         for i in 0..100_000 {
-            let (wait, o) = m.draw(&format!("c:{i}"), 1);
+            let (wait, o) = m.draw(format!("c:{i}").as_bytes(), 1);
             assert!(wait >= Duration::from_millis(5) && wait <= Duration::from_millis(15));
             match o {
                 Some(Outcome::Retry { .. }) => retry += 1,

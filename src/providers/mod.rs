@@ -75,9 +75,11 @@ pub type Attempt = (Option<Outcome>, Duration);
 pub struct Message<'a> {
     /// The recipient.
     pub user: u32,
-    /// The [`crate::model::Delivery`] record as one line of JSON (no newline): what `log:` writes, what
-    /// `http` posts, what batches are sized by.
-    pub json: &'a str,
+    /// The [`crate::model::Delivery`] record as one line of JSON (no newline), UTF-8 bytes as
+    /// they go on the wire: what `log:` writes, what `http` posts, what batches are sized by.
+    /// (Bytes, not `&str`: a task's records are cut from one buffer, and a `str` slice would
+    /// read a byte at every cut to check it is a character boundary.)
+    pub json: &'a [u8],
     /// The recipient's push token, for providers that address devices.
     pub token: Option<&'a str>,
 }
@@ -86,7 +88,8 @@ impl Message<'_> {
     /// The delivery record plus `"error"` and `"attempts"`: a dead letter (SPEC).
     pub fn dead_letter(&self, error: &str, attempts: u32) -> String {
         let error = serde_json::to_string(error).unwrap_or_else(|_| "\"\"".into());
-        let head = self.json.strip_suffix('}').unwrap_or(self.json);
+        let head = self.json.strip_suffix(b"}").unwrap_or(self.json);
+        let head = String::from_utf8_lossy(head);
         format!("{head},\"error\":{error},\"attempts\":{attempts}}}")
     }
 }

@@ -68,9 +68,9 @@ pub enum Unsendable {
 }
 
 /// The request body for the delivery record `record` (one line of JSON) to device `token`.
-pub fn request_body(record: &str, token: &str) -> Result<Vec<u8>, Unsendable> {
+pub fn request_body(record: &[u8], token: &str) -> Result<Vec<u8>, Unsendable> {
     let r: Record<'_> =
-        serde_json::from_str(record).map_err(|e| Unsendable::BadRecord(e.to_string()))?;
+        serde_json::from_slice(record).map_err(|e| Unsendable::BadRecord(e.to_string()))?;
     let payload = Payload {
         notification: Notification {
             title: &r.title,
@@ -104,7 +104,7 @@ mod tests {
     #[test]
     fn the_body_is_fcm_v1_field_for_field() {
         let record = r#"{"campaign":"hot-1","occurrence":"2026-03-02T10:00:00Z","user":42,"title":"Sale \"now\"","body":"Hi 42 ✓","key":"hot-1:2026-03-02T10:00:00Z:42"}"#;
-        let body = request_body(record, "tok/42:abc").unwrap();
+        let body = request_body(record.as_bytes(), "tok/42:abc").unwrap();
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(
             v,
@@ -127,16 +127,16 @@ mod tests {
         // {"notification":{"title":"t","body":"…"},"data":{"campaign":"c","key":"c:1"}}
         let overhead = 76;
         let fits = "x".repeat(MAX_PAYLOAD_BYTES - overhead);
-        assert!(request_body(&record(&fits), "t").is_ok());
+        assert!(request_body(record(&fits).as_bytes(), "t").is_ok());
         let over = "x".repeat(MAX_PAYLOAD_BYTES - overhead + 1);
         assert_eq!(
-            request_body(&record(&over), "t"),
+            request_body(record(&over).as_bytes(), "t"),
             Err(Unsendable::TooBig(MAX_PAYLOAD_BYTES + 1))
         );
         // The token does not count: it is not delivered to the device.
-        assert!(request_body(&record(&fits), &"k".repeat(5000)).is_ok());
+        assert!(request_body(record(&fits).as_bytes(), &"k".repeat(5000)).is_ok());
         assert!(matches!(
-            request_body("{}", "t"),
+            request_body(b"{}", "t"),
             Err(Unsendable::BadRecord(_))
         ));
     }

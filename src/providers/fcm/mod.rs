@@ -276,7 +276,7 @@ mod tests {
         );
         let m = Message {
             user: 3,
-            json: r#"{"campaign":"c","user":3,"title":"t","body":"b","key":"c:3"}"#,
+            json: br#"{"campaign":"c","user":3,"title":"t","body":"b","key":"c:3"}"#,
             token: Some("device-3"),
         };
         let req = provider.request(&m).unwrap().build().unwrap();
