@@ -1,0 +1,217 @@
+//! The log's records: torn tails cut, corruption refused, consecutive ids written as runs.
+
+use super::super::format::{check_torn_tail, run_of, RECORD_HEADER};
+use super::*;
+
+#[test]
+fn torn_tail_is_cut_and_earlier_records_survive() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(tmp.path());
+        let ledger = store.ledger("k").expect("ledger");
+        ledger.claim(&[1, 2, 3]).expect("claim");
+        ledger.mark_done(&[1]).expect("done");
+        ledger.claim(&[4, 5]).expect("claim");
+    }
+    let log = log_of(tmp.path(), "k");
+    let full = fs::read(&log).expect("read log");
+    let last_record = RECORD_HEADER + 1 + 2 * 4;
+    let cut = full.len() - last_record / 2;
+    let mut garbage = full.clone();
+    garbage.extend_from_slice(&[0xFF, 0x00, 0x00, 0x00, 7, 7]);
+    let mut bad_crc = full.clone();
+    let n = bad_crc.len();
+    bad_crc[n - 1] ^= 0x55;
+    let cases = [
+        (garbage, full.len(), vec![1, 2, 3, 4, 5]),
+        (
+            full[..cut].to_vec(),
+            full.len() - last_record,
+            vec![1, 2, 3],
+        ),
+        (bad_crc, full.len() - last_record, vec![1, 2, 3]),
+    ];
+    for (bytes, good_len, claimed) in cases {
+        fs::write(&log, &bytes).expect("write log");
+        let store = open(tmp.path());
+        let ledger = store.ledger("k").expect("ledger");
+        assert_eq!(fs::metadata(&log).expect("stat").len(), good_len as u64);
+        assert_eq!(sets_of(&ledger), (claimed.clone(), vec![1], vec![]));
+        // Appends after the cut are readable on the next open.
+        ledger.claim(&[9]).expect("claim");
+        drop((ledger, store));
+        let store = open(tmp.path());
+        let (claimed_now, _, _) = sets_of(&store.ledger("k").expect("ledger"));
+        assert!(claimed_now.contains(&9));
+        drop(store);
+        fs::write(&log, &full).expect("restore log");
+    }
+}
+
+/// A run is consecutive ascending ids, and nothing else: not a repeat, a gap, a step down, or
+/// a step over the top of the id space.
+#[test]
+fn a_run_is_consecutive_ascending_ids() {
+    let max = u32::MAX;
+    type Case<'a> = (&'a [u32], Option<(u32, u32)>);
+    let cases: [Case; 9] = [
+        (&[], None),
+        (&[5], Some((5, 5))),
+        (&[1, 2, 3], Some((1, 3))),
+        (&[max - 1, max], Some((max - 1, max))),
+        (&[1, 3], None),
+        (&[3, 2], None),
+        (&[1, 2, 2, 3], None),
+        (&[max, 0], None),
+        (&[max - 1, max, 0, 1], None),
+    ];
+    for (ids, want) in cases {
+        let got = run_of(ids).map(|r| (*r.start(), *r.end()));
+        assert_eq!(got, want, "{ids:?}");
+    }
+}
+
+/// Consecutive ids are logged as runs — a record of 17 bytes however long its run — and read
+/// back as the same sets; ids with no run among them are logged one by one. A run record that
+/// is no run (first past last) with a record after it is corruption, as any bad record is.
+#[test]
+fn consecutive_ids_are_logged_as_runs_and_read_back_whole() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let ledger = store.ledger("runs").expect("ledger");
+    let claimed: Vec<u32> = (1000..=4999).collect();
+    ledger.claim(&claimed).expect("claim");
+    // Two runs: 1000..=1999 and 2001..=2999.
+    let done: Vec<u32> = (1000..=2999).filter(|&id| id != 2000).collect();
+    ledger.mark_done(&done).expect("done");
+    let dead: Vec<u32> = (3000..3010).step_by(2).collect();
+    ledger.mark_dead(&dead).expect("dead");
+    let log = log_of(tmp.path(), "runs");
+    let records = [1 + 8, 1 + 2 * 8, 1 + 4 * dead.len()];
+    let want_len: usize = records.iter().map(|r| RECORD_HEADER + r).sum();
+    assert_eq!(fs::metadata(&log).expect("stat").len(), want_len as u64);
+    let mut settled = [done.clone(), dead.clone()].concat();
+    settled.sort_unstable();
+    let want = (claimed, settled, dead);
+    assert_eq!(sets_of(&ledger), want);
+    drop((ledger, store));
+    let store = open(tmp.path());
+    assert_eq!(sets_of(&store.ledger("runs").expect("ledger")), want);
+    drop(store);
+    // The claim's run made 5000..=4999, its checksum made good again.
+    let mut bytes = fs::read(&log).expect("read log");
+    bytes[RECORD_HEADER + 1..RECORD_HEADER + 5].copy_from_slice(&5000u32.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[RECORD_HEADER..RECORD_HEADER + records[0]]);
+    bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&log, &bytes).expect("write log");
+    let store = open(tmp.path());
+    let msg = format!("{:#}", store.ledger("runs").expect_err("bad run opened"));
+    assert!(msg.contains("offset 0 (bad run)"), "{msg}");
+}
+
+/// A log of three records: claim [1, 2, 3], done [1], claim [4, 5]; returns it and where the
+/// middle record starts.
+fn three_record_log(dir: &Path) -> (Vec<u8>, usize) {
+    {
+        let store = open(dir);
+        let ledger = store.ledger("k").expect("ledger");
+        ledger.claim(&[1, 2, 3]).expect("claim");
+        ledger.mark_done(&[1]).expect("done");
+        ledger.claim(&[4, 5]).expect("claim");
+    }
+    let full = fs::read(log_of(dir, "k")).expect("read log");
+    assert_eq!(full.len(), 3 * (RECORD_HEADER + 1) + 6 * 4);
+    (full, RECORD_HEADER + 1 + 3 * 4)
+}
+
+#[test]
+fn a_corrupt_record_mid_log_refuses_the_open_and_keeps_the_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (full, middle) = three_record_log(tmp.path());
+    let log = log_of(tmp.path(), "k");
+    // One flipped byte in the middle record's payload (its id): a CRC mismatch with a whole
+    // good record after it. Then the same record's length (5 becomes 1: still inside the file)
+    // and its kind.
+    for (at, flip) in [
+        (middle + RECORD_HEADER + 1, 0x40),
+        (middle, 0x04),
+        (middle + RECORD_HEADER, 0x40),
+    ] {
+        let mut bytes = full.clone();
+        bytes[at] ^= flip;
+        fs::write(&log, &bytes).expect("write log");
+        let store = open(tmp.path());
+        let err = store.ledger("k").expect_err("corrupt log opened");
+        assert!(matches!(err, Error::Runtime(_)), "{err:?}");
+        assert_eq!(err.exit_code(), 1);
+        let msg = format!("{err:#}");
+        assert!(msg.contains(&log.display().to_string()), "{msg}");
+        assert!(msg.contains(&format!("offset {middle}")), "{msg}");
+        drop(store);
+        assert_eq!(
+            fs::read(&log).expect("read log"),
+            bytes,
+            "the log was changed"
+        );
+        // `fanout grants` reads without opening: the same refusal.
+        let ro = FileStore::open_read_only("file:r", &tmp.path().to_string_lossy()).expect("ro");
+        let msg = format!("{:#}", ro.granted("k").expect_err("corrupt log read"));
+        assert!(msg.contains(&format!("offset {middle}")), "{msg}");
+    }
+}
+
+#[test]
+fn a_log_that_changed_while_read_is_not_called_corrupt() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (full, middle) = three_record_log(tmp.path());
+    let log = log_of(tmp.path(), "k");
+    let mut bytes = full.clone();
+    bytes[middle + RECORD_HEADER + 1] ^= 0x40;
+    fs::write(&log, &bytes).expect("write log");
+    let stamp = Stamp::of(&fs::metadata(&log).expect("stat"));
+    let extent = (middle + RECORD_HEADER + 13) as u64;
+    assert!(check_torn_tail(&log, &stamp, middle as u64, extent, "test").is_err());
+    // A writer's checkpoint emptied the log and appended again while a reader read it.
+    bytes.truncate(bytes.len() - 1);
+    fs::write(&log, &bytes).expect("write log");
+    assert!(check_torn_tail(&log, &stamp, middle as u64, extent, "test").is_ok());
+}
+
+#[test]
+fn a_half_written_last_record_is_dropped_alone() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (full, _) = three_record_log(tmp.path());
+    let log = log_of(tmp.path(), "k");
+    let last = RECORD_HEADER + 1 + 2 * 4;
+    fs::write(&log, &full[..full.len() - last / 2]).expect("write log");
+    let store = open(tmp.path());
+    let ledger = store.ledger("k").expect("torn tail opens");
+    assert_eq!(sets_of(&ledger), (vec![1, 2, 3], vec![1], vec![]));
+    assert_eq!(
+        fs::metadata(&log).expect("stat").len(),
+        (full.len() - last) as u64
+    );
+}
+
+#[test]
+fn a_zero_filled_tail_opens() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (full, _) = three_record_log(tmp.path());
+    let log = log_of(tmp.path(), "k");
+    // Power loss: the file grew but the data never landed, after whole records and in place of
+    // the last one.
+    let last = RECORD_HEADER + 1 + 2 * 4;
+    let mut grown = full.clone();
+    grown.extend_from_slice(&[0; 4096]);
+    let mut zeroed = full.clone();
+    let n = zeroed.len();
+    zeroed[n - last..].fill(0);
+    zeroed.extend_from_slice(&[0; 100]);
+    for (bytes, claimed) in [(grown, vec![1, 2, 3, 4, 5]), (zeroed, vec![1, 2, 3])] {
+        fs::write(&log, &bytes).expect("write log");
+        let store = open(tmp.path());
+        let ledger = store.ledger("k").expect("zero tail opens");
+        assert_eq!(sets_of(&ledger), (claimed, vec![1], vec![]));
+        drop((ledger, store));
+    }
+}
