@@ -268,13 +268,17 @@ async fn push_and_record(
         changes: Some(ctx.halts.watch()),
     };
     let batches = batch_bounds(messages, ctx.batch_max_messages, ctx.batch_max_bytes);
+    if !ctx.dispatcher.provider().sends_each() {
+        // A list goes out in slices of the slots (below); its batches are only counted.
+        let n = batches.count() as u64;
+        ctx.metrics.count.batches.fetch_add(n, Relaxed);
+        return write_and_record(rt, ctx, messages, ready, &hold).await;
+    }
+    let batches: Vec<Range<usize>> = batches.collect();
     ctx.metrics
         .count
         .batches
         .fetch_add(batches.len() as u64, Relaxed);
-    if !ctx.dispatcher.provider().sends_each() {
-        return write_and_record(rt, ctx, messages, ready, &hold).await;
-    }
     // Batches go out together. Each message's fate is recorded in the store as soon as it is
     // known — whatever has settled since the last write goes in the next one — and only then
     // does it give back its concurrency slot.
@@ -468,25 +472,27 @@ async fn record(
 
 /// Cuts `messages` into batches of at most `max_messages` messages and `max_bytes` serialized
 /// bytes, in order; a single message over `max_bytes` goes alone.
-pub fn batch_bounds(
-    messages: &[Message],
+pub fn batch_bounds<'a>(
+    messages: &'a [Message<'_>],
     max_messages: usize,
     max_bytes: usize,
-) -> Vec<Range<usize>> {
-    let mut bounds = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, m) in messages.iter().enumerate() {
-        let size = m.json.len();
-        if i > start && (i - start >= max_messages || bytes + size > max_bytes) {
-            bounds.push(start..i);
-            (start, bytes) = (i, 0);
-        }
-        bytes += size;
-    }
-    if start < messages.len() {
-        bounds.push(start..messages.len());
-    }
-    bounds
+) -> impl Iterator<Item = Range<usize>> + 'a {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        let rest = messages.get(start..).filter(|rest| !rest.is_empty())?;
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .take(max_messages.max(1))
+            .take_while(|m| {
+                bytes += m.json.len();
+                bytes <= max_bytes
+            })
+            .count()
+            .max(1);
+        start += n;
+        Some(start - n..start)
+    })
 }
 
 #[cfg(test)]
@@ -524,7 +530,6 @@ mod tests {
         let sizes: Vec<usize> = msgs.iter().map(|m| m.json.len()).collect();
         let max_bytes = 400;
         let batches: Vec<&[Message<'_>]> = batch_bounds(&msgs, 4, max_bytes)
-            .into_iter()
             .map(|r| &msgs[r])
             .collect();
         let flat: Vec<u32> = batches.iter().copied().flatten().map(|m| m.user).collect();
