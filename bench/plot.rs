@@ -11,7 +11,8 @@
 //! cargo bench --bench plot -- --scale SCALE.json FONT.ttf OUT.png "TITLE"
 //! ```
 //! draws the `scale` case's curve — users/s against workers beside N × the single-threaded
-//! ceiling loop — from `{"workers": [..], "users_per_s": [..], "loop_users_per_s": x}`.
+//! ceiling loop and N loops run at once — from `{"workers": [..], "users_per_s": [..],
+//! "loop_users_per_s": x, "loops_at_once": [..]}` (the last optional).
 //!
 //! Text needs a TrueType font (bench/run installs DejaVu Sans); none is committed.
 
@@ -76,21 +77,26 @@ struct Scale {
     users_per_s: Vec<f64>,
     /// The single-threaded ceiling loop's users/s, measured in the same run.
     loop_users_per_s: f64,
+    /// N ceiling loops started at once, their users/s summed, at each worker count N (what N
+    /// CPUs of the machine did together in the same run); absent in older files.
+    #[serde(default)]
+    loops_at_once: Vec<f64>,
 }
 
 /// Users/s against workers, beside N × the ceiling loop (what N perfectly scaling cores
-/// would do).
+/// would do) and, where measured, N loops run at once (what N cores did).
 fn scale(curve: &Scale, path: &str, title: &str) -> Result<()> {
-    if curve.workers.is_empty() || curve.workers.len() != curve.users_per_s.len() {
-        return Err(
-            format!("{path}: workers and users_per_s differ in length or are empty").into(),
-        );
+    let n = curve.workers.len();
+    let loops = curve.loops_at_once.len();
+    if n == 0 || curve.users_per_s.len() != n || (loops != 0 && loops != n) {
+        return Err(format!(
+            "{path}: workers, users_per_s and loops_at_once differ in length or are empty"
+        )
+        .into());
     }
     let x_max = f64::from(*curve.workers.iter().max().unwrap_or(&1));
     let ideal = |n: f64| n * curve.loop_users_per_s;
-    let y_max = curve
-        .users_per_s
-        .iter()
+    let y_max = (curve.users_per_s.iter().chain(&curve.loops_at_once))
         .copied()
         .fold(ideal(x_max), f64::max)
         * 1.1;
@@ -126,12 +132,19 @@ fn scale(curve: &Scale, path: &str, title: &str) -> Result<()> {
             curve.loop_users_per_s / 1e6
         ))
         .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], red));
-    let points: Vec<(f64, f64)> = curve
-        .workers
-        .iter()
-        .map(|&n| f64::from(n))
-        .zip(curve.users_per_s.iter().copied())
-        .collect();
+    let at = |values: &[f64]| -> Vec<(f64, f64)> {
+        (curve.workers.iter().map(|&n| f64::from(n)))
+            .zip(values.iter().copied())
+            .collect()
+    };
+    if !curve.loops_at_once.is_empty() {
+        let green = GREEN.stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(at(&curve.loops_at_once), green).point_size(3))?
+            .label("N loops run at once, their rates summed")
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], green));
+    }
+    let points = at(&curve.users_per_s);
     let blue = BLUE.stroke_width(2);
     chart
         .draw_series(LineSeries::new(points, blue).point_size(4))?
