@@ -8,6 +8,7 @@
 //! message keeps its concurrency slot until it is recorded, so those are at most
 //! `concurrency` messages.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Mutex, PoisonError};
@@ -18,9 +19,9 @@ use tokio::sync::Notify;
 
 use super::halts::{Halt, OnPause};
 use super::{Candidate, Context, RunTarget};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::providers::dispatch::{Fate, Hold, Settled};
-use crate::providers::Message;
+use crate::providers::{MessageBuf, Messages};
 use crate::store::Claim;
 use crate::template::UserVars;
 
@@ -85,35 +86,20 @@ pub fn count_set_apart(ctx: &Context, target: u32, claim: &Claim, outcome: Outco
 }
 
 /// The messages of one push task, rendered: every record in one buffer the task owns (no
-/// allocation per message).
+/// allocation per message), in id order.
 pub struct Rendered {
     /// Index into [`Context::targets`].
     pub target: u32,
-    users: Vec<u32>,
-    records: String,
-    /// Where each record ends in `records`.
-    ends: Vec<usize>,
-    /// Each user's push token, where the provider needs one.
-    tokens: Vec<Option<String>>,
-}
-
-impl Rendered {
-    /// The messages, in id order.
-    fn messages(&self) -> Vec<Message<'_>> {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        (self.users.iter().zip(starts).zip(&self.ends))
-            .enumerate()
-            .map(|(k, ((&user, start), &end))| Message {
-                user,
-                json: &self.records.as_bytes()[start..end],
-                token: self.tokens.get(k).and_then(|t| t.as_deref()),
-            })
-            .collect()
-    }
+    buf: MessageBuf,
 }
 
 /// Renders the messages of the `claimed` users among `users` (both in id order).
-pub fn render(ctx: &Context, target: u32, users: &[Candidate], claimed: Vec<u32>) -> Rendered {
+pub fn render(
+    ctx: &Context,
+    target: u32,
+    users: &[Candidate],
+    claimed: Vec<u32>,
+) -> Result<Rendered> {
     if claimed.len() == users.len() {
         // Every one: the claim's list is the users' ids.
         return render_each(ctx, target, users.iter(), claimed);
@@ -133,40 +119,39 @@ fn render_each<'a>(
     target: u32,
     chosen: impl ExactSizeIterator<Item = &'a Candidate>,
     ids: Vec<u32>,
-) -> Rendered {
+) -> Result<Rendered> {
     let rt = &ctx.targets[target as usize];
-    let tokens = ctx.dispatcher.provider().needs_token();
+    let needs_token = ctx.dispatcher.provider().needs_token();
     let n = chosen.len();
-    debug_assert_eq!(n, ids.len());
-    let mut rendered = Rendered {
-        target,
-        users: ids,
-        records: String::with_capacity(n * rt.renderer.typical_len()),
-        ends: Vec::with_capacity(n),
-        tokens: Vec::new(),
-    };
+    let mut records = String::with_capacity(n * rt.renderer.typical_len());
+    let mut ends = Vec::with_capacity(n);
+    let mut tokens = Vec::new();
     for c in chosen {
         let vars = UserVars {
             id: c.id,
             level: c.level,
             points: c.points,
         };
-        rt.renderer.render_into(vars, &mut rendered.records);
-        rendered.ends.push(rendered.records.len());
-        if tokens {
-            rendered.tokens.push(ctx.source.token(c.id));
+        rt.renderer.render_into(vars, &mut records);
+        ends.push(records.len());
+        if needs_token {
+            tokens.push(ctx.source.token(c.id));
         }
     }
-    rendered
+    let buf = MessageBuf::new(ids, records.into_bytes(), ends, tokens).ok_or_else(|| {
+        Error::runtime("a push task rendered a message for each of other users than it claimed")
+    })?;
+    Ok(Rendered { target, buf })
 }
 
 /// Dead-letters rendered messages with `error` instead of pushing them, and records them
 /// dead in the store.
 pub async fn dead_letter(ctx: &Context, rendered: Rendered, error: &str) -> Result<()> {
     let rt = &ctx.targets[rendered.target as usize];
-    ctx.dispatcher.dead_letter(&rendered.messages(), error)?;
-    rt.ledger.mark_dead(&rendered.users).await?;
-    let n = rendered.users.len() as u64;
+    let messages = rendered.buf.messages();
+    ctx.dispatcher.dead_letter(messages, error)?;
+    rt.ledger.mark_dead(messages.users()).await?;
+    let n = messages.len() as u64;
     rt.stats.dead_lettered.fetch_add(n, Relaxed);
     ctx.metrics.count.dead_lettered.fetch_add(n, Relaxed);
     ctx.metrics.count.pairs_settled.fetch_add(n, Relaxed);
@@ -193,12 +178,12 @@ pub async fn send(
 ) -> Result<()> {
     let target = rendered.target;
     let rt = &ctx.targets[target as usize];
-    let all = rendered.messages();
-    // The messages left to push after a hold (all of them at first).
-    let mut left: Option<Vec<Message<'_>>> = None;
+    let all = rendered.buf.messages();
+    // The messages left to push after a hold (all of them at first), copied out.
+    let mut left: Option<MessageBuf> = None;
     loop {
         let seen = ctx.halts.changes();
-        let messages: &[Message<'_>] = left.as_deref().unwrap_or(&all);
+        let messages = left.as_ref().map_or(all, MessageBuf::messages);
         push_and_record(rt, ctx, target, messages, ready).await?;
         let halt = ctx.halts.of(target);
         // A change since the push began may have held some of it back, even if it is undone.
@@ -206,8 +191,8 @@ pub async fn send(
         if ctx.dispatcher.stopping() || calm {
             return Ok(());
         }
-        let users: Vec<u32> = messages.iter().map(|m| m.user).collect();
-        let done = rt.ledger.are_done(&users).await?;
+        let users = messages.users();
+        let done = rt.ledger.are_done(users).await?;
         let open: Vec<u32> = (users.iter().zip(done))
             .filter(|(_, done)| !done)
             .map(|(id, _)| *id)
@@ -248,7 +233,6 @@ pub async fn send(
         let rest = messages
             .iter()
             .filter(|m| open.binary_search(&m.user).is_ok())
-            .copied()
             .collect();
         left = Some(rest);
     }
@@ -259,7 +243,7 @@ async fn push_and_record(
     rt: &RunTarget,
     ctx: &Context,
     target: u32,
-    messages: &[Message<'_>],
+    messages: Messages<'_>,
     ready: Instant,
 ) -> Result<()> {
     let held = || ctx.halts.of(target) != Halt::Running;
@@ -291,7 +275,7 @@ async fn push_and_record(
                 async move {
                     let lane = rt.target.campaign.priority;
                     ctx.dispatcher
-                        .deliver(lane, &messages[range.clone()], &settle, &hold)
+                        .deliver(lane, messages.slice(range.clone()), &settle, &hold)
                         .await
                 }
             })
@@ -339,20 +323,21 @@ async fn push_and_record(
 async fn write_and_record(
     rt: &RunTarget,
     ctx: &Context,
-    messages: &[Message<'_>],
+    messages: Messages<'_>,
     ready: Instant,
     hold: &Hold<'_>,
 ) -> Result<()> {
     let slice = (ctx.dispatcher.capacity() / 2).max(1);
     let lane = rt.target.campaign.priority;
-    for (k, part) in messages.chunks(slice).enumerate() {
+    for start in (0..messages.len()).step_by(slice) {
+        let part = messages.slice(start..messages.len().min(start + slice));
         let settled = Mutex::new(Vec::new());
         let sent = ctx
             .dispatcher
             .deliver(
                 lane,
                 part,
-                &|s: Settled| lock(&settled).push((k * slice, s)),
+                &|s: Settled| lock(&settled).push((start, s)),
                 hold,
             )
             .await;
@@ -408,7 +393,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn record(
     rt: &RunTarget,
     ctx: &Context,
-    messages: &[Message<'_>],
+    messages: Messages<'_>,
     settled: &[(usize, Settled)],
     ready: Instant,
 ) -> Result<()> {
@@ -417,29 +402,19 @@ async fn record(
     }
     let answered = ready.elapsed();
     rt.sends.note();
-    let (mut done, mut dead, mut unreachable) = (Vec::new(), Vec::new(), Vec::new());
-    for (offset, s) in settled {
-        if let Some(range) = s.delivered() {
-            let range = offset + range.start..offset + range.end;
-            done.extend(messages[range].iter().map(|m| m.user));
-            continue;
+    let users = messages.users();
+    // One stretch delivered whole, the usual answer: its users as they are, in id order.
+    let whole = match settled {
+        [(offset, s)] => s.delivered().map(|r| offset + r.start..offset + r.end),
+        _ => None,
+    };
+    let (done, dead, unreachable) = match whole {
+        Some(range) => (Cow::Borrowed(&users[range]), Vec::new(), Vec::new()),
+        None => {
+            let (done, dead, unreachable) = sorted_fates(users, settled);
+            (Cow::Owned(done), dead, unreachable)
         }
-        for (i, fate) in s.fates() {
-            let user = messages[offset + i].user;
-            match fate {
-                Fate::Delivered => done.push(user),
-                Fate::Unreachable => unreachable.push(user),
-                Fate::Dead => dead.push(user),
-            }
-        }
-    }
-    // Id order: the stores apply sorted ids as whole-set operations. One delivered range
-    // is in id order already (so are `messages`); fates answered one by one may not be.
-    if !matches!(settled, [(_, s)] if s.delivered().is_some()) {
-        done.sort_unstable();
-        dead.sort_unstable();
-        unreachable.sort_unstable();
-    }
+    };
     let delivered = done.len() as u64;
     ctx.metrics
         .record_lane_latency(rt.target.campaign.priority, answered, delivered as usize);
@@ -470,26 +445,57 @@ async fn record(
     Ok(())
 }
 
+/// The users of `settled` fates (positions in `users`, from each one's offset) by fate:
+/// (delivered, dead, unreachable), each in id order — the stores apply sorted ids as
+/// whole-set operations, and fates answered one by one come in any order.
+fn sorted_fates(users: &[u32], settled: &[(usize, Settled)]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let (mut done, mut dead, mut unreachable) = (Vec::new(), Vec::new(), Vec::new());
+    for (offset, s) in settled {
+        if let Some(range) = s.delivered() {
+            done.extend_from_slice(&users[offset + range.start..offset + range.end]);
+            continue;
+        }
+        for (i, fate) in s.fates() {
+            let user = users[offset + i];
+            match fate {
+                Fate::Delivered => done.push(user),
+                Fate::Unreachable => unreachable.push(user),
+                Fate::Dead => dead.push(user),
+            }
+        }
+    }
+    done.sort_unstable();
+    dead.sort_unstable();
+    unreachable.sort_unstable();
+    (done, dead, unreachable)
+}
+
 /// Cuts `messages` into batches of at most `max_messages` messages and `max_bytes` serialized
 /// bytes, in order; a single message over `max_bytes` goes alone.
-pub fn batch_bounds<'a>(
-    messages: &'a [Message<'_>],
+pub fn batch_bounds(
+    messages: Messages<'_>,
     max_messages: usize,
     max_bytes: usize,
-) -> impl Iterator<Item = Range<usize>> + 'a {
+) -> impl Iterator<Item = Range<usize>> + '_ {
     let mut start = 0;
     std::iter::from_fn(move || {
-        let rest = messages.get(start..).filter(|rest| !rest.is_empty())?;
-        let mut bytes = 0;
-        let n = rest
-            .iter()
-            .take(max_messages.max(1))
-            .take_while(|m| {
-                bytes += m.json.len();
-                bytes <= max_bytes
-            })
-            .count()
-            .max(1);
+        if start >= messages.len() {
+            return None;
+        }
+        let full = start..messages.len().min(start + max_messages.max(1));
+        // A full batch within the bytes (the usual case) is known from two ends.
+        let n = match messages.slice(full.clone()).bytes() <= max_bytes {
+            true => full.len(),
+            false => {
+                let mut bytes = 0;
+                full.take_while(|&i| {
+                    bytes += messages.record_len(i);
+                    bytes <= max_bytes
+                })
+                .count()
+                .max(1)
+            }
+        };
         start += n;
         Some(start - n..start)
     })
@@ -499,6 +505,7 @@ pub fn batch_bounds<'a>(
 mod tests {
     use super::*;
     use crate::model::Delivery;
+    use crate::providers::Message;
 
     fn record(user: u32, body_len: usize) -> String {
         serde_json::to_string(&Delivery {
@@ -518,7 +525,7 @@ mod tests {
         let records: Vec<String> = (1..=25)
             .map(|u| record(u, if u == 7 { 5000 } else { 10 }))
             .collect();
-        let msgs: Vec<Message<'_>> = records
+        let buf: MessageBuf = records
             .iter()
             .zip(1..)
             .map(|(json, user)| Message {
@@ -527,11 +534,12 @@ mod tests {
                 token: None,
             })
             .collect();
+        let all = buf.messages();
+        let msgs: Vec<Message<'_>> = all.iter().collect();
         let sizes: Vec<usize> = msgs.iter().map(|m| m.json.len()).collect();
         let max_bytes = 400;
-        let batches: Vec<&[Message<'_>]> = batch_bounds(&msgs, 4, max_bytes)
-            .map(|r| &msgs[r])
-            .collect();
+        let batches: Vec<&[Message<'_>]> =
+            batch_bounds(all, 4, max_bytes).map(|r| &msgs[r]).collect();
         let flat: Vec<u32> = batches.iter().copied().flatten().map(|m| m.user).collect();
         assert_eq!(flat, (1..=25).collect::<Vec<_>>());
         for b in &batches {

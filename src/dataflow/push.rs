@@ -707,7 +707,10 @@ fn render_and_push(
     if claim.claimed.is_empty() {
         return;
     }
-    let rendered = deliver::render(ctx, target, users, claim.claimed);
+    let rendered = match deliver::render(ctx, target, users, claim.claimed) {
+        Ok(rendered) => rendered,
+        Err(e) => return ctx.fail(e),
+    };
     let ready = ack.ready;
     let ctx2 = ctx.clone();
     if ctx.targets[target as usize].expire {

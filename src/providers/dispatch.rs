@@ -34,7 +34,7 @@ use super::breaker::Breaker;
 use super::dead_letters::DeadLetters;
 use super::lanes::{LaneSlots, Lanes};
 use super::rate::RateLimiter;
-use super::{Attempt, Gate, Message, Outcome, Provider};
+use super::{Attempt, Gate, Message, Messages, Outcome, Provider};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::Priority;
@@ -296,7 +296,7 @@ impl Dispatcher {
     pub async fn deliver(
         &self,
         lane: Priority,
-        batch: &[Message<'_>],
+        batch: Messages<'_>,
         settle: &(dyn Fn(Settled) + Sync),
         hold: &Hold<'_>,
     ) -> Result<()> {
@@ -373,7 +373,7 @@ impl Dispatcher {
     async fn attempt(
         &self,
         lane: Priority,
-        batch: &[Message<'_>],
+        batch: Messages<'_>,
         which: &[usize],
         attempt: u32,
         settle: &(dyn Fn(Settled) + Sync),
@@ -452,7 +452,7 @@ impl Dispatcher {
     async fn attempt_each(
         &self,
         lane: Priority,
-        batch: &[Message<'_>],
+        batch: Messages<'_>,
         which: &[usize],
         attempt: u32,
         settle: &(dyn Fn(Settled) + Sync),
@@ -513,7 +513,7 @@ impl Dispatcher {
     #[allow(clippy::too_many_arguments)]
     fn answered(
         &self,
-        batch: &[Message<'_>],
+        batch: Messages<'_>,
         group: &[usize],
         slots: &mut LaneSlots,
         answers: Vec<(usize, Attempt)>,
@@ -567,7 +567,8 @@ impl Dispatcher {
 
     /// Writes `messages` to the dead-letter file with `error`, never attempted (a policy
     /// outcome, not a provider's).
-    pub fn dead_letter(&self, messages: &[Message<'_>], error: &str) -> Result<()> {
+    pub fn dead_letter(&self, messages: Messages<'_>, error: &str) -> Result<()> {
+        let messages: Vec<Message<'_>> = messages.iter().collect();
         let letters: Vec<(&Message<'_>, &str, u32)> =
             messages.iter().map(|m| (m, error, 0)).collect();
         self.dead.write(&letters)?;
@@ -578,7 +579,7 @@ impl Dispatcher {
     /// its dead letter written), or another attempt (in `next`); an error stops the run.
     fn judge(
         &self,
-        batch: &[Message<'_>],
+        batch: Messages<'_>,
         i: usize,
         outcome: Option<Outcome>,
         attempt: u32,
@@ -586,7 +587,7 @@ impl Dispatcher {
         next: &mut Next,
     ) -> Result<()> {
         let dead = |error: &str| -> Result<Fate> {
-            self.dead.write(&[(&batch[i], error, attempt)])?;
+            self.dead.write(&[(&batch.get(i), error, attempt)])?;
             Ok(Fate::Dead)
         };
         let failed = |next: &mut Next, error: &str| {
@@ -743,7 +744,7 @@ mod tests {
             .collect()
     }
 
-    fn messages(records: &[(u32, String)]) -> Vec<Message<'_>> {
+    fn messages(records: &[(u32, String)]) -> crate::providers::MessageBuf {
         records
             .iter()
             .map(|(user, json)| Message {
@@ -796,7 +797,8 @@ mod tests {
                 Arc::new(Metrics::new()),
             );
             let recs = records(400);
-            let msgs = messages(&recs);
+            let buf = messages(&recs);
+            let msgs = buf.messages();
             let held = AtomicBool::new(false);
             let is_held = || held.load(Relaxed);
             let hold = Hold {
@@ -814,7 +816,7 @@ mod tests {
                 let fates = s.fates().map(|(i, f)| (i, f, at));
                 settled_at.lock().unwrap().extend(fates);
             };
-            let send = d.deliver(Priority::Normal, &msgs, &settle, &hold);
+            let send = d.deliver(Priority::Normal, msgs, &settle, &hold);
             let (sent, ()) = futures::future::join(send, pause).await;
             sent.unwrap();
             let settled = settled_at.into_inner().unwrap();
@@ -851,11 +853,12 @@ mod tests {
             Arc::new(Metrics::new()),
         );
         let recs = records(2000);
-        let msgs = messages(&recs);
+        let buf = messages(&recs);
+        let msgs = buf.messages();
         let fates = Mutex::new(Vec::new());
         d.deliver(
             Priority::Normal,
-            &msgs,
+            msgs,
             &|s: Settled| fates.lock().unwrap().extend(s.fates()),
             &Hold::never(),
         )
@@ -886,7 +889,10 @@ mod tests {
             assert!(v["key"].as_str().unwrap().starts_with("c:"));
         }
         lettered.sort_unstable();
-        let reported: Vec<u64> = dead_at.iter().map(|&i| u64::from(msgs[i].user)).collect();
+        let reported: Vec<u64> = dead_at
+            .iter()
+            .map(|&i| u64::from(msgs.get(i).user))
+            .collect();
         assert_eq!(lettered, reported);
     }
 
@@ -906,13 +912,14 @@ mod tests {
             Arc::new(Metrics::new()),
         );
         let recs = records(500);
-        let msgs = messages(&recs);
+        let buf = messages(&recs);
+        let msgs = buf.messages();
         let started = tokio::time::Instant::now();
         let seen = Mutex::new(Vec::new());
         let held = Mutex::new(Vec::new());
         d.deliver(
             Priority::Normal,
-            &msgs,
+            msgs,
             &|s: Settled| {
                 let at = started.elapsed();
                 let mut seen = seen.lock().unwrap();
@@ -943,7 +950,7 @@ mod tests {
     /// answered in one push, and one ten times larger still within two: it takes the first
     /// slots bulk gives back. A normal run alone gets every slot.
     /// How long `batch` takes until its last message is answered.
-    async fn answered(d: &Dispatcher, lane: Priority, batch: &[Message<'_>]) -> Duration {
+    async fn answered(d: &Dispatcher, lane: Priority, batch: Messages<'_>) -> Duration {
         let t0 = tokio::time::Instant::now();
         let last = Mutex::new(Duration::ZERO);
         d.deliver(
@@ -976,18 +983,20 @@ mod tests {
         let d = dispatcher();
         let bulk = records(2000);
         let bulk = messages(&bulk);
+        let bulk = bulk.messages();
         let tx = records(20);
         let tx = messages(&tx);
+        let tx = tx.messages();
         let reserve = super::super::lanes::reserve_of(20);
         let (bulk_took, small, large) = tokio::join!(
-            answered(&d, Priority::Bulk, &bulk),
+            answered(&d, Priority::Bulk, bulk),
             async {
                 tokio::time::sleep(Duration::from_millis(1010)).await;
-                answered(&d, Priority::Transactional, &tx[..reserve]).await
+                answered(&d, Priority::Transactional, tx.slice(0..reserve)).await
             },
             async {
                 tokio::time::sleep(Duration::from_millis(2010)).await;
-                answered(&d, Priority::Transactional, &tx).await
+                answered(&d, Priority::Transactional, tx).await
             },
         );
         assert!(bulk_took >= Duration::from_secs(5), "{bulk_took:?}");
@@ -995,7 +1004,7 @@ mod tests {
         assert!(large <= 2 * latency + Duration::from_millis(1), "{large:?}");
 
         let d = dispatcher();
-        let normal = answered(&d, Priority::Normal, &bulk).await;
+        let normal = answered(&d, Priority::Normal, bulk).await;
         // 100 rounds of 20 slots × 50 ms.
         assert!(normal <= Duration::from_millis(5010), "{normal:?}");
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{Gate, Message, Outcome, Push};
+use super::{Gate, Messages, Outcome, Push};
 use crate::error::{Error, Result};
 use futures::future::BoxFuture;
 
@@ -65,7 +65,7 @@ impl LogProvider {
     /// Writes the selected messages as one append; see [`Push::send_all`].
     async fn write_all(
         &self,
-        batch: &[Message<'_>],
+        batch: Messages<'_>,
         which: &[usize],
         gate: Gate<'_>,
     ) -> (Vec<(usize, Outcome)>, Duration) {
@@ -73,9 +73,9 @@ impl LogProvider {
             return (super::held(which), Duration::ZERO);
         }
         let started = Instant::now();
-        let mut buf = Vec::with_capacity(which.iter().map(|&i| batch[i].json.len() + 1).sum());
+        let mut buf = Vec::with_capacity(which.iter().map(|&i| batch.record_len(i) + 1).sum());
         for &i in which {
-            buf.extend_from_slice(batch[i].json);
+            buf.extend_from_slice(batch.get(i).json);
             buf.push(b'\n');
         }
         let written = match self.sink.lock() {
@@ -133,7 +133,7 @@ impl Push for LogProvider {
 
     fn send_all<'a>(
         &'a self,
-        batch: &'a [Message<'a>],
+        batch: Messages<'a>,
         which: &'a [usize],
         _attempt: u32,
         gate: Gate<'a>,
@@ -149,6 +149,7 @@ impl Push for LogProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::{Message, MessageBuf};
 
     #[tokio::test]
     async fn a_device_needs_no_sync() {
@@ -159,9 +160,10 @@ mod tests {
             json: json.as_bytes(),
             token: None,
         };
+        let one: MessageBuf = std::iter::once(m).collect();
         let (failed, _) = p
             .send_all(
-                &[m],
+                one.messages(),
                 &[0],
                 1,
                 Gate::new(None, crate::model::Priority::Normal),

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use super::{Attempt, Gate, Message, Outcome, Push};
+use super::{Attempt, Gate, Message, Messages, Outcome, Push};
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, Stream};
 use tokio::time::{Instant, Sleep};
@@ -72,7 +72,7 @@ impl MockProvider {
     /// Simulates pushing the selected messages at once (no latency is simulated).
     async fn push_all(
         &self,
-        batch: &[Message<'_>],
+        batch: Messages<'_>,
         which: &[usize],
         attempt: u32,
         gate: Gate<'_>,
@@ -86,7 +86,7 @@ impl MockProvider {
         let failed = which
             .iter()
             .enumerate()
-            .filter_map(|(k, &i)| Some((k, self.draw(batch[i].json, attempt).1?)))
+            .filter_map(|(k, &i)| Some((k, self.draw(batch.get(i).json, attempt).1?)))
             .collect();
         (failed, Duration::ZERO)
     }
@@ -105,13 +105,13 @@ impl MockProvider {
     /// Simulates pushing the selected messages, each on its own, all starting now: each waits
     /// its own drawn latency, as [`MockProvider::push_one`] does, but one timer serves them
     /// all (set for the earliest answer still due).
-    fn push_each(&self, batch: &[Message<'_>], which: &[usize], attempt: u32) -> Answers {
+    fn push_each(&self, batch: Messages<'_>, which: &[usize], attempt: u32) -> Answers {
         let started = Instant::now();
         let mut due: Vec<(Instant, usize, Option<Outcome>)> = which
             .iter()
             .enumerate()
             .map(|(k, &i)| {
-                let (wait, outcome) = self.draw(batch[i].json, attempt);
+                let (wait, outcome) = self.draw(batch.get(i).json, attempt);
                 (started + wait, k, outcome)
             })
             .collect();
@@ -219,16 +219,16 @@ impl Push for MockProvider {
 
     fn send_one<'a>(
         &'a self,
-        message: &'a Message<'a>,
+        message: Message<'a>,
         attempt: u32,
         gate: Gate<'a>,
     ) -> BoxFuture<'a, Attempt> {
-        Box::pin(self.push_one(message, attempt, gate))
+        Box::pin(async move { self.push_one(&message, attempt, gate).await })
     }
 
     fn send_each<'a>(
         &'a self,
-        batch: &'a [Message<'a>],
+        batch: Messages<'a>,
         which: &'a [usize],
         attempt: u32,
         gate: Gate<'a>,
@@ -242,7 +242,7 @@ impl Push for MockProvider {
 
     fn send_all<'a>(
         &'a self,
-        batch: &'a [Message<'a>],
+        batch: Messages<'a>,
         which: &'a [usize],
         attempt: u32,
         gate: Gate<'a>,
@@ -275,7 +275,7 @@ mod tests {
         use futures::StreamExt;
         let m = MockProvider::parse("latency=50ms,jitter=20ms,fail=0.2").unwrap();
         let records: Vec<String> = (0..300).map(|i| format!("c:{i}")).collect();
-        let batch: Vec<Message<'_>> = records
+        let buf: crate::providers::MessageBuf = records
             .iter()
             .map(|json| Message {
                 user: 1,
@@ -283,15 +283,16 @@ mod tests {
                 token: None,
             })
             .collect();
+        let batch = buf.messages();
         let which: Vec<usize> = (0..300).step_by(2).collect();
         let t0 = Instant::now();
-        let mut answers = m.send_each(&batch, &which, 2, Gate::new(None, Priority::Normal));
+        let mut answers = m.send_each(batch, &which, 2, Gate::new(None, Priority::Normal));
         let mut seen = vec![false; which.len()];
         let mut lists = 0;
         while let Some(list) = answers.next().await {
             lists += 1;
             for (k, (outcome, latency)) in list {
-                let (wait, want) = m.draw(batch[which[k]].json, 2);
+                let (wait, want) = m.draw(batch.get(which[k]).json, 2);
                 assert!(!seen[k], "answered twice");
                 seen[k] = true;
                 assert_eq!(outcome, want);

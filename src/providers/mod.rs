@@ -20,6 +20,7 @@ pub mod http;
 pub mod http1;
 pub mod lanes;
 pub mod log;
+pub mod messages;
 pub mod mock;
 pub mod rate;
 pub mod remote;
@@ -31,6 +32,7 @@ use futures::stream::{BoxStream, FuturesUnordered, StreamExt};
 
 use crate::error::{Error, Result};
 use crate::model::Priority;
+pub use messages::{Message, MessageBuf, Messages};
 
 /// Why one attempt to push one message did not deliver it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,31 +70,6 @@ pub enum Outcome {
 /// What one attempt at one message came to: `None` delivered, else why not; and how long
 /// the push itself took (from the rate token to the answer).
 pub type Attempt = (Option<Outcome>, Duration);
-
-/// A message ready to push: a view of its delivery record, rendered once (see
-/// [`crate::render`]) into a buffer its push task owns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Message<'a> {
-    /// The recipient.
-    pub user: u32,
-    /// The [`crate::model::Delivery`] record as one line of JSON (no newline), UTF-8 bytes as
-    /// they go on the wire: what `log:` writes, what `http` posts, what batches are sized by.
-    /// (Bytes, not `&str`: a task's records are cut from one buffer, and a `str` slice would
-    /// read a byte at every cut to check it is a character boundary.)
-    pub json: &'a [u8],
-    /// The recipient's push token, for providers that address devices.
-    pub token: Option<&'a str>,
-}
-
-impl Message<'_> {
-    /// The delivery record plus `"error"` and `"attempts"`: a dead letter (SPEC).
-    pub fn dead_letter(&self, error: &str, attempts: u32) -> String {
-        let error = serde_json::to_string(error).unwrap_or_else(|_| "\"\"".into());
-        let head = self.json.strip_suffix(b"}").unwrap_or(self.json);
-        let head = String::from_utf8_lossy(head);
-        format!("{head},\"error\":{error},\"attempts\":{attempts}}}")
-    }
-}
 
 /// The dispatcher's rate tokens as a provider sees them: it passes the gate right before its
 /// I/O, once per message it sends, and not for a message it refuses without sending (no
@@ -178,19 +155,18 @@ pub trait Push: std::fmt::Debug + Send + Sync {
     /// Pushes one message (attempt `attempt`), passing `gate` right before it goes.
     fn send_one<'a>(
         &'a self,
-        message: &'a Message<'a>,
+        message: Message<'a>,
         attempt: u32,
         gate: Gate<'a>,
     ) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
-            let (failed, latency) = self
-                .send_all(std::slice::from_ref(message), &[0], attempt, gate)
-                .await;
+            let one: MessageBuf = std::iter::once(message).collect();
+            let (failed, latency) = self.send_all(one.messages(), &[0], attempt, gate).await;
             (failed.into_iter().next().map(|(_, o)| o), latency)
         })
     }
 
-    /// Pushes `batch[i]` for every `i` in `which`, each its own request and all at once (each
+    /// Pushes `batch.get(i)` for every `i` in `which`, each its own request and all at once (each
     /// passing `gate` right before it goes, as [`Push::send_one`] does); yields each answer
     /// as it comes, as `(position in which, what the attempt came to)` — the answers that
     /// came together in one list. The dispatcher calls this for a provider that
@@ -198,7 +174,7 @@ pub trait Push: std::fmt::Debug + Send + Sync {
     /// runs [`Push::send_one`] for each ([`one_by_one`]).
     fn send_each<'a>(
         &'a self,
-        batch: &'a [Message<'a>],
+        batch: Messages<'a>,
         which: &'a [usize],
         attempt: u32,
         gate: Gate<'a>,
@@ -206,11 +182,12 @@ pub trait Push: std::fmt::Debug + Send + Sync {
         one_by_one(self, batch, which, attempt, gate)
     }
 
-    /// Pushes `batch[i]` for every `i` in `which` (passing `gate` for all of them); returns
-    /// `(position in which, outcome)` of each message not delivered, and how long it took.
+    /// Pushes `batch.get(i)` for every `i` in `which` (passing `gate` for all of them);
+    /// returns `(position in which, outcome)` of each message not delivered, and how long it
+    /// took.
     fn send_all<'a>(
         &'a self,
-        batch: &'a [Message<'a>],
+        batch: Messages<'a>,
         which: &'a [usize],
         attempt: u32,
         gate: Gate<'a>,
@@ -219,7 +196,7 @@ pub trait Push: std::fmt::Debug + Send + Sync {
             let mut failed = Vec::new();
             let mut longest = Duration::ZERO;
             for (k, &i) in which.iter().enumerate() {
-                let (outcome, latency) = self.send_one(&batch[i], attempt, gate).await;
+                let (outcome, latency) = self.send_one(batch.get(i), attempt, gate).await;
                 longest = longest.max(latency);
                 failed.extend(outcome.map(|o| (k, o)));
             }
@@ -240,7 +217,7 @@ pub type Provider = Box<dyn Push>;
 /// each poll yields every answer ready by then.
 pub fn one_by_one<'a, P: Push + ?Sized>(
     provider: &'a P,
-    batch: &'a [Message<'a>],
+    batch: Messages<'a>,
     which: &'a [usize],
     attempt: u32,
     gate: Gate<'a>,
@@ -250,7 +227,7 @@ pub fn one_by_one<'a, P: Push + ?Sized>(
         .enumerate()
         .map(|(k, &i)| {
             provider
-                .send_one(&batch[i], attempt, gate)
+                .send_one(batch.get(i), attempt, gate)
                 .map(move |answer| (k, answer))
         })
         .collect();

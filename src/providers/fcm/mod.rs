@@ -216,11 +216,11 @@ impl Push for FcmProvider {
 
     fn send_one<'a>(
         &'a self,
-        message: &'a Message<'a>,
+        message: Message<'a>,
         _attempt: u32,
         gate: Gate<'a>,
     ) -> BoxFuture<'a, Attempt> {
-        Box::pin(self.post(message, gate))
+        Box::pin(async move { self.post(&message, gate).await })
     }
 }
 
