@@ -675,7 +675,16 @@ pub fn plan(seed: u64) -> Schedule {
         .as_deref()
         .map(naive::logins_jsonl)
         .unwrap_or_default();
-    let per_run = naive::expected(&draft, &users, &logins, &granted, None).len() as u64;
+    // Each user in their own zone: with quiet hours, a count in `default_tz` alone can be
+    // near zero at a tick where most users are awake, and the floor rate then makes runs
+    // last minutes.
+    let zones = naive::zones_jsonl(&users_text);
+    let tick0 = chrono::DateTime::parse_from_rfc3339(&ticks[0])
+        .expect("a tick is RFC 3339")
+        .to_utc();
+    let per_run = naive::runs(&draft, &users, &zones, &logins, &granted, &[tick0])
+        .pop()
+        .map_or(0, |run| run.delivered.len() as u64);
     // A run lasts ~0.3–1 s, so a fault lands mid-run.
     let dur_ms = r.range(300, 800);
     let rate = (per_run * 1000 / dur_ms / processes as u64).max(50);
