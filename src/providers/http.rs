@@ -11,8 +11,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
-use hyper::body::Bytes;
-use hyper::{Method, Request, Uri};
+use hyper::Uri;
 use reqwest::header::{
     HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT,
 };
@@ -87,11 +86,10 @@ struct Wire {
     pool: http1::Pool,
     /// The whole request, connecting included.
     timeout: Duration,
-    /// The request target: the URL's path and query.
-    target: Uri,
-    host: HeaderValue,
-    /// Basic auth from the URL's userinfo, as reqwest sends it.
-    authorization: Option<HeaderValue>,
+    /// Each request's head up to the fields of its message: the request line, `Host`,
+    /// `Content-Type`, `User-Agent`, `Accept`, and `Authorization` (basic auth from the URL's
+    /// userinfo, as reqwest sends it).
+    head: Vec<u8>,
 }
 
 /// The one field of a delivery record the request needs besides the record itself.
@@ -125,8 +123,8 @@ impl HttpProvider {
     async fn post(&self, m: &Message<'_>, gate: Gate<'_>) -> Attempt {
         match &self.transport {
             Transport::Wire(wire) => {
-                remote::attempt(self.wire_request(wire, m), gate, |request| async move {
-                    self.wire_outcome(wire, request).await
+                remote::attempt(self.wire_request(wire, m), gate, |write| async move {
+                    self.wire_outcome(wire, write).await
                 })
                 .await
             }
@@ -139,42 +137,43 @@ impl HttpProvider {
         }
     }
 
-    /// The record's key as a header value, or why `m` cannot be sent.
-    fn key(&self, m: &Message<'_>) -> std::result::Result<HeaderValue, Outcome> {
+    /// The record's key, as a header carries it (visible ASCII, spaces, tabs), or why `m`
+    /// cannot be sent.
+    fn key<'m>(&self, m: &Message<'m>) -> std::result::Result<Cow<'m, str>, Outcome> {
         let bad =
             |what: &str| Outcome::Unsendable(format!("{}: user {}: {what}", self.name(), m.user));
-        let keyed: Keyed<'_> =
+        let keyed: Keyed<'m> =
             serde_json::from_slice(m.json).map_err(|_| bad("the delivery record has no key"))?;
-        HeaderValue::from_str(&keyed.key).map_err(|_| bad("the key cannot be sent as a header"))
+        let sendable = |b: u8| b == b'\t' || (b' '..=b'~').contains(&b);
+        match keyed.key.bytes().all(sendable) {
+            true => Ok(keyed.key),
+            false => Err(bad("the key cannot be sent as a header")),
+        }
     }
 
-    /// The plain request for `m`, built without I/O: the headers reqwest would send.
-    fn wire_request(
+    /// What writes the plain request for `m` (the head, its key and length, the record),
+    /// built without I/O: the headers reqwest would send.
+    fn wire_request<'m>(
         &self,
-        wire: &Wire,
-        m: &Message<'_>,
-    ) -> std::result::Result<Request<http1::Body>, Outcome> {
+        wire: &'m Wire,
+        m: &Message<'m>,
+    ) -> std::result::Result<impl Fn(&mut Vec<u8>) + 'm, Outcome> {
         let key = self.key(m)?;
-        let body = Bytes::copy_from_slice(m.json);
-        let mut request = Request::new(http1::Body::new(body));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = wire.target.clone();
-        let headers = request.headers_mut();
-        headers.reserve(6);
-        headers.insert(HOST, wire.host.clone());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(IDEMPOTENCY_KEY, key);
-        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
-        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
-        if let Some(auth) = &wire.authorization {
-            headers.insert(AUTHORIZATION, auth.clone());
-        }
-        Ok(request)
+        let body = m.json;
+        Ok(move |out: &mut Vec<u8>| {
+            out.extend_from_slice(&wire.head);
+            out.extend_from_slice(b"idempotency-key: ");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\r\ncontent-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+            out.extend_from_slice(body);
+        })
     }
 
     /// Sends a plain request within the request timeout; what its answer (or none) means.
-    async fn wire_outcome(&self, wire: &Wire, request: Request<http1::Body>) -> Option<Outcome> {
-        let answer = match tokio::time::timeout(wire.timeout, wire.pool.send(request)).await {
+    async fn wire_outcome(&self, wire: &Wire, write: impl Fn(&mut Vec<u8>)) -> Option<Outcome> {
+        let answer = match tokio::time::timeout(wire.timeout, wire.pool.send(write)).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => return Some(self.no_answer(&e)),
             Err(_) => {
@@ -200,6 +199,14 @@ impl HttpProvider {
         m: &Message<'_>,
     ) -> std::result::Result<RequestBuilder, Outcome> {
         let key = self.key(m)?;
+        let key = HeaderValue::from_str(&key).map_err(|_| {
+            let e = format!(
+                "{}: user {}: the key cannot be sent as a header",
+                self.name(),
+                m.user
+            );
+            Outcome::Unsendable(e)
+        })?;
         Ok(client
             .post(self.spec.url.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
@@ -258,15 +265,29 @@ impl Wire {
             .headers()
             .get(AUTHORIZATION)
             .cloned();
+        let target: Uri = target
+            .parse()
+            .map_err(|_| bad("the URL's path cannot be sent"))?;
+        let host_header = HeaderValue::from_str(&host_header)
+            .map_err(|_| bad("the URL's host cannot be sent"))?;
+        let mut head = format!("POST {target} HTTP/1.1\r\n").into_bytes();
+        let mut field = |name: &HeaderName, value: &HeaderValue| {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        };
+        field(&HOST, &host_header);
+        field(&CONTENT_TYPE, &HeaderValue::from_static("application/json"));
+        field(&USER_AGENT, &HeaderValue::from_static(USER_AGENT_VALUE));
+        field(&ACCEPT, &HeaderValue::from_static("*/*"));
+        if let Some(auth) = &authorization {
+            field(&AUTHORIZATION, auth);
+        }
         Ok(Wire {
             pool: http1::Pool::new(format!("{host}:{port}"), timeouts.connect),
             timeout: timeouts.request,
-            target: target
-                .parse()
-                .map_err(|_| bad("the URL's path cannot be sent"))?,
-            host: HeaderValue::from_str(&host_header)
-                .map_err(|_| bad("the URL's host cannot be sent"))?,
-            authorization,
+            head,
         })
     }
 }
@@ -301,7 +322,6 @@ impl Push for HttpProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
 
     #[test]
     fn urls_are_checked_and_named_without_secrets() {
@@ -330,36 +350,71 @@ mod tests {
 
     const RECORD: &str = r#"{"campaign":"c","user":7,"title":"t","body":"b","key":"c:7"}"#;
 
-    #[tokio::test]
-    async fn plain_requests_carry_the_record_and_its_key() {
-        let spec = HttpSpec::parse("http://u:p@127.0.0.1:9/hook?sig=1").unwrap();
-        let p = HttpProvider::open(spec, &Timeouts::default()).unwrap();
+    /// A request parsed back: method, path, headers by lower-case name, body.
+    type Parsed = (String, String, Vec<(String, String)>, Vec<u8>);
+
+    /// The bytes a plain request for `m` goes out as, parsed back by httparse.
+    fn written(p: &HttpProvider, m: &Message<'_>) -> Result<Parsed, Outcome> {
         let Transport::Wire(wire) = &p.transport else {
             panic!("plain http goes on the wire")
         };
-        let req = p.wire_request(wire, &message(RECORD)).unwrap();
-        assert_eq!(req.method(), Method::POST);
-        assert_eq!(req.uri(), "/hook?sig=1");
-        assert_eq!(req.headers()[HOST], "127.0.0.1:9");
-        assert_eq!(req.headers()[CONTENT_TYPE], "application/json");
-        assert_eq!(req.headers()["idempotency-key"], "c:7");
-        assert_eq!(req.headers()[AUTHORIZATION], "Basic dTpw");
-        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let mut out = Vec::new();
+        (p.wire_request(wire, m)?)(&mut out);
+        let mut fields = [httparse::EMPTY_HEADER; 16];
+        let mut req = httparse::Request::new(&mut fields);
+        let httparse::Status::Complete(len) = req.parse(&out).unwrap() else {
+            panic!("a whole head")
+        };
+        let headers: Vec<(String, String)> = (req.headers.iter())
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8(h.value.to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        let method = req.method.unwrap().to_owned();
+        let path = req.path.unwrap().to_owned();
+        Ok((method, path, headers, out[len..].to_vec()))
+    }
+
+    fn field<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+        let mut values = headers.iter().filter(|(n, _)| n == name);
+        let value = values.next().map(|(_, v)| v.as_str());
+        assert!(values.next().is_none(), "{name} once at most");
+        value
+    }
+
+    #[test]
+    fn plain_requests_carry_the_record_and_its_key() {
+        let spec = HttpSpec::parse("http://u:p@127.0.0.1:9/hook?sig=1").unwrap();
+        let p = HttpProvider::open(spec, &Timeouts::default()).unwrap();
+        let (method, path, headers, body) = written(&p, &message(RECORD)).unwrap();
+        assert_eq!((method.as_str(), path.as_str()), ("POST", "/hook?sig=1"));
+        assert_eq!(field(&headers, "host"), Some("127.0.0.1:9"));
+        assert_eq!(field(&headers, "content-type"), Some("application/json"));
+        assert_eq!(field(&headers, "idempotency-key"), Some("c:7"));
+        assert_eq!(field(&headers, "authorization"), Some("Basic dTpw"));
+        assert_eq!(
+            field(&headers, "content-length"),
+            Some(RECORD.len().to_string().as_str())
+        );
         assert_eq!(body, RECORD.as_bytes());
         let keyless = Message {
             user: 8,
             ..message(r#"{"user":8}"#)
         };
         assert!(
-            matches!(p.wire_request(wire, &keyless), Err(Outcome::Unsendable(e)) if e.contains("user 8"))
+            matches!(written(&p, &keyless), Err(Outcome::Unsendable(e)) if e.contains("user 8"))
         );
+        let split = message(r#"{"user":7,"key":"c:7\r\nx-evil: 1"}"#);
+        assert!(matches!(written(&p, &split), Err(Outcome::Unsendable(e)) if e.contains("header")));
         let default_port = HttpSpec::parse("http://example.com/").unwrap();
         let p = HttpProvider::open(default_port, &Timeouts::default()).unwrap();
-        let Transport::Wire(wire) = &p.transport else {
-            panic!("plain http goes on the wire")
-        };
-        assert_eq!(wire.host, "example.com");
-        assert!(wire.authorization.is_none());
+        let (_, path, headers, _) = written(&p, &message(RECORD)).unwrap();
+        assert_eq!(path, "/");
+        assert_eq!(field(&headers, "host"), Some("example.com"));
+        assert_eq!(field(&headers, "authorization"), None);
     }
 
     #[test]
