@@ -29,9 +29,11 @@
 //! once the run has seen the change); (c) every pair it records as delivered was sent,
 //! and what was sent beyond those (in flight at an interruption, then settled as cancelled)
 //! is cancelled in the store and within the in-flight bound; (d) the clean runs push none of
-//! it. The job's other campaigns stay exact. Not under caps (a pause reorders a user's capped
-//! offers, a cancel frees cap room: the other campaigns' naive reading would change), and a
-//! Redis then restarts with its data.
+//! it. The job's other campaigns stay exact — except under frequency caps, where a pause
+//! reorders a user's capped offers and a cancel frees cap room, so the naive reading says who
+//! is eligible but not who is sent: there, every campaign is held to (a) and (c) with the
+//! in-flight bound, nothing is sent that is not eligible, and the caps are checked on what was
+//! sent. A Redis then restarts with its data.
 //!
 //! ```text
 //! cargo test --release --test faults                          # the CI set: seeds 1..=200

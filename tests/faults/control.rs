@@ -327,6 +327,36 @@ impl Ctx<'_> {
         self.check_silences();
     }
 
+    /// Each campaign not cancelled against the store ([`check::settled`]): for schedules whose
+    /// naive reading says who is eligible but not who is sent.
+    pub(super) fn check_settled(
+        &mut self,
+        deliveries: &[Delivery],
+        eligible: &BTreeSet<check::Pair>,
+        bound: u64,
+    ) {
+        let campaigns = crate::naive::campaigns(&self.s.job).0;
+        let ids = campaigns.into_iter().map(|c| c.id);
+        for campaign in ids.filter(|c| !self.cancelled.contains(c)) {
+            match self.store_outcomes(&campaign) {
+                Ok(store) => {
+                    let stats = check::settled(
+                        &campaign,
+                        &store,
+                        eligible,
+                        deliveries,
+                        bound,
+                        &mut self.violations,
+                    );
+                    self.note(stats);
+                }
+                Err(e) => self
+                    .violations
+                    .push(format!("cannot read the store for {campaign}: {e}")),
+            }
+        }
+    }
+
     /// No provider attempt of a campaign starts inside one of its silences: an HTTP request
     /// arriving then (any answer), or a `log:` line that begins past a file's length at the
     /// silence's start (and before its length at the end).

@@ -761,16 +761,28 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
     }
     let deliveries = cx.deliveries();
     let bound = s.concurrency * cx.interruptions.len() as u64;
+    // Caps beside an operator's commands: who is offered first, so who is capped, depends on
+    // when the commands land; the naive reading says who is eligible, the store accounts for
+    // each of them (below), and the caps are checked on what was sent.
+    let loose = s.capped && !s.controls.is_empty();
+    let eligible = match loose {
+        true => s.eligible(),
+        false => BTreeSet::new(),
+    };
     let stats = check::deliveries(
         &deliveries,
-        &expected,
+        if loose { &eligible } else { &expected },
         &cx.cancelled,
+        loose,
         (!cx.forgetful).then_some(bound),
         &cx.interruptions,
         &mut cx.violations,
     );
     cx.note(stats);
     cx.check_control(&deliveries, bound, clean_from);
+    if loose {
+        cx.check_settled(&deliveries, &eligible, bound);
+    }
     if s.capped {
         let (caps, capped) = s.caps();
         let ticks: Vec<String> = cx.runs.iter().map(|r| r.1.clone()).collect();

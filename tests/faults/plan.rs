@@ -457,20 +457,16 @@ fn frequency_caps(
 
 /// The operators' commands of schedule `seed`, from a sequence of their own (a schedule that
 /// draws none is the one its seed drew before campaign control existed): about 28% of the
-/// schedules without caps, one command in one fault run, sometimes a second one in a later
-/// run. A schedule that drew no fault gets a calm run to carry it. Not under caps: a paused
-/// campaign's parked offers are decided after the other campaigns' (the engine lets those go
-/// on), and a cancelled one frees cap room, so the naive reading of the other campaigns would
-/// no longer be the job's. Never a cancel in a stalled run: its process, stopped past the
-/// lease, sends what it had in flight when continued, seconds after any cancel.
-fn controls(
-    seed: u64,
-    ids: &[(String, Kind)],
-    faults: &mut Vec<Fault>,
-    capped: bool,
-) -> Vec<Control> {
+/// schedules, one command in one fault run, sometimes a second one in a later run. A schedule
+/// that drew no fault gets a calm run to carry it. Under caps, the naive reading no longer
+/// says who is sent (a paused campaign's parked offers are decided after the other
+/// campaigns', which the engine lets go on, and a cancelled one frees cap room): such a
+/// schedule is checked against who is eligible, the store's account of each, and the caps
+/// on what was sent (`exec::run`). Never a cancel in a stalled run: its process, stopped past
+/// the lease, sends what it had in flight when continued, seconds after any cancel.
+fn controls(seed: u64, ids: &[(String, Kind)], faults: &mut Vec<Fault>) -> Vec<Control> {
     let mut r = Rng::new(seed ^ 0xc0_4701);
-    if capped || !r.chance(28) {
+    if !r.chance(28) {
         return Vec::new();
     }
     if faults.is_empty() {
@@ -735,7 +731,7 @@ pub fn plan(seed: u64) -> Schedule {
     // Any run may use another `-w`: which process owns a bucket depends only on the process
     // count, so a split file store and a Redis re-run find their users where they left them.
     let workers: Vec<usize> = (0..runs).map(|_| r.range(1, 4) as usize).collect();
-    let controls = controls(seed, &ids, &mut faults, caps.is_some());
+    let controls = controls(seed, &ids, &mut faults);
     if !controls.is_empty() {
         // A Redis that forgets also forgets the control state (and the ledgers): no cancel
         // holds across that.
