@@ -271,8 +271,11 @@ impl RedisStore {
             }
         })
         .await?;
+        // The heartbeat has a connection of its own: on the shared one a refresh waits behind
+        // every claim and mark queued before it, and under load that ate the lease's margin
+        // (a 1 s test lease went 800 ms without a refresh, the run stopped).
         spawn_heartbeat(
-            store.con.clone(),
+            connect("lease heartbeat", url).await?,
             Arc::downgrade(&lease),
             lease.duration / 5,
         );
