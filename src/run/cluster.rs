@@ -395,6 +395,12 @@ pub fn execute(
                     crate::dataflow::gather::everyone(worker, syncs.then_some((me.process, fp)));
                 if let Some((other, _)) = all.iter().find(|(_, f)| *f != fp) {
                     ctx.fail(me.disagreement(*other));
+                    // Every process finds the same disagreement; none leaves before all have
+                    // (a second round), since one that exits closes its connections and a
+                    // peer's network thread may then fail on that before its worker read the
+                    // fingerprints (a panic, exit 1, not the disagreement's exit 2). A failure
+                    // in this round leaves the disagreement recorded first.
+                    crate::dataflow::gather::everyone(worker, syncs.then_some((me.process, fp)));
                 }
             }
             if !ctx.failed() {
