@@ -274,14 +274,16 @@ fn accounted(
     (sent, unrecorded)
 }
 
-/// The store's outcomes of `campaign`, by name and count, for an account line.
-fn counts(store: &StoreOutcomes) -> String {
-    store
-        .iter()
+/// The one-line account of what [`accounted`] found for `who`.
+fn account(who: &str, store: &StoreOutcomes, sent: usize, unrecorded: usize) -> String {
+    let counts: Vec<String> = (store.iter())
         .filter(|(_, s)| !s.is_empty())
         .map(|(k, s)| format!("{k} {}", s.len()))
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect();
+    format!(
+        "{who}: store {}; {sent} sent, {unrecorded} of them not recorded delivered",
+        counts.join(", ")
+    )
 }
 
 /// A campaign whose naive reading is not exact (capped, beside an operator's commands that
@@ -304,12 +306,7 @@ pub fn settled(
             examples(unrecorded.iter())
         ));
     }
-    format!(
-        "{campaign}: store {}; {} sent, {} of them not recorded delivered",
-        counts(store),
-        sent.len(),
-        unrecorded.len()
-    )
+    account(campaign, store, sent.len(), unrecorded.len())
 }
 
 /// A cancelled campaign, against the naive reading and the provider: [`accounted`] for, and
@@ -324,12 +321,11 @@ pub fn cancelled(
     bound: u64,
     violations: &mut Vec<String>,
 ) -> String {
-    let empty = BTreeSet::new();
     let (sent, unrecorded) = accounted(campaign, store, eligible, got, violations);
-    let not_cancelled: Vec<&Pair> = unrecorded
-        .iter()
-        .filter(|p| !store.get("cancelled").unwrap_or(&empty).contains(*p))
-        .collect();
+    let not_cancelled: Vec<&Pair> = match store.get("cancelled") {
+        Some(cancelled) => unrecorded.difference(cancelled).collect(),
+        None => unrecorded.iter().collect(),
+    };
     if !not_cancelled.is_empty() || unrecorded.len() as u64 > bound {
         violations.push(format!(
             "cancelled {campaign}: {} sent and not recorded delivered (in-flight bound {bound}), \
@@ -339,12 +335,8 @@ pub fn cancelled(
             examples(unrecorded.iter())
         ));
     }
-    format!(
-        "cancelled {campaign}: store {}; {} sent, {} of them not recorded delivered",
-        counts(store),
-        sent.len(),
-        unrecorded.len()
-    )
+    let who = format!("cancelled {campaign}");
+    account(&who, store, sent.len(), unrecorded.len())
 }
 
 /// SPEC "Frequency caps", on what was actually sent: each user's distinct deliveries of the

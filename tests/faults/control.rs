@@ -289,28 +289,17 @@ impl Ctx<'_> {
     /// The operators' commands, checked: each cancelled campaign against the store and the
     /// provider ([`check::cancelled`]), the clean runs sent none of it, and no provider
     /// attempt of a paused or cancelled campaign started in its silence.
-    pub(super) fn check_control(&mut self, deliveries: &[Delivery], bound: u64, clean_from: usize) {
-        let eligible = match self.cancelled.is_empty() {
-            true => BTreeSet::new(),
-            false => self.s.eligible(),
-        };
+    pub(super) fn check_control(
+        &mut self,
+        deliveries: &[Delivery],
+        eligible: &BTreeSet<check::Pair>,
+        bound: u64,
+        clean_from: usize,
+    ) {
         for campaign in self.cancelled.clone() {
-            match self.store_outcomes(&campaign) {
-                Ok(store) => {
-                    let stats = check::cancelled(
-                        &campaign,
-                        &store,
-                        &eligible,
-                        deliveries,
-                        bound,
-                        &mut self.violations,
-                    );
-                    self.note(stats);
-                }
-                Err(e) => self
-                    .violations
-                    .push(format!("cannot read the store for {campaign}: {e}")),
-            }
+            self.against_store(&campaign, |store, violations| {
+                check::cancelled(&campaign, store, eligible, deliveries, bound, violations)
+            });
             let late: Vec<&Delivery> = deliveries
                 .iter()
                 .filter(|d| d.campaign == campaign && d.run >= clean_from)
@@ -336,24 +325,31 @@ impl Ctx<'_> {
         bound: u64,
     ) {
         let campaigns = crate::naive::campaigns(&self.s.job).0;
-        let ids = campaigns.into_iter().map(|c| c.id);
-        for campaign in ids.filter(|c| !self.cancelled.contains(c)) {
-            match self.store_outcomes(&campaign) {
-                Ok(store) => {
-                    let stats = check::settled(
-                        &campaign,
-                        &store,
-                        eligible,
-                        deliveries,
-                        bound,
-                        &mut self.violations,
-                    );
-                    self.note(stats);
-                }
-                Err(e) => self
-                    .violations
-                    .push(format!("cannot read the store for {campaign}: {e}")),
+        let ids: Vec<String> = (campaigns.into_iter())
+            .map(|c| c.id)
+            .filter(|c| !self.cancelled.contains(c))
+            .collect();
+        for campaign in ids {
+            self.against_store(&campaign, |store, violations| {
+                check::settled(&campaign, store, eligible, deliveries, bound, violations)
+            });
+        }
+    }
+
+    /// Reads what the store holds of `campaign` and runs `check` on it, noting its account.
+    fn against_store(
+        &mut self,
+        campaign: &str,
+        check: impl FnOnce(&check::StoreOutcomes, &mut Vec<String>) -> String,
+    ) {
+        match self.store_outcomes(campaign) {
+            Ok(store) => {
+                let stats = check(&store, &mut self.violations);
+                self.note(stats);
             }
+            Err(e) => self
+                .violations
+                .push(format!("cannot read the store for {campaign}: {e}")),
         }
     }
 

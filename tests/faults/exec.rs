@@ -765,7 +765,8 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
     // when the commands land; the naive reading says who is eligible, the store accounts for
     // each of them (below), and the caps are checked on what was sent.
     let loose = s.capped && !s.controls.is_empty();
-    let eligible = match loose {
+    // Who is eligible (naive runs at every tick): for the loose check and cancelled campaigns.
+    let eligible = match loose || !cx.cancelled.is_empty() {
         true => s.eligible(),
         false => BTreeSet::new(),
     };
@@ -779,7 +780,7 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
         &mut cx.violations,
     );
     cx.note(stats);
-    cx.check_control(&deliveries, bound, clean_from);
+    cx.check_control(&deliveries, &eligible, bound, clean_from);
     if loose {
         cx.check_settled(&deliveries, &eligible, bound);
     }
