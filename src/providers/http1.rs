@@ -150,60 +150,45 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// A server that reads one request per connection, answers it with `answer` (or not at
-    /// all) and closes the connection without saying so first; counts the requests.
-    async fn one_shot_server(answer: Option<&'static str>) -> (String, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let seen = Arc::new(AtomicUsize::new(0));
-        let counter = seen.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let mut got = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    // The request's head and its 2-byte body.
-                    while !got.windows(6).any(|w| w == b"\r\n\r\nhi") {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    counter.fetch_add(1, SeqCst);
-                    if let Some(answer) = answer {
-                        let _ = socket.write_all(answer.as_bytes()).await;
-                    }
-                });
-            }
-        });
-        (addr, seen)
-    }
-
     fn post(out: &mut Vec<u8>) {
         out.extend_from_slice(b"POST /hook HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi");
     }
 
-    /// A server that answers every request on a connection with 200, keeping it open;
-    /// counts the connections.
-    async fn keep_alive_server() -> (String, Arc<AtomicUsize>) {
+    /// A test server and what it counted.
+    struct Server {
+        addr: String,
+        requests: Arc<AtomicUsize>,
+        connections: Arc<AtomicUsize>,
+    }
+
+    /// A server that answers each request ([`post`]'s) with `answer` (or not at all); with
+    /// `keep_alive` it goes on reading the connection, else it closes it after the first
+    /// request without saying so first.
+    async fn server(answer: Option<&'static str>, keep_alive: bool) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let conns = Arc::new(AtomicUsize::new(0));
-        let counter = conns.clone();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (reqs, conns) = (requests.clone(), connections.clone());
         tokio::spawn(async move {
             loop {
                 let (mut socket, _) = listener.accept().await.unwrap();
-                counter.fetch_add(1, SeqCst);
+                conns.fetch_add(1, SeqCst);
+                let reqs = reqs.clone();
                 tokio::spawn(async move {
                     let mut got = Vec::new();
                     let mut buf = [0u8; 1024];
                     loop {
+                        // The request's head and its 2-byte body.
                         while let Some(end) = got.windows(6).position(|w| w == b"\r\n\r\nhi") {
                             got.drain(..end + 6);
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if socket.write_all(ok).await.is_err() {
+                            reqs.fetch_add(1, SeqCst);
+                            if let Some(answer) = answer {
+                                if socket.write_all(answer.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                            if !keep_alive {
                                 return;
                             }
                         }
@@ -215,31 +200,36 @@ mod tests {
                 });
             }
         });
-        (addr, conns)
+        Server {
+            addr,
+            requests,
+            connections,
+        }
     }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
     #[tokio::test]
     async fn one_connection_carries_request_after_request() {
-        let (addr, conns) = keep_alive_server().await;
-        let pool = Pool::new(addr, Duration::from_secs(1));
+        let server = server(Some(OK), true).await;
+        let pool = Pool::new(server.addr, Duration::from_secs(1));
         for _ in 0..20 {
             let answer = pool.send(post).await.unwrap();
             assert_eq!(answer.status, hyper::StatusCode::OK);
         }
-        assert_eq!(conns.load(SeqCst), 1);
+        assert_eq!(server.connections.load(SeqCst), 1);
         // As many connections as requests in flight at once, and no more.
         let sends: Vec<_> = (0..8).map(|_| pool.send(post)).collect();
         for answer in futures::future::join_all(sends).await {
             assert_eq!(answer.unwrap().status, hyper::StatusCode::OK);
         }
-        assert_eq!(conns.load(SeqCst), 8);
+        assert_eq!(server.connections.load(SeqCst), 8);
     }
 
     #[tokio::test]
     async fn a_connection_the_server_closed_is_replaced() {
-        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-        let (addr, seen) = one_shot_server(Some(ok)).await;
-        let pool = Pool::new(addr, Duration::from_secs(1));
+        let server = server(Some(OK), false).await;
+        let pool = Pool::new(server.addr, Duration::from_secs(1));
         for _ in 0..5 {
             let answer = pool.send(post).await.unwrap();
             assert_eq!(answer.status, hyper::StatusCode::OK);
@@ -247,24 +237,24 @@ mod tests {
             // Let the server's close arrive before the next checkout.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(seen.load(SeqCst), 5, "each request sent once");
+        assert_eq!(server.requests.load(SeqCst), 5, "each request sent once");
     }
 
     #[tokio::test]
     async fn a_request_left_unanswered_is_not_sent_again() {
-        let (addr, seen) = one_shot_server(None).await;
-        let pool = Pool::new(addr, Duration::from_secs(1));
+        let server = server(None, false).await;
+        let pool = Pool::new(server.addr, Duration::from_secs(1));
         let e = pool.send(post).await.unwrap_err();
         assert!(!e.is_empty());
-        assert_eq!(seen.load(SeqCst), 1);
+        assert_eq!(server.requests.load(SeqCst), 1);
     }
 
     #[tokio::test]
     async fn error_answers_keep_their_body_and_headers() {
         let busy =
             "HTTP/1.1 503 Service Unavailable\r\nretry-after: 3\r\ncontent-length: 4\r\n\r\nbusy";
-        let (addr, _) = one_shot_server(Some(busy)).await;
-        let answer = Pool::new(addr, Duration::from_secs(1))
+        let server = server(Some(busy), false).await;
+        let answer = Pool::new(server.addr, Duration::from_secs(1))
             .send(post)
             .await
             .unwrap();
