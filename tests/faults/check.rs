@@ -380,3 +380,67 @@ pub fn caps(
         ));
     }
 }
+
+/// SPEC "Frequency caps", on what the store recorded `capped`: a cap binds only on sends, so
+/// each capped pair had, at some run's `--now` t, at least `max` of its user's other capped
+/// pairs' sends in `(t − per, t]` for one cap. `store` holds every capped campaign's outcomes.
+/// A send counts at its claim, at the run's `--now`, and when is over-approximated: a pair
+/// sent was claimed between the first tick and the run that first sent it; one claimed and
+/// not sent (dead-lettered, unreachable, cancelled after its claim) at any tick. So a capped
+/// pair this rejects was withheld on sends that cannot have been counted: a lost message.
+pub fn capped_justified(
+    store: &StoreOutcomes,
+    got: &[Delivery],
+    ticks: &[String],
+    caps: &[NCap],
+    violations: &mut Vec<String>,
+) {
+    let Some(capped) = store.get("capped").filter(|c| !c.is_empty()) else {
+        return;
+    };
+    let time = |t: &String| chrono::DateTime::parse_from_rfc3339(t).unwrap().to_utc();
+    let at: Vec<_> = ticks.iter().map(time).collect();
+    let Some(&last) = at.iter().max() else {
+        return;
+    };
+    let mut sent_by: BTreeMap<Pair, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
+    for d in got {
+        let pair = (d.campaign.clone(), d.occurrence.clone(), d.user);
+        let t = at[d.run];
+        let e = sent_by.entry(pair).or_insert(t);
+        *e = (*e).min(t);
+    }
+    // Per user, each counted send's pair and the span its time lies in.
+    let mut sends: BTreeMap<u64, Vec<(&Pair, chrono::DateTime<chrono::Utc>)>> = BTreeMap::new();
+    for outcome in ["delivered", "dead_lettered", "unreachable", "cancelled"] {
+        for pair in store.get(outcome).into_iter().flatten() {
+            let latest = match outcome {
+                "delivered" => sent_by.get(pair).copied().unwrap_or(last),
+                _ => last,
+            };
+            sends.entry(pair.2).or_default().push((pair, latest));
+        }
+    }
+    let none = Vec::new();
+    let binds = |pair: &Pair| {
+        let others: Vec<_> = (sends.get(&pair.2).unwrap_or(&none).iter())
+            .filter(|(p, _)| (&p.0, &p.1) != (&pair.0, &pair.1))
+            .collect();
+        caps.iter().any(|cap| {
+            at.iter().any(|&t| {
+                let from = t - chrono::Duration::seconds(cap.per_s);
+                // Each may lie at or before t (none is before the first tick).
+                others.iter().filter(|(_, latest)| from < *latest).count() >= cap.max
+            })
+        })
+    };
+    let unjust: Vec<&Pair> = capped.iter().filter(|p| !binds(p)).collect();
+    if !unjust.is_empty() {
+        violations.push(format!(
+            "{} recorded capped with fewer sends of their users than any cap {caps:?} binds on \
+             (e.g. {})",
+            unjust.len(),
+            examples(unjust.iter().copied())
+        ));
+    }
+}

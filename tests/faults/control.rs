@@ -336,6 +336,25 @@ impl Ctx<'_> {
         }
     }
 
+    /// [`check::capped_justified`] over what the store holds of every capped campaign; `ticks`
+    /// are the runs' `--now`s.
+    pub(super) fn check_capped(&mut self, deliveries: &[Delivery], ticks: &[String]) {
+        let (caps, capped) = self.s.caps();
+        let mut all = check::StoreOutcomes::new();
+        for campaign in &capped {
+            match self.store_outcomes(campaign) {
+                Ok(store) => {
+                    (store.into_iter()).for_each(|(k, v)| all.entry(k).or_default().extend(v))
+                }
+                Err(e) => {
+                    let e = format!("cannot read the store for {campaign}: {e}");
+                    return self.violations.push(e);
+                }
+            }
+        }
+        check::capped_justified(&all, deliveries, ticks, &caps, &mut self.violations);
+    }
+
     /// Reads what the store holds of `campaign` and runs `check` on it, noting its account.
     fn against_store(
         &mut self,

@@ -788,6 +788,7 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
         let (caps, capped) = s.caps();
         let ticks: Vec<String> = cx.runs.iter().map(|r| r.1.clone()).collect();
         check::caps(&deliveries, &ticks, &caps, &capped, &mut cx.violations);
+        cx.check_capped(&deliveries, &ticks);
     }
     keep_dir_if(&cx);
     cx.violations
