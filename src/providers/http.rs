@@ -99,6 +99,28 @@ struct Keyed<'a> {
     key: Cow<'a, str>,
 }
 
+/// The key of a delivery record: read off its end, where the renderer puts it
+/// (`…,"key":"…"}`, with nothing escaped in it), else parsed. A raw `"` occurs in JSON only
+/// around strings, so a record ending so holds a member `key` with that string: parsing the
+/// whole record for it cost ~2.5% of a webhook run's CPU.
+fn record_key(json: &[u8]) -> Option<Cow<'_, str>> {
+    const FIELD: &[u8] = b",\"key\":\"";
+    let read_off = || {
+        let rest = json.strip_suffix(b"\"}")?;
+        // The key's opening quote: the last one (a key read off holds none).
+        let open = rest.iter().rposition(|&b| b == b'"')?;
+        let (head, key) = rest.split_at(open + 1);
+        let plain = head.ends_with(FIELD) && !key.contains(&b'\\');
+        plain.then(|| std::str::from_utf8(key).ok()).flatten()
+    };
+    match read_off() {
+        Some(key) => Some(Cow::Borrowed(key)),
+        None => serde_json::from_slice::<Keyed<'_>>(json)
+            .ok()
+            .map(|k| k.key),
+    }
+}
+
 /// A name made once: a `&str` name is copied into every request that carries it.
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const USER_AGENT_VALUE: &str = concat!("fanout/", env!("CARGO_PKG_VERSION"));
@@ -142,11 +164,10 @@ impl HttpProvider {
     fn key<'m>(&self, m: &Message<'m>) -> std::result::Result<Cow<'m, str>, Outcome> {
         let bad =
             |what: &str| Outcome::Unsendable(format!("{}: user {}: {what}", self.name(), m.user));
-        let keyed: Keyed<'m> =
-            serde_json::from_slice(m.json).map_err(|_| bad("the delivery record has no key"))?;
+        let key = record_key(m.json).ok_or_else(|| bad("the delivery record has no key"))?;
         let sendable = |b: u8| b == b'\t' || (b' '..=b'~').contains(&b);
-        match keyed.key.bytes().all(sendable) {
-            true => Ok(keyed.key),
+        match key.bytes().all(sendable) {
+            true => Ok(key),
             false => Err(bad("the key cannot be sent as a header")),
         }
     }
@@ -376,6 +397,28 @@ mod tests {
         let value = values.next().map(|(_, v)| v.as_str());
         assert!(values.next().is_none(), "{name} once at most");
         value
+    }
+
+    /// The key read off a record's end is the one serde parses out of it, escapes, look-alikes
+    /// inside strings and records not ending with their key included.
+    #[test]
+    fn a_records_key_is_what_serde_reads() {
+        let records = [
+            r#"{"campaign":"c","user":1,"title":"t","body":"b","key":"c:1"}"#,
+            r#"{"campaign":"c","user":1,"title":"a,\"key\":\"x","body":"b","key":"c:1"}"#,
+            r#"{"campaign":"c","user":1,"title":"t","body":"b","key":"c\u003a1"}"#,
+            r#"{"campaign":"c","user":1,"title":"t","body":"b","key":"c\"1"}"#,
+            r#"{"campaign":"c","user":1,"title":"t","body":"b","key":"ü:1"}"#,
+            r#"{"campaign":"c","key":"c:1","user":1,"title":"t","body":"b"}"#,
+            r#"{"campaign":"c","user":1,"title":"t","body":",\"key\":\"x\"}"}"#,
+            r#"{"campaign":"c","user":1,"body":"b","key":"#,
+        ];
+        for r in records {
+            let serde = serde_json::from_slice::<Keyed<'_>>(r.as_bytes())
+                .ok()
+                .map(|k| k.key);
+            assert_eq!(record_key(r.as_bytes()), serde, "{r}");
+        }
     }
 
     #[test]
