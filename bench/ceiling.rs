@@ -1,8 +1,9 @@
 //! The ceiling the engine benchmark is measured against: a plain single-threaded loop doing
 //! the same per-user work as `fanout run` — generate or read the user, test the audience,
 //! claim it, render the message — with no dataflow, no store file and no provider. The claim
-//! is the engine's cheapest: id-ordered batches of the engine's task size, each one set
-//! operation on an in-memory roaring bitmap.
+//! is the engine's cheapest: id-ordered batches of the engine's task size on an in-memory
+//! roaring bitmap, each a range when its ids are consecutive (as the embedded ledger claims
+//! them), else one set operation.
 //!
 //! With lazy coupons and logins in the job, the loop is over logins instead (see
 //! [`login_loop`]).
@@ -20,6 +21,7 @@ use fanout::model::{Campaign, CouponDelivery};
 use fanout::render::Renderer;
 use fanout::sources::logins;
 use fanout::sources::{LoadOptions, UserSource};
+use fanout::store::file::run_of;
 use fanout::store::Store;
 use fanout::template::UserVars;
 use roaring::RoaringBitmap;
@@ -29,7 +31,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    // Without arguments (as `cargo test --all-targets` runs it): a small smoke run.
+    // Without arguments (as `cargo test --all-targets` runs it): the claim checked, then a
+    // small smoke run.
+    if args.is_empty() {
+        check_claim_sorted();
+    }
     let smoke = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/jobs/engine.toml").to_owned();
     let path = args.first().cloned().unwrap_or(smoke);
     let users = args
@@ -64,9 +70,9 @@ fn claim_batch(job: &Job) -> usize {
 }
 
 /// Fan-out: every user of the source against every campaign. Matching users are gathered in
-/// id order and claimed a batch at a time as one set operation on a roaring bitmap — the
-/// cheapest claim the embedded store has (its `claim_sorted`), minus the log and the
-/// done/pending sets — then rendered.
+/// id order and claimed a batch at a time on a roaring bitmap, as a range or one set
+/// operation ([`claim_sorted`]) — the cheapest claim the embedded store has, minus the log
+/// and the done/pending sets — then rendered.
 fn fan_out_loop(job: &Job, source: &UserSource) -> Result<(), Box<dyn std::error::Error>> {
     let batch = claim_batch(job);
     let started = Instant::now();
@@ -78,10 +84,11 @@ fn fan_out_loop(job: &Job, source: &UserSource) -> Result<(), Box<dyn std::error
         let filter = AudienceFilter::compile(&campaign.audience, source.tags());
         let mut claimed = RoaringBitmap::new();
         let mut pending: Vec<UserVars> = Vec::with_capacity(batch);
+        let mut ids: Vec<u32> = Vec::with_capacity(batch);
         // One buffer reused for every message: the cheapest way to render.
         let mut json = String::with_capacity(renderer.typical_len());
         let mut flush = |pending: &mut Vec<UserVars>| {
-            let fresh = claim_sorted(&mut claimed, pending);
+            let fresh = claim_sorted(&mut claimed, pending, &mut ids);
             for u in pending
                 .iter()
                 .filter(|u| fresh.as_ref().is_none_or(|f| f.contains(u.id)))
@@ -117,10 +124,26 @@ fn fan_out_loop(job: &Job, source: &UserSource) -> Result<(), Box<dyn std::error
 }
 
 /// Claims `users` (ascending ids) in `claimed`: `None` when every one is new, else the new
-/// ones. A batch disjoint from the claimed set (every batch of a first run) is one test and
-/// one union of whole containers.
-fn claim_sorted(claimed: &mut RoaringBitmap, users: &[UserVars]) -> Option<RoaringBitmap> {
-    let Ok(batch) = RoaringBitmap::from_sorted_iter(users.iter().map(|u| u.id)) else {
+/// ones. As the embedded ledger claims a batch (`store::file::shard`'s `Batch`): its ids
+/// collected, and a batch that is one run of consecutive ids (every batch of a dense
+/// population) judged by counting the claimed set over its range and inserted as that range;
+/// any other batch as one set operation of whole containers.
+fn claim_sorted(
+    claimed: &mut RoaringBitmap,
+    users: &[UserVars],
+    ids: &mut Vec<u32>,
+) -> Option<RoaringBitmap> {
+    ids.clear();
+    ids.extend(users.iter().map(|u| u.id));
+    if let Some(run) = run_of(ids) {
+        let disjoint = claimed.max().is_none_or(|max| max < *run.start())
+            || claimed.range_cardinality(run.clone()) == 0;
+        if disjoint {
+            claimed.insert_range(run);
+            return None;
+        }
+    }
+    let Ok(batch) = RoaringBitmap::from_sorted_iter(ids.iter().copied()) else {
         unreachable!("a user source yields ascending ids");
     };
     if claimed.is_disjoint(&batch) {
@@ -130,6 +153,43 @@ fn claim_sorted(claimed: &mut RoaringBitmap, users: &[UserVars]) -> Option<Roari
     let fresh = batch - &*claimed;
     *claimed |= &fresh;
     Some(fresh)
+}
+
+/// [`claim_sorted`] against sets built id by id: runs and scattered batches, new, repeated
+/// and overlapping ones.
+fn check_claim_sorted() {
+    let vars = |ids: &[u32]| -> Vec<UserVars> {
+        (ids.iter())
+            .map(|&id| UserVars {
+                id,
+                level: 0,
+                points: 0,
+            })
+            .collect()
+    };
+    let batches: [&[u32]; 6] = [
+        &[10, 11, 12, 13],
+        &[10, 11, 12, 13],
+        &[12, 13, 14, 15],
+        &[1, 5, 9, 70_000],
+        &[5, 6, 7],
+        &[100, 101, 102],
+    ];
+    let (mut claimed, mut ids, mut naive) = (RoaringBitmap::new(), Vec::new(), Vec::<u32>::new());
+    for batch in batches {
+        let fresh: Vec<u32> = batch
+            .iter()
+            .copied()
+            .filter(|id| !naive.contains(id))
+            .collect();
+        naive.extend(&fresh);
+        let got = match claim_sorted(&mut claimed, &vars(batch), &mut ids) {
+            None => batch.to_vec(),
+            Some(set) => set.iter().collect(),
+        };
+        assert_eq!(got, fresh, "claim of {batch:?}");
+    }
+    assert_eq!(claimed.len(), naive.len() as u64);
 }
 
 /// Lazy coupons: every login against every coupon — window, audience, the grant ledger (read

@@ -291,7 +291,7 @@ const RUNS: u8 = 0x80;
 /// `ids` as one run of consecutive ascending ids, if they are one: an id-ordered batch of a
 /// densely numbered population is. One pass with no early exit, which the compiler turns
 /// into vector compares: a few hundred nanoseconds for a push task's ids.
-pub(super) fn run_of(ids: &[u32]) -> Option<RangeInclusive<u32>> {
+pub fn run_of(ids: &[u32]) -> Option<RangeInclusive<u32>> {
     let (&first, &last) = (ids.first()?, ids.last()?);
     // Every step +1 (wrapping) and the span as long as the ids: no step wrapped.
     let steps =

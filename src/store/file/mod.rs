@@ -44,6 +44,9 @@ use anyhow::{anyhow, Context};
 
 use crate::error::{Error, Result};
 pub use campaigns::set_state_in;
+/// The shape test of the ledger's claims: an id-ordered batch that is one run of consecutive
+/// ids is claimed as a range (bench/ceiling.rs claims the same way).
+pub use format::run_of;
 use format::{file_stem, load};
 pub use ledger::FileLedger;
 pub use shard::Shards;
