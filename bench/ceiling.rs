@@ -21,7 +21,7 @@ use fanout::model::{Campaign, CouponDelivery};
 use fanout::render::Renderer;
 use fanout::sources::logins;
 use fanout::sources::{LoadOptions, UserSource};
-use fanout::store::file::run_of;
+use fanout::store::file::{run_is_disjoint, run_of};
 use fanout::store::Store;
 use fanout::template::UserVars;
 use roaring::RoaringBitmap;
@@ -135,13 +135,9 @@ fn claim_sorted(
 ) -> Option<RoaringBitmap> {
     ids.clear();
     ids.extend(users.iter().map(|u| u.id));
-    if let Some(run) = run_of(ids) {
-        let disjoint = claimed.max().is_none_or(|max| max < *run.start())
-            || claimed.range_cardinality(run.clone()) == 0;
-        if disjoint {
-            claimed.insert_range(run);
-            return None;
-        }
+    if let Some(run) = run_of(ids).filter(|run| run_is_disjoint(claimed, run)) {
+        claimed.insert_range(run);
+        return None;
     }
     let Ok(batch) = RoaringBitmap::from_sorted_iter(ids.iter().copied()) else {
         unreachable!("a user source yields ascending ids");

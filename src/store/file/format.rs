@@ -300,6 +300,12 @@ pub fn run_of(ids: &[u32]) -> Option<RangeInclusive<u32>> {
     (steps && span == ids.len() as u64).then_some(first..=last)
 }
 
+/// Whether `set` holds no id of `run`. Ids come mostly in ascending order: past the set's
+/// last id, nothing to count.
+pub fn run_is_disjoint(set: &RoaringBitmap, run: &RangeInclusive<u32>) -> bool {
+    set.max().is_none_or(|max| max < *run.start()) || set.range_cardinality(run.clone()) == 0
+}
+
 /// Fills `buf` with one log record of `kind` for `ids`: as runs of consecutive ids when that
 /// takes at most half the bytes (an id-ordered batch of a densely numbered population is one
 /// run: 8 bytes for thousands of ids), else id by id.

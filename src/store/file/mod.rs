@@ -44,10 +44,10 @@ use anyhow::{anyhow, Context};
 
 use crate::error::{Error, Result};
 pub use campaigns::set_state_in;
-/// The shape test of the ledger's claims: an id-ordered batch that is one run of consecutive
-/// ids is claimed as a range (bench/ceiling.rs claims the same way).
-pub use format::run_of;
 use format::{file_stem, load};
+/// The ledger's claim of an id-ordered batch that is one run of consecutive ids: its shape
+/// test and its disjointness test (bench/ceiling.rs claims the same way).
+pub use format::{run_is_disjoint, run_of};
 pub use ledger::FileLedger;
 pub use shard::Shards;
 

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use roaring::RoaringBitmap;
 
-use super::format::{encode_record, encode_run, run_of, Kind, Sets};
+use super::format::{encode_record, encode_run, run_is_disjoint, run_of, Kind, Sets};
 use super::{io_error, lock};
 use crate::error::{Error, Result};
 use crate::store::Claim;
@@ -160,11 +160,7 @@ impl Batch {
     /// Whether no id of the batch is in `set`.
     fn is_disjoint(&self, set: &RoaringBitmap) -> bool {
         match self {
-            // Ids come mostly in ascending order: past the set's last id, nothing to count.
-            Batch::Range(r) => {
-                set.max().is_none_or(|max| max < *r.start())
-                    || set.range_cardinality(r.clone()) == 0
-            }
+            Batch::Range(r) => run_is_disjoint(set, r),
             Batch::Set(b) => b.is_disjoint(set),
         }
     }
