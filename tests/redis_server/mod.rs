@@ -231,6 +231,30 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Runs `commands` (one a line, arguments without spaces) through one redis-cli, in order.
+    pub fn pipe(&self, commands: &str) {
+        use std::io::Write as _;
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-p", &self.port.to_string()]);
+        if self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(self.ca());
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-cli");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(commands.as_bytes())
+                .expect("redis-cli stdin");
+        }
+        assert!(
+            child.wait().expect("redis-cli").success(),
+            "redis-cli failed"
+        );
+    }
+
     /// Kills the server with SIGKILL and starts it again on the same port and data.
     pub fn restart_after(&mut self, down: Duration) {
         if let Some(mut c) = self.child.take() {
