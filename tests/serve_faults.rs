@@ -318,14 +318,9 @@ fn execute(s: &Schedule, verbose: bool) -> Vec<String> {
         true => redis.url(1),
         false => "file:store".to_owned(),
     };
-    let want = (s.logins(), Utc::now());
-    let want = expected(
-        &s.all_campaigns(),
-        &s.users,
-        &want.0,
-        &BTreeSet::new(),
-        Some(want.1),
-    );
+    let logins = s.logins();
+    let now = Some(Utc::now());
+    let want = expected(&s.all_campaigns(), &s.users, &logins, &BTreeSet::new(), now);
     let mut cx = Cx {
         s,
         redis,
