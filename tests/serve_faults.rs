@@ -3,9 +3,10 @@
 //! promotions and a push coupon, lazy coupons granted at login, sometimes a promotion
 //! submitted on the campaigns stream mid-way; the file or the Redis store; 1 or 2 workers;
 //! the provider's concurrency, rate and batch size — and one to three faults, each after a
-//! delay or once the process has written some deliveries: a kill -9, or (a quarter) a Redis
+//! delay or once the process has written some deliveries: a kill -9; (a quarter) a Redis
 //! restart with its data under the running process, which must then stop on SIGTERM with 0
-//! or 1. Logins are XADDed in waves: before the first start, while each process runs and
+//! or 1; or (a quarter, Redis store only) SIGSTOP past the run lease while the next process
+//! takes over, then SIGCONT: the stalled one must end with 0 or 1. Logins are XADDed in waves: before the first start, while each process runs and
 //! after it ended. After the last fault a process runs until everything the naive reading
 //! expects is out and every stream entry is acknowledged, then stops on SIGTERM (it must exit
 //! 0). Deliveries over all processes are then checked against the naive reading of the
@@ -68,10 +69,32 @@ enum Fault {
     /// [`RUN_ON_MS`], then SIGTERM: it must exit 0 (recovered), or 1 (stopped on a store
     /// error), and never anything else.
     RedisRestart(Trigger, u64),
+    /// SIGSTOP at the trigger (Redis store only), held past the run lease while the next
+    /// process starts and takes over; SIGCONT once that one has run for a while: the
+    /// stalled process, its lease gone, must exit on its own with 0 or 1.
+    Stall(Trigger),
 }
 
-/// How long a process runs on after a Redis restart before it is stopped.
+/// How long a process runs on after a Redis restart before it is stopped, and how long the
+/// successor of a stalled process runs before the stalled one is resumed.
 const RUN_ON_MS: u64 = 1000;
+/// The Redis run lease the processes take (`FANOUT_LEASE`, set in `main`).
+const LEASE: Duration = Duration::from_secs(1);
+/// How long a resumed stalled process is given to notice its lease is gone and exit.
+const STALL_EXIT: Duration = Duration::from_secs(3);
+/// Stalled processes resumed, and those still up [`STALL_EXIT`] after SIGCONT (then stopped
+/// by SIGTERM).
+static RESUMED: AtomicUsize = AtomicUsize::new(0);
+static OUTLIVED: AtomicUsize = AtomicUsize::new(0);
+
+/// Sends `sig` (`-STOP`, `-CONT`) to the process.
+fn signal(child: &KillOnDrop, sig: &str) {
+    let pid = child.0.id().to_string();
+    std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .ok();
+}
 
 /// One schedule: its inputs and its faults.
 struct Schedule {
@@ -211,6 +234,7 @@ fn plan(seed: u64) -> Schedule {
             persona,
         ));
     }
+    let redis_store = r.below(2) == 0;
     let faults: Vec<Fault> = (0..1 + r.below(3))
         .map(|_| {
             let at = match r.below(2) {
@@ -219,6 +243,7 @@ fn plan(seed: u64) -> Schedule {
             };
             match r.below(4) {
                 0 => Fault::RedisRestart(at, r.below(1000)),
+                1 if redis_store => Fault::Stall(at),
                 _ => Fault::Kill(at),
             }
         })
@@ -247,7 +272,7 @@ fn plan(seed: u64) -> Schedule {
     }
     Schedule {
         seed,
-        redis_store: r.below(2) == 0,
+        redis_store,
         workers: 1 + r.below(2),
         concurrency,
         job,
@@ -331,11 +356,19 @@ fn execute(s: &Schedule, verbose: bool) -> Vec<String> {
         interruptions: Vec::new(),
     };
     xadd_logins(&cx.redis, &s.waves[0]);
+    // A process stalled by the fault before, resumed once the next one runs.
+    let mut stalled: Option<KillOnDrop> = None;
     for k in 0..=s.faults.len() {
         let mut child = cx.start(k);
+        if let Some(old) = stalled.take() {
+            cx.resume(k - 1, old);
+        }
         match s.faults.get(k) {
             Some(&fault) => {
                 cx.fault(k, fault, &mut child);
+                if let Fault::Stall(_) = fault {
+                    stalled = Some(child);
+                }
                 xadd_logins(&cx.redis, &s.waves[2 + 2 * k]);
             }
             None => cx.last(k, &mut child, verbose),
@@ -396,7 +429,7 @@ impl Cx<'_> {
         let started = Instant::now();
         let log = format!("run{k}.jsonl");
         let at = match fault {
-            Fault::Kill(at) | Fault::RedisRestart(at, _) => at,
+            Fault::Kill(at) | Fault::RedisRestart(at, _) | Fault::Stall(at) => at,
         };
         loop {
             let due = match at {
@@ -422,6 +455,10 @@ impl Cx<'_> {
                 child.0.kill().ok();
                 child.0.wait().ok();
             }
+            Fault::Stall(_) => {
+                signal(child, "-STOP");
+                std::thread::sleep(LEASE + Duration::from_millis(500));
+            }
             Fault::RedisRestart(_, down_ms) => {
                 self.redis.restart_after(Duration::from_millis(down_ms));
                 std::thread::sleep(Duration::from_millis(RUN_ON_MS));
@@ -437,6 +474,38 @@ impl Cx<'_> {
                     ));
                 }
             }
+        }
+    }
+
+    /// Resumes process `k`, stalled past its lease while its successor started: after
+    /// [`RUN_ON_MS`], SIGCONT. Its lease is gone: it must end with 0 or 1, on its own (a
+    /// store call found the lease lost) or, if it is still up after [`STALL_EXIT`] (an idle
+    /// process makes no store call: see README, Fencing), on SIGTERM — counted in
+    /// [`OUTLIVED`], not a violation: what it may not do is send, and the checks of the
+    /// deliveries hold it to that.
+    fn resume(&mut self, k: usize, mut old: KillOnDrop) {
+        std::thread::sleep(Duration::from_millis(RUN_ON_MS));
+        signal(&old, "-CONT");
+        RESUMED.fetch_add(1, Ordering::SeqCst);
+        let resumed = Instant::now();
+        let status = loop {
+            if let Ok(Some(st)) = old.0.try_wait() {
+                break (st, serving::stderr_of(&mut old.0));
+            }
+            if resumed.elapsed() > STALL_EXIT {
+                OUTLIVED.fetch_add(1, Ordering::SeqCst);
+                let (st, _, err) = sigterm(&mut old.0);
+                break (st, err);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if !matches!(status.0.code(), Some(0 | 1)) {
+            let why = format!(
+                "stalled process {k} after SIGCONT: {}: {}",
+                status.0,
+                status.1.trim()
+            );
+            self.violations.push(why);
         }
     }
 
@@ -561,7 +630,10 @@ fn main() -> ExitCode {
     // The Redis run lease the processes take (default 5 s): a process started after a kill
     // waits it out before it claims, so a short one keeps a schedule short (as in
     // tests/faults.rs). Set before any thread starts; every child inherits it.
-    std::env::set_var("FANOUT_LEASE", "1s");
+    std::env::set_var(
+        "FANOUT_LEASE",
+        humantime::format_duration(LEASE).to_string(),
+    );
     let started = Instant::now();
     let next = AtomicUsize::new(0);
     let failed = Mutex::new(Vec::<u64>::new());
@@ -598,12 +670,15 @@ fn main() -> ExitCode {
     });
     let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
     println!(
-        "serve fault schedules: {} passed, {} failed ({} from seed {} in {:.0}s)",
+        "serve fault schedules: {} passed, {} failed ({} from seed {} in {:.0}s; of {} stalled \
+         processes resumed, {} still up {STALL_EXIT:?} after SIGCONT)",
         args.count as usize - failed.len(),
         failed.len(),
         args.count,
         args.from,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        RESUMED.load(Ordering::SeqCst),
+        OUTLIVED.load(Ordering::SeqCst)
     );
     match failed.is_empty() {
         true => ExitCode::SUCCESS,
