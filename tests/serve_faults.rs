@@ -6,8 +6,8 @@
 //! delay or once the process has written some deliveries: a kill -9; (a quarter) a Redis
 //! restart with its data under the running process, which must then stop on SIGTERM with 0
 //! or 1; or (a quarter, Redis store only) SIGSTOP past the run lease while the next process
-//! takes over, then SIGCONT: the stalled one must end with 0 or 1. Logins are XADDed in waves: before the first start, while each process runs and
-//! after it ended. After the last fault a process runs until everything the naive reading
+//! takes over, then SIGCONT: the stalled one must end with 0 or 1. Logins are XADDed in
+//! waves: before the first start, while each process runs and after it ended. After the last fault a process runs until everything the naive reading
 //! expects is out and every stream entry is acknowledged, then stops on SIGTERM (it must exit
 //! 0). Deliveries over all processes are then checked against the naive reading of the
 //! inputs: nothing lost, nothing unexpected, a repeated key carries the identical record,
@@ -38,9 +38,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{TimeZone, Utc};
 use common::{naive_users_jsonl, Lcg, Scratch, TUser};
-use naive::{expected, logins_jsonl, NLogin};
+use naive::{expected, NLogin};
 use redis_server::RedisServer;
 use serving::{pending, sigterm, start_serve, KillOnDrop};
 
@@ -50,7 +50,7 @@ const SETTLE: Duration = Duration::from_secs(90);
 /// How long a kill waits for its number of deliveries (a process may have less to do).
 const LINES_WAIT: Duration = Duration::from_secs(3);
 
-/// When a kill -9 lands in the process it interrupts.
+/// When a fault lands in the process it interrupts.
 #[derive(Debug, Clone, Copy)]
 enum Trigger {
     /// This many milliseconds after it answered /healthz.
@@ -71,7 +71,7 @@ enum Fault {
     RedisRestart(Trigger, u64),
     /// SIGSTOP at the trigger (Redis store only), held past the run lease while the next
     /// process starts and takes over; SIGCONT once that one has run for a while: the
-    /// stalled process, its lease gone, must exit on its own with 0 or 1.
+    /// stalled process, its lease gone, must end with 0 or 1 ([`Cx::resume`]).
     Stall(Trigger),
 }
 
@@ -107,7 +107,7 @@ struct Schedule {
     users: BTreeMap<u64, TUser>,
     /// Logins XADDed: `[0]` before the first start, `[1 + 2k]` while process k runs,
     /// `[2 + 2k]` after it ended.
-    waves: Vec<String>,
+    waves: Vec<Vec<NLogin>>,
     /// A promotion submitted on the campaigns stream while process `.0` runs.
     submitted: Option<(usize, String)>,
     faults: Vec<Fault>,
@@ -137,7 +137,7 @@ impl Schedule {
     }
 
     fn logins(&self) -> Vec<NLogin> {
-        self.waves.iter().flat_map(|w| logins_jsonl(w)).collect()
+        self.waves.concat()
     }
 }
 
@@ -255,20 +255,16 @@ fn plan(seed: u64) -> Schedule {
     // Logins: mostly known users, a few unknown ids; each Feb 27 … Mar 6 (some outside every
     // lazy coupon's window), spread over the waves.
     let ids: Vec<u64> = users.keys().copied().collect();
-    let mut waves = vec![String::new(); 2 + 2 * faults.len()];
+    let mut waves = vec![Vec::new(); 2 + 2 * faults.len()];
+    let feb27 = Utc.with_ymd_and_hms(2026, 2, 27, 0, 0, 0).unwrap();
     for _ in 0..n / 2 + r.below(2 * n) {
         let user = match r.below(20) {
             0 => n * 3 + 1 + r.below(100),
             _ => ids[r.below(ids.len() as u64) as usize],
         };
-        let day = r.below(8);
-        let (m, d) = if day < 2 { (2, 27 + day) } else { (3, day - 1) };
+        let ts = feb27 + chrono::Duration::hours(r.below(8 * 24) as i64);
         let wave = r.below(waves.len() as u64) as usize;
-        let _ = writeln!(
-            waves[wave],
-            "{{\"user\": {user}, \"ts\": \"2026-{m:02}-{d:02}T{:02}:00:00Z\"}}",
-            r.below(24)
-        );
+        waves[wave].push((user, ts));
     }
     Schedule {
         seed,
@@ -284,9 +280,9 @@ fn plan(seed: u64) -> Schedule {
     }
 }
 
-fn xadd_logins(redis: &RedisServer, wave: &str) {
+fn xadd_logins(redis: &RedisServer, wave: &[NLogin]) {
     let mut commands = String::new();
-    for (user, ts) in logins_jsonl(wave) {
+    for (user, ts) in wave {
         let ts = ts.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let _ = writeln!(commands, "XADD fanout:logins * user {user} ts {ts}");
     }
@@ -555,26 +551,16 @@ fn grants_match(
     want: &BTreeSet<check::Pair>,
     violations: &mut Vec<String>,
 ) {
-    for (campaign, text) in s
-        .all_campaigns()
-        .split("[[campaign]]")
-        .skip(1)
-        .filter_map(|c| {
-            let id = c.split('"').nth(1)?;
-            Some((id.to_owned(), c.to_owned()))
-        })
-    {
-        if text.contains("holdout") {
-            continue;
-        }
-        let out = dir.fanout(&["grants", "--store", store, "--campaign", &campaign]);
+    let (campaigns, _) = naive::campaigns(&s.all_campaigns());
+    for campaign in campaigns.iter().filter(|c| c.holdout == 0.0).map(|c| &c.id) {
+        let out = dir.fanout(&["grants", "--store", store, "--campaign", campaign]);
         let got: BTreeSet<u64> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect();
         let expect: BTreeSet<u64> = want
             .iter()
-            .filter(|p| p.0 == campaign)
+            .filter(|p| p.0 == *campaign)
             .map(|p| p.2)
             .collect();
         if !out.status.success() || got != expect {
