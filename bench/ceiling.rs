@@ -66,7 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// `src/run/mod.rs`), so the loop claims in the same sorted batches the engine does.
 fn claim_batch(job: &Job) -> usize {
     let batch = job.engine.batch_max_messages.max(1);
-    (batch * 32).min(4096).max(batch)
+    (batch * 32).min(4096 / batch * batch).max(batch)
 }
 
 /// Fan-out: every user of the source against every campaign. Matching users are gathered in

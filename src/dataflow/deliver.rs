@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use futures::stream::{self, StreamExt};
@@ -86,11 +86,52 @@ pub fn count_set_apart(ctx: &Context, target: u32, claim: &Claim, outcome: Outco
 }
 
 /// The messages of one push task, rendered: every record in one buffer the task owns (no
-/// allocation per message), in id order.
+/// allocation per message), in id order. The buffer goes back to [`Buffers`] when the task
+/// is done with it.
 pub struct Rendered {
     /// Index into [`Context::targets`].
     pub target: u32,
     buf: MessageBuf,
+    buffers: Arc<Buffers>,
+}
+
+impl Drop for Rendered {
+    fn drop(&mut self) {
+        self.buffers
+            .give(std::mem::take(&mut self.buf).into_records());
+    }
+}
+
+/// Record buffers of finished push tasks, kept for the next tasks to render into. A task's
+/// records take hundreds of kilobytes: allocated afresh for each task, they were given back to
+/// the system and faulted in again, page by page, once per task (the allocator trims its heap
+/// when so much at its top is freed).
+#[derive(Default)]
+pub struct Buffers(Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    /// Buffers kept, at most: about the tasks that render at once.
+    const KEEP: usize = 8;
+    /// A buffer larger than this is not kept (a large template's): memory stays bounded.
+    const KEEP_BYTES: usize = 4 << 20;
+
+    /// An empty buffer with room for `bytes`: a kept one if there is one.
+    fn take(&self, bytes: usize) -> String {
+        let mut buf = lock(&self.0).pop().unwrap_or_default();
+        buf.clear();
+        // Empty: no byte to check.
+        let mut records = String::from_utf8(buf).unwrap_or_default();
+        records.reserve(bytes);
+        records
+    }
+
+    /// Keeps `buf` for a later task, unless enough are kept.
+    fn give(&self, buf: Vec<u8>) {
+        let mut kept = lock(&self.0);
+        if kept.len() < Self::KEEP && (1..=Self::KEEP_BYTES).contains(&buf.capacity()) {
+            kept.push(buf);
+        }
+    }
 }
 
 /// Renders the messages of the `claimed` users among `users` (both in id order).
@@ -123,7 +164,7 @@ fn render_each<'a>(
     let rt = &ctx.targets[target as usize];
     let needs_token = ctx.dispatcher.provider().needs_token();
     let n = chosen.len();
-    let mut records = String::with_capacity(n * rt.renderer.typical_len());
+    let mut records = ctx.buffers.take(n * rt.renderer.typical_len());
     let mut ends = Vec::with_capacity(n);
     let mut tokens = Vec::new();
     for c in chosen {
@@ -141,7 +182,11 @@ fn render_each<'a>(
     let buf = MessageBuf::new(ids, records.into_bytes(), ends, tokens).ok_or_else(|| {
         Error::runtime("a push task rendered a message for each of other users than it claimed")
     })?;
-    Ok(Rendered { target, buf })
+    Ok(Rendered {
+        target,
+        buf,
+        buffers: ctx.buffers.clone(),
+    })
 }
 
 /// Dead-letters rendered messages with `error` instead of pushing them, and records them

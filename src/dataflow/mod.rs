@@ -168,6 +168,8 @@ pub struct Context {
     pub halts: halts::Halts,
     /// What a paused target's candidates become.
     pub on_pause: halts::OnPause,
+    /// Record buffers of finished push tasks, for the next tasks to render into.
+    pub buffers: Arc<deliver::Buffers>,
 }
 
 impl Context {

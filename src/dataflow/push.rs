@@ -1,7 +1,8 @@
 //! The push operator: the bridge from a timely worker to async I/O.
 //!
 //! It never awaits. It stashes candidate batches and cuts them into tasks of at most
-//! `task_users` users while fewer than `max_in_flight` messages are out. The CPU work of a
+//! `task_users` users while fewer than `max_in_flight` messages are out: one campaign's batches
+//! that follow each other in id order merge into one task ([`next_task`]). The CPU work of a
 //! task happens here, on the worker that owns the users: the claim (on the embedded store, a
 //! set operation and a log append; on Redis, network I/O that a tokio task issues and hands
 //! back over a channel) and the rendering. The provider calls and the records of their
@@ -267,9 +268,11 @@ fn capped_groups(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<V
     Some((lane, super::capped::cut(members, ctx.task_users)))
 }
 
-/// Takes the next task's users off a lane's queue: a whole entry if it is small enough (a
-/// capped group always is), else one provider batch's worth of a target's candidates. Counts
-/// the task in its epoch.
+/// Takes the next task's users off a lane's queue: a capped group whole; else up to
+/// `task_users` of one target's candidates, from as many of the entries at the front as
+/// belong to that target and epoch and follow each other in id order (a worker's buckets
+/// arrive as one entry each: merged, a task's claim, log record and acknowledgement serve
+/// several of them). Counts the task in its epoch.
 fn next_task(
     queue: &mut Queue,
     epochs: &mut BTreeMap<Time, Epoch>,
@@ -277,24 +280,58 @@ fn next_task(
 ) -> Option<(Time, Vec<Candidates>, Instant)> {
     let (time, front, ready) = queue.front_mut()?;
     let (time, ready) = (*time, *ready);
-    let (members, whole) = match front {
-        Work::One(c) if c.users.len() <= ctx.task_users => (vec![std::mem::take(c)], true),
-        Work::One(c) => {
-            let users = c.users.drain(..ctx.batch_max_messages).collect();
-            let part = Candidates {
-                target: c.target,
-                users,
-            };
-            (vec![part], false)
+    let (members, emptied) = match front {
+        Work::Capped(group) => {
+            let group = std::mem::take(group);
+            queue.pop_front();
+            (group, 1)
         }
-        Work::Capped(group) => (std::mem::take(group), true),
+        Work::One(c) => {
+            let target = c.target;
+            let (users, emptied) = take_users(queue, time, target, ctx.task_users);
+            (vec![Candidates { target, users }], emptied)
+        }
     };
-    if whole {
-        queue.pop_front();
-    }
     if let Some(e) = epochs.get_mut(&time) {
-        e.queued -= usize::from(whole);
+        e.queued -= emptied;
         e.tasks += 1;
     }
     Some((time, members, ready))
+}
+
+/// Up to `limit` users of `target` from the front of `queue`: whole entries of epoch `time`
+/// while they fit and go on in id order, then part of the next one if the task has room.
+/// Returns them with the count of entries taken whole (popped). Takes at least one user when
+/// the front entry is `target`'s.
+fn take_users(queue: &mut Queue, time: Time, target: u32, limit: usize) -> (Vec<Candidate>, usize) {
+    let mut users: Vec<Candidate> = Vec::new();
+    let mut emptied = 0;
+    let mut reserved = false;
+    while let Some((t, Work::One(c), _)) = queue.front_mut() {
+        let in_order = users
+            .last()
+            .is_none_or(|last| c.users.first().is_none_or(|u| u.id > last.id));
+        if *t != time || c.target != target || !in_order || users.len() >= limit {
+            break;
+        }
+        let room = limit - users.len();
+        if c.users.len() > room {
+            users.extend(c.users.drain(..room));
+            break;
+        }
+        if users.is_empty() {
+            // Alone, the entry's own vector serves.
+            users = std::mem::take(&mut c.users);
+        } else {
+            if !reserved {
+                // Grown once to the task's size, not doubled entry by entry.
+                users.reserve_exact(limit.saturating_sub(users.len()));
+                reserved = true;
+            }
+            users.append(&mut c.users);
+        }
+        queue.pop_front();
+        emptied += 1;
+    }
+    (users, emptied)
 }

@@ -237,7 +237,8 @@ fn expand(
                 target: t,
                 filter,
                 granted: (!k.granted.is_empty()).then_some(&k.granted),
-                found: Vec::new(),
+                // Room for every id of the stretch: grown once, not doubled along the way.
+                found: Vec::with_capacity((to - from) as usize),
                 already: 0,
             })
         })
@@ -272,9 +273,15 @@ fn expand(
     let out = offers
         .into_iter()
         .filter(|o| !o.found.is_empty())
-        .map(|o| Candidates {
-            target: o.target,
-            users: o.found,
+        .map(|mut o| {
+            // A narrow audience's batch waits in the push queue: it keeps only what it holds.
+            if o.found.len() < o.found.capacity() / 4 {
+                o.found.shrink_to_fit();
+            }
+            Candidates {
+                target: o.target,
+                users: o.found,
+            }
         })
         .collect();
     (visited, out)

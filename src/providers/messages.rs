@@ -63,6 +63,11 @@ impl MessageBuf {
         })
     }
 
+    /// The buffer the records were rendered into, for the next messages to reuse.
+    pub fn into_records(self) -> Vec<u8> {
+        self.records
+    }
+
     /// A view of every message.
     pub fn messages(&self) -> Messages<'_> {
         Messages {

@@ -53,9 +53,10 @@ pub struct PlanLine {
     pub capped: u64,
     /// Of those, settled `cancelled` (every one, when the campaign is cancelled).
     pub cancelled: u64,
-    /// Provider batches that takes: as a run cuts them, per stretch of a bucket; with frequency
-    /// caps at most that (a run claims the capped campaigns' users of several stretches
-    /// together, and packs them into fewer batches).
+    /// Provider batches that takes, at most: per candidate batch of the scan (a stretch of a
+    /// bucket), as a run would cut them if it pushed each alone. A run merges the stretches a
+    /// worker scanned in a row into push tasks (and claims the capped campaigns' users of a
+    /// scan activation together), and packs them into fewer, fuller batches.
     pub batches: u64,
 }
 

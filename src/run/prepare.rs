@@ -60,7 +60,10 @@ impl Sizing {
     pub fn of(job: &Job) -> Sizing {
         let concurrency = job.provider.concurrency.max(1);
         let batch = job.engine.batch_max_messages.max(1);
-        let task_users = (batch * TASK_BATCHES).min(MAX_TASK_USERS).max(batch);
+        // Whole provider batches, so that a task cut off at its size cuts no batch short.
+        let task_users = (batch * TASK_BATCHES)
+            .min(MAX_TASK_USERS / batch * batch)
+            .max(batch);
         Sizing {
             workers: job.engine.workers.max(1),
             concurrency,
@@ -335,6 +338,7 @@ impl Engine {
             fatal: Mutex::new(None),
             cut: self.cut.clone(),
             caps,
+            buffers: Arc::default(),
         })
     }
 }

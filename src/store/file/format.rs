@@ -300,18 +300,56 @@ pub fn run_of(ids: &[u32]) -> Option<RangeInclusive<u32>> {
     (steps && span == ids.len() as u64).then_some(first..=last)
 }
 
+/// `ids` as runs of consecutive ids, if they are strictly ascending and make at most `max`
+/// runs: a push task's ids (the users of a few buckets of one worker) are a few runs. One
+/// pass with no early exit checks the order and counts the breaks (vector compares, as in
+/// [`run_of`]); each run's end is then found by bisection, since in strictly ascending ids
+/// `ids[j] - ids[i] == j - i` holds exactly while `ids[i..=j]` is a run.
+pub fn runs_of(ids: &[u32], max: usize) -> Option<Vec<RangeInclusive<u32>>> {
+    let first = *ids.first()?;
+    let (ascending, breaks) =
+        (ids[1..].iter().zip(ids)).fold((true, 0usize), |(ok, n), (next, id)| {
+            (
+                ok & (next > id),
+                n + usize::from(next.wrapping_sub(*id) != 1),
+            )
+        });
+    if !ascending || breaks >= max {
+        return None;
+    }
+    if breaks == 0 {
+        return Some(vec![first..=ids[ids.len() - 1]]);
+    }
+    let mut runs = Vec::with_capacity(breaks + 1);
+    let mut rest = ids;
+    while let Some(&start) = rest.first() {
+        // rest[..lo] is a run; the run ends before `hi`.
+        let (mut lo, mut hi) = (1, rest.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if u64::from(rest[mid] - start) == mid as u64 {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        runs.push(start..=rest[lo - 1]);
+        rest = &rest[lo..];
+    }
+    Some(runs)
+}
+
 /// Whether `set` holds no id of `run`. Ids come mostly in ascending order: past the set's
 /// last id, nothing to count.
 pub fn run_is_disjoint(set: &RoaringBitmap, run: &RangeInclusive<u32>) -> bool {
     set.max().is_none_or(|max| max < *run.start()) || set.range_cardinality(run.clone()) == 0
 }
-
 /// Fills `buf` with one log record of `kind` for `ids`: as runs of consecutive ids when that
 /// takes at most half the bytes (an id-ordered batch of a densely numbered population is one
 /// run: 8 bytes for thousands of ids), else id by id.
 pub(super) fn encode_record(buf: &mut Vec<u8>, kind: Kind, ids: &[u32]) {
     let runs = match run_of(ids) {
-        Some(run) if 4 <= ids.len() => return encode_run(buf, kind, &run),
+        Some(run) if 4 <= ids.len() => return encode_runs(buf, kind, &[run]),
         Some(_) => 1,
         None => {
             1 + ids
@@ -339,11 +377,14 @@ pub(super) fn encode_record(buf: &mut Vec<u8>, kind: Kind, ids: &[u32]) {
     seal_record(buf);
 }
 
-/// [`encode_record`] of ids known to be the one run `run`.
-pub(super) fn encode_run(buf: &mut Vec<u8>, kind: Kind, run: &RangeInclusive<u32>) {
+/// [`encode_record`] of ids known to be the ascending runs `runs`.
+pub(super) fn encode_runs(buf: &mut Vec<u8>, kind: Kind, runs: &[RangeInclusive<u32>]) {
     begin_record(buf);
+    buf.reserve(1 + 8 * runs.len());
     buf.push(kind as u8 | RUNS);
-    put_run(buf, *run.start(), *run.end());
+    for run in runs {
+        put_run(buf, *run.start(), *run.end());
+    }
     seal_record(buf);
 }
 

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use roaring::RoaringBitmap;
 
-use super::format::{encode_record, encode_run, run_is_disjoint, run_of, Kind, Sets};
+use super::format::{encode_record, encode_runs, runs_of, Kind, Sets};
 use super::{io_error, lock};
 use crate::error::{Error, Result};
 use crate::store::Claim;
@@ -125,14 +125,18 @@ pub(super) struct Shard {
     pub(super) state: Mutex<State>,
 }
 
-/// Ids per roaring container below which a batch goes id by id (see [`Batch::of`]).
+/// Ids per roaring container (or per run) below which a batch goes id by id (see
+/// [`Batch::of`]).
 const SET_OPS_MIN_IDS_PER_CONTAINER: usize = 8;
 
-/// Strictly ascending ids, dense enough for whole-set operations: one range when they are
-/// consecutive (a synthetic or densely numbered population's batch: tested and applied with
-/// no set built), else a bitmap.
+/// Runs a batch may be cut into and still be taken as runs (see [`Batch::of`]).
+const MAX_BATCH_RUNS: usize = 16;
+
+/// Strictly ascending ids, dense enough for whole-set operations: a few ranges when they are
+/// runs of consecutive ids (a synthetic or densely numbered population's push task, the users
+/// of a few buckets: tested and applied with no set built), else a bitmap.
 enum Batch {
-    Range(RangeInclusive<u32>),
+    Runs(Vec<RangeInclusive<u32>>),
     Set(RoaringBitmap),
 }
 
@@ -143,8 +147,9 @@ impl Batch {
     /// container or two; a lazy coupon's batch (one epoch's logins) has a few ids in each of
     /// many containers, and id by id it is several times cheaper (measured on lazy_logins).
     fn of(ids: &[u32]) -> Option<Batch> {
-        if let Some(run) = run_of(ids) {
-            return (ids.len() >= SET_OPS_MIN_IDS_PER_CONTAINER).then_some(Batch::Range(run));
+        if let Some(runs) = runs_of(ids, MAX_BATCH_RUNS) {
+            let dense = ids.len() >= SET_OPS_MIN_IDS_PER_CONTAINER * runs.len();
+            return dense.then_some(Batch::Runs(runs));
         }
         let containers = 1 + ids.windows(2).filter(|w| w[0] >> 16 != w[1] >> 16).count();
         if ids.len() < SET_OPS_MIN_IDS_PER_CONTAINER * containers
@@ -160,7 +165,14 @@ impl Batch {
     /// Whether no id of the batch is in `set`.
     fn is_disjoint(&self, set: &RoaringBitmap) -> bool {
         match self {
-            Batch::Range(r) => run_is_disjoint(set, r),
+            Batch::Runs(runs) => {
+                // Past the set's last id, nothing to count. Looked up once: a bitmap
+                // container finds its last id by walking back over its empty words.
+                let max = set.max();
+                (runs.iter()).all(|r| {
+                    max.is_none_or(|max| max < *r.start()) || set.range_cardinality(r.clone()) == 0
+                })
+            }
             Batch::Set(b) => b.is_disjoint(set),
         }
     }
@@ -168,7 +180,7 @@ impl Batch {
     /// Applies the batch to `sets` as a record of `kind` (see [`Sets::apply_all`]).
     fn apply_to(&self, sets: &mut Sets, kind: Kind) {
         match self {
-            Batch::Range(r) => sets.apply_range(kind, r),
+            Batch::Runs(runs) => runs.iter().for_each(|r| sets.apply_range(kind, r)),
             Batch::Set(b) => sets.apply_all(kind, b),
         }
     }
@@ -176,8 +188,10 @@ impl Batch {
     /// Takes the batch's ids out of `set`.
     fn remove_from(&self, set: &mut RoaringBitmap) {
         match self {
-            Batch::Range(r) => {
-                set.remove_range(r.clone());
+            Batch::Runs(runs) => {
+                for r in runs {
+                    set.remove_range(r.clone());
+                }
             }
             Batch::Set(b) => *set -= b,
         }
@@ -185,9 +199,11 @@ impl Batch {
 
     fn into_set(self) -> RoaringBitmap {
         match self {
-            Batch::Range(r) => {
+            Batch::Runs(runs) => {
                 let mut set = RoaringBitmap::new();
-                set.insert_range(r);
+                for r in runs {
+                    set.insert_range(r);
+                }
                 set
             }
             Batch::Set(b) => b,
@@ -499,7 +515,7 @@ impl Shard {
         self.write(key, st, |buf| encode_record(buf, kind, ids))
     }
 
-    /// [`Self::append`] of `ids` taken as `batch`: a range is written as its run, not looked
+    /// [`Self::append`] of `ids` taken as `batch`: runs are written as they are, not looked
     /// for again.
     fn append_batch(
         &self,
@@ -510,7 +526,7 @@ impl Shard {
         batch: &Batch,
     ) -> Result<()> {
         match batch {
-            Batch::Range(run) => self.write(key, st, |buf| encode_run(buf, kind, run)),
+            Batch::Runs(runs) => self.write(key, st, |buf| encode_runs(buf, kind, runs)),
             Batch::Set(_) => self.append(key, st, kind, ids),
         }
     }

@@ -1,6 +1,6 @@
 //! The log's records: torn tails cut, corruption refused, consecutive ids written as runs.
 
-use super::super::format::{check_torn_tail, run_of, RECORD_HEADER};
+use super::super::format::{check_torn_tail, run_of, runs_of, RECORD_HEADER};
 use super::*;
 
 #[test]
@@ -68,6 +68,61 @@ fn a_run_is_consecutive_ascending_ids() {
     for (ids, want) in cases {
         let got = run_of(ids).map(|r| (*r.start(), *r.end()));
         assert_eq!(got, want, "{ids:?}");
+    }
+}
+
+/// `runs_of` (bisection) against the runs read off id by id: strictly ascending ids within
+/// the run limit give their runs; repeats, descents and too many runs give none.
+#[test]
+fn runs_of_finds_the_runs_of_ascending_ids() {
+    let naive = |ids: &[u32], max: usize| -> Option<Vec<(u32, u32)>> {
+        if ids.is_empty() || ids.windows(2).any(|w| w[0] >= w[1]) {
+            return None;
+        }
+        let runs: Vec<(u32, u32)> = ids
+            .chunk_by(|a, b| a.checked_add(1) == Some(*b))
+            .map(|r| (r[0], r[r.len() - 1]))
+            .collect();
+        (runs.len() <= max).then_some(runs)
+    };
+    let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15);
+    let max = u32::MAX;
+    let mut cases: Vec<Vec<u32>> = vec![
+        vec![],
+        vec![7],
+        vec![max - 2, max - 1, max],
+        vec![0, 1, 2, 5, 6, max],
+        vec![1, 2, 2, 3],
+        vec![3, 4, 1, 2],
+        vec![max, 0],
+    ];
+    for _ in 0..2000 {
+        // A few runs of random lengths and gaps, sometimes a repeat or a step back.
+        let mut ids = Vec::new();
+        let mut id = next(1 << 20) as u32;
+        for _ in 0..1 + next(20) {
+            for _ in 0..1 + next(300) {
+                ids.push(id);
+                id += 1;
+            }
+            id += 1 + next(5000) as u32;
+        }
+        match next(10) {
+            0 => ids.push(ids[ids.len() - 1]),
+            1 => ids.push(ids[0]),
+            _ => {}
+        }
+        cases.push(ids);
+    }
+    for ids in &cases {
+        for max in [1, 4, 16] {
+            let got = runs_of(ids, max).map(|runs| {
+                runs.iter()
+                    .map(|r| (*r.start(), *r.end()))
+                    .collect::<Vec<_>>()
+            });
+            assert_eq!(got, naive(ids, max), "{ids:?} max {max}");
+        }
     }
 }
 
