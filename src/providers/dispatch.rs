@@ -403,10 +403,17 @@ impl Dispatcher {
                         batch,
                         chunk,
                         attempt,
-                        Gate::new(self.rate.as_ref(), lane).unless(hold.held),
+                        Gate::new(self.rate.as_ref(), lane)
+                            .unless(hold.held)
+                            .fenced_by(self.guard.as_ref()),
                     )
                     .await;
-                let sent = chunk.len() - failed.iter().filter(|(_, o)| *o == Outcome::Held).count();
+                let held = failed.iter().filter(|(_, o)| *o == Outcome::Held).count();
+                if held > 0 {
+                    // Held at the gate: by a pause, or by a lease lost while waiting for tokens.
+                    self.check_guard()?;
+                }
+                let sent = chunk.len() - held;
                 self.metrics.record_latency(latency, sent);
                 if failed.len() < chunk.len() {
                     // Some were delivered: the chunk's refusals are about their users.
@@ -491,7 +498,9 @@ impl Dispatcher {
                     self.check_guard()?;
                     let len = slots.len().min(which.len() - started);
                     let group = &which[started..started + len];
-                    let gate = Gate::new(self.rate.as_ref(), lane).unless(hold.held);
+                    let gate = Gate::new(self.rate.as_ref(), lane)
+                        .unless(hold.held)
+                        .fenced_by(self.guard.as_ref());
                     let g = groups.len();
                     groups.push((started, len, slots));
                     let answers = self.provider.send_each(batch, group, attempt, gate);
@@ -521,6 +530,10 @@ impl Dispatcher {
         settle: &(dyn Fn(Settled) + Sync),
         next: &mut Next,
     ) -> Result<()> {
+        if answers.iter().any(|(_, (o, _))| *o == Some(Outcome::Held)) {
+            // Held at the gate: by a pause, or by a lease lost while waiting for tokens.
+            self.check_guard()?;
+        }
         self.metrics.record_latencies(
             (answers.iter())
                 .filter(|(_, (outcome, _))| *outcome != Some(Outcome::Held))

@@ -81,6 +81,8 @@ pub struct Gate<'a> {
     lane: Priority,
     /// Whether the message's campaign is held back now (paused, cancelled).
     held: Option<&'a (dyn Fn() -> bool + Sync)>,
+    /// Whether this process may still send (its store lease), looked at again after a wait.
+    guard: Option<&'a dispatch::Guard>,
 }
 
 impl std::fmt::Debug for Gate<'_> {
@@ -99,6 +101,7 @@ impl<'a> Gate<'a> {
             rate,
             lane,
             held: None,
+            guard: None,
         }
     }
 
@@ -111,20 +114,30 @@ impl<'a> Gate<'a> {
         }
     }
 
+    /// The same gate, closed to a message that waited for its token while this process lost
+    /// the right to send (`guard` fails: its store lease was taken over, say while it was
+    /// stopped). The dispatcher checked the guard before the provider's call; a wait for
+    /// tokens can outlast the lease, so it is looked at again after one. The message is
+    /// answered [`Outcome::Held`], and the dispatcher, finding the guard failed, fails the run.
+    pub fn fenced_by(self, guard: Option<&'a dispatch::Guard>) -> Self {
+        Gate { guard, ..self }
+    }
+
     /// Whether the gate ever makes a message wait (a rate is set).
     pub fn limits(&self) -> bool {
         self.rate.is_some()
     }
 
-    /// Waits for `messages` tokens; false when their campaign was held back meanwhile: then
-    /// the provider sends nothing and answers [`Outcome::Held`].
+    /// Waits for `messages` tokens; false when their campaign was held back meanwhile, or this
+    /// process lost the right to send: then the provider sends nothing and answers
+    /// [`Outcome::Held`].
     #[must_use]
     pub async fn pass(self, messages: usize) -> bool {
         let Some(rate) = self.rate else {
             return true;
         };
         rate.acquire(self.lane, messages).await;
-        !self.held.is_some_and(|held| held())
+        !self.held.is_some_and(|held| held()) && self.guard.is_none_or(|guard| guard().is_ok())
     }
 }
 

@@ -54,6 +54,10 @@ impl Server<'_> {
             shutting_down: self.flag(|f| f.shutdown.load(Relaxed)),
             cut_short: self.flag(|f| f.urgent.load(Relaxed)),
             on_durable: self.on_durable(ctx.clone()),
+            lost: {
+                let fence = self.store.fence();
+                Box::new(move || fence.lost())
+            },
         });
         self.counters.generations.fetch_add(1, Relaxed);
         let replan = self.flags.clone();

@@ -50,6 +50,9 @@ pub struct Generation {
     /// Called with the entry ids of every completed epoch (possibly none): make the store
     /// durable, then acknowledge them.
     pub on_durable: Box<dyn Fn(Vec<String>) + Send + Sync>,
+    /// Why this process may no longer act, once its store lease was taken over
+    /// ([`crate::store::Fence::lost`]): looked at while idle, where no store call would tell.
+    pub lost: Box<dyn Fn() -> Option<crate::error::Error> + Send + Sync>,
 }
 
 /// What worker 0 reports when the generation ends.
@@ -139,6 +142,11 @@ fn feed(worker: &mut Worker, inputs: &mut Handles, acks: &mut Acks) -> bool {
         }
         let batch = next_batch(&generation.logins);
         if next_scan.is_none() && batch.is_none() {
+            if let Some(lost) = (generation.lost)() {
+                // Taken over (say after a stall past the lease): stop, exit 1.
+                ctx.fail(lost);
+                break;
+            }
             worker.step_or_park(Some(IDLE));
             acks.release(false);
             continue;

@@ -180,6 +180,17 @@ impl Fence {
             None => Ok(()),
         }
     }
+
+    /// The "lease lost" error once the store is fenced for good: the lease's heartbeat (or a
+    /// store call) found another run's token, or none, where ours was. Unlike [`Fence::check`]
+    /// it does not fail for a lease that may merely have expired (a refresh may still find it
+    /// ours): an idle `serve` process looks at this to stop once it has been taken over.
+    pub fn lost(&self) -> Option<Error> {
+        self.0
+            .as_ref()
+            .filter(|lease| lease.is_fenced())
+            .map(|lease| lease.lost())
+    }
 }
 
 /// Where a store URL points.

@@ -114,6 +114,77 @@ async fn a_hold_that_lands_while_messages_wait_for_rate_tokens_sends_no_more() {
     }
 }
 
+/// A lease lost while messages wait for rate tokens (the process was stopped past its lease,
+/// say, and another took over): none of them is sent once its token comes, and the delivery
+/// fails, so that the run stops instead of settling them. A list write (`mock:latency=0ms`,
+/// the whole list behind one gate) and a request per message (`mock:latency=1ms`).
+#[tokio::test(start_paused = true)]
+async fn a_lease_lost_while_messages_wait_for_rate_tokens_sends_no_more() {
+    for mock in ["latency=0ms", "latency=1ms"] {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join("dead.jsonl");
+        let provider: Provider = Box::new(super::super::mock::MockProvider::parse(mock).unwrap());
+        let lost = Arc::new(AtomicBool::new(false));
+        let guard_lost = lost.clone();
+        let d = Dispatcher::new(
+            provider,
+            1000,
+            100,
+            3,
+            dead.to_str().unwrap(),
+            Arc::new(Metrics::new()),
+        )
+        .with_guard(Arc::new(move || match guard_lost.load(Relaxed) {
+            true => Err(Error::runtime("lease lost")),
+            false => Ok(()),
+        }));
+        let recs = records(400);
+        let buf = messages(&recs);
+        let never = || false;
+        let hold = Hold {
+            held: &never,
+            changes: None,
+        };
+        let start = tokio::time::Instant::now();
+        let settled_at = Mutex::new(Vec::new());
+        let take_over = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            lost.store(true, Relaxed);
+        };
+        let settle = |s: Settled| {
+            let at = start.elapsed();
+            settled_at
+                .lock()
+                .unwrap()
+                .extend(s.fates().map(|(i, _)| (i, at)));
+        };
+        // Deliveries of 400 in a row: the limiter lets a list's first writes go at once (a
+        // lane may borrow an idle lane's clock) and makes the next wait for its tokens (4 s
+        // at 100 a second).
+        let send = async {
+            for _ in 0..8 {
+                d.deliver(Priority::Normal, buf.messages(), &settle, &hold)
+                    .await?;
+            }
+            Ok::<(), Error>(())
+        };
+        let (sent, ()) = futures::future::join(send, take_over).await;
+        let err = sent.expect_err("a delivery past a lost lease fails");
+        assert!(err.to_string().contains("lease lost"), "{mock}: {err}");
+        let settled = settled_at.into_inner().unwrap();
+        // None settled after the takeover (the mock answers within 1 ms).
+        assert!(
+            settled
+                .iter()
+                .all(|(_, at)| *at <= Duration::from_millis(502)),
+            "{mock}: {} settled, the last at {:?}",
+            settled.len(),
+            settled.iter().map(|(_, at)| *at).max()
+        );
+        assert!(settled.len() < 8 * 400, "{mock}: {} settled", settled.len());
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn retries_until_delivered_or_dead() {
     let dir = tempfile::tempdir().unwrap();

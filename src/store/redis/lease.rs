@@ -56,7 +56,7 @@ impl Lease {
         }
     }
 
-    pub(super) fn is_fenced(&self) -> bool {
+    pub(crate) fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Acquire)
     }
 
@@ -69,7 +69,7 @@ impl Lease {
     }
 
     /// The error of every call once fenced.
-    pub(super) fn lost(&self) -> Error {
+    pub(crate) fn lost(&self) -> Error {
         Error::runtime(format!(
             "store {}: lease lost: another run took over (run {}'s lease expired or was taken); \
              stopping so that no user is sent twice",
