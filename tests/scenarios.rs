@@ -92,6 +92,10 @@ fn plan_and_run_agree_on_every_sample_job() {
             .as_table_mut()
             .unwrap()
             .insert("granted".into(), "inputs/all-granted.jsonl".into());
+        let per_batch = (job.get("engine"))
+            .and_then(|e| e.get("batch_max_messages"))
+            .and_then(toml::Value::as_integer)
+            .map_or(100, |n| n as u64);
         let job = toml::to_string(&job).unwrap();
         s.write("job.toml", &job);
         let plan_of = |file: &str| {
@@ -106,17 +110,21 @@ fn plan_and_run_agree_on_every_sample_job() {
         let (want, held, capped) = (want_run.delivered, want_run.held_out, want_run.capped);
         let lines = before["campaigns"].as_array().unwrap();
         assert!(!lines.is_empty(), "{name}: an empty plan");
+        // The naive pairs of `set` for a plan line's campaign occurrence.
+        let of_line = |line: &serde_json::Value, set: &std::collections::BTreeSet<Pair>| {
+            set.iter()
+                .filter(|(c, o, _)| {
+                    Some(c.as_str()) == line["id"].as_str()
+                        && o.as_deref() == line["occurrence"].as_str()
+                })
+                .count() as u64
+        };
         for (k, line) in lines.iter().enumerate() {
             let id = line["id"].as_str().unwrap();
             let (ran, later) = (&run["campaigns"][k], &after["campaigns"][k]);
             assert_eq!(ran["id"], line["id"], "{name}: campaign order");
-            let of_line = |set: &std::collections::BTreeSet<Pair>| {
-                set.iter()
-                    .filter(|(c, o, _)| c == id && o.as_deref() == line["occurrence"].as_str())
-                    .count() as u64
-            };
-            let (naive_held, naive_capped) = (of_line(&held), of_line(&capped));
-            let naive = of_line(&want) + naive_held + naive_capped;
+            let (naive_held, naive_capped) = (of_line(line, &held), of_line(line, &capped));
+            let naive = of_line(line, &want) + naive_held + naive_capped;
             let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
             assert_eq!(n(ran, "eligible"), naive, "{name} {id}: run vs naive");
             assert_eq!(n(ran, "held_out"), naive_held, "{name} {id}: run vs naive");
@@ -162,19 +170,8 @@ fn plan_and_run_agree_on_every_sample_job() {
                 .map(|l| l["batches"].as_u64().unwrap_or(0))
                 .sum();
             let ran = run["batches"].as_u64().unwrap();
-            let per_batch = toml::from_str::<toml::Value>(&job).expect("job")["engine"]
-                .get("batch_max_messages")
-                .and_then(toml::Value::as_integer)
-                .unwrap_or(100) as u64;
-            let full: u64 = lines
-                .iter()
-                .map(|l| {
-                    let id = l["id"].as_str().unwrap();
-                    let sends = (want.iter())
-                        .filter(|(c, o, _)| c == id && o.as_deref() == l["occurrence"].as_str())
-                        .count() as u64;
-                    sends.div_ceil(per_batch)
-                })
+            let full: u64 = (lines.iter())
+                .map(|l| of_line(l, &want).div_ceil(per_batch))
                 .sum();
             assert!(
                 full <= ran && ran <= planned,

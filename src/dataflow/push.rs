@@ -306,7 +306,6 @@ fn next_task(
 fn take_users(queue: &mut Queue, time: Time, target: u32, limit: usize) -> (Vec<Candidate>, usize) {
     let mut users: Vec<Candidate> = Vec::new();
     let mut emptied = 0;
-    let mut reserved = false;
     while let Some((t, Work::One(c), _)) = queue.front_mut() {
         let in_order = users
             .last()
@@ -323,11 +322,8 @@ fn take_users(queue: &mut Queue, time: Time, target: u32, limit: usize) -> (Vec<
             // Alone, the entry's own vector serves.
             users = std::mem::take(&mut c.users);
         } else {
-            if !reserved {
-                // Grown once to the task's size, not doubled entry by entry.
-                users.reserve_exact(limit.saturating_sub(users.len()));
-                reserved = true;
-            }
+            // Grown once to the task's size, not doubled entry by entry (a no-op after that).
+            users.reserve_exact(limit - users.len());
             users.append(&mut c.users);
         }
         queue.pop_front();

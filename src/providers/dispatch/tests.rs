@@ -53,6 +53,14 @@ fn retry_after_is_a_floor() {
     assert!(waits.iter().any(|w| *w > Duration::from_secs(1)));
 }
 
+/// A dispatcher over `mock:{mock}` with 1,000 slots, 100 tokens a second and 3 attempts,
+/// dead-lettering to `dead`: messages beyond the first few hundred wait for rate tokens.
+fn rate_limited(mock: &str, dead: &std::path::Path) -> Dispatcher {
+    let provider: Provider = Box::new(super::super::mock::MockProvider::parse(mock).unwrap());
+    let dead = dead.to_str().unwrap();
+    Dispatcher::new(provider, 1000, 100, 3, dead, Arc::new(Metrics::new()))
+}
+
 /// A campaign paused while its messages wait for rate tokens (holding their slots) sends
 /// none of them once their token comes: each is answered `Held`, settled by nobody here
 /// (its caller settles it as it does one held before its attempt). A provider whose every
@@ -63,15 +71,7 @@ async fn a_hold_that_lands_while_messages_wait_for_rate_tokens_sends_no_more() {
     for mock in ["latency=1ms", "latency=1ms,jitter=1ms"] {
         let dir = tempfile::tempdir().unwrap();
         let dead = dir.path().join("dead.jsonl");
-        let provider: Provider = Box::new(super::super::mock::MockProvider::parse(mock).unwrap());
-        let d = Dispatcher::new(
-            provider,
-            1000,
-            100,
-            3,
-            dead.to_str().unwrap(),
-            Arc::new(Metrics::new()),
-        );
+        let d = rate_limited(mock, &dead);
         let recs = records(400);
         let buf = messages(&recs);
         let msgs = buf.messages();
@@ -122,22 +122,15 @@ async fn a_hold_that_lands_while_messages_wait_for_rate_tokens_sends_no_more() {
 async fn a_lease_lost_while_messages_wait_for_rate_tokens_sends_no_more() {
     for mock in ["latency=0ms", "latency=1ms"] {
         let dir = tempfile::tempdir().unwrap();
-        let dead = dir.path().join("dead.jsonl");
-        let provider: Provider = Box::new(super::super::mock::MockProvider::parse(mock).unwrap());
         let lost = Arc::new(AtomicBool::new(false));
         let guard_lost = lost.clone();
-        let d = Dispatcher::new(
-            provider,
-            1000,
-            100,
-            3,
-            dead.to_str().unwrap(),
-            Arc::new(Metrics::new()),
-        )
-        .with_guard(Arc::new(move || match guard_lost.load(Relaxed) {
-            true => Err(Error::runtime("lease lost")),
-            false => Ok(()),
-        }));
+        let d =
+            rate_limited(mock, &dir.path().join("dead.jsonl")).with_guard(Arc::new(move || {
+                match guard_lost.load(Relaxed) {
+                    true => Err(Error::runtime("lease lost")),
+                    false => Ok(()),
+                }
+            }));
         let recs = records(400);
         let buf = messages(&recs);
         let never = || false;

@@ -10,7 +10,7 @@ use std::sync::{Arc, MutexGuard};
 use anyhow::Context;
 use roaring::RoaringBitmap;
 
-use super::format::{file_stem, load, run_of, Kind, Sets};
+use super::format::{file_stem, load, Kind, Sets};
 use super::lock;
 use super::shard::{Shard, Shards, State};
 use crate::error::{Error, Result};
@@ -183,9 +183,7 @@ impl FileLedger {
         };
         let mut block = Block::of(&self.shard_of, first);
         let home = block.shard;
-        // A run inside its first id's block needs no look at each id.
-        let one_block = || run_of(ids).is_some_and(|run| u64::from(*run.end()) < block.end);
-        if self.shards.len() == 1 || one_block() {
+        if self.shards.len() == 1 {
             return vec![(home, Cow::Borrowed(ids))];
         }
         // One pass with no early exit (vector compares).
