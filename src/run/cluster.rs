@@ -23,7 +23,6 @@ use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::metrics::Tally;
 use crate::model::{Buckets, Placement, Route};
-use crate::store::Store;
 
 /// How long a process waits for its peers by default.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
@@ -350,11 +349,9 @@ pub fn execute(
     cluster: &Cluster,
     ctx: Arc<Context>,
     feed: Arc<Feed>,
-    store: &Store,
     shared: Arc<Shared>,
 ) -> Result<()> {
     let workers = ctx.placement.workers;
-    let (store, runtime) = (store.clone(), ctx.runtime.clone());
     let config = cluster.config(workers);
     let (me, failure) = (cluster.clone(), cluster.clone());
     let failed = {
@@ -375,24 +372,12 @@ pub fn execute(
                 ctx: &ctx,
                 cluster: &me,
             };
-            // One worker of each process makes that process's store durable.
-            let syncs = worker.index() % workers == 0;
-            let (store, ctx2, runtime) = (store.clone(), ctx.clone(), runtime.clone());
-            let sync = move || {
-                if !syncs {
-                    return;
-                }
-                let (store, ctx3) = (store.clone(), ctx2.clone());
-                runtime.spawn(async move {
-                    if let Err(e) = store.sync().await {
-                        ctx3.fail(e);
-                    }
-                });
-            };
+            // One worker of each process speaks for it.
+            let first = worker.index() % workers == 0;
             if me.is_cluster() {
                 let fp = shared.fingerprint;
                 let all =
-                    crate::dataflow::gather::everyone(worker, syncs.then_some((me.process, fp)));
+                    crate::dataflow::gather::everyone(worker, first.then_some((me.process, fp)));
                 if let Some((other, _)) = all.iter().find(|(_, f)| *f != fp) {
                     ctx.fail(me.disagreement(*other));
                     // Every process finds the same disagreement; none leaves before all have
@@ -400,14 +385,14 @@ pub fn execute(
                     // peer's network thread may then fail on that before its worker read the
                     // fingerprints (a panic, exit 1, not the disagreement's exit 2). A failure
                     // in this round leaves the disagreement recorded first.
-                    crate::dataflow::gather::everyone(worker, syncs.then_some((me.process, fp)));
+                    crate::dataflow::gather::everyone(worker, first.then_some((me.process, fp)));
                 }
             }
             if !ctx.failed() {
-                super::driver::drive(worker, ctx.clone(), feed.clone(), sync);
+                super::driver::drive(worker, ctx.clone(), feed.clone());
             }
             if me.is_cluster() && !ctx.failed() {
-                let mine = (syncs && me.process != 0)
+                let mine = (first && me.process != 0)
                     .then(|| ctx.metrics.tally(ctx.targets.iter().map(|rt| &rt.stats)));
                 let got = crate::dataflow::gather::gather(worker, mine);
                 if let Ok(mut g) = shared.tallies.lock() {

@@ -59,12 +59,10 @@ pub fn plan_epochs(
 }
 
 /// Runs one worker of the fan-out to completion (or until a fatal error anywhere).
-/// `store_sync` is called as this worker's epochs complete (a no-op on all but one worker of
-/// a process is the caller's choice).
-pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync: impl Fn()) {
+pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>) {
     let mut inputs = Some(worker.dataflow(|scope| dataflow::fan_out(scope, ctx.clone())));
     let fed = panic::catch_unwind(AssertUnwindSafe(|| {
-        feed_and_drain(worker, &mut inputs, &ctx, &feed, store_sync)
+        feed_and_drain(worker, &mut inputs, &ctx, &feed)
     }));
     if let Err(why) = fed {
         // In a cluster a lost peer connection poisons timely's channels and panics the
@@ -78,13 +76,7 @@ pub fn drive(worker: &mut Worker, ctx: Arc<Context>, feed: Arc<Feed>, store_sync
 }
 
 /// [`drive`]'s feeding loop, then the drain; the inputs are taken from `slot` to close them.
-fn feed_and_drain(
-    worker: &mut Worker,
-    slot: &mut Option<Handles>,
-    ctx: &Context,
-    feed: &Feed,
-    store_sync: impl Fn(),
-) {
+fn feed_and_drain(worker: &mut Worker, slot: &mut Option<Handles>, ctx: &Context, feed: &Feed) {
     let Some(inputs) = slot.as_mut() else {
         return;
     };
@@ -107,7 +99,6 @@ fn feed_and_drain(
     }
     {
         let mut epoch: Time = 1;
-        let mut synced: Time = 0;
         let mut login_epochs = logins_here.chunks(feed.logins_per_epoch.max(1));
         let epochs = own.len().max(login_epochs.len());
         for e in 0..epochs {
@@ -126,14 +117,6 @@ fn feed_and_drain(
             // A failure, or a signal: feed nothing more (what is fed drains).
             if ctx.failed() || ctx.dispatcher.stopping() {
                 break;
-            }
-            // Make the ledger of every epoch that completed durable (power loss; a killed
-            // process loses nothing already written).
-            let completed = epoch.saturating_sub(OPEN_EPOCHS);
-            if completed > synced {
-                tracing::debug!(epoch = completed, "epochs delivered; syncing the store");
-                store_sync();
-                synced = completed;
             }
         }
     }

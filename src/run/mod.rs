@@ -173,20 +173,23 @@ fn fan_out(
     );
     let watching = runtime.block_on(Watching::start(store, &ctx, Box::new(|| {})))?;
     let signals = runtime.spawn(on_interrupt(ctx.dispatcher.clone()));
+    let syncing = runtime.spawn({
+        let (store, ctx) = (store.clone(), ctx.clone());
+        async move {
+            if let Err(e) = store.sync_every().await {
+                ctx.fail(e);
+            }
+        }
+    });
     let progress = Progress::start(metrics.clone(), total_pairs, opts.quiet);
     let shared = Arc::new(cluster::Shared {
         fingerprint,
         tallies: Mutex::new(Vec::new()),
     });
-    let result = cluster::execute(
-        &opts.cluster,
-        ctx.clone(),
-        Arc::new(feed),
-        store,
-        shared.clone(),
-    );
+    let result = cluster::execute(&opts.cluster, ctx.clone(), Arc::new(feed), shared.clone());
     progress.finish();
     signals.abort();
+    syncing.abort();
     drop(watching);
     result?;
     ctx.take_failure()?;

