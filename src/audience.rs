@@ -18,6 +18,9 @@ pub struct AudienceFilter {
     all: Vec<u32>,
     /// A tag the audience requires is one no user has, or a tags_any list has no known tag.
     impossible: bool,
+    /// No condition at all: every user matches (the common "push to every user" campaign),
+    /// told before any comparison.
+    everyone: bool,
 }
 
 impl AudienceFilter {
@@ -43,7 +46,7 @@ impl AudienceFilter {
         all.dedup();
         any.sort_unstable();
         any.dedup();
-        AudienceFilter {
+        let mut filter = AudienceFilter {
             min_level: audience.min_level.unwrap_or(0),
             max_level: audience.max_level.unwrap_or(u8::MAX),
             min_points: audience.min_points.unwrap_or(0),
@@ -51,17 +54,38 @@ impl AudienceFilter {
             any,
             all,
             impossible,
-        }
+            everyone: false,
+        };
+        filter.everyone = filter.min_level == 0
+            && filter.max_level == u8::MAX
+            && filter.min_points == 0
+            && filter.max_points == u64::MAX
+            && filter.any.is_empty()
+            && filter.all.is_empty()
+            && !filter.impossible;
+        filter
     }
 
-    /// Whether `user` is in the audience.
-    #[inline]
+    /// Whether `user` is in the audience: told at once for an audience of everyone, so the
+    /// scan's per-user loop stays small enough to be compiled as one.
+    #[inline(always)]
     pub fn matches(&self, user: &UserRef<'_>) -> bool {
+        self.everyone || self.meets_conditions(user)
+    }
+
+    /// Whether `user` meets every condition of the audience.
+    #[inline(never)]
+    fn meets_conditions(&self, user: &UserRef<'_>) -> bool {
         !self.impossible
             && (self.min_level..=self.max_level).contains(&user.level)
             && (self.min_points..=self.max_points).contains(&user.points)
             && (self.any.is_empty() || self.any.iter().any(|t| user.tags.binary_search(t).is_ok()))
             && self.all.iter().all(|t| user.tags.binary_search(t).is_ok())
+    }
+
+    /// Whether the audience matches every user, whoever they are.
+    pub fn is_everyone(&self) -> bool {
+        self.everyone
     }
 
     /// Whether the audience can match nobody, whoever the users are.
@@ -96,6 +120,35 @@ mod tests {
         let f = AudienceFilter::compile(&Audience::default(), &dict());
         assert!(f.matches(&user(0, 0, &[])));
         assert!(f.matches(&user(255, u64::MAX, &[0, 1])));
+        assert!(f.is_everyone());
+    }
+
+    #[test]
+    fn any_condition_is_not_everyone() {
+        let conditions = [
+            Audience {
+                min_level: Some(1),
+                ..Audience::default()
+            },
+            Audience {
+                max_points: Some(10),
+                ..Audience::default()
+            },
+            Audience {
+                tags_any: vec!["mom".into()],
+                ..Audience::default()
+            },
+            Audience {
+                tags_all: vec!["no-such-tag".into()],
+                ..Audience::default()
+            },
+        ];
+        for audience in conditions {
+            let f = AudienceFilter::compile(&audience, &dict());
+            assert!(!f.is_everyone(), "{audience:?}");
+            // The user no condition above admits all of.
+            assert!(!f.matches(&user(0, u64::MAX, &[])), "{audience:?}");
+        }
     }
 
     #[test]

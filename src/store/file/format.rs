@@ -302,27 +302,25 @@ pub fn run_of(ids: &[u32]) -> Option<RangeInclusive<u32>> {
 
 /// `ids` as runs of consecutive ids, if they are strictly ascending and make at most `max`
 /// runs: a push task's ids (the users of a few buckets of one worker) are a few runs. One
-/// pass with no early exit checks the order and counts the breaks (vector compares, as in
-/// [`run_of`]); each run's end is then found by bisection, since in strictly ascending ids
-/// `ids[j] - ids[i] == j - i` holds exactly while `ids[i..=j]` is a run.
+/// pass with no early exit checks the order (vector compares, as in [`run_of`]); strictly
+/// ascending ids spanning as many values as there are ids are one run, and otherwise each
+/// run's end is found by bisection, since in strictly ascending ids `ids[j] - ids[i] == j - i`
+/// holds exactly while `ids[i..=j]` is a run.
 pub fn runs_of(ids: &[u32], max: usize) -> Option<Vec<RangeInclusive<u32>>> {
-    let first = *ids.first()?;
-    let (ascending, breaks) =
-        (ids[1..].iter().zip(ids)).fold((true, 0usize), |(ok, n), (next, id)| {
-            (
-                ok & (next > id),
-                n + usize::from(next.wrapping_sub(*id) != 1),
-            )
-        });
-    if !ascending || breaks >= max {
+    let (first, last) = (*ids.first()?, *ids.last()?);
+    let ascending = (ids[1..].iter().zip(ids)).fold(true, |ok, (next, id)| ok & (next > id));
+    if !ascending || max == 0 {
         return None;
     }
-    if breaks == 0 {
-        return Some(vec![first..=ids[ids.len() - 1]]);
+    if u64::from(last - first) + 1 == ids.len() as u64 {
+        return Some(vec![first..=last]);
     }
-    let mut runs = Vec::with_capacity(breaks + 1);
+    let mut runs = Vec::new();
     let mut rest = ids;
     while let Some(&start) = rest.first() {
+        if runs.len() == max {
+            return None;
+        }
         // rest[..lo] is a run; the run ends before `hi`.
         let (mut lo, mut hi) = (1, rest.len());
         while lo < hi {
