@@ -470,23 +470,22 @@ async fn record(
     if !unreachable.is_empty() {
         rt.ledger.mark_unreachable(&unreachable).await?;
     }
-    let unreachable = unreachable.len() as u64;
-    rt.stats.delivered.fetch_add(delivered, Relaxed);
-    rt.stats.unreachable.fetch_add(unreachable, Relaxed);
-    rt.stats.dead_lettered.fetch_add(dead.len() as u64, Relaxed);
-    ctx.metrics.count.delivered.fetch_add(delivered, Relaxed);
-    ctx.metrics
-        .count
-        .unreachable
-        .fetch_add(unreachable, Relaxed);
-    ctx.metrics
-        .count
-        .dead_lettered
-        .fetch_add(dead.len() as u64, Relaxed);
-    ctx.metrics
-        .count
-        .pairs_settled
-        .fetch_add(delivered + unreachable + dead.len() as u64, Relaxed);
+    let (unreachable, dead) = (unreachable.len() as u64, dead.len() as u64);
+    // Shared with the other workers: only counts that move are written.
+    let m = &ctx.metrics.count;
+    for (n, counters) in [
+        (delivered, [&rt.stats.delivered, &m.delivered]),
+        (unreachable, [&rt.stats.unreachable, &m.unreachable]),
+        (dead, [&rt.stats.dead_lettered, &m.dead_lettered]),
+    ] {
+        if n > 0 {
+            for c in counters {
+                c.fetch_add(n, Relaxed);
+            }
+        }
+    }
+    m.pairs_settled
+        .fetch_add(delivered + unreachable + dead, Relaxed);
     Ok(())
 }
 

@@ -55,7 +55,7 @@ impl Breaker {
         };
         let proven = delivered > 0 || self.proven();
         if delivered > 0 {
-            self.delivered_ever.store(true, Ordering::Release);
+            self.saw_delivery();
         } else if !proven {
             st.failed_before_first += failed;
         }
@@ -87,7 +87,11 @@ impl Breaker {
 
     /// Notes that the provider has delivered (counted by [`Self::observe`] later).
     pub fn saw_delivery(&self) {
-        self.delivered_ever.store(true, Ordering::Release);
+        // Read first: the workers' tasks note deliveries side by side, and a store on each
+        // took the cache line from the other core.
+        if !self.proven() {
+            self.delivered_ever.store(true, Ordering::Release);
+        }
     }
 
     /// Whether the provider has delivered at least once in this run: until then a permanent
