@@ -38,6 +38,37 @@ async fn ledger(store: &Store, key: &str) -> Ledger {
     store.ledger(key).await.expect("ledger")
 }
 
+/// A run's store is made durable on a timer ([`Store::sync_every`]): what a claim appended is
+/// fsynced about a second later, with nothing else calling for it, and not at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_every_fsyncs_what_was_appended() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let l = ledger(&store, "c").await;
+    l.claim(&[1, 2, 3]).await.expect("claim");
+    assert!(file(&l).unsynced(), "a claim's record waits for a sync");
+    let syncing = tokio::spawn({
+        let store = store.clone();
+        async move { store.sync_every().await }
+    });
+    tokio::time::sleep(SYNC_EVERY * 3 / 10).await;
+    assert!(file(&l).unsynced(), "synced before its period");
+    let deadline = std::time::Instant::now() + SYNC_EVERY * 4;
+    while file(&l).unsynced() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!file(&l).unsynced(), "not synced within 4 periods");
+    // It goes on: a later record is synced too.
+    l.claim(&[4]).await.expect("claim");
+    let deadline = std::time::Instant::now() + SYNC_EVERY * 4;
+    while file(&l).unsynced() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!file(&l).unsynced(), "the second record was not synced");
+    assert!(!syncing.is_finished(), "sync_every ended: {syncing:?}");
+    syncing.abort();
+}
+
 #[test]
 fn urls_are_checked() {
     let usage = |u: &str| match Store::open(u) {

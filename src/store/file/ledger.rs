@@ -394,6 +394,12 @@ impl FileLedger {
         union(&self.lock_all())
     }
 
+    /// Whether any shard's log holds records not yet fsynced.
+    #[cfg(test)]
+    pub(crate) fn unsynced(&self) -> bool {
+        self.shards.iter().any(Shard::unsynced)
+    }
+
     /// Fsyncs every shard's log written since the last sync.
     pub(super) fn sync(&self) -> Result<()> {
         self.shards.iter().try_for_each(Shard::sync)

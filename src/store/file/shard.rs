@@ -554,6 +554,12 @@ impl Shard {
         Ok(())
     }
 
+    /// Whether records were appended since the last sync.
+    #[cfg(test)]
+    pub(super) fn unsynced(&self) -> bool {
+        self.unsynced.load(Ordering::Acquire)
+    }
+
     /// Fsyncs the log if anything was appended since the last sync.
     pub(super) fn sync(&self) -> Result<()> {
         let Some(handle) = &self.sync_handle else {
