@@ -16,8 +16,7 @@ use fanout::audience::AudienceFilter;
 use std::sync::Arc;
 
 use fanout::job::{self, Job, Overrides};
-use fanout::model::Target;
-use fanout::model::{Campaign, CouponDelivery};
+use fanout::model::{Campaign, CouponDelivery, Target, UserRef};
 use fanout::render::Renderer;
 use fanout::sources::logins;
 use fanout::sources::{LoadOptions, UserSource};
@@ -100,18 +99,21 @@ fn fan_out_loop(job: &Job, source: &UserSource) -> Result<(), Box<dyn std::error
             }
             pending.clear();
         };
-        source.for_each_in(0, u64::MAX, |u| {
-            if filter.matches(&u) {
-                pending.push(UserVars {
-                    id: u.id,
-                    level: u.level,
-                    points: u.points,
-                });
-                if pending.len() == batch {
+        // As the engine's scan: an audience of everyone is not tested user by user (and, its
+        // loop compiled whole, no user's tags are worked out).
+        if filter.is_everyone() {
+            source.for_each_in(0, u64::MAX, |u| {
+                if take(&mut pending, &u, batch) {
                     flush(&mut pending);
                 }
-            }
-        });
+            });
+        } else {
+            source.for_each_in(0, u64::MAX, |u| {
+                if filter.matches(&u) && take(&mut pending, &u, batch) {
+                    flush(&mut pending);
+                }
+            });
+        }
         flush(&mut pending);
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -121,6 +123,17 @@ fn fan_out_loop(job: &Job, source: &UserSource) -> Result<(), Box<dyn std::error
         source.len() as f64 / elapsed
     );
     Ok(())
+}
+
+/// Adds `u` to `pending`; whether that makes `batch` of them.
+#[inline(always)]
+fn take(pending: &mut Vec<UserVars>, u: &UserRef<'_>, batch: usize) -> bool {
+    pending.push(UserVars {
+        id: u.id,
+        level: u.level,
+        points: u.points,
+    });
+    pending.len() == batch
 }
 
 /// Claims `users` (ascending ids) in `claimed`: `None` when every one is new, else the new

@@ -18,8 +18,8 @@ pub struct AudienceFilter {
     all: Vec<u32>,
     /// A tag the audience requires is one no user has, or a tags_any list has no known tag.
     impossible: bool,
-    /// No condition at all: every user matches (the common "push to every user" campaign),
-    /// told before any comparison.
+    /// No condition at all: every user matches (the common "push to every user" campaign).
+    /// A loop over users asks once, not per user ([`Self::is_everyone`]).
     everyone: bool,
 }
 
@@ -66,16 +66,9 @@ impl AudienceFilter {
         filter
     }
 
-    /// Whether `user` is in the audience: told at once for an audience of everyone, so the
-    /// scan's per-user loop stays small enough to be compiled as one.
-    #[inline(always)]
+    /// Whether `user` is in the audience.
+    #[inline]
     pub fn matches(&self, user: &UserRef<'_>) -> bool {
-        self.everyone || self.meets_conditions(user)
-    }
-
-    /// Whether `user` meets every condition of the audience.
-    #[inline(never)]
-    fn meets_conditions(&self, user: &UserRef<'_>) -> bool {
         !self.impossible
             && (self.min_level..=self.max_level).contains(&user.level)
             && (self.min_points..=self.max_points).contains(&user.points)

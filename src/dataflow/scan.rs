@@ -247,8 +247,19 @@ fn expand(
         return (0, Vec::new());
     }
     let mut visited = 0u64;
-    // One target (the usual case) gets a loop of its own, with the test inlined in it.
+    // One target (the usual case) gets a loop of its own, with the test inlined in it; one
+    // that every user is a candidate of (no audience, no earlier grants) a loop with no test.
     match offers.as_mut_slice() {
+        [one] if one.filter.is_everyone() && one.granted.is_none() => {
+            ctx.source.for_each_in(from, to, |user| {
+                visited += 1;
+                one.found.push(Candidate {
+                    id: user.id,
+                    level: user.level,
+                    points: user.points,
+                });
+            })
+        }
         [one] => ctx.source.for_each_in(from, to, |user| {
             visited += 1;
             one.test(&user);
