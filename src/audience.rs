@@ -18,9 +18,6 @@ pub struct AudienceFilter {
     all: Vec<u32>,
     /// A tag the audience requires is one no user has, or a tags_any list has no known tag.
     impossible: bool,
-    /// No condition at all: every user matches (the common "push to every user" campaign).
-    /// A loop over users asks once, not per user ([`Self::is_everyone`]).
-    everyone: bool,
 }
 
 impl AudienceFilter {
@@ -46,7 +43,7 @@ impl AudienceFilter {
         all.dedup();
         any.sort_unstable();
         any.dedup();
-        let mut filter = AudienceFilter {
+        AudienceFilter {
             min_level: audience.min_level.unwrap_or(0),
             max_level: audience.max_level.unwrap_or(u8::MAX),
             min_points: audience.min_points.unwrap_or(0),
@@ -54,16 +51,7 @@ impl AudienceFilter {
             any,
             all,
             impossible,
-            everyone: false,
-        };
-        filter.everyone = filter.min_level == 0
-            && filter.max_level == u8::MAX
-            && filter.min_points == 0
-            && filter.max_points == u64::MAX
-            && filter.any.is_empty()
-            && filter.all.is_empty()
-            && !filter.impossible;
-        filter
+        }
     }
 
     /// Whether `user` is in the audience.
@@ -76,9 +64,14 @@ impl AudienceFilter {
             && self.all.iter().all(|t| user.tags.binary_search(t).is_ok())
     }
 
-    /// Whether the audience matches every user, whoever they are.
+    /// Whether the audience matches every user, whoever they are: it has no condition (the
+    /// common "push to every user" campaign). A loop over users asks once, not per user.
     pub fn is_everyone(&self) -> bool {
-        self.everyone
+        !self.impossible
+            && (self.min_level, self.max_level) == (0, u8::MAX)
+            && (self.min_points, self.max_points) == (0, u64::MAX)
+            && self.any.is_empty()
+            && self.all.is_empty()
     }
 
     /// Whether the audience can match nobody, whoever the users are.

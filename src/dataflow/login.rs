@@ -159,11 +159,7 @@ fn match_epoch(
             known += 1;
             for (k, coupon) in active.iter().enumerate() {
                 if (coupon.start..coupon.end).contains(&login.ts_ms) && coupon.filter.matches(&u) {
-                    found[k].push(Candidate {
-                        id: u.id,
-                        level: u.level,
-                        points: u.points,
-                    });
+                    found[k].push(Candidate::of(&u));
                 }
             }
         });

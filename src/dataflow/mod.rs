@@ -39,7 +39,7 @@ use timely::dataflow::{InputHandle, ProbeHandle, Scope};
 
 use crate::error::Error;
 use crate::metrics::{CampaignStats, Metrics};
-use crate::model::{Placement, Target};
+use crate::model::{Placement, Target, UserRef};
 use crate::providers::dispatch::Dispatcher;
 use crate::render::Renderer;
 use crate::sources::logins::Login;
@@ -85,6 +85,18 @@ pub struct Candidate {
     pub level: u8,
     /// Loyalty points.
     pub points: u64,
+}
+
+impl Candidate {
+    /// What the message needs of `user`.
+    #[inline(always)]
+    pub fn of(user: &UserRef<'_>) -> Candidate {
+        Candidate {
+            id: user.id,
+            level: user.level,
+            points: user.points,
+        }
+    }
 }
 
 /// Candidates of one target from one stretch of a bucket, in id order.

@@ -209,11 +209,7 @@ impl Offer<'_> {
         if self.granted.is_some_and(|g| g.contains(user.id)) {
             self.already += 1;
         } else {
-            self.found.push(Candidate {
-                id: user.id,
-                level: user.level,
-                points: user.points,
-            });
+            self.found.push(Candidate::of(user));
         }
     }
 }
@@ -253,11 +249,7 @@ fn expand(
         [one] if one.filter.is_everyone() && one.granted.is_none() => {
             ctx.source.for_each_in(from, to, |user| {
                 visited += 1;
-                one.found.push(Candidate {
-                    id: user.id,
-                    level: user.level,
-                    points: user.points,
-                });
+                one.found.push(Candidate::of(&user));
             })
         }
         [one] => ctx.source.for_each_in(from, to, |user| {

@@ -390,8 +390,8 @@ impl Store {
     /// [`Self::sync`] every [`SYNC_EVERY`], for as long as it is polled: what a `run` loses to
     /// a power loss is bounded in time, as with Redis's `appendfsync everysec` (a killed
     /// process loses nothing already written). Each sync forces the logs' pages out, which on
-    /// two cores cost the engine job ~12% of its CPU when it was done once per epoch (measured:
-    /// ten interleaved rounds at 10M users, 1.39× → 1.22× the loop's CPU per user).
+    /// two cores cost the engine job ~5% of its CPU when it was done once per epoch (measured:
+    /// ten interleaved rounds at 10M users, 1.31× → 1.25× the loop's CPU per user).
     pub async fn sync_every(&self) -> Result<()> {
         loop {
             tokio::time::sleep(SYNC_EVERY).await;

@@ -53,18 +53,18 @@ async fn sync_every_fsyncs_what_was_appended() {
     });
     tokio::time::sleep(SYNC_EVERY * 3 / 10).await;
     assert!(file(&l).unsynced(), "synced before its period");
-    let deadline = std::time::Instant::now() + SYNC_EVERY * 4;
-    while file(&l).unsynced() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(!file(&l).unsynced(), "not synced within 4 periods");
+    // Whether the ledger is synced within 4 periods.
+    let synced = || async {
+        let deadline = std::time::Instant::now() + SYNC_EVERY * 4;
+        while file(&l).unsynced() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        !file(&l).unsynced()
+    };
+    assert!(synced().await, "not synced within 4 periods");
     // It goes on: a later record is synced too.
     l.claim(&[4]).await.expect("claim");
-    let deadline = std::time::Instant::now() + SYNC_EVERY * 4;
-    while file(&l).unsynced() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(!file(&l).unsynced(), "the second record was not synced");
+    assert!(synced().await, "the second record was not synced");
     assert!(!syncing.is_finished(), "sync_every ended: {syncing:?}");
     syncing.abort();
 }
