@@ -463,12 +463,20 @@ async fn record(
     let delivered = done.len() as u64;
     ctx.metrics
         .record_lane_latency(rt.target.campaign.priority, answered, delivered as usize);
-    rt.ledger.mark_done(&done).await?;
-    if !dead.is_empty() {
-        rt.ledger.mark_dead(&dead).await?;
-    }
-    if !unreachable.is_empty() {
-        rt.ledger.mark_unreachable(&unreachable).await?;
+    let marked = async {
+        rt.ledger.mark_done(&done).await?;
+        if !dead.is_empty() {
+            rt.ledger.mark_dead(&dead).await?;
+        }
+        if !unreachable.is_empty() {
+            rt.ledger.mark_unreachable(&unreachable).await?;
+        }
+        Ok(())
+    };
+    if let Err(e) = marked.await {
+        // Before these messages let go of their slots (`settled` drops after this returns).
+        ctx.dispatcher.halt_unrecorded(&e);
+        return Err(e);
     }
     let (unreachable, dead) = (unreachable.len() as u64, dead.len() as u64);
     // Shared with the other workers: only counts that move are written.

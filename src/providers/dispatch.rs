@@ -689,10 +689,19 @@ impl Dispatcher {
         ))
     }
 
+    /// Halts because the store could not record fates the provider gave (a full disk, a
+    /// store gone): every attempt in progress or to come fails with `e`. Called before those
+    /// messages let go of their slots, so that they are the last ones sent: a run that fails
+    /// on a write leaves at most `concurrency` messages sent and not recorded, as a crash
+    /// does. Else each failed record would free slots for more sends whose records fail too.
+    pub fn halt_unrecorded(&self, e: &Error) {
+        let _ = self.halt_for(e.to_string());
+    }
+
     /// Halts the dispatcher (the first reason given wins); returns the error to report.
     fn halt_for(&self, why: String) -> Error {
-        if self.halted.set(why).is_ok() {
-            tracing::info!(provider = %self.provider.name(), "the provider cannot go on; stopping");
+        if self.halted.set(why.clone()).is_ok() {
+            tracing::info!(provider = %self.provider.name(), %why, "no more pushes; stopping");
         }
         self.halt.send_replace(true);
         self.halt_error()

@@ -348,3 +348,47 @@ async fn transactional_is_answered_while_bulk_saturates_and_one_lane_gets_every_
     // 100 rounds of 20 slots × 50 ms.
     assert!(normal <= Duration::from_millis(5010), "{normal:?}");
 }
+
+/// A record that fails (a full disk) halts the dispatcher before its messages give their
+/// slots back: no attempt starts after it, so no more than the slots' worth is sent and
+/// unrecorded. Without the halt, the 20 waiting messages would take the freed slots.
+#[tokio::test(start_paused = true)]
+async fn a_failed_record_halts_before_its_slots_are_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider: Provider =
+        Box::new(super::super::mock::MockProvider::parse("latency=10ms").unwrap());
+    let dead = dir.path().join("dead.jsonl");
+    let d = Dispatcher::new(
+        provider,
+        10,
+        0,
+        3,
+        dead.to_str().unwrap(),
+        Arc::new(Metrics::new()),
+    );
+    let recs = records(30);
+    let buf = messages(&recs);
+    let sent = AtomicU32::new(0);
+    let failure = Error::runtime("cannot append to the log: No space left on device");
+    let outcome = d
+        .deliver(
+            Priority::Normal,
+            buf.messages(),
+            &|s: Settled| {
+                sent.fetch_add(s.fates().count() as u32, Relaxed);
+                // As `record` does on a failed write: halt, then let the slots go.
+                d.halt_unrecorded(&failure);
+                drop(s);
+            },
+            &Hold::never(),
+        )
+        .await;
+    let err = outcome.expect_err("a halted dispatcher fails the delivery");
+    assert!(err.to_string().contains("No space left"), "{err}");
+    let sent = sent.into_inner();
+    assert!(
+        sent <= 10,
+        "{sent} sent after the first failed record, slots 10"
+    );
+    assert_eq!(d.in_flight(), 0);
+}
