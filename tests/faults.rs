@@ -2,9 +2,11 @@
 //! workload (promotions, segment and lazy coupons, hot products at several ticks; file or
 //! Redis store; `log:` or HTTP provider; one process or a cluster of two) and a few faults
 //! (kill -9, SIGSTOP past the Redis lease, Redis restarts with and without persistence,
-//! provider 5xx/429/timeouts and a credential stop), then a clean run, and checks the
-//! deliveries over all runs against the naive reading of the job: nothing lost, nothing
-//! unexpected, repeated keys carry identical records, duplicates within what was in flight.
+//! provider 5xx/429/timeouts, a credential stop, and the embedded store's disk filling up:
+//! a tmpfs of its own, mounted by the harness, so it runs as root), then a clean run, and
+//! checks the deliveries over all runs against the naive reading of the job: nothing lost,
+//! nothing unexpected, repeated keys carry identical records, duplicates within what was in
+//! flight.
 //! Jobs draw holdouts, a control group, night quiet hours and (about a quarter of them, where
 //! a user is offered two capped sends) frequency caps; under caps every run's `--now` is
 //! non-decreasing (the fault runs all at the first tick), a Redis restart keeps its data, and
@@ -57,6 +59,8 @@ mod naive;
 
 #[path = "faults/check.rs"]
 mod check;
+#[path = "faults/disk.rs"]
+mod disk;
 #[path = "faults/exec.rs"]
 mod exec;
 #[path = "faults/plan.rs"]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::check::{self, Delivery};
+use crate::disk::Disk;
 use crate::http_server::{fault_bucket, Answer, Reply, Req, RetryAfter, TestServer};
 use crate::plan::{Act, Fault, ProviderKind, Schedule, StoreKind, Trigger};
 use crate::redis::Redis;
@@ -164,6 +165,9 @@ fn code(st: ExitStatus) -> String {
 struct Ctx<'a> {
     s: &'a Schedule,
     env: &'a Env,
+    /// The store's own filesystem, for a disk-full fault (declared before `dir`: unmounted
+    /// before the directory is removed).
+    disk: Option<Disk>,
     dir: tempfile::TempDir,
     redis: Option<&'a mut Redis>,
     http: Option<Http>,
@@ -551,6 +555,7 @@ impl Ctx<'_> {
                 }
                 !fired && early_error
             }
+            Fault::DiskFull { at } => self.disk_full(at, procs, run),
             Fault::CredStop { at } => {
                 let fired = self.wait_trigger(procs, run, 0, at);
                 if fired {
@@ -568,6 +573,35 @@ impl Ctx<'_> {
                 false
             }
         }
+    }
+
+    /// The store's filesystem full from `at` on, until every process of the run has ended
+    /// (each may exit 1 then); then it has room again. Returns whether the run ended with an
+    /// error before the fault.
+    fn disk_full(&mut self, at: Trigger, procs: &mut [Proc], run: usize) -> bool {
+        let fired = self.wait_trigger(procs, run, 0, at);
+        if fired {
+            if let Some(Err(e)) = self.disk.as_ref().map(Disk::fill) {
+                self.violations
+                    .push(format!("run {run}: cannot fill the disk: {e}"));
+            }
+            self.note("the store's disk is full from now on");
+        }
+        let mut early_error = false;
+        for (i, p) in procs.iter_mut().enumerate() {
+            let st = self.wait_exit(p);
+            early_error |= st.is_some_and(|s| !s.success());
+            if !fired && self.s.processes > 1 && self.addr_in_use(run) {
+                continue;
+            }
+            let allowed: &[i32] = if fired { &[1] } else { &[] };
+            self.judge(run, i, st, allowed, "on a full disk");
+        }
+        if let Some(Err(e)) = self.disk.as_ref().map(Disk::grow) {
+            self.violations
+                .push(format!("run {run}: cannot grow the disk: {e}"));
+        }
+        !fired && early_error
     }
 
     /// One clean run at `tick`: every process must exit 0.
@@ -716,10 +750,19 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
         } if !env.clean => Some(Http::start(pct_5xx, pct_429, slow, env.http_timeout_ms)),
         ProviderKind::Http { .. } => Some(Http::start(0, 0, 0, env.http_timeout_ms)),
     };
+    let full = s.faults.iter().any(|f| matches!(f, Fault::DiskFull { .. }));
+    let disk = match full && !env.clean {
+        true => match Disk::mount(&dir.path().join("store")) {
+            Ok(disk) => Some(disk),
+            Err(e) => return vec![e],
+        },
+        false => None,
+    };
     let expected = s.expected();
     let mut cx = Ctx {
         s,
         env,
+        disk,
         dir,
         redis,
         http,

@@ -107,6 +107,9 @@ pub enum Fault {
     RedisRestart { at: Trigger, down_ms: u64 },
     /// The HTTP provider answers 401 from some point on: the run stops with exit 1.
     CredStop { at: Trigger },
+    /// The embedded store's filesystem (a tmpfs of its own) is full from some point on: the
+    /// run stops with exit 1, or finishes if it writes nothing more; then it grows again.
+    DiskFull { at: Trigger },
     /// No fault: a run that must end well, drawn only to carry a [`Control`] in a schedule
     /// that drew no fault.
     Calm,
@@ -185,6 +188,7 @@ impl std::fmt::Display for Fault {
                 write!(f, "redis-restart(@{at},down={down_ms}ms)")
             }
             Fault::CredStop { at } => write!(f, "http-401(@{at})"),
+            Fault::DiskFull { at } => write!(f, "disk-full(@{at})"),
             Fault::Calm => write!(f, "calm-run"),
         }
     }
@@ -707,6 +711,9 @@ pub fn plan(seed: u64) -> Schedule {
         if matches!(provider, ProviderKind::Http { .. }) {
             options.push(3);
         }
+        if store == StoreKind::File {
+            options.push(4);
+        }
         faults.push(match r.pick(&options) {
             0 => Fault::Kill {
                 at,
@@ -718,7 +725,8 @@ pub fn plan(seed: u64) -> Schedule {
                 at,
                 down_ms: r.range(200, 900),
             },
-            _ => Fault::CredStop { at },
+            3 => Fault::CredStop { at },
+            _ => Fault::DiskFull { at },
         });
     }
     // A stalled run is taken over by a second run: one more `-w` to draw.
