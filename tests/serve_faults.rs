@@ -6,7 +6,10 @@
 //! delay or once the process has written some deliveries: a kill -9; (a quarter) a Redis
 //! restart with its data under the running process, which must then stop on SIGTERM with 0
 //! or 1; or (a quarter, Redis store only) SIGSTOP past the run lease while the next process
-//! takes over, then SIGCONT: the stalled one must exit 1 on its own within 3 s. Logins are XADDed in
+//! takes over, then SIGCONT: the stalled one must exit 1 on its own within 3 s; or (a quarter,
+//! file store only) the store's disk full — a tmpfs the harness mounts, so it runs as root —
+//! under the running process, which must exit 1, or 0 or 1 on SIGTERM a second later if it
+//! wrote nothing more; the disk then has room again. Logins are XADDed in
 //! waves: before the first start, while each process runs and after it ended. After the last fault a process runs until everything the naive reading
 //! expects is out and every stream entry is acknowledged, then stops on SIGTERM (it must exit
 //! 0). Deliveries over all processes are then checked against the naive reading of the
@@ -30,6 +33,8 @@ mod serving;
 #[allow(dead_code)]
 #[path = "faults/check.rs"]
 mod check;
+#[path = "faults/disk.rs"]
+mod disk;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -73,6 +78,10 @@ enum Fault {
     /// process starts and takes over; SIGCONT once that one has run for a while: the
     /// stalled process, its lease gone, must end with 0 or 1 ([`Cx::resume`]).
     Stall(Trigger),
+    /// At the trigger the file store's disk (a tmpfs of its own) is full: the process must
+    /// stop with 1 on its next write that needs a page, or — having written none in
+    /// [`RUN_ON_MS`] — stop on SIGTERM with 0 or 1. Then the disk has room again.
+    DiskFull(Trigger),
 }
 
 /// How long a process runs on after a Redis restart before it is stopped, and how long the
@@ -242,6 +251,7 @@ fn plan(seed: u64) -> Schedule {
             match r.below(4) {
                 0 => Fault::RedisRestart(at, r.below(1000)),
                 1 if redis_store => Fault::Stall(at),
+                1 => Fault::DiskFull(at),
                 _ => Fault::Kill(at),
             }
         })
@@ -320,6 +330,8 @@ fn lines_in(dir: &Scratch, name: &str) -> usize {
 struct Cx<'a> {
     s: &'a Schedule,
     redis: RedisServer,
+    /// The file store's own filesystem, for a disk-full fault (unmounted before `dir` goes).
+    disk: Option<disk::Disk>,
     dir: Scratch,
     store: String,
     want: BTreeSet<check::Pair>,
@@ -337,12 +349,21 @@ fn execute(s: &Schedule, verbose: bool) -> Vec<String> {
         true => redis.url(1),
         false => "file:store".to_owned(),
     };
+    let full = s.faults.iter().any(|f| matches!(f, Fault::DiskFull(_)));
+    let disk = match full {
+        true => match disk::Disk::mount(&dir.path("store")) {
+            Ok(disk) => Some(disk),
+            Err(e) => return vec![e],
+        },
+        false => None,
+    };
     let logins = s.logins();
     let now = Some(Utc::now());
     let want = expected(&s.all_campaigns(), &s.users, &logins, &BTreeSet::new(), now);
     let mut cx = Cx {
         s,
         redis,
+        disk,
         dir,
         store,
         want,
@@ -423,7 +444,10 @@ impl Cx<'_> {
         let started = Instant::now();
         let log = format!("run{k}.jsonl");
         let at = match fault {
-            Fault::Kill(at) | Fault::RedisRestart(at, _) | Fault::Stall(at) => at,
+            Fault::Kill(at)
+            | Fault::RedisRestart(at, _)
+            | Fault::Stall(at)
+            | Fault::DiskFull(at) => at,
         };
         loop {
             let due = match at {
@@ -468,6 +492,42 @@ impl Cx<'_> {
                     ));
                 }
             }
+            Fault::DiskFull(_) => self.disk_full(k, child),
+        }
+    }
+
+    /// The store's disk full under process `k`: it exits 1 on its own, or is stopped after
+    /// [`RUN_ON_MS`] with SIGTERM (0, or 1 if its last writes fail); then the disk grows.
+    fn disk_full(&mut self, k: usize, child: &mut KillOnDrop) {
+        if let Some(Err(e)) = self.disk.as_ref().map(disk::Disk::fill) {
+            self.violations
+                .push(format!("process {k}: cannot fill the disk: {e}"));
+        }
+        let full = Instant::now();
+        let status = loop {
+            if let Ok(Some(st)) = child.0.try_wait() {
+                break (st, serving::stderr_of(&mut child.0));
+            }
+            if full.elapsed() > Duration::from_millis(RUN_ON_MS) {
+                let (st, _, err) = sigterm(&mut child.0);
+                break (st, err);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if let Some(note) = self.interruptions.last_mut() {
+            let _ = write!(note, ", then {}", status.0);
+        }
+        if !matches!(status.0.code(), Some(0 | 1)) {
+            let why = format!(
+                "process {k} on a full disk: {}: {}",
+                status.0,
+                status.1.trim()
+            );
+            self.violations.push(why);
+        }
+        if let Some(Err(e)) = self.disk.as_ref().map(disk::Disk::grow) {
+            self.violations
+                .push(format!("process {k}: cannot grow the disk: {e}"));
         }
     }
 
