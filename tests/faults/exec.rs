@@ -493,18 +493,7 @@ impl Ctx<'_> {
                 self.wait_trigger(procs, run, victim, at);
                 self.kill(procs, run, victim, delayed_rerun)
             }
-            Fault::Calm => {
-                let mut early_error = false;
-                for (i, p) in procs.iter_mut().enumerate() {
-                    let st = self.wait_exit(p);
-                    early_error |= st.is_some_and(|s| !s.success());
-                    if self.s.processes > 1 && self.addr_in_use(run) {
-                        continue;
-                    }
-                    self.judge(run, i, st, &[], "a calm run");
-                }
-                early_error
-            }
+            Fault::Calm => self.wait_all(procs, run, false, "a calm run"),
             Fault::Stall { at } => {
                 let fired = self.wait_trigger(procs, run, 0, at);
                 let w2 = self.next_w();
@@ -543,17 +532,7 @@ impl Ctx<'_> {
                         self.forgetful = true;
                     }
                 }
-                let mut early_error = false;
-                for (i, p) in procs.iter_mut().enumerate() {
-                    let st = self.wait_exit(p);
-                    early_error |= st.is_some_and(|s| !s.success());
-                    if !fired && self.s.processes > 1 && self.addr_in_use(run) {
-                        continue;
-                    }
-                    let allowed: &[i32] = if fired { &[1] } else { &[] };
-                    self.judge(run, i, st, allowed, "through a redis restart");
-                }
-                !fired && early_error
+                self.wait_all(procs, run, fired, "through a redis restart")
             }
             Fault::DiskFull { at } => self.disk_full(at, procs, run),
             Fault::CredStop { at } => {
@@ -587,6 +566,18 @@ impl Ctx<'_> {
             }
             self.note("the store's disk is full from now on");
         }
+        let early_error = self.wait_all(procs, run, fired, "on a full disk");
+        if let Some(Err(e)) = self.disk.as_ref().map(Disk::grow) {
+            self.violations
+                .push(format!("run {run}: cannot grow the disk: {e}"));
+        }
+        early_error
+    }
+
+    /// Waits for every process of the run and judges its exit: 1 allowed once the fault
+    /// `fired`, else only 0 (a cluster whose port was taken is not judged: it is retried).
+    /// Returns whether the run ended with an error before the fault.
+    fn wait_all(&mut self, procs: &mut [Proc], run: usize, fired: bool, why: &str) -> bool {
         let mut early_error = false;
         for (i, p) in procs.iter_mut().enumerate() {
             let st = self.wait_exit(p);
@@ -595,11 +586,7 @@ impl Ctx<'_> {
                 continue;
             }
             let allowed: &[i32] = if fired { &[1] } else { &[] };
-            self.judge(run, i, st, allowed, "on a full disk");
-        }
-        if let Some(Err(e)) = self.disk.as_ref().map(Disk::grow) {
-            self.violations
-                .push(format!("run {run}: cannot grow the disk: {e}"));
+            self.judge(run, i, st, allowed, why);
         }
         !fired && early_error
     }
