@@ -194,6 +194,55 @@ fn a_redis_restart_mid_run_loses_and_duplicates_nothing() {
     assert!(m.values().all(|v| v.len() == 1), "a user delivered twice");
 }
 
+/// A Redis whose disk fills refuses every write (`MISCONF`) until it has room again. The run
+/// waits that out within its retry budget: its claims and marks are retried, so the messages
+/// already sent keep their slots and at most `concurrency` (64) more go out meanwhile; once the
+/// disk has room it ends well, each user delivered once.
+#[test]
+fn a_redis_disk_full_for_a_while_holds_the_run_and_loses_nothing() {
+    let redis = RedisServer::start_on_tmpfs();
+    let s = Scratch::new();
+    s.write("job.toml", rated_job(20_000));
+    let store = redis.url(0);
+    let mut child = s.start(&["run", "job.toml", "-w", "2", "--store", &store]);
+    s.wait_for_lines("deliveries.jsonl", 10_000, &mut child);
+    redis.fill_disk();
+    let refusing = || {
+        redis
+            .cli(&["INFO", "persistence"])
+            .lines()
+            .any(|l| l.trim() == "aof_last_write_status:err")
+    };
+    let started = std::time::Instant::now();
+    while !refusing() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "redis never failed a write on its full disk"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let at_refusal = lines_in(&s.path("deliveries.jsonl"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let at_room = lines_in(&s.path("deliveries.jsonl"));
+    assert!(refusing(), "redis took writes again on a full disk");
+    redis.grow_disk();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("MISCONF"),
+        "the run never met a refused write: {err}"
+    );
+    assert!(
+        at_room - at_refusal <= 64,
+        "{} messages went out while no outcome could be recorded (concurrency 64)",
+        at_room - at_refusal
+    );
+    let m = by_user(&[&s.path("deliveries.jsonl")]);
+    assert!(m.keys().copied().eq(1..=USERS), "users lost");
+    assert!(m.values().all(|v| v.len() == 1), "a user delivered twice");
+}
+
 /// Redis losing its data mid-run (here FLUSHALL; a restart without persistence does the
 /// same) must not end in a silent exit 0: the ledger bits written before are gone, and a later
 /// run may send those users again. With a lease too long for a heartbeat to notice in time,

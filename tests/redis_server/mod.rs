@@ -3,11 +3,16 @@
 //! The port is reserved (see `ports`); should another program bind it first anyway, the
 //! server exits, and it is started again on a fresh port (a restart waits for its own port).
 //! [`RedisServer::start_tls`] serves TLS only, with a certificate for 127.0.0.1 signed by a CA
-//! made for the test (the `openssl` command line tool).
+//! made for the test (the `openssl` command line tool). [`RedisServer::start_on_tmpfs`] keeps
+//! its data on a tmpfs of its own that a test can fill, fsynced once a second: a write it
+//! cannot persist is then refused (`MISCONF`) until the disk has room again.
 #![allow(dead_code)]
 
 // Its own copy, for test binaries that use this module without `common`; two copies in one
 // binary still never hand out one port twice (the reservation is a file lock, not a static).
+#[allow(clippy::duplicate_mod)]
+#[path = "../faults/disk.rs"]
+mod disk;
 #[allow(clippy::duplicate_mod)]
 #[path = "../common/ports.rs"]
 mod ports;
@@ -18,6 +23,8 @@ use std::time::{Duration, Instant};
 
 pub struct RedisServer {
     pub port: u16,
+    /// The tmpfs at `dir`, if it has one: unmounted before `dir` is removed.
+    disk: Option<disk::Disk>,
     dir: tempfile::TempDir,
     child: Option<Child>,
     tls: bool,
@@ -52,18 +59,27 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
 
 impl RedisServer {
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, false)
     }
 
     /// A server that speaks TLS only; its certificate is signed by [`RedisServer::ca`].
     pub fn start_tls() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
-    fn start_with(tls: bool) -> Self {
+    /// A server whose directory is a tmpfs of its own (mounting needs root), with
+    /// `appendfsync everysec`: [`RedisServer::fill_disk`] makes it refuse writes.
+    pub fn start_on_tmpfs() -> Self {
+        Self::start_with(false, true)
+    }
+
+    fn start_with(tls: bool, tmpfs: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = tmpfs.then(|| disk::Disk::mount(dir.path()).unwrap_or_else(|e| panic!("{e}")));
         let mut server = RedisServer {
             port: 0,
-            dir: tempfile::tempdir().unwrap(),
+            disk,
+            dir,
             child: None,
             tls,
             _reserved: None,
@@ -178,7 +194,11 @@ impl RedisServer {
         std::fs::remove_file(self.log_path()).ok();
         let mut child = cmd
             .args(["--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--appendonly", "yes", "--appendfsync"])
+            .arg(match self.disk {
+                Some(_) => "everysec",
+                None => "always",
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
@@ -286,6 +306,19 @@ impl RedisServer {
 
     pub fn dir(&self) -> PathBuf {
         self.dir.path().to_owned()
+    }
+
+    /// Fills the server's tmpfs ([`RedisServer::start_on_tmpfs`]): the next write it cannot
+    /// persist turns it to refusing writes.
+    pub fn fill_disk(&self) {
+        let disk = self.disk.as_ref().expect("a server started on a tmpfs");
+        disk.fill().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Gives the server's tmpfs room again: it takes writes once its next one succeeds.
+    pub fn grow_disk(&self) {
+        let disk = self.disk.as_ref().expect("a server started on a tmpfs");
+        disk.grow().unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

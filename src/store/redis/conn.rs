@@ -147,7 +147,10 @@ pub fn client(url: &str) -> Result<redis::Client> {
     }
 }
 
-/// Whether a failed call may succeed if tried again (the server restarting or unreachable).
+/// Whether a failed call may succeed if tried again: the server restarting or unreachable,
+/// loading its data, or refusing writes because it cannot persist them (`MISCONF`: its
+/// append-only file's disk is full; it takes writes again on its own once a write succeeds,
+/// and a refused script wrote nothing, as the refusal comes at its first write).
 fn retryable(e: &redis::RedisError) -> bool {
     (e.is_io_error() && !refused_certificate(e))
         || e.is_connection_dropped()
@@ -157,6 +160,7 @@ fn retryable(e: &redis::RedisError) -> bool {
             e.kind(),
             redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
         )
+        || e.code() == Some("MISCONF")
 }
 
 /// Every key matching `pattern` (SCAN, so the server never blocks on it).
