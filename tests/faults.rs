@@ -2,8 +2,9 @@
 //! workload (promotions, segment and lazy coupons, hot products at several ticks; file or
 //! Redis store; `log:` or HTTP provider; one process or a cluster of two) and a few faults
 //! (kill -9, SIGSTOP past the Redis lease, Redis restarts with and without persistence,
-//! provider 5xx/429/timeouts, a credential stop, and the embedded store's disk filling up:
-//! a tmpfs of its own, mounted by the harness, so it runs as root), then a clean run, and
+//! provider 5xx/429/timeouts, a credential stop, and the embedded store's or the Redis
+//! server's disk filling up: a tmpfs of its own, mounted by the harness, so it runs as root;
+//! a full Redis either exits or, fsyncing once a second, refuses writes), then a clean run, and
 //! checks the deliveries over all runs against the naive reading of the job: nothing lost,
 //! nothing unexpected, repeated keys carry identical records, duplicates within what was in
 //! flight.
@@ -56,6 +57,7 @@
 mod common;
 mod http_server;
 mod naive;
+mod redis_server;
 
 #[path = "faults/check.rs"]
 mod check;
@@ -65,8 +67,6 @@ mod disk;
 mod exec;
 #[path = "faults/plan.rs"]
 mod plan;
-#[path = "faults/redis.rs"]
-mod redis;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -196,7 +196,7 @@ fn main() -> ExitCode {
     std::thread::scope(|scope| {
         for _ in 0..jobs {
             scope.spawn(|| {
-                let mut redis: Option<redis::Redis> = None;
+                let mut redis: Option<redis_server::RedisServer> = None;
                 loop {
                     let k = next.fetch_add(1, Ordering::SeqCst);
                     if k >= count {

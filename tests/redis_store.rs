@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use naive::*;
-use redis_server::RedisServer;
+use redis_server::{Persist, RedisServer};
 
 fn repo(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -200,21 +200,16 @@ fn a_redis_restart_mid_run_loses_and_duplicates_nothing() {
 /// disk has room it ends well, each user delivered once.
 #[test]
 fn a_redis_disk_full_for_a_while_holds_the_run_and_loses_nothing() {
-    let redis = RedisServer::start_on_tmpfs();
+    let mut redis =
+        RedisServer::start_on_tmpfs(Persist::EverySec).unwrap_or_else(|e| panic!("{e}"));
     let s = Scratch::new();
     s.write("job.toml", rated_job(20_000));
     let store = redis.url(0);
     let mut child = s.start(&["run", "job.toml", "-w", "2", "--store", &store]);
     s.wait_for_lines("deliveries.jsonl", 10_000, &mut child);
-    redis.fill_disk();
-    let refusing = || {
-        redis
-            .cli(&["INFO", "persistence"])
-            .lines()
-            .any(|l| l.trim() == "aof_last_write_status:err")
-    };
+    redis.fill_disk().unwrap_or_else(|e| panic!("{e}"));
     let started = std::time::Instant::now();
-    while !refusing() {
+    while !redis.refusing() {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "redis never failed a write on its full disk"
@@ -224,8 +219,8 @@ fn a_redis_disk_full_for_a_while_holds_the_run_and_loses_nothing() {
     let at_refusal = lines_in(&s.path("deliveries.jsonl"));
     std::thread::sleep(Duration::from_millis(1500));
     let at_room = lines_in(&s.path("deliveries.jsonl"));
-    assert!(refusing(), "redis took writes again on a full disk");
-    redis.grow_disk();
+    assert!(redis.refusing(), "redis took writes again on a full disk");
+    redis.grow_disk().unwrap_or_else(|e| panic!("{e}"));
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");

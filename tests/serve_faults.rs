@@ -3,13 +3,15 @@
 //! promotions and a push coupon, lazy coupons granted at login, sometimes a promotion
 //! submitted on the campaigns stream mid-way; the file or the Redis store; 1 or 2 workers;
 //! the provider's concurrency, rate and batch size — and one to three faults, each after a
-//! delay or once the process has written some deliveries: a kill -9; (a quarter) a Redis
+//! delay or once the process has written some deliveries: a kill -9; (a fifth) a Redis
 //! restart with its data under the running process, which must then stop on SIGTERM with 0
-//! or 1; or (a quarter, Redis store only) SIGSTOP past the run lease while the next process
-//! takes over, then SIGCONT: the stalled one must exit 1 on its own within 3 s; or (a quarter,
-//! file store only) the store's disk full — a tmpfs the harness mounts, so it runs as root —
-//! under the running process, which must exit 1, or 0 or 1 on SIGTERM a second later if it
-//! wrote nothing more; the disk then has room again. Logins are XADDed in
+//! or 1; (a fifth) the Redis server's disk full for 0.1–1.5 s — it exits and is started again,
+//! or, fsyncing once a second, refuses writes meanwhile — then the same; or (a fifth, Redis
+//! store only) SIGSTOP past the run lease while the next process takes over, then SIGCONT:
+//! the stalled one must exit 1 on its own within 3 s; or (a fifth, file store only) the
+//! store's disk full under the running process, which must exit 1, or 0 or 1 on SIGTERM a
+//! second later if it wrote nothing more; the disk then has room again. Each disk is a tmpfs
+//! the harness mounts, so it runs as root. Logins are XADDed in
 //! waves: before the first start, while each process runs and after it ended. After the last fault a process runs until everything the naive reading
 //! expects is out and every stream entry is acknowledged, then stops on SIGTERM (it must exit
 //! 0). Deliveries over all processes are then checked against the naive reading of the
@@ -46,7 +48,7 @@ use std::time::{Duration, Instant};
 use chrono::{TimeZone, Utc};
 use common::{naive_users_jsonl, Lcg, Scratch, TUser};
 use naive::{expected, NLogin};
-use redis_server::RedisServer;
+use redis_server::{Persist, RedisServer};
 use serving::{pending, sigterm, start_serve, KillOnDrop};
 
 const TAGS: [&str; 4] = ["sports", "mom", "tech", "gamer"];
@@ -82,6 +84,11 @@ enum Fault {
     /// stop with 1 on its next write that needs a page, or — having written none in
     /// [`RUN_ON_MS`] — stop on SIGTERM with 0 or 1. Then the disk has room again.
     DiskFull(Trigger),
+    /// At the trigger the Redis server's disk (a tmpfs of its own) is full for this many ms:
+    /// persisting at every write (where the schedule also restarts it) the server exits at its
+    /// next write and is started again once there is room; once a second, it refuses writes
+    /// (`MISCONF`) meanwhile. Then as [`Fault::RedisRestart`]: 0 or 1 on SIGTERM.
+    RedisDiskFull(Trigger, u64),
 }
 
 /// How long a process runs on after a Redis restart before it is stopped, and how long the
@@ -248,10 +255,11 @@ fn plan(seed: u64) -> Schedule {
                 0 => Trigger::Delay(r.below(1500)),
                 _ => Trigger::Lines(1 + r.below(n) as usize),
             };
-            match r.below(4) {
+            match r.below(5) {
                 0 => Fault::RedisRestart(at, r.below(1000)),
                 1 if redis_store => Fault::Stall(at),
                 1 => Fault::DiskFull(at),
+                2 => Fault::RedisDiskFull(at, 100 + r.below(1400)),
                 _ => Fault::Kill(at),
             }
         })
@@ -341,7 +349,19 @@ struct Cx<'a> {
 
 /// Runs schedule `s`; returns what it violated (empty: passed).
 fn execute(s: &Schedule, verbose: bool) -> Vec<String> {
-    let redis = RedisServer::start();
+    let has = |pick: fn(&Fault) -> bool| s.faults.iter().any(pick);
+    let redis = match has(|f| matches!(f, Fault::RedisDiskFull(..))) {
+        // Killed by a restart, a server fsyncing once a second may lose what it acknowledged.
+        true => match has(|f| matches!(f, Fault::RedisRestart(..))) {
+            true => RedisServer::start_on_tmpfs(Persist::Always),
+            false => RedisServer::start_on_tmpfs(Persist::EverySec),
+        },
+        false => Ok(RedisServer::start()),
+    };
+    let redis = match redis {
+        Ok(redis) => redis,
+        Err(e) => return vec![e],
+    };
     let dir = Scratch::new();
     dir.write("users.jsonl", &s.users_text);
     dir.write("job.toml", &s.job);
@@ -349,8 +369,7 @@ fn execute(s: &Schedule, verbose: bool) -> Vec<String> {
         true => redis.url(1),
         false => "file:store".to_owned(),
     };
-    let full = s.faults.iter().any(|f| matches!(f, Fault::DiskFull(_)));
-    let disk = match full {
+    let disk = match has(|f| matches!(f, Fault::DiskFull(_))) {
         true => match disk::Disk::mount(&dir.path("store")) {
             Ok(disk) => Some(disk),
             Err(e) => return vec![e],
@@ -447,7 +466,8 @@ impl Cx<'_> {
             Fault::Kill(at)
             | Fault::RedisRestart(at, _)
             | Fault::Stall(at)
-            | Fault::DiskFull(at) => at,
+            | Fault::DiskFull(at)
+            | Fault::RedisDiskFull(at, _) => at,
         };
         loop {
             let due = match at {
@@ -479,20 +499,46 @@ impl Cx<'_> {
             }
             Fault::RedisRestart(_, down_ms) => {
                 self.redis.restart_after(Duration::from_millis(down_ms));
-                std::thread::sleep(Duration::from_millis(RUN_ON_MS));
-                // Recovered and stopped (0), or stopped on a store error (1): never more.
-                let (status, _, err) = match child.0.try_wait() {
-                    Ok(Some(st)) => (st, Duration::ZERO, String::new()),
-                    _ => sigterm(&mut child.0),
-                };
-                if !matches!(status.code(), Some(0 | 1)) {
-                    self.violations.push(format!(
-                        "process {k} after the Redis restart: {status}: {}",
-                        err.trim()
-                    ));
+                self.run_on(k, child, "the Redis restart");
+            }
+            Fault::RedisDiskFull(_, full_ms) => {
+                let filled = self.redis.fill_disk();
+                std::thread::sleep(Duration::from_millis(full_ms));
+                let refusing = self.redis.refusing();
+                let grown = self.redis.grow_disk();
+                if let Some(note) = self.interruptions.last_mut() {
+                    note.push_str(match (&grown, refusing) {
+                        (Ok(true), _) => ", redis exited and was started again",
+                        (_, true) => ", redis refused writes",
+                        _ => ", redis wrote nothing meanwhile",
+                    });
                 }
+                for e in [filled.err(), grown.err()].into_iter().flatten() {
+                    self.violations
+                        .push(format!("process {k}: redis disk: {e}"));
+                }
+                self.run_on(k, child, "the Redis disk full");
             }
             Fault::DiskFull(_) => self.disk_full(k, child),
+        }
+    }
+
+    /// Process `k` runs on for [`RUN_ON_MS`] after a Redis fault (`what`), then SIGTERM: it
+    /// recovered and stops with 0, or stopped on a store error with 1; never anything else.
+    fn run_on(&mut self, k: usize, child: &mut KillOnDrop, what: &str) {
+        std::thread::sleep(Duration::from_millis(RUN_ON_MS));
+        let (status, _, err) = match child.0.try_wait() {
+            Ok(Some(st)) => (st, Duration::ZERO, String::new()),
+            _ => sigterm(&mut child.0),
+        };
+        if let Some(note) = self.interruptions.last_mut() {
+            let _ = write!(note, ", then {status}");
+        }
+        if !matches!(status.code(), Some(0 | 1)) {
+            self.violations.push(format!(
+                "process {k} after {what}: {status}: {}",
+                err.trim()
+            ));
         }
     }
 

@@ -59,7 +59,7 @@ impl Ctx<'_> {
     /// is tried again for a few seconds while `alive` (a run that has not admitted it yet).
     fn command(&mut self, verb: &str, campaign: &str, alive: bool) -> Option<Instant> {
         let store = match &self.redis {
-            Some(r) => r.url(),
+            Some(r) => r.url(0),
             None => "file:store".to_owned(),
         };
         let started = Instant::now();
@@ -238,7 +238,7 @@ impl Ctx<'_> {
     /// The store's URL as the harness reads it.
     fn store_url(&self) -> String {
         match &self.redis {
-            Some(r) => r.url(),
+            Some(r) => r.url(0),
             None => format!("file:{}", self.path("store").display()),
         }
     }

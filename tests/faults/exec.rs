@@ -13,7 +13,7 @@ use crate::check::{self, Delivery};
 use crate::disk::Disk;
 use crate::http_server::{fault_bucket, Answer, Reply, Req, RetryAfter, TestServer};
 use crate::plan::{Act, Fault, ProviderKind, Schedule, StoreKind, Trigger};
-use crate::redis::Redis;
+use crate::redis_server::{Persist, RedisServer};
 
 #[path = "control.rs"]
 mod control;
@@ -169,7 +169,7 @@ struct Ctx<'a> {
     /// before the directory is removed).
     disk: Option<Disk>,
     dir: tempfile::TempDir,
-    redis: Option<&'a mut Redis>,
+    redis: Option<&'a mut RedisServer>,
     http: Option<Http>,
     run_no: usize,
     w_next: usize,
@@ -253,7 +253,7 @@ impl Ctx<'_> {
                 "--quiet".into(),
             ];
             if let Some(r) = &self.redis {
-                args.extend(["--store".into(), r.url()]);
+                args.extend(["--store".into(), r.url(0)]);
             }
             match &self.http {
                 Some(h) => args.extend(["--provider".into(), h.server.url("/push")]),
@@ -528,13 +528,21 @@ impl Ctx<'_> {
                     if let Some(r) = self.redis.as_mut() {
                         r.restart_after(Duration::from_millis(down_ms));
                     }
-                    if !self.s.redis_persist {
+                    if self.s.redis == Persist::No {
                         self.forgetful = true;
                     }
                 }
                 self.wait_all(procs, run, fired, "through a redis restart")
             }
             Fault::DiskFull { at } => self.disk_full(at, procs, run),
+            Fault::RedisDiskFull { at, full_ms } => {
+                let fired = self.wait_trigger(procs, run, 0, at);
+                if fired {
+                    self.note(format!("redis's disk full for {full_ms} ms"));
+                    self.redis_disk_full(Duration::from_millis(full_ms));
+                }
+                self.wait_all(procs, run, fired, "through a full redis disk")
+            }
             Fault::CredStop { at } => {
                 let fired = self.wait_trigger(procs, run, 0, at);
                 if fired {
@@ -572,6 +580,27 @@ impl Ctx<'_> {
                 .push(format!("run {run}: cannot grow the disk: {e}"));
         }
         early_error
+    }
+
+    /// Fills the Redis server's disk for `full`, the run going on meanwhile, then gives it room
+    /// again (and starts the server again if it exited on a failed write).
+    fn redis_disk_full(&mut self, full: Duration) {
+        let Some(r) = self.redis.as_mut() else { return };
+        let filled = r.fill_disk();
+        std::thread::sleep(full);
+        let refusing = r.refusing();
+        let grown = r.grow_disk();
+        for e in [filled.err(), grown.as_ref().err().cloned()]
+            .into_iter()
+            .flatten()
+        {
+            self.violations.push(format!("redis disk: {e}"));
+        }
+        if grown == Ok(true) {
+            self.note("redis exited on its full disk; started again");
+        } else if refusing {
+            self.note("redis refused writes (MISCONF) until it had room");
+        }
     }
 
     /// Waits for every process of the run and judges its exit: 1 allowed once the fault
@@ -697,7 +726,7 @@ impl Ctx<'_> {
 }
 
 /// Runs schedule `s`; returns what it violated (empty: passed).
-pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<String> {
+pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<RedisServer>) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
     w("job.toml", &s.job);
@@ -708,20 +737,26 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
     if let Some(t) = &s.granted_text {
         w("granted.jsonl", t);
     }
-    let restarts = s
-        .faults
-        .iter()
-        .any(|f| matches!(f, Fault::RedisRestart { .. }));
+    let has = |pick: fn(&Fault) -> bool| !env.clean && s.faults.iter().any(pick);
+    let restarts = has(|f| matches!(f, Fault::RedisRestart { .. }));
+    let redis_full = has(|f| matches!(f, Fault::RedisDiskFull { .. }));
     let mut own;
-    let redis: Option<&mut Redis> = match s.store {
+    let redis: Option<&mut RedisServer> = match s.store {
         StoreKind::File => None,
+        StoreKind::Redis if redis_full => match RedisServer::start_on_tmpfs(s.redis) {
+            Ok(r) => {
+                own = r;
+                Some(&mut own)
+            }
+            Err(e) => return vec![e],
+        },
         StoreKind::Redis if restarts => {
-            own = Redis::start(s.redis_persist);
+            own = RedisServer::start_persisting(s.redis);
             Some(&mut own)
         }
         StoreKind::Redis => {
-            if !shared_redis.as_ref().is_some_and(Redis::alive) {
-                *shared_redis = Some(Redis::start(false));
+            if !shared_redis.as_ref().is_some_and(RedisServer::alive) {
+                *shared_redis = Some(RedisServer::start_persisting(Persist::No));
             }
             let r = shared_redis.as_mut().unwrap();
             r.cli(&["FLUSHALL"]);
@@ -737,8 +772,7 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<Redis>) -> Vec<Str
         } if !env.clean => Some(Http::start(pct_5xx, pct_429, slow, env.http_timeout_ms)),
         ProviderKind::Http { .. } => Some(Http::start(0, 0, 0, env.http_timeout_ms)),
     };
-    let full = s.faults.iter().any(|f| matches!(f, Fault::DiskFull { .. }));
-    let disk = match full && !env.clean {
+    let disk = match has(|f| matches!(f, Fault::DiskFull { .. })) {
         true => match Disk::mount(&dir.path().join("store")) {
             Ok(disk) => Some(disk),
             Err(e) => return vec![e],

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use crate::common::{naive_users_jsonl, TUser};
 use crate::naive;
+use crate::redis_server::Persist;
 
 /// splitmix64: the schedule's only source of choices.
 pub struct Rng(u64);
@@ -110,6 +111,11 @@ pub enum Fault {
     /// The embedded store's filesystem (a tmpfs of its own) is full from some point on: the
     /// run stops with exit 1, or finishes if it writes nothing more; then it grows again.
     DiskFull { at: Trigger },
+    /// The Redis server's filesystem (a tmpfs of its own) is full for `full_ms`, then grows
+    /// again. Persisting at every write, the server exits at its next write and is started
+    /// again once there is room; once a second, it refuses writes (`MISCONF`) meanwhile. The
+    /// run waits that out, or ends with exit 1 (its lease lost, or its retries spent).
+    RedisDiskFull { at: Trigger, full_ms: u64 },
     /// No fault: a run that must end well, drawn only to carry a [`Control`] in a schedule
     /// that drew no fault.
     Calm,
@@ -189,6 +195,9 @@ impl std::fmt::Display for Fault {
             }
             Fault::CredStop { at } => write!(f, "http-401(@{at})"),
             Fault::DiskFull { at } => write!(f, "disk-full(@{at})"),
+            Fault::RedisDiskFull { at, full_ms } => {
+                write!(f, "redis-disk-full(@{at},for={full_ms}ms)")
+            }
             Fault::Calm => write!(f, "calm-run"),
         }
     }
@@ -234,7 +243,8 @@ impl std::fmt::Display for Control {
 pub struct Schedule {
     pub seed: u64,
     pub store: StoreKind,
-    pub redis_persist: bool,
+    /// How a Redis store persists (`No` for the file store).
+    pub redis: Persist,
     pub provider: ProviderKind,
     pub processes: usize,
     pub concurrency: u64,
@@ -703,7 +713,7 @@ pub fn plan(seed: u64) -> Schedule {
         };
         let mut options = vec![0, 0];
         if store == StoreKind::Redis {
-            options.push(2);
+            options.extend([2, 5]);
             if processes == 1 {
                 options.push(1);
             }
@@ -726,7 +736,11 @@ pub fn plan(seed: u64) -> Schedule {
                 down_ms: r.range(200, 900),
             },
             3 => Fault::CredStop { at },
-            _ => Fault::DiskFull { at },
+            4 => Fault::DiskFull { at },
+            _ => Fault::RedisDiskFull {
+                at,
+                full_ms: r.range(100, 1500),
+            },
         });
     }
     // A stalled run is taken over by a second run: one more `-w` to draw.
@@ -745,6 +759,20 @@ pub fn plan(seed: u64) -> Schedule {
         // holds across that.
         redis_persist = true;
     }
+    let has = |pick: fn(&Fault) -> bool| faults.iter().any(pick);
+    let redis_full = has(|f| matches!(f, Fault::RedisDiskFull { .. }));
+    let redis_restart = has(|f| matches!(f, Fault::RedisRestart { .. }));
+    // A full disk matters to a server that writes one; fsyncing once a second, it refuses
+    // writes rather than exiting, and may lose acknowledged writes if killed: not beside a
+    // restart.
+    let redis = match (
+        redis_persist || redis_full,
+        redis_full && !redis_restart && r.chance(50),
+    ) {
+        (false, _) => Persist::No,
+        (true, false) => Persist::Always,
+        (true, true) => Persist::EverySec,
+    };
 
     let mut summary = format!(
         "workload [{}] users={} ids<={} bucket={bucket} batch={batch} conc={concurrency} rate={rate}/s \
@@ -763,9 +791,10 @@ pub fn plan(seed: u64) -> Schedule {
             StoreKind::File => "file",
             StoreKind::Redis => "redis",
         },
-        match (store, redis_persist) {
-            (StoreKind::Redis, true) => "(aof)",
-            (StoreKind::Redis, false) => "(no-persist)",
+        match (store, redis) {
+            (StoreKind::Redis, Persist::Always) => "(aof)",
+            (StoreKind::Redis, Persist::EverySec) => "(aof-everysec)",
+            (StoreKind::Redis, Persist::No) => "(no-persist)",
             _ => "",
         },
         match provider {
@@ -801,7 +830,7 @@ pub fn plan(seed: u64) -> Schedule {
     Schedule {
         seed,
         store,
-        redis_persist,
+        redis,
         provider,
         processes,
         concurrency,

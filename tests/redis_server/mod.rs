@@ -1,11 +1,13 @@
 //! A real `redis-server` for the tests: started on a free loopback port in a temporary
-//! directory (append-only file, fsync always, so a restart keeps every write), killed on drop.
+//! directory (append-only file, fsync always, so a restart keeps every write, unless started
+//! with another [`Persist`]), killed on drop.
 //! The port is reserved (see `ports`); should another program bind it first anyway, the
 //! server exits, and it is started again on a fresh port (a restart waits for its own port).
 //! [`RedisServer::start_tls`] serves TLS only, with a certificate for 127.0.0.1 signed by a CA
 //! made for the test (the `openssl` command line tool). [`RedisServer::start_on_tmpfs`] keeps
-//! its data on a tmpfs of its own that a test can fill, fsynced once a second: a write it
-//! cannot persist is then refused (`MISCONF`) until the disk has room again.
+//! its data on a tmpfs of its own that a test can fill: fsynced once a second, a write it
+//! cannot persist is refused (`MISCONF`) until the disk has room again; fsynced at every
+//! write, the server exits.
 #![allow(dead_code)]
 
 // Its own copy, for test binaries that use this module without `common`; two copies in one
@@ -21,10 +23,24 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How the server keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persist {
+    /// Not at all: a restart forgets everything.
+    No,
+    /// An append-only file fsynced at every write: a crash loses nothing acknowledged, and a
+    /// write that fails (a full disk) makes the server exit.
+    Always,
+    /// Fsynced once a second: a write that fails makes the server refuse writes (`MISCONF`)
+    /// until one succeeds again; a crash may lose a second of acknowledged writes.
+    EverySec,
+}
+
 pub struct RedisServer {
     pub port: u16,
     /// The tmpfs at `dir`, if it has one: unmounted before `dir` is removed.
     disk: Option<disk::Disk>,
+    persist: Persist,
     dir: tempfile::TempDir,
     child: Option<Child>,
     tls: bool,
@@ -59,26 +75,36 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
 
 impl RedisServer {
     pub fn start() -> Self {
-        Self::start_with(false, false)
+        Self::start_persisting(Persist::Always)
+    }
+
+    pub fn start_persisting(persist: Persist) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), None, persist, false)
     }
 
     /// A server that speaks TLS only; its certificate is signed by [`RedisServer::ca`].
     pub fn start_tls() -> Self {
-        Self::start_with(true, false)
+        Self::start_in(tempfile::tempdir().unwrap(), None, Persist::Always, true)
     }
 
-    /// A server whose directory is a tmpfs of its own (mounting needs root), with
-    /// `appendfsync everysec`: [`RedisServer::fill_disk`] makes it refuse writes.
-    pub fn start_on_tmpfs() -> Self {
-        Self::start_with(false, true)
-    }
-
-    fn start_with(tls: bool, tmpfs: bool) -> Self {
+    /// A server whose directory is a tmpfs of its own (mounting needs root), for
+    /// [`RedisServer::fill_disk`].
+    pub fn start_on_tmpfs(persist: Persist) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
-        let disk = tmpfs.then(|| disk::Disk::mount(dir.path()).unwrap_or_else(|e| panic!("{e}")));
+        let disk = disk::Disk::mount(dir.path())?;
+        Ok(Self::start_in(dir, Some(disk), persist, false))
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        disk: Option<disk::Disk>,
+        persist: Persist,
+        tls: bool,
+    ) -> Self {
         let mut server = RedisServer {
             port: 0,
             disk,
+            persist,
             dir,
             child: None,
             tls,
@@ -190,15 +216,16 @@ impl RedisServer {
         } else {
             cmd.args(["--port", &port]);
         }
+        let (aof, fsync) = match self.persist {
+            Persist::No => ("no", "always"),
+            Persist::Always => ("yes", "always"),
+            Persist::EverySec => ("yes", "everysec"),
+        };
         // A fresh log per launch: what it says is about this launch only.
         std::fs::remove_file(self.log_path()).ok();
         let mut child = cmd
             .args(["--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync"])
-            .arg(match self.disk {
-                Some(_) => "everysec",
-                None => "always",
-            })
+            .args(["--appendonly", aof, "--appendfsync", fsync])
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
@@ -308,17 +335,44 @@ impl RedisServer {
         self.dir.path().to_owned()
     }
 
-    /// Fills the server's tmpfs ([`RedisServer::start_on_tmpfs`]): the next write it cannot
-    /// persist turns it to refusing writes.
-    pub fn fill_disk(&self) {
-        let disk = self.disk.as_ref().expect("a server started on a tmpfs");
-        disk.fill().unwrap_or_else(|e| panic!("{e}"));
+    /// Fills the server's tmpfs ([`RedisServer::start_on_tmpfs`]): its next write that needs
+    /// a page fails.
+    pub fn fill_disk(&self) -> Result<(), String> {
+        self.disk.as_ref().ok_or("the server has no tmpfs")?.fill()
     }
 
-    /// Gives the server's tmpfs room again: it takes writes once its next one succeeds.
-    pub fn grow_disk(&self) {
-        let disk = self.disk.as_ref().expect("a server started on a tmpfs");
-        disk.grow().unwrap_or_else(|e| panic!("{e}"));
+    /// Whether the server answers (a harness that finds it gone starts a new one).
+    pub fn alive(&self) -> bool {
+        self.cli(&["PING"]) == "PONG"
+    }
+
+    /// Whether the server refuses writes, having failed to persist one (`MISCONF`).
+    pub fn refusing(&self) -> bool {
+        self.cli(&["INFO", "persistence"])
+            .lines()
+            .any(|l| l.trim() == "aof_last_write_status:err")
+    }
+
+    /// Gives the server's tmpfs room again and returns once it takes writes: started again
+    /// (same port and data) if it exited on a failed write, else once its next write
+    /// succeeded (within a second). Returns whether it had exited.
+    pub fn grow_disk(&mut self) -> Result<bool, String> {
+        let disk = self.disk.as_ref().ok_or("the server has no tmpfs")?;
+        disk.grow()?;
+        let exited = !matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)));
+        if exited {
+            self.restart_after(Duration::ZERO);
+        }
+        let started = Instant::now();
+        while self.refusing() {
+            if started.elapsed() > LAUNCH_WAIT {
+                return Err(format!(
+                    "redis still refuses writes {LAUNCH_WAIT:?} after its disk grew"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(exited)
     }
 }
 
