@@ -21,7 +21,6 @@
 //! returns the same error, the push tasks fail, and the run stops with exit 1. Whatever was
 //! not delivered stays not done in the store, so a re-run sends it.
 
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -38,6 +37,7 @@ use super::{Attempt, Gate, Message, Messages, Outcome, Provider};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::Priority;
+pub use settled::{Fate, Hold, Settled};
 
 /// First retry waits up to this long; each further one doubles it.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -45,101 +45,6 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// Credential refusals in a row that stop the run.
 pub const UNAUTHORIZED_IN_A_ROW: u32 = 3;
-
-/// What became of one message, for good.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fate {
-    /// The provider accepted it.
-    Delivered,
-    /// The provider cannot address the user (no token): counted, not sent.
-    Unreachable,
-    /// Refused for good or out of attempts; its dead letter is already written.
-    Dead,
-}
-
-/// What holds a batch's pushes back besides a stop or a cut: its campaign paused or cancelled
-/// ([`crate::dataflow::halts`]). No attempt starts while held; what was not attempted is left
-/// unsettled for the caller.
-#[derive(Clone, Copy)]
-pub struct Hold<'a> {
-    /// Whether the batch is held back now.
-    pub held: &'a (dyn Fn() -> bool + Sync),
-    /// Told of every change that may flip `held`: a message waiting for a slot leaves the
-    /// queue as soon as it is held, instead of when its turn comes.
-    pub changes: Option<&'a tokio::sync::watch::Sender<u64>>,
-}
-
-impl Hold<'_> {
-    /// Never held.
-    pub fn never() -> Hold<'static> {
-        fn no() -> bool {
-            false
-        }
-        Hold {
-            held: &no,
-            changes: None,
-        }
-    }
-
-    fn is_held(&self) -> bool {
-        (self.held)()
-    }
-}
-
-/// Messages whose fate is settled, with the concurrency slots they held. The slots go back
-/// when this is dropped, which the caller does once it has recorded the fates in the store:
-/// so at most `concurrency` messages are ever handed to the provider and not yet recorded —
-/// all that a crash can make a re-run send twice.
-#[derive(Debug)]
-pub struct Settled {
-    fates: Fates,
-    /// The slots of these messages' last attempt.
-    _slots: Option<LaneSlots>,
-}
-
-#[derive(Debug)]
-enum Fates {
-    /// Every position of the range delivered: a chunk of consecutive positions sent whole
-    /// (a list provider's usual answer), kept as its range rather than a fate per message.
-    Delivered(Range<usize>),
-    /// `(position in the batch, fate)`.
-    Each(Vec<(usize, Fate)>),
-}
-
-impl Fates {
-    fn is_empty(&self) -> bool {
-        match self {
-            Fates::Delivered(r) => r.is_empty(),
-            Fates::Each(each) => each.is_empty(),
-        }
-    }
-}
-
-impl Settled {
-    /// Each message's `(position in the batch, fate)`.
-    pub fn fates(&self) -> impl Iterator<Item = (usize, Fate)> + '_ {
-        let (range, each) = match &self.fates {
-            Fates::Delivered(r) => (r.clone(), &[][..]),
-            Fates::Each(each) => (0..0, &each[..]),
-        };
-        (range.map(|i| (i, Fate::Delivered))).chain(each.iter().copied())
-    }
-
-    /// The positions, when every one was delivered and they are consecutive.
-    pub fn delivered(&self) -> Option<Range<usize>> {
-        match &self.fates {
-            Fates::Delivered(r) => Some(r.clone()),
-            Fates::Each(_) => None,
-        }
-    }
-}
-
-/// `positions` (strictly ascending, as `which` always is) as one range, if they are
-/// consecutive.
-fn consecutive(positions: &[usize]) -> Option<Range<usize>> {
-    let (&first, &last) = (positions.first()?, positions.last()?);
-    (last - first + 1 == positions.len()).then_some(first..last + 1)
-}
 
 /// Checked right before every attempt: fails once this process may no longer send (its
 /// store lease may have been taken over). See [`crate::store::Fence`].
@@ -419,13 +324,10 @@ impl Dispatcher {
                     // Some were delivered: the chunk's refusals are about their users.
                     self.breaker.saw_delivery();
                 }
-                let fates = if failed.is_empty() {
+                let settled = if failed.is_empty() {
                     // The usual answer, every one delivered: judged together.
                     self.delivered(chunk.len() as u64, &mut next);
-                    match consecutive(chunk) {
-                        Some(range) => Fates::Delivered(range),
-                        None => Fates::Each(chunk.iter().map(|&i| (i, Fate::Delivered)).collect()),
-                    }
+                    Settled::all_delivered(chunk, slots)
                 } else {
                     let mut failed = failed.into_iter().peekable();
                     let mut fates = Vec::with_capacity(chunk.len());
@@ -436,14 +338,11 @@ impl Dispatcher {
                         };
                         self.judge(batch, i, outcome, attempt, &mut fates, &mut next)?;
                     }
-                    Fates::Each(fates)
+                    Settled::each(fates, slots)
                 };
                 self.observe(&mut next, true)?;
-                if !fates.is_empty() {
-                    settle(Settled {
-                        fates,
-                        _slots: slots,
-                    });
+                if !settled.is_empty() {
+                    settle(settled);
                 }
             }
         }
@@ -545,14 +444,12 @@ impl Dispatcher {
             self.judge(batch, group[k], outcome, attempt, &mut fates, next)?;
             self.observe(next, false)?;
         }
-        let settled = slots.split(fates.len());
+        let n = fates.len();
+        let settled = Settled::each(fates, Some(slots.split(n)));
         // Those to retry wait holding no slot.
-        drop(slots.split(answered - fates.len()));
-        if !fates.is_empty() {
-            settle(Settled {
-                fates: Fates::Each(fates),
-                _slots: Some(settled),
-            });
+        drop(slots.split(answered - n));
+        if !settled.is_empty() {
+            settle(settled);
         }
         Ok(())
     }
@@ -745,3 +642,5 @@ fn backoff(attempt: u32) -> Duration {
 
 #[cfg(test)]
 mod tests;
+
+mod settled;
