@@ -7,6 +7,11 @@
 //! those of a consumer that has been silent for [`RECLAIM_IDLE`] with `XAUTOCLAIM`. Taking an
 //! entry twice is harmless: the store's claim decides who is sent what.
 //!
+//! A reader fenced by the store ([`StreamReader::fenced_by`]) reads nothing new while this
+//! process may have lost its store lease: entries it took then would sit pending under its
+//! consumer name, unfinished, after a successor of the same name had already taken back that
+//! name's pending entries at its start — lost to the group until the next start.
+//!
 //! Should the group vanish (Redis restarted without persistence, a flush, the stream deleted),
 //! a reader says so once, as an error, and re-creates it at the stream's first entry, so what
 //! is added after the loss is read.
@@ -24,6 +29,7 @@ use redis::AsyncCommands;
 use crate::error::{Error, InputError, Result};
 use crate::sources::logins::{login_from, Login};
 use crate::store::redis::{connect, retrying_as, shown};
+use crate::store::Fence;
 
 /// The consumer group every fanout process reads through.
 pub const GROUP: &str = "fanout";
@@ -33,6 +39,8 @@ pub const LOGINS: &str = "fanout:logins";
 pub const CAMPAIGNS: &str = "fanout:campaigns";
 /// A consumer silent this long is presumed dead; its pending entries are taken over.
 pub const RECLAIM_IDLE: Duration = Duration::from_secs(60);
+/// How long a fenced reader's [`StreamReader::read`] waits before answering nothing.
+const FENCED_WAIT: Duration = Duration::from_millis(50);
 /// Entries asked for per read.
 const PAGE: usize = 1000;
 
@@ -76,6 +84,8 @@ pub struct StreamReader {
     consumer: String,
     /// Called each time the group is found gone and re-created ([`StreamReader::read`]).
     on_group_lost: Option<Box<dyn Fn() + Send + Sync>>,
+    /// While it fails, [`StreamReader::read`] reads nothing.
+    fence: Fence,
 }
 
 impl std::fmt::Debug for StreamReader {
@@ -100,6 +110,7 @@ impl StreamReader {
             key: key.to_owned(),
             consumer: consumer.to_owned(),
             on_group_lost: None,
+            fence: Fence::default(),
         };
         reader.create_group().await?;
         Ok(reader)
@@ -108,6 +119,13 @@ impl StreamReader {
     /// Calls `f` each time [`StreamReader::read`] finds the group gone and re-creates it.
     pub fn on_group_lost(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
         self.on_group_lost = Some(Box::new(f));
+        self
+    }
+
+    /// Reads nothing new while `fence` fails (see the module's notes): a stalled process woken
+    /// past its lease, or one taken over, leaves the stream's new entries to its successor.
+    pub fn fenced_by(mut self, fence: Fence) -> Self {
+        self.fence = fence;
         self
     }
 
@@ -204,6 +222,11 @@ impl StreamReader {
 
     /// New entries, at most `count`, waiting up to `block` for the first one.
     pub async fn read(&self, count: usize, block: Duration) -> Result<Vec<Entry>> {
+        if self.fence.check().is_err() {
+            // Waits as a read that found nothing would: the caller loops.
+            tokio::time::sleep(block.max(FENCED_WAIT)).await;
+            return Ok(Vec::new());
+        }
         let mut con = self.con.clone();
         let mut opts = StreamReadOptions::default()
             .group(GROUP, &self.consumer)

@@ -20,7 +20,7 @@ use super::{Flags, READ_BLOCK};
 use crate::error::{Error, Result};
 use crate::job::content_hash;
 use crate::model::Campaign;
-use crate::store::Store;
+use crate::store::{Fence, Store};
 use crate::streams::{StreamReader, CAMPAIGNS};
 
 /// Entries asked for per read: each may be up to the entry size limit.
@@ -47,15 +47,18 @@ pub struct CampaignStream {
 }
 
 impl CampaignStream {
-    /// Opens the stream at `url` as `consumer`; a lost group is counted in `counters`.
+    /// Opens the stream at `url` as `consumer`, read while `fence` holds; a lost group is
+    /// counted in `counters`.
     pub async fn open(
         url: &str,
         consumer: &str,
+        fence: Fence,
         counters: &Arc<ServeCounters>,
     ) -> Result<CampaignStream> {
         let reader = StreamReader::open(url, CAMPAIGNS, consumer)
             .await?
-            .on_group_lost(super::count_group_lost(counters));
+            .on_group_lost(super::count_group_lost(counters))
+            .fenced_by(fence);
         Ok(CampaignStream {
             reader: Arc::new(reader),
             registry: Registry::open(url).await?,

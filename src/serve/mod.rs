@@ -48,7 +48,7 @@ use crate::run::prepare::{self, Engine, Sizing, Targets};
 use crate::run::targets::{self, Admission};
 use crate::run::{self, display_name, is_redis, RunOptions};
 use crate::store::campaigns::State;
-use crate::store::Store;
+use crate::store::{Fence, Store};
 use crate::streams::{login_of, StreamReader, LOGINS};
 use campaigns::{Admitted, CampaignStream};
 use health::Health;
@@ -156,11 +156,24 @@ impl<'a> Server<'a> {
         let flags = Arc::new(Flags::default());
         let dispatcher =
             prepare::dispatcher(job, provider, metrics.clone(), &store, flags.urgent.clone());
-        let (login_acker, logins) = open_logins(job, opts, &loaded, runtime, &flags, &counters)?;
+        // A process that may have lost its lease reads no new entries (`crate::streams`).
+        let fence = store.fence();
+        let (login_acker, logins) = open_logins(
+            job,
+            opts,
+            &loaded,
+            runtime,
+            &flags,
+            &counters,
+            fence.clone(),
+        )?;
         let campaigns = match &job.inputs.campaigns {
-            Some(url) => {
-                Some(runtime.block_on(CampaignStream::open(url, &opts.consumer, &counters))?)
-            }
+            Some(url) => Some(runtime.block_on(CampaignStream::open(
+                url,
+                &opts.consumer,
+                fence,
+                &counters,
+            ))?),
             None => None,
         };
         let (campaign_tx, campaign_rx) = mpsc::unbounded_channel::<Submitted>();
@@ -383,13 +396,15 @@ fn open_logins(
     runtime: &tokio::runtime::Runtime,
     flags: &Arc<Flags>,
     counters: &Arc<ServeCounters>,
+    fence: Fence,
 ) -> Result<(Option<Arc<StreamReader>>, mpsc::Receiver<LoginBatch>)> {
     let (tx, rx) = mpsc::channel::<LoginBatch>(BATCHES_AHEAD);
     match &job.inputs.logins {
         Some(url) if is_redis(url) => {
             let reader = runtime
                 .block_on(StreamReader::open(url, LOGINS, &opts.consumer))?
-                .on_group_lost(count_group_lost(counters));
+                .on_group_lost(count_group_lost(counters))
+                .fenced_by(fence);
             let acker = runtime.block_on(StreamReader::open(url, LOGINS, &opts.consumer))?;
             runtime.spawn(read_logins(
                 reader,
