@@ -23,13 +23,14 @@ impl Disk {
 
     /// Makes it full: its size becomes the pages it holds now, so the next write that needs
     /// a page fails with ENOSPC (a file's last page may still take a few records).
-    /// The run writes meanwhile, and a size below what the tmpfs holds is refused: tried
-    /// again on a fresh reading.
+    /// The writer goes on meanwhile, and a size below what the tmpfs holds is refused: tried
+    /// again on a fresh reading, with a margin of 16 KiB more each time (a busy Redis can
+    /// outgrow the exact reading twenty times in a row), which it soon fills as well.
     pub fn fill(&self) -> Result<(), String> {
         let mut last = String::new();
-        for _ in 0..20 {
+        for attempt in 0..20 {
             // tmpfs refuses a size of 0; a page is what an empty store would hold anyway.
-            let used = used_bytes(&self.at)?.max(4096);
+            let used = used_bytes(&self.at)?.max(4096) + attempt * 16 * 1024;
             match mount(&["-o", &format!("remount,size={used}")], &self.at) {
                 Ok(()) => return Ok(()),
                 Err(e) => last = e,
