@@ -502,20 +502,15 @@ impl Cx<'_> {
                 self.run_on(k, child, "the Redis restart");
             }
             Fault::RedisDiskFull(_, full_ms) => {
-                let filled = self.redis.fill_disk();
-                std::thread::sleep(Duration::from_millis(full_ms));
-                let refusing = self.redis.refusing();
-                let grown = self.redis.grow_disk();
-                if let Some(note) = self.interruptions.last_mut() {
-                    note.push_str(match (&grown, refusing) {
-                        (Ok(true), _) => ", redis exited and was started again",
-                        (_, true) => ", redis refused writes",
-                        _ => ", redis wrote nothing meanwhile",
-                    });
-                }
-                for e in [filled.err(), grown.err()].into_iter().flatten() {
-                    self.violations
-                        .push(format!("process {k}: redis disk: {e}"));
+                match self.redis.fill_disk_for(Duration::from_millis(full_ms)) {
+                    Ok(what) => {
+                        if let Some(note) = self.interruptions.last_mut() {
+                            let _ = write!(note, ", {what}");
+                        }
+                    }
+                    Err(e) => self
+                        .violations
+                        .push(format!("process {k}: redis disk: {e}")),
                 }
                 self.run_on(k, child, "the Redis disk full");
             }

@@ -37,6 +37,8 @@ use super::{Attempt, Gate, Message, Messages, Outcome, Provider};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::Priority;
+
+mod settled;
 pub use settled::{Fate, Hold, Settled};
 
 /// First retry waits up to this long; each further one doubles it.
@@ -642,5 +644,3 @@ fn backoff(attempt: u32) -> Duration {
 
 #[cfg(test)]
 mod tests;
-
-mod settled;

@@ -539,7 +539,12 @@ impl Ctx<'_> {
                 let fired = self.wait_trigger(procs, run, 0, at);
                 if fired {
                     self.note(format!("redis's disk full for {full_ms} ms"));
-                    self.redis_disk_full(Duration::from_millis(full_ms));
+                    let full = Duration::from_millis(full_ms);
+                    match self.redis.as_mut().map(|r| r.fill_disk_for(full)) {
+                        Some(Ok(what)) => self.note(what.to_string()),
+                        Some(Err(e)) => self.violations.push(format!("redis disk: {e}")),
+                        None => {}
+                    }
                 }
                 self.wait_all(procs, run, fired, "through a full redis disk")
             }
@@ -580,27 +585,6 @@ impl Ctx<'_> {
                 .push(format!("run {run}: cannot grow the disk: {e}"));
         }
         early_error
-    }
-
-    /// Fills the Redis server's disk for `full`, the run going on meanwhile, then gives it room
-    /// again (and starts the server again if it exited on a failed write).
-    fn redis_disk_full(&mut self, full: Duration) {
-        let Some(r) = self.redis.as_mut() else { return };
-        let filled = r.fill_disk();
-        std::thread::sleep(full);
-        let refusing = r.refusing();
-        let grown = r.grow_disk();
-        for e in [filled.err(), grown.as_ref().err().cloned()]
-            .into_iter()
-            .flatten()
-        {
-            self.violations.push(format!("redis disk: {e}"));
-        }
-        if grown == Ok(true) {
-            self.note("redis exited on its full disk; started again");
-        } else if refusing {
-            self.note("redis refused writes (MISCONF) until it had room");
-        }
     }
 
     /// Waits for every process of the run and judges its exit: 1 allowed once the fault

@@ -13,11 +13,12 @@
 // Its own copy, for test binaries that use this module without `common`; two copies in one
 // binary still never hand out one port twice (the reservation is a file lock, not a static).
 #[allow(clippy::duplicate_mod)]
-#[path = "../faults/disk.rs"]
-mod disk;
-#[allow(clippy::duplicate_mod)]
 #[path = "../common/ports.rs"]
 mod ports;
+// Its own copy too, for the fault harnesses that also mount a tmpfs for the file store.
+#[allow(clippy::duplicate_mod)]
+#[path = "../faults/disk.rs"]
+mod disk;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -34,6 +35,27 @@ pub enum Persist {
     /// Fsynced once a second: a write that fails makes the server refuse writes (`MISCONF`)
     /// until one succeeds again; a crash may lose a second of acknowledged writes.
     EverySec,
+}
+
+/// What a server did while its disk was full ([`RedisServer::fill_disk_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhileFull {
+    /// It exited on a failed write ([`Persist::Always`]) and was started again.
+    Exited,
+    /// It refused writes (`MISCONF`, [`Persist::EverySec`]).
+    Refused,
+    /// It wrote nothing that needed a page.
+    WroteNothing,
+}
+
+impl std::fmt::Display for WhileFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WhileFull::Exited => "redis exited on its full disk and was started again",
+            WhileFull::Refused => "redis refused writes (MISCONF) until it had room",
+            WhileFull::WroteNothing => "redis wrote nothing that needed room",
+        })
+    }
 }
 
 pub struct RedisServer {
@@ -78,6 +100,7 @@ impl RedisServer {
         Self::start_persisting(Persist::Always)
     }
 
+    /// A server that keeps its data as `persist` says.
     pub fn start_persisting(persist: Persist) -> Self {
         Self::start_in(tempfile::tempdir().unwrap(), None, persist, false)
     }
@@ -351,6 +374,19 @@ impl RedisServer {
         self.cli(&["INFO", "persistence"])
             .lines()
             .any(|l| l.trim() == "aof_last_write_status:err")
+    }
+
+    /// Fills the server's tmpfs for `full` (its clients going on meanwhile), then gives it room
+    /// again ([`RedisServer::grow_disk`]); says what the server did meanwhile.
+    pub fn fill_disk_for(&mut self, full: Duration) -> Result<WhileFull, String> {
+        self.fill_disk()?;
+        std::thread::sleep(full);
+        let refused = self.refusing();
+        Ok(match self.grow_disk()? {
+            true => WhileFull::Exited,
+            false if refused => WhileFull::Refused,
+            false => WhileFull::WroteNothing,
+        })
     }
 
     /// Gives the server's tmpfs room again and returns once it takes writes: started again
