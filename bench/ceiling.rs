@@ -20,7 +20,7 @@ use fanout::model::{Campaign, CouponDelivery, Target, UserRef};
 use fanout::render::Renderer;
 use fanout::sources::logins;
 use fanout::sources::{LoadOptions, UserSource};
-use fanout::store::file::{run_is_disjoint, run_of};
+use fanout::store::file::{run_of, runs_are_disjoint};
 use fanout::store::Store;
 use fanout::template::UserVars;
 use roaring::RoaringBitmap;
@@ -148,7 +148,9 @@ fn claim_sorted(
 ) -> Option<RoaringBitmap> {
     ids.clear();
     ids.extend(users.iter().map(|u| u.id));
-    if let Some(run) = run_of(ids).filter(|run| run_is_disjoint(claimed, run)) {
+    if let Some(run) =
+        run_of(ids).filter(|run| runs_are_disjoint(std::slice::from_ref(run), claimed))
+    {
         claimed.insert_range(run);
         return None;
     }

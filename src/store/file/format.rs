@@ -301,11 +301,13 @@ pub fn run_of(ids: &[u32]) -> Option<RangeInclusive<u32>> {
 }
 
 /// `ids` as runs of consecutive ids, if they are strictly ascending and make at most `max`
-/// runs: a push task's ids (the users of a few buckets of one worker) are a few runs. One
-/// pass with no early exit checks the order (vector compares, as in [`run_of`]); strictly
-/// ascending ids spanning as many values as there are ids are one run, and otherwise each
-/// run's end is found by bisection, since in strictly ascending ids `ids[j] - ids[i] == j - i`
-/// holds exactly while `ids[i..=j]` is a run.
+/// runs: a push task's ids (the users of a few buckets of one worker) are a few runs, and a
+/// task's sends once policy set a tenth of them apart are runs of about ten. One pass with no
+/// early exit checks the order (vector compares, as in [`run_of`]); strictly ascending ids
+/// spanning as many values as there are ids are one run, and otherwise each run's end is
+/// found by galloping and bisection (a few steps for a short run, and no more runs are
+/// looked for than `max`), since in strictly ascending ids `ids[j] - ids[i] == j - i` holds
+/// exactly while `ids[i..=j]` is a run.
 pub fn runs_of(ids: &[u32], max: usize) -> Option<Vec<RangeInclusive<u32>>> {
     let (first, last) = (*ids.first()?, *ids.last()?);
     let ascending = (ids[1..].iter().zip(ids)).fold(true, |ok, (next, id)| ok & (next > id));
@@ -315,17 +317,24 @@ pub fn runs_of(ids: &[u32], max: usize) -> Option<Vec<RangeInclusive<u32>>> {
     if u64::from(last - first) + 1 == ids.len() as u64 {
         return Some(vec![first..=last]);
     }
-    let mut runs = Vec::new();
+    let mut runs = Vec::with_capacity(max.min(64));
     let mut rest = ids;
     while let Some(&start) = rest.first() {
         if runs.len() == max {
             return None;
         }
-        // rest[..lo] is a run; the run ends before `hi`.
-        let (mut lo, mut hi) = (1, rest.len());
+        // Whether rest[..=i] is a run.
+        let run_to = |i: usize| u64::from(rest[i] - start) == i as u64;
+        // rest[..lo] is a run; the run ends before `hi`. Gallop, then bisect.
+        let (mut lo, mut probe) = (1, 1);
+        while probe < rest.len() && run_to(probe) {
+            lo = probe + 1;
+            probe *= 2;
+        }
+        let mut hi = probe.min(rest.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if u64::from(rest[mid] - start) == mid as u64 {
+            if run_to(mid) {
                 lo = mid + 1;
             } else {
                 hi = mid;
@@ -337,11 +346,35 @@ pub fn runs_of(ids: &[u32], max: usize) -> Option<Vec<RangeInclusive<u32>>> {
     Some(runs)
 }
 
-/// Whether `set` holds no id of `run`. Ids come mostly in ascending order: past the set's
-/// last id, nothing to count.
-pub fn run_is_disjoint(set: &RoaringBitmap, run: &RangeInclusive<u32>) -> bool {
-    set.max().is_none_or(|max| max < *run.start()) || set.range_cardinality(run.clone()) == 0
+/// Whether `set` holds no id of ascending, disjoint `runs`: one walk of the set's ids over
+/// the runs' span, each run looked up from its start only while the set's next id lies
+/// before it (a task's runs are often the gaps between ids the set holds: those of its users
+/// set apart a moment before). Past the set's last id, nothing to walk.
+pub fn runs_are_disjoint(runs: &[RangeInclusive<u32>], set: &RoaringBitmap) -> bool {
+    let (Some(first), Some(last), Some(max)) = (runs.first(), runs.last(), set.max()) else {
+        return true;
+    };
+    if max < *first.start() {
+        return true;
+    }
+    let mut ids = set.range(*first.start()..=*last.end());
+    // The set's least id at or past the runs looked at so far; `None` before the first.
+    let mut next: Option<u32> = None;
+    for run in runs {
+        if next.is_none_or(|id| id < *run.start()) {
+            ids.advance_to(*run.start());
+            match ids.next() {
+                Some(id) => next = Some(id),
+                None => return true,
+            }
+        }
+        if next.is_some_and(|id| id <= *run.end()) {
+            return false;
+        }
+    }
+    true
 }
+
 /// Fills `buf` with one log record of `kind` for `ids`: as runs of consecutive ids when that
 /// takes at most half the bytes (an id-ordered batch of a densely numbered population is one
 /// run: 8 bytes for thousands of ids), else id by id.

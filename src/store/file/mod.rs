@@ -47,7 +47,7 @@ pub use campaigns::set_state_in;
 use format::{file_stem, load};
 /// The ledger's claim of an id-ordered batch that is one run of consecutive ids: its shape
 /// test and its disjointness test (bench/ceiling.rs claims the same way).
-pub use format::{run_is_disjoint, run_of};
+pub use format::{run_of, runs_are_disjoint};
 pub use ledger::FileLedger;
 pub use shard::Shards;
 

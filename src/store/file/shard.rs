@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use roaring::RoaringBitmap;
 
-use super::format::{encode_record, encode_runs, runs_of, Kind, Sets};
+use super::format::{encode_record, encode_runs, runs_are_disjoint, runs_of, Kind, Sets};
 use super::{io_error, lock};
 use crate::error::{Error, Result};
 use crate::store::Claim;
@@ -129,9 +129,6 @@ pub(super) struct Shard {
 /// [`Batch::of`]).
 const SET_OPS_MIN_IDS_PER_CONTAINER: usize = 8;
 
-/// Runs a batch may be cut into and still be taken as runs (see [`Batch::of`]).
-const MAX_BATCH_RUNS: usize = 16;
-
 /// Strictly ascending ids, dense enough for whole-set operations: a few ranges when they are
 /// runs of consecutive ids (a synthetic or densely numbered population's push task, the users
 /// of a few buckets: tested and applied with no set built), else a bitmap.
@@ -147,9 +144,10 @@ impl Batch {
     /// container or two; a lazy coupon's batch (one epoch's logins) has a few ids in each of
     /// many containers, and id by id it is several times cheaper (measured on lazy_logins).
     fn of(ids: &[u32]) -> Option<Batch> {
-        if let Some(runs) = runs_of(ids, MAX_BATCH_RUNS) {
-            let dense = ids.len() >= SET_OPS_MIN_IDS_PER_CONTAINER * runs.len();
-            return dense.then_some(Batch::Runs(runs));
+        // Runs of 8 ids or more on average: each run is a step (a range test, a range
+        // insert, 8 bytes of record) where a set is built, tested and logged id by id.
+        if let Some(runs) = runs_of(ids, ids.len() / SET_OPS_MIN_IDS_PER_CONTAINER) {
+            return Some(Batch::Runs(runs));
         }
         let containers = 1 + ids.windows(2).filter(|w| w[0] >> 16 != w[1] >> 16).count();
         if ids.len() < SET_OPS_MIN_IDS_PER_CONTAINER * containers
@@ -165,14 +163,7 @@ impl Batch {
     /// Whether no id of the batch is in `set`.
     fn is_disjoint(&self, set: &RoaringBitmap) -> bool {
         match self {
-            Batch::Runs(runs) => {
-                // Past the set's last id, nothing to count. Looked up once: a bitmap
-                // container finds its last id by walking back over its empty words.
-                let max = set.max();
-                (runs.iter()).all(|r| {
-                    max.is_none_or(|max| max < *r.start()) || set.range_cardinality(r.clone()) == 0
-                })
-            }
+            Batch::Runs(runs) => runs_are_disjoint(runs, set),
             Batch::Set(b) => b.is_disjoint(set),
         }
     }
@@ -345,7 +336,7 @@ impl Shard {
         at: crate::store::SendAt,
         caps: &[crate::history::Window],
     ) -> Result<crate::store::CappedClaim> {
-        let batch = Batch::of(ids).map(Batch::into_set);
+        let batch = Batch::of(ids);
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let mut out = crate::store::CappedClaim::default();
@@ -357,9 +348,9 @@ impl Shard {
                 self.settle_capped(key, st, history, at.slot, (ids, &batch), &[])?;
                 out.claim.claimed = ids.to_vec();
             } else {
-                let sent = batch - bitmap_of(&out.capped);
+                let sent = batch.into_set() - bitmap_of(&out.capped);
                 out.claim.claimed = sent.iter().collect();
-                let sent = (out.claim.claimed.as_slice(), &sent);
+                let sent = (out.claim.claimed.as_slice(), &Batch::Set(sent));
                 self.settle_capped(key, st, history, at.slot, sent, &out.capped)?;
             }
             return Ok(out);
@@ -386,14 +377,14 @@ impl Shard {
                 out.capped.push(id);
             }
         }
-        let sent_set = bitmap_of(&sent);
+        let sent_set = Batch::Set(bitmap_of(&sent));
         self.settle_capped(key, st, history, at.slot, (&sent, &sent_set), &out.capped)?;
         st.pending -= &resend;
         Ok(out)
     }
 
     /// Records a capped claim's decisions: the sends at `slot` (`sent`, as a list and as a
-    /// set) first in `history` (its write-ahead record, then each history), then as claims
+    /// batch) first in `history` (its write-ahead record, then each history), then as claims
     /// here; the `capped` ids as claimed and settled capped in one record.
     fn settle_capped(
         &self,
@@ -401,16 +392,16 @@ impl Shard {
         st: &mut State,
         history: &mut super::history::State,
         slot: u16,
-        (sent, sent_set): (&[u32], &RoaringBitmap),
+        (sent, sent_batch): (&[u32], &Batch),
         capped: &[u32],
     ) -> Result<()> {
         if !sent.is_empty() {
             history.record(key, slot, sent)?;
-            if let Err(e) = self.append(key, st, Kind::Claim, sent) {
+            if let Err(e) = self.append_batch(key, st, Kind::Claim, sent, sent_batch) {
                 history.must_replay();
                 return Err(e);
             }
-            st.sets.apply_all(Kind::Claim, sent_set);
+            sent_batch.apply_to(&mut st.sets, Kind::Claim);
         }
         if !capped.is_empty() {
             self.append(key, st, Kind::Capped, capped)?;

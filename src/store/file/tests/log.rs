@@ -1,6 +1,6 @@
 //! The log's records: torn tails cut, corruption refused, consecutive ids written as runs.
 
-use super::super::format::{check_torn_tail, run_of, runs_of, RECORD_HEADER};
+use super::super::format::{check_torn_tail, run_of, runs_are_disjoint, runs_of, RECORD_HEADER};
 use super::*;
 
 #[test]
@@ -269,4 +269,32 @@ fn a_zero_filled_tail_opens() {
         assert_eq!(sets_of(&ledger), (claimed, vec![1], vec![]));
         drop((ledger, store));
     }
+}
+
+/// The walk over a set's ids against the naive reading (no id of any run in the set),
+/// for runs and sets near each other, near a container's edge and near the last id.
+#[test]
+fn runs_are_disjoint_from_a_set_exactly_when_no_id_of_theirs_is_in_it() {
+    let mut next = crate::xorshift(0x51ed_270b_0c1a_4d3f);
+    let (mut disjoint, mut not) = (0, 0);
+    for _ in 0..5_000 {
+        let base = [0, 65_000, u32::MAX - 3_000][next(3) as usize];
+        let set: roaring::RoaringBitmap =
+            (0..next(40)).map(|_| base + next(2_500) as u32).collect();
+        let mut runs = Vec::new();
+        let mut at = base + next(100) as u32;
+        for _ in 0..1 + next(12) {
+            let end = at + next(30) as u32;
+            runs.push(at..=end);
+            at = end + 2 + next(200) as u32;
+        }
+        let naive = runs.iter().all(|r| r.clone().all(|id| !set.contains(id)));
+        assert_eq!(runs_are_disjoint(&runs, &set), naive, "{runs:?} {set:?}");
+        if naive {
+            disjoint += 1;
+        } else {
+            not += 1;
+        }
+    }
+    assert!(disjoint > 500 && not > 500, "{disjoint} {not}");
 }

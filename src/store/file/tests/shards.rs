@@ -286,6 +286,8 @@ fn capped_claims_follow_the_reference_model_across_shards_and_crashes() {
                         let ids: Vec<u32> = match next(3) {
                             // Dense and strictly ascending (the engine's batches): ids never
                             // claimed take the first-run path; some cross a 2^16 boundary.
+                            // Gaps of one id in five or in sixteen: runs too short to take
+                            // whole, and runs the ledger takes as ranges.
                             0 => {
                                 let from = match next(2) {
                                     0 => 65_500 + next(60) as u32,
@@ -294,8 +296,9 @@ fn capped_claims_follow_the_reference_model_across_shards_and_crashes() {
                                         fresh_from
                                     }
                                 };
+                                let gaps = 5 + 11 * next(2);
                                 (from..from + 8 + next(60) as u32)
-                                    .filter(|_| next(5) != 0)
+                                    .filter(|_| next(gaps) != 0)
                                     .collect()
                             }
                             // Sparse, now and then with repeats, over ids seen before.
