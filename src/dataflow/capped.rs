@@ -67,7 +67,7 @@ pub fn cut(members: Vec<Member>, task_users: usize) -> Vec<Vec<Candidates>> {
 
 /// Whether the batches together hold strictly ascending ids (one target's usually do: each
 /// is one scan stretch, and they come in order).
-fn strictly_ascending(batches: &[Vec<Candidate>]) -> bool {
+pub fn strictly_ascending(batches: &[Vec<Candidate>]) -> bool {
     batches
         .iter()
         .all(|b| b.windows(2).all(|w| w[0].id < w[1].id))

@@ -30,6 +30,7 @@ use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 use timely::scheduling::SyncActivator;
 
+use super::capped::Member;
 use super::halts::Halt;
 use super::{Candidate, Candidates, Context, Time};
 use crate::model::Priority;
@@ -197,10 +198,10 @@ impl Pusher {
                 self.queues[lane].push_back((time, Work::One(c), now));
             }
         }
-        if let Some((lane, groups)) = capped_groups(ctx, capped) {
-            epoch.queued += groups.len();
-            for group in groups {
-                self.queues[lane].push_back((time, Work::Capped(group), now));
+        if let Some((lane, work)) = capped_work(ctx, capped) {
+            epoch.queued += work.len();
+            for w in work {
+                self.queues[lane].push_back((time, w, now));
             }
         }
     }
@@ -246,11 +247,16 @@ impl Pusher {
     }
 }
 
-/// The capped candidates that arrived together as [`Work::Capped`] entries of at most about
-/// `task_users` users each, cut at user ids so that each user's capped offers stay in one
-/// entry: per entry one member per target, users in id order, members in the run's decision
-/// order ([`super::capped::cut`]); with the lane of the first. `None` if there are none.
-fn capped_groups(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<Vec<Candidates>>)> {
+/// The capped candidates that arrived together as work for push tasks, with the lane of the
+/// first target. Each user's capped offers must be claimed in one step, in the run's decision
+/// order: several targets' candidates are cut at user ids into [`Work::Capped`] entries of at
+/// most about `task_users` users, one member per target, users in id order, members in
+/// decision order ([`super::capped::cut`]). One target's candidates in id order offer each
+/// user once, so they queue as they came, as [`Work::One`] entries that tasks take up to
+/// `task_users` at a time (cutting them all up on arrival held a whole activation's copies at
+/// once: freed, the allocator handed the pages back and faulted them in again for the next,
+/// a fifth of the policy benchmark's time). `None` if there are none.
+fn capped_work(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<Work>)> {
     let mut by_target: BTreeMap<(usize, u32), Vec<Vec<Candidate>>> = BTreeMap::new();
     for c in capped {
         let order = ctx.targets[c.target as usize].order;
@@ -261,11 +267,22 @@ fn capped_groups(ctx: &Context, capped: Vec<Candidates>) -> Option<(usize, Vec<V
     }
     let first = by_target.keys().next()?.1;
     let lane = ctx.targets[first as usize].target.campaign.priority.lane();
-    let members = by_target
+    let mut members: Vec<Member> = by_target
         .into_iter()
         .map(|((_, target), batches)| (target, batches))
         .collect();
-    Some((lane, super::capped::cut(members, ctx.task_users)))
+    let work = match members.as_mut_slice() {
+        [(target, batches)] if super::capped::strictly_ascending(batches) => {
+            let target = *target;
+            (std::mem::take(batches).into_iter())
+                .map(|users| Work::One(Candidates { target, users }))
+                .collect()
+        }
+        _ => (super::capped::cut(members, ctx.task_users).into_iter())
+            .map(Work::Capped)
+            .collect(),
+    };
+    Some((lane, work))
 }
 
 /// Takes the next task's users off a lane's queue: a capped group whole; else up to

@@ -329,17 +329,15 @@ async fn batches_as_run_cuts(
             }
         };
         cut.eligible += open.len() as u64;
-        let (held, open): (Vec<u32>, Vec<u32>) =
-            open.into_iter().partition(|&id| policy.holdout.holds(id));
-        cut.held_out += held.len() as u64;
-        let send = match &policy.quiet {
-            Some(quiet) => {
-                let (quiet, send) = quiet.split(open, |&id| id, |id| policy.source.tz(id));
-                cut.quiet_held += quiet.len() as u64;
-                send
-            }
-            None => open,
-        };
+        let mut send = open;
+        let open = send.len();
+        let mut holdout = policy.holdout.scan();
+        send.retain(|&id| !holdout.holds(id));
+        cut.held_out += (open - send.len()) as u64;
+        if let Some(quiet) = &policy.quiet {
+            let held = quiet.split(&mut send, |&id| id, |id| policy.source.tz(id));
+            cut.quiet_held += held.len() as u64;
+        }
         cut.batches += (send.len() as u64).div_ceil(sizing.batch_max_messages as u64);
         cut.send.extend(send);
     }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
-use super::{capped_groups, Epoch, Parked, Queue, Work, LANES};
+use super::{capped_work, Epoch, Parked, Queue, Work, LANES};
 use crate::dataflow::halts::{Halt, OnPause};
 use crate::dataflow::{Candidates, Context, Time};
 use crate::model::Priority;
@@ -121,10 +121,10 @@ pub(super) fn repark(
         queues[lane].push_back((time, Work::One(c), ready));
     }
     for (time, (members, ready)) in capped {
-        if let Some((lane, groups)) = capped_groups(ctx, members) {
-            recount(time, groups.len(), 0);
-            for group in groups {
-                queues[lane].push_back((time, Work::Capped(group), ready));
+        if let Some((lane, work)) = capped_work(ctx, members) {
+            recount(time, work.len(), 0);
+            for w in work {
+                queues[lane].push_back((time, w, ready));
             }
         }
     }

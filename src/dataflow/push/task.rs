@@ -237,17 +237,21 @@ impl SetApart {
             apart.cancelled = users.into_iter().map(|c| c.id).collect();
             return (apart, Vec::new());
         }
+        // In place: a task's users are taken apart, never copied into new lists (freeing
+        // those made the allocator hand pages back and fault them in again, task by task).
         let mut users = users;
         if !rt.holdout.is_none() {
-            let (held, send): (Vec<Candidate>, Vec<Candidate>) =
-                users.into_iter().partition(|c| rt.holdout.holds(c.id));
-            apart.held_out = held.into_iter().map(|c| c.id).collect();
-            users = send;
+            let mut holdout = rt.holdout.scan();
+            users.retain(|c| {
+                let held = holdout.holds(c.id);
+                if held {
+                    apart.held_out.push(c.id);
+                }
+                !held
+            });
         }
         if let Some(quiet) = &rt.quiet {
-            let (held, send) = quiet.split(users, |c| c.id, |id| ctx.source.tz(id));
-            apart.quiet = held;
-            users = send;
+            apart.quiet = quiet.split(&mut users, |c| c.id, |id| ctx.source.tz(id));
         }
         (apart, users)
     }
