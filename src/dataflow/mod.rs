@@ -168,7 +168,7 @@ pub struct Context {
     /// Messages handed to push tasks but not yet acknowledged, per worker, at most.
     pub max_in_flight: usize,
     /// The first fatal error any task hit; the driver stops when it is set.
-    pub fatal: Mutex<Option<Error>>,
+    pub fatal: Fatal,
     /// Set to cut a `serve` generation short (a transactional campaign waits): fan-out
     /// candidates still queued are dropped unclaimed, and messages of the other lanes not yet
     /// attempted are handed back to the store ([`crate::store::Ledger::unclaim`]) — the next
@@ -184,17 +184,33 @@ pub struct Context {
     pub buffers: Arc<deliver::Buffers>,
 }
 
+/// A run's first fatal error, and whether there ever was one.
+#[derive(Default)]
+pub struct Fatal {
+    error: Mutex<Option<Error>>,
+    /// Set with the first error and never cleared: a cluster worker that looks after the
+    /// main thread took the error must still see that the run failed, and hold its
+    /// connections ([`crate::run::cluster`]). Seen as a hang in the fault harness under load
+    /// (seed 171): the worker said it finished, `launch` returned, the error was taken, the
+    /// worker then read "not failed" and ended, its connections closed cleanly, and its peer
+    /// waited for the progress of a process that had exited.
+    ever: std::sync::atomic::AtomicBool,
+}
+
 impl Context {
     /// Records `e` unless an earlier fatal error is already recorded.
     pub fn fail(&self, e: Error) {
-        if let Ok(mut f) = self.fatal.lock() {
+        if let Ok(mut f) = self.fatal.error.lock() {
             f.get_or_insert(e);
         }
+        self.fatal
+            .ever
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Whether a fatal error was recorded.
+    /// Whether a fatal error was recorded (still true once it is taken).
     pub fn failed(&self) -> bool {
-        self.fatal.lock().map(|f| f.is_some()).unwrap_or(true)
+        self.fatal.ever.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the generation is being cut short ([`Context::cut`]).
@@ -229,7 +245,7 @@ impl Context {
 
     /// The fatal error recorded, if any, as an `Err` (taken out).
     pub fn take_failure(&self) -> Result<(), Error> {
-        match self.fatal.lock().ok().and_then(|mut f| f.take()) {
+        match self.fatal.error.lock().ok().and_then(|mut f| f.take()) {
             Some(e) => Err(e),
             None => Ok(()),
         }

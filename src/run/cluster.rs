@@ -580,6 +580,23 @@ mod tests {
         assert!(ctx.failed());
     }
 
+    /// Seed 171's hang (under load): a failed process's worker said it finished, `launch`
+    /// returned and the run took its failure before the worker looked whether to hold its
+    /// connections; reading "not failed", it ended them cleanly and its peer waited forever.
+    /// A failure, once recorded, reads as failed after it is taken.
+    #[test]
+    fn a_worker_that_looks_after_the_failure_is_taken_still_holds() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let ctx = context(&runtime);
+        assert!(!ctx.failed());
+        ctx.fail(Error::runtime("cannot append: no space left on device"));
+        assert!(ctx.take_failure().is_err());
+        assert!(ctx.failed(), "the worker would end its connections cleanly");
+        assert!(ctx.take_failure().is_ok(), "the error is reported once");
+    }
+
     /// The soak's hang: every worker said it finished, then the run failed (a store sync on
     /// the runtime), and the workers that looked after that hold their connections and never
     /// end. `launch` must still return, so the process exits and its peers stop.

@@ -3,7 +3,7 @@
 //! granted pairs apply to them, the dispatcher, the context the dataflow runs in, and the
 //! tokio runtime the I/O runs on.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 
@@ -335,7 +335,7 @@ impl Engine {
             task_users: self.sizing.task_users,
             batch_max_bytes: self.sizing.batch_max_bytes,
             max_in_flight: self.sizing.max_in_flight,
-            fatal: Mutex::new(None),
+            fatal: Default::default(),
             cut: self.cut.clone(),
             caps,
             buffers: Arc::default(),
