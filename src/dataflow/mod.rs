@@ -238,7 +238,7 @@ impl Context {
             .copied()
             .filter(|&t| match &self.targets[t as usize].only {
                 None => true,
-                Some(only) => only.range_cardinality(lo..=last) > 0,
+                Some(only) => only.range(lo..=last).next().is_some(),
             })
             .collect()
     }
