@@ -329,11 +329,11 @@ async fn batches_as_run_cuts(
             }
         };
         cut.eligible += open.len() as u64;
+        let eligible = open.len();
         let mut send = open;
-        let open = send.len();
         let mut holdout = policy.holdout.scan();
         send.retain(|&id| !holdout.holds(id));
-        cut.held_out += (open - send.len()) as u64;
+        cut.held_out += (eligible - send.len()) as u64;
         if let Some(quiet) = &policy.quiet {
             let held = quiet.split(&mut send, |&id| id, |id| policy.source.tz(id));
             cut.quiet_held += held.len() as u64;

@@ -358,17 +358,19 @@ pub fn runs_are_disjoint(runs: &[RangeInclusive<u32>], set: &RoaringBitmap) -> b
         return true;
     }
     let mut ids = set.range(*first.start()..=*last.end());
-    // The set's least id at or past the runs looked at so far; `None` before the first.
-    let mut next: Option<u32> = None;
+    // The set's least id at or past the runs looked at so far.
+    let Some(mut next) = ids.next() else {
+        return true;
+    };
     for run in runs {
-        if next.is_none_or(|id| id < *run.start()) {
+        if next < *run.start() {
             ids.advance_to(*run.start());
             match ids.next() {
-                Some(id) => next = Some(id),
+                Some(id) => next = id,
                 None => return true,
             }
         }
-        if next.is_some_and(|id| id <= *run.end()) {
+        if next <= *run.end() {
             return false;
         }
     }
