@@ -4,7 +4,8 @@
 //! (kill -9, SIGSTOP past the Redis lease, Redis restarts with and without persistence,
 //! provider 5xx/429/timeouts, a credential stop, and the embedded store's or the Redis
 //! server's disk filling up: a tmpfs of its own, mounted by the harness, so it runs as root;
-//! a full Redis either exits or, fsyncing once a second, refuses writes), then a clean run, and
+//! a full Redis either exits or, fsyncing once a second, refuses writes; and, for a quarter
+//! of the schedules, the fault runs on one CPU beside a busy loop), then a clean run, and
 //! checks the deliveries over all runs against the naive reading of the job: nothing lost,
 //! nothing unexpected, repeated keys carry identical records, duplicates within what was in
 //! flight.
@@ -51,7 +52,8 @@
 //! `--grace MS` (the base of the grace after a pause or cancel, default 1000), `--verbose`.
 //! Unknown flags (cargo's own) are ignored.
 //! `--clean` runs the same workloads without faults or operators' commands (a control of the
-//! naive reading).
+//! naive reading). `--one-cpu` runs every schedule on one CPU beside a busy loop (a quarter of
+//! them draw that: `plan::one_cpu`).
 //! `--list` prints the schedules without running them. `FAULTS_KEEP=1` keeps a failing schedule's files under the temp directory.
 
 mod common;
@@ -108,6 +110,7 @@ fn parse_args() -> Args {
             grace: Duration::from_secs(1),
             verbose: false,
             clean: false,
+            one_cpu: false,
         },
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -164,6 +167,7 @@ fn parse_args() -> Args {
             "--verbose" => a.env.verbose = true,
             "--list" => a.list = true,
             "--clean" => a.env.clean = true,
+            "--one-cpu" => a.env.one_cpu = true,
             // cargo's and libtest's flags (--nocapture, --test-threads N, a filter, …).
             _ => {}
         }

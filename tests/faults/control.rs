@@ -55,8 +55,9 @@ impl Ctx<'_> {
     }
 
     /// `fanout campaigns VERB CAMPAIGN` on the schedule's store; when it returned, or `None`
-    /// when it was refused. A campaign no run admitted yet is refused (exit 2): the command
-    /// is tried again for a few seconds while `alive` (a run that has not admitted it yet).
+    /// when it was refused. A campaign no run admitted yet is refused (exit 2), as is a file
+    /// store no run made yet: the command is tried again for a few seconds while `alive` (a
+    /// run that has not admitted it yet).
     fn command(&mut self, verb: &str, campaign: &str, alive: bool) -> Option<Instant> {
         let store = match &self.redis {
             Some(r) => r.url(0),
@@ -80,7 +81,10 @@ impl Ctx<'_> {
                 ));
                 return Some(returned);
             }
-            let unknown = out.status.code() == Some(2) && err.contains("has no campaign");
+            // Not admitted yet: the store has no such campaign, or (a file store) no run has
+            // made the store yet — a run on one CPU may take longer than the trigger to start.
+            let unknown = out.status.code() == Some(2)
+                && (err.contains("has no campaign") || err.contains("no run has used this store"));
             if unknown && alive && started.elapsed() < Duration::from_secs(5) {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;

@@ -258,6 +258,8 @@ pub struct Schedule {
     /// Frequency caps drawn (`[policy] frequency_caps`): every run's `--now` then stays
     /// non-decreasing (the fault runs all at the first tick).
     pub capped: bool,
+    /// Every process of the schedule runs on one CPU ([`one_cpu`]).
+    pub one_cpu: bool,
     pub job: String,
     pub users_text: String,
     pub logins_text: Option<String>,
@@ -432,6 +434,16 @@ fn logins_text(r: &mut Rng, users: &BTreeMap<u64, TUser>, max_id: u64) -> String
 /// The `frequency_caps` line of schedule `seed` (None for 40% of the schedules that offer a
 /// user two capped sends, and for the others), and some of its capped campaigns at bulk priority: a short cap (an hour
 /// or two lets a later tick send again) and often a long one. From a sequence of its own.
+/// Whether a schedule's processes all run on one CPU (`taskset`), beside a busy loop pinned
+/// there too (`exec::OneCpu`): the threads of a run, and both processes of a cluster, then
+/// take turns in time slices, preempted at arbitrary points, instead of racing on two cores —
+/// as in a container given one CPU on a busy host. A race between a run's main thread and its
+/// workers (the cluster hang of CI seed 171) showed only under load. From a sequence of its
+/// own: a schedule that draws it is otherwise the one its seed drew before.
+fn one_cpu(seed: u64) -> bool {
+    Rng::new(seed ^ 0x0c90).chance(25)
+}
+
 fn frequency_caps(
     seed: u64,
     ids: &[(String, Kind)],
@@ -815,6 +827,10 @@ pub fn plan(seed: u64) -> Schedule {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let one_cpu = one_cpu(seed);
+    if one_cpu {
+        summary.push_str(" | one cpu");
+    }
     if !controls.is_empty() {
         let _ = write!(
             summary,
@@ -839,6 +855,7 @@ pub fn plan(seed: u64) -> Schedule {
         faults,
         controls,
         capped: caps.is_some(),
+        one_cpu,
         job,
         users_text,
         logins_text,
