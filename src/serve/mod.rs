@@ -110,6 +110,23 @@ pub fn serve(job: &Job, opts: &ServeOptions) -> Result<()> {
     run::release_on_failure(&store, &runtime, outcome)
 }
 
+/// Serves the status page, `/metrics` and `/healthz` on `opts.listen`, and says where.
+fn expose(
+    opts: &ServeOptions,
+    runtime: &tokio::runtime::Runtime,
+    exposition: Exposition,
+) -> Result<()> {
+    let listener = runtime.block_on(http::bind(opts.listen))?;
+    runtime.spawn(http::serve(listener, Arc::new(exposition)));
+    if !opts.run.quiet {
+        eprintln!(
+            "fanout: serving; status on http://{}/ (metrics on /metrics); SIGINT or SIGTERM stops (pushes in flight finish)",
+            opts.listen
+        );
+    }
+    Ok(())
+}
+
 /// A fan-out of a generation: its ledger key, and its stream entry to acknowledge when done.
 type Finishing = (String, Option<String>);
 
@@ -184,30 +201,26 @@ impl<'a> Server<'a> {
                 flags.clone(),
             ));
         }
-        let listener = runtime.block_on(http::bind(opts.listen))?;
-        let health = runtime.block_on(Health::connect(&[
-            ("store", Some(job.store.as_str())),
-            ("logins", job.inputs.logins.as_deref()),
-            ("campaigns", job.inputs.campaigns.as_deref()),
-        ]))?;
         let live = Arc::new(live::Live::new(metrics.clone()));
-        let status = status::StatusApi::open(&store, &job.store, opts.listen, live.clone());
-        let exposition = Arc::new(Exposition {
+        let exposition = Exposition {
             metrics: metrics.clone(),
             dispatcher: dispatcher.clone(),
             counters: counters.clone(),
-            health,
+            health: runtime.block_on(Health::connect(&[
+                ("store", Some(job.store.as_str())),
+                ("logins", job.inputs.logins.as_deref()),
+                ("campaigns", job.inputs.campaigns.as_deref()),
+            ]))?,
             live: live.clone(),
-            status: runtime.block_on(status)?,
-        });
-        runtime.spawn(http::serve(listener, exposition));
+            status: runtime.block_on(status::StatusApi::open(
+                &store,
+                &job.store,
+                opts.listen,
+                live.clone(),
+            ))?,
+        };
+        expose(opts, runtime, exposition)?;
         runtime.spawn(on_signals(flags.clone(), dispatcher.clone()));
-        if !opts.run.quiet {
-            eprintln!(
-                "fanout: serving; status on http://{}/ (metrics on /metrics); SIGINT or SIGTERM stops (pushes in flight finish)",
-                opts.listen
-            );
-        }
         let sizing = Sizing::of(job);
         let engine = Engine {
             source: loaded.source,
