@@ -110,21 +110,40 @@ pub fn serve(job: &Job, opts: &ServeOptions) -> Result<()> {
     run::release_on_failure(&store, &runtime, outcome)
 }
 
-/// Serves the status page, `/metrics` and `/healthz` on `opts.listen`, and says where.
+/// Serves the status page, `/metrics` and `/healthz` on `opts.listen` (the engine's metrics,
+/// the dispatcher's pushes in flight, `serve`'s own counters), and says where. Returns the
+/// per-campaign counters the page shows, for the generations to keep.
 fn expose(
+    job: &Job,
     opts: &ServeOptions,
+    store: &Store,
     runtime: &tokio::runtime::Runtime,
-    exposition: Exposition,
-) -> Result<()> {
+    (metrics, dispatcher, counters): (&Arc<Metrics>, &Arc<Dispatcher>, &Arc<ServeCounters>),
+) -> Result<Arc<live::Live>> {
     let listener = runtime.block_on(http::bind(opts.listen))?;
-    runtime.spawn(http::serve(listener, Arc::new(exposition)));
+    let live = Arc::new(live::Live::new(metrics.clone()));
+    let health = runtime.block_on(Health::connect(&[
+        ("store", Some(job.store.as_str())),
+        ("logins", job.inputs.logins.as_deref()),
+        ("campaigns", job.inputs.campaigns.as_deref()),
+    ]))?;
+    let status = status::StatusApi::open(store, &job.store, opts.listen, live.clone());
+    let exposition = Arc::new(Exposition {
+        metrics: metrics.clone(),
+        dispatcher: dispatcher.clone(),
+        counters: counters.clone(),
+        health,
+        live: live.clone(),
+        status: runtime.block_on(status)?,
+    });
+    runtime.spawn(http::serve(listener, exposition));
     if !opts.run.quiet {
         eprintln!(
             "fanout: serving; status on http://{}/ (metrics on /metrics); SIGINT or SIGTERM stops (pushes in flight finish)",
             opts.listen
         );
     }
-    Ok(())
+    Ok(live)
 }
 
 /// A fan-out of a generation: its ledger key, and its stream entry to acknowledge when done.
@@ -201,25 +220,13 @@ impl<'a> Server<'a> {
                 flags.clone(),
             ));
         }
-        let live = Arc::new(live::Live::new(metrics.clone()));
-        let exposition = Exposition {
-            metrics: metrics.clone(),
-            dispatcher: dispatcher.clone(),
-            counters: counters.clone(),
-            health: runtime.block_on(Health::connect(&[
-                ("store", Some(job.store.as_str())),
-                ("logins", job.inputs.logins.as_deref()),
-                ("campaigns", job.inputs.campaigns.as_deref()),
-            ]))?,
-            live: live.clone(),
-            status: runtime.block_on(status::StatusApi::open(
-                &store,
-                &job.store,
-                opts.listen,
-                live.clone(),
-            ))?,
-        };
-        expose(opts, runtime, exposition)?;
+        let live = expose(
+            job,
+            opts,
+            &store,
+            runtime,
+            (&metrics, &dispatcher, &counters),
+        )?;
         runtime.spawn(on_signals(flags.clone(), dispatcher.clone()));
         let sizing = Sizing::of(job);
         let engine = Engine {
