@@ -332,7 +332,14 @@ fn take_users(queue: &mut Queue, time: Time, target: u32, limit: usize) -> (Vec<
         }
         let room = limit - users.len();
         if c.users.len() > room {
-            users.extend(c.users.drain(..room));
+            // The entry's tail stays queued; an empty task takes the head's vector as it is
+            // (a drain would copy the head out and then move the tail down).
+            let tail = c.users.split_off(room);
+            let head = std::mem::replace(&mut c.users, tail);
+            match users.is_empty() {
+                true => users = head,
+                false => users.extend_from_slice(&head),
+            }
             break;
         }
         if users.is_empty() {
@@ -347,4 +354,57 @@ fn take_users(queue: &mut Queue, time: Time, target: u32, limit: usize) -> (Vec<
         emptied += 1;
     }
     (users, emptied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queue of one target's entries, ids ascending, of the given sizes.
+    fn queue(sizes: &[usize]) -> (Queue, Vec<u32>) {
+        let now = Instant::now();
+        let mut next = 0u32;
+        let mut all = Vec::new();
+        let q = sizes
+            .iter()
+            .map(|&n| {
+                let users: Vec<Candidate> = (0..n)
+                    .map(|_| {
+                        next += 3;
+                        all.push(next);
+                        Candidate {
+                            id: next,
+                            level: 1,
+                            points: u64::from(next),
+                        }
+                    })
+                    .collect();
+                (1, Work::One(Candidates { target: 0, users }), now)
+            })
+            .collect();
+        (q, all)
+    }
+
+    #[test]
+    fn tasks_take_every_user_once_in_order_and_at_most_the_limit() {
+        for (sizes, limit) in [
+            (vec![8192, 8192, 100], 3200),
+            (vec![10, 3, 7, 5000, 1], 64),
+            (vec![1; 20], 7),
+            (vec![3200, 3200], 3200),
+        ] {
+            let (mut q, all) = queue(&sizes);
+            let (mut taken, mut popped) = (Vec::new(), 0);
+            while !q.is_empty() {
+                let (users, emptied) = take_users(&mut q, 1, 0, limit);
+                assert!(!users.is_empty() && users.len() <= limit, "{sizes:?}");
+                // A task is full unless the queue ran out.
+                assert!(users.len() == limit || q.is_empty(), "{sizes:?}");
+                taken.extend(users.iter().map(|u| u.id));
+                popped += emptied;
+            }
+            assert_eq!(taken, all, "{sizes:?} by {limit}");
+            assert_eq!(popped, sizes.len(), "{sizes:?}");
+        }
+    }
 }
