@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+pub mod cpu;
 pub mod ports;
 
 /// A scratch directory for one test, with the job's files in it.
@@ -43,7 +44,12 @@ impl Scratch {
 
     /// Starts `fanout ARGS` in this directory without waiting (stderr piped).
     pub fn start(&self, args: &[&str]) -> std::process::Child {
-        Command::new(env!("CARGO_BIN_EXE_fanout"))
+        self.start_on(args, None)
+    }
+
+    /// [`Scratch::start`] on `cpu` where one is given ([`cpu::fanout_on`]).
+    pub fn start_on(&self, args: &[&str], cpu: Option<usize>) -> std::process::Child {
+        cpu::fanout_on(cpu)
             .args(args)
             .current_dir(self.dir.path())
             .stdout(std::process::Stdio::null())

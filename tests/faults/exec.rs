@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::check::{self, Delivery};
+use crate::common::cpu::{self, OneCpu};
 use crate::disk::Disk;
 use crate::http_server::{fault_bucket, Answer, Reply, Req, RetryAfter, TestServer};
 use crate::plan::{Act, Fault, ProviderKind, Schedule, StoreKind, Trigger};
@@ -175,6 +176,8 @@ struct Ctx<'a> {
     http: Option<Http>,
     /// The CPU every fault run's processes run on, where the schedule drew that.
     one_cpu: Option<OneCpu>,
+    /// The runs pinned to it.
+    pinned: BTreeSet<usize>,
     run_no: usize,
     w_next: usize,
     expected_n: usize,
@@ -314,15 +317,11 @@ impl Ctx<'_> {
     /// The command that starts `fanout`: a fault run on the schedule's one CPU where it drew
     /// that (the busy loop there runs meanwhile); a clean run anywhere, the loop stopped.
     fn fanout_command(&mut self, run: usize, clean: bool) -> Command {
-        let fanout = env!("CARGO_BIN_EXE_fanout");
-        match self.one_cpu.as_mut().and_then(|one| one.pin(run, !clean)) {
-            None => Command::new(fanout),
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["--cpu-list", &cpu.to_string(), fanout]);
-                c
-            }
+        let cpu = self.one_cpu.as_mut().and_then(|one| one.pin(!clean));
+        if cpu.is_some() {
+            self.pinned.insert(run);
         }
+        cpu::fanout_on(cpu)
     }
 
     fn stderr_of(&self, run: usize, i: usize) -> String {
@@ -443,8 +442,7 @@ impl Ctx<'_> {
     /// sends nothing more — what it must do. Its in-flight messages may go again, as after a
     /// kill.
     fn starved_past_lease(&self, run: usize, i: usize) -> bool {
-        self.one_cpu.as_ref().is_some_and(|o| o.runs.contains(&run))
-            && self.stderr_of(run, i).contains("lease may have expired")
+        self.pinned.contains(&run) && self.stderr_of(run, i).contains("lease may have expired")
     }
 
     /// Fault run `k`, with the operator's command drawn for it; retried (as a new run) when a
@@ -805,6 +803,7 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<RedisServer>) -> V
         http,
         run_no: 0,
         one_cpu: ((s.one_cpu || env.one_cpu) && !env.clean).then(|| OneCpu::new(s.seed)),
+        pinned: BTreeSet::new(),
         w_next: 0,
         expected_n: expected.len() / s.ticks.len(),
         violations: Vec::new(),
@@ -876,85 +875,6 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<RedisServer>) -> V
 }
 
 /// With `FAULTS_KEEP=1`, a failing schedule's directory is kept and named.
-/// One CPU, chosen by the seed among those allowed, and a busy loop pinned to it while the
-/// fault runs go on: their processes, pinned there too, get time slices between the loop's,
-/// so their threads are preempted at arbitrary points and take turns instead of running side
-/// by side. The clean runs run anywhere, the loop stopped.
-struct OneCpu {
-    cpu: usize,
-    hog: Option<Child>,
-    /// The runs pinned to it.
-    runs: BTreeSet<usize>,
-}
-
-impl OneCpu {
-    fn new(seed: u64) -> OneCpu {
-        let cpus = allowed_cpus();
-        let cpu = cpus[(seed % cpus.len() as u64) as usize];
-        OneCpu {
-            cpu,
-            hog: None,
-            runs: BTreeSet::new(),
-        }
-    }
-
-    /// The CPU to pin run `run` to, the busy loop started (`on`); `None`, the loop stopped.
-    fn pin(&mut self, run: usize, on: bool) -> Option<usize> {
-        if !on {
-            self.stop();
-            return None;
-        }
-        if self.hog.is_none() {
-            let hog = Command::new("taskset")
-                .args(["--cpu-list", &self.cpu.to_string()])
-                .args(["sh", "-c", "while :; do :; done"])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("start a busy loop with taskset");
-            self.hog = Some(hog);
-        }
-        self.runs.insert(run);
-        Some(self.cpu)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut hog) = self.hog.take() {
-            hog.kill().ok();
-            hog.wait().ok();
-        }
-    }
-}
-
-impl Drop for OneCpu {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// The CPUs this process may run on: `Cpus_allowed_list` of /proc/self/status ("0-3,6");
-/// CPU 0 where that cannot be read.
-fn allowed_cpus() -> Vec<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let list = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap_or_default();
-    let cpus: Vec<usize> = list
-        .trim()
-        .split(',')
-        .filter_map(|part| match part.split_once('-') {
-            Some((lo, hi)) => Some(lo.parse().ok()?..=hi.parse().ok()?),
-            None => part.parse().ok().map(|c| c..=c),
-        })
-        .flatten()
-        .collect();
-    if cpus.is_empty() {
-        vec![0]
-    } else {
-        cpus
-    }
-}
-
 fn keep_dir_if(cx: &Ctx) {
     if !cx.violations.is_empty() && std::env::var_os("FAULTS_KEEP").is_some() {
         let kept: &Path = cx.dir.path();

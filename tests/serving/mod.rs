@@ -14,13 +14,18 @@ use crate::common::{ports, Scratch};
 /// another program (the process exits saying the address is in use) costs a retry on a fresh
 /// one, not the test.
 pub fn start_serve(s: &Scratch, args: &[&str]) -> (Child, u16, ports::Port) {
+    start_serve_on(s, args, None)
+}
+
+/// [`start_serve`] on `cpu` where one is given.
+pub fn start_serve_on(s: &Scratch, args: &[&str], cpu: Option<usize>) -> (Child, u16, ports::Port) {
     for _ in 0..10 {
         let reserved = ports::reserve();
         let port = reserved.port;
         let listen = format!("127.0.0.1:{port}");
         let mut all = args.to_vec();
         all.extend(["--listen", &listen]);
-        let mut child = s.start(&all);
+        let mut child = s.start_on(&all, cpu);
         let started = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
