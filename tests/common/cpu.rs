@@ -26,9 +26,11 @@ impl OneCpu {
             return None;
         }
         if self.hog.is_none() {
+            // It spins while its parent (this harness) lives: a harness killed before it
+            // could stop the loop leaves no CPU spinning.
             let hog = Command::new("taskset")
                 .args(["--cpu-list", &self.cpu.to_string()])
-                .args(["sh", "-c", "while :; do :; done"])
+                .args(["sh", "-c", "while kill -0 $PPID 2>/dev/null; do :; done"])
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("start a busy loop with taskset");
