@@ -200,18 +200,21 @@ fn fan_out(
         elapsed_s = metrics.elapsed().as_secs_f64(),
         "fan-out drained, store checkpointed"
     );
-    // Process 0 of a cluster reports for every process.
-    for tally in shared
-        .tallies
-        .lock()
-        .map(|mut g| std::mem::take(&mut *g))
-        .unwrap_or_default()
-    {
-        metrics.absorb(&tally, ctx.targets.iter().map(|rt| &rt.stats));
-    }
+    absorb_tallies(&shared, &metrics, &ctx);
     let mut summary = summary(job, &lines, &ctx, &metrics, loaded.report.skipped);
     summary.interrupted = interrupted;
     Ok(summary)
+}
+
+/// Process 0 of a cluster reports for every process: the tallies the others sent it are
+/// added to its own counters.
+fn absorb_tallies(shared: &cluster::Shared, metrics: &Metrics, ctx: &Context) {
+    let tallies = (shared.tallies.lock())
+        .map(|mut g| std::mem::take(&mut *g))
+        .unwrap_or_default();
+    for tally in tallies {
+        metrics.absorb(&tally, ctx.targets.iter().map(|rt| &rt.stats));
+    }
 }
 
 /// Who pushed, as a campaign's activity records it.
