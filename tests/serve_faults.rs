@@ -49,7 +49,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use common::cpu::OneCpu;
+use common::cpu::{self, OneCpu};
 use common::{naive_users_jsonl, Lcg, Scratch, TUser};
 use naive::{expected, NLogin};
 use redis_server::{Persist, RedisServer};
@@ -505,13 +505,11 @@ impl Cx<'_> {
         }
         if let Ok(Some(st)) = child.0.try_wait() {
             let err = serving::stderr_of(&mut child.0);
-            // Descheduled for most of its 1 s lease (the busy loop, the other schedules, the
-            // host taking the VM's CPUs), a Redis process cannot know that it still holds the
-            // lease and stops — what it must do; its in-flight messages may go again, and the
-            // fault's interruption (below) allows that.
+            // On one CPU, a Redis process may stop for its lease; the fault's interruption
+            // (below) allows its in-flight messages to go again.
             let starved = self.one_cpu.is_some()
                 && st.code() == Some(1)
-                && err.contains("lease may have expired");
+                && err.contains(cpu::STOPPED_FOR_ITS_LEASE);
             if !starved {
                 self.violations.push(format!(
                     "process {k} exited on its own: {st}: {}",

@@ -29,6 +29,7 @@ pub mod login;
 pub mod push;
 pub mod scan;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -194,7 +195,7 @@ pub struct Fatal {
     /// (seed 171): the worker said it finished, `launch` returned, the error was taken, the
     /// worker then read "not failed" and ended, its connections closed cleanly, and its peer
     /// waited for the progress of a process that had exited.
-    ever: std::sync::atomic::AtomicBool,
+    ever: AtomicBool,
 }
 
 impl Context {
@@ -203,14 +204,12 @@ impl Context {
         if let Ok(mut f) = self.fatal.error.lock() {
             f.get_or_insert(e);
         }
-        self.fatal
-            .ever
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.fatal.ever.store(true, Ordering::Release);
     }
 
     /// Whether a fatal error was recorded (still true once it is taken).
     pub fn failed(&self) -> bool {
-        self.fatal.ever.load(std::sync::atomic::Ordering::Acquire)
+        self.fatal.ever.load(Ordering::Acquire)
     }
 
     /// Whether the generation is being cut short ([`Context::cut`]).

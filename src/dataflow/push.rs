@@ -336,9 +336,10 @@ fn take_users(queue: &mut Queue, time: Time, target: u32, limit: usize) -> (Vec<
             // (a drain would copy the head out and then move the tail down).
             let tail = c.users.split_off(room);
             let head = std::mem::replace(&mut c.users, tail);
-            match users.is_empty() {
-                true => users = head,
-                false => users.extend_from_slice(&head),
+            if users.is_empty() {
+                users = head;
+            } else {
+                users.extend_from_slice(&head);
             }
             break;
         }

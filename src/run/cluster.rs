@@ -517,6 +517,13 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
+    /// A runtime for a test's context (nothing is spawned on it).
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
     /// A context for a run of ten synthetic users, pushing nowhere.
     fn context(runtime: &tokio::runtime::Runtime) -> Arc<Context> {
         use crate::providers::{dispatch::Dispatcher, mock::MockProvider};
@@ -558,9 +565,7 @@ mod tests {
     /// a panic fails the run.
     #[test]
     fn a_panicking_worker_is_counted_as_finished_and_fails_the_run() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let ctx = context(&runtime);
         let (tx, rx) = mpsc::channel();
         let tell = move |e| {
@@ -586,9 +591,7 @@ mod tests {
     /// A failure, once recorded, reads as failed after it is taken.
     #[test]
     fn a_worker_that_looks_after_the_failure_is_taken_still_holds() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let ctx = context(&runtime);
         assert!(!ctx.failed());
         ctx.fail(Error::runtime("cannot append: no space left on device"));

@@ -118,7 +118,9 @@ fn expose(
     opts: &ServeOptions,
     store: &Store,
     runtime: &tokio::runtime::Runtime,
-    (metrics, dispatcher, counters): (&Arc<Metrics>, &Arc<Dispatcher>, &Arc<ServeCounters>),
+    metrics: &Arc<Metrics>,
+    dispatcher: &Arc<Dispatcher>,
+    counters: &Arc<ServeCounters>,
 ) -> Result<Arc<live::Live>> {
     let listener = runtime.block_on(http::bind(opts.listen))?;
     let live = Arc::new(live::Live::new(metrics.clone()));
@@ -220,13 +222,7 @@ impl<'a> Server<'a> {
                 flags.clone(),
             ));
         }
-        let live = expose(
-            job,
-            opts,
-            &store,
-            runtime,
-            (&metrics, &dispatcher, &counters),
-        )?;
+        let live = expose(job, opts, &store, runtime, &metrics, &dispatcher, &counters)?;
         runtime.spawn(on_signals(flags.clone(), dispatcher.clone()));
         let sizing = Sizing::of(job);
         let engine = Engine {

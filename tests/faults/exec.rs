@@ -437,12 +437,9 @@ impl Ctx<'_> {
     }
 
     /// Whether process `i` of run `run` ran on one CPU beside the busy loop and stopped for
-    /// its Redis lease: descheduled (the loop, the other schedules, the host taking the VM's
-    /// CPUs away) for most of the lease (1 s here), it cannot know that it still holds it and
-    /// sends nothing more — what it must do. Its in-flight messages may go again, as after a
-    /// kill.
+    /// its Redis lease ([`cpu::STOPPED_FOR_ITS_LEASE`]).
     fn starved_past_lease(&self, run: usize, i: usize) -> bool {
-        self.pinned.contains(&run) && self.stderr_of(run, i).contains("lease may have expired")
+        self.pinned.contains(&run) && self.stderr_of(run, i).contains(cpu::STOPPED_FOR_ITS_LEASE)
     }
 
     /// Fault run `k`, with the operator's command drawn for it; retried (as a new run) when a

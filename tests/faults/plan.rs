@@ -258,7 +258,7 @@ pub struct Schedule {
     /// Frequency caps drawn (`[policy] frequency_caps`): every run's `--now` then stays
     /// non-decreasing (the fault runs all at the first tick).
     pub capped: bool,
-    /// Every process of the schedule runs on one CPU ([`one_cpu`]).
+    /// The fault runs run on one CPU ([`one_cpu`]); the clean runs anywhere.
     pub one_cpu: bool,
     pub job: String,
     pub users_text: String,
@@ -431,19 +431,20 @@ fn logins_text(r: &mut Rng, users: &BTreeMap<u64, TUser>, max_id: u64) -> String
     out
 }
 
-/// The `frequency_caps` line of schedule `seed` (None for 40% of the schedules that offer a
-/// user two capped sends, and for the others), and some of its capped campaigns at bulk priority: a short cap (an hour
-/// or two lets a later tick send again) and often a long one. From a sequence of its own.
-/// Whether a schedule's processes all run on one CPU (`taskset`), beside a busy loop pinned
-/// there too (`exec::OneCpu`): the threads of a run, and both processes of a cluster, then
-/// take turns in time slices, preempted at arbitrary points, instead of racing on two cores —
-/// as in a container given one CPU on a busy host. A race between a run's main thread and its
-/// workers (the cluster hang of CI seed 171) showed only under load. From a sequence of its
-/// own: a schedule that draws it is otherwise the one its seed drew before.
+/// Whether a schedule's fault runs run on one CPU (`taskset`), every process of them, beside
+/// a busy loop pinned there too (`common::cpu::OneCpu`): the threads of a run, and both
+/// processes of a cluster, then take turns in time slices, preempted at arbitrary points,
+/// instead of racing on two cores — as in a container given one CPU on a busy host. A race
+/// between a run's main thread and its workers (the cluster hang of CI seed 171) showed only
+/// under load. From a sequence of its own: a schedule that draws it is otherwise the one its
+/// seed drew before.
 fn one_cpu(seed: u64) -> bool {
     Rng::new(seed ^ 0x0c90).chance(25)
 }
 
+/// The `frequency_caps` line of schedule `seed` (None for 40% of the schedules that offer a
+/// user two capped sends, and for the others), and some of its capped campaigns at bulk priority: a short cap (an hour
+/// or two lets a later tick send again) and often a long one. From a sequence of its own.
 fn frequency_caps(
     seed: u64,
     ids: &[(String, Kind)],
