@@ -293,17 +293,26 @@ impl QuietAt {
     }
 
     /// Takes the users inside their quiet hours now out of `users` (with each one's zone
-    /// from `tz`), in place, and returns their ids. Zones are looked up once per call.
+    /// from `tz`, or every one in the default zone where `tz` is `None`: one decision for
+    /// all), in place, and returns their ids. Zones are looked up once per call.
     pub fn split<T>(
         &self,
         users: &mut Vec<T>,
         id: impl Fn(&T) -> UserId,
-        tz: impl Fn(UserId) -> Option<Tz>,
+        tz: Option<impl Fn(UserId) -> Option<Tz>>,
     ) -> Vec<UserId> {
+        let Some(tz) = tz else {
+            let Some(until) = self.policy.quiet_until(self.at, self.policy.zone(None)) else {
+                return Vec::new();
+            };
+            if !users.is_empty() {
+                self.release.fetch_min(until.timestamp(), Ordering::Relaxed);
+            }
+            return users.drain(..).map(|u| id(&u)).collect();
+        };
         let mut by_zone: HashMap<Tz, Option<DateTime<Utc>>> = HashMap::new();
-        // The last user's zone and answer, checked before the map: every user has the
-        // default zone where the source has none (the synthetic source: hashing each zone
-        // was nine tenths of this call), and neighbours often share one where it has.
+        // The last user's zone and answer, checked before the map: neighbours often share
+        // one.
         let mut last: Option<(Tz, Option<DateTime<Utc>>)> = None;
         let mut held = Vec::new();
         users.retain(|u| {
@@ -457,6 +466,44 @@ mod tests {
         Policy {
             quiet_hours: Some(QuietHours { start, end }),
             ..Policy::default()
+        }
+    }
+
+    /// Users with no zone of their own are decided once, in the default zone: as the
+    /// user-by-user reading decides each of them, inside the quiet hours and outside.
+    #[test]
+    fn quiet_split_without_zones_decides_as_user_by_user() {
+        let campaign = campaign("");
+        let policy = Policy {
+            default_tz: chrono_tz::Europe::Berlin,
+            ..quiet(hm(21, 0), hm(8, 0))
+        };
+        let none: Option<fn(UserId) -> Option<Tz>> = None;
+        for (at, held) in [
+            ("2026-03-02T22:30:00Z", true),
+            ("2026-03-02T12:00:00Z", false),
+        ] {
+            let at = utc(at);
+            let ids: Vec<UserId> = (1..=40).collect();
+            let (once, each) = (
+                QuietAt::new(&campaign, &policy, at).expect("quiet hours apply"),
+                QuietAt::new(&campaign, &policy, at).expect("quiet hours apply"),
+            );
+            let (mut a, mut b) = (ids.clone(), ids.clone());
+            let held_once = once.split(&mut a, |&id| id, none);
+            let held_each = each.split(&mut b, |&id| id, Some(|_| None));
+            assert_eq!((&held_once, &a), (&held_each, &b), "{at}");
+            assert_eq!(once.release(), each.release(), "{at}");
+            match held {
+                true => {
+                    assert_eq!((held_once, a), (ids, Vec::new()));
+                    assert_eq!(once.release(), Some(utc("2026-03-03T07:00:00Z")));
+                }
+                false => {
+                    assert_eq!((held_once, a), (Vec::new(), ids));
+                    assert_eq!(once.release(), None);
+                }
+            }
         }
     }
 

@@ -335,7 +335,7 @@ async fn batches_as_run_cuts(
         send.retain(|&id| !holdout.holds(id));
         cut.held_out += (eligible - send.len()) as u64;
         if let Some(quiet) = &policy.quiet {
-            let held = quiet.split(&mut send, |&id| id, |id| policy.source.tz(id));
+            let held = quiet.split(&mut send, |&id| id, policy.source.zones());
             cut.quiet_held += held.len() as u64;
         }
         cut.batches += (send.len() as u64).div_ceil(sizing.batch_max_messages as u64);

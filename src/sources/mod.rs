@@ -199,6 +199,16 @@ impl UserSource {
         }
     }
 
+    /// [`Self::tz`], where any user has a zone of their own; `None` where every user is in
+    /// the job's `default_tz` (synthetic users, a file without zones), so that a caller
+    /// decides once for all of them.
+    pub fn zones(&self) -> Option<impl Fn(UserId) -> Option<chrono_tz::Tz> + '_> {
+        match self {
+            UserSource::Table(t) if t.zoned() => Some(move |id| t.tz(id)),
+            _ => None,
+        }
+    }
+
     /// User `id` in full, its tags distinct and sorted by name.
     pub fn get(&self, id: u32) -> Option<User> {
         match self {

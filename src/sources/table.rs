@@ -28,7 +28,7 @@ pub struct UserTable {
     tokens: String,
     /// User `i`'s token is `tokens[token_offsets[i]..token_offsets[i + 1]]`; empty is none.
     token_offsets: Vec<u64>,
-    /// User `i`'s time zone, if the input gave one.
+    /// User `i`'s time zone, if the input gave one; empty where it gave none for any user.
     zones: Vec<Option<Tz>>,
     tags: TagDict,
 }
@@ -134,9 +134,15 @@ impl UserTable {
         self.row_of(id).and_then(|row| self.token_at(row))
     }
 
+    /// Whether any user has a time zone of their own.
+    pub fn zoned(&self) -> bool {
+        !self.zones.is_empty()
+    }
+
     /// The time zone of user `id`, if the user exists and has one.
     pub fn tz(&self, id: u32) -> Option<Tz> {
-        self.row_of(id).and_then(|row| self.zones[row])
+        self.row_of(id)
+            .and_then(|row| self.zones.get(row).copied().flatten())
     }
 
     /// User `id` in full; its tags are distinct and sorted by name.
@@ -154,7 +160,7 @@ impl UserTable {
             points: self.points[row],
             tags,
             token: self.token_at(row).map(str::to_owned),
-            tz: self.zones[row],
+            tz: self.zones.get(row).copied().flatten(),
         })
     }
 }
@@ -223,6 +229,9 @@ impl TableBuilder {
     /// The table: rows sorted by id, and of each id only the last one pushed.
     pub fn finish(self) -> UserTable {
         let mut rows = self.rows;
+        if rows.zones.iter().all(Option::is_none) {
+            rows.zones = Vec::new();
+        }
         if self.ascending {
             rows.shrink_to_fit();
             return rows;
@@ -266,7 +275,10 @@ fn gather(rows: UserTable, order: &[u32]) -> UserTable {
     drop(levels);
     let new_points = order.iter().map(|r| points[pick(r)]).collect();
     drop(points);
-    let new_zones = order.iter().map(|r| zones[pick(r)]).collect();
+    let new_zones = match zones.is_empty() {
+        true => Vec::new(),
+        false => order.iter().map(|r| zones[pick(r)]).collect(),
+    };
     drop(zones);
 
     let mut new_tag_ids = Vec::new();

@@ -251,7 +251,7 @@ impl SetApart {
             });
         }
         if let Some(quiet) = &rt.quiet {
-            apart.quiet = quiet.split(&mut users, |c| c.id, |id| ctx.source.tz(id));
+            apart.quiet = quiet.split(&mut users, |c| c.id, ctx.source.zones());
         }
         (apart, users)
     }
