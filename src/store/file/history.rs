@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use anyhow::Context;
@@ -60,15 +61,19 @@ impl PageTable {
         self.0.get(n as usize)?.as_deref()
     }
 
-    /// Adds a send at `slot` to the history of each of `ids`, a page's run of ids at a time
-    /// (a claim's ids are sorted). A history with no send yet — every one in a first run —
-    /// becomes the same word, computed once.
+    /// Adds a send at `slot` to the history of each of `ids` (sorted), a run of consecutive
+    /// ids of one page at a time. A history with no send yet — every one in a first run —
+    /// becomes the same word, computed once, and a run of such histories is filled with it.
     fn add_sends(&mut self, table: &SendTimes, slot: u16, ids: &[u32]) {
         let first = History::default().with_send(table, slot).0;
-        for run in ids.chunk_by(|a, b| a >> 16 == b >> 16) {
+        for run in runs_in_pages(ids) {
             let page = self.slot(run[0] >> 16).get_or_insert_with(written_zeros);
-            for &id in run {
-                let h = &mut page[id as usize & (PAGE - 1)];
+            let words = &mut page[words_of(run)];
+            if words.iter().all(|&h| h == 0) {
+                words.fill(first);
+                continue;
+            }
+            for h in words {
                 *h = match *h {
                     0 => first,
                     sent => History(sent).with_send(table, slot).0,
@@ -85,6 +90,17 @@ impl PageTable {
             .filter_map(|(n, p)| p.as_deref().map(|p| (n as u32, p)))
     }
 }
+/// `ids` (sorted) cut into runs of consecutive ids within one page.
+fn runs_in_pages(ids: &[u32]) -> impl Iterator<Item = &[u32]> {
+    ids.chunk_by(|a, b| b.wrapping_sub(*a) == 1 && a >> 16 == b >> 16)
+}
+
+/// The positions in its page of a run of [`runs_in_pages`].
+fn words_of(run: &[u32]) -> std::ops::Range<usize> {
+    let start = run[0] as usize & (PAGE - 1);
+    start..start + run.len()
+}
+
 /// A page of empty histories, its zeros written. `vec![0; PAGE]` would take the system's
 /// untouched zero pages: each history is read before its send is added, which maps the
 /// shared zero page, and each first write then replaced it with a flush of every core's TLB
@@ -104,6 +120,28 @@ const SNAP_MAGIC: &[u8; 8] = b"FANOUTH1";
 pub struct SendHistory {
     dir: PathBuf,
     state: Mutex<State>,
+    /// Sends recorded here whose ledger claim is not written yet ([`Recorded`]): the lock is
+    /// not held across the ledger's write (the workers' claims would queue on it), so the
+    /// log is not folded into a snapshot while any is, as a crash before their claims must
+    /// find them in the log.
+    unclaimed: AtomicUsize,
+}
+
+/// Sends recorded in the history whose ledger claim is being written; the log is not folded
+/// while this lives.
+pub struct Recorded<'a>(&'a SendHistory);
+
+impl Recorded<'_> {
+    /// The ledger's claim of these sends failed: the log must be replayed at the next open.
+    pub fn must_replay(self) {
+        self.0.lock().must_replay = true;
+    }
+}
+
+impl Drop for Recorded<'_> {
+    fn drop(&mut self) {
+        self.0.unclaimed.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Everything behind the lock.
@@ -138,18 +176,23 @@ impl State {
         // holds only empty ones.
         let empty_admits = History::default().admits(&self.table, t, caps);
         let mut refused = Vec::new();
-        for run in ids.chunk_by(|a, b| a >> 16 == b >> 16) {
+        for run in runs_in_pages(ids) {
             let Some(page) = self.pages.page(run[0] >> 16) else {
                 if !empty_admits {
                     refused.extend_from_slice(run);
                 }
                 continue;
             };
-            refused.extend(run.iter().copied().filter(|&id| {
-                match page[id as usize & (PAGE - 1)] {
-                    0 => !empty_admits,
-                    sent => !History(sent).admits(&self.table, t, caps),
-                }
+            let words = &page[words_of(run)];
+            if empty_admits && words.iter().all(|&h| h == 0) {
+                continue;
+            }
+            refused.extend((run.iter().zip(words)).filter_map(|(&id, &h)| {
+                let admits = match h {
+                    0 => empty_admits,
+                    sent => History(sent).admits(&self.table, t, caps),
+                };
+                (!admits).then_some(id)
             }));
         }
         refused
@@ -168,11 +211,6 @@ impl State {
         self.logged += ids.len() as u64;
         self.pages.add_sends(&self.table, slot, ids);
         Ok(())
-    }
-
-    /// Marks the log as needed at the next open (a ledger record after a `sent` one failed).
-    pub fn must_replay(&mut self) {
-        self.must_replay = true;
     }
 }
 
@@ -394,12 +432,40 @@ impl SendHistory {
         Ok(SendHistory {
             dir,
             state: Mutex::new(state),
+            unclaimed: AtomicUsize::new(0),
         })
     }
 
     /// The state, locked.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// The state, locked for a capped claim at `at`: an error if the table no longer holds
+    /// the run's send time in its slot.
+    pub fn lock_at(&self, at: crate::store::SendAt) -> Result<MutexGuard<'_, State>> {
+        let st = self.lock();
+        if st.table.time(at.slot) != Some(at.t) {
+            return Err(Error::runtime(format!(
+                "send-time slot {} no longer holds the run's send time {}",
+                at.slot, at.t
+            )));
+        }
+        Ok(st)
+    }
+
+    /// [`State::record`] under `st` (this history's lock), with a guard that keeps the log
+    /// from being folded until the ledger's claim of the same sends is written.
+    pub fn record(
+        &self,
+        st: &mut State,
+        key: &str,
+        slot: u16,
+        ids: &[u32],
+    ) -> Result<Recorded<'_>> {
+        st.record(key, slot, ids)?;
+        self.unclaimed.fetch_add(1, Ordering::AcqRel);
+        Ok(Recorded(self))
     }
 
     /// See [`crate::store::Store::send_slot`]: the table is durable before the slot is used.
@@ -433,11 +499,14 @@ impl SendHistory {
     /// Folds the log into a new snapshot and starts the next generation, once the logs hold
     /// as many sends as `min_log_bytes` of four-byte ids would (a snapshot writes every page:
     /// 80 MB for 10M users, while replaying the logs at open updates a history per send, however
-    /// few bytes its runs take) — unless sends are still to be handed to their ledgers, or a
-    /// ledger record after a `sent` one failed.
+    /// few bytes its runs take) — unless sends are still to be handed to their ledgers, are
+    /// being claimed in them, or a ledger record after a `sent` one failed.
     pub fn checkpoint(&self, min_log_bytes: u64) -> Result<()> {
         let mut st = self.lock();
-        if st.must_replay || !st.unreconciled.is_empty() {
+        if st.must_replay
+            || !st.unreconciled.is_empty()
+            || self.unclaimed.load(Ordering::Acquire) > 0
+        {
             return Ok(());
         }
         if st.logged == 0 || st.logged.saturating_mul(4) < min_log_bytes {

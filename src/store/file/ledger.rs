@@ -267,7 +267,7 @@ impl FileLedger {
     pub fn claim_capped(
         &self,
         ids: &[u32],
-        history: &mut super::history::State,
+        history: &super::history::SendHistory,
         at: crate::store::SendAt,
         caps: &[crate::history::Window],
     ) -> Result<crate::store::CappedClaim> {

@@ -351,16 +351,9 @@ pub fn claim_capped(
         return Ok(Vec::new());
     };
     let history = first.history()?;
-    let mut st = history.lock();
-    if st.table.time(at.slot) != Some(at.t) {
-        return Err(Error::runtime(format!(
-            "send-time slot {} no longer holds the run's send time {}",
-            at.slot, at.t
-        )));
-    }
     ledgers
         .iter()
-        .map(|(l, ids)| l.claim_capped(ids, &mut st, at, caps))
+        .map(|(l, ids)| l.claim_capped(ids, &history, at, caps))
         .collect()
 }
 

@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use roaring::RoaringBitmap;
 
 use super::format::{encode_record, encode_runs, runs_are_disjoint, runs_of, Kind, Sets};
+use super::history::{Recorded, SendHistory};
 use super::{io_error, lock};
 use crate::error::{Error, Result};
 use crate::store::Claim;
@@ -327,12 +328,14 @@ impl Shard {
 
     /// The capped claim of `ids` (all of this shard, sorted) at `at`; see
     /// [`crate::store::claim_capped`]. The sends go to `history`'s write-ahead log before this
-    /// ledger's claim record, so a crash between the two loses no send.
+    /// ledger's claim record, so a crash between the two loses no send. The history's lock
+    /// is held from the test of the caps to the record of the sends, no longer: it is the
+    /// store's, and each worker claims in its own shard.
     pub(super) fn claim_capped(
         &self,
         key: &str,
         ids: &[u32],
-        history: &mut super::history::State,
+        history: &SendHistory,
         at: crate::store::SendAt,
         caps: &[crate::history::Window],
     ) -> Result<crate::store::CappedClaim> {
@@ -343,19 +346,25 @@ impl Shard {
         // A batch none of whose ids was ever claimed (a first run) skips the per-id ledger
         // lookups: every id goes to its history, and usually every one is sent.
         if let Some(batch) = batch.filter(|b| b.is_disjoint(&st.sets.claimed)) {
-            out.capped = history.refused(ids, at.t, caps);
+            let mut h = history.lock_at(at)?;
+            out.capped = h.refused(ids, at.t, caps);
             if out.capped.is_empty() {
-                self.settle_capped(key, st, history, at.slot, (ids, &batch), &[])?;
+                let recorded = history.record(&mut h, key, at.slot, ids)?;
+                drop(h);
+                self.settle_capped(key, st, recorded, (ids, &batch), &[])?;
                 out.claim.claimed = ids.to_vec();
             } else {
                 let sent = batch.into_set() - bitmap_of(&out.capped);
                 out.claim.claimed = sent.iter().collect();
+                let recorded = history.record(&mut h, key, at.slot, &out.claim.claimed)?;
+                drop(h);
                 let sent = (out.claim.claimed.as_slice(), &Batch::Set(sent));
-                self.settle_capped(key, st, history, at.slot, sent, &out.capped)?;
+                self.settle_capped(key, st, recorded, sent, &out.capped)?;
             }
             return Ok(out);
         }
         let (mut sent, mut resend) = (Vec::new(), RoaringBitmap::new());
+        let mut h = history.lock_at(at)?;
         // Repeats (ids are sorted, so a repeat follows its first) answer as already granted.
         let mut last = None;
         for &id in ids {
@@ -370,35 +379,38 @@ impl Shard {
                     }
                     false => out.claim.already.push(id),
                 }
-            } else if history.get(id).admits(&history.table, at.t, caps) {
+            } else if h.get(id).admits(&h.table, at.t, caps) {
                 sent.push(id);
                 out.claim.claimed.push(id);
             } else {
                 out.capped.push(id);
             }
         }
+        let recorded = match sent.is_empty() {
+            true => None,
+            false => Some(history.record(&mut h, key, at.slot, &sent)?),
+        };
+        drop(h);
         let sent_set = Batch::Set(bitmap_of(&sent));
-        self.settle_capped(key, st, history, at.slot, (&sent, &sent_set), &out.capped)?;
+        self.settle_capped(key, st, recorded, (&sent, &sent_set), &out.capped)?;
         st.pending -= &resend;
         Ok(out)
     }
 
-    /// Records a capped claim's decisions: the sends at `slot` (`sent`, as a list and as a
-    /// batch) first in `history` (its write-ahead record, then each history), then as claims
-    /// here; the `capped` ids as claimed and settled capped in one record.
-    fn settle_capped(
+    /// Records a capped claim's decisions in this ledger: the sends (`sent`, as a list and as
+    /// a batch), already `recorded` in the send history, as claims; the `capped` ids as
+    /// claimed and settled capped in one record.
+    fn settle_capped<'h>(
         &self,
         key: &str,
         st: &mut State,
-        history: &mut super::history::State,
-        slot: u16,
+        recorded: impl Into<Option<Recorded<'h>>>,
         (sent, sent_batch): (&[u32], &Batch),
         capped: &[u32],
     ) -> Result<()> {
-        if !sent.is_empty() {
-            history.record(key, slot, sent)?;
+        if let Some(recorded) = recorded.into() {
             if let Err(e) = self.append_batch(key, st, Kind::Claim, sent, sent_batch) {
-                history.must_replay();
+                recorded.must_replay();
                 return Err(e);
             }
             sent_batch.apply_to(&mut st.sets, Kind::Claim);

@@ -444,3 +444,31 @@ fn capped_claims_follow_the_reference_model_across_shards_and_crashes() {
         "{claims} claimed ({resent} again), {capped} capped, {fast} first-run, {torn} torn"
     );
 }
+
+/// A send is recorded in the history before its ledger claim is written, and the history's
+/// lock is not held in between: a checkpoint in that window must leave the send in the log,
+/// for a crash before the claim to hand it to its ledger at the next open.
+#[test]
+fn the_history_is_not_folded_while_a_send_awaits_its_ledger_claim() {
+    use crate::store::SendAt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    {
+        let store = open(dir);
+        let t = 1_000;
+        let at = SendAt {
+            slot: store.send_slot(t, 100).expect("slot"),
+            t,
+        };
+        let history = store.history.get().expect("history");
+        let mut st = history.lock_at(at).expect("slot holds the time");
+        let recorded = history.record(&mut st, "e", at.slot, &[9]).expect("record");
+        drop(st);
+        history.checkpoint(0).expect("history checkpoint");
+        // The crash: the claim of 9 is never written.
+        drop(recorded);
+    }
+    let store = open(dir);
+    let e = store.ledger("e").expect("ledger e");
+    assert_eq!(e.sets().claimed.iter().collect::<Vec<_>>(), [9]);
+}
