@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use roaring::RoaringBitmap;
 
-use super::format::{encode_record, encode_runs, runs_are_disjoint, runs_of, Kind, Sets};
+use super::format::{encode_record, encode_runs, joined_runs, runs_of, Kind, Sets};
 use super::history::{Recorded, SendHistory};
 use super::{io_error, lock};
 use crate::error::{Error, Result};
@@ -161,19 +161,24 @@ impl Batch {
             .map(Batch::Set)
     }
 
-    /// Whether no id of the batch is in `set`.
-    fn is_disjoint(&self, set: &RoaringBitmap) -> bool {
+    /// The batch ready to apply, if `set` holds none of its ids: its runs joined across the
+    /// gaps `set` holds ([`joined_runs`]), or its bitmap.
+    fn fit(&self, set: &RoaringBitmap) -> Option<Fitted<'_>> {
         match self {
-            Batch::Runs(runs) => runs_are_disjoint(runs, set),
-            Batch::Set(b) => b.is_disjoint(set),
+            Batch::Runs(runs) => joined_runs(runs, set).map(|joined| Fitted::Runs { runs, joined }),
+            Batch::Set(b) => b.is_disjoint(set).then_some(Fitted::Set(b)),
         }
     }
 
-    /// Applies the batch to `sets` as a record of `kind` (see [`Sets::apply_all`]).
-    fn apply_to(&self, sets: &mut Sets, kind: Kind) {
+    /// [`Self::fit`] of a batch known to hold no claimed id (ids tested one by one, a part
+    /// of a batch fitted already): its runs as they are.
+    fn fitted(&self) -> Fitted<'_> {
         match self {
-            Batch::Runs(runs) => runs.iter().for_each(|r| sets.apply_range(kind, r)),
-            Batch::Set(b) => sets.apply_all(kind, b),
+            Batch::Runs(runs) => Fitted::Runs {
+                runs,
+                joined: runs.clone(),
+            },
+            Batch::Set(b) => Fitted::Set(b),
         }
     }
 
@@ -199,6 +204,27 @@ impl Batch {
                 set
             }
             Batch::Set(b) => b,
+        }
+    }
+}
+
+/// A [`Batch`] none of whose ids is in the set it was fitted against ([`Batch::fit`]).
+enum Fitted<'a> {
+    Runs {
+        runs: &'a [RangeInclusive<u32>],
+        joined: Vec<RangeInclusive<u32>>,
+    },
+    Set(&'a RoaringBitmap),
+}
+
+impl Fitted<'_> {
+    /// Applies the batch to `sets` as a record of `kind`; `settled`: it was fitted against
+    /// done or `kind`'s tag (a mark), else against the claimed set (see
+    /// [`Sets::apply_joined`]).
+    fn apply_to(&self, sets: &mut Sets, kind: Kind, settled: bool) {
+        match self {
+            Fitted::Runs { runs, joined } => sets.apply_joined(kind, runs, joined, settled),
+            Fitted::Set(b) => sets.apply_all(kind, b),
         }
     }
 }
@@ -279,10 +305,11 @@ impl Shard {
         ids: &[u32],
         batch: Batch,
     ) -> Result<Claim> {
-        if batch.is_disjoint(&st.sets.claimed) && batch.is_disjoint(&st.sets.done) {
-            // The common case, a first run: every id is new (tested without building a set).
+        // The common case, a first run: every id is new (tested without building a set; the
+        // claimed set holds the done one).
+        if let Some(fitted) = batch.fit(&st.sets.claimed) {
             self.append_batch(key, st, kind, ids, &batch)?;
-            batch.apply_to(&mut st.sets, kind);
+            fitted.apply_to(&mut st.sets, kind, false);
             return Ok(Claim {
                 claimed: ids.to_vec(),
                 already: Vec::new(),
@@ -345,21 +372,25 @@ impl Shard {
         let mut out = crate::store::CappedClaim::default();
         // A batch none of whose ids was ever claimed (a first run) skips the per-id ledger
         // lookups: every id goes to its history, and usually every one is sent.
-        if let Some(batch) = batch.filter(|b| b.is_disjoint(&st.sets.claimed)) {
+        let fitted = batch
+            .as_ref()
+            .and_then(|b| Some((b, b.fit(&st.sets.claimed)?)));
+        if let Some((batch, fitted)) = fitted {
             let mut h = history.lock_at(at)?;
             out.capped = h.refused(ids, at.t, caps);
             if out.capped.is_empty() {
                 let recorded = history.record(&mut h, key, at.slot, ids)?;
                 drop(h);
-                self.settle_capped(key, st, recorded, (ids, &batch), &[])?;
+                self.settle_capped(key, st, recorded, (ids, batch, fitted), &[])?;
                 out.claim.claimed = ids.to_vec();
             } else {
-                let sent = batch.into_set() - bitmap_of(&out.capped);
+                let sent = bitmap_of(ids) - bitmap_of(&out.capped);
                 out.claim.claimed = sent.iter().collect();
                 let recorded = history.record(&mut h, key, at.slot, &out.claim.claimed)?;
                 drop(h);
-                let sent = (out.claim.claimed.as_slice(), &Batch::Set(sent));
-                self.settle_capped(key, st, recorded, sent, &out.capped)?;
+                let sent = Batch::Set(sent);
+                let sends = (out.claim.claimed.as_slice(), &sent, sent.fitted());
+                self.settle_capped(key, st, recorded, sends, &out.capped)?;
             }
             return Ok(out);
         }
@@ -392,20 +423,21 @@ impl Shard {
         };
         drop(h);
         let sent_set = Batch::Set(bitmap_of(&sent));
-        self.settle_capped(key, st, recorded, (&sent, &sent_set), &out.capped)?;
+        let sends = (sent.as_slice(), &sent_set, sent_set.fitted());
+        self.settle_capped(key, st, recorded, sends, &out.capped)?;
         st.pending -= &resend;
         Ok(out)
     }
 
-    /// Records a capped claim's decisions in this ledger: the sends (`sent`, as a list and as
-    /// a batch), already `recorded` in the send history, as claims; the `capped` ids as
-    /// claimed and settled capped in one record.
+    /// Records a capped claim's decisions in this ledger: the sends (`sent`, as a list, as a
+    /// batch and fitted against the claimed set), already `recorded` in the send history, as
+    /// claims; the `capped` ids as claimed and settled capped in one record.
     fn settle_capped<'h>(
         &self,
         key: &str,
         st: &mut State,
         recorded: impl Into<Option<Recorded<'h>>>,
-        (sent, sent_batch): (&[u32], &Batch),
+        (sent, sent_batch, fitted): (&[u32], &Batch, Fitted<'_>),
         capped: &[u32],
     ) -> Result<()> {
         if let Some(recorded) = recorded.into() {
@@ -413,7 +445,7 @@ impl Shard {
                 recorded.must_replay();
                 return Err(e);
             }
-            sent_batch.apply_to(&mut st.sets, Kind::Claim);
+            fitted.apply_to(&mut st.sets, Kind::Claim, false);
         }
         if !capped.is_empty() {
             self.append(key, st, Kind::Capped, capped)?;
@@ -485,30 +517,27 @@ impl Shard {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let settled = st.sets.tag(kind).unwrap_or(&st.sets.done);
-        match batch {
-            // None settled before (the common case): written as given, no difference built.
-            Some(batch) if batch.is_disjoint(settled) => {
-                self.append_batch(key, st, kind, ids, &batch)?;
-                batch.apply_to(&mut st.sets, kind);
-                if !st.pending.is_empty() {
-                    batch.remove_from(&mut st.pending);
-                }
+        // None settled before (the common case): written as given, no difference built.
+        if let Some((batch, fitted)) = batch.as_ref().and_then(|b| Some((b, b.fit(settled)?))) {
+            self.append_batch(key, st, kind, ids, batch)?;
+            fitted.apply_to(&mut st.sets, kind, true);
+            if !st.pending.is_empty() {
+                batch.remove_from(&mut st.pending);
             }
-            batch => {
-                let batch = match batch {
-                    Some(batch) => batch.into_set(),
-                    None => ids.iter().copied().collect(),
-                };
-                let new = batch - settled;
-                if new.is_empty() {
-                    return Ok(());
-                }
-                let ids: Vec<u32> = new.iter().collect();
-                self.append(key, st, kind, &ids)?;
-                st.sets.apply_all(kind, &new);
-                st.pending -= &new;
-            }
+            return Ok(());
         }
+        let batch = match batch {
+            Some(batch) => batch.into_set(),
+            None => ids.iter().copied().collect(),
+        };
+        let new = batch - settled;
+        if new.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<u32> = new.iter().collect();
+        self.append(key, st, kind, &ids)?;
+        st.sets.apply_all(kind, &new);
+        st.pending -= &new;
         Ok(())
     }
 

@@ -1,6 +1,8 @@
 //! The log's records: torn tails cut, corruption refused, consecutive ids written as runs.
 
-use super::super::format::{check_torn_tail, run_of, runs_are_disjoint, runs_of, RECORD_HEADER};
+use super::super::format::{
+    check_torn_tail, joined_runs, run_of, runs_are_disjoint, runs_of, Kind, Sets, RECORD_HEADER,
+};
 use super::*;
 
 #[test]
@@ -297,4 +299,97 @@ fn runs_are_disjoint_from_a_set_exactly_when_no_id_of_theirs_is_in_it() {
         }
     }
     assert!(disjoint > 500 && not > 500, "{disjoint} {not}");
+}
+
+/// `joined_runs` against the naive reading: `None` exactly when the set holds an id of a run,
+/// else the runs joined across every gap whose ids the set all holds. Applied to a ledger's
+/// sets (claimed ⊇ done ⊇ each tag) with `Sets::apply_joined` — by a mark, walked against
+/// the set it settles into, or by a claim, walked against the claimed set — they come out as
+/// inserting each run by itself makes them.
+#[test]
+fn runs_join_across_the_gaps_a_set_holds_and_apply_as_the_runs_do() {
+    use std::ops::RangeInclusive;
+    let mut next = crate::xorshift(0x7c1f_94e2_03ab_58d1);
+    let (mut joined_some, mut refused) = (0, 0);
+    for _ in 0..5_000 {
+        let base = [0, 65_000, u32::MAX - 3_000][next(3) as usize];
+        let mut runs = Vec::new();
+        let mut at = base + next(100) as u32;
+        for _ in 0..1 + next(12) {
+            let end = at + next(30) as u32;
+            runs.push(at..=end);
+            // Gaps of an id or three (users set apart), now and then a long one.
+            at = end + 2 + if next(4) == 0 { next(200) } else { next(3) } as u32;
+        }
+        // The set walked holds most gap ids, and a few ids anywhere (in a run: refused).
+        let mut set: roaring::RoaringBitmap = runs
+            .windows(2)
+            .flat_map(|w| *w[0].end() + 1..*w[1].start())
+            .filter(|_| next(8) != 0)
+            .collect();
+        for _ in 0..next(3) {
+            set.insert(base + next(2_500) as u32);
+        }
+        let disjoint = runs.iter().all(|r| r.clone().all(|id| !set.contains(id)));
+        let got = joined_runs(&runs, &set);
+        assert_eq!(got.is_some(), disjoint, "{runs:?} {set:?}");
+        let Some(joined) = got else {
+            refused += 1;
+            continue;
+        };
+        let mut want: Vec<RangeInclusive<u32>> = Vec::new();
+        for r in &runs {
+            match want.last_mut() {
+                Some(w) if (*w.end() + 1..*r.start()).all(|id| set.contains(id)) => {
+                    *w = *w.start()..=*r.end()
+                }
+                _ => want.push(r.clone()),
+            }
+        }
+        assert_eq!(joined, want, "{runs:?} {set:?}");
+        if joined.len() < runs.len() {
+            joined_some += 1;
+        }
+        let some = |next: &mut dyn FnMut(u64) -> u64| -> roaring::RoaringBitmap {
+            (0..next(20)).map(|_| base + next(2_500) as u32).collect()
+        };
+        // A mark walked against the set it settles into, or a claim walked against claimed.
+        let (kind, settled) = [
+            (Kind::Done, true),
+            (Kind::Dead, true),
+            (Kind::Claim, false),
+            (Kind::HeldOut, false),
+        ][next(4) as usize];
+        let mut sets = Sets::default();
+        if settled {
+            match kind {
+                Kind::Done => sets.done = set.clone(),
+                _ => {
+                    sets.dead = set.clone();
+                    sets.done = &set | &some(&mut next);
+                }
+            }
+            sets.claimed = &sets.done | &some(&mut next);
+        } else {
+            sets.claimed = set.clone();
+            sets.done = &set & &some(&mut next);
+            sets.held_out = &sets.done & &some(&mut next);
+        }
+        let mut by_run = Sets {
+            claimed: sets.claimed.clone(),
+            done: sets.done.clone(),
+            dead: sets.dead.clone(),
+            held_out: sets.held_out.clone(),
+            ..Sets::default()
+        };
+        for r in &runs {
+            by_run.apply_range(kind, r);
+        }
+        sets.apply_joined(kind, &runs, &joined, settled);
+        assert_eq!(sets, by_run, "{kind:?} {runs:?} {set:?}");
+    }
+    assert!(
+        joined_some > 1_000 && refused > 100,
+        "{joined_some} {refused}"
+    );
 }
