@@ -10,6 +10,7 @@ use anyhow::Context;
 use roaring::RoaringBitmap;
 
 use super::io_error;
+use super::runs::run_of;
 use crate::error::{Error, Result};
 
 /// First bytes of a snapshot; the digit is the format version. Version 2 added the
@@ -175,7 +176,7 @@ impl Sets {
     }
 
     /// [`Sets::apply_range`] of each of `runs`, taking `joined` (the runs joined across gaps
-    /// whose ids are all in the set walked: [`joined_runs`]) where the target holds that set:
+    /// whose ids are all in the set walked: [`super::runs::joined_runs`]) where the target holds that set:
     /// the claimed set always (it holds done, and done holds the tags); done and the kind's
     /// tag too where the set walked was `settled` (done, or this kind's tag: a mark's).
     pub(super) fn apply_joined(
@@ -314,155 +315,6 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// Set in a record's kind byte when its ids are written as runs: (first, last) pairs, both
 /// inclusive, instead of one by one.
 const RUNS: u8 = 0x80;
-
-/// `ids` as one run of consecutive ascending ids, if they are one: an id-ordered batch of a
-/// densely numbered population is. One pass with no early exit, which the compiler turns
-/// into vector compares: a few hundred nanoseconds for a push task's ids.
-pub fn run_of(ids: &[u32]) -> Option<RangeInclusive<u32>> {
-    let (&first, &last) = (ids.first()?, ids.last()?);
-    // Every step +1 (wrapping) and the span as long as the ids: no step wrapped.
-    let steps =
-        (ids[1..].iter().zip(ids)).fold(true, |ok, (next, id)| ok & (next.wrapping_sub(*id) == 1));
-    let span = u64::from(last).checked_sub(u64::from(first))? + 1;
-    (steps && span == ids.len() as u64).then_some(first..=last)
-}
-
-/// Ids of a run [`runs_of`] steps through before it gallops.
-const SHORT_RUN: usize = 16;
-
-/// `ids` as runs of consecutive ids, if they are strictly ascending and make at most `max`
-/// runs: a push task's ids (the users of a few buckets of one worker) are a few runs, and a
-/// task's sends once policy set a tenth of them apart are runs of about ten. One pass with no
-/// early exit checks the order (vector compares, as in [`run_of`]); strictly ascending ids
-/// spanning as many values as there are ids are one run, and otherwise each run's end is
-/// found by stepping through its first ids, then galloping and bisection (no more runs are
-/// looked for than `max`), since in strictly ascending ids `ids[j] - ids[i] == j - i` holds
-/// exactly while `ids[i..=j]` is a run.
-pub fn runs_of(ids: &[u32], max: usize) -> Option<Vec<RangeInclusive<u32>>> {
-    let (first, last) = (*ids.first()?, *ids.last()?);
-    let ascending = (ids[1..].iter().zip(ids)).fold(true, |ok, (next, id)| ok & (next > id));
-    if !ascending || max == 0 {
-        return None;
-    }
-    if u64::from(last - first) + 1 == ids.len() as u64 {
-        return Some(vec![first..=last]);
-    }
-    let mut runs = Vec::with_capacity(max.min(64));
-    let mut rest = ids;
-    while let Some(&start) = rest.first() {
-        if runs.len() == max {
-            return None;
-        }
-        // Whether rest[..=i] is a run.
-        let run_to = |i: usize| u64::from(rest[i] - start) == i as u64;
-        // rest[..lo] is a run. A short one (a task's sends once policy set a tenth of its
-        // users apart) ends within a few steps; a run still going after them is galloped
-        // over, then bisected (the run ends before `hi`).
-        let steps = rest.len().min(SHORT_RUN);
-        let mut lo = 1;
-        while lo < steps && run_to(lo) {
-            lo += 1;
-        }
-        if lo == steps {
-            let mut probe = lo;
-            while probe < rest.len() && run_to(probe) {
-                lo = probe + 1;
-                probe *= 2;
-            }
-            let mut hi = probe.min(rest.len());
-            while lo < hi {
-                let mid = lo + (hi - lo) / 2;
-                if run_to(mid) {
-                    lo = mid + 1;
-                } else {
-                    hi = mid;
-                }
-            }
-        }
-        runs.push(start..=rest[lo - 1]);
-        rest = &rest[lo..];
-    }
-    Some(runs)
-}
-
-/// Whether `set` holds no id of ascending, disjoint `runs`: one walk of the set's ids over
-/// the runs' span, each run looked up from its start only while the set's next id lies
-/// before it (a task's runs are often the gaps between ids the set holds: those of its users
-/// set apart a moment before). Past the set's last id, nothing to walk.
-pub fn runs_are_disjoint(runs: &[RangeInclusive<u32>], set: &RoaringBitmap) -> bool {
-    let (Some(first), Some(last), Some(max)) = (runs.first(), runs.last(), set.max()) else {
-        return true;
-    };
-    if max < *first.start() {
-        return true;
-    }
-    let mut ids = set.range(*first.start()..=*last.end());
-    // The set's least id at or past the runs looked at so far.
-    let Some(mut next) = ids.next() else {
-        return true;
-    };
-    for run in runs {
-        if next < *run.start() {
-            ids.advance_to(*run.start());
-            match ids.next() {
-                Some(id) => next = id,
-                None => return true,
-            }
-        }
-        if next <= *run.end() {
-            return false;
-        }
-    }
-    true
-}
-
-/// [`runs_are_disjoint`] that also joins the runs across every gap `set` holds whole: `None`
-/// if `set` holds an id of a run, else the joined ranges. Where a set holds every id of the
-/// set walked (the ledger's claimed set holds its done set, which holds each settled tag),
-/// inserting the joined ranges into it adds exactly the runs' ids — one range where policy set
-/// a few users of a task apart (the gaps: ids the ledger settled as held out a moment before)
-/// instead of one a run, which was the most of a policy run's marks and claims. One walk of
-/// the set's ids over the runs' span: a step per id of a gap, a seek where a gap is not held.
-pub fn joined_runs(
-    runs: &[RangeInclusive<u32>],
-    set: &RoaringBitmap,
-) -> Option<Vec<RangeInclusive<u32>>> {
-    let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
-        return Some(Vec::new());
-    };
-    if set.max().is_none_or(|max| max < *first.start()) {
-        return Some(runs.to_vec());
-    }
-    let mut ids = set.range(*first.start()..=*last.end());
-    // The set's least id past every id walked so far.
-    let mut next = ids.next();
-    let mut joined: Vec<RangeInclusive<u32>> = Vec::with_capacity(runs.len());
-    for run in runs {
-        let (start, end) = (*run.start(), *run.end());
-        // Whether the set holds the whole gap from the run before (runs ascend: no overflow).
-        let mut held = false;
-        if let Some(before) = joined.last() {
-            let mut gap = before.end() + 1;
-            while gap < start && next == Some(gap) {
-                next = ids.next();
-                gap += 1;
-            }
-            held = gap == start;
-        }
-        if next.is_some_and(|id| id < start) {
-            ids.advance_to(start);
-            next = ids.next();
-        }
-        if next.is_some_and(|id| id <= end) {
-            return None;
-        }
-        match joined.last_mut() {
-            Some(before) if held => *before = *before.start()..=end,
-            _ => joined.push(run.clone()),
-        }
-    }
-    Some(joined)
-}
 
 /// Fills `buf` with one log record of `kind` for `ids`: as runs of consecutive ids when that
 /// takes at most half the bytes (an id-ordered batch of a densely numbered population is one

@@ -29,6 +29,7 @@ mod campaigns;
 mod format;
 mod history;
 mod ledger;
+mod runs;
 mod shard;
 #[cfg(test)]
 mod tests;
@@ -45,10 +46,10 @@ use anyhow::{anyhow, Context};
 use crate::error::{Error, Result};
 pub use campaigns::set_state_in;
 use format::{file_stem, load};
+pub use ledger::FileLedger;
 /// The ledger's claim of an id-ordered batch that is one run of consecutive ids: its shape
 /// test and its disjointness test (bench/ceiling.rs claims the same way).
-pub use format::{run_of, runs_are_disjoint};
-pub use ledger::FileLedger;
+pub use runs::{run_of, runs_are_disjoint};
 pub use shard::Shards;
 
 /// A ledger whose log is bigger than this is checkpointed when opened.

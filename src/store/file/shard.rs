@@ -17,8 +17,9 @@ use std::sync::Mutex;
 
 use roaring::RoaringBitmap;
 
-use super::format::{encode_record, encode_runs, joined_runs, runs_of, Kind, Sets};
+use super::format::{encode_record, encode_runs, Kind, Sets};
 use super::history::{Recorded, SendHistory};
+use super::runs::{joined_runs, runs_of};
 use super::{io_error, lock};
 use crate::error::{Error, Result};
 use crate::store::Claim;

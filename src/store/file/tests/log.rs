@@ -1,8 +1,7 @@
 //! The log's records: torn tails cut, corruption refused, consecutive ids written as runs.
 
-use super::super::format::{
-    check_torn_tail, joined_runs, run_of, runs_are_disjoint, runs_of, Kind, Sets, RECORD_HEADER,
-};
+use super::super::format::{check_torn_tail, Kind, Sets, RECORD_HEADER};
+use super::super::runs::{joined_runs, run_of, runs_are_disjoint, runs_of};
 use super::*;
 
 #[test]
