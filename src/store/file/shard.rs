@@ -387,7 +387,10 @@ impl Shard {
             } else {
                 let sent = bitmap_of(ids) - bitmap_of(&out.capped);
                 out.claim.claimed = sent.iter().collect();
-                let recorded = history.record(&mut h, key, at.slot, &out.claim.claimed)?;
+                let recorded = match sent.is_empty() {
+                    true => None,
+                    false => Some(history.record(&mut h, key, at.slot, &out.claim.claimed)?),
+                };
                 drop(h);
                 let sent = Batch::Set(sent);
                 let sends = (out.claim.claimed.as_slice(), &sent, sent.fitted());

@@ -472,3 +472,34 @@ fn the_history_is_not_folded_while_a_send_awaits_its_ledger_claim() {
     let e = store.ledger("e").expect("ledger e");
     assert_eq!(e.sets().claimed.iter().collect::<Vec<_>>(), [9]);
 }
+
+/// A batch of users never claimed whom a cap binds, every one: nothing is sent, so nothing
+/// is written to the send history's log (a record of no sends).
+#[test]
+fn a_fresh_batch_capped_whole_writes_no_send() {
+    use crate::history::Window;
+    use crate::store::{claim_capped_local, Ledger, SendAt};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let caps = [Window { max: 1, per_s: 100 }];
+    let t = 1_000;
+    let at = SendAt {
+        slot: store.send_slot(t, 100).expect("slot"),
+        t,
+    };
+    let claim = |key: &str| {
+        let members = [(
+            Ledger::File(store.ledger(key).expect("ledger")),
+            (1..=8).collect(),
+        )];
+        let got = claim_capped_local(&members, at, &caps)
+            .expect("local")
+            .expect("claim");
+        (got[0].claim.claimed.clone(), got[0].capped.clone())
+    };
+    assert_eq!(claim("a"), ((1..=8).collect(), vec![]));
+    let log = tmp.path().join("history").join("sent.1.log");
+    let before = std::fs::metadata(&log).expect("history log").len();
+    assert_eq!(claim("b"), (vec![], (1..=8).collect()));
+    assert_eq!(std::fs::metadata(&log).expect("history log").len(), before);
+}
