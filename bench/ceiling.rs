@@ -20,7 +20,7 @@ use fanout::model::{Campaign, CouponDelivery, Target, UserRef};
 use fanout::render::Renderer;
 use fanout::sources::logins;
 use fanout::sources::{LoadOptions, UserSource};
-use fanout::store::file::{run_of, runs_are_disjoint};
+use fanout::store::file::{joined_runs, run_of};
 use fanout::store::Store;
 use fanout::template::UserVars;
 use roaring::RoaringBitmap;
@@ -139,7 +139,8 @@ fn take(pending: &mut Vec<UserVars>, u: &UserRef<'_>, batch: usize) -> bool {
 /// Claims `users` (ascending ids) in `claimed`: `None` when every one is new, else the new
 /// ones. As the embedded ledger claims a batch (`store::file::shard`'s `Batch`): its ids
 /// collected, and a batch that is one run of consecutive ids (every batch of a dense
-/// population) judged by counting the claimed set over its range and inserted as that range;
+/// population) judged by one walk of the claimed set over its range (`joined_runs`, as the
+/// ledger's) and inserted as that range;
 /// any other batch as one set operation of whole containers.
 fn claim_sorted(
     claimed: &mut RoaringBitmap,
@@ -149,7 +150,7 @@ fn claim_sorted(
     ids.clear();
     ids.extend(users.iter().map(|u| u.id));
     if let Some(run) =
-        run_of(ids).filter(|run| runs_are_disjoint(std::slice::from_ref(run), claimed))
+        run_of(ids).filter(|run| joined_runs(std::slice::from_ref(run), claimed).is_some())
     {
         claimed.insert_range(run);
         return None;

@@ -176,9 +176,10 @@ impl Sets {
     }
 
     /// [`Sets::apply_range`] of each of `runs`, taking `joined` (the runs joined across gaps
-    /// whose ids are all in the set walked: [`super::runs::joined_runs`]) where the target holds that set:
-    /// the claimed set always (it holds done, and done holds the tags); done and the kind's
-    /// tag too where the set walked was `settled` (done, or this kind's tag: a mark's).
+    /// whose ids are all in the set walked: [`super::runs::joined_runs`]) where the target
+    /// holds that set: the claimed set always (it holds done, and done holds the tags); done
+    /// and the kind's tag too where the set walked was `settled` (done, or this kind's tag:
+    /// a mark's).
     pub(super) fn apply_joined(
         &mut self,
         kind: Kind,

@@ -90,6 +90,7 @@ impl PageTable {
             .filter_map(|(n, p)| p.as_deref().map(|p| (n as u32, p)))
     }
 }
+
 /// `ids` (sorted) cut into runs of consecutive ids within one page.
 fn runs_in_pages(ids: &[u32]) -> impl Iterator<Item = &[u32]> {
     ids.chunk_by(|a, b| b.wrapping_sub(*a) == 1 && a >> 16 == b >> 16)

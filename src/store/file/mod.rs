@@ -49,7 +49,7 @@ use format::{file_stem, load};
 pub use ledger::FileLedger;
 /// The ledger's claim of an id-ordered batch that is one run of consecutive ids: its shape
 /// test and its disjointness test (bench/ceiling.rs claims the same way).
-pub use runs::{run_of, runs_are_disjoint};
+pub use runs::{joined_runs, run_of};
 pub use shard::Shards;
 
 /// A ledger whose log is bigger than this is checkpointed when opened.

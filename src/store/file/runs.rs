@@ -76,44 +76,14 @@ pub fn runs_of(ids: &[u32], max: usize) -> Option<Vec<RangeInclusive<u32>>> {
     Some(runs)
 }
 
-/// Whether `set` holds no id of ascending, disjoint `runs`: one walk of the set's ids over
-/// the runs' span, each run looked up from its start only while the set's next id lies
-/// before it (a task's runs are often the gaps between ids the set holds: those of its users
-/// set apart a moment before). Past the set's last id, nothing to walk.
-pub fn runs_are_disjoint(runs: &[RangeInclusive<u32>], set: &RoaringBitmap) -> bool {
-    let (Some(first), Some(last), Some(max)) = (runs.first(), runs.last(), set.max()) else {
-        return true;
-    };
-    if max < *first.start() {
-        return true;
-    }
-    let mut ids = set.range(*first.start()..=*last.end());
-    // The set's least id at or past the runs looked at so far.
-    let Some(mut next) = ids.next() else {
-        return true;
-    };
-    for run in runs {
-        if next < *run.start() {
-            ids.advance_to(*run.start());
-            match ids.next() {
-                Some(id) => next = id,
-                None => return true,
-            }
-        }
-        if next <= *run.end() {
-            return false;
-        }
-    }
-    true
-}
-
-/// [`runs_are_disjoint`] that also joins the runs across every gap `set` holds whole: `None`
-/// if `set` holds an id of a run, else the joined ranges. Where a set holds every id of the
+/// Whether `set` holds no id of ascending, disjoint `runs`, and the runs joined across every
+/// gap `set` holds whole: `None` if `set` holds an id of a run, else the joined ranges. Where a set holds every id of the
 /// set walked (the ledger's claimed set holds its done set, which holds each settled tag),
 /// inserting the joined ranges into it adds exactly the runs' ids — one range where policy set
 /// a few users of a task apart (the gaps: ids the ledger settled as held out a moment before)
 /// instead of one a run, which was the most of a policy run's marks and claims. One walk of
-/// the set's ids over the runs' span: a step per id of a gap, a seek where a gap is not held.
+/// the set's ids over the runs' span: a step per id of a gap, a seek where a gap is not held;
+/// past the set's last id, nothing to walk.
 pub fn joined_runs(
     runs: &[RangeInclusive<u32>],
     set: &RoaringBitmap,

@@ -171,18 +171,6 @@ impl Batch {
         }
     }
 
-    /// [`Self::fit`] of a batch known to hold no claimed id (ids tested one by one, a part
-    /// of a batch fitted already): its runs as they are.
-    fn fitted(&self) -> Fitted<'_> {
-        match self {
-            Batch::Runs(runs) => Fitted::Runs {
-                runs,
-                joined: runs.clone(),
-            },
-            Batch::Set(b) => Fitted::Set(b),
-        }
-    }
-
     /// Takes the batch's ids out of `set`.
     fn remove_from(&self, set: &mut RoaringBitmap) {
         match self {
@@ -382,7 +370,7 @@ impl Shard {
             if out.capped.is_empty() {
                 let recorded = history.record(&mut h, key, at.slot, ids)?;
                 drop(h);
-                self.settle_capped(key, st, recorded, (ids, batch, fitted), &[])?;
+                self.settle_capped(key, st, recorded, (ids, Some(batch), fitted), &[])?;
                 out.claim.claimed = ids.to_vec();
             } else {
                 let sent = bitmap_of(ids) - bitmap_of(&out.capped);
@@ -392,8 +380,7 @@ impl Shard {
                     false => Some(history.record(&mut h, key, at.slot, &out.claim.claimed)?),
                 };
                 drop(h);
-                let sent = Batch::Set(sent);
-                let sends = (out.claim.claimed.as_slice(), &sent, sent.fitted());
+                let sends = (out.claim.claimed.as_slice(), None, Fitted::Set(&sent));
                 self.settle_capped(key, st, recorded, sends, &out.capped)?;
             }
             return Ok(out);
@@ -426,26 +413,31 @@ impl Shard {
             false => Some(history.record(&mut h, key, at.slot, &sent)?),
         };
         drop(h);
-        let sent_set = Batch::Set(bitmap_of(&sent));
-        let sends = (sent.as_slice(), &sent_set, sent_set.fitted());
+        let sent_set = bitmap_of(&sent);
+        let sends = (sent.as_slice(), None, Fitted::Set(&sent_set));
         self.settle_capped(key, st, recorded, sends, &out.capped)?;
         st.pending -= &resend;
         Ok(out)
     }
 
-    /// Records a capped claim's decisions in this ledger: the sends (`sent`, as a list, as a
-    /// batch and fitted against the claimed set), already `recorded` in the send history, as
-    /// claims; the `capped` ids as claimed and settled capped in one record.
+    /// Records a capped claim's decisions in this ledger: the sends (`sent`, as a list, as
+    /// runs where they were taken as runs, and fitted against the claimed set), already
+    /// `recorded` in the send history, as claims; the `capped` ids as claimed and settled
+    /// capped in one record.
     fn settle_capped<'h>(
         &self,
         key: &str,
         st: &mut State,
         recorded: impl Into<Option<Recorded<'h>>>,
-        (sent, sent_batch, fitted): (&[u32], &Batch, Fitted<'_>),
+        (sent, batch, fitted): (&[u32], Option<&Batch>, Fitted<'_>),
         capped: &[u32],
     ) -> Result<()> {
         if let Some(recorded) = recorded.into() {
-            if let Err(e) = self.append_batch(key, st, Kind::Claim, sent, sent_batch) {
+            let written = match batch {
+                Some(batch) => self.append_batch(key, st, Kind::Claim, sent, batch),
+                None => self.append(key, st, Kind::Claim, sent),
+            };
+            if let Err(e) = written {
                 recorded.must_replay();
                 return Err(e);
             }
