@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -31,6 +32,7 @@ mod log;
 
 use log::{encode, read_log, Sent};
 
+use super::runs::{ids_in, runs_in};
 use super::{io_error, lock};
 use crate::error::{Error, Result};
 use crate::history::{History, SendTimes, Window, SLOTS};
@@ -61,14 +63,16 @@ impl PageTable {
         self.0.get(n as usize)?.as_deref()
     }
 
-    /// Adds a send at `slot` to the history of each of `ids` (sorted), a run of consecutive
-    /// ids of one page at a time. A history with no send yet — every one in a first run —
-    /// becomes the same word, computed once, and a run of such histories is filled with it.
-    fn add_sends(&mut self, table: &SendTimes, slot: u16, ids: &[u32]) {
+    /// Adds a send at `slot` to the history of each id of `runs`, a run's ids within one page
+    /// at a time. A history with no send yet — every one in a first run — becomes the same
+    /// word, computed once, and a run of such histories is filled with it.
+    fn add_sends(&mut self, table: &SendTimes, slot: u16, runs: &[RangeInclusive<u32>]) {
         let first = History::default().with_send(table, slot).0;
-        for run in runs_in_pages(ids) {
-            let page = self.slot(run[0] >> 16).get_or_insert_with(written_zeros);
-            let words = &mut page[words_of(run)];
+        for run in in_pages(runs) {
+            let page = self
+                .slot(run.start() >> 16)
+                .get_or_insert_with(written_zeros);
+            let words = &mut page[words_of(&run)];
             if words.iter().all(|&h| h == 0) {
                 words.fill(first);
                 continue;
@@ -91,15 +95,23 @@ impl PageTable {
     }
 }
 
-/// `ids` (sorted) cut into runs of consecutive ids within one page.
-fn runs_in_pages(ids: &[u32]) -> impl Iterator<Item = &[u32]> {
-    ids.chunk_by(|a, b| b.wrapping_sub(*a) == 1 && a >> 16 == b >> 16)
+/// `runs` cut where they cross from one page to the next.
+fn in_pages(runs: &[RangeInclusive<u32>]) -> impl Iterator<Item = RangeInclusive<u32>> + '_ {
+    runs.iter().flat_map(|run| {
+        let (mut next, end) = ((!run.is_empty()).then_some(*run.start()), *run.end());
+        std::iter::from_fn(move || {
+            let start = next?;
+            let stop = end.min(start | (PAGE as u32 - 1));
+            next = stop.checked_add(1).filter(|&n| n <= end);
+            Some(start..=stop)
+        })
+    })
 }
 
-/// The positions in its page of a run of [`runs_in_pages`].
-fn words_of(run: &[u32]) -> std::ops::Range<usize> {
-    let start = run[0] as usize & (PAGE - 1);
-    start..start + run.len()
+/// The positions in its page of a run of [`in_pages`].
+fn words_of(run: &RangeInclusive<u32>) -> std::ops::Range<usize> {
+    let (start, end) = (*run.start() as usize, *run.end() as usize);
+    start & (PAGE - 1)..(end & (PAGE - 1)) + 1
 }
 
 /// A page of empty histories, its zeros written. `vec![0; PAGE]` would take the system's
@@ -170,25 +182,25 @@ impl State {
         History(self.pages.get(id))
     }
 
-    /// Those of `ids` whose history refuses a send at `t` under `caps`, in order: none in a
-    /// first run, where every history is empty.
-    pub fn refused(&self, ids: &[u32], t: i64, caps: &[Window]) -> Vec<u32> {
+    /// The ids of `runs` whose history refuses a send at `t` under `caps`, in order: none in
+    /// a first run, where every history is empty.
+    pub fn refused(&self, runs: &[RangeInclusive<u32>], t: i64, caps: &[Window]) -> Vec<u32> {
         // An empty history's answer is every one's: asked once, and a page not yet made
         // holds only empty ones.
         let empty_admits = History::default().admits(&self.table, t, caps);
         let mut refused = Vec::new();
-        for run in runs_in_pages(ids) {
-            let Some(page) = self.pages.page(run[0] >> 16) else {
+        for run in in_pages(runs) {
+            let Some(page) = self.pages.page(run.start() >> 16) else {
                 if !empty_admits {
-                    refused.extend_from_slice(run);
+                    refused.extend(run);
                 }
                 continue;
             };
-            let words = &page[words_of(run)];
+            let words = &page[words_of(&run)];
             if empty_admits && words.iter().all(|&h| h == 0) {
                 continue;
             }
-            refused.extend((run.iter().zip(words)).filter_map(|(&id, &h)| {
+            refused.extend((run.zip(words)).filter_map(|(id, &h)| {
                 let admits = match h {
                     0 => empty_admits,
                     sent => History(sent).admits(&self.table, t, caps),
@@ -199,18 +211,18 @@ impl State {
         refused
     }
 
-    /// Records sends at `slot` to `ids` of ledger `key`: the write-ahead record first, then
-    /// each history.
-    pub fn record(&mut self, key: &str, slot: u16, ids: &[u32]) -> Result<()> {
-        encode(&mut self.buf, key, slot, ids)?;
+    /// Records sends at `slot` to the ids of `runs` of ledger `key`: the write-ahead record
+    /// first, then each history.
+    pub fn record(&mut self, key: &str, slot: u16, runs: &[RangeInclusive<u32>]) -> Result<()> {
+        encode(&mut self.buf, key, slot, runs)?;
         if let Err(e) = self.log.write_all(&self.buf) {
             // What reached the file is either a torn tail or a whole record the next open
             // replays; either way this run stops.
             self.must_replay = true;
             return Err(io_error(e, "cannot append to", &self.log_path));
         }
-        self.logged += ids.len() as u64;
-        self.pages.add_sends(&self.table, slot, ids);
+        self.logged += ids_in(runs);
+        self.pages.add_sends(&self.table, slot, runs);
         Ok(())
     }
 }
@@ -383,7 +395,7 @@ impl Snapshot {
         let (covered, mut pages) = load_snapshot(&dir.join("history.snap"))?;
         for path in logs(&dir)?.range(covered + 1..).map(|(_, p)| p) {
             for sent in replay_log(path, &dir, &table)?.0 {
-                pages.add_sends(&table, sent.slot, &sent.ids);
+                pages.add_sends(&table, sent.slot, &runs_in(&sent.ids));
             }
         }
         Ok(Snapshot { table, pages })
@@ -419,7 +431,9 @@ impl SendHistory {
             let (records, good) = replay_log(path, &dir, &state.table)?;
             for sent in records {
                 state.logged += sent.ids.len() as u64;
-                state.pages.add_sends(&state.table, sent.slot, &sent.ids);
+                state
+                    .pages
+                    .add_sends(&state.table, sent.slot, &runs_in(&sent.ids));
                 state
                     .unreconciled
                     .entry(sent.key)
@@ -462,9 +476,9 @@ impl SendHistory {
         st: &mut State,
         key: &str,
         slot: u16,
-        ids: &[u32],
+        runs: &[RangeInclusive<u32>],
     ) -> Result<Recorded<'_>> {
-        st.record(key, slot, ids)?;
+        st.record(key, slot, runs)?;
         self.unclaimed.fetch_add(1, Ordering::AcqRel);
         Ok(Recorded(self))
     }

@@ -18,6 +18,22 @@ pub fn run_of(ids: &[u32]) -> Option<RangeInclusive<u32>> {
     (steps && span == ids.len() as u64).then_some(first..=last)
 }
 
+/// `ids`, in their order, as runs of consecutive ascending ids: the ids again, one after
+/// another, when the runs are expanded (an id with no neighbour one above or below it is a
+/// run of one). Any ids: the way to hand a list to what takes runs.
+pub fn runs_in(ids: &[u32]) -> Vec<RangeInclusive<u32>> {
+    ids.chunk_by(|a, b| a.checked_add(1) == Some(*b))
+        .map(|run| run[0]..=run[run.len() - 1])
+        .collect()
+}
+
+/// How many ids `runs` hold.
+pub fn ids_in(runs: &[RangeInclusive<u32>]) -> u64 {
+    (runs.iter().filter(|r| !r.is_empty()))
+        .map(|r| u64::from(*r.end()) + 1 - u64::from(*r.start()))
+        .sum()
+}
+
 /// Ids of a run [`runs_of`] steps through before it gallops.
 const SHORT_RUN: usize = 16;
 

@@ -8,6 +8,7 @@
 //! union of all its logs and its snapshot, so any id may sit in any log and a re-run with
 //! another shard count reads the same sets.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::Write;
 use std::ops::RangeInclusive;
@@ -19,7 +20,7 @@ use roaring::RoaringBitmap;
 
 use super::format::{encode_record, encode_runs, Kind, Sets};
 use super::history::{Recorded, SendHistory};
-use super::runs::{joined_runs, runs_of};
+use super::runs::{joined_runs, runs_in, runs_of};
 use super::{io_error, lock};
 use crate::error::{Error, Result};
 use crate::store::Claim;
@@ -168,6 +169,14 @@ impl Batch {
         match self {
             Batch::Runs(runs) => joined_runs(runs, set).map(|joined| Fitted::Runs { runs, joined }),
             Batch::Set(b) => b.is_disjoint(set).then_some(Fitted::Set(b)),
+        }
+    }
+
+    /// The batch's ids (`ids`, as it was made of) as runs: its own, or found in `ids`.
+    fn runs<'a>(&'a self, ids: &[u32]) -> Cow<'a, [RangeInclusive<u32>]> {
+        match self {
+            Batch::Runs(runs) => Cow::Borrowed(runs),
+            Batch::Set(_) => Cow::Owned(runs_in(ids)),
         }
     }
 
@@ -365,10 +374,11 @@ impl Shard {
             .as_ref()
             .and_then(|b| Some((b, b.fit(&st.sets.claimed)?)));
         if let Some((batch, fitted)) = fitted {
+            let runs = batch.runs(ids);
             let mut h = history.lock_at(at)?;
-            out.capped = h.refused(ids, at.t, caps);
+            out.capped = h.refused(&runs, at.t, caps);
             if out.capped.is_empty() {
-                let recorded = history.record(&mut h, key, at.slot, ids)?;
+                let recorded = history.record(&mut h, key, at.slot, &runs)?;
                 drop(h);
                 self.settle_capped(key, st, recorded, (ids, Some(batch), fitted), &[])?;
                 out.claim.claimed = ids.to_vec();
@@ -377,7 +387,10 @@ impl Shard {
                 out.claim.claimed = sent.iter().collect();
                 let recorded = match sent.is_empty() {
                     true => None,
-                    false => Some(history.record(&mut h, key, at.slot, &out.claim.claimed)?),
+                    false => {
+                        let runs = runs_in(&out.claim.claimed);
+                        Some(history.record(&mut h, key, at.slot, &runs)?)
+                    }
                 };
                 drop(h);
                 let sends = (out.claim.claimed.as_slice(), None, Fitted::Set(&sent));
@@ -410,7 +423,7 @@ impl Shard {
         }
         let recorded = match sent.is_empty() {
             true => None,
-            false => Some(history.record(&mut h, key, at.slot, &sent)?),
+            false => Some(history.record(&mut h, key, at.slot, &runs_in(&sent))?),
         };
         drop(h);
         let sent_set = bitmap_of(&sent);

@@ -15,6 +15,7 @@
 //! does not hold, and refuses the log rather than misread it.
 
 use std::fs;
+use std::ops::RangeInclusive;
 use std::path::Path;
 
 use super::super::io_error;
@@ -32,9 +33,14 @@ pub(super) struct Sent {
     pub(super) ids: Vec<u32>,
 }
 
-/// Fills `buf` with one `sent` record: the ids as runs where they are strictly ascending (a
-/// claim's are), else each in four bytes.
-pub(super) fn encode(buf: &mut Vec<u8>, key: &str, slot: u16, ids: &[u32]) -> Result<()> {
+/// Fills `buf` with one `sent` record of the ids of `runs`: as runs where they are strictly
+/// ascending (a claim's are), else each id in four bytes.
+pub(super) fn encode(
+    buf: &mut Vec<u8>,
+    key: &str,
+    slot: u16,
+    runs: &[RangeInclusive<u32>],
+) -> Result<()> {
     if key.len() > MAX_KEY {
         return Err(Error::runtime(format!("ledger key too long: {key}")));
     }
@@ -49,12 +55,12 @@ pub(super) fn encode(buf: &mut Vec<u8>, key: &str, slot: u16, ids: &[u32]) -> Re
     buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
     buf.extend_from_slice(key.as_bytes());
     let from = buf.len();
-    if push_runs(buf, ids) {
+    if push_runs(buf, runs) {
         let padded = from + (buf.len() - from).next_multiple_of(4);
         buf.resize(padded, 0);
     } else {
         buf[8..10].copy_from_slice(&slot.to_le_bytes());
-        for id in ids {
+        for id in runs.iter().flat_map(|r| r.clone()) {
             buf.extend_from_slice(&id.to_le_bytes());
         }
     }
@@ -65,26 +71,20 @@ pub(super) fn encode(buf: &mut Vec<u8>, key: &str, slot: u16, ids: &[u32]) -> Re
     Ok(())
 }
 
-/// Appends `ids` as runs; `false` (and `buf` as it was) if they are not strictly ascending.
-fn push_runs(buf: &mut Vec<u8>, ids: &[u32]) -> bool {
+/// Appends `runs` as gaps and lengths; `false` (and `buf` as it was) if their ids are not
+/// strictly ascending.
+fn push_runs(buf: &mut Vec<u8>, runs: &[RangeInclusive<u32>]) -> bool {
     let from = buf.len();
     let mut end = 0u64;
-    let mut rest = ids;
-    while let Some(&start) = rest.first() {
-        // The run: ids start, start + 1, … (a step of one never wraps: it is an increase).
-        let len = 1 + rest
-            .windows(2)
-            .take_while(|w| w[1].wrapping_sub(w[0]) == 1 && w[1] > w[0])
-            .count();
-        let start = u64::from(start);
+    for run in runs.iter().filter(|r| !r.is_empty()) {
+        let (start, last) = (u64::from(*run.start()), u64::from(*run.end()));
         if start < end {
             buf.truncate(from);
             return false;
         }
         push_varint(buf, start - end);
-        push_varint(buf, len as u64);
-        end = start + len as u64;
-        rest = &rest[len..];
+        push_varint(buf, last + 1 - start);
+        end = last + 1;
     }
     true
 }
@@ -183,10 +183,11 @@ fn decode(body: &[u8]) -> Option<Sent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::file::runs::runs_in;
 
     fn round_trip(ids: &[u32]) -> (Vec<u32>, usize) {
         let mut buf = Vec::new();
-        encode(&mut buf, "promo", 7, ids).expect("encode");
+        encode(&mut buf, "promo", 7, &runs_in(ids)).expect("encode");
         let sent = decode(&buf[8..]).expect("decode");
         assert_eq!((sent.slot, sent.key.as_str()), (7, "promo"));
         // What a fanout from before runs reads: a whole record (ids in fours) whose slot, if
@@ -195,6 +196,11 @@ mod tests {
         assert!((buf.len() - 8 - 4 - 5).is_multiple_of(4), "{ids:?}");
         let ascending = ids.windows(2).all(|w| w[0] < w[1]);
         assert_eq!(raw_slot >= crate::history::SLOTS, ascending, "{ids:?}");
+        // Runs as a caller may cut them (here, each id its own run) read back the same ids.
+        let mut single = Vec::new();
+        let each: Vec<_> = ids.iter().map(|&id| id..=id).collect();
+        encode(&mut single, "promo", 7, &each).expect("encode");
+        assert_eq!(decode(&single[8..]).expect("decode").ids, sent.ids);
         (sent.ids, buf.len())
     }
 
@@ -267,7 +273,7 @@ mod tests {
         old[4..8].copy_from_slice(&crc.to_le_bytes());
         log.extend_from_slice(&old);
         let mut buf = Vec::new();
-        encode(&mut buf, "b", 5, &[1, 2, 3, 10]).expect("encode");
+        encode(&mut buf, "b", 5, &runs_in(&[1, 2, 3, 10])).expect("encode");
         log.extend_from_slice(&buf);
         // A torn tail.
         log.extend_from_slice(&buf[..buf.len() - 1]);

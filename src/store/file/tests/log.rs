@@ -1,7 +1,7 @@
 //! The log's records: torn tails cut, corruption refused, consecutive ids written as runs.
 
 use super::super::format::{check_torn_tail, Kind, Sets, RECORD_HEADER};
-use super::super::runs::{joined_runs, run_of, runs_of};
+use super::super::runs::{ids_in, joined_runs, run_of, runs_in, runs_of};
 use super::*;
 
 #[test]
@@ -395,4 +395,32 @@ fn runs_join_across_the_gaps_a_set_holds_and_apply_as_the_runs_do() {
         joined_some > 1_000 && refused > 100,
         "{joined_some} {refused}"
     );
+}
+
+/// `runs_in` against the ids it was given: expanded, its runs are those ids in their order;
+/// each run is consecutive ascending ids and none could take the next id in (maximal); and
+/// `ids_in` counts them.
+#[test]
+fn runs_in_any_ids_expand_to_those_ids() {
+    let mut next = crate::xorshift(0x51d3_0c2e_9a47_b86f);
+    for _ in 0..3_000 {
+        let mut id = [0, 65_530, u32::MAX - 40][next(3) as usize] + next(8) as u32;
+        let ids: Vec<u32> = (0..next(40))
+            .map(|_| {
+                id = match next(5) {
+                    0 => id.wrapping_sub(next(4) as u32),
+                    1 => id.saturating_add(2 + next(3) as u32),
+                    _ => id.saturating_add(1),
+                };
+                id
+            })
+            .collect();
+        let runs = runs_in(&ids);
+        let expanded: Vec<u32> = runs.iter().flat_map(|r| r.clone()).collect();
+        assert_eq!(expanded, ids);
+        assert_eq!(ids_in(&runs), ids.len() as u64);
+        for w in runs.windows(2) {
+            assert_ne!(w[0].end().checked_add(1), Some(*w[1].start()), "{runs:?}");
+        }
+    }
 }

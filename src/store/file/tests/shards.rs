@@ -189,7 +189,10 @@ fn capped_claims_survive_reopens_and_a_crash_between_the_two_records() {
         assert_eq!(got, [(vec![1, 2, 3], vec![]), (vec![4], vec![2, 3])]);
         // A crash between a send's history record and its ledger record.
         let history = store.history.get().expect("history");
-        history.lock().record("e", at.slot, &[9]).expect("record");
+        history
+            .lock()
+            .record("e", at.slot, &[9..=9])
+            .expect("record");
     }
     {
         // Reopened from the log: user 1 was sent at 1000, so a send at 1050 is capped.
@@ -402,7 +405,10 @@ fn capped_claims_follow_the_reference_model_across_shards_and_crashes() {
                 fresh_from += 100;
                 let lost: Vec<u32> = (fresh_from..fresh_from + 1 + next(20) as u32).collect();
                 let history = store.history.get().expect("history");
-                history.lock().record(key, at.slot, &lost).expect("record");
+                history
+                    .lock()
+                    .record(key, at.slot, &crate::store::file::runs::runs_in(&lost))
+                    .expect("record");
                 for &id in &lost {
                     let h = model.histories.entry(id).or_default();
                     *h = h.with_send(&model.table, at.slot);
@@ -462,7 +468,9 @@ fn the_history_is_not_folded_while_a_send_awaits_its_ledger_claim() {
         };
         let history = store.history.get().expect("history");
         let mut st = history.lock_at(at).expect("slot holds the time");
-        let recorded = history.record(&mut st, "e", at.slot, &[9]).expect("record");
+        let recorded = history
+            .record(&mut st, "e", at.slot, &[9..=9])
+            .expect("record");
         drop(st);
         history.checkpoint(0).expect("history checkpoint");
         // The crash: the claim of 9 is never written.
@@ -502,4 +510,75 @@ fn a_fresh_batch_capped_whole_writes_no_send() {
     let before = std::fs::metadata(&log).expect("history log").len();
     assert_eq!(claim("b"), (vec![], (1..=8).collect()));
     assert_eq!(std::fs::metadata(&log).expect("history log").len(), before);
+}
+
+/// The send history takes runs, cut where they cross a page of histories: sends recorded as
+/// runs around page boundaries (and up to the last id) land on exactly their ids, as the
+/// history of each id read alone says, and `refused` under a cap of one send names exactly
+/// the ids of the runs asked about that were sent, in order.
+#[test]
+fn the_send_history_takes_runs_across_its_pages() {
+    use crate::history::Window;
+    use crate::store::SendAt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let t = 1_000;
+    let at = SendAt {
+        slot: store.send_slot(t, 100).expect("slot"),
+        t,
+    };
+    let history = store.history.get().expect("history");
+    let mut next = crate::xorshift(0x0f3a_6d21_c4b8_9e57);
+    let mut sent = std::collections::BTreeSet::new();
+    let asked_runs = |next: &mut dyn FnMut(u64) -> u64| {
+        let mut runs = Vec::new();
+        let mut at = [65_400, 131_000, u32::MAX - 70_000][next(3) as usize] + next(100) as u32;
+        for _ in 0..1 + next(6) {
+            let long = next(3) == 0;
+            let end = at.saturating_add(next(if long { 70_000 } else { 40 }) as u32);
+            runs.push(at..=end);
+            match end.checked_add(2 + next(50) as u32) {
+                Some(n) => at = n,
+                None => break,
+            }
+        }
+        runs
+    };
+    let caps = [Window { max: 1, per_s: 100 }];
+    for _ in 0..40 {
+        let runs = asked_runs(&mut next);
+        let ids: Vec<u32> = runs.iter().flat_map(|r| r.clone()).collect();
+        let mut st = history.lock_at(at).expect("slot holds the time");
+        let refused = st.refused(&runs, t, &caps);
+        let expected: Vec<u32> = ids.iter().copied().filter(|id| sent.contains(id)).collect();
+        assert_eq!(refused, expected);
+        if next(2) == 0 {
+            let fresh: Vec<u32> = ids.into_iter().filter(|id| !sent.contains(id)).collect();
+            let fresh_runs = super::super::runs::runs_in(&fresh);
+            drop(
+                history
+                    .record(&mut st, "e", at.slot, &fresh_runs)
+                    .expect("record"),
+            );
+            sent.extend(fresh);
+        }
+    }
+    assert!(sent.len() > 100_000, "{}", sent.len());
+    let st = history.lock();
+    let edges = [
+        65_535,
+        65_536,
+        131_071,
+        131_072,
+        u32::MAX - 65_536,
+        u32::MAX,
+    ];
+    for &id in sent.iter().step_by(97).chain(&edges) {
+        let sends = st.get(id).sends(&st.table).len();
+        assert_eq!(sends, usize::from(sent.contains(&id)), "{id}");
+    }
+    for id in (65_300..66_000).chain(130_900..131_300) {
+        let sends = st.get(id).sends(&st.table).len();
+        assert_eq!(sends, usize::from(sent.contains(&id)), "{id}");
+    }
 }
