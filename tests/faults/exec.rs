@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -562,6 +563,11 @@ impl Ctx<'_> {
                 self.wait_all(procs, run, fired, "through a redis restart")
             }
             Fault::DiskFull { at } => self.disk_full(at, procs, run),
+            Fault::Interrupt {
+                at,
+                twice,
+                after_ms,
+            } => self.interrupt(procs, run, at, twice.then_some(after_ms)),
             Fault::RedisDiskFull { at, full_ms } => {
                 let fired = self.wait_trigger(procs, run, 0, at);
                 if fired {
@@ -592,6 +598,54 @@ impl Ctx<'_> {
                 false
             }
         }
+    }
+
+    /// SIGINT to every process of the run at `at` (and again `again_ms` later); returns
+    /// whether the run ended with an error before the fault. One SIGINT drains: exit 130
+    /// allows no message to go out twice. A second exits without the drain, as a crash; a
+    /// SIGINT before a process listens for it ends it as a kill would.
+    fn interrupt(
+        &mut self,
+        procs: &mut [Proc],
+        run: usize,
+        at: Trigger,
+        again_ms: Option<u64>,
+    ) -> bool {
+        let fired = self.wait_trigger(procs, run, 0, at);
+        if fired {
+            let signal_all = |procs: &mut [Proc]| {
+                for p in procs.iter_mut().filter(|p| p.status.is_none()) {
+                    p.signal("-INT");
+                }
+            };
+            signal_all(procs);
+            self.note(format!("run {run}: SIGINT"));
+            if let Some(ms) = again_ms {
+                std::thread::sleep(Duration::from_millis(ms));
+                signal_all(procs);
+                self.note(format!("run {run}: SIGINT again"));
+            }
+        }
+        let mut early_error = false;
+        for (i, p) in procs.iter_mut().enumerate() {
+            let st = self.wait_exit(p);
+            early_error |= !fired && st.is_some_and(|s| !s.success());
+            match st.map(|s| (s.code(), s.signal())) {
+                Some((Some(130), _)) if fired && again_ms.is_none() => {
+                    self.note(format!("run {run} p{i}: exit 130, drained"));
+                }
+                Some((None, Some(2))) if fired => {
+                    self.note(format!("run {run} p{i}: ended by SIGINT"));
+                    self.interruptions
+                        .push(format!("run {run} p{i} SIGINT before it listened"));
+                }
+                _ => {
+                    let allowed: &[i32] = if fired { &[130] } else { &[] };
+                    self.judge(run, i, st, allowed, "interrupted by the operator");
+                }
+            }
+        }
+        early_error
     }
 
     /// The store's filesystem full from `at` on, until every process of the run has ended

@@ -104,6 +104,15 @@ pub enum Fault {
     },
     /// SIGSTOP past the lease, a second run that must take over and finish, then SIGCONT.
     Stall { at: Trigger },
+    /// The operator stops the run: SIGINT to every process of it. Each stops claiming, lets
+    /// its pushes in flight finish and records them, and exits 130 (or 0, done already): no
+    /// message may go out twice for it. `twice`: a second SIGINT `after_ms` later exits
+    /// without the drain (then what was in flight may go out again, as after a crash).
+    Interrupt {
+        at: Trigger,
+        twice: bool,
+        after_ms: u64,
+    },
     /// The Redis server killed and restarted (with or without persistence: the schedule's).
     RedisRestart { at: Trigger, down_ms: u64 },
     /// The HTTP provider answers 401 from some point on: the run stops with exit 1.
@@ -190,6 +199,14 @@ impl std::fmt::Display for Fault {
                 }
             ),
             Fault::Stall { at } => write!(f, "sigstop-past-lease(@{at})"),
+            Fault::Interrupt {
+                at,
+                twice,
+                after_ms,
+            } => match twice {
+                true => write!(f, "sigint-twice(@{at},then@+{after_ms}ms)"),
+                false => write!(f, "sigint(@{at})"),
+            },
             Fault::RedisRestart { at, down_ms } => {
                 write!(f, "redis-restart(@{at},down={down_ms}ms)")
             }
@@ -724,7 +741,7 @@ pub fn plan(seed: u64) -> Schedule {
         } else {
             Trigger::Lines(r.range(50, 800))
         };
-        let mut options = vec![0, 0];
+        let mut options = vec![0, 0, 6];
         if store == StoreKind::Redis {
             options.extend([2, 5]);
             if processes == 1 {
@@ -750,6 +767,11 @@ pub fn plan(seed: u64) -> Schedule {
             },
             3 => Fault::CredStop { at },
             4 => Fault::DiskFull { at },
+            6 => Fault::Interrupt {
+                at,
+                twice: r.chance(25),
+                after_ms: r.range(0, 150),
+            },
             _ => Fault::RedisDiskFull {
                 at,
                 full_ms: r.range(100, 1500),
