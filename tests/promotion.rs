@@ -477,4 +477,25 @@ body = "Hi {{user.id}}"
         USERS - delivered,
         "each once"
     );
+    // Each summary accounts for the users its run settled (SPEC "Outcomes": eligible is the
+    // sum of the outcomes, per run and summed over runs): the users the first run claimed
+    // and never attempted are the second run's, not counted twice.
+    let eligible = |summary: &serde_json::Value| {
+        let line = campaign_line(summary, "p");
+        let sum: u64 = [
+            "delivered",
+            "dead_lettered",
+            "unreachable",
+            "capped",
+            "quiet_held",
+        ]
+        .iter()
+        .chain(&["held_out", "cancelled"])
+        .map(|k| line[*k].as_u64().unwrap())
+        .sum();
+        assert_eq!(line["eligible"].as_u64(), Some(sum), "{line}");
+        sum
+    };
+    assert_eq!(eligible(&first), delivered);
+    assert_eq!(eligible(&first) + eligible(&second), USERS);
 }

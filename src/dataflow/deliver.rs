@@ -233,7 +233,8 @@ pub async fn send(
         let halt = ctx.halts.of(target);
         // A change since the push began may have held some of it back, even if it is undone.
         let calm = halt == Halt::Running && !ctx.is_cut() && ctx.halts.changes() == seen;
-        if ctx.dispatcher.stopping() || calm {
+        let stopping = ctx.dispatcher.stopping();
+        if calm && !stopping {
             return Ok(());
         }
         let users = messages.users();
@@ -244,6 +245,11 @@ pub async fn send(
             .collect();
         if open.is_empty() {
             return Ok(());
+        }
+        if stopping {
+            // Unsettled (never attempted, or waiting for another attempt): not this run's to
+            // account for, the next run's to send.
+            return hand_back(ctx, rt, &open).await;
         }
         let n = open.len() as u64;
         match (halt, ctx.on_pause) {
@@ -269,10 +275,7 @@ pub async fn send(
                 if halt == Halt::Paused {
                     ctx.halts.note_dropped(target);
                 }
-                rt.ledger.unclaim(&open).await?;
-                rt.stats.eligible.fetch_sub(n, Relaxed);
-                ctx.metrics.count.claimed.fetch_sub(n, Relaxed);
-                return Ok(());
+                return hand_back(ctx, rt, &open).await;
             }
         }
         let rest = messages
@@ -281,6 +284,17 @@ pub async fn send(
             .collect();
         left = Some(rest);
     }
+}
+
+/// Hands `open` — users this run claimed and left unsettled, a stop's or a cut's — back to the
+/// store, to be handed out again at their next claim (the next run, or generation), and takes
+/// them out of this run's count: its summary accounts only for the users it settled.
+async fn hand_back(ctx: &Context, rt: &RunTarget, open: &[u32]) -> Result<()> {
+    rt.ledger.unclaim(open).await?;
+    let n = open.len() as u64;
+    rt.stats.eligible.fetch_sub(n, Relaxed);
+    ctx.metrics.count.claimed.fetch_sub(n, Relaxed);
+    Ok(())
 }
 
 /// Pushes `messages` in provider batches and records each one's outcome in the store.

@@ -449,7 +449,10 @@ impl Ctx<'_> {
         let w = self.next_w();
         let mut control = self.s.controls.iter().find(|c| c.step == k).cloned();
         for attempt in 0..3 {
-            let (mut procs, run) = self.start(tick, w, false, None);
+            // An interrupted run writes its partial summary: it must account for every user.
+            let summary = matches!(fault, Fault::Interrupt { .. })
+                .then(|| format!("summary-run{}.json", self.run_no));
+            let (mut procs, run) = self.start(tick, w, false, summary.as_deref());
             if let Some((silence, ms)) = self.resume_next.take() {
                 // This run starts with the campaign paused: it waits for the resume.
                 std::thread::sleep(Duration::from_millis(ms));
@@ -633,6 +636,11 @@ impl Ctx<'_> {
             match st.map(|s| (s.code(), s.signal())) {
                 Some((Some(130), _)) if fired && again_ms.is_none() => {
                     self.note(format!("run {run} p{i}: exit 130, drained"));
+                    if i == 0 {
+                        // The partial summary (process 0 writes a cluster's).
+                        let path = self.path(&format!("summary-run{run}.json"));
+                        check::summary(&path, &mut self.violations);
+                    }
                 }
                 Some((None, Some(2))) if fired => {
                     self.note(format!("run {run} p{i}: ended by SIGINT"));
