@@ -566,11 +566,7 @@ impl Ctx<'_> {
                 self.wait_all(procs, run, fired, "through a redis restart")
             }
             Fault::DiskFull { at } => self.disk_full(at, procs, run),
-            Fault::Interrupt {
-                at,
-                twice,
-                after_ms,
-            } => self.interrupt(procs, run, at, twice.then_some(after_ms)),
+            Fault::Interrupt { at, again_ms } => self.interrupt(procs, run, at, again_ms),
             Fault::RedisDiskFull { at, full_ms } => {
                 let fired = self.wait_trigger(procs, run, 0, at);
                 if fired {

@@ -106,13 +106,9 @@ pub enum Fault {
     Stall { at: Trigger },
     /// The operator stops the run: SIGINT to every process of it. Each stops claiming, lets
     /// its pushes in flight finish and records them, and exits 130 (or 0, done already): no
-    /// message may go out twice for it. `twice`: a second SIGINT `after_ms` later exits
+    /// message may go out twice for it. `again_ms`: a second SIGINT that much later exits
     /// without the drain (then what was in flight may go out again, as after a crash).
-    Interrupt {
-        at: Trigger,
-        twice: bool,
-        after_ms: u64,
-    },
+    Interrupt { at: Trigger, again_ms: Option<u64> },
     /// The Redis server killed and restarted (with or without persistence: the schedule's).
     RedisRestart { at: Trigger, down_ms: u64 },
     /// The HTTP provider answers 401 from some point on: the run stops with exit 1.
@@ -199,13 +195,9 @@ impl std::fmt::Display for Fault {
                 }
             ),
             Fault::Stall { at } => write!(f, "sigstop-past-lease(@{at})"),
-            Fault::Interrupt {
-                at,
-                twice,
-                after_ms,
-            } => match twice {
-                true => write!(f, "sigint-twice(@{at},then@+{after_ms}ms)"),
-                false => write!(f, "sigint(@{at})"),
+            Fault::Interrupt { at, again_ms } => match again_ms {
+                Some(ms) => write!(f, "sigint-twice(@{at},then@+{ms}ms)"),
+                None => write!(f, "sigint(@{at})"),
             },
             Fault::RedisRestart { at, down_ms } => {
                 write!(f, "redis-restart(@{at},down={down_ms}ms)")
@@ -767,11 +759,14 @@ pub fn plan(seed: u64) -> Schedule {
             },
             3 => Fault::CredStop { at },
             4 => Fault::DiskFull { at },
-            6 => Fault::Interrupt {
-                at,
-                twice: r.chance(25),
-                after_ms: r.range(0, 150),
-            },
+            6 => {
+                // Both drawn either way, so the schedules after stay as they were.
+                let (twice, after_ms) = (r.chance(25), r.range(0, 150));
+                Fault::Interrupt {
+                    at,
+                    again_ms: twice.then_some(after_ms),
+                }
+            }
             _ => Fault::RedisDiskFull {
                 at,
                 full_ms: r.range(100, 1500),
