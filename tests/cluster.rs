@@ -56,7 +56,7 @@ fn cluster_until(
         loop {
             for (kid, exit) in kids.iter_mut().zip(exits.iter_mut()) {
                 if exit.is_none() && kid.try_wait().unwrap().is_some() {
-                    *exit = Some(exit_of(kid));
+                    *exit = Some(exit_in_time(kid));
                 }
             }
             if exits
@@ -127,16 +127,11 @@ fn start(s: &Scratch, i: usize, extra: &[&str]) -> Child {
 }
 
 /// Waits for `child` to exit on its own (a hang fails the test instead of blocking it).
-fn exit_of(child: &mut Child) -> (ExitStatus, String) {
+fn exit_in_time(child: &mut Child) -> (ExitStatus, String) {
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use std::io::Read;
-                e.read_to_string(&mut err).unwrap();
-            }
-            return (status, err);
+            return (status, stderr_of(child));
         }
         assert!(
             started.elapsed() < Duration::from_secs(120),
@@ -454,7 +449,7 @@ fn kill_and_rerun(extra: &[&str]) -> Scratch {
     p1.kill().expect("SIGKILL");
     p1.wait().unwrap();
     // The survivor notices its peer is gone and stops with exit 1, saying so.
-    let (status, err) = exit_of(&mut p0);
+    let (status, err) = exit_in_time(&mut p0);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("peer process"), "{err}");
     let first: usize = ["deliveries-0.jsonl", "deliveries-1.jsonl"]

@@ -183,12 +183,8 @@ fn a_redis_restart_mid_run_loses_and_duplicates_nothing() {
     let mut child = s.start(&["run", "job.toml", "-w", "2", "--store", &store, "--quiet"]);
     s.wait_for_lines("deliveries.jsonl", 10_000, &mut child);
     redis.restart_after(Duration::from_millis(1500));
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (status, err) = exit_of(&mut child);
+    assert!(status.success(), "{err}");
     let m = by_user(&[&s.path("deliveries.jsonl")]);
     assert!(m.keys().copied().eq(1..=USERS), "users lost");
     assert!(m.values().all(|v| v.len() == 1), "a user delivered twice");
@@ -221,9 +217,8 @@ fn a_redis_disk_full_for_a_while_holds_the_run_and_loses_nothing() {
     let at_room = lines_in(&s.path("deliveries.jsonl"));
     assert!(redis.refusing(), "redis took writes again on a full disk");
     redis.grow_disk().unwrap_or_else(|e| panic!("{e}"));
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let (status, err) = exit_of(&mut child);
+    assert!(status.success(), "{err}");
     assert!(
         err.contains("MISCONF"),
         "the run never met a refused write: {err}"

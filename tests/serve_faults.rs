@@ -555,7 +555,7 @@ impl Cx<'_> {
     fn run_on(&mut self, k: usize, child: &mut KillOnDrop, what: &str) {
         std::thread::sleep(Duration::from_millis(RUN_ON_MS));
         let (status, _, err) = match child.0.try_wait() {
-            Ok(Some(st)) => (st, Duration::ZERO, String::new()),
+            Ok(Some(st)) => (st, Duration::ZERO, serving::stderr_of(&mut child.0)),
             _ => sigterm(&mut child.0),
         };
         if let Some(note) = self.interruptions.last_mut() {

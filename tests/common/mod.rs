@@ -3,13 +3,56 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::sync::{Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use serde_json::Value;
 
 pub mod cpu;
 pub mod ports;
+
+/// The stderr of each process [`Scratch::start`] started, by pid: a thread reads it to its
+/// end as the process writes, so a chatty process never blocks on a full pipe while a test
+/// waits for it to do something else.
+static STDERR: Mutex<BTreeMap<u32, JoinHandle<String>>> = Mutex::new(BTreeMap::new());
+
+fn drain_stderr(child: &mut Child) {
+    let Some(mut pipe) = child.stderr.take() else {
+        return;
+    };
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        pipe.read_to_end(&mut text).ok();
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    let mut all = STDERR.lock().unwrap_or_else(PoisonError::into_inner);
+    all.insert(child.id(), reader);
+}
+
+/// What `child` wrote on stderr, read to its end: call once it has exited (or been killed).
+pub fn stderr_of(child: &mut Child) -> String {
+    let drained = STDERR
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&child.id());
+    if let Some(reader) = drained {
+        return reader.join().unwrap_or_default();
+    }
+    let mut err = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        pipe.read_to_string(&mut err).ok();
+    }
+    err
+}
+
+/// Waits for `child` to exit: its status and its stderr ([`stderr_of`]).
+pub fn exit_of(child: &mut Child) -> (ExitStatus, String) {
+    let status = child.wait().expect("wait for fanout");
+    (status, stderr_of(child))
+}
 
 /// A scratch directory for one test, with the job's files in it.
 pub struct Scratch {
@@ -42,20 +85,23 @@ impl Scratch {
             .expect("run fanout")
     }
 
-    /// Starts `fanout ARGS` in this directory without waiting (stderr piped).
-    pub fn start(&self, args: &[&str]) -> std::process::Child {
+    /// Starts `fanout ARGS` in this directory without waiting; its stderr is read as it is
+    /// written (see [`stderr_of`]).
+    pub fn start(&self, args: &[&str]) -> Child {
         self.start_on(args, None)
     }
 
     /// [`Scratch::start`] on `cpu` where one is given ([`cpu::fanout_on`]).
-    pub fn start_on(&self, args: &[&str], cpu: Option<usize>) -> std::process::Child {
-        cpu::fanout_on(cpu)
+    pub fn start_on(&self, args: &[&str], cpu: Option<usize>) -> Child {
+        let mut child = cpu::fanout_on(cpu)
             .args(args)
             .current_dir(self.dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .expect("start fanout")
+            .expect("start fanout");
+        drain_stderr(&mut child);
+        child
     }
 
     /// Waits until `file` here holds at least `lines` lines, while `child` keeps running.

@@ -3,6 +3,8 @@
 //! every call goes through while the server restarts.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -89,7 +91,12 @@ where
                     && started.elapsed()
                         < *budget.get_or_insert_with(|| retry_budget().unwrap_or(RETRY_BUDGET)) =>
             {
-                tracing::warn!(role, url, error = %e, "redis {what} failed; retrying");
+                if let Some(also) = RETRY_WARNINGS.admit(Instant::now()) {
+                    tracing::warn!(
+                        role, url, error = %e, also_retrying = also,
+                        "redis {what} failed; retrying"
+                    );
+                }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
@@ -106,6 +113,41 @@ where
                 )));
             }
         }
+    }
+}
+
+/// The retry warning is written at most once a [`Throttle::EVERY`] in the whole process: an
+/// outage under a few hundred claim and mark tasks would otherwise write a line per task per
+/// backoff step (hundreds a second, enough to fill a stderr pipe nobody reads at once).
+static RETRY_WARNINGS: Throttle = Throttle::new();
+
+/// Admits one event a period and counts those it held back meanwhile.
+struct Throttle {
+    /// The next time an event is admitted (`None`: at once).
+    next: Mutex<Option<Instant>>,
+    held: AtomicU64,
+}
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    const fn new() -> Self {
+        Throttle {
+            next: Mutex::new(None),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether an event at `now` is shown: `Some(n)` with the `n` events held back since the
+    /// last one shown, or `None` (counted among them).
+    fn admit(&self, now: Instant) -> Option<u64> {
+        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+        if next.is_some_and(|at| now < at) {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *next = Some(now + Self::EVERY);
+        Some(self.held.swap(0, Ordering::Relaxed))
     }
 }
 
@@ -214,4 +256,24 @@ pub async fn connect(role: &str, url: &str) -> Result<ConnectionManager> {
 fn refused_certificate(e: &redis::RedisError) -> bool {
     let text = e.to_string();
     text.contains("certificate") || text.contains("Certificate")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One event a period is shown, carrying how many were held back since the last.
+    #[test]
+    fn the_throttle_shows_one_event_a_period_and_counts_the_rest() {
+        let t = Throttle::new();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(t.admit(at(0)), Some(0));
+        assert_eq!(t.admit(at(10)), None);
+        assert_eq!(t.admit(at(999)), None);
+        assert_eq!(t.admit(at(1000)), Some(2));
+        assert_eq!(t.admit(at(1500)), None);
+        assert_eq!(t.admit(at(5000)), Some(1));
+        assert_eq!(t.admit(at(5001)), None);
+    }
 }
