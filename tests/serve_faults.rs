@@ -3,12 +3,13 @@
 //! promotions and a push coupon, lazy coupons granted at login, sometimes a promotion
 //! submitted on the campaigns stream mid-way; the file or the Redis store; 1 or 2 workers;
 //! the provider's concurrency, rate and batch size — and one to three faults, each after a
-//! delay or once the process has written some deliveries: a kill -9; (a fifth) a Redis
+//! delay or once the process has written some deliveries: a kill -9; (a sixth) a Redis
 //! restart with its data under the running process, which must then stop on SIGTERM with 0
-//! or 1; (a fifth) the Redis server's disk full for 0.1–1.5 s — it exits and is started again,
-//! or, fsyncing once a second, refuses writes meanwhile — then the same; or (a fifth, Redis
+//! or 1; (a sixth) the Redis server's disk full for 0.1–1.5 s — it exits and is started again,
+//! or, fsyncing once a second, refuses writes meanwhile — then the same; (a sixth) the Redis
+//! server stopped (SIGSTOP) for 0.1–3 s, then resumed, then the same; or (a sixth, Redis
 //! store only) SIGSTOP past the run lease while the next process takes over, then SIGCONT:
-//! the stalled one must exit 1 on its own within 3 s; or (a fifth, file store only) the
+//! the stalled one must exit 1 on its own within 3 s; or (a sixth, file store only) the
 //! store's disk full under the running process, which must exit 1, or 0 or 1 on SIGTERM a
 //! second later if it wrote nothing more; the disk then has room again. Each disk is a tmpfs
 //! the harness mounts, so it runs as root. In a quarter of the schedules the processes that
@@ -93,6 +94,10 @@ enum Fault {
     /// next write and is started again once there is room; once a second, it refuses writes
     /// (`MISCONF`) meanwhile. Then as [`Fault::RedisRestart`]: 0 or 1 on SIGTERM.
     RedisDiskFull(Trigger, u64),
+    /// At the trigger the Redis server is stopped (SIGSTOP) for this many ms, then resumed:
+    /// it keeps its connections and answers nothing meanwhile. Then as
+    /// [`Fault::RedisRestart`]: 0 or 1 on SIGTERM (1: a Redis store's lease lapsed).
+    RedisStall(Trigger, u64),
 }
 
 /// How long a process runs on after a Redis restart before it is stopped, and how long the
@@ -271,8 +276,9 @@ fn plan(seed: u64) -> Schedule {
                 0 => Trigger::Delay(r.below(1500)),
                 _ => Trigger::Lines(1 + r.below(n) as usize),
             };
-            match r.below(5) {
+            match r.below(6) {
                 0 => Fault::RedisRestart(at, r.below(1000)),
+                3 => Fault::RedisStall(at, 100 + r.below(2900)),
                 1 if redis_store => Fault::Stall(at),
                 1 => Fault::DiskFull(at),
                 2 => Fault::RedisDiskFull(at, 100 + r.below(1400)),
@@ -489,7 +495,8 @@ impl Cx<'_> {
             | Fault::RedisRestart(at, _)
             | Fault::Stall(at)
             | Fault::DiskFull(at)
-            | Fault::RedisDiskFull(at, _) => at,
+            | Fault::RedisDiskFull(at, _)
+            | Fault::RedisStall(at, _) => at,
         };
         loop {
             let due = match at {
@@ -545,6 +552,10 @@ impl Cx<'_> {
                         .push(format!("process {k}: redis disk: {e}")),
                 }
                 self.run_on(k, child, "the Redis disk full");
+            }
+            Fault::RedisStall(_, stall_ms) => {
+                self.redis.stall_for(Duration::from_millis(stall_ms));
+                self.run_on(k, child, "the Redis stall");
             }
             Fault::DiskFull(_) => self.disk_full(k, child),
         }

@@ -553,32 +553,30 @@ impl Ctx<'_> {
                 false
             }
             Fault::RedisRestart { at, down_ms } => {
-                let fired = self.wait_trigger(procs, run, 0, at);
-                if fired {
-                    self.note(format!("redis restart, down {down_ms} ms"));
-                    if let Some(r) = self.redis.as_mut() {
-                        r.restart_after(Duration::from_millis(down_ms));
+                self.under_redis(procs, run, at, "through a redis restart", |cx, r| {
+                    cx.note(format!("redis restart, down {down_ms} ms"));
+                    r.restart_after(Duration::from_millis(down_ms));
+                    if cx.s.redis == Persist::No {
+                        cx.forgetful = true;
                     }
-                    if self.s.redis == Persist::No {
-                        self.forgetful = true;
-                    }
-                }
-                self.wait_all(procs, run, fired, "through a redis restart")
+                })
+            }
+            Fault::RedisStall { at, stall_ms } => {
+                self.under_redis(procs, run, at, "through a redis stall", |cx, r| {
+                    cx.note(format!("redis stopped for {stall_ms} ms"));
+                    r.stall_for(Duration::from_millis(stall_ms));
+                })
             }
             Fault::DiskFull { at } => self.disk_full(at, procs, run),
             Fault::Interrupt { at, again_ms } => self.interrupt(procs, run, at, again_ms),
             Fault::RedisDiskFull { at, full_ms } => {
-                let fired = self.wait_trigger(procs, run, 0, at);
-                if fired {
-                    self.note(format!("redis's disk full for {full_ms} ms"));
-                    let full = Duration::from_millis(full_ms);
-                    match self.redis.as_mut().map(|r| r.fill_disk_for(full)) {
-                        Some(Ok(what)) => self.note(what.to_string()),
-                        Some(Err(e)) => self.violations.push(format!("redis disk: {e}")),
-                        None => {}
+                self.under_redis(procs, run, at, "through a full redis disk", |cx, r| {
+                    cx.note(format!("redis's disk full for {full_ms} ms"));
+                    match r.fill_disk_for(Duration::from_millis(full_ms)) {
+                        Ok(what) => cx.note(what.to_string()),
+                        Err(e) => cx.violations.push(format!("redis disk: {e}")),
                     }
-                }
-                self.wait_all(procs, run, fired, "through a full redis disk")
+                })
             }
             Fault::CredStop { at } => {
                 let fired = self.wait_trigger(procs, run, 0, at);
@@ -670,6 +668,28 @@ impl Ctx<'_> {
                 .push(format!("run {run}: cannot grow the disk: {e}"));
         }
         early_error
+    }
+
+    /// A fault on the Redis server under the run: at `at`, `fault` acts on the server; then
+    /// every process ends, with exit 1 allowed if it fired ([`Self::wait_all`]).
+    fn under_redis(
+        &mut self,
+        procs: &mut [Proc],
+        run: usize,
+        at: Trigger,
+        why: &str,
+        fault: impl FnOnce(&mut Self, &mut RedisServer),
+    ) -> bool {
+        let fired = self.wait_trigger(procs, run, 0, at);
+        if fired {
+            // Out of `self` while the fault holds it, so the fault may note and flag.
+            let mut redis = self.redis.take();
+            if let Some(r) = redis.as_deref_mut() {
+                fault(self, r);
+            }
+            self.redis = redis;
+        }
+        self.wait_all(procs, run, fired, why)
     }
 
     /// Waits for every process of the run and judges its exit: 1 allowed once the fault

@@ -111,6 +111,9 @@ pub enum Fault {
     Interrupt { at: Trigger, again_ms: Option<u64> },
     /// The Redis server killed and restarted (with or without persistence: the schedule's).
     RedisRestart { at: Trigger, down_ms: u64 },
+    /// The Redis server stopped (SIGSTOP) for `stall_ms`, then resumed: past the run lease
+    /// the run must notice it lost the lease and end with exit 1; within it, go on.
+    RedisStall { at: Trigger, stall_ms: u64 },
     /// The HTTP provider answers 401 from some point on: the run stops with exit 1.
     CredStop { at: Trigger },
     /// The embedded store's filesystem (a tmpfs of its own) is full from some point on: the
@@ -201,6 +204,9 @@ impl std::fmt::Display for Fault {
             },
             Fault::RedisRestart { at, down_ms } => {
                 write!(f, "redis-restart(@{at},down={down_ms}ms)")
+            }
+            Fault::RedisStall { at, stall_ms } => {
+                write!(f, "redis-sigstop(@{at},for={stall_ms}ms)")
             }
             Fault::CredStop { at } => write!(f, "http-401(@{at})"),
             Fault::DiskFull { at } => write!(f, "disk-full(@{at})"),
@@ -735,7 +741,7 @@ pub fn plan(seed: u64) -> Schedule {
         };
         let mut options = vec![0, 0, 6];
         if store == StoreKind::Redis {
-            options.extend([2, 5]);
+            options.extend([2, 5, 7]);
             if processes == 1 {
                 options.push(1);
             }
@@ -758,6 +764,10 @@ pub fn plan(seed: u64) -> Schedule {
                 down_ms: r.range(200, 900),
             },
             3 => Fault::CredStop { at },
+            7 => Fault::RedisStall {
+                at,
+                stall_ms: r.range(100, 3000),
+            },
             4 => Fault::DiskFull { at },
             6 => {
                 // Both drawn either way, so the schedules after stay as they were.

@@ -325,6 +325,25 @@ impl RedisServer {
         );
     }
 
+    /// Stops the server (SIGSTOP) for `stall`, then lets it go on (SIGCONT): it answers
+    /// nothing meanwhile and keeps every connection, as a server stuck in a long fork or a
+    /// paused VM does; its clock runs on, so keys expire as they would have.
+    pub fn stall_for(&mut self, stall: Duration) {
+        let Some(pid) = self.child.as_ref().map(|c| c.id().to_string()) else {
+            return;
+        };
+        let signal = |sig: &str| {
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if signal("-STOP") {
+            std::thread::sleep(stall);
+            assert!(signal("-CONT"), "redis-server {pid} did not take SIGCONT");
+        }
+    }
+
     /// Kills the server with SIGKILL and starts it again on the same port and data.
     pub fn restart_after(&mut self, down: Duration) {
         if let Some(mut c) = self.child.take() {
