@@ -320,8 +320,8 @@ impl Ctx<'_> {
         self.check_silences();
     }
 
-    /// Each campaign not cancelled against the store ([`check::settled`]): for schedules whose
-    /// naive reading says who is eligible but not who is sent.
+    /// Each campaign not cancelled against the store ([`check::settled`]): every eligible pair
+    /// settled exactly once, nothing left in flight, every pair recorded delivered sent.
     pub(super) fn check_settled(
         &mut self,
         deliveries: &[Delivery],

@@ -920,11 +920,8 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<RedisServer>) -> V
     // when the commands land; the naive reading says who is eligible, the store accounts for
     // each of them (below), and the caps are checked on what was sent.
     let loose = s.capped && !s.controls.is_empty();
-    // Who is eligible (naive runs at every tick): for the loose check and cancelled campaigns.
-    let eligible = match loose || !cx.cancelled.is_empty() {
-        true => s.eligible(),
-        false => BTreeSet::new(),
-    };
+    // Who is eligible (naive runs at every tick): what the store must account for.
+    let eligible = s.eligible();
     let stats = check::deliveries(
         &deliveries,
         if loose { &eligible } else { &expected },
@@ -936,7 +933,8 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<RedisServer>) -> V
     );
     cx.note(stats);
     cx.check_control(&deliveries, &eligible, bound, clean_from);
-    if loose {
+    // Every user's outcome is accounted for — unless a Redis restart forgot some of it.
+    if !cx.forgetful {
         cx.check_settled(&deliveries, &eligible, bound);
     }
     if s.capped {
