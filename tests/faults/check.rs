@@ -286,18 +286,39 @@ fn account(who: &str, store: &StoreOutcomes, sent: usize, unrecorded: usize) -> 
     )
 }
 
-/// A campaign whose naive reading is not exact (capped, beside an operator's commands that
-/// reorder who is offered first): [`accounted`] for, and at most `bound` of its pairs sent
-/// and not recorded delivered. Returns a one-line account.
+/// A campaign not cancelled: [`accounted`] for, and at most `bound` of its pairs sent and
+/// not recorded delivered. Where the naive reading is exact (`unsent`: not capped beside an
+/// operator's commands, which reorder who is offered first), each outcome it names (held
+/// out, capped) holds exactly its pairs. Returns a one-line account.
 pub fn settled(
     campaign: &str,
     store: &StoreOutcomes,
     eligible: &BTreeSet<Pair>,
+    unsent: Option<&StoreOutcomes>,
     got: &[Delivery],
     bound: u64,
     violations: &mut Vec<String>,
 ) -> String {
     let (sent, unrecorded) = accounted(campaign, store, eligible, got, violations);
+    for (outcome, naive) in unsent.into_iter().flatten() {
+        let empty = BTreeSet::new();
+        let kept = store.get(outcome).unwrap_or(&empty);
+        let mine: BTreeSet<&Pair> = naive.iter().filter(|p| p.0 == campaign).collect();
+        let missing: Vec<&Pair> = mine.iter().copied().filter(|p| !kept.contains(p)).collect();
+        let extra: Vec<&Pair> = kept.iter().filter(|p| !mine.contains(p)).collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            violations.push(format!(
+                "{campaign}: the store's {outcome} holds {} pairs, the naive reading {}: \
+                 {} missing (e.g. {}), {} not {outcome} there (e.g. {})",
+                kept.len(),
+                mine.len(),
+                missing.len(),
+                examples(missing.iter().copied()),
+                extra.len(),
+                examples(extra.iter().copied())
+            ));
+        }
+    }
     if unrecorded.len() as u64 > bound {
         violations.push(format!(
             "{campaign}: {} sent and not recorded delivered, over the in-flight bound {bound} \

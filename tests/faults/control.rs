@@ -321,11 +321,13 @@ impl Ctx<'_> {
     }
 
     /// Each campaign not cancelled against the store ([`check::settled`]): every eligible pair
-    /// settled exactly once, nothing left in flight, every pair recorded delivered sent.
+    /// settled exactly once, nothing left in flight, every pair recorded delivered sent; and
+    /// where the naive reading is exact, the outcomes of those never sent (`unsent`).
     pub(super) fn check_settled(
         &mut self,
         deliveries: &[Delivery],
         eligible: &BTreeSet<check::Pair>,
+        unsent: Option<&check::StoreOutcomes>,
         bound: u64,
     ) {
         let campaigns = crate::naive::campaigns(&self.s.job).0;
@@ -335,7 +337,9 @@ impl Ctx<'_> {
             .collect();
         for campaign in ids {
             self.against_store(&campaign, |store, violations| {
-                check::settled(&campaign, store, eligible, deliveries, bound, violations)
+                check::settled(
+                    &campaign, store, eligible, unsent, deliveries, bound, violations,
+                )
             });
         }
     }

@@ -935,7 +935,8 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<RedisServer>) -> V
     cx.check_control(&deliveries, &eligible, bound, clean_from);
     // Every user's outcome is accounted for — unless a Redis restart forgot some of it.
     if !cx.forgetful {
-        cx.check_settled(&deliveries, &eligible, bound);
+        let unsent = (!loose).then(|| s.unsent());
+        cx.check_settled(&deliveries, &eligible, unsent.as_ref(), bound);
     }
     if s.capped {
         let (caps, capped) = s.caps();

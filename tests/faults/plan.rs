@@ -904,6 +904,17 @@ impl Schedule {
         self.runs().into_iter().flat_map(|r| r.delivered).collect()
     }
 
+    /// The pairs the naive reading settles without sending them, by the store's name for
+    /// the outcome: held out and capped, over the runs at every tick.
+    pub fn unsent(&self) -> crate::check::StoreOutcomes {
+        let mut out = crate::check::StoreOutcomes::new();
+        for r in self.runs() {
+            out.entry("held_out").or_default().extend(r.held_out);
+            out.entry("capped").or_default().extend(r.capped);
+        }
+        out
+    }
+
     /// Every pair the naive reading settles in the store (sent, held out, quiet-held,
     /// dead-lettered, capped) over the runs at every tick: a campaign's eligible pairs.
     pub fn eligible(&self) -> BTreeSet<(String, Option<String>, u64)> {
