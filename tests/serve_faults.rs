@@ -29,7 +29,8 @@
 //! cargo test --release --test serve_faults -- --seed 17             # one schedule, verbosely
 //! ```
 //! `--jobs N` runs N schedules at once (default 2); `--one-cpu` puts every schedule's faulted
-//! processes on one CPU.
+//! processes on one CPU; `--seeds 3,17,42` runs exactly those; `--list` prints the schedules
+//! without running them.
 
 mod common;
 mod naive;
@@ -725,6 +726,20 @@ struct Args {
     verbose: bool,
     /// Every schedule's faulted processes on one CPU (`--one-cpu`).
     one_cpu: bool,
+    /// `--seeds 3,17,42`: exactly these schedules.
+    seeds: Option<Vec<u64>>,
+    /// `--list`: print the schedules, run none.
+    list: bool,
+}
+
+impl Args {
+    /// The `k`th schedule's seed.
+    fn seed(&self, k: u64) -> u64 {
+        match &self.seeds {
+            Some(list) => list[k as usize],
+            None => self.from + k,
+        }
+    }
 }
 
 fn parse_args() -> Args {
@@ -735,6 +750,8 @@ fn parse_args() -> Args {
         jobs: 2,
         verbose: false,
         one_cpu: false,
+        seeds: None,
+        list: false,
     };
     let num = |i: usize| argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
     let mut i = 1;
@@ -749,7 +766,17 @@ fn parse_args() -> Args {
                 (a.from, a.count, a.verbose) = (num(i).unwrap_or(1), 1, true);
                 i += 1;
             }
+            "--seeds" if argv.get(i + 1).is_some() => {
+                let list: Vec<u64> = argv[i + 1]
+                    .split(',')
+                    .filter_map(|s| s.trim().parse().ok())
+                    .collect();
+                a.count = list.len() as u64;
+                a.seeds = Some(list);
+                i += 1;
+            }
             "--verbose" => a.verbose = true,
+            "--list" => a.list = true,
             "--one-cpu" => a.one_cpu = true,
             // cargo's and libtest's flags (--nocapture, a filter, …).
             _ => {}
@@ -768,6 +795,13 @@ fn main() -> ExitCode {
         "FANOUT_LEASE",
         humantime::format_duration(LEASE).to_string(),
     );
+    if args.list {
+        for k in 0..args.count {
+            let seed = args.seed(k);
+            println!("seed {seed}: {}", plan(seed).describe());
+        }
+        return ExitCode::SUCCESS;
+    }
     let started = Instant::now();
     let next = AtomicUsize::new(0);
     let failed = Mutex::new(Vec::<u64>::new());
@@ -779,7 +813,7 @@ fn main() -> ExitCode {
                 if k >= args.count {
                     break;
                 }
-                let seed = args.from + k;
+                let seed = args.seed(k);
                 let mut s = plan(seed);
                 s.one_cpu |= args.one_cpu;
                 if args.verbose {
@@ -810,7 +844,7 @@ fn main() -> ExitCode {
         args.count as usize - failed.len(),
         failed.len(),
         args.count,
-        args.from,
+        (args.seeds.as_ref().and_then(|l| l.first().copied())).unwrap_or(args.from),
         started.elapsed().as_secs_f64(),
         RESUMED.load(Ordering::SeqCst),
     );
