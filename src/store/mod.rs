@@ -166,7 +166,7 @@ pub struct Member {
 /// A cheap local guard on the run's hold of its store, checked right before every provider
 /// attempt: on Redis it fails once the run's lease may have expired (more than lease − lease/5
 /// since the send time of the last successful refresh — a stopped or stalled process) or the
-/// store is fenced (another run took over); a woken stalled run then sends nothing new. On the
+/// store is fenced (its lease was found gone); a woken stalled run then sends nothing new. On the
 /// embedded store (and by default) it is always Ok: the directory's lock already excludes a
 /// second writer while this process lives.
 #[derive(Debug, Clone, Default)]

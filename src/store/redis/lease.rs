@@ -52,7 +52,7 @@ impl Lease {
 
     pub(super) fn fence(&self) {
         if !self.fenced.swap(true, Ordering::AcqRel) {
-            tracing::error!(run = %self.run, "lease lost: another run may have taken over");
+            tracing::error!(run = %self.run, "lease lost: gone from the store");
         }
     }
 
@@ -71,9 +71,12 @@ impl Lease {
     /// The error of every call once fenced.
     pub(crate) fn lost(&self) -> Error {
         Error::runtime(format!(
-            "store {}: lease lost: another run took over (run {}'s lease expired or was taken); \
-             stopping so that no user is sent twice",
-            self.url, self.run
+            "store {}: lease lost: run {}'s lease ({} ms) is gone from the store (it expired \
+             while this process or the store was stalled, or the store lost its data), so \
+             another run may be taking its users over; stopping so that no user is sent twice",
+            self.url,
+            self.run,
+            self.duration.as_millis()
         ))
     }
 
