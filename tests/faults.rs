@@ -76,33 +76,18 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 struct Args {
-    from: u64,
-    count: u64,
+    seeds: common::Seeds,
     jobs: usize,
     /// Print the schedules' descriptions only.
     list: bool,
-    /// `--seeds 3,17,42`: exactly these schedules.
-    seeds: Option<Vec<u64>>,
     env: exec::Env,
-}
-
-impl Args {
-    /// The `k`th schedule's seed.
-    fn seed(&self, k: u64) -> u64 {
-        match &self.seeds {
-            Some(list) => list[k as usize],
-            None => self.from + k,
-        }
-    }
 }
 
 fn parse_args() -> Args {
     let mut a = Args {
-        from: 1,
-        count: 200,
+        seeds: common::Seeds::new(1, 200),
         jobs: 3,
         list: false,
-        seeds: None,
         env: exec::Env {
             lease: Duration::from_secs(1),
             lease_text: "1s".into(),
@@ -119,16 +104,15 @@ fn parse_args() -> Args {
     while i < argv.len() {
         match argv[i].as_str() {
             "--schedules" if num(i).is_some() => {
-                a.count = num(i).unwrap();
+                a.seeds.count = num(i).unwrap();
                 i += 1;
             }
             "--from" if num(i).is_some() => {
-                a.from = num(i).unwrap();
+                a.seeds.from = num(i).unwrap();
                 i += 1;
             }
             "--seed" if num(i).is_some() => {
-                a.from = num(i).unwrap();
-                a.count = 1;
+                a.seeds = common::Seeds::new(num(i).unwrap(), 1);
                 a.env.verbose = true;
                 i += 1;
             }
@@ -156,12 +140,7 @@ fn parse_args() -> Args {
                 i += 1;
             }
             "--seeds" if argv.get(i + 1).is_some() => {
-                let list: Vec<u64> = argv[i + 1]
-                    .split(',')
-                    .filter_map(|s| s.trim().parse().ok())
-                    .collect();
-                a.count = list.len() as u64;
-                a.seeds = Some(list);
+                a.seeds.set_list(&argv[i + 1]);
                 i += 1;
             }
             "--verbose" => a.env.verbose = true,
@@ -179,8 +158,8 @@ fn parse_args() -> Args {
 fn main() -> ExitCode {
     let args = parse_args();
     if args.list {
-        for k in 0..args.count {
-            let seed = args.seed(k);
+        for k in 0..args.seeds.count {
+            let seed = args.seeds.nth(k);
             println!("seed {seed}: {}", plan::plan(seed).describe());
         }
         return ExitCode::SUCCESS;
@@ -189,7 +168,7 @@ fn main() -> ExitCode {
     let next = AtomicUsize::new(0);
     let failed = Mutex::new(Vec::<u64>::new());
     let passed = AtomicUsize::new(0);
-    let count = args.count as usize;
+    let count = args.seeds.count as usize;
     let jobs = args.jobs.min(count.max(1));
     // A panic inside a schedule is its failure, reported on its line, not the harness's end.
     std::panic::set_hook(Box::new(|info| {
@@ -206,7 +185,7 @@ fn main() -> ExitCode {
                     if k >= count {
                         break;
                     }
-                    let seed = args.seed(k as u64);
+                    let seed = args.seeds.nth(k as u64);
                     let schedule = plan::plan(seed);
                     if args.env.verbose {
                         eprintln!("seed {seed}: {}", schedule.describe());
@@ -264,7 +243,7 @@ fn main() -> ExitCode {
     eprintln!(
         "({} schedules from seed {} in {:.0}s, {} at once)",
         count,
-        args.from,
+        args.seeds.first(),
         started.elapsed().as_secs_f64(),
         jobs
     );

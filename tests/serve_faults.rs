@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use common::cpu::{self, OneCpu};
-use common::{naive_users_jsonl, Lcg, Scratch, TUser};
+use common::{naive_users_jsonl, Lcg, Scratch, Seeds, TUser};
 use naive::{expected, NLogin};
 use redis_server::{Persist, RedisServer};
 use serving::{pending, sigterm, start_serve_on, KillOnDrop};
@@ -720,59 +720,39 @@ fn grants_match(
 }
 
 struct Args {
-    from: u64,
-    count: u64,
+    seeds: Seeds,
     jobs: usize,
     verbose: bool,
     /// Every schedule's faulted processes on one CPU (`--one-cpu`).
     one_cpu: bool,
-    /// `--seeds 3,17,42`: exactly these schedules.
-    seeds: Option<Vec<u64>>,
     /// `--list`: print the schedules, run none.
     list: bool,
-}
-
-impl Args {
-    /// The `k`th schedule's seed.
-    fn seed(&self, k: u64) -> u64 {
-        match &self.seeds {
-            Some(list) => list[k as usize],
-            None => self.from + k,
-        }
-    }
 }
 
 fn parse_args() -> Args {
     let argv: Vec<String> = std::env::args().collect();
     let mut a = Args {
-        from: 1,
-        count: 16,
+        seeds: Seeds::new(1, 16),
         jobs: 2,
         verbose: false,
         one_cpu: false,
-        seeds: None,
         list: false,
     };
     let num = |i: usize| argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
     let mut i = 1;
     while i < argv.len() {
         match argv[i].as_str() {
-            "--schedules" if num(i).is_some() => (a.count, i) = (num(i).unwrap_or(0), i + 1),
-            "--from" if num(i).is_some() => (a.from, i) = (num(i).unwrap_or(1), i + 1),
+            "--schedules" if num(i).is_some() => (a.seeds.count, i) = (num(i).unwrap_or(0), i + 1),
+            "--from" if num(i).is_some() => (a.seeds.from, i) = (num(i).unwrap_or(1), i + 1),
             "--jobs" if num(i).is_some() => {
                 (a.jobs, i) = (num(i).unwrap_or(1).max(1) as usize, i + 1)
             }
             "--seed" if num(i).is_some() => {
-                (a.from, a.count, a.verbose) = (num(i).unwrap_or(1), 1, true);
+                (a.seeds, a.verbose) = (Seeds::new(num(i).unwrap_or(1), 1), true);
                 i += 1;
             }
             "--seeds" if argv.get(i + 1).is_some() => {
-                let list: Vec<u64> = argv[i + 1]
-                    .split(',')
-                    .filter_map(|s| s.trim().parse().ok())
-                    .collect();
-                a.count = list.len() as u64;
-                a.seeds = Some(list);
+                a.seeds.set_list(&argv[i + 1]);
                 i += 1;
             }
             "--verbose" => a.verbose = true,
@@ -796,8 +776,8 @@ fn main() -> ExitCode {
         humantime::format_duration(LEASE).to_string(),
     );
     if args.list {
-        for k in 0..args.count {
-            let seed = args.seed(k);
+        for k in 0..args.seeds.count {
+            let seed = args.seeds.nth(k);
             println!("seed {seed}: {}", plan(seed).describe());
         }
         return ExitCode::SUCCESS;
@@ -807,13 +787,13 @@ fn main() -> ExitCode {
     let failed = Mutex::new(Vec::<u64>::new());
     std::panic::set_hook(Box::new(|_| {}));
     std::thread::scope(|scope| {
-        for _ in 0..args.jobs.min(args.count.max(1) as usize) {
+        for _ in 0..args.jobs.min(args.seeds.count.max(1) as usize) {
             scope.spawn(|| loop {
                 let k = next.fetch_add(1, Ordering::SeqCst) as u64;
-                if k >= args.count {
+                if k >= args.seeds.count {
                     break;
                 }
-                let seed = args.seed(k);
+                let seed = args.seeds.nth(k);
                 let mut s = plan(seed);
                 s.one_cpu |= args.one_cpu;
                 if args.verbose {
@@ -841,10 +821,10 @@ fn main() -> ExitCode {
     println!(
         "serve fault schedules: {} passed, {} failed ({} from seed {} in {:.0}s; {} stalled \
          processes resumed, each gone within {STALL_EXIT:?})",
-        args.count as usize - failed.len(),
+        args.seeds.count as usize - failed.len(),
         failed.len(),
-        args.count,
-        (args.seeds.as_ref().and_then(|l| l.first().copied())).unwrap_or(args.from),
+        args.seeds.count,
+        args.seeds.first(),
         started.elapsed().as_secs_f64(),
         RESUMED.load(Ordering::SeqCst),
     );

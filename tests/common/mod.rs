@@ -54,6 +54,46 @@ pub fn exit_of(child: &mut Child) -> (ExitStatus, String) {
     (status, stderr_of(child))
 }
 
+/// Which schedules a fault harness runs: `count` seeds from `from`, or exactly those
+/// `--seeds` lists.
+pub struct Seeds {
+    pub from: u64,
+    pub count: u64,
+    list: Option<Vec<u64>>,
+}
+
+impl Seeds {
+    pub fn new(from: u64, count: u64) -> Self {
+        Seeds {
+            from,
+            count,
+            list: None,
+        }
+    }
+
+    /// `--seeds 3,17,42`: exactly these (what does not parse is left out).
+    pub fn set_list(&mut self, text: &str) {
+        let list: Vec<u64> = (text.split(','))
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        self.count = list.len() as u64;
+        self.list = Some(list);
+    }
+
+    /// The `k`th seed to run.
+    pub fn nth(&self, k: u64) -> u64 {
+        match &self.list {
+            Some(list) => list[k as usize],
+            None => self.from + k,
+        }
+    }
+
+    /// The first seed, for the report.
+    pub fn first(&self) -> u64 {
+        (self.list.as_ref().and_then(|l| l.first().copied())).unwrap_or(self.from)
+    }
+}
+
 /// A scratch directory for one test, with the job's files in it.
 pub struct Scratch {
     pub dir: tempfile::TempDir,
