@@ -2,8 +2,9 @@
 //! workload (promotions, segment and lazy coupons, hot products at several ticks; file or
 //! Redis store; `log:` or HTTP provider; one process or a cluster of two) and a few faults
 //! (kill -9, SIGSTOP past the Redis lease, Redis restarts with and without persistence, the
-//! Redis server stopped for 0.1–3 s (SIGSTOP, then SIGCONT), provider 5xx/429/timeouts, a credential stop, and the embedded store's or the Redis
-//! server's disk filling up: a tmpfs of its own, mounted by the harness, so it runs as root;
+//! Redis server stopped for 0.1–3 s (SIGSTOP, then SIGCONT), provider 5xx/429/timeouts, a
+//! credential stop, and the embedded store's or the Redis server's disk filling up: a tmpfs
+//! of its own, mounted by the harness, so it runs as root;
 //! a full Redis either exits or, fsyncing once a second, refuses writes; and, for a quarter
 //! of the schedules, the fault runs on one CPU beside a busy loop), then a clean run, and
 //! checks the deliveries over all runs against the naive reading of the job: nothing lost,

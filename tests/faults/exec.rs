@@ -623,9 +623,12 @@ impl Ctx<'_> {
                 self.note(format!("run {run}: SIGINT again"));
             }
         }
+        let sts: Vec<_> = procs.iter_mut().map(|p| self.wait_exit(p)).collect();
+        // A process the SIGINT reached before it listened died as a killed one does: its
+        // cluster peers then stop with exit 1, as after a kill.
+        let peer_died = sts.iter().any(|s| s.is_some_and(|s| s.signal() == Some(2)));
         let mut early_error = false;
-        for (i, p) in procs.iter_mut().enumerate() {
-            let st = self.wait_exit(p);
+        for (i, st) in sts.into_iter().enumerate() {
             early_error |= !fired && st.is_some_and(|s| !s.success());
             match st.map(|s| (s.code(), s.signal())) {
                 Some((Some(130), _)) if fired && again_ms.is_none() => {
@@ -642,7 +645,11 @@ impl Ctx<'_> {
                         .push(format!("run {run} p{i} SIGINT before it listened"));
                 }
                 _ => {
-                    let allowed: &[i32] = if fired { &[130] } else { &[] };
+                    let allowed: &[i32] = match (fired, peer_died) {
+                        (true, true) => &[130, 1],
+                        (true, false) => &[130],
+                        (false, _) => &[],
+                    };
                     self.judge(run, i, st, allowed, "interrupted by the operator");
                 }
             }
@@ -868,7 +875,8 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<RedisServer>) -> V
         },
         false => None,
     };
-    let expected = s.expected();
+    let reading = s.reading();
+    let expected = &reading.expected;
     let mut cx = Ctx {
         s,
         env,
@@ -920,11 +928,9 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<RedisServer>) -> V
     // when the commands land; the naive reading says who is eligible, the store accounts for
     // each of them (below), and the caps are checked on what was sent.
     let loose = s.capped && !s.controls.is_empty();
-    // Who is eligible (naive runs at every tick): what the store must account for.
-    let eligible = s.eligible();
     let stats = check::deliveries(
         &deliveries,
-        if loose { &eligible } else { &expected },
+        if loose { &reading.eligible } else { expected },
         &cx.cancelled,
         loose,
         (!cx.forgetful).then_some(bound),
@@ -932,11 +938,11 @@ pub fn run(s: &Schedule, env: &Env, shared_redis: &mut Option<RedisServer>) -> V
         &mut cx.violations,
     );
     cx.note(stats);
-    cx.check_control(&deliveries, &eligible, bound, clean_from);
+    cx.check_control(&deliveries, &reading.eligible, bound, clean_from);
     // Every user's outcome is accounted for — unless a Redis restart forgot some of it.
     if !cx.forgetful {
-        let unsent = (!loose).then(|| s.unsent());
-        cx.check_settled(&deliveries, &eligible, unsent.as_ref(), bound);
+        let unsent = (!loose).then_some(&reading.unsent);
+        cx.check_settled(&deliveries, &reading.eligible, unsent, bound);
     }
     if s.capped {
         let (caps, capped) = s.caps();

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
+use crate::check::{Pair, StoreOutcomes};
 use crate::common::{naive_users_jsonl, TUser};
 use crate::naive;
 use crate::redis_server::Persist;
@@ -893,39 +894,44 @@ pub fn plan(seed: u64) -> Schedule {
     }
 }
 
+/// What the naive reading of a schedule says ([`Schedule::reading`]).
+pub struct Reading {
+    /// The pairs sent.
+    pub expected: BTreeSet<Pair>,
+    /// Every pair settled in the store (sent, held out, quiet-held, dead-lettered, capped): a
+    /// campaign's eligible pairs.
+    pub eligible: BTreeSet<Pair>,
+    /// The pairs settled without a send, by the store's name for the outcome: held out and
+    /// capped.
+    pub unsent: StoreOutcomes,
+}
+
 impl Schedule {
     pub fn describe(&self) -> &str {
         &self.summary
     }
 
-    /// The naive expectation: (campaign, occurrence, user) over a run at every tick in turn
-    /// (holdouts, quiet hours across the users' zones, caps: [`naive::runs`]).
-    pub fn expected(&self) -> BTreeSet<(String, Option<String>, u64)> {
-        self.runs().into_iter().flat_map(|r| r.delivered).collect()
-    }
-
-    /// The pairs the naive reading settles without sending them, by the store's name for
-    /// the outcome: held out and capped, over the runs at every tick.
-    pub fn unsent(&self) -> crate::check::StoreOutcomes {
-        let mut out = crate::check::StoreOutcomes::new();
+    /// The naive reading over a run at every tick in turn (holdouts, quiet hours across the
+    /// users' zones, caps: [`naive::runs`]), as the checks use it.
+    pub fn reading(&self) -> Reading {
+        let mut out = Reading {
+            expected: BTreeSet::new(),
+            eligible: BTreeSet::new(),
+            unsent: StoreOutcomes::new(),
+        };
         for r in self.runs() {
-            out.entry("held_out").or_default().extend(r.held_out);
-            out.entry("capped").or_default().extend(r.capped);
+            out.expected.extend(r.delivered.iter().cloned());
+            let unsent = [("held_out", &r.held_out), ("capped", &r.capped)];
+            for (outcome, pairs) in unsent {
+                out.unsent
+                    .entry(outcome)
+                    .or_default()
+                    .extend(pairs.iter().cloned());
+            }
+            let settled = [r.delivered, r.held_out, r.quiet_held, r.expired, r.capped];
+            out.eligible.extend(settled.into_iter().flatten());
         }
         out
-    }
-
-    /// Every pair the naive reading settles in the store (sent, held out, quiet-held,
-    /// dead-lettered, capped) over the runs at every tick: a campaign's eligible pairs.
-    pub fn eligible(&self) -> BTreeSet<(String, Option<String>, u64)> {
-        self.runs()
-            .into_iter()
-            .flat_map(|r| {
-                [r.delivered, r.held_out, r.quiet_held, r.expired, r.capped]
-                    .into_iter()
-                    .flatten()
-            })
-            .collect()
     }
 
     /// The naive reading of one run at each tick.

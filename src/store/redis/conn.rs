@@ -3,7 +3,6 @@
 //! every call goes through while the server restarts.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -123,9 +122,9 @@ static RETRY_WARNINGS: Throttle = Throttle::new();
 
 /// Admits one event a period and counts those it held back meanwhile.
 struct Throttle {
-    /// The next time an event is admitted (`None`: at once).
-    next: Mutex<Option<Instant>>,
-    held: AtomicU64,
+    /// The next time an event is admitted (`None`: at once), and the events held back since
+    /// the last one admitted.
+    state: Mutex<(Option<Instant>, u64)>,
 }
 
 impl Throttle {
@@ -133,21 +132,21 @@ impl Throttle {
 
     const fn new() -> Self {
         Throttle {
-            next: Mutex::new(None),
-            held: AtomicU64::new(0),
+            state: Mutex::new((None, 0)),
         }
     }
 
     /// Whether an event at `now` is shown: `Some(n)` with the `n` events held back since the
     /// last one shown, or `None` (counted among them).
     fn admit(&self, now: Instant) -> Option<u64> {
-        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (next, held) = &mut *state;
         if next.is_some_and(|at| now < at) {
-            self.held.fetch_add(1, Ordering::Relaxed);
+            *held += 1;
             return None;
         }
         *next = Some(now + Self::EVERY);
-        Some(self.held.swap(0, Ordering::Relaxed))
+        Some(std::mem::take(held))
     }
 }
 
